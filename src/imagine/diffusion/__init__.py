@@ -1,0 +1,1 @@
+"""The diffusion core: schedules, parametrizations, the denoiser wrapper and training losses."""

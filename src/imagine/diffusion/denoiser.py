@@ -1,0 +1,96 @@
+"""A network trained on a discrete VP schedule, presented as a VE denoiser D(x, sigma, cond) -> x0.
+
+k-diffusion's DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser, in one class: the input is scaled by
+c_in = 1 / sqrt(1 + sigma^2) (the VE sample becomes the VP one), sigma becomes the fractional
+timestep the network was trained on, and its output is read through ``parametrization``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+
+from imagine.diffusion import parametrization as P
+from imagine.diffusion.schedules import Interpolation, sigma_to_t, sigmas_from_alphas_cumprod
+
+Cond = Mapping[str, Any] | None
+
+
+class DenoiserFn(Protocol):
+    """The one contract every sampler calls: x (B, ...), sigma (B,) -> x0 estimate (B, ...)."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor: ...
+
+
+def append_dims(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) with ``ndim`` dimensions in all."""
+    return t.reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+def broadcast_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or (B,) sigma as a (B,) tensor on x's device and dtype."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+
+
+class Denoiser:
+    """Wraps ``network(x_t, t, **cond) -> output`` trained on ``alphas_cumprod`` (T,).
+
+    prediction: what the network outputs (eps, v or x0).
+    quantize: round the timestep handed to the network to an integer (diffusers' DPM-Solver and
+        UniPC do this under Karras sigmas; k-diffusion's ``quantize``). Off by default: fractional.
+    interpolation: how a sigma between two training steps becomes a fractional timestep; "log" (k-diffusion)
+        unless the sigmas were made with linear interpolation (see schedules.t_to_sigma).
+    learned_variance: the network outputs 2C channels, the second half being the improved-DDPM
+        variance interpolation v in [-1, 1] (Nichol & Dhariwal 2021, eq. 15).
+    """
+
+    def __init__(
+        self,
+        network: Callable[..., torch.Tensor],
+        alphas_cumprod: torch.Tensor,
+        prediction: P.Prediction = "eps",
+        *,
+        quantize: bool = False,
+        interpolation: Interpolation = "log",
+        learned_variance: bool = False,
+    ):
+        self.network = network
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.prediction = P.check_prediction(prediction)
+        self.quantize = quantize
+        self.interpolation = interpolation
+        self.learned_variance = learned_variance
+        sig = sigmas_from_alphas_cumprod(self.alphas_cumprod)
+        self.sigma_min, self.sigma_max = float(sig[0]), float(sig[-1])
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def _run(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sigma = broadcast_sigma(sigma, x)
+        alpha, sigma_vp = (append_dims(s, x.ndim) for s in P.vp_alpha_sigma(sigma))
+        t = sigma_to_t(sigma.detach().cpu(), self.alphas_cumprod, self.quantize, self.interpolation).to(x.device, torch.float32)
+        x_t = x * alpha  # c_in: VE -> VP sample
+        out = self.network(x_t, t, **(cond or {}))
+        var = None
+        if self.learned_variance:
+            out, var = out.chunk(2, dim=1)
+        x0 = P.predict_x0(out, x_t, alpha, sigma_vp, self.prediction)
+        return x0, var
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        return self._run(x, sigma, cond)[0]
+
+    def denoise_with_variance(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, v): the x0 estimate and the learned variance interpolation, for the DDPM sampler."""
+        if not self.learned_variance:
+            raise ValueError("this model does not learn its variance; use variance='fixed_small' or 'fixed_large'")
+        x0, var = self._run(x, sigma, cond)
+        assert var is not None
+        return x0, var

@@ -1,0 +1,131 @@
+"""Samplers by name: pure functions ``(denoiser, x, sigmas, *, cond, generator, callback, **options)``.
+
+The registry is explicit (STYLE rule 6). ``resolve`` also takes AUTOMATIC1111's display names
+("DPM++ 2M Karras", "Euler a"), which name a sampler and a sigma schedule together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from imagine.samplers.multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_lms, sample_unipc
+from imagine.samplers.single_step import (
+    sample_ddim,
+    sample_ddpm,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+)
+
+SigmaSchedule = Literal["default", "karras"]
+SIGMA_SCHEDULES: tuple[str, ...] = ("default", "karras")
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    fn: Callable[..., torch.Tensor]
+    stochastic: bool
+    calls_per_step: int  # denoiser calls per step (Heun: 2, its last step 1)
+    description: str
+
+
+SAMPLERS: dict[str, SamplerInfo] = {
+    "ddpm": SamplerInfo(sample_ddpm, True, 1, "DDPM ancestral sampling (Ho et al. 2020); fixed or learned variance"),
+    "ddim": SamplerInfo(sample_ddim, False, 1, "DDIM (Song et al. 2020); eta > 0 adds noise"),
+    "euler": SamplerInfo(sample_euler, False, 1, "Euler's method on the probability-flow ODE (Karras et al. 2022)"),
+    "euler_a": SamplerInfo(sample_euler_ancestral, True, 1, "Euler ancestral"),
+    "heun": SamplerInfo(sample_heun, False, 2, "Heun's 2nd-order method (Karras et al. 2022, Algorithm 1)"),
+    "lms": SamplerInfo(sample_lms, False, 1, "Linear multistep, order 4"),
+    "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, False, 1, "DPM-Solver++(2M) (Lu et al. 2022)"),
+    "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, True, 1, "SDE-DPM-Solver++(2M), midpoint (Lu et al. 2022)"),
+    "unipc": SamplerInfo(sample_unipc, False, 1, "UniPC bh2 predictor-corrector, order 2 (Zhao et al. 2023)"),
+}
+
+# AUTOMATIC1111's names -> (our sampler, sigma schedule). Older A1111 versions fold the schedule
+# into the name ("DPM++ 2M Karras"); newer ones write it separately as "Schedule type: Karras".
+A1111_NAMES: dict[str, tuple[str, SigmaSchedule]] = {
+    "DDPM": ("ddpm", "default"),
+    "DDIM": ("ddim", "default"),
+    "Euler": ("euler", "default"),
+    "Euler a": ("euler_a", "default"),
+    "Heun": ("heun", "default"),
+    "LMS": ("lms", "default"),
+    "LMS Karras": ("lms", "karras"),
+    "DPM++ 2M": ("dpmpp_2m", "default"),
+    "DPM++ 2M Karras": ("dpmpp_2m", "karras"),
+    "DPM++ 2M SDE": ("dpmpp_2m_sde", "default"),
+    "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"),
+    "UniPC": ("unipc", "default"),
+}
+
+# A1111's "Schedule type" values we implement.
+A1111_SCHEDULE_TYPES: dict[str, SigmaSchedule] = {"Automatic": "default", "Uniform": "default", "Karras": "karras"}
+
+
+def a1111_aliases(name: str) -> list[str]:
+    """A1111 display names that select sampler ``name``."""
+    return [alias for alias, (sampler, _) in A1111_NAMES.items() if sampler == name]
+
+
+def a1111_name(sampler: str, schedule: SigmaSchedule = "default") -> str:
+    """The A1111 display name for a sampler (without the schedule, as A1111 1.9+ writes it)."""
+    return next(alias for alias, (s, sched) in A1111_NAMES.items() if s == sampler and sched == "default")
+
+
+def resolve(name: str) -> tuple[str, SigmaSchedule]:
+    """Our name or an A1111 display name (case-insensitive) -> (sampler, sigma schedule).
+
+    Raises ValueError listing every valid name."""
+    if name in SAMPLERS:
+        return name, "default"
+    for alias, pair in A1111_NAMES.items():
+        if alias.lower() == name.strip().lower():
+            return pair
+    lowered = name.strip().lower().replace("-", "_").replace(" ", "_")
+    if lowered in SAMPLERS:
+        return lowered, "default"
+    raise ValueError(
+        f"sampler {name!r} unknown; choose one of: {', '.join(SAMPLERS)} "
+        f"(or an A1111 name: {', '.join(A1111_NAMES)})"
+    )
+
+
+def check_schedule(name: str) -> SigmaSchedule:
+    """A sigma-schedule name, ours or A1111's "Schedule type", checked."""
+    if name in SIGMA_SCHEDULES:
+        return name  # type: ignore[return-value]
+    if name in A1111_SCHEDULE_TYPES:
+        return A1111_SCHEDULE_TYPES[name]
+    raise ValueError(
+        f"sigma schedule {name!r} unknown; choose one of: {', '.join(SIGMA_SCHEDULES)} "
+        f"(or an A1111 schedule type: {', '.join(A1111_SCHEDULE_TYPES)})"
+    )
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """The sampler function for our name or an A1111 name."""
+    return SAMPLERS[resolve(name)[0]].fn
+
+
+__all__ = [
+    "A1111_NAMES",
+    "SAMPLERS",
+    "SamplerInfo",
+    "a1111_aliases",
+    "check_schedule",
+    "get_sampler",
+    "resolve",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "sample_lms",
+    "sample_unipc",
+]
