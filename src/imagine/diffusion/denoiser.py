@@ -73,7 +73,8 @@ class Denoiser:
     def _run(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor | None]:
         sigma = broadcast_sigma(sigma, x)
         alpha, sigma_vp = (append_dims(s, x.ndim) for s in P.vp_alpha_sigma(sigma))
-        t = sigma_to_t(sigma.detach().cpu(), self.alphas_cumprod, self.quantize, self.interpolation).to(x.device, torch.float32)
+        t = sigma_to_t(sigma.detach().cpu(), self.alphas_cumprod, self.quantize, self.interpolation)
+        t = t.to(x.device, torch.float32)
         x_t = x * alpha  # c_in: VE -> VP sample
         out = self.network(x_t, t, **(cond or {}))
         var = None
