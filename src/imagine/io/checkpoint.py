@@ -1,0 +1,134 @@
+"""Weights on disk: safetensors plus config.json, written atomically, read loudly.
+
+Our model folder: ``config.json`` and ``model.safetensors``, the config also in the safetensors metadata
+so the weights file describes itself (STYLE rule 4). Pickles are never unpickled: a .bin/.pt/.ckpt file
+loads only through torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: missing, corrupt, foreign or mismatched."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a crash leaves the
+    old file or the new one, never half of either."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: nn.Module, config: dict[str, Any], folder: Path, kind: str, dtype: str | None = None) -> Path:
+    """Write ``folder``/config.json and model.safetensors. ``dtype``: save weights as fp16 or bf16."""
+    folder = Path(folder)
+    state = model.state_dict()
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} unknown; choose one of: {', '.join(DTYPES)}")
+        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    from imagine import __version__
+
+    full = {"_class": kind, "_imagine_version": __version__, **config}
+    text = json.dumps(full, indent=2)
+    atomic_save_safetensors(state, folder / WEIGHTS_NAME, {"config": json.dumps(full), "format": "pt"})
+    atomic_write_bytes(folder / CONFIG_NAME, text.encode())
+    return folder
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated or "
+                              "corrupt: re-download or re-save it") from err
+
+
+def read_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    """A .bin/.pt/.ckpt state dict, loaded without unpickling arbitrary objects."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        raise CheckpointError(
+            f"refusing {path}: it cannot be loaded with torch.load(weights_only=True) ({type(err).__name__}). "
+            "imagine never unpickles arbitrary objects; convert it to safetensors in a trusted environment"
+        ) from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path} as JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return data
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load every tensor or fail listing what is missing, unexpected or mis-shaped (STYLE rule 12)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:20]) + (f" (and {len(items) - 20} more)" if len(items) > 20 else "")
+
+        parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
+                 f"{len(shapes)} mis-shaped: {show(shapes)}" if shapes else ""]
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(p for p in parts if p))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})

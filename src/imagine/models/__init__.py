@@ -1,0 +1,131 @@
+"""Model architectures and their loaders: ours (config.json + model.safetensors) and diffusers' folders
+(config.json + diffusion_pytorch_model.safetensors), both strict about keys."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from imagine.io.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    load_state_strict,
+    read_json,
+    read_pickle_weights_only,
+    read_safetensors,
+    save_model,
+)
+from imagine.models.autoencoder import AutoencoderKL, VAEConfig
+from imagine.models.unet import UNet2DConditionModel, UNetConfig
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+# diffusers config keys that imagine's UNet implements only at these values; anything else is refused.
+_UNET_FIXED = {
+    "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1, "dual_cross_attention": False,
+    "only_cross_attention": False, "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
+    "class_embed_type": None, "addition_embed_type": None, "mid_block_scale_factor": 1,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None,
+    "time_cond_proj_dim": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "timestep_post_act": None,
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_dim": None,
+    "time_embedding_act_fn": None, "cross_attention_norm": None, "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None, "addition_time_embed_dim": None,
+    "reverse_transformer_layers_per_block": None, "attention_type": "default", "attention_bias": False,
+}
+# keys that change nothing for imagine (bookkeeping, or fp16 upcasting that SDPA makes unnecessary)
+_UNET_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "upcast_attention", "_use_default_values",
+                 "addition_embed_type_num_heads"}
+_VAE_FIXED = {"act_fn": "silu", "latents_mean": None, "latents_std": None}
+_VAE_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "force_upcast", "_use_default_values"}
+
+
+def _from_diffusers(config: dict[str, Any], cls, fixed: dict[str, Any], ignored: set[str], what: str):
+    """Map a diffusers config onto ours: shared keys carry over, fixed keys must hold their one supported
+    value, bookkeeping keys are dropped, and anything else is refused by name (never silently ignored)."""
+    known = {f.name for f in fields(cls)}
+    ours, unsupported = {}, []
+    for key, value in config.items():
+        if key in known:
+            ours[key] = tuple(value) if isinstance(value, list) else value
+        elif key not in ignored and not (key in fixed and value == fixed[key]):
+            unsupported.append(f"{key}={value!r}")
+    if what == "VAE" and ours.get("shift_factor") is None:
+        ours["shift_factor"] = 0.0
+    if unsupported:
+        raise CheckpointError(f"this diffusers {what} uses settings imagine does not implement: "
+                              + ", ".join(sorted(unsupported)))
+    try:
+        return cls(**ours)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"this diffusers {what} config is not one imagine supports: {err}") from err
+
+
+def _config_of(model: nn.Module) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()}
+
+
+def save_unet(unet: UNet2DConditionModel, folder: Path, dtype: str | None = None) -> Path:
+    return save_model(unet, _config_of(unet), folder, "UNet2DConditionModel", dtype)
+
+
+def save_vae(vae: AutoencoderKL, folder: Path, dtype: str | None = None) -> Path:
+    return save_model(vae, _config_of(vae), folder, "AutoencoderKL", dtype)
+
+
+def _load(path: Path, kind: str, cls, config_cls, fixed, ignored, what: str):
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no {what} at {path}")
+    if path.is_file():
+        folder, weights_file = path.parent, path
+    else:
+        folder = path
+        candidates = [path / WEIGHTS_NAME, *(path / name for name in DIFFUSERS_WEIGHTS)]
+        weights_file = next((c for c in candidates if c.exists()), None)
+        if weights_file is None:
+            found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else []
+            raise CheckpointError(f"{path} holds no {what} weights: expected {WEIGHTS_NAME} (imagine) or "
+                                  f"{DIFFUSERS_WEIGHTS[0]} (diffusers); found {found or 'nothing'}")
+    if weights_file.suffix == ".safetensors":
+        state, metadata = read_safetensors(weights_file)
+    else:
+        state, metadata = read_pickle_weights_only(weights_file), {}
+    config_path = folder / CONFIG_NAME
+    if "config" in metadata:
+        import json
+
+        raw = json.loads(metadata["config"])
+    elif config_path.exists():
+        raw = read_json(config_path)
+    else:
+        raise CheckpointError(f"{weights_file} has no config in its metadata and no {CONFIG_NAME} beside it")
+    if raw.get("_class") is not None:  # ours
+        if raw["_class"] != kind:
+            raise CheckpointError(f"{path} holds a {raw['_class']}, not a {kind}")
+        config = config_cls.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
+    else:
+        if raw.get("_class_name") not in (None, kind):
+            raise CheckpointError(f"{path} holds a diffusers {raw.get('_class_name')}, not a {kind}")
+        config = _from_diffusers(raw, config_cls, fixed, ignored, what)
+    model = cls(config)
+    load_state_strict(model, state, str(weights_file))
+    return model.eval()
+
+
+def load_unet(path: Path | str) -> UNet2DConditionModel:
+    """A UNet from our folder or file, or a diffusers UNet folder; missing or unexpected keys fail."""
+    return _load(Path(path), "UNet2DConditionModel", UNet2DConditionModel, UNetConfig, _UNET_FIXED, _UNET_IGNORED,
+                 "UNet")
+
+
+def load_vae(path: Path | str) -> AutoencoderKL:
+    """A VAE from our folder or file, or a diffusers AutoencoderKL folder; missing or unexpected keys fail."""
+    return _load(Path(path), "AutoencoderKL", AutoencoderKL, VAEConfig, _VAE_FIXED, _VAE_IGNORED, "VAE")
+
+
+__all__ = ["AutoencoderKL", "CheckpointError", "UNet2DConditionModel", "UNetConfig", "VAEConfig", "load_unet",
+           "load_vae", "save_unet", "save_vae"]

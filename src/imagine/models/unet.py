@@ -1,0 +1,255 @@
+"""The Stable Diffusion UNet (Rombach et al. 2022), one config from a 1M-parameter pixel model to SD 1.5.
+
+State-dict keys are those of diffusers' UNet2DConditionModel for the same configuration, so real SD 1.x
+and 2.x UNet weights load unchanged (STYLE rule 11). Config field names are diffusers' too, including
+its legacy meaning of ``attention_head_dim``: for cross-attention blocks it is the number of heads
+(unless ``num_attention_heads`` is given); for self-attention blocks it is the width of a head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+from torch import nn
+
+from imagine.nn.attention import SpatialSelfAttention
+from imagine.nn.embeddings import TimestepEmbedding, timestep_embedding
+from imagine.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from imagine.nn.transformer import Transformer2D
+
+DownBlockType = Literal["CrossAttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D"]
+UpBlockType = Literal["CrossAttnUpBlock2D", "UpBlock2D", "AttnUpBlock2D"]
+MidBlockType = Literal["UNetMidBlock2DCrossAttn"]
+
+
+def _per_block(value: int | tuple[int, ...], n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries for {n} blocks")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything that shapes the network (nanoGPT-style: the constructor takes only this)."""
+
+    sample_size: int = 32
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[DownBlockType, ...] = (
+        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    up_block_types: tuple[UpBlockType, ...] = (
+        "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    mid_block_type: MidBlockType | None = "UNetMidBlock2DCrossAttn"
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 768
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    use_linear_projection: bool = False
+    num_class_embeds: int | None = None
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    dropout: float = 0.0
+    learned_variance: bool = False  # conv_out gives 2 x out_channels: the prediction, then the variance v
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(f"{n} block_out_channels need {n} down and {n} up block types, got "
+                             f"{len(self.down_block_types)} and {len(self.up_block_types)}")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(f"block width {c} is not divisible by norm_num_groups={self.norm_num_groups}")
+        for kind in (*self.down_block_types, *self.up_block_types):
+            if kind not in ("CrossAttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D", "CrossAttnUpBlock2D",
+                            "UpBlock2D", "AttnUpBlock2D"):
+                raise ValueError(f"block type {kind!r} unknown; choose CrossAttn/Attn/plain Down/UpBlock2D")
+        for name in ("attention_head_dim", "transformer_layers_per_block"):
+            _per_block(getattr(self, name), n, name)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.block_out_channels[0] * 4
+
+    @classmethod
+    def from_dict(cls, data: dict) -> UNetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown UNet config keys: {sorted(unknown)}")
+        tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**tuples)
+
+
+class DownBlock(nn.Module):
+    """Resnets, each optionally followed by cross-attention (CrossAttnDownBlock2D) or self-attention
+    (AttnDownBlock2D), then an optional stride-2 downsampler. Returns the output and every skip."""
+
+    def __init__(self, kind: DownBlockType, c_in: int, c_out: int, cfg: UNetConfig, i: int, add_downsample: bool):
+        super().__init__()
+        n = cfg.layers_per_block
+        t = cfg.time_embed_dim
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(c_in if j == 0 else c_out, c_out, t, g, eps, cfg.dropout) for j in range(n)])
+        self.kind = kind
+        if kind == "CrossAttnDownBlock2D":
+            self.attentions = nn.ModuleList([_cross_attention(c_out, cfg, i) for _ in range(n)])
+        elif kind == "AttnDownBlock2D":
+            self.attentions = nn.ModuleList([_self_attention(c_out, cfg, i) for _ in range(n)])
+        self.downsamplers = nn.ModuleList([Downsample2D(c_out)]) if add_downsample else None
+
+    def forward(self, x, temb, context, mask):
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            x = _attend(self, j, x, context, mask)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """Resnets over the concatenation of the running features and a skip, each optionally followed by
+    attention, then an optional nearest-2x upsampler."""
+
+    def __init__(self, kind: UpBlockType, prev: int, c_out: int, skip_in: int, cfg: UNetConfig, i: int,
+                 add_upsample: bool):
+        super().__init__()
+        n = cfg.layers_per_block + 1
+        t, g, eps = cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps
+        blocks = []
+        for j in range(n):
+            res_skip = skip_in if j == n - 1 else c_out
+            res_in = prev if j == 0 else c_out
+            blocks.append(ResnetBlock2D(res_in + res_skip, c_out, t, g, eps, cfg.dropout))
+        self.resnets = nn.ModuleList(blocks)
+        self.kind = kind
+        # attention settings are indexed from the top of the UNet for up blocks
+        rev = len(cfg.block_out_channels) - 1 - i
+        if kind == "CrossAttnUpBlock2D":
+            self.attentions = nn.ModuleList([_cross_attention(c_out, cfg, rev) for _ in range(n)])
+        elif kind == "AttnUpBlock2D":
+            self.attentions = nn.ModuleList([_self_attention(c_out, cfg, rev) for _ in range(n)])
+        self.upsamplers = nn.ModuleList([Upsample2D(c_out)]) if add_upsample else None
+
+    def forward(self, x, skips, temb, context, mask, upsample_size=None):
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            x = _attend(self, j, x, context, mask)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class MidBlockCrossAttn(nn.Module):
+    """resnet, then (attention, resnet) pairs: UNetMidBlock2DCrossAttn."""
+
+    def __init__(self, c: int, cfg: UNetConfig):
+        super().__init__()
+        t, g, eps = cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps
+        last = len(cfg.block_out_channels) - 1
+        self.resnets = nn.ModuleList([ResnetBlock2D(c, c, t, g, eps, cfg.dropout) for _ in range(2)])
+        self.attentions = nn.ModuleList([_cross_attention(c, cfg, last)])
+
+    def forward(self, x, temb, context, mask):
+        x = self.resnets[0](x, temb)
+        return self.resnets[1](self.attentions[0](x, context, mask), temb)
+
+
+def _cross_attention(c: int, cfg: UNetConfig, i: int) -> Transformer2D:
+    n = len(cfg.block_out_channels)
+    heads = _per_block(cfg.num_attention_heads or cfg.attention_head_dim, n, "num_attention_heads")[i]
+    layers = _per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")[i]
+    return Transformer2D(c, heads, cfg.cross_attention_dim, layers, cfg.norm_num_groups, cfg.use_linear_projection,
+                         cfg.dropout)
+
+
+def _self_attention(c: int, cfg: UNetConfig, i: int) -> SpatialSelfAttention:
+    head_dim = _per_block(cfg.attention_head_dim, len(cfg.block_out_channels), "attention_head_dim")[i]
+    return SpatialSelfAttention(c, heads=c // head_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+
+
+def _attend(block: nn.Module, j: int, x, context, mask):
+    if block.kind.startswith("CrossAttn"):
+        if context is None:
+            raise ValueError("this UNet cross-attends to text: pass encoder_hidden_states (B, T, "
+                             f"{block.attentions[j].transformer_blocks[0].attn2.to_k.in_features})")
+        return block.attentions[j](x, context, mask)
+    if block.kind.startswith("Attn"):
+        return block.attentions[j](x)
+    return x
+
+
+class UNet2DConditionModel(nn.Module):
+    """unet(sample (B, C, H, W), timestep (B,) or scalar, encoder_hidden_states (B, T, D) = None,
+    class_labels (B,) = None, encoder_attention_mask (B, T) = None) -> prediction (B, out, H, W)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        c0 = cfg.block_out_channels[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
+        self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim)
+        self.class_embedding = nn.Embedding(cfg.num_class_embeds, cfg.time_embed_dim) if cfg.num_class_embeds else None
+        n = len(cfg.block_out_channels)
+        self.down_blocks = nn.ModuleList()
+        c_out = c0
+        for i, kind in enumerate(cfg.down_block_types):
+            c_in, c_out = c_out, cfg.block_out_channels[i]
+            self.down_blocks.append(DownBlock(kind, c_in, c_out, cfg, i, add_downsample=i < n - 1))
+        self.mid_block = MidBlockCrossAttn(cfg.block_out_channels[-1], cfg) if cfg.mid_block_type else None
+        rev = list(reversed(cfg.block_out_channels))
+        self.up_blocks = nn.ModuleList()
+        c_out = rev[0]
+        for i, kind in enumerate(cfg.up_block_types):
+            prev, c_out = c_out, rev[i]
+            skip_in = rev[min(i + 1, n - 1)]
+            self.up_blocks.append(UpBlock(kind, prev, c_out, skip_in, cfg, i, add_upsample=i < n - 1))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, c0, eps=cfg.norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(c0, cfg.out_channels * (2 if cfg.learned_variance else 1), 3, padding=1)
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states=None,
+                class_labels: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        cfg = self.config
+        if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
+            raise ValueError(f"expected a (B, {cfg.in_channels}, H, W) sample, got {tuple(sample.shape)}")
+        b = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.expand(b) if t.ndim == 0 else t
+        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                                     freq_shift=cfg.freq_shift).to(sample.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("this UNet is class-conditional: pass class_labels (B,)")
+            emb = emb + self.class_embedding(class_labels).to(emb.dtype)
+        context, mask = encoder_hidden_states, encoder_attention_mask
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, emb, context, mask)
+            skips.extend(block_skips)
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, context, mask)
+        for block in self.up_blocks:
+            n_res = len(block.resnets)
+            block_skips, skips = skips[-n_res:], skips[:-n_res]
+            # sizes that do not halve evenly: upsample to the next skip's size, not blindly 2x
+            size = tuple(skips[-1].shape[-2:]) if (block.upsamplers is not None and skips) else None
+            x = block(x, block_skips, emb, context, mask, size)
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))

@@ -1,0 +1,65 @@
+"""Multi-head attention through torch's scaled_dot_product_attention.
+
+Module and parameter names follow diffusers' ``Attention`` (to_q, to_k, to_v, to_out.0), so Stable
+Diffusion checkpoints load unchanged (STYLE rule 11).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """softmax(Q K^T / sqrt(d)) V over ``heads`` heads of ``dim_head`` (Vaswani et al. 2017).
+
+    Self-attention when ``context`` is None, cross-attention (Q from x, K and V from context) otherwise.
+    x: (B, N, query_dim); context: (B, M, cross_attention_dim); mask: (B, M) True where a token counts.
+    """
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
+                 bias: bool = False, out_bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b = x.shape[0]
+        q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(b, x.shape[1], -1)
+        return self.to_out[1](self.to_out[0](out))
+
+
+class SpatialSelfAttention(nn.Module):
+    """GroupNorm, single-block self-attention over the H x W positions and a residual: the attention
+    of the VAE's mid-block and of diffusers' AttnDownBlock2D (parameter names group_norm, to_q, ...)."""
+
+    def __init__(self, channels: int, heads: int = 1, groups: int = 32, eps: float = 1e-6):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.heads = heads
+        dim_head = channels // heads
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
+        self._dim_head = dim_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        q, k, v = (t.reshape(b, h * w, self.heads, self._dim_head).transpose(1, 2)
+                   for t in (self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        out = self.to_out[1](self.to_out[0](out))
+        return x + out.transpose(1, 2).reshape(b, c, h, w)

@@ -1,0 +1,147 @@
+"""Our checkpoint format: save/load round trips, dtypes, and loud failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from imagine.io.checkpoint import CheckpointError
+from imagine.models import (
+    AutoencoderKL,
+    UNet2DConditionModel,
+    UNetConfig,
+    VAEConfig,
+    load_unet,
+    load_vae,
+    save_unet,
+    save_vae,
+)
+
+TINY_UNET = UNetConfig(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       mid_block_type=None, layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
+                       num_class_embeds=10, learned_variance=True)
+TINY_VAE = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=2, norm_num_groups=4,
+                     scaling_factor=0.7)
+
+
+def _unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(TINY_UNET).eval()
+
+
+def test_unet_round_trip_and_learned_variance_doubles_output(tmp_path):
+    unet = _unet()
+    save_unet(unet, tmp_path / "unet")
+    again = load_unet(tmp_path / "unet")
+    assert again.config == TINY_UNET
+    x, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 9])
+    with torch.no_grad():
+        out = unet(x, torch.tensor([1, 900]), class_labels=labels)
+        assert out.shape == (2, 6, 8, 8)
+        assert torch.equal(out, again(x, torch.tensor([1, 900]), class_labels=labels))
+    # the weights file describes itself: loadable without config.json
+    (tmp_path / "unet" / "config.json").unlink()
+    assert load_unet(tmp_path / "unet" / "model.safetensors").config == TINY_UNET
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precision_saving(tmp_path, dtype, torch_dtype):
+    from safetensors.torch import load_file
+
+    save_unet(_unet(), tmp_path, dtype=dtype)
+    assert all(v.dtype == torch_dtype for v in load_file(tmp_path / "model.safetensors").values())
+    loaded = load_unet(tmp_path)  # promoted to the model's float32
+    assert next(loaded.parameters()).dtype == torch.float32
+
+
+def test_vae_round_trip(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY_VAE).eval()
+    save_vae(vae, tmp_path)
+    again = load_vae(tmp_path)
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vae.decode(vae.encode(x).mean), again.decode(again.encode(x).mean))
+    assert again.config.scaling_factor == 0.7
+    assert again.encode(x).mean.shape == (1, 2, 4, 4)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    from safetensors.torch import save_file
+
+    save_unet(_unet(), tmp_path)
+    state = {k: v for k, v in _unet().state_dict().items() if not k.startswith("conv_out")}
+    state["extra.weight"] = torch.zeros(1)
+    meta = {"config": (tmp_path / "config.json").read_text()}
+    save_file(state, tmp_path / "model.safetensors", metadata=meta)
+    with pytest.raises(CheckpointError) as err:
+        load_unet(tmp_path)
+    assert "missing: conv_out.bias, conv_out.weight" in str(err.value)
+    assert "unexpected: extra.weight" in str(err.value)
+
+
+def test_corrupt_empty_and_foreign_checkpoints_fail_clearly(tmp_path):
+    save_unet(_unet(), tmp_path / "ok")
+    data = (tmp_path / "ok" / "model.safetensors").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_unet(tmp_path / "cut")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no UNet weights"):
+        load_unet(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="no UNet at"):
+        load_unet(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="holds a UNet2DConditionModel, not a AutoencoderKL"):
+        load_vae(tmp_path / "ok")
+
+
+def test_pickles_are_loaded_weights_only(tmp_path):
+    import pickle
+
+    (tmp_path / "evil").mkdir()
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil" / "diffusion_pytorch_model.bin", "wb") as f:
+        pickle.dump({"x": Payload()}, f)
+    (tmp_path / "evil" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_unet(tmp_path / "evil")
+
+
+def test_unsupported_diffusers_settings_are_named(tmp_path):
+    save_unet(_unet(), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "learned_variance"}
+    cfg.update(_class_name="UNet2DConditionModel", resnet_time_scale_shift="scale_shift", time_cond_proj_dim=256)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+
+    save_file(_unet().state_dict(), tmp_path / "model.safetensors")  # no metadata: config.json decides
+    with pytest.raises(CheckpointError, match="resnet_time_scale_shift='scale_shift', time_cond_proj_dim=256"):
+        load_unet(tmp_path)
+
+
+def test_bad_configs_and_inputs_are_refused():
+    with pytest.raises(ValueError, match="not divisible by norm_num_groups"):
+        UNetConfig(block_out_channels=(10, 16), norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+                   up_block_types=("UpBlock2D",) * 2)
+    with pytest.raises(ValueError, match="need 2 down and 2 up block types"):
+        UNetConfig(block_out_channels=(8, 16), norm_num_groups=4)
+    with pytest.raises(ValueError, match="unknown UNet config keys"):
+        UNetConfig.from_dict({"block_out_chanels": [8]})
+    unet = _unet()
+    with pytest.raises(ValueError, match="class-conditional: pass class_labels"):
+        unet(torch.randn(1, 3, 8, 8), 5)
+    with pytest.raises(ValueError, match=r"expected a \(B, 3, H, W\) sample"):
+        unet(torch.randn(1, 4, 8, 8), 5, class_labels=torch.tensor([1]))
+    vae = AutoencoderKL(TINY_VAE)
+    with pytest.raises(ValueError, match="not a multiple of the VAE's factor 2"):
+        vae.encode(torch.randn(1, 3, 7, 8))
