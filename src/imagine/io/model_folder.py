@@ -1,0 +1,80 @@
+"""A trained diffusion model on disk: ``unet/``, optionally ``vae/``, and ``diffusion.json``, which says how
+the UNet was trained (schedule, parametrization, image size, classes) so it can be sampled correctly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from imagine.diffusion.parametrization import Prediction, check_prediction
+from imagine.diffusion.schedules import BetaSchedule, make_alphas_cumprod
+from imagine.io.checkpoint import CheckpointError, atomic_write_bytes, read_json
+
+SPEC_NAME = "diffusion.json"
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    schedule: BetaSchedule = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    zero_terminal_snr: bool = False
+    prediction: Prediction = "eps"
+    learned_variance: bool = False
+    image_size: int = 32
+    image_channels: int = 3
+    latent: bool = False  # diffusion runs on the VAE's scaled latents
+    class_names: tuple[str, ...] = ()
+    # training steps use these timesteps; sampling's default spacing follows
+    default_sampler: str = "dpmpp_2m"
+    default_steps: int = 25
+
+    def __post_init__(self):
+        check_prediction(self.prediction)
+
+    def alphas_cumprod(self):
+        return make_alphas_cumprod(self.schedule, self.num_train_timesteps, self.beta_start, self.beta_end,
+                                   self.zero_terminal_snr)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DiffusionSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known - {"_imagine_version"}
+        if unknown:
+            raise CheckpointError(f"unknown keys in {SPEC_NAME}: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
+
+
+def save_spec(spec: DiffusionSpec, folder: Path) -> None:
+    from imagine import __version__
+
+    atomic_write_bytes(Path(folder) / SPEC_NAME,
+                       json.dumps({"_imagine_version": __version__, **asdict(spec)}, indent=2).encode())
+
+
+@dataclass
+class DiffusionModel:
+    """What ``imagine sample`` loads: the UNet, the VAE when the model is latent, and the spec."""
+
+    unet: object
+    vae: object | None
+    spec: DiffusionSpec
+    path: Path
+
+
+def load_model_folder(path: Path | str) -> DiffusionModel:
+    from imagine.models import load_unet, load_vae
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a model folder (expected {SPEC_NAME}, unet/ and maybe vae/)")
+    if not (path / SPEC_NAME).exists():
+        raise CheckpointError(f"{path} has no {SPEC_NAME}: is it an imagine model folder? "
+                              f"(found: {sorted(p.name for p in path.iterdir())[:10] or 'nothing'})")
+    spec = DiffusionSpec.from_dict(read_json(path / SPEC_NAME))
+    unet = load_unet(path / "unet")
+    vae = load_vae(path / "vae") if spec.latent else None
+    return DiffusionModel(unet, vae, spec, path)

@@ -1,0 +1,114 @@
+"""Sampling a class-conditional or unconditional model (pixel or latent): a short explicit loop.
+
+Image i uses its own CPU generator seeded with seed + i, for its starting noise and every noise draw of
+a stochastic sampler, so it is the same image whatever batch it is generated in and on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from imagine.diffusion.denoiser import Denoiser
+from imagine.diffusion.schedules import sampling_sigmas
+from imagine.guidance import ClassifierFreeGuidance
+from imagine.io.model_folder import DiffusionModel
+from imagine.samplers import SAMPLERS, check_schedule, resolve
+
+
+def _check_cfg(cfg: float) -> float:
+    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
+        raise ValueError(f"guidance scale must be a finite number, got {cfg!r}")
+    return float(cfg)
+
+
+def class_index(model: DiffusionModel, label: int | str | None) -> int | None:
+    names = model.spec.class_names
+    if label is None:
+        return None
+    if not names:
+        raise ValueError("this model has no classes; drop --class")
+    if isinstance(label, str) and label in names:
+        return names.index(label)
+    try:
+        index = int(label)
+    except ValueError:
+        index = -1
+    if not 0 <= index < len(names):
+        raise ValueError(f"class {label!r} unknown; this model's classes are: {', '.join(names)}")
+    return index
+
+
+@torch.no_grad()
+def generate(
+    model: DiffusionModel,
+    seeds: list[int],
+    *,
+    steps: int = 25,
+    sampler: str = "dpmpp_2m",
+    schedule: str | None = None,
+    class_label: int | None = None,
+    cfg: float = 1.0,
+    spacing: str = "trailing",
+    callback: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """One image per seed, as (N, C, H, W) floats in [-1, 1].
+
+    class_label: a class index (see ``class_index``) for class-conditional models; None draws each image's
+    class at random from its seed. cfg: classifier-free guidance scale (1 = off; needs a model trained with
+    label dropout, whose "null" class is the extra last embedding)."""
+    name, implied = resolve(sampler)
+    schedule = check_schedule(schedule) if schedule is not None else implied
+    cfg = _check_cfg(cfg)
+    spec, unet = model.spec, model.unet
+    ac = spec.alphas_cumprod()
+    sigmas = sampling_sigmas(ac, steps, spacing, karras=schedule == "karras")
+    denoiser = Denoiser(unet, ac, spec.prediction, learned_variance=spec.learned_variance)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    f = model.vae.config.downscale if spec.latent else 1
+    channels = model.vae.config.latent_channels if spec.latent else spec.image_channels
+    shape = (channels, spec.image_size // f, spec.image_size // f)
+    # the VP prior: x_T ~ N(0, (1 + sigma_max^2) I) in the VE view
+    x = torch.stack([torch.randn(shape, generator=g) for g in generators]) * float((1 + sigmas[0] ** 2).sqrt())
+    cond = None
+    num_classes = unet.config.num_class_embeds
+    if num_classes:
+        n_real = len(spec.class_names)
+        if class_label is None:
+            labels = torch.tensor([int(torch.randint(n_real, (1,), generator=g)) for g in generators])
+        else:
+            labels = torch.full((len(seeds),), int(class_label))
+        cond = {"class_labels": labels}
+        if cfg != 1.0:
+            if num_classes <= n_real:
+                raise ValueError("this model was trained without label dropout, so it has no unconditional "
+                                 "branch: use --cfg 1")
+            null = {"class_labels": torch.full((len(seeds),), num_classes - 1)}
+            denoiser = ClassifierFreeGuidance(denoiser, null, cfg)
+    elif cfg != 1.0:
+        raise ValueError("classifier-free guidance needs a conditional model; this one is unconditional")
+    options = {"variance": "learned"} if name == "ddpm" and spec.learned_variance else {}
+    out = SAMPLERS[name].fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=callback, **options)
+    if spec.latent:
+        out = model.vae.decode(model.vae.from_latent(out))
+    return out.clamp(-1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid(images: np.ndarray, rows: int) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*H, cols*W, C) image, row-major, 2-pixel gaps."""
+    n, h, w, c = images.shape
+    cols = math.ceil(n / rows)
+    out = np.full((rows * (h + 2) - 2, cols * (w + 2) - 2, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        out[r * (h + 2): r * (h + 2) + h, col * (w + 2): col * (w + 2) + w] = images[i]
+    return out

@@ -1,0 +1,94 @@
+"""Full training state on disk, written atomically.
+
+A checkpoint is a folder ``checkpoints/step_0000500/`` holding the model (``unet/``), its EMA (``ema/``) and
+``training_state.safetensors`` (optimizer tensors; step, optimizer hyper-parameters, LR schedule, RNG and
+the training config in its metadata). It is written under a temporary name and renamed into place, and
+only then does ``checkpoints/latest`` (itself replaced atomically) point at it. A run killed at any
+moment leaves the previous checkpoint intact and ``latest`` pointing at a complete folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_bytes, read_safetensors
+from imagine.models import load_unet, save_unet
+
+STATE_NAME = "training_state.safetensors"
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(root: Path, step: int, unet, ema, optimizer, lr_scheduler, extra: dict[str, Any],
+                    keep: int = 2) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    final = root / name
+    tmp = root / f".tmp_{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_unet(unet, tmp / "unet")
+    save_unet(ema.model, tmp / "ema")
+    tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"step": step, "optimizer": optim_meta, "lr_scheduler": lr_scheduler.state_dict(),
+            "ema_updates": ema.updates, **extra}
+    atomic_save_safetensors(tensors, tmp / STATE_NAME, {"state": json.dumps(meta)})
+    if final.exists():  # a re-run of the same step (after a resume): replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    atomic_write_bytes(root / "latest", name.encode())
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = Path(root) / "latest"
+    if not pointer.exists():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / STATE_NAME).exists():
+        raise CheckpointError(f"{pointer} points at {path}, which is incomplete; delete it to start over")
+    return path
+
+
+def load_checkpoint(path: Path, unet, ema, optimizer, lr_scheduler) -> dict[str, Any]:
+    """Restore everything in place; returns the metadata (step, data position, config...)."""
+    path = Path(path)
+    tensors, metadata = read_safetensors(path / STATE_NAME)
+    meta = json.loads(metadata["state"])
+    unet.load_state_dict(load_unet(path / "unet").state_dict())
+    ema.model.load_state_dict(load_unet(path / "ema").state_dict())
+    ema.updates = meta["ema_updates"]
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta

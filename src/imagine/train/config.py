@@ -1,0 +1,91 @@
+"""Training settings: one dataclass, and presets that fill it for common jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+from imagine.diffusion.parametrization import Prediction
+from imagine.diffusion.schedules import BetaSchedule
+
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    image_size: int = 32
+    class_conditional: bool = False
+    label_dropout: float = 0.1  # drop labels this often so classifier-free guidance works
+    flip: bool = False
+    # optimization
+    steps: int = 1000  # the total: a resumed run with more steps trains on to it
+    batch_size: int = 32  # global, over all processes and accumulation steps
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    precision: Precision = "fp32"
+    # diffusion
+    schedule: BetaSchedule = "linear"
+    prediction: Prediction = "eps"
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    learned_variance: bool = False
+    # network: UNetConfig fields (channels and classes are filled from the data)
+    unet: dict[str, Any] = field(default_factory=dict)
+    # bookkeeping
+    seed: int = 0
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    log_every: int = 10
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {self.precision!r} unknown; choose fp32 or bf16")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+
+    def with_overrides(self, **overrides: Any) -> TrainConfig:
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown training settings: {sorted(unknown)}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+_PIXEL_SMALL = dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=32,
+                    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), mid_block_type=None)
+
+PRESETS: dict[str, TrainConfig] = {
+    # seconds on a laptop CPU: for tests and smoke runs
+    "tiny": TrainConfig(
+        image_size=16, steps=30, batch_size=16, lr=1e-3, warmup_steps=5, checkpoint_every=10, sample_every=0,
+        log_every=1, ema_decay=0.9,
+        unet=dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                  mid_block_type=None)),
+    # a sensible default for a small dataset (digits, icons): 16x16 to 32x32, ~1M parameters
+    "small": TrainConfig(
+        image_size=16, steps=4000, batch_size=64, lr=5e-4, warmup_steps=200, checkpoint_every=500, sample_every=500,
+        schedule="cosine", prediction="v", min_snr_gamma=5.0, precision="bf16", unet=_PIXEL_SMALL),
+}
+PRESETS["digits"] = replace(PRESETS["small"], class_conditional=True)
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} unknown; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]

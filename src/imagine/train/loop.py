@@ -1,0 +1,251 @@
+"""The training loop: one function, top to bottom (nanoGPT's train.py), with hooks.
+
+Randomness is a pure function of (seed, step, sample): each sample of each step draws its timestep, noise,
+flip and label dropout from its own generator, seeded from the global sample counter. So a resumed run
+repeats the uninterrupted one exactly, and the draws do not depend on how the batch is split over
+processes. Data order is a seeded permutation per epoch; the position is the sample counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from imagine.data.images import ImageDataset
+from imagine.diffusion.losses import diffusion_loss
+from imagine.io.model_folder import DiffusionSpec, save_spec
+from imagine.models import UNet2DConditionModel, UNetConfig, save_unet
+from imagine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from imagine.train.config import TrainConfig
+from imagine.train.ema import EMA
+
+
+@dataclass
+class StepInfo:
+    step: int  # steps completed
+    total: int
+    loss: float
+    lr: float
+    images_per_s: float
+    seconds: float
+
+
+Hook = Callable[[StepInfo, dict[str, Any]], None]
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world) from torchrun's environment; initializes the process group on first call."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _sample_generator(seed: int, counter: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + counter) % (2**63))
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def make_unet_config(cfg: TrainConfig, channels: int, num_classes: int) -> UNetConfig:
+    settings = dict(cfg.unet)
+    if cfg.class_conditional:
+        # one extra embedding: the "null" class that label dropout trains, for classifier-free guidance
+        settings["num_class_embeds"] = num_classes + (1 if cfg.label_dropout > 0 else 0)
+    return UNetConfig.from_dict({**settings, "sample_size": cfg.image_size, "in_channels": channels,
+                                 "out_channels": channels, "learned_variance": cfg.learned_variance})
+
+
+def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool = False,
+          latents: tuple[torch.Tensor, torch.Tensor] | None = None, vae_dir: Path | None = None,
+          hooks: tuple[Hook, ...] = ()) -> Path:
+    """Train a diffusion UNet on ``data`` and write a model folder to ``out``; returns ``out``.
+
+    latents: (mean, std) of the VAE posterior for every image, (N, c, h, w) each, for latent diffusion
+    (scaled already); a latent is drawn from them per step. vae_dir is then copied beside the UNet."""
+    out = Path(out)
+    rank, world = _distributed()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch size {cfg.batch_size} must divide evenly over {world} processes x "
+                         f"{cfg.grad_accum} accumulation steps")
+    if cfg.class_conditional and data.num_classes < 2:
+        raise ValueError(f"class-conditional training needs classes; {data.source} has none (for a folder, "
+                         "put each class in a sub-folder and pass --classes)")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    source = latents[0] if latents is not None else data.images
+    channels = source.shape[1]
+    unet = UNet2DConditionModel(make_unet_config(cfg, channels, data.num_classes)).to(device)
+    ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    spec = DiffusionSpec(schedule=cfg.schedule, prediction=cfg.prediction, learned_variance=cfg.learned_variance,
+                         image_size=cfg.image_size, image_channels=data.images.shape[1], latent=latents is not None,
+                         class_names=data.class_names if cfg.class_conditional else ())
+    alphas_cumprod = spec.alphas_cumprod().float().to(device)
+    start_step = 0
+    if resume:
+        ckpt = latest_checkpoint(out / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+        meta = load_checkpoint(ckpt, unet, ema, optimizer, lr_scheduler)
+        if UNetConfig.from_dict(meta["unet_config"]) != unet.config:
+            raise ValueError("--resume with a different network than the checkpoint's; keep the same preset")
+        start_step = meta["step"]
+    model = unet
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if cuda else None)
+    log_path = out / "log.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_spec(spec, out)
+        _truncate_log(log_path, start_step)
+
+    n = len(source)
+    local = cfg.batch_size // (world * cfg.grad_accum)  # samples per process per micro-batch
+    orders: dict[int, torch.Tensor] = {}  # epoch -> permutation, the current one or two
+
+    def position(counter: int) -> int:
+        epoch = counter // n
+        if epoch not in orders:
+            orders.clear() if len(orders) > 1 else None
+            orders[epoch] = _epoch_order(n, cfg.seed, epoch)
+        return int(orders[epoch][counter % n])
+
+    step_time = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout inside the network
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            # global sample counters of this process's share of this micro-batch
+            first = step * cfg.batch_size + micro * world * local + rank * local
+            counters = range(first, first + local)
+            idx, t, noise, flips, drop = [], [], [], [], []
+            for c in counters:
+                g = _sample_generator(cfg.seed, c)
+                idx.append(position(c))
+                t.append(int(torch.randint(len(alphas_cumprod), (1,), generator=g)))
+                noise.append(torch.randn(source.shape[1:], generator=g))
+                flips.append(cfg.flip and bool(torch.rand(1, generator=g) < 0.5))
+                drop.append(bool(torch.rand(1, generator=g) < cfg.label_dropout))
+            if latents is not None:
+                eps = torch.stack([torch.randn(source.shape[1:], generator=_sample_generator(cfg.seed + 1, c))
+                                   for c in counters])
+                x0 = latents[0][idx] + latents[1][idx] * eps
+                labels = data.labels[idx]
+            else:
+                x0, labels = data.batch(idx, torch.tensor(flips))
+            x0, noise_t = x0.to(device), torch.stack(noise).to(device)
+            if cfg.offset_noise:
+                g = _sample_generator(cfg.seed + 2, first)
+                noise_t = noise_t + cfg.offset_noise * torch.randn(local, channels, 1, 1, generator=g).to(device)
+            t_t = torch.tensor(t, device=device)
+            ab = alphas_cumprod[t_t].reshape(-1, 1, 1, 1)
+            x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise_t
+            kwargs = {}
+            if cfg.class_conditional:
+                labels = labels.clone()
+                if cfg.label_dropout > 0:
+                    labels[torch.tensor(drop)] = data.num_classes  # the null class
+                kwargs["class_labels"] = labels.to(device)
+            # DDP: all-reduce gradients only on the last micro-batch
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    output = model(x_t, t_t, **kwargs)
+                loss = diffusion_loss(output.float(), x0, noise_t, x_t, t_t, alphas_cumprod, cfg.prediction,
+                                      min_snr_gamma=cfg.min_snr_gamma, learned_variance=cfg.learned_variance)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"loss became {loss_sum.item()} at step {step + 1}; lower --lr or use fp32")
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        optimizer.step()
+        lr_scheduler.step()
+        ema.update(unet)
+        if world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        done = step + 1
+        now = time.perf_counter()
+        info = StepInfo(done, cfg.steps, float(loss_sum), optimizer.param_groups[0]["lr"],
+                        cfg.batch_size / max(now - step_time, 1e-9), now - step_time)
+        if rank == 0:
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(asdict(info)) + "\n")
+            context = {"unet": unet, "ema": ema, "spec": spec, "out": out, "config": cfg}
+            for hook in hooks:
+                hook(info, context)
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+                save_checkpoint(out / "checkpoints", done, unet, ema, optimizer, lr_scheduler,
+                                {"unet_config": asdict(unet.config), "samples_seen": done * cfg.batch_size,
+                                 "train_config": json.loads(json.dumps(asdict(cfg), default=str))},
+                                keep=cfg.keep_checkpoints)
+        step_time = time.perf_counter()  # hooks and checkpoints do not count against images/s
+    if rank == 0:
+        save_unet(ema.model, out / "unet")
+        if vae_dir is not None:
+            from imagine.models import load_vae, save_vae
+
+            save_vae(load_vae(vae_dir), out / "vae")
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint: the resumed run writes them again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    from imagine.io.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def loss_curve(log: list[dict[str, Any]], path: Path) -> None:
+    """A PNG of the loss against steps (raw and smoothed, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in log]
+    losses = [r["loss"] for r in log]
+    window = max(1, len(losses) // 50)
+    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, alpha=0.3, label="loss")
+    ax.plot(steps, smooth, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if min(losses) > 0 and max(losses) / max(min(losses), 1e-12) > 10:
+        ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["StepInfo", "loss_curve", "make_unet_config", "read_log", "train"]
