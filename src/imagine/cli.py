@@ -62,9 +62,10 @@ def train(
     checkpoint_every: int | None = typer.Option(None, help="Save full training state every N steps."),
     sample_every: int | None = typer.Option(None, help="Write a sample grid every N steps (0: never)."),
     seed: int | None = typer.Option(None, help="Seed of every random draw of the run."),
+    vae: Path | None = typer.Option(None, help="A VAE folder (from train-vae, or diffusers'): train in its latents."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
 ) -> None:
-    """Train a diffusion model on a folder of images or a built-in dataset."""
+    """Train a diffusion model on a folder of images or a built-in dataset (in pixels, or in a VAE's latents)."""
     from imagine.data.images import DataError, load_dataset
     from imagine.train.config import preset as get_preset
     from imagine.train.loop import _distributed, loss_curve, read_log
@@ -80,18 +81,60 @@ def train(
             class_conditional=classes if classes is not None else (is_digits or None))
         dataset = load_dataset(data, cfg.image_size, channels, class_from_subfolders=cfg.class_conditional
                                and not is_digits)
+        latents = None
+        if vae is not None:
+            from imagine.models import load_vae
+            from imagine.train.vae import encode_dataset
+
+            autoencoder = load_vae(vae)
+            if cfg.image_size % autoencoder.config.downscale:
+                raise ValueError(f"image size {cfg.image_size} is not a multiple of the VAE's factor "
+                                 f"{autoencoder.config.downscale}")
+            if autoencoder.config.in_channels != dataset.images.shape[1]:
+                raise ValueError(f"the VAE takes {autoencoder.config.in_channels}-channel images, the data has "
+                                 f"{dataset.images.shape[1]}: pass --channels {autoencoder.config.in_channels}")
+            latents = encode_dataset(autoencoder, dataset)
     except (ValueError, DataError) as err:
         _fail(str(err))
     rank, _ = _distributed()
     hooks = [] if rank else [_progress_hook(), _sample_grid_hook()]
     try:
-        run_training(cfg, dataset, out, resume=resume, hooks=tuple(hooks))
+        run_training(cfg, dataset, out, resume=resume, latents=latents, vae_dir=vae, hooks=tuple(hooks))
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         _fail(str(err))
     if rank == 0:
         hooks[0](None, {})  # close the bar
         loss_curve(read_log(out / "log.jsonl"), out / "loss.png")
         typer.echo(f"model written to {out} (loss curve: {out / 'loss.png'})")
+
+
+@app.command("train-vae")
+def train_vae_command(
+    data: str = typer.Option(..., help="A folder of images, or builtin:digits."),
+    out: Path = typer.Option(..., help="Where the VAE folder goes."),
+    preset: str = typer.Option("vae-small", help="vae-tiny (seconds) or vae-small."),
+    steps: int | None = typer.Option(None, help="Total steps."),
+    batch_size: int | None = typer.Option(None, help="Batch size."),
+    lr: float | None = typer.Option(None, help="Learning rate."),
+    image_size: int | None = typer.Option(None, help="Images are resized and center-cropped to this."),
+    channels: int = typer.Option(3, help="Image channels for folder data: 3 or 1."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+) -> None:
+    """Train the KL autoencoder that latent diffusion runs in (reconstruction + KL)."""
+    from imagine.data.images import DataError, load_dataset
+    from imagine.train.loop import loss_curve, read_log
+    from imagine.train.vae import train_vae, vae_preset
+
+    try:
+        cfg = vae_preset(preset).with_overrides(steps=steps, batch_size=batch_size, lr=lr, image_size=image_size)
+        dataset = load_dataset(data, cfg.image_size, channels)
+        hook = _progress_hook()
+        train_vae(cfg, dataset, out, resume=resume, hooks=(hook,))
+        hook(None, {})
+    except (ValueError, DataError, FileNotFoundError) as err:
+        _fail(str(err))
+    loss_curve(read_log(out / "log.jsonl"), out / "loss.png")
+    typer.echo(f"VAE written to {out}")
 
 
 def _progress_hook():
@@ -117,6 +160,8 @@ def _sample_grid_hook():
     import torch
     from PIL import Image
 
+    state: dict = {}
+
     from imagine.io.model_folder import DiffusionModel
     from imagine.pipelines.unconditional import generate, grid, to_uint8
 
@@ -125,7 +170,12 @@ def _sample_grid_hook():
         if info is None or not cfg.sample_every or (info.step % cfg.sample_every and info.step != info.total):
             return
         spec = context["spec"]
-        model = DiffusionModel(context["ema"].model, None, spec, context["out"])
+        vae = None
+        if spec.latent:
+            from imagine.models import load_vae
+
+            vae = state.setdefault("vae", load_vae(context["vae_dir"]))
+        model = DiffusionModel(context["ema"].model, vae, spec, context["out"])
         classes = list(range(len(spec.class_names))) or [None]
         cols = 8 if len(classes) > 1 else 32
         rows = []

@@ -115,3 +115,26 @@ def test_bad_input_is_refused_clearly(tmp_path):
     assert out.returncode == 2 and "diffusion.json" in out.stderr
     out = _run([*TRAIN, "--out", str(tmp_path / "o"), "--preset", "huge"])
     assert out.returncode == 2 and "preset 'huge' unknown" in out.stderr
+
+
+def test_vae_then_latent_diffusion(tmp_path):
+    vae = tmp_path / "vae"
+    out = _run([sys.executable, "-m", "imagine", "train-vae", "--data", "builtin:digits", "--out", str(vae),
+                "--preset", "vae-tiny", "--channels", "1"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    losses = [r["loss"] for r in read_log(vae / "log.jsonl")]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    from imagine.models import load_vae
+
+    cfg = load_vae(vae).config
+    assert cfg.scaling_factor != 0.18215  # measured from the data, not SD's constant
+    model = tmp_path / "latent"
+    out = _run([*TRAIN, "--out", str(model), "--steps", "8", "--vae", str(vae)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (model / "vae" / "model.safetensors").exists()
+    out = _run([sys.executable, "-m", "imagine", "sample", "--model", str(model), "--n", "2", "--steps", "3",
+                "--class", "1", "--out", str(tmp_path / "s")])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert np.asarray(Image.open(tmp_path / "s" / "000000_class1.png")).shape == (16, 16)
+    bad = _run([*TRAIN, "--out", str(tmp_path / "bad"), "--vae", str(vae), "--image-size", "15"])
+    assert bad.returncode == 2 and "multiple of the VAE's factor" in bad.stderr

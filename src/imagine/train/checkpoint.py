@@ -1,6 +1,6 @@
 """Full training state on disk, written atomically.
 
-A checkpoint is a folder ``checkpoints/step_0000500/`` holding the model (``unet/``), its EMA (``ema/``) and
+A checkpoint is a folder ``checkpoints/step_0000500/`` holding the model (``model/``), its EMA (``ema/``) and
 ``training_state.safetensors`` (optimizer tensors; step, optimizer hyper-parameters, LR schedule, RNG and
 the training config in its metadata). It is written under a temporary name and renamed into place, and
 only then does ``checkpoints/latest`` (itself replaced atomically) point at it. A run killed at any
@@ -17,9 +17,17 @@ from typing import Any
 import torch
 
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_bytes, read_safetensors
-from imagine.models import load_unet, save_unet
+from imagine.models import load_unet, load_vae, save_unet, save_vae
+from imagine.train.ema import EMA
 
 STATE_NAME = "training_state.safetensors"
+
+
+def _io(model) -> tuple:
+    """(save, load) for the model's kind: checkpoints hold UNets or VAEs in their own formats."""
+    from imagine.models import AutoencoderKL
+
+    return (save_vae, load_vae) if isinstance(model, AutoencoderKL) else (save_unet, load_unet)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -45,7 +53,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(root: Path, step: int, unet, ema, optimizer, lr_scheduler, extra: dict[str, Any],
+def save_checkpoint(root: Path, step: int, unet, ema: EMA | None, optimizer, lr_scheduler, extra: dict[str, Any],
                     keep: int = 2) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -53,12 +61,14 @@ def save_checkpoint(root: Path, step: int, unet, ema, optimizer, lr_scheduler, e
     final = root / name
     tmp = root / f".tmp_{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_unet(unet, tmp / "unet")
-    save_unet(ema.model, tmp / "ema")
+    save, _ = _io(unet)
+    save(unet, tmp / "model")
+    if ema is not None:
+        save(ema.model, tmp / "ema")
     tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": step, "optimizer": optim_meta, "lr_scheduler": lr_scheduler.state_dict(),
-            "ema_updates": ema.updates, **extra}
+            "ema_updates": ema.updates if ema is not None else 0, **extra}
     atomic_save_safetensors(tensors, tmp / STATE_NAME, {"state": json.dumps(meta)})
     if final.exists():  # a re-run of the same step (after a resume): replace it
         shutil.rmtree(final)
@@ -80,14 +90,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, unet, ema, optimizer, lr_scheduler) -> dict[str, Any]:
+def load_checkpoint(path: Path, unet, ema: EMA | None, optimizer, lr_scheduler) -> dict[str, Any]:
     """Restore everything in place; returns the metadata (step, data position, config...)."""
     path = Path(path)
     tensors, metadata = read_safetensors(path / STATE_NAME)
     meta = json.loads(metadata["state"])
-    unet.load_state_dict(load_unet(path / "unet").state_dict())
-    ema.model.load_state_dict(load_unet(path / "ema").state_dict())
-    ema.updates = meta["ema_updates"]
+    _, load = _io(unet)
+    unet.load_state_dict(load(path / "model").state_dict())
+    if ema is not None:
+        ema.model.load_state_dict(load(path / "ema").state_dict())
+        ema.updates = meta["ema_updates"]
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
     torch.set_rng_state(tensors["rng.torch"])

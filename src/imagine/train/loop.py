@@ -188,7 +188,7 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
             if done % cfg.log_every == 0 or done == cfg.steps:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(asdict(info)) + "\n")
-            context = {"unet": unet, "ema": ema, "spec": spec, "out": out, "config": cfg}
+            context = {"unet": unet, "ema": ema, "spec": spec, "out": out, "config": cfg, "vae_dir": vae_dir}
             for hook in hooks:
                 hook(info, context)
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:

@@ -1,0 +1,119 @@
+"""Training the KL autoencoder (Rombach et al. 2022, Appendix G): L1 + MSE reconstruction plus a small
+KL weight toward N(0, I). When done, the latent scaling factor is set to 1 / std of the training
+latents, so diffusion sees unit-variance data (what SD's 0.18215 is for its VAE).
+
+Like the UNet loop, every random draw is a function of (seed, step), so a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagine.data.images import ImageDataset
+from imagine.models import AutoencoderKL, VAEConfig, save_vae
+from imagine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from imagine.train.loop import StepInfo, _epoch_order, _truncate_log
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    image_size: int = 32
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    kl_weight: float = 1e-4
+    mse_weight: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    vae: dict[str, Any] = field(default_factory=lambda: dict(block_out_channels=(32, 64), layers_per_block=1,
+                                                             latent_channels=4, norm_num_groups=8))
+
+    def with_overrides(self, **overrides: Any) -> VAETrainConfig:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+VAE_PRESETS = {
+    "vae-tiny": VAETrainConfig(image_size=16, steps=20, batch_size=8, checkpoint_every=10, log_every=1,
+                               vae=dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=2,
+                                        norm_num_groups=4)),
+    "vae-small": VAETrainConfig(),
+}
+
+
+def vae_preset(name: str) -> VAETrainConfig:
+    if name not in VAE_PRESETS:
+        raise ValueError(f"VAE preset {name!r} unknown; choose one of: {', '.join(VAE_PRESETS)}")
+    return VAE_PRESETS[name]
+
+
+def train_vae(cfg: VAETrainConfig, data: ImageDataset, out: Path | str, *, resume: bool = False,
+              hooks: tuple = ()) -> Path:
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    vae_cfg = VAEConfig.from_dict({**cfg.vae, "in_channels": data.images.shape[1],
+                                   "out_channels": data.images.shape[1], "sample_size": cfg.image_size})
+    vae = AutoencoderKL(vae_cfg)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(out / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+        start = load_checkpoint(ckpt, vae, None, optimizer, lr_scheduler)["step"]
+    out.mkdir(parents=True, exist_ok=True)
+    _truncate_log(out / "log.jsonl", start)
+    n, tick = len(data), time.perf_counter()
+    for step in range(start, cfg.steps):
+        first = step * cfg.batch_size
+        idx = [int(_epoch_order(n, cfg.seed, c // n)[c % n]) for c in range(first, first + cfg.batch_size)]
+        x, _ = data.batch(idx)
+        posterior = vae.encode(x)
+        recon = vae.decode(posterior.sample(torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)))
+        rec = (recon - x).abs().mean() + cfg.mse_weight * (recon - x).pow(2).mean()
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + cfg.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        done, now = step + 1, time.perf_counter()
+        info = StepInfo(done, cfg.steps, float(loss), cfg.lr, cfg.batch_size / max(now - tick, 1e-9), now - tick)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(asdict(info)) + "\n")
+        for hook in hooks:
+            hook(info, {})
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+            save_checkpoint(out / "checkpoints", done, vae, None, optimizer, lr_scheduler,
+                            {"vae_config": asdict(vae.config)})
+        tick = time.perf_counter()
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(b).mean for b in data.images.split(64)])
+    scaled = replace(vae.config, scaling_factor=float(1.0 / latents.std()), shift_factor=float(latents.mean()))
+    final = AutoencoderKL(scaled)
+    final.load_state_dict(vae.state_dict())
+    save_vae(final, out)
+    return out
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, data: ImageDataset, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latent mean and std of every image, (N, c, h, w) each: the latents are cached once and a
+    sample is drawn per training step."""
+    vae.eval()
+    means, stds = [], []
+    for x in data.images.split(batch):
+        posterior = vae.encode(x)
+        means.append(vae.to_latent(posterior.mean))
+        stds.append(posterior.std * vae.config.scaling_factor)
+    return torch.cat(means), torch.cat(stds)
