@@ -5,12 +5,13 @@ the UNet was trained (schedule, parametrization, image size, classes) so it can 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from imagine.diffusion.parametrization import Prediction, check_prediction
 from imagine.diffusion.schedules import BetaSchedule, make_alphas_cumprod
 from imagine.io.checkpoint import CheckpointError, atomic_write_bytes, read_json
+from imagine.nn.config import config_from_dict
 
 SPEC_NAME = "diffusion.json"
 
@@ -41,11 +42,10 @@ class DiffusionSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> DiffusionSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known - {"_imagine_version"}
-        if unknown:
-            raise CheckpointError(f"unknown keys in {SPEC_NAME}: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
+        try:
+            return config_from_dict(cls, data, SPEC_NAME, ignore=frozenset({"_imagine_version"}))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(str(err)) from err
 
 
 def save_spec(spec: DiffusionSpec, folder: Path) -> None:

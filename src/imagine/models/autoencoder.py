@@ -6,13 +6,14 @@ State-dict keys are diffusers' AutoencoderKL's, so SD's VAEs load unchanged. The
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
 from imagine.nn.attention import SpatialSelfAttention
+from imagine.nn.config import config_from_dict
 from imagine.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -50,11 +51,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> VAEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown VAE config keys: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return config_from_dict(cls, data, "VAE")
 
 
 class DiagonalGaussian:

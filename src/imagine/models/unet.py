@@ -8,13 +8,14 @@ its legacy meaning of ``attention_head_dim``: for cross-attention blocks it is t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
 from imagine.nn.attention import SpatialSelfAttention
+from imagine.nn.config import config_from_dict
 from imagine.nn.embeddings import TimestepEmbedding, timestep_embedding
 from imagine.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from imagine.nn.transformer import Transformer2D
@@ -80,12 +81,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> UNetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown UNet config keys: {sorted(unknown)}")
-        tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**tuples)
+        return config_from_dict(cls, data, "UNet")
 
 
 class DownBlock(nn.Module):
