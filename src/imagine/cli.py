@@ -58,6 +58,10 @@ def train(
     precision: str | None = typer.Option(None, help="fp32, or bf16 autocast with fp32 master weights."),
     prediction: str | None = typer.Option(None, help="eps, v or x0."),
     schedule: str | None = typer.Option(None, help="linear, scaled_linear, cosine or sigmoid."),
+    min_snr_gamma: float | None = typer.Option(None, help="Min-SNR-gamma loss weighting (e.g. 5)."),
+    offset_noise: float | None = typer.Option(None, help="Offset-noise strength (e.g. 0.1)."),
+    learned_variance: bool | None = typer.Option(None, "--learned-variance/--fixed-variance",
+                                                 help="Learn the variance (improved DDPM's hybrid loss)."),
     grad_accum: int | None = typer.Option(None, help="Gradient accumulation steps."),
     checkpoint_every: int | None = typer.Option(None, help="Save full training state every N steps."),
     sample_every: int | None = typer.Option(None, help="Write a sample grid every N steps (0: never)."),
@@ -77,6 +81,7 @@ def train(
         cfg = cfg.with_overrides(
             steps=steps, batch_size=batch_size, lr=lr, image_size=image_size, precision=precision,
             prediction=prediction, schedule=schedule, grad_accum=grad_accum, checkpoint_every=checkpoint_every,
+            min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, learned_variance=learned_variance,
             sample_every=sample_every, seed=seed, flip=flip,
             class_conditional=classes if classes is not None else (is_digits or None))
         dataset = load_dataset(data, cfg.image_size, channels, class_from_subfolders=cfg.class_conditional

@@ -118,3 +118,17 @@ def test_vae_matches_diffusers(name, tmp_path):
         assert (ours.decode(z) - reference.decode(z).sample).abs().max().item() <= TOL
         g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
         assert torch.allclose(dist.sample(generator=g1), dist_ref.sample(generator=g2), atol=TOL)
+
+
+def test_one_config_builds_sd15_with_diffusers_keys_and_size():
+    """SD 1.5's UNet (860M parameters) from our default config, on the meta device (no memory):
+    the same parameter names and shapes as diffusers' for the same configuration."""
+    from imagine.models import UNet2DConditionModel, UNetConfig
+
+    with torch.device("meta"):
+        ours = UNet2DConditionModel(UNetConfig(sample_size=64))
+        theirs = DiffusersUNet(sample_size=64, cross_attention_dim=768)  # SD 1.5's unet/config.json
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    theirs_shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert ours_shapes == theirs_shapes
+    assert sum(p.numel() for p in ours.parameters()) == 859_520_964
