@@ -54,6 +54,7 @@ def train(
     classes: bool | None = typer.Option(None, "--classes/--no-classes",
                                         help="Class-conditional, classes from sub-folder names (on for digits)."),
     channels: int = typer.Option(3, help="Image channels for folder data: 3 (RGB) or 1 (grey)."),
+    caption_dropout: float | None = typer.Option(None, help="Text models: train on the empty prompt this often."),
     flip: bool | None = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips."),
     precision: str | None = typer.Option(None, help="fp32, or bf16 autocast with fp32 master weights."),
     prediction: str | None = typer.Option(None, help="eps, v or x0."),
@@ -83,10 +84,18 @@ def train(
             prediction=prediction, schedule=schedule, grad_accum=grad_accum, checkpoint_every=checkpoint_every,
             min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, learned_variance=learned_variance,
             sample_every=sample_every, seed=seed, flip=flip,
-            class_conditional=classes if classes is not None else (is_digits or None))
+            class_conditional=classes if classes is not None else (is_digits or None),
+            caption_dropout=caption_dropout)
         dataset = load_dataset(data, cfg.image_size, channels, class_from_subfolders=cfg.class_conditional
-                               and not is_digits)
-        latents = None
+                               and not is_digits, captions=cfg.text_conditional)
+        text_encoder = None
+        if cfg.text_conditional:
+            from imagine.models.text_encoders import load_text_encoder
+
+            text_encoder = load_text_encoder(cfg.text_encoder)
+        if vae is None and cfg.vae_preset is not None:
+            vae = _train_first_vae(cfg, data, dataset, out)
+        latents, autoencoder = None, None
         if vae is not None:
             from imagine.models import load_vae
             from imagine.train.vae import encode_dataset
@@ -95,22 +104,40 @@ def train(
             if cfg.image_size % autoencoder.config.downscale:
                 raise ValueError(f"image size {cfg.image_size} is not a multiple of the VAE's factor "
                                  f"{autoencoder.config.downscale}")
-            if autoencoder.config.in_channels != dataset.images.shape[1]:
+            if autoencoder.config.in_channels != dataset.channels:
                 raise ValueError(f"the VAE takes {autoencoder.config.in_channels}-channel images, the data has "
-                                 f"{dataset.images.shape[1]}: pass --channels {autoencoder.config.in_channels}")
-            latents = encode_dataset(autoencoder, dataset)
+                                 f"{dataset.channels}: pass --channels {autoencoder.config.in_channels}")
+            if not getattr(dataset, "infinite", False):
+                latents = encode_dataset(autoencoder, dataset)
     except (ValueError, DataError) as err:
         _fail(str(err))
     rank, _ = _distributed()
     hooks = [] if rank else [_progress_hook(), _sample_grid_hook()]
     try:
-        run_training(cfg, dataset, out, resume=resume, latents=latents, vae_dir=vae, hooks=tuple(hooks))
+        run_training(cfg, dataset, out, resume=resume, latents=latents, vae_dir=vae, text_encoder=text_encoder,
+                     vae=autoencoder if (vae is not None and latents is None) else None, hooks=tuple(hooks))
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         _fail(str(err))
     if rank == 0:
         hooks[0](None, {})  # close the bar
         loss_curve(read_log(out / "log.jsonl"), out / "loss.png")
         typer.echo(f"model written to {out} (loss curve: {out / 'loss.png'})")
+
+
+def _train_first_vae(cfg, data: str, dataset, out: Path) -> Path:
+    """A latent preset with no --vae: train one into OUT/vae_training (resumed if a run was cut short)."""
+    from imagine.train.vae import train_vae, vae_preset
+
+    folder = out / "vae_training"
+    if (folder / "model.safetensors").exists():
+        typer.echo(f"using the VAE trained earlier in {folder}")
+        return folder
+    vcfg = vae_preset(cfg.vae_preset).with_overrides(image_size=cfg.image_size, seed=cfg.seed)
+    typer.echo(f"no --vae given: training one first ({cfg.vae_preset}, {vcfg.steps} steps) in {folder}")
+    hook = _progress_hook()
+    train_vae(vcfg, dataset, folder, resume=(folder / "checkpoints" / "latest").exists(), hooks=(hook,))
+    hook(None, {})
+    return folder
 
 
 @app.command("train-vae")
@@ -181,6 +208,18 @@ def _sample_grid_hook():
 
             vae = state.setdefault("vae", load_vae(context["vae_dir"]))
         model = DiffusionModel(context["ema"].model, vae, spec, context["out"])
+        if spec.text_encoder is not None:
+            from imagine.pipelines.generate import Settings, txt2img
+
+            prompts = context["sample_prompts"]
+            encoder = context["text_encoder"]
+            images = torch.cat([txt2img(model, Settings(prompt=p, steps=20, cfg_scale=5.0, n=4), encoder)
+                                for p in prompts])
+            path = context["out"] / "samples" / f"step_{info.step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid(to_uint8(images), rows=len(prompts)).squeeze()).save(path)
+            (path.with_suffix(".txt")).write_text("\n".join(prompts) + "\n")
+            return
         classes = list(range(len(spec.class_names))) or [None]
         cols = 8 if len(classes) > 1 else 32
         rows = []
@@ -241,6 +280,185 @@ def _free_name(folder: Path, stem: str) -> Path:
     while path.exists():
         path, k = folder / f"{stem}-{k}.png", k + 1
     return path
+
+
+def _load_t2i(model: Path | None):
+    from imagine.io.model_folder import load_model_folder
+    from imagine.models.text_encoders import load_text_encoder
+
+    if model is None:
+        _fail("no model given: pass --model DIR, a folder written by `imagine train --preset t2i`")
+    loaded = load_model_folder(model)
+    if loaded.spec.text_encoder is None:
+        _fail(f"{model} is not a text-to-image model; use `imagine sample` for class-conditional models")
+    return loaded, load_text_encoder(loaded.spec.text_encoder)
+
+
+def _open_image(path: Path, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        _fail(f"cannot read the {what} {path}: {err}")
+
+
+def _run_generation(kind: str, model: Path | None, settings, out: Path, init: Path | None = None,
+                    mask: Path | None = None, record_extra: dict | None = None) -> None:
+    """Shared by generate, img2img and inpaint: validate everything, generate, then write the PNGs."""
+    from tqdm import tqdm
+
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.io.png import free_path, save_png
+    from imagine.pipelines import generate as g
+    from imagine.pipelines.unconditional import to_uint8
+
+    try:
+        settings = settings.validate()
+        loaded, encoder = _load_t2i(model)
+        g.output_size(loaded, settings) if kind == "txt2img" else None
+        init_img = _open_image(init, "image") if init is not None else None
+        mask_img = _open_image(mask, "mask") if mask is not None else None
+        bar = tqdm(total=settings.steps, desc=kind, unit="step", leave=False)
+
+        def progress(info):
+            bar.update(1)
+
+        if kind == "txt2img":
+            images = g.txt2img(loaded, settings, encoder, callback=progress)
+        elif kind == "img2img":
+            images = g.img2img(loaded, settings, init_img, encoder, callback=progress)
+        else:
+            images = g.inpaint(loaded, settings, init_img, mask_img, encoder, callback=progress)
+        bar.close()
+    except (ValueError, CheckpointError) as err:
+        _fail(str(err))
+    extra = dict(record_extra or {})
+    if init is not None:
+        from imagine.io.png import file_hash
+
+        extra["init_image"] = {"path": str(Path(init).resolve()), "sha256_10": file_hash(init)}
+    if mask is not None:
+        extra["mask"] = {"path": str(Path(mask).resolve()), "sha256_10": file_hash(mask)}
+    for i, pixels in enumerate(to_uint8(images)):
+        parameters, record = g.describe(loaded, settings, kind, i, encoder, extra)
+        path = save_png(free_path(out, f"{settings.seed + i:06d}-{kind}"), pixels, parameters, record)
+        typer.echo(str(path))
+
+
+def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, **more):
+    from imagine.pipelines.generate import Settings
+
+    return Settings(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler, schedule=schedule,
+                    cfg_scale=cfg, guidance_rescale=rescale, seed=seed, n=n, width=width, height=height, **more)
+
+
+_PROMPT_OPTS = dict(
+    negative=typer.Option("", "--negative", help="Negative prompt."),
+    steps=typer.Option(20, help="Sampling steps."),
+    sampler=typer.Option("dpmpp_2m", help="Sampler: ours or A1111's name ('DPM++ 2M Karras')."),
+    schedule=typer.Option(None, help="Sigma schedule: default or karras (default: what the sampler name implies)."),
+    cfg=typer.Option(5.0, help="Classifier-free guidance scale."),
+    rescale=typer.Option(0.0, help="Guidance rescale phi in [0, 1] (Lin et al. 2023)."),
+    seed=typer.Option(0, help="Seed of the first image; image i uses seed + i."),
+    n=typer.Option(1, help="How many images."),
+    width=typer.Option(None, help="Width in pixels (a multiple of the latent factor)."),
+    height=typer.Option(None, help="Height in pixels (a multiple of the latent factor)."),
+    model=typer.Option(None, help="A text-to-image model folder."),
+    out=typer.Option(Path("outputs"), help="Folder for the PNGs (existing files are never overwritten)."),
+)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument("", help="What to draw. A1111 emphasis works: (word:1.3), [word]."),
+    negative: str = _PROMPT_OPTS["negative"], steps: int = _PROMPT_OPTS["steps"],
+    sampler: str = _PROMPT_OPTS["sampler"], schedule: str | None = _PROMPT_OPTS["schedule"],
+    cfg: float = _PROMPT_OPTS["cfg"], rescale: float = _PROMPT_OPTS["rescale"], seed: int = _PROMPT_OPTS["seed"],
+    n: int = _PROMPT_OPTS["n"], width: int | None = _PROMPT_OPTS["width"], height: int | None = _PROMPT_OPTS["height"],
+    model: Path | None = _PROMPT_OPTS["model"], out: Path = _PROMPT_OPTS["out"],
+    from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
+) -> None:
+    """Text to image. With --from IMAGE, regenerate an image from the settings it carries."""
+    if from_image is not None:
+        from imagine.io.png import read_png_metadata
+        from imagine.pipelines.generate import Settings
+
+        try:
+            _, record = read_png_metadata(from_image)
+        except ValueError as err:
+            _fail(str(err))
+        if record is None:
+            _fail(f"{from_image} carries no imagine metadata (A1111's text alone does not pin the model)")
+        if record.get("kind") != "txt2img":
+            _fail(f"{from_image} was made by {record.get('kind')}; --from regenerates txt2img images")
+        settings = Settings(**record["settings"])
+        _run_generation("txt2img", model or Path(record["model"]["path"]), settings, out)
+        return
+    if not prompt:
+        _fail("give a prompt, or --from IMAGE")
+    _run_generation("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n,
+                                                width, height), out)
+
+
+@app.command()
+def img2img(
+    image: Path = typer.Argument(..., help="The init image."),
+    prompt: str = typer.Argument(..., help="What it should become."),
+    strength: float = typer.Option(0.75, help="In (0, 1]: how much of the schedule to run (1 ignores the image)."),
+    negative: str = _PROMPT_OPTS["negative"], steps: int = _PROMPT_OPTS["steps"],
+    sampler: str = _PROMPT_OPTS["sampler"], schedule: str | None = _PROMPT_OPTS["schedule"],
+    cfg: float = _PROMPT_OPTS["cfg"], rescale: float = _PROMPT_OPTS["rescale"], seed: int = _PROMPT_OPTS["seed"],
+    n: int = _PROMPT_OPTS["n"], width: int | None = _PROMPT_OPTS["width"], height: int | None = _PROMPT_OPTS["height"],
+    model: Path | None = _PROMPT_OPTS["model"], out: Path = _PROMPT_OPTS["out"],
+) -> None:
+    """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt."""
+    _run_generation("img2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n,
+                                                width, height, strength=strength), out, init=image)
+
+
+@app.command()
+def inpaint(
+    image: Path = typer.Argument(..., help="The image to edit."),
+    mask: Path = typer.Argument(..., help="Same size; white = regenerate, black = keep."),
+    prompt: str = typer.Argument(..., help="What to draw in the masked region."),
+    strength: float = typer.Option(1.0, help="In (0, 1]: 1 regenerates the masked region from scratch."),
+    mask_blur: int = typer.Option(4, help="Gaussian blur radius of the mask, in pixels."),
+    negative: str = _PROMPT_OPTS["negative"], steps: int = _PROMPT_OPTS["steps"],
+    sampler: str = _PROMPT_OPTS["sampler"], schedule: str | None = _PROMPT_OPTS["schedule"],
+    cfg: float = _PROMPT_OPTS["cfg"], rescale: float = _PROMPT_OPTS["rescale"], seed: int = _PROMPT_OPTS["seed"],
+    n: int = _PROMPT_OPTS["n"], model: Path | None = _PROMPT_OPTS["model"], out: Path = _PROMPT_OPTS["out"],
+) -> None:
+    """Inpainting: regenerate the masked region, keep the rest."""
+    _run_generation("inpaint", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n,
+                                                None, None, strength=strength, mask_blur=mask_blur),
+                    out, init=image, mask=mask)
+
+
+@app.command()
+def info(image: Path = typer.Argument(..., help="A PNG made by imagine or AUTOMATIC1111.")) -> None:
+    """Print an image's generation parameters (A1111's text, parsed) and imagine's full JSON record."""
+    from imagine.io.png import parse_a1111, read_png_metadata
+
+    try:
+        parameters, record = read_png_metadata(image)
+    except ValueError as err:
+        _fail(str(err))
+    if parameters is None and record is None:
+        _fail(f"{image} carries no generation parameters")
+    if parameters is not None:
+        typer.echo("parameters (A1111):")
+        typer.echo(parameters)
+        typer.echo("")
+        typer.echo("parsed:")
+        for key, value in parse_a1111(parameters).items():
+            typer.echo(f"  {key}: {value}")
+    if record is not None:
+        typer.echo("")
+        typer.echo("imagine record:")
+        typer.echo(json.dumps(record, indent=2, sort_keys=True))
 
 
 @app.command()

@@ -35,7 +35,7 @@ def test_a_single_image_is_enough_and_crop_is_centered(tmp_path):
 
 def test_flips_mirror_only_flagged_rows(tmp_path):
     data = load_digits(8)
-    x, _ = data.batch([0, 1], torch.tensor([True, False]))
+    x, _, _ = data.batch([0, 1], torch.tensor([True, False]))
     assert torch.equal(x[0], data.images[0].flip(-1)) and torch.equal(x[1], data.images[1])
 
 

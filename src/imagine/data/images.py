@@ -44,25 +44,67 @@ class ImageDataset:
     labels: torch.Tensor  # (N,) int64
     class_names: tuple[str, ...]
     source: str
+    captions: tuple[str, ...] | None = None
+    infinite = False
 
     def __len__(self) -> int:
         return len(self.images)
 
     @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def batch(self, indices: Sequence[int], flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: Sequence[int], flips: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+        """(images, labels, captions or None) of these items, flipped where ``flips`` says."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.images[idx]
         if flips is not None and flips.any():
             x = torch.where(flips.reshape(-1, 1, 1, 1), x.flip(-1), x)
-        return x, self.labels[idx]
+        captions = [self.captions[i] for i in idx.tolist()] if self.captions is not None else None
+        return x, self.labels[idx], captions
 
 
-def load_folder(root: Path | str, size: int, channels: int = 3, class_from_subfolders: bool = False) -> ImageDataset:
+def read_captions(root: Path, files: list[Path]) -> tuple[str, ...]:
+    """Each image's caption: a same-name .txt beside it (kohya's convention), else a ``metadata.jsonl`` in
+    ``root`` with {"file_name": ..., "text": ...} lines (Hugging Face imagefolder's). Every image needs one."""
+    import json
+
+    meta: dict[str, str] = {}
+    jsonl = root / "metadata.jsonl"
+    if jsonl.exists():
+        for n, line in enumerate(jsonl.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                meta[str(row["file_name"])] = str(row.get("text", row.get("caption")))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(f"{jsonl}:{n} is not a {{\"file_name\": ..., \"text\": ...}} line ({err})") from err
+    captions, missing = [], []
+    for p in files:
+        txt = p.with_suffix(".txt")
+        if txt.exists():
+            captions.append(txt.read_text().strip())
+        elif p.relative_to(root).as_posix() in meta:
+            captions.append(meta[p.relative_to(root).as_posix()])
+        else:
+            missing.append(p.name)
+    if missing:
+        raise DataError(f"{len(missing)} images have no caption (e.g. {', '.join(missing[:3])}): add a same-name "
+                        ".txt beside each, or a metadata.jsonl with file_name and text")
+    return tuple(captions)
+
+
+def load_folder(root: Path | str, size: int, channels: int = 3, class_from_subfolders: bool = False,
+                captions: bool = False) -> ImageDataset:
     """Every image under ``root`` (jpg, png, webp, bmp; any count, no minimum), resized and center-cropped.
-    With ``class_from_subfolders`` the first-level sub-folder names are the classes."""
+    With ``class_from_subfolders`` the first-level sub-folder names are the classes; with ``captions``
+    each image's caption is read (see ``read_captions``)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder of images")
@@ -84,7 +126,8 @@ def load_folder(root: Path | str, size: int, channels: int = 3, class_from_subfo
                 tensors.append(_to_tensor(img, size, channels))
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"cannot read {p} as an image ({err}); remove or fix it") from err
-    return ImageDataset(torch.stack(tensors), torch.tensor(labels), tuple(names), str(root))
+    texts = read_captions(root, files) if captions else None
+    return ImageDataset(torch.stack(tensors), torch.tensor(labels), tuple(names), str(root), texts)
 
 
 def load_digits(size: int = 16) -> ImageDataset:
@@ -103,13 +146,20 @@ def load_digits(size: int = 16) -> ImageDataset:
                         tuple(str(i) for i in range(10)), "builtin:digits")
 
 
-BUILTIN = {"builtin:digits": load_digits}
+def _shapes(size: int):
+    from imagine.data.shapes import ShapesDataset
+
+    return ShapesDataset(size=size)
 
 
-def load_dataset(spec: str, size: int, channels: int = 3, class_from_subfolders: bool = False) -> ImageDataset:
+BUILTIN = {"builtin:digits": load_digits, "builtin:shapes": _shapes}
+
+
+def load_dataset(spec: str, size: int, channels: int = 3, class_from_subfolders: bool = False,
+                 captions: bool = False):
     """``builtin:NAME`` or a folder path."""
     if spec.startswith("builtin:"):
         if spec not in BUILTIN:
             raise DataError(f"unknown built-in dataset {spec!r}; choose one of: {', '.join(BUILTIN)}")
         return BUILTIN[spec](size)
-    return load_folder(spec, size, channels, class_from_subfolders)
+    return load_folder(spec, size, channels, class_from_subfolders, captions)

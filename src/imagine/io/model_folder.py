@@ -29,6 +29,7 @@ class DiffusionSpec:
     image_channels: int = 3
     latent: bool = False  # diffusion runs on the VAE's scaled latents
     class_names: tuple[str, ...] = ()
+    text_encoder: str | None = None  # "minilm" or "clip:PATH[:skip]" for text-to-image models
     # training steps use these timesteps; sampling's default spacing follows
     default_sampler: str = "dpmpp_2m"
     default_steps: int = 25

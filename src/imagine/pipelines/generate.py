@@ -1,0 +1,229 @@
+"""txt2img, img2img and inpaint over a trained latent text-to-image model: short explicit loops.
+
+Reproducibility: image i of a request uses its own CPU generator seeded with seed + i for its starting
+noise and every noise draw of a stochastic sampler, so it is the same image at any batch size and on any
+device. The prompt and negative prompt are encoded in one call, so their windows line up (A1111).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from imagine.diffusion.denoiser import Denoiser
+from imagine.diffusion.schedules import sampling_sigmas
+from imagine.guidance import ClassifierFreeGuidance
+from imagine.io.model_folder import DiffusionModel
+from imagine.samplers import SAMPLERS, check_schedule, resolve
+
+
+class Cancelled(Exception):
+    """Raised between steps when the caller's cancel check says so."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "dpmpp_2m"  # ours or A1111's display name
+    schedule: str | None = None  # default or karras; None: what the sampler name implies
+    cfg_scale: float = 5.0
+    guidance_rescale: float = 0.0
+    seed: int = 0
+    n: int = 1
+    width: int | None = None  # None: the model's training size
+    height: int | None = None
+    strength: float = 0.75  # img2img and inpaint: how much of the schedule runs
+    mask_blur: int = 4  # inpaint: Gaussian blur radius of the mask, pixels
+
+    def validate(self) -> Settings:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.n < 1:
+            raise ValueError(f"the number of images must be >= 1, got {self.n}")
+        for name in ("cfg_scale", "guidance_rescale", "strength"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not 0 < self.strength <= 1:
+            raise ValueError(f"strength must lie in (0, 1], got {self.strength}")
+        if self.mask_blur < 0:
+            raise ValueError(f"mask blur must be >= 0, got {self.mask_blur}")
+        resolve(self.sampler)
+        if self.schedule is not None:
+            check_schedule(self.schedule)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def latent_factor(model: DiffusionModel) -> int:
+    return model.vae.config.downscale if model.vae is not None else 1
+
+
+def output_size(model: DiffusionModel, s: Settings) -> tuple[int, int]:
+    """(width, height), checked to be multiples of the latent factor."""
+    w, h = s.width or model.spec.image_size, s.height or model.spec.image_size
+    f = latent_factor(model)
+    for name, v in (("width", w), ("height", h)):
+        if v < f or v % f:
+            raise ValueError(f"{name} {v} is not a positive multiple of {f}, this model's latent factor; "
+                             f"try {max(f, round(v / f) * f)}")
+    return w, h
+
+
+def _check_text_model(model: DiffusionModel, text_encoder) -> None:
+    if model.spec.text_encoder is None:
+        raise ValueError("this model is not a text-to-image model; use `imagine sample` for class-conditional "
+                         "or unconditional models")
+    if text_encoder is None:
+        raise ValueError("a text-to-image model needs its text encoder")
+    if text_encoder.dim != model.unet.config.cross_attention_dim:
+        raise ValueError(f"text encoder gives {text_encoder.dim}-d states, the UNet expects "
+                         f"{model.unet.config.cross_attention_dim}-d")
+
+
+class _InpaintBlend:
+    """Keeps the unmasked region on the init latent: the denoiser's x0 estimate there is replaced by it
+    at every step, so the sampler converges to it, and the masked region is free."""
+
+    def __init__(self, denoiser, init_latent: torch.Tensor, mask: torch.Tensor):
+        self.denoiser, self.init, self.mask = denoiser, init_latent, mask
+
+    def __call__(self, x, sigma, cond=None):
+        x0 = self.denoiser(x, sigma, cond)
+        return self.mask * x0 + (1 - self.mask) * self.init
+
+
+def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
+            cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    """The shared loop: (n, C, H, W) images in [-1, 1]."""
+    _check_text_model(model, text_encoder)
+    w, h = output_size(model, s)
+    name, implied = resolve(s.sampler)
+    schedule = check_schedule(s.schedule) if s.schedule is not None else implied
+    spec, f = model.spec, latent_factor(model)
+    ac = spec.alphas_cumprod()
+    sigmas = sampling_sigmas(ac, s.steps, "trailing", karras=schedule == "karras")
+    if init_latent is not None:  # SDEdit: run the last strength * steps steps from the noised init
+        run = max(1, round(s.strength * s.steps))
+        sigmas = sigmas[s.steps - run:]
+    generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.n)]
+    channels = model.vae.config.latent_channels if model.vae is not None else spec.image_channels
+    noise = torch.stack([torch.randn((channels, h // f, w // f), generator=g) for g in generators])
+    if init_latent is None:
+        x = noise * float((1 + sigmas[0] ** 2).sqrt())  # the VP prior at the top of the schedule
+    else:
+        x = init_latent + noise * float(sigmas[0])
+    text = text_encoder.encode([s.prompt] * s.n + [s.negative_prompt] * s.n)
+    cond = {"encoder_hidden_states": text.context[: s.n], "encoder_attention_mask": text.mask[: s.n]}
+    uncond = {"encoder_hidden_states": text.context[s.n:], "encoder_attention_mask": text.mask[s.n:]}
+    denoiser = Denoiser(model.unet, ac, spec.prediction, learned_variance=spec.learned_variance)
+    denoiser = ClassifierFreeGuidance(denoiser, uncond, s.cfg_scale, s.guidance_rescale)
+    if mask is not None:
+        denoiser = _InpaintBlend(denoiser, init_latent, mask)
+
+    def report(info: dict) -> None:
+        if cancel is not None and cancel():
+            raise Cancelled(f"cancelled at step {info['i'] + 1} of {info['total']}")
+        if callback is not None:
+            callback(info)
+
+    options = {"variance": "learned"} if name == "ddpm" and spec.learned_variance else {}
+    with torch.no_grad():
+        latent = SAMPLERS[name].fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, **options)
+        images = model.vae.decode(model.vae.from_latent(latent)) if model.vae is not None else latent
+    return images.clamp(-1, 1)
+
+
+def txt2img(model: DiffusionModel, s: Settings, text_encoder, **kwargs) -> torch.Tensor:
+    """Images from text: (n, C, H, W) in [-1, 1]."""
+    return _sample(model, s.validate(), text_encoder, **kwargs)
+
+
+def _image_tensor(image: Image.Image, size: tuple[int, int], channels: int) -> torch.Tensor:
+    image = image.convert("RGB" if channels == 3 else "L").resize(size, Image.LANCZOS)
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1
+    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))[None]
+
+
+def _encode(model: DiffusionModel, image: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.vae.to_latent(model.vae.encode(image).mean) if model.vae is not None else image
+
+
+def img2img(model: DiffusionModel, s: Settings, init: Image.Image, text_encoder, **kwargs) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022): noise the init image's latent to the level strength x the schedule and
+    denoise from there. The init image is resized to the output size."""
+    s = s.validate()
+    if s.width is None and s.height is None:
+        s = replace(s, width=init.width, height=init.height)
+    size = output_size(model, s)
+    latent = _encode(model, _image_tensor(init, size, model.spec.image_channels)).expand(s.n, -1, -1, -1)
+    return _sample(model, s, text_encoder, init_latent=latent, **kwargs)
+
+
+def inpaint(model: DiffusionModel, s: Settings, init: Image.Image, mask: Image.Image, text_encoder,
+            **kwargs) -> torch.Tensor:
+    """Regenerate where ``mask`` is white, keep the rest: the unmasked latent is blended in at every step,
+    and the decoded result is composited over the init image through the blurred mask, so unmasked pixels
+    are exactly the original's."""
+    s = s.validate()
+    if mask.size != init.size:
+        raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {init.size[0]}x"
+                         f"{init.size[1]}: they must be the same size")
+    if s.width is None and s.height is None:
+        s = replace(s, width=init.width, height=init.height)
+    size = output_size(model, s)
+    m = mask.convert("L").resize(size, Image.LANCZOS)
+    if s.mask_blur:
+        m = m.filter(ImageFilter.GaussianBlur(s.mask_blur))
+    m_px = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]  # (1, 1, H, W)
+    f = latent_factor(model)
+    m_lat = torch.nn.functional.interpolate(m_px, scale_factor=1 / f, mode="area") if f > 1 else m_px
+    original = _image_tensor(init, size, model.spec.image_channels)
+    latent = _encode(model, original).expand(s.n, -1, -1, -1)
+    images = _sample(model, s, text_encoder, init_latent=latent, mask=m_lat, **kwargs)
+    return m_px * images + (1 - m_px) * original
+
+
+def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_encoder, extra: dict | None = None
+             ) -> tuple[str, dict]:
+    """(A1111 parameters text, JSON record) for image ``index`` of a request (its seed is seed + index)."""
+    from imagine import __version__
+    from imagine.io.png import a1111_parameters, environment, file_hash
+    from imagine.samplers import a1111_name
+
+    name, implied = resolve(s.sampler)
+    schedule = check_schedule(s.schedule) if s.schedule is not None else implied
+    w, h = output_size(model, s)
+    weights = model.path / "unet" / "model.safetensors"
+    model_hash = file_hash(weights) if weights.exists() else None
+    fields = {"Steps": s.steps, "Sampler": a1111_name(name), "Schedule type": "Karras" if schedule == "karras"
+              else "Automatic", "CFG scale": f"{s.cfg_scale:g}", "Seed": s.seed + index, "Size": f"{w}x{h}",
+              "Model hash": model_hash, "Model": model.path.name}
+    if kind in ("img2img", "inpaint"):
+        fields["Denoising strength"] = f"{s.strength:g}"
+    if kind == "inpaint":
+        fields["Mask blur"] = s.mask_blur
+    if s.guidance_rescale:
+        fields["Guidance rescale"] = f"{s.guidance_rescale:g}"
+    fields["Version"] = f"imagine {__version__}"
+    record = {
+        "kind": kind, "settings": {**s.to_dict(), "seed": s.seed + index, "n": 1}, "index": index,
+        "model": {"path": str(model.path.resolve()), "name": model.path.name, "unet_sha256_10": model_hash,
+                  "text_encoder": getattr(text_encoder, "identity", None), "spec": asdict(model.spec)},
+        "sampler": {"name": name, "schedule": schedule, "spacing": "trailing"},
+        "precision": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.unet.parameters()).device), "versions": environment(), **(extra or {}),
+    }
+    return a1111_parameters(s.prompt, s.negative_prompt, fields), record
