@@ -56,3 +56,22 @@ def test_bad_data_is_refused(tmp_path):
     _write(tmp_path / "flat" / "x.png", 10)
     with pytest.raises(DataError, match="no sub-folders"):
         load_folder(tmp_path / "flat", 8, class_from_subfolders=True)
+
+
+def test_captions_from_txt_files_or_metadata_jsonl(tmp_path):
+    import json
+
+    _write(tmp_path / "a.png", 10)
+    _write(tmp_path / "b.png", 20)
+    (tmp_path / "a.txt").write_text("a red circle\n")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": "two blue squares"}) + "\n")
+    data = load_folder(tmp_path, 8, captions=True)
+    assert data.captions == ("a red circle", "two blue squares")
+    _, _, caps = data.batch([1, 0])
+    assert caps == ["two blue squares", "a red circle"]
+    _write(tmp_path / "c.png", 30)
+    with pytest.raises(DataError, match="1 images have no caption"):
+        load_folder(tmp_path, 8, captions=True)
+    (tmp_path / "metadata.jsonl").write_text("{broken\n")
+    with pytest.raises(DataError, match=r"metadata\.jsonl:1"):
+        load_folder(tmp_path, 8, captions=True)

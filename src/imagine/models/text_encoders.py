@@ -167,25 +167,28 @@ class _ChunkedEncoder:
             z = z * (before / z.mean(dim=(1, 2), keepdim=True))
         return z, mask
 
+    def _cached(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if prompt not in self._cache:
+            self._cache[prompt] = self._encode_one(prompt)
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(prompt)
+        return self._cache[prompt]
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         if isinstance(prompts, str):
             prompts = [prompts]
-        per = []
-        for p in prompts:
-            if p not in self._cache:
-                self._cache[p] = self._encode_one(p)
-                if len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-            self._cache.move_to_end(p)
-            per.append(self._cache[p])
+        per = [self._cached(p) for p in prompts]
         n = max(z.shape[0] for z, _ in per)
-        empty = self._cache.get("") or self._encode_one("")
+        empty = self._cached("") if n > min(z.shape[0] for z, _ in per) else None
         contexts, masks = [], []
         for z, m in per:  # pad to the same number of windows with empty-prompt windows, as A1111 does
             pad = n - z.shape[0]
-            contexts.append(torch.cat([z, empty[0].expand(pad, -1, -1)]).reshape(-1, z.shape[-1]))
-            masks.append(torch.cat([m, empty[1].expand(pad, -1)]).reshape(-1))
+            if pad:
+                z, m = torch.cat([z, empty[0].expand(pad, -1, -1)]), torch.cat([m, empty[1].expand(pad, -1)])
+            contexts.append(z.reshape(-1, z.shape[-1]))
+            masks.append(m.reshape(-1))
         return TextEmbeddings(torch.stack(contexts), torch.stack(masks))
 
 
@@ -258,7 +261,9 @@ class CLIPTextEncoder(_ChunkedEncoder):
         if self.clip_skip == 1:
             z = out.last_hidden_state
         else:
-            z = self.model.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+            # transformers 5 keeps the final norm on the model, 4.x on its text_model
+            inner = getattr(self.model, "text_model", self.model)
+            z = inner.final_layer_norm(out.hidden_states[-self.clip_skip])
         return z.float(), torch.ones(ids.shape, dtype=torch.bool)
 
 
