@@ -124,8 +124,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer samples and projections (under a minute)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
-    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks" / "samplers.md",
-                        help="where to write the markdown table (default: docs/benchmarks/samplers.md)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="where to write the markdown table (default: docs/benchmarks/samplers.md for a full "
+                             "run; a --quick run only prints, so it never overwrites the committed figures)")
     args = parser.parse_args()
     n, projections = (2000, 128) if args.quick else (10000, 256)
     start = time.perf_counter()
@@ -135,12 +136,16 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(markdown(report, command))
+    if args.markdown is None and not args.quick:
+        args.markdown = ROOT / "docs" / "benchmarks" / "samplers.md"
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(report, command))
     best = min((r for r in report["results"] if r["nfe_budget"] == 10), key=lambda r: r["sw2"])
     print(markdown(report, command))
     print(f"\nbest at 10 calls: {best['sampler']} (sw2 {best['sw2']:.4f}; floor {report['noise_floor_sw2']:.4f}); "
-          f"{report['wall_seconds']:.1f} s; wrote {args.markdown}" + (f" and {args.json}" if args.json else ""))
+          f"{report['wall_seconds']:.1f} s" + (f"; wrote {args.markdown}" if args.markdown else "")
+          + (f" and {args.json}" if args.json else ""))
     if not all(math.isfinite(r["sw2"]) for r in report["results"]):
         raise SystemExit("a sampler produced non-finite samples")
 
