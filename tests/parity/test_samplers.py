@@ -141,7 +141,7 @@ def test_ddim_matches_diffusers(schedule, spacing, prediction, steps, set_alpha_
     assert (ours - ref).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("schedule,karras,prediction", itertools.product(SCHEDULES, [False, True], PREDICTIONS))
+@pytest.mark.parametrize("schedule,karras,prediction", list(itertools.product(SCHEDULES, [False, True], PREDICTIONS)))
 def test_ddim_equals_diffusers_euler_where_diffusers_ddim_is_inconsistent(schedule, karras, prediction):
     """linspace and Karras: DDIM (eta = 0) is Euler's method in the VE view; diffusers' DDIMScheduler
     cannot run these configurations consistently, its Euler scheduler can."""
@@ -151,7 +151,7 @@ def test_ddim_equals_diffusers_euler_where_diffusers_ddim_is_inconsistent(schedu
 
 # ---- stochastic samplers: the same generator, the same draws, the same result ----
 
-@pytest.mark.parametrize("schedule,prediction", itertools.product(SCHEDULES, PREDICTIONS))
+@pytest.mark.parametrize("schedule,prediction", list(itertools.product(SCHEDULES, PREDICTIONS)))
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_euler_ancestral_matches_diffusers_exactly(schedule, prediction, spacing):
     scheduler = EulerAncestralDiscreteScheduler(**_config(schedule, spacing, prediction))
@@ -159,7 +159,7 @@ def test_euler_ancestral_matches_diffusers_exactly(schedule, prediction, spacing
     assert ours.std() > 0.1  # a real sample, not a degenerate one
 
 
-@pytest.mark.parametrize("schedule,prediction,karras", itertools.product(SCHEDULES, PREDICTIONS, [False, True]))
+@pytest.mark.parametrize("schedule,prediction,karras", list(itertools.product(SCHEDULES, PREDICTIONS, [False, True])))
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_dpmpp_2m_sde_matches_diffusers_exactly(schedule, prediction, karras, spacing):
     scheduler = DPMSolverMultistepScheduler(
@@ -169,7 +169,7 @@ def test_dpmpp_2m_sde_matches_diffusers_exactly(schedule, prediction, karras, sp
     _compare("dpmpp_2m_sde", scheduler, spacing, karras, prediction, 12, family="dpm", seed=3)
 
 
-@pytest.mark.parametrize("schedule,prediction", itertools.product(SCHEDULES, PREDICTIONS))
+@pytest.mark.parametrize("schedule,prediction", list(itertools.product(SCHEDULES, PREDICTIONS)))
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 def test_ddpm_matches_diffusers_exactly(schedule, prediction, variance):
     """steps_offset = 0: with an offset the last timestep is 1, and diffusers' `t > 0` rule then adds
