@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from imagine.train.loop import read_log
@@ -36,7 +37,10 @@ def test_tiny_preset_learns_in_seconds(tmp_path):
 
 
 def test_killed_run_resumes_with_the_same_losses(tmp_path):
-    """SIGKILL a run after its second checkpoint; --resume must reproduce the uninterrupted run's losses."""
+    """SIGKILL a run after its second checkpoint; --resume must reproduce the uninterrupted run's losses and
+    final weights. They come out bit-identical in practice; the assertion allows 1e-6 relative so that a
+    CPU kernel's reduction order cannot make CI flaky, while any real resume bug (optimizer state, RNG,
+    EMA count, data position) moves losses by ~1e-2."""
     steps = ["--steps", "30", "--checkpoint-every", "10"]
     full = _run([*TRAIN, "--out", str(tmp_path / "full"), *steps])
     assert full.returncode == 0, full.stderr[-2000:]
@@ -52,12 +56,16 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
     assert latest.exists(), "the run never wrote a checkpoint"
     resumed = _run([*TRAIN, "--out", str(victim), *steps, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected = [(r["step"], r["loss"]) for r in read_log(tmp_path / "full" / "log.jsonl")]
-    got = [(r["step"], r["loss"]) for r in read_log(victim / "log.jsonl")]
-    assert got == expected  # every step once, the same losses bit for bit
-    a = (tmp_path / "full" / "unet" / "model.safetensors").read_bytes()
-    b = (victim / "unet" / "model.safetensors").read_bytes()
-    assert a == b
+    expected, got = read_log(tmp_path / "full" / "log.jsonl"), read_log(victim / "log.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 31))  # every step once
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in expected], rtol=1e-6, atol=0)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "unet" / "model.safetensors")
+    b = load_file(victim / "unet" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_resume_with_more_steps_trains_on(tmp_path):

@@ -102,32 +102,37 @@ class _InpaintBlend:
         return self.mask * x0 + (1 - self.mask) * self.init
 
 
-def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: torch.Tensor | None = None,
-            mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
-            cancel: Callable[[], bool] | None = None) -> torch.Tensor:
-    """The shared loop: (n, C, H, W) images in [-1, 1]."""
-    _check_text_model(model, text_encoder)
-    w, h = output_size(model, s)
-    name, implied = resolve(s.sampler)
-    schedule = check_schedule(s.schedule) if s.schedule is not None else implied
+def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str, schedule: str | None,
+           cond: dict | None, uncond: dict | None, cfg_scale: float, guidance_rescale: float = 0.0,
+           latent_hw: tuple[int, int] | None = None, init_latent: torch.Tensor | None = None,
+           strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
+           cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
+
+    cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
+    init_latent: start from it noised to ``strength`` of the schedule (img2img); with ``mask`` (latent
+    resolution, 1 = regenerate) the unmasked latent is blended in at every step (inpaint)."""
+    name, implied = resolve(sampler)
+    schedule = check_schedule(schedule) if schedule is not None else implied
     spec, f = model.spec, latent_factor(model)
     ac = spec.alphas_cumprod()
-    sigmas = sampling_sigmas(ac, s.steps, "trailing", karras=schedule == "karras")
+    sigmas = sampling_sigmas(ac, steps, "trailing", karras=schedule == "karras")
     if init_latent is not None:  # SDEdit: run the last strength * steps steps from the noised init
-        run = max(1, round(s.strength * s.steps))
-        sigmas = sigmas[s.steps - run:]
-    generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.n)]
+        run = max(1, round(strength * steps))
+        sigmas = sigmas[steps - run:]
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     channels = model.vae.config.latent_channels if model.vae is not None else spec.image_channels
-    noise = torch.stack([torch.randn((channels, h // f, w // f), generator=g) for g in generators])
+    h, w = latent_hw or (spec.image_size // f, spec.image_size // f)
+    noise = torch.stack([torch.randn((channels, h, w), generator=g) for g in generators])
     if init_latent is None:
         x = noise * float((1 + sigmas[0] ** 2).sqrt())  # the VP prior at the top of the schedule
     else:
         x = init_latent + noise * float(sigmas[0])
-    text = text_encoder.encode([s.prompt] * s.n + [s.negative_prompt] * s.n)
-    cond = {"encoder_hidden_states": text.context[: s.n], "encoder_attention_mask": text.mask[: s.n]}
-    uncond = {"encoder_hidden_states": text.context[s.n:], "encoder_attention_mask": text.mask[s.n:]}
     denoiser = Denoiser(model.unet, ac, spec.prediction, learned_variance=spec.learned_variance)
-    denoiser = ClassifierFreeGuidance(denoiser, uncond, s.cfg_scale, s.guidance_rescale)
+    if uncond is not None:
+        denoiser = ClassifierFreeGuidance(denoiser, uncond, cfg_scale, guidance_rescale)
+    elif cfg_scale != 1.0:
+        raise ValueError("classifier-free guidance needs an unconditional branch, which this model lacks: use cfg 1")
     if mask is not None:
         denoiser = _InpaintBlend(denoiser, init_latent, mask)
 
@@ -142,6 +147,22 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
         latent = SAMPLERS[name].fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, **options)
         images = model.vae.decode(model.vae.from_latent(latent)) if model.vae is not None else latent
     return images.clamp(-1, 1)
+
+
+def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
+            cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Text-conditioned sampling: prompt and negative prompt encoded in one call, so their windows line up."""
+    _check_text_model(model, text_encoder)
+    w, h = output_size(model, s)
+    f = latent_factor(model)
+    text = text_encoder.encode([s.prompt] * s.n + [s.negative_prompt] * s.n)
+    cond = {"encoder_hidden_states": text.context[: s.n], "encoder_attention_mask": text.mask[: s.n]}
+    uncond = {"encoder_hidden_states": text.context[s.n:], "encoder_attention_mask": text.mask[s.n:]}
+    return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler, schedule=s.schedule,
+                  cond=cond, uncond=uncond, cfg_scale=s.cfg_scale, guidance_rescale=s.guidance_rescale,
+                  latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
+                  callback=callback, cancel=cancel)
 
 
 def txt2img(model: DiffusionModel, s: Settings, text_encoder, **kwargs) -> torch.Tensor:

@@ -12,11 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from imagine.diffusion.denoiser import Denoiser
-from imagine.diffusion.schedules import sampling_sigmas
-from imagine.guidance import ClassifierFreeGuidance
 from imagine.io.model_folder import DiffusionModel
-from imagine.samplers import SAMPLERS, check_schedule, resolve
 
 
 def _check_cfg(cfg: float) -> float:
@@ -42,7 +38,6 @@ def class_index(model: DiffusionModel, label: int | str | None) -> int | None:
     return index
 
 
-@torch.no_grad()
 def generate(
     model: DiffusionModel,
     seeds: list[int],
@@ -52,7 +47,6 @@ def generate(
     schedule: str | None = None,
     class_label: int | None = None,
     cfg: float = 1.0,
-    spacing: str = "trailing",
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
     """One image per seed, as (N, C, H, W) floats in [-1, 1].
@@ -60,41 +54,28 @@ def generate(
     class_label: a class index (see ``class_index``) for class-conditional models; None draws each image's
     class at random from its seed. cfg: classifier-free guidance scale (1 = off; needs a model trained with
     label dropout, whose "null" class is the extra last embedding)."""
-    name, implied = resolve(sampler)
-    schedule = check_schedule(schedule) if schedule is not None else implied
+    from imagine.pipelines.generate import sample
+
     cfg = _check_cfg(cfg)
-    spec, unet = model.spec, model.unet
-    ac = spec.alphas_cumprod()
-    sigmas = sampling_sigmas(ac, steps, spacing, karras=schedule == "karras")
-    denoiser = Denoiser(unet, ac, spec.prediction, learned_variance=spec.learned_variance)
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    f = model.vae.config.downscale if spec.latent else 1
-    channels = model.vae.config.latent_channels if spec.latent else spec.image_channels
-    shape = (channels, spec.image_size // f, spec.image_size // f)
-    # the VP prior: x_T ~ N(0, (1 + sigma_max^2) I) in the VE view
-    x = torch.stack([torch.randn(shape, generator=g) for g in generators]) * float((1 + sigmas[0] ** 2).sqrt())
-    cond = None
-    num_classes = unet.config.num_class_embeds
+    cond = uncond = None
+    num_classes = model.unet.config.num_class_embeds
     if num_classes:
-        n_real = len(spec.class_names)
+        n_real = len(model.spec.class_names)
         if class_label is None:
-            labels = torch.tensor([int(torch.randint(n_real, (1,), generator=g)) for g in generators])
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            labels = torch.tensor([int(torch.randint(n_real, (1,), generator=g)) for g in gens])
         else:
             labels = torch.full((len(seeds),), int(class_label))
         cond = {"class_labels": labels}
-        if cfg != 1.0:
-            if num_classes <= n_real:
-                raise ValueError("this model was trained without label dropout, so it has no unconditional "
-                                 "branch: use --cfg 1")
-            null = {"class_labels": torch.full((len(seeds),), num_classes - 1)}
-            denoiser = ClassifierFreeGuidance(denoiser, null, cfg)
+        if num_classes > n_real:  # trained with label dropout: the last embedding is the null class
+            uncond = {"class_labels": torch.full((len(seeds),), num_classes - 1)}
+        elif cfg != 1.0:
+            raise ValueError("this model was trained without label dropout, so it has no unconditional "
+                             "branch: use --cfg 1")
     elif cfg != 1.0:
         raise ValueError("classifier-free guidance needs a conditional model; this one is unconditional")
-    options = {"variance": "learned"} if name == "ddpm" and spec.learned_variance else {}
-    out = SAMPLERS[name].fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=callback, **options)
-    if spec.latent:
-        out = model.vae.decode(model.vae.from_latent(out))
-    return out.clamp(-1, 1)
+    return sample(model, list(seeds), steps=steps, sampler=sampler, schedule=schedule, cond=cond,
+                  uncond=uncond, cfg_scale=cfg, callback=callback)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
