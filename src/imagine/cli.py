@@ -247,10 +247,11 @@ def sample(
     batch_size: int = typer.Option(16, help="Images generated together (does not change any image)."),
 ) -> None:
     """Generate images from a trained model: N PNGs, image i from seed S + i."""
-    from PIL import Image
 
     from imagine.io.checkpoint import CheckpointError
     from imagine.io.model_folder import load_model_folder
+    from imagine.io.png import free_path, save_png
+    from imagine.pipelines.generate import Settings, describe
     from imagine.pipelines.unconditional import class_index, generate, to_uint8
 
     try:
@@ -266,20 +267,15 @@ def sample(
             seeds = list(range(seed + start, seed + min(n, start + batch_size)))
             images = to_uint8(generate(loaded, seeds, steps=steps, sampler=sampler, class_label=label, cfg=cfg))
             for s, img in zip(seeds, images, strict=True):
-                path = _free_name(out, f"{s:06d}" + (f"_class{label}" if label is not None else ""))
-                Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(path)
+                path = free_path(out, f"{s:06d}" + (f"_class{label}" if label is not None else ""))
+                prompt = f"class {loaded.spec.class_names[label]}" if label is not None else ""
+                settings = Settings(prompt=prompt, steps=steps, sampler=sampler, cfg_scale=cfg, seed=s)
+                parameters, record = describe(loaded, settings, "sample", 0, None, {"class": label})
+                save_png(path, img, parameters, record)
                 written.append(path)
     except (ValueError, CheckpointError) as err:
         _fail(str(err))
     typer.echo("\n".join(str(p) for p in written))
-
-
-def _free_name(folder: Path, stem: str) -> Path:
-    """folder/stem.png, or stem-1.png, stem-2.png... : never overwrite an existing file."""
-    path, k = folder / f"{stem}.png", 1
-    while path.exists():
-        path, k = folder / f"{stem}-{k}.png", k + 1
-    return path
 
 
 def _load_t2i(model: Path | None):
