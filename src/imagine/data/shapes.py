@@ -36,6 +36,9 @@ REGION_PHRASES = {"top left": "in the top left", "top": "at the top", "top right
                   "bottom left": "in the bottom left", "bottom": "at the bottom", "bottom right": "in the bottom right"}
 RELATIONS = ("above", "below", "to the left of", "to the right of")
 SUPERSAMPLE = 4
+# how far each shape reaches from its centre, in radii: a square's corners and a triangle's lower
+# vertices lie beyond the radius, so placement keeps these extents apart, not the radii
+EXTENT = {"circle": 1.0, "star": 1.0, "square": 0.86 * 2**0.5, "triangle": 1.15}
 
 
 @dataclass
@@ -175,7 +178,7 @@ def make_scene(i: int, seed: int = 0) -> Scene:
                     o.size, o.radius = "small", SIZES["small"] * rng.uniform(0.9, 1.1)
                 a.center, b.center = _relation_centers(rng, a.radius, b.radius, relation)
                 break
-        centers = _place(rng, [o.radius for o in objs])
+        centers = _place(rng, [o.radius * EXTENT[o.shape] for o in objs])
         if centers is not None:
             for o, c in zip(objs, centers, strict=True):
                 o.center = c
