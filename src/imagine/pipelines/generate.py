@@ -90,6 +90,27 @@ def _check_text_model(model: DiffusionModel, text_encoder) -> None:
                          f"{model.unet.config.cross_attention_dim}-d")
 
 
+class _PerRow:
+    """Evaluates the network one row at a time, so an image's arithmetic is the same whatever batch it is
+    in: CPU kernels pick different blockings for different batch sizes, and the last bits they change can
+    flip a pixel after a stochastic sampler. Sits directly around the network's denoiser (inside guidance)."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+
+    @staticmethod
+    def _row(cond, i):
+        return {k: v[i: i + 1] if isinstance(v, torch.Tensor) else v for k, v in (cond or {}).items()} or None
+
+    def __call__(self, x, sigma, cond=None):
+        return torch.cat([self.denoiser(x[i: i + 1], sigma[i: i + 1], self._row(cond, i)) for i in range(len(x))])
+
+    def denoise_with_variance(self, x, sigma, cond=None):
+        rows = [self.denoiser.denoise_with_variance(x[i: i + 1], sigma[i: i + 1], self._row(cond, i))
+                for i in range(len(x))]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+
 class _InpaintBlend:
     """Keeps the unmasked region on the init latent: the denoiser's x0 estimate there is replaced by it
     at every step, so the sampler converges to it, and the masked region is free."""
@@ -128,7 +149,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         x = noise * float((1 + sigmas[0] ** 2).sqrt())  # the VP prior at the top of the schedule
     else:
         x = init_latent + noise * float(sigmas[0])
-    denoiser = Denoiser(model.unet, ac, spec.prediction, learned_variance=spec.learned_variance)
+    denoiser = _PerRow(Denoiser(model.unet, ac, spec.prediction, learned_variance=spec.learned_variance))
     if uncond is not None:
         denoiser = ClassifierFreeGuidance(denoiser, uncond, cfg_scale, guidance_rescale)
     elif cfg_scale != 1.0:
@@ -145,7 +166,10 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     options = {"variance": "learned"} if name == "ddpm" and spec.learned_variance else {}
     with torch.no_grad():
         latent = SAMPLERS[name].fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, **options)
-        images = model.vae.decode(model.vae.from_latent(latent)) if model.vae is not None else latent
+        if model.vae is not None:  # one image at a time, for the same reason as _PerImage
+            images = torch.cat([model.vae.decode(model.vae.from_latent(z[None])) for z in latent])
+        else:
+            images = latent
     return images.clamp(-1, 1)
 
 
