@@ -314,7 +314,8 @@ def _run_generation(kind: str, model: Path | None, settings, out: Path, init: Pa
     try:
         settings = settings.validate()
         loaded, encoder = _load_t2i(model)
-        g.output_size(loaded, settings) if kind == "txt2img" else None
+        if kind == "txt2img":  # refuse a bad size before any work (img2img/inpaint take the image's)
+            g.output_size(loaded, settings)
         init_img = _open_image(init, "image") if init is not None else None
         mask_img = _open_image(mask, "mask") if mask is not None else None
         bar = tqdm(total=settings.steps, desc=kind, unit="step", leave=False)

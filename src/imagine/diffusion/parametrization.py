@@ -16,9 +16,6 @@ import torch
 Prediction = Literal["eps", "v", "x0"]
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 
-# diffusers' names for the same things, so foreign configs map without guessing.
-DIFFUSERS_PREDICTION_TYPES: dict[str, Prediction] = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-
 
 def check_prediction(prediction: str) -> Prediction:
     if prediction not in PREDICTIONS:

@@ -219,7 +219,3 @@ def sampling_sigmas(
     out = torch.cat([sigmas, sigmas.new_tensor([last])]).float()
     return out
 
-
-def snr_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) = 1 / sigma^2 (Kingma et al. 2021)."""
-    return alphas_cumprod / (1 - alphas_cumprod)

@@ -99,15 +99,3 @@ class SlicedW2ToMixture:
         proj = (samples.double() @ self.dirs).sort(dim=0).values
         return float(((proj - self.quantiles) ** 2).mean().sqrt())
 
-
-def sliced_wasserstein2(a: torch.Tensor, b: torch.Tensor, projections: int = 256,
-                        generator: torch.Generator | None = None) -> float:
-    """Sliced Wasserstein-2 distance between two equal-size point clouds (N, D): the root mean, over
-    random unit directions, of the squared W2 between the 1-D projections (sorted-sample matching)."""
-    if a.shape != b.shape:
-        raise ValueError(f"point clouds must have equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-    dirs = torch.randn(a.shape[1], projections, generator=generator, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa = (a.double() @ dirs).sort(dim=0).values
-    pb = (b.double() @ dirs).sort(dim=0).values
-    return float(((pa - pb) ** 2).mean().sqrt())

@@ -71,7 +71,7 @@ def a1111_aliases(name: str) -> list[str]:
     return [alias for alias, (sampler, _) in A1111_NAMES.items() if sampler == name]
 
 
-def a1111_name(sampler: str, schedule: SigmaSchedule = "default") -> str:
+def a1111_name(sampler: str) -> str:
     """The A1111 display name for a sampler (without the schedule, as A1111 1.9+ writes it)."""
     return next(alias for alias, (s, sched) in A1111_NAMES.items() if s == sampler and sched == "default")
 
