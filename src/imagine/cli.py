@@ -44,9 +44,11 @@ def _fail(message: str) -> None:
 
 @app.command()
 def train(
-    data: str = typer.Option(..., help="A folder of images, or builtin:digits."),
+    data: str | None = typer.Option(None, help="A folder of images, builtin:digits or builtin:shapes (default: the "
+                                               "preset's, e.g. shapes-default trains on builtin:shapes)."),
     out: Path = typer.Option(..., help="Where the model folder (and checkpoints, samples, logs) goes."),
-    preset: str = typer.Option("small", help="Settings to start from: tiny (seconds), small, digits."),
+    preset: str = typer.Option("small", help="Settings to start from: tiny (seconds), small, digits, t2i, "
+                                             "shapes-default (the shipped model), tiny-t2i."),
     steps: int | None = typer.Option(None, help="Total steps; a resumed run trains on to this count."),
     batch_size: int | None = typer.Option(None, help="Global batch size, over all processes."),
     lr: float | None = typer.Option(None, help="Peak learning rate (AdamW)."),
@@ -78,6 +80,9 @@ def train(
 
     try:
         cfg = get_preset(preset)
+        data = data or cfg.data
+        if data is None:
+            raise ValueError(f"preset {preset!r} has no dataset of its own: pass --data FOLDER (or builtin:digits)")
         is_digits = data == "builtin:digits"
         cfg = cfg.with_overrides(
             steps=steps, batch_size=batch_size, lr=lr, image_size=image_size, precision=precision,
@@ -456,6 +461,43 @@ def info(image: Path = typer.Argument(..., help="A PNG made by imagine or AUTOMA
         typer.echo("")
         typer.echo("imagine record:")
         typer.echo(json.dumps(record, indent=2, sort_keys=True))
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; 0.0.0.0 exposes the server to your network."),
+    port: int = typer.Option(7860, help="Port (A1111's default)."),
+    model: list[Path] = typer.Option(None, help="Text-to-image model folder; repeat to offer several "
+                                                "(default: the model shipped with imagine)."),
+    out: Path = typer.Option(Path("outputs"), help="Where generated PNGs are saved."),
+    api_auth: str | None = typer.Option(None, help="USER:PASS: basic auth on every route (A1111's --api-auth)."),
+    max_queue: int = typer.Option(16, help="Jobs that may wait; more are answered 429 with Retry-After."),
+    max_steps: int = typer.Option(150, help="Most sampling steps per request."),
+    max_batch: int = typer.Option(8, help="Most images per request."),
+    max_pixels: int = typer.Option(512 * 512, help="Most pixels (width x height) per image."),
+    max_request_mb: float = typer.Option(16, help="Largest request body, in MiB."),
+) -> None:
+    """Serve the HTTP API (ours at /api/v1, A1111's at /sdapi/v1), the web UI at / and API docs at /docs."""
+    import uvicorn
+
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.server import Limits, create_app
+
+    try:
+        if not model:
+            from imagine.weights import default_model
+
+            model = [default_model()]
+        limits = Limits(max_pixels=max_pixels, max_steps=max_steps, max_batch=max_batch,
+                        max_request_bytes=int(max_request_mb * 1024 * 1024))
+        server_app = create_app(list(model), out_dir=out, limits=limits, max_queue=max_queue, api_auth=api_auth)
+    except (ValueError, CheckpointError, FileNotFoundError) as err:
+        _fail(str(err))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host}: anyone who can reach this machine can use the server"
+                   + ("" if api_auth else " (consider --api-auth USER:PASS)"), err=True)
+    typer.echo(f"imagine serving on http://{host}:{port} (web UI at /, API docs at /docs)")
+    uvicorn.run(server_app, host=host, port=port, log_level="warning")
 
 
 @app.command()

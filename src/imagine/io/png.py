@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
@@ -75,17 +76,25 @@ def parse_a1111(text: str) -> dict[str, Any]:
     return out
 
 
-def save_png(path: Path, pixels: np.ndarray, parameters: str, record: dict[str, Any]) -> Path:
-    """Write an (H, W, C) or (H, W) uint8 image with both chunks, atomically (never a half-written file)."""
+def encode_png(pixels: np.ndarray, parameters: str, record: dict[str, Any]) -> bytes:
+    """An (H, W, C) or (H, W) uint8 image as PNG bytes carrying both chunks."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     info.add_text("imagine", json.dumps({"format": FORMAT, **record}, sort_keys=True))
     image = Image.fromarray(pixels.squeeze(-1) if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(path: Path, pixels: np.ndarray, parameters: str, record: dict[str, Any]) -> Path:
+    """Write an (H, W, C) or (H, W) uint8 image with both chunks, atomically (never a half-written file)."""
+    data = encode_png(pixels, parameters, record)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -93,21 +102,24 @@ def save_png(path: Path, pixels: np.ndarray, parameters: str, record: dict[str, 
     return path
 
 
-def read_png_metadata(path: Path) -> tuple[str | None, dict[str, Any] | None]:
-    """(A1111 parameters text, our JSON record); either may be None (A1111's images have no JSON)."""
+def read_png_metadata(source: Path | bytes) -> tuple[str | None, dict[str, Any] | None]:
+    """(A1111 parameters text, our JSON record) of a file or of image bytes; either may be None (A1111's
+    images have no JSON)."""
+    name = "the image" if isinstance(source, bytes) else str(source)
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             img.load()
             text = dict(img.info)
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read {path} as an image ({err})") from err
+        raise ValueError(f"cannot read {name} as an image ({err})") from err
     record = None
     if "imagine" in text:
         try:
             record = json.loads(text["imagine"])
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} has a corrupt imagine metadata chunk ({err})") from err
-    return text.get("parameters"), record
+            raise ValueError(f"{name} has a corrupt imagine metadata chunk ({err})") from err
+    parameters = text.get("parameters")
+    return (parameters if isinstance(parameters, str) else None), record
 
 
 def environment() -> dict[str, str]:

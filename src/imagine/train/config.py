@@ -14,6 +14,7 @@ Precision = Literal["fp32", "bf16"]
 @dataclass(frozen=True)
 class TrainConfig:
     # data
+    data: str | None = None  # the preset's dataset, used when the command line names none
     image_size: int = 32
     class_conditional: bool = False
     label_dropout: float = 0.1  # drop labels this often so classifier-free guidance works
@@ -28,6 +29,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-4
     warmup_steps: int = 100
+    lr_decay_from: float = 1.0  # from this fraction of the steps on, decay linearly to 10% of lr at the end
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -58,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision {self.precision!r} unknown; choose fp32 or bf16")
+        if not 0 < self.lr_decay_from <= 1:
+            raise ValueError(f"lr_decay_from must lie in (0, 1], got {self.lr_decay_from}")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
 
@@ -97,6 +101,10 @@ PRESETS["t2i"] = TrainConfig(
     image_size=64, text_conditional=True, steps=2000, batch_size=32, lr=5e-4, warmup_steps=100,
     checkpoint_every=250, sample_every=500, schedule="scaled_linear", prediction="v", min_snr_gamma=5.0,
     precision="bf16", unet=_T2I_SMALL, vae_preset="vae-shapes")
+# the model that ships inside the package (imagine/weights/shapes-default): t2i trained longer, the last
+# 30% with a decaying learning rate. Its first 2,000 steps are exactly the t2i preset's (same seed, same
+# schedule up to there), so a t2i run resumes into it.
+PRESETS["shapes-default"] = replace(PRESETS["t2i"], data="builtin:shapes", steps=7000, lr_decay_from=0.7)
 # seconds: for tests
 PRESETS["tiny-t2i"] = replace(
     PRESETS["t2i"], image_size=16, steps=20, batch_size=8, warmup_steps=5, checkpoint_every=10, sample_every=0,

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,15 @@ class DataOrder:
         return int(self._order[counter % self.n])
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, constant, then (from lr_decay_from x steps) linear decay to 10% at the last step."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    start = int(cfg.lr_decay_from * cfg.steps)
+    if step < start:
+        return warm
+    return warm * (1.0 - 0.9 * min(1.0, (step - start) / max(1, cfg.steps - start)))
+
+
 def make_unet_config(cfg: TrainConfig, channels: int, num_classes: int, context_dim: int | None = None) -> UNetConfig:
     settings = dict(cfg.unet)
     if context_dim is not None:
@@ -101,6 +111,9 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                          f"{cfg.grad_accum} accumulation steps")
     if cfg.text_conditional and text_encoder is None:
         raise ValueError("text-conditional training needs a text encoder")
+    if cfg.text_conditional and hasattr(text_encoder, "cache_size"):
+        # captions repeat (builtin:shapes has ~60k distinct ones in 200k samples): encode each once
+        text_encoder.cache_size = max(text_encoder.cache_size, 100_000)
     if cfg.class_conditional and data.num_classes < 2:
         raise ValueError(f"class-conditional training needs classes; {data.source} has none (for a folder, "
                          "put each class in a sub-folder and pass --classes)")
@@ -119,7 +132,7 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
     unet = UNet2DConditionModel(make_unet_config(cfg, channels, data.num_classes, context_dim)).to(device)
     ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
     spec = DiffusionSpec(schedule=cfg.schedule, prediction=cfg.prediction, learned_variance=cfg.learned_variance,
                          image_size=cfg.image_size, image_channels=data.channels,
                          latent=latents is not None or vae is not None,

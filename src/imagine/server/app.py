@@ -1,0 +1,219 @@
+"""The FastAPI app: our job API under /api/v1, A1111's under /sdapi/v1, the web UI at /, docs at /docs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import secrets
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from imagine import __version__
+from imagine.server import a1111
+from imagine.server.jobs import Job, QueueFull
+from imagine.server.models import ModelStore
+from imagine.server.schemas import ImageOut, JobCreated, JobOut, JobRequest
+from imagine.server.service import Limits, RequestError, Service, png_base64
+
+STATIC = Path(str(resources.files("imagine.server") / "static"))
+
+
+def _describe_validation(errors: list[dict]) -> str:
+    """Pydantic's errors as one line a person can act on."""
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        if e.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})")
+        else:
+            parts.append(f"{where}: {e.get('msg')}")
+    return "; ".join(parts)
+
+
+class _Guard:
+    """ASGI middleware: optional basic auth on every route, and the request-size limit (413), checked
+    before a body is read into memory."""
+
+    def __init__(self, app, auth: tuple[str, str] | None, max_bytes: int):
+        self.app, self.auth, self.max_bytes = app, auth, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.auth is not None and not self._authorized(headers.get(b"authorization", b"")):
+            return await JSONResponse({"detail": "authentication required (basic auth, the --api-auth pair)"},
+                                      401, {"WWW-Authenticate": 'Basic realm="imagine"'})(scope, receive, send)
+        length = headers.get(b"content-length")
+        too_big = JSONResponse({"detail": f"the request body is over the limit max_request_bytes="
+                                          f"{self.max_bytes}"}, 413)
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                return await too_big(scope, receive, send)
+            return await self.app(scope, receive, send)
+        # no length (chunked): read it here, up to the limit, then replay it
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, receive, send)
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await too_big(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, value = header.decode("latin-1").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return secrets.compare_digest(user, self.auth[0]) & secrets.compare_digest(password, self.auth[1])
+
+
+def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), limits: Limits = Limits(),
+               max_queue: int = 16, api_auth: str | None = None) -> FastAPI:
+    """models: model folders, looked up by name afterwards (the first is current). out_dir: where images
+    are saved (None: kept in memory only). api_auth: "USER:PASS" for basic auth on every route."""
+    auth = None
+    if api_auth is not None:
+        user, sep, password = api_auth.partition(":")
+        if not sep or not user or not password:
+            raise ValueError("--api-auth takes USER:PASS")
+        auth = (user, password)
+    service = Service(ModelStore(models), out_dir, limits, max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.queue.start()
+        yield
+        service.queue.stop()
+
+    app = FastAPI(title="imagine", version=__version__, lifespan=lifespan,
+                  description="Text-to-image serving: a job API (queue, progress events, cancel) and "
+                              "AUTOMATIC1111-compatible endpoints.")
+    app.state.service = service
+    app.add_middleware(_Guard, auth=auth, max_bytes=limits.max_request_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = json.loads(json.dumps(exc.errors(), default=str))
+        return JSONResponse({"detail": _describe_validation(errors), "errors": errors}, 422)
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, exc: RequestError):
+        return JSONResponse({"detail": str(exc)}, exc.status)
+
+    @app.exception_handler(QueueFull)
+    async def full(request: Request, exc: QueueFull):
+        return JSONResponse({"detail": str(exc)}, 429, {"Retry-After": str(exc.retry_after)})
+
+    # ---- our job API
+    def job_or_404(job_id: str) -> Job:
+        job = service.queue.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept for the last 256)")
+        return job
+
+    def job_out(job: Job, request: Request, with_base64: bool = True) -> JobOut:
+        images = [ImageOut(url=str(request.url_for("job_image", job_id=job.id, index=i)),
+                           base64=png_base64(im.png) if with_base64 else None, seed=im.seed,
+                           parameters=im.parameters, info=im.record) for i, im in enumerate(job.images)]
+        return JobOut(id=job.id, kind=job.kind, model=job.model, status=job.status, progress=job.progress,
+                      step=job.step, total=job.total, eta_seconds=job.eta(), error=job.error, images=images,
+                      request=job.request)
+
+    @app.post("/api/v1/jobs", response_model=JobCreated, status_code=202, tags=["jobs"])
+    def create_job(body: JobRequest, request: Request) -> JobCreated:
+        """Queue a txt2img, img2img or inpaint job; 429 with Retry-After when the queue is full."""
+        job = service.queue.submit(service.make_job(body.model_dump(), body.kind))
+        return JobCreated(id=job.id, status=job.status, url=str(request.url_for("get_job", job_id=job.id)))
+
+    @app.get("/api/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
+    def get_job(job_id: str, request: Request, base64: bool = True) -> JobOut:
+        """Status and progress; when done, the images (URL and base64) with their parameters."""
+        return job_out(job_or_404(job_id), request, base64)
+
+    @app.delete("/api/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
+    def cancel_job(job_id: str, request: Request) -> JobOut:
+        """Cancel: a queued job at once, a running one between two steps."""
+        job = job_or_404(job_id)
+        service.queue.cancel(job)
+        return job_out(job, request, False)
+
+    @app.get("/api/v1/jobs/{job_id}/events", tags=["jobs"])
+    async def job_events(job_id: str, request: Request):
+        """Server-Sent Events: `progress` (with a base64 preview when one is new) until `done`, `failed`
+        or `cancelled`, whose data is the job as GET returns it, without base64."""
+        job = job_or_404(job_id)
+
+        async def stream():
+            seen, preview = -1, None
+            while True:
+                if job.version != seen:
+                    seen = job.version
+                    if job.done:
+                        out = job_out(job, request, False).model_dump()
+                        yield f"event: {job.status}\ndata: {json.dumps(out)}\n\n"
+                        return
+                    data = {"status": job.status, "progress": job.progress, "step": job.step, "total": job.total,
+                            "eta_seconds": job.eta()}
+                    if job.preview is not None and job.preview is not preview:
+                        preview = job.preview
+                        data["preview"] = png_base64(preview)
+                    yield f"event: progress\ndata: {json.dumps(data)}\n\n"
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/api/v1/jobs/{job_id}/images/{index}.png", name="job_image", tags=["jobs"])
+    def job_image(job_id: str, index: int) -> Response:
+        job = job_or_404(job_id)
+        if not 0 <= index < len(job.images):
+            raise HTTPException(404, f"job {job_id} has {len(job.images)} images; no index {index}")
+        image = job.images[index]
+        return Response(image.png, media_type="image/png",
+                        headers={"Content-Disposition": f'inline; filename="{image.seed:06d}-{job.kind}.png"'})
+
+    @app.get("/api/v1/models", tags=["models"])
+    def list_models() -> dict:
+        return {"current": service.store.current,
+                "models": [{"name": e.name, "title": e.title, "sha256": e.sha256} for e in service.store.entries()]}
+
+    @app.get("/api/v1/status", tags=["server"])
+    def server_status() -> dict:
+        return {"version": __version__, "jobs": service.queue.counts(), "max_queue": service.queue.max_queue,
+                "limits": service.limits.__dict__}
+
+    app.include_router(a1111.router(service))
+
+    # ---- the web UI: one page, no CDN
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

@@ -1,0 +1,143 @@
+"""Request and response bodies: ours (the job API) and AUTOMATIC1111's (modules/api/models.py shapes)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobRequest(BaseModel):
+    """The CLI's parameters, as JSON. Images are base64 (a data: URL works too)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
+    prompt: str = Field("", max_length=4000)
+    negative_prompt: str = Field("", max_length=4000)
+    steps: int = Field(20, ge=1)
+    sampler: str = "dpmpp_2m"
+    schedule: str | None = None
+    cfg_scale: float = 5.0
+    guidance_rescale: float = Field(0.0, ge=0, le=1)
+    seed: int | None = Field(None, ge=-1, lt=2**63, description="None or -1: a random seed")
+    n: int = Field(1, ge=1, description="images; image i uses seed + i")
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
+    strength: float = Field(0.75, gt=0, le=1)
+    mask_blur: int = Field(4, ge=0, le=64)
+    init_image: str | None = None
+    mask: str | None = None
+    model: str | None = Field(None, description="a name from GET /api/v1/models; default: the current model")
+    previews: bool = True
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: str
+    url: str
+
+
+class ImageOut(BaseModel):
+    url: str
+    base64: str | None
+    seed: int
+    parameters: str
+    info: dict[str, Any]
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    model: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    progress: float
+    step: int
+    total: int
+    eta_seconds: float | None
+    error: str | None
+    images: list[ImageOut]
+    request: dict[str, Any]
+
+
+# ---- AUTOMATIC1111 (stable-diffusion-webui modules/api/models.py). Unknown fields are ignored, as A1111's
+# generated models accept the many options its scripts and extensions send.
+
+class A1111Txt2Img(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field("", max_length=4000)
+    negative_prompt: str = Field("", max_length=4000)
+    styles: list[str] | None = None
+    seed: int = Field(-1, ge=-1, lt=2**63)
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # older clients
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int = Field(50, ge=1)
+    cfg_scale: float = 7.0
+    width: int | None = Field(None, ge=8, description="default: the model's size")
+    height: int | None = Field(None, ge=8)
+    denoising_strength: float | None = Field(None, gt=0, le=1)
+    override_settings: dict[str, Any] | None = None
+    send_images: bool = True
+    save_images: bool = False
+
+
+class A1111Img2Img(A1111Txt2Img):
+    init_images: list[str] = Field(..., min_length=1)
+    mask: str | None = None
+    mask_blur: int = Field(4, ge=0, le=64)
+    resize_mode: int = 0
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = False
+    inpainting_mask_invert: int = 0
+    include_init_images: bool = False
+
+
+class A1111ImageResponse(BaseModel):
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str
+
+
+class PngInfoRequest(BaseModel):
+    image: str
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: dict[str, Any]
+    current_image: str | None
+    textinfo: str | None
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None
+    filename: str
+    config: str | None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, str]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None
+    default_rho: float
+    need_inner_model: bool

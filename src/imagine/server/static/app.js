@@ -1,0 +1,308 @@
+// imagine web UI: talks to the job API (/api/v1) and, for PNG info and models, the A1111 endpoints.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let mode = "txt2img";
+let currentJob = null;
+let events = null;
+let initImage = null; // HTMLImageElement of the init image, natural size
+let lastPngParameters = null;
+
+// ---- tabs
+function showTab(tab) {
+  document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === tab));
+  const generating = ["txt2img", "img2img", "inpaint"].includes(tab);
+  $("generate").hidden = !generating;
+  $("pnginfo").hidden = tab !== "pnginfo";
+  $("models").hidden = tab !== "models";
+  if (generating) {
+    mode = tab;
+    document.querySelectorAll(".only-img2img, .only-inpaint").forEach((el) => {
+      el.hidden = !el.classList.contains("only-" + tab);
+    });
+  }
+  if (tab === "models") loadModels();
+}
+document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
+
+// ---- helpers
+async function api(method, url, body) {
+  const response = await fetch(url, {
+    method, headers: body ? { "Content-Type": "application/json" } : {}, body: body ? JSON.stringify(body) : undefined,
+  });
+  const data = await response.json().catch(() => null);
+  if (!response.ok) {
+    const detail = data && data.detail ? data.detail : response.statusText;
+    const retry = response.headers.get("Retry-After");
+    throw new Error(`${response.status}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}` +
+      (retry ? ` (retry in ${retry} s)` : ""));
+  }
+  return data;
+}
+function showError(message) {
+  $("error").textContent = message || "";
+  $("error").hidden = !message;
+}
+function fileToDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+function loadImage(src) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("not a readable image"));
+    img.src = src;
+  });
+}
+
+// ---- samplers and the current model
+async function loadSamplers() {
+  const samplers = await api("GET", "/sdapi/v1/samplers");
+  $("sampler").innerHTML = "";
+  for (const s of samplers) {
+    const option = document.createElement("option");
+    option.value = s.aliases[0];
+    option.textContent = s.name;
+    $("sampler").appendChild(option);
+  }
+  $("sampler").value = "dpmpp_2m";
+}
+async function loadModelBadge() {
+  const models = await api("GET", "/api/v1/models");
+  $("model-badge").textContent = "model: " + models.current;
+  return models;
+}
+
+// ---- init image and mask drawing
+$("init-file").addEventListener("change", async (e) => {
+  if (!e.target.files.length) return;
+  initImage = await loadImage(await fileToDataURL(e.target.files[0]));
+  const ctx = $("init-canvas").getContext("2d");
+  ctx.imageSmoothingEnabled = false;
+  ctx.clearRect(0, 0, 256, 256);
+  ctx.drawImage(initImage, 0, 0, 256, 256);
+  clearMask();
+});
+function clearMask() {
+  $("mask-canvas").getContext("2d").clearRect(0, 0, 256, 256);
+}
+$("clear-mask").addEventListener("click", clearMask);
+$("mask-file").addEventListener("change", async (e) => {
+  if (!e.target.files.length) return;
+  const mask = await loadImage(await fileToDataURL(e.target.files[0]));
+  const ctx = $("mask-canvas").getContext("2d");
+  clearMask();
+  // white = regenerate: show the mask's white parts as white strokes
+  const off = document.createElement("canvas");
+  off.width = off.height = 256;
+  const octx = off.getContext("2d");
+  octx.drawImage(mask, 0, 0, 256, 256);
+  const data = octx.getImageData(0, 0, 256, 256);
+  for (let i = 0; i < data.data.length; i += 4) data.data[i + 3] = data.data[i] > 127 ? 255 : 0;
+  ctx.putImageData(data, 0, 0);
+});
+let drawing = false;
+function paint(e) {
+  if (!drawing) return;
+  const rect = $("mask-canvas").getBoundingClientRect();
+  const ctx = $("mask-canvas").getContext("2d");
+  ctx.fillStyle = "#fff";
+  ctx.beginPath();
+  ctx.arc((e.clientX - rect.left) * 256 / rect.width, (e.clientY - rect.top) * 256 / rect.height,
+    Number($("brush").value) / 2, 0, 2 * Math.PI);
+  ctx.fill();
+}
+$("mask-canvas").addEventListener("pointerdown", (e) => { drawing = true; paint(e); });
+$("mask-canvas").addEventListener("pointermove", paint);
+window.addEventListener("pointerup", () => { drawing = false; });
+
+function initImageData() {
+  const c = document.createElement("canvas");
+  c.width = initImage.naturalWidth;
+  c.height = initImage.naturalHeight;
+  c.getContext("2d").drawImage(initImage, 0, 0);
+  return c.toDataURL("image/png");
+}
+function maskData() {
+  // the drawn strokes, scaled to the init image: white = regenerate, black = keep
+  const c = document.createElement("canvas");
+  c.width = initImage.naturalWidth;
+  c.height = initImage.naturalHeight;
+  const ctx = c.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, c.width, c.height);
+  ctx.drawImage($("mask-canvas"), 0, 0, c.width, c.height);
+  return c.toDataURL("image/png");
+}
+
+// ---- generate
+function requestBody() {
+  const number = (id) => ($(id).value === "" ? null : Number($(id).value));
+  const body = {
+    kind: mode, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
+    sampler: $("sampler").value, schedule: $("schedule").value || null, steps: number("steps"),
+    cfg_scale: number("cfg_scale"), seed: number("seed"), n: number("n"), width: number("width"),
+    height: number("height"),
+  };
+  if (mode !== "txt2img") {
+    if (!initImage) throw new Error("choose an init image first");
+    body.init_image = initImageData();
+    body.strength = number("strength");
+  }
+  if (mode === "inpaint") body.mask = maskData();
+  return body;
+}
+function setBusy(busy) {
+  $("generate-button").disabled = busy;
+  $("cancel-button").disabled = !busy;
+}
+$("gen-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  showError(null);
+  let body;
+  try { body = requestBody(); } catch (err) { showError(err.message); return; }
+  try {
+    const job = await api("POST", "/api/v1/jobs", body);
+    currentJob = job.id;
+    setBusy(true);
+    $("status-text").textContent = "queued";
+    $("progress").value = 0;
+    follow(job.id);
+  } catch (err) {
+    showError(err.message);
+  }
+});
+$("cancel-button").addEventListener("click", async () => {
+  if (currentJob) await api("DELETE", "/api/v1/jobs/" + currentJob).catch((err) => showError(err.message));
+});
+
+function follow(id) {
+  if (events) events.close();
+  events = new EventSource(`/api/v1/jobs/${id}/events`);
+  events.addEventListener("progress", (e) => {
+    const d = JSON.parse(e.data);
+    $("progress").value = d.progress;
+    $("status-text").textContent = d.status === "queued" ? "queued" :
+      `step ${d.step} of ${d.total}` + (d.eta_seconds != null ? ` (about ${Math.ceil(d.eta_seconds)} s left)` : "");
+    if (d.preview) {
+      $("preview").src = "data:image/png;base64," + d.preview;
+      $("preview").hidden = false;
+    }
+  });
+  for (const end of ["done", "failed", "cancelled"]) {
+    events.addEventListener(end, (e) => {
+      events.close();
+      events = null;
+      setBusy(false);
+      const job = JSON.parse(e.data);
+      $("status-text").textContent = end;
+      $("progress").value = end === "done" ? 1 : $("progress").value;
+      if (end === "failed") showError(job.error);
+      if (end === "done") addToGallery(job);
+    });
+  }
+}
+
+function addToGallery(job) {
+  for (const image of job.images) {
+    const figure = document.createElement("figure");
+    figure.className = "result";
+    const img = document.createElement("img");
+    img.src = image.url;
+    img.alt = job.request.prompt;
+    const caption = document.createElement("figcaption");
+    caption.textContent = image.parameters;
+    const row = document.createElement("div");
+    row.className = "row";
+    const download = document.createElement("a");
+    download.href = image.url;
+    download.download = `${image.seed}-${job.kind}.png`;
+    download.textContent = "Download";
+    const info = document.createElement("button");
+    info.type = "button";
+    info.className = "png-info";
+    info.textContent = "PNG info";
+    info.addEventListener("click", async () => {
+      const blob = await (await fetch(image.url)).blob();
+      showTab("pnginfo");
+      await showPngInfo(blob);
+    });
+    row.append(download, info);
+    figure.append(img, row, caption);
+    $("gallery").prepend(figure);
+  }
+}
+
+// ---- PNG info
+async function showPngInfo(blob) {
+  const url = await fileToDataURL(blob);
+  $("png-preview").src = url;
+  $("png-preview").hidden = false;
+  try {
+    const result = await api("POST", "/sdapi/v1/png-info", { image: url });
+    $("png-parameters").textContent = result.info || "(this image carries no generation parameters)";
+    lastPngParameters = result.info ? result.parameters : null;
+    $("send-to-txt2img").disabled = !lastPngParameters;
+  } catch (err) {
+    $("png-parameters").textContent = err.message;
+    $("send-to-txt2img").disabled = true;
+  }
+}
+$("png-file").addEventListener("change", (e) => e.target.files.length && showPngInfo(e.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  if (e.dataTransfer.files.length) showPngInfo(e.dataTransfer.files[0]);
+});
+$("send-to-txt2img").addEventListener("click", () => {
+  const p = lastPngParameters;
+  $("prompt").value = p["Prompt"] || "";
+  $("negative_prompt").value = p["Negative prompt"] || "";
+  if (p["Steps"]) $("steps").value = p["Steps"];
+  if (p["CFG scale"]) $("cfg_scale").value = p["CFG scale"];
+  if (p["Seed"]) $("seed").value = p["Seed"];
+  if (p["Size"]) {
+    const [w, h] = p["Size"].split("x");
+    $("width").value = w;
+    $("height").value = h;
+  }
+  if (p["Sampler"]) {
+    const match = [...$("sampler").options].find((o) => o.textContent === p["Sampler"]);
+    if (match) $("sampler").value = match.value;
+  }
+  $("schedule").value = p["Schedule type"] === "Karras" ? "karras" : "";
+  showTab("txt2img");
+});
+
+// ---- models
+async function loadModels() {
+  const [models, options] = await Promise.all([api("GET", "/sdapi/v1/sd-models"), api("GET", "/sdapi/v1/options")]);
+  const list = $("model-list");
+  list.innerHTML = "";
+  for (const m of models) {
+    const li = document.createElement("li");
+    const use = document.createElement("button");
+    const current = m.title === options.sd_model_checkpoint;
+    use.textContent = current ? "current" : "use";
+    use.disabled = current;
+    use.addEventListener("click", async () => {
+      await api("POST", "/sdapi/v1/options", { sd_model_checkpoint: m.title }).catch((err) => showError(err.message));
+      await loadModelBadge();
+      loadModels();
+    });
+    li.append(use, document.createTextNode(` ${m.title}  (${m.filename})`));
+    list.appendChild(li);
+  }
+}
+
+showTab("txt2img");
+loadSamplers().catch((err) => showError(err.message));
+loadModelBadge().catch((err) => showError(err.message));

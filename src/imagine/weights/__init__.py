@@ -1,0 +1,18 @@
+"""Weights that ship inside the package: the default text-to-image model (builtin:shapes world).
+
+Its recipe is `imagine train --preset shapes-default --out DIR`; `python benchmarks/ship_default.py DIR`
+converts the result to fp16 and copies it here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).parent / "shapes-default"
+
+
+def default_model() -> Path:
+    """The shipped model folder; a clear error when this install lacks it."""
+    if not (DEFAULT_MODEL / "diffusion.json").exists():
+        raise FileNotFoundError(f"the default model is missing from this install ({DEFAULT_MODEL}); pass --model DIR "
+                                "or reinstall imagine")
+    return DEFAULT_MODEL
