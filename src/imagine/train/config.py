@@ -104,7 +104,7 @@ PRESETS["t2i"] = TrainConfig(
 # the model that ships inside the package (imagine/weights/shapes-default): t2i trained longer, the last
 # 30% with a decaying learning rate. Its first 2,000 steps are exactly the t2i preset's (same seed, same
 # schedule up to there), so a t2i run resumes into it.
-PRESETS["shapes-default"] = replace(PRESETS["t2i"], data="builtin:shapes", steps=7000, lr_decay_from=0.7)
+PRESETS["shapes-default"] = replace(PRESETS["t2i"], data="builtin:shapes", steps=6000, lr_decay_from=0.7)
 # seconds: for tests
 PRESETS["tiny-t2i"] = replace(
     PRESETS["t2i"], image_size=16, steps=20, batch_size=8, warmup_steps=5, checkpoint_every=10, sample_every=0,

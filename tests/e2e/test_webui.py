@@ -1,0 +1,123 @@
+"""The web UI in a real browser: Debian's headless Chromium driven by Playwright, against `imagine serve`.
+
+CI installs chromium when it is missing and sets IMAGINE_REQUIRE_BROWSER=1, so there this test can fail but
+never skip; elsewhere it skips with the reason when no browser is installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _need_browser():
+    missing = []
+    if CHROMIUM is None:
+        missing.append("chromium (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("playwright (pip install -e '.[test]')")
+    if missing:
+        if os.environ.get("IMAGINE_REQUIRE_BROWSER"):
+            pytest.fail(f"the browser test needs {', '.join(missing)}")
+        pytest.skip(f"no {', '.join(missing)}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_t2i_dir, tmp_path_factory):
+    port = _free_port()
+    out = tmp_path_factory.mktemp("ui-outputs")
+    proc = subprocess.Popen([sys.executable, "-m", "imagine", "serve", "--model", str(tiny_t2i_dir), "--port",
+                             str(port), "--out", str(out), "--max-steps", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"imagine serve exited: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/api/v1/status", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise AssertionError("imagine serve did not come up in 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_serve_binds_loopback_by_default(server):
+    """The listening socket's local address, from the kernel's table: 127.0.0.1, not 0.0.0.0."""
+    port = int(server.rsplit(":", 1)[1])
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        pytest.skip("no /proc/net/tcp on this system")
+    listening = [line.split()[1] for line in table.read_text().splitlines()[1:]
+                 if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
+    assert listening == [f"0100007F:{port:04X}"], listening  # 127.0.0.1, little-endian hex
+
+
+def test_generate_progress_image_and_png_info_in_chromium(server):
+    _need_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server + "/")
+            expect(page.locator("#model-badge")).to_contain_text("tiny-shapes")
+            expect(page.locator("#sampler option")).not_to_have_count(0)
+            page.fill("#prompt", "a red circle above a blue square")
+            page.fill("#steps", "100")
+            page.fill("#seed", "42")
+            page.click("#generate-button")
+            # progress while it runs: the bar moves and the text counts steps
+            expect(page.locator("#status-text")).to_contain_text("of 100", timeout=60_000)
+            expect(page.locator("#preview")).to_be_visible(timeout=60_000)
+            assert page.eval_on_selector("#progress", "p => p.value") > 0
+            # the image, its download link and its parameters
+            figure = page.locator("figure.result").first
+            expect(figure).to_be_visible(timeout=120_000)
+            expect(page.locator("#status-text")).to_have_text("done")
+            assert page.eval_on_selector("figure.result img", "img => img.complete && img.naturalWidth") == 16
+            expect(figure.locator("figcaption")).to_contain_text("Seed: 42")
+            expect(figure.locator("a")).to_have_attribute("download", "42-txt2img.png")
+            # PNG info on it, then back to txt2img with its parameters
+            page.fill("#prompt", "something else")
+            page.fill("#seed", "1")
+            figure.locator("button.png-info").click()
+            expect(page.locator("#pnginfo")).to_be_visible()
+            expect(page.locator("#png-parameters")).to_contain_text("a red circle above a blue square")
+            expect(page.locator("#png-parameters")).to_contain_text("Steps: 100")
+            page.click("#send-to-txt2img")
+            expect(page.locator("#prompt")).to_be_visible()
+            expect(page.locator("#prompt")).to_have_value("a red circle above a blue square")
+            expect(page.locator("#seed")).to_have_value("42")
+            # a bad request shows the server's message instead of failing silently
+            page.fill("#steps", "5000")
+            page.click("#generate-button")
+            expect(page.locator("#error")).to_contain_text("max_steps")
+            assert errors == [], errors
+        finally:
+            browser.close()
