@@ -287,9 +287,7 @@ def _load_t2i(model: Path | None):
     from imagine.io.model_folder import load_model_folder
     from imagine.models.text_encoders import load_text_encoder
 
-    if model is None:
-        _fail("no model given: pass --model DIR, a folder written by `imagine train --preset t2i`")
-    loaded = load_model_folder(model)
+    loaded = load_model_folder(model if model is not None else _default_model())
     if loaded.spec.text_encoder is None:
         _fail(f"{model} is not a text-to-image model; use `imagine sample` for class-conditional models")
     return loaded, load_text_encoder(loaded.spec.text_encoder)
@@ -368,7 +366,7 @@ _PROMPT_OPTS = dict(
     n=typer.Option(1, help="How many images."),
     width=typer.Option(None, help="Width in pixels (a multiple of the latent factor)."),
     height=typer.Option(None, help="Height in pixels (a multiple of the latent factor)."),
-    model=typer.Option(None, help="A text-to-image model folder."),
+    model=typer.Option(None, help="A text-to-image model folder (default: the model shipped with imagine)."),
     out=typer.Option(Path("outputs"), help="Folder for the PNGs (existing files are never overwritten)."),
 )
 
@@ -461,6 +459,66 @@ def info(image: Path = typer.Argument(..., help="A PNG made by imagine or AUTOMA
         typer.echo("")
         typer.echo("imagine record:")
         typer.echo(json.dumps(record, indent=2, sort_keys=True))
+
+
+eval_app = typer.Typer(help="Evaluate models: ShapesEval (prompt following), CLIP score, FID/KID.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("shapes")
+def eval_shapes(
+    model: Path | None = typer.Option(None, help="A text-to-image model folder (default: the shipped model)."),
+    sampler: str = typer.Option("dpmpp_2m", help="Sampler: ours or A1111's name."),
+    steps: int = typer.Option(25, help="Sampling steps."),
+    cfg: float = typer.Option(5.0, help="Classifier-free guidance scale."),
+    per_category: int = typer.Option(25, help="Prompts per category (6 categories, one image each)."),
+    seed: int = typer.Option(0, help="Seed of the prompt set (and of each prompt's image)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write every verdict and the scores here."),
+    failures: int = typer.Option(5, help="Print this many failures with their reasons."),
+) -> None:
+    """ShapesEval (GenEval's categories for builtin:shapes): how often images show what the prompt asks."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from imagine.evaluation.shapes_eval import evaluate, prompt_set
+    from imagine.pipelines.generate import Settings, txt2img
+    from imagine.pipelines.unconditional import to_uint8
+
+    try:
+        loaded, encoder = _load_t2i(model)
+        prompts = prompt_set(per_category, seed)
+        Settings(steps=steps, sampler=sampler, cfg_scale=cfg).validate()
+    except ValueError as err:
+        _fail(str(err))
+    bar = tqdm(total=len(prompts), desc="ShapesEval", unit="image")
+
+    def make_images(chunk):
+        return np.concatenate([to_uint8(txt2img(loaded, Settings(prompt=p.prompt, steps=steps, sampler=sampler,
+                                                                 cfg_scale=cfg, seed=p.seed), encoder))
+                               for p in chunk])
+
+    report = evaluate(prompts, make_images, progress=bar.update)
+    bar.close()
+    typer.echo(report.table())
+    bad = [v for v in report.verdicts if not v.ok]
+    for v in bad[:failures]:
+        typer.echo(f"  fail [{v.category}] {v.prompt!r} (seed {v.seed}): {v.reason}")
+    if json_path is not None:
+        data = {**report.to_json(), "settings": {"model": str(loaded.path), "sampler": sampler, "steps": steps,
+                                                 "cfg": cfg, "per_category": per_category, "seed": seed}}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(data, indent=2))
+        typer.echo(f"written: {json_path}")
+
+
+def _default_model() -> Path:
+    from imagine.weights import default_model
+
+    try:
+        return default_model()
+    except FileNotFoundError as err:
+        _fail(str(err))
 
 
 @app.command()

@@ -204,6 +204,28 @@ def make_scene(i: int, seed: int = 0) -> Scene:
     return Scene(objs, background, caption, kind, relation)
 
 
+def compose(objects: list[tuple[str, str, str]], rng: random.Random, *, relation: str | None = None,
+            background: str = "black", caption: str = "", kind: str = "composed") -> Scene:
+    """A scene of exactly these (shape, colour, size) objects, placed as make_scene places them: for a
+    relation (two objects), the first is ``relation`` the second. ShapesEval renders its ground truth so."""
+    objs = [ShapeObject(shape, color, size, (0.5, 0.5), SIZES[size] * rng.uniform(0.9, 1.1))
+            for shape, color, size in objects]
+    if relation is not None:
+        if len(objs) != 2:
+            raise ValueError(f"a relation needs two objects, got {len(objs)}")
+        objs[0].center, objs[1].center = _relation_centers(rng, objs[0].radius, objs[1].radius, relation)
+    else:
+        for _ in range(100):
+            centers = _place(rng, [o.radius * EXTENT[o.shape] for o in objs])
+            if centers is not None:
+                break
+        else:
+            raise ValueError(f"cannot place {len(objs)} objects of these sizes on the canvas")
+        for o, c in zip(objs, centers, strict=True):
+            o.center = c
+    return Scene(objs, background, caption, kind, relation)
+
+
 @dataclass
 class ShapesDataset:
     """Item i -> (image (3, S, S) in [-1, 1], caption). ``scene(i)`` gives the labels, masks included."""
