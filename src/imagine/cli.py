@@ -145,6 +145,69 @@ def _train_first_vae(cfg, data: str, dataset, out: Path) -> Path:
     return folder
 
 
+@app.command("train-clip")
+def train_clip_command(
+    out: Path = typer.Option(..., help="Where the CLIP model folder goes (config.json, model.safetensors, eval.json)."),
+    preset: str = typer.Option("shapes-clip", help="shapes-clip (the shipped scorer) or tiny (seconds)."),
+    steps: int | None = typer.Option(None, help="Training steps."),
+    seed: int | None = typer.Option(None, help="Seed of the scenes and the run."),
+) -> None:
+    """Train the CLIP-style scorer on builtin:shapes and report its zero-shot retrieval on held-out scenes."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from imagine.models.text_encoders import default_text_encoder
+    from imagine.train.clip import CLIP_PRESETS, train_clip
+
+    if preset not in CLIP_PRESETS:
+        _fail(f"preset {preset!r} unknown; choose one of: {', '.join(CLIP_PRESETS)}")
+    cfg = CLIP_PRESETS[preset]
+    cfg = replace(cfg, **{k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None})
+    bar = tqdm(total=cfg.steps, desc="train-clip", unit="step")
+
+    def progress(step, loss):
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    metrics = train_clip(cfg, out, default_text_encoder(), progress)
+    bar.close()
+    typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
+    typer.echo(f"CLIP model written to {out}")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="A model folder written by `imagine train`."),
+    out: Path = typer.Argument(..., help="Where the exported folder goes (must not exist)."),
+    dtype: str = typer.Option("fp16", help="Weights precision: fp16, bf16 or fp32."),
+) -> None:
+    """Copy a model folder for distribution: UNet (its EMA weights), VAE and spec only, in fp16 by default.
+    Training state, checkpoints, samples and logs are left behind."""
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.io.model_folder import SPEC_NAME, load_model_folder
+    from imagine.models import save_unet, save_vae
+
+    if out.exists():
+        _fail(f"{out} exists; export writes a fresh folder")
+    try:
+        loaded = load_model_folder(model)
+        tmp = out.with_name(f".{out.name}.partial")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        save_unet(loaded.unet, tmp / "unet", None if dtype == "fp32" else dtype)
+        if loaded.vae is not None:
+            save_vae(loaded.vae, tmp / "vae", None if dtype == "fp32" else dtype)
+        (tmp / SPEC_NAME).write_bytes((Path(model) / SPEC_NAME).read_bytes())
+        tmp.rename(out)  # the folder appears whole or not at all
+    except (ValueError, CheckpointError) as err:
+        _fail(str(err))
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    typer.echo(f"exported {model} -> {out} ({dtype}, {size / 1e6:.1f} MB)")
+
+
 @app.command("train-vae")
 def train_vae_command(
     data: str = typer.Option(..., help="A folder of images, or builtin:digits."),
@@ -305,8 +368,12 @@ def _open_image(path: Path, what: str):
 
 
 def _run_generation(kind: str, model: Path | None, settings, out: Path, init: Path | None = None,
-                    mask: Path | None = None, record_extra: dict | None = None) -> None:
+                    mask: Path | None = None, record_extra: dict | None = None, rerank: int = 1,
+                    clip: Path | None = None) -> None:
     """Shared by generate, img2img and inpaint: validate everything, generate, then write the PNGs."""
+    from dataclasses import replace
+
+    import torch
     from tqdm import tqdm
 
     from imagine.io.checkpoint import CheckpointError
@@ -321,19 +388,27 @@ def _run_generation(kind: str, model: Path | None, settings, out: Path, init: Pa
             g.output_size(loaded, settings)
         init_img = _open_image(init, "image") if init is not None else None
         mask_img = _open_image(mask, "mask") if mask is not None else None
-        bar = tqdm(total=settings.steps, desc=kind, unit="step", leave=False)
+        scorer = _load_scorer(clip) if rerank > 1 else None
+        runs = settings.n * rerank if rerank > 1 else 1
+        bar = tqdm(total=settings.steps * runs, desc=kind, unit="step", leave=False)
 
         def progress(info):
             bar.update(1)
 
-        if kind == "txt2img":
+        reranked = None
+        if kind == "txt2img" and scorer is not None:
+            from imagine.pipelines.rerank import txt2img_reranked
+
+            reranked = txt2img_reranked(loaded, settings, encoder, scorer, rerank, callback=progress)
+            images = torch.stack([r.image for r in reranked])
+        elif kind == "txt2img":
             images = g.txt2img(loaded, settings, encoder, callback=progress)
         elif kind == "img2img":
             images = g.img2img(loaded, settings, init_img, encoder, callback=progress)
         else:
             images = g.inpaint(loaded, settings, init_img, mask_img, encoder, callback=progress)
         bar.close()
-    except (ValueError, CheckpointError) as err:
+    except (ValueError, CheckpointError, FileNotFoundError) as err:
         _fail(str(err))
     extra = dict(record_extra or {})
     if init is not None:
@@ -343,9 +418,31 @@ def _run_generation(kind: str, model: Path | None, settings, out: Path, init: Pa
     if mask is not None:
         extra["mask"] = {"path": str(Path(mask).resolve()), "sha256_10": file_hash(mask)}
     for i, pixels in enumerate(to_uint8(images)):
-        parameters, record = g.describe(loaded, settings, kind, i, encoder, extra)
-        path = save_png(free_path(out, f"{settings.seed + i:06d}-{kind}"), pixels, parameters, record)
+        if reranked is not None:  # the kept candidate stands alone: its own seed, n = 1
+            r = reranked[i]
+            parameters, record = g.describe(loaded, replace(settings, seed=r.seed, n=1), kind, 0, encoder,
+                                            {**extra, "rerank": {"k": rerank, "chosen": r.chosen, "scores": r.scores,
+                                                                 "scorer": str(scorer.path)}})
+            stem = f"{r.seed:06d}-{kind}"
+        else:
+            parameters, record = g.describe(loaded, settings, kind, i, encoder, extra)
+            stem = f"{settings.seed + i:06d}-{kind}"
+        path = save_png(free_path(out, stem), pixels, parameters, record)
         typer.echo(str(path))
+
+
+def _load_scorer(clip: Path | None):
+    """The CLIP scorer for --rerank: a folder from `imagine train-clip`, or the one shipped with imagine."""
+    from imagine.models import load_clip
+    from imagine.models.clip import CLIPScorer
+    from imagine.models.text_encoders import load_text_encoder
+    from imagine.weights import default_clip
+
+    path = clip if clip is not None else default_clip()
+    model = load_clip(path)
+    scorer = CLIPScorer(model, load_text_encoder(model.config.text_encoder))
+    scorer.path = Path(path)
+    return scorer
 
 
 def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, **more):
@@ -380,6 +477,8 @@ def generate(
     n: int = _PROMPT_OPTS["n"], width: int | None = _PROMPT_OPTS["width"], height: int | None = _PROMPT_OPTS["height"],
     model: Path | None = _PROMPT_OPTS["model"], out: Path = _PROMPT_OPTS["out"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
+    rerank: int = typer.Option(1, help="Make K candidates per image and keep the one the CLIP scorer likes best."),
+    clip: Path | None = typer.Option(None, help="CLIP scorer folder for --rerank (default: the shipped one)."),
 ) -> None:
     """Text to image. With --from IMAGE, regenerate an image from the settings it carries."""
     if from_image is not None:
@@ -399,8 +498,10 @@ def generate(
         return
     if not prompt:
         _fail("give a prompt, or --from IMAGE")
+    if rerank < 1:
+        _fail(f"--rerank takes K >= 1 candidates per image, got {rerank}")
     _run_generation("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n,
-                                                width, height), out)
+                                                width, height), out, rerank=rerank, clip=clip)
 
 
 @app.command()

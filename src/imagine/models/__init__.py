@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from imagine.io.checkpoint import (
     save_model,
 )
 from imagine.models.autoencoder import AutoencoderKL, VAEConfig
+from imagine.models.clip import CLIPConfig, ShapesCLIP
 from imagine.models.unet import UNet2DConditionModel, UNetConfig
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -116,6 +118,25 @@ def _load(path: Path, kind: str, cls, config_cls, fixed, ignored, what: str):
     return model.eval()
 
 
+def save_clip(model: ShapesCLIP, folder: Path, dtype: str | None = None) -> Path:
+    return save_model(model, _config_of(model), folder, "ShapesCLIP", dtype)
+
+
+def load_clip(path: Path | str) -> ShapesCLIP:
+    """A ShapesCLIP folder written by save_clip (``imagine train-clip``); missing or unexpected keys fail."""
+    path = Path(path)
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    if not weights.exists():
+        raise CheckpointError(f"no CLIP model at {path} (expected {WEIGHTS_NAME})")
+    state, metadata = read_safetensors(weights)
+    raw = json.loads(metadata["config"]) if "config" in metadata else read_json(weights.parent / CONFIG_NAME)
+    if raw.get("_class") != "ShapesCLIP":
+        raise CheckpointError(f"{path} holds a {raw.get('_class') or 'foreign model'}, not a ShapesCLIP")
+    model = ShapesCLIP(CLIPConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")}))
+    load_state_strict(model, {k: v.float() for k, v in state.items()}, str(weights))
+    return model.eval()
+
+
 def load_unet(path: Path | str) -> UNet2DConditionModel:
     """A UNet from our folder or file, or a diffusers UNet folder; missing or unexpected keys fail."""
     return _load(Path(path), "UNet2DConditionModel", UNet2DConditionModel, UNetConfig, _UNET_FIXED, _UNET_IGNORED,
@@ -127,5 +148,18 @@ def load_vae(path: Path | str) -> AutoencoderKL:
     return _load(Path(path), "AutoencoderKL", AutoencoderKL, VAEConfig, _VAE_FIXED, _VAE_IGNORED, "VAE")
 
 
-__all__ = ["AutoencoderKL", "CheckpointError", "UNet2DConditionModel", "UNetConfig", "VAEConfig", "load_unet",
-           "load_vae", "save_unet", "save_vae"]
+__all__ = [
+    "AutoencoderKL",
+    "CLIPConfig",
+    "CheckpointError",
+    "ShapesCLIP",
+    "UNet2DConditionModel",
+    "UNetConfig",
+    "VAEConfig",
+    "load_clip",
+    "load_unet",
+    "load_vae",
+    "save_clip",
+    "save_unet",
+    "save_vae",
+]

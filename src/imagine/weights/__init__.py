@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).parent / "shapes-default"
+DEFAULT_CLIP = Path(__file__).parent / "shapes-clip"
 
 
 def default_model() -> Path:
@@ -16,3 +17,11 @@ def default_model() -> Path:
         raise FileNotFoundError(f"the default model is missing from this install ({DEFAULT_MODEL}); pass --model DIR "
                                 "or reinstall imagine")
     return DEFAULT_MODEL
+
+
+def default_clip() -> Path:
+    """The shipped CLIP-style scorer (``imagine train-clip``)."""
+    if not (DEFAULT_CLIP / "model.safetensors").exists():
+        raise FileNotFoundError(f"the default CLIP scorer is missing from this install ({DEFAULT_CLIP}); pass --clip "
+                                "DIR (from `imagine train-clip`)")
+    return DEFAULT_CLIP

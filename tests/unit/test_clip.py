@@ -1,0 +1,100 @@
+"""The CLIP-style scorer: save and load, the contrastive loss, scoring, and a tiny training run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from imagine.io.checkpoint import CheckpointError
+from imagine.models import load_clip, save_clip, save_unet
+from imagine.models.clip import CLIPConfig, CLIPScorer, ShapesCLIP, contrastive_loss
+from imagine.models.unet import UNet2DConditionModel, UNetConfig
+
+TINY = CLIPConfig(image_size=16, block_out_channels=(8, 16), feature_dim=32, text_dim=12, text_hidden=16,
+                  embed_dim=8)
+
+
+class FakeText:
+    """A deterministic stand-in text encoder: one token state per character."""
+
+    dim, identity = 12, "fake"
+
+    def encode(self, prompts):
+        from imagine.models.text_encoders import TextEmbeddings
+
+        t = max(len(p) for p in prompts) + 1
+        ctx = torch.zeros(len(prompts), t, self.dim)
+        mask = torch.zeros(len(prompts), t, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            for j, ch in enumerate(" " + p):
+                ctx[i, j, ord(ch) % self.dim] = 1.0
+                mask[i, j] = True
+        return TextEmbeddings(ctx, mask)
+
+
+def test_save_load_round_trip_and_foreign_folders(tmp_path):
+    torch.manual_seed(0)
+    model = ShapesCLIP(TINY).eval()
+    save_clip(model, tmp_path / "clip")
+    loaded = load_clip(tmp_path / "clip")
+    assert loaded.config == TINY
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    assert torch.equal(model.encode_image(x), loaded.encode_image(x))
+    assert torch.equal(model.image_features(x), loaded.image_features(x))
+    save_clip(model, tmp_path / "half", dtype="fp16")
+    assert torch.allclose(load_clip(tmp_path / "half").encode_image(x), model.encode_image(x), atol=2e-2)
+    unet = UNet2DConditionModel(UNetConfig(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                           norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                           up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type=None))
+    save_unet(unet, tmp_path / "unet")
+    with pytest.raises(CheckpointError, match="not a ShapesCLIP"):
+        load_clip(tmp_path / "unet")
+    with pytest.raises(CheckpointError, match="no CLIP model"):
+        load_clip(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="unknown CLIP config keys"):
+        CLIPConfig.from_dict({"image_size": 16, "colour": 1})
+    with pytest.raises(ValueError, match="multiple of"):
+        CLIPConfig(image_size=20, block_out_channels=(8, 16, 32))
+
+
+def test_contrastive_loss_rewards_matching_pairs_and_forgives_duplicates():
+    n = 4
+    right = torch.eye(n) * 20
+    wrong = torch.roll(torch.eye(n), 1, dims=1) * 20
+    assert contrastive_loss(right) < 1e-6 < contrastive_loss(wrong)
+    # rows 0 and 1 share a caption: the target spreads over both, so matching them equally is best and
+    # insisting on one of the two is penalized (without `same`, it is the other way round)
+    even = torch.eye(n) * 20
+    even[0, 1] = even[1, 0] = 20
+    same = torch.eye(n, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True
+    assert contrastive_loss(even, same) < contrastive_loss(right, same)
+    assert contrastive_loss(right) < contrastive_loss(even)
+
+
+def test_scorer_scores_and_similarity_shapes():
+    torch.manual_seed(1)
+    scorer = CLIPScorer(ShapesCLIP(TINY), FakeText())
+    images = torch.rand(2, 3, 32, 32) * 2 - 1  # resized to the tower's size
+    scores = scorer.score(images, ["a red circle", "a blue square"])
+    assert scores.shape == (2,) and ((scores >= 0) & (scores <= 100)).all()
+    sim = scorer.similarity(images, ["a", "b", "c"])
+    assert sim.shape == (2, 3) and (sim.abs() <= 1 + 1e-6).all()
+    assert torch.allclose(100 * torch.diagonal(scorer.similarity(images, ["a red circle", "a blue square"])).clamp(
+        min=0), scores, atol=1e-4)
+
+
+def test_tiny_training_run_learns_and_reports_retrieval(tmp_path):
+    from imagine.train.clip import CLIP_PRESETS, train_clip
+
+    cfg = CLIP_PRESETS["tiny"]
+    losses = []
+    metrics = train_clip(cfg, tmp_path / "clip", FakeText(), lambda step, loss: losses.append(loss))
+    assert len(losses) == cfg.steps and all(map(lambda v: v == v, losses))
+    saved = json.loads((tmp_path / "clip" / "eval.json").read_text())
+    for key in ("image_to_text_top1", "text_to_image_top1", "classification_top1"):
+        assert 0 <= saved[key] <= 1
+    assert saved["candidates"] == 64 and metrics["held_out"] == 64
+    assert load_clip(tmp_path / "clip").config.text_encoder == "fake"
