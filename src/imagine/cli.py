@@ -477,6 +477,9 @@ def generate(
     n: int = _PROMPT_OPTS["n"], width: int | None = _PROMPT_OPTS["width"], height: int | None = _PROMPT_OPTS["height"],
     model: Path | None = _PROMPT_OPTS["model"], out: Path = _PROMPT_OPTS["out"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for the network (faster on CPUs with bf16)."),
+    batched: bool = typer.Option(False, "--batched", help="One network call for all images: faster, but an image "
+                                 "then depends on the batch in the last bits (default: batch-invariant)."),
     rerank: int = typer.Option(1, help="Make K candidates per image and keep the one the CLIP scorer likes best."),
     clip: Path | None = typer.Option(None, help="CLIP scorer folder for --rerank (default: the shipped one)."),
 ) -> None:
@@ -501,7 +504,8 @@ def generate(
     if rerank < 1:
         _fail(f"--rerank takes K >= 1 candidates per image, got {rerank}")
     _run_generation("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n,
-                                                width, height), out, rerank=rerank, clip=clip)
+                                                width, height, precision=precision, batched=batched), out,
+                    rerank=rerank, clip=clip)
 
 
 @app.command()

@@ -29,12 +29,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked: missing, corrupt, foreign or mismatched."""
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``: a crash leaves the
     old file or the new one, never half of either."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; a saved model is an ordinary file
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -50,6 +56,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, met
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; a saved model is an ordinary file
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from imagine.io.checkpoint import _FILE_MODE
+
 FORMAT = "imagine/1"
 _KV = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
@@ -92,6 +94,7 @@ def save_png(path: Path, pixels: np.ndarray, parameters: str, record: dict[str, 
     data = encode_png(pixels, parameters, record)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.chmod(tmp, _FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -66,6 +66,22 @@ def _from_diffusers(config: dict[str, Any], cls, fixed: dict[str, Any], ignored:
         raise CheckpointError(f"this diffusers {what} config is not one imagine supports: {err}") from err
 
 
+def diffusers_config(model: nn.Module) -> dict[str, Any]:
+    """The config diffusers' UNet2DConditionModel or AutoencoderKL needs to hold this model's weights: our
+    keys are theirs, and every setting we leave out is at diffusers' default (the _FIXED values)."""
+    config = _config_of(model)
+    if isinstance(model, UNet2DConditionModel):
+        if config.pop("learned_variance"):
+            config["out_channels"] *= 2  # diffusers has no flag: the variance is just more output channels
+        return config
+    if isinstance(model, AutoencoderKL):
+        n = len(config["block_out_channels"])
+        config["down_block_types"] = config["down_block_types"] or ["DownEncoderBlock2D"] * n
+        config["up_block_types"] = config["up_block_types"] or ["UpDecoderBlock2D"] * n
+        return config
+    raise TypeError(f"no diffusers counterpart for {type(model).__name__}")
+
+
 def _config_of(model: nn.Module) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()}
 

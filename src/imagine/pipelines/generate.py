@@ -41,6 +41,9 @@ class Settings:
     height: int | None = None
     strength: float = 0.75  # img2img and inpaint: how much of the schedule runs
     mask_blur: int = 4  # inpaint: Gaussian blur radius of the mask, pixels
+    precision: str = "fp32"  # fp32, or bf16 autocast for the network (about 2x faster on CPUs with AMX/AVX512-BF16)
+    batched: bool = False  # evaluate all rows in one network call: faster, but an image then depends on its
+    # batch in the last bits (False: one row at a time, so image i of a batch equals seed + i alone)
 
     def validate(self) -> Settings:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -53,6 +56,8 @@ class Settings:
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
         if not 0 < self.strength <= 1:
             raise ValueError(f"strength must lie in (0, 1], got {self.strength}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {self.precision!r} unknown; choose fp32 or bf16")
         if self.mask_blur < 0:
             raise ValueError(f"mask blur must be >= 0, got {self.mask_blur}")
         resolve(self.sampler)
@@ -127,7 +132,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            cond: dict | None, uncond: dict | None, cfg_scale: float, guidance_rescale: float = 0.0,
            latent_hw: tuple[int, int] | None = None, init_latent: torch.Tensor | None = None,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
-           cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+           cancel: Callable[[], bool] | None = None, precision: str = "fp32", batched: bool = False) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
@@ -149,7 +154,9 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         x = noise * float((1 + sigmas[0] ** 2).sqrt())  # the VP prior at the top of the schedule
     else:
         x = init_latent + noise * float(sigmas[0])
-    denoiser = _PerRow(Denoiser(model.unet, ac, spec.prediction, learned_variance=spec.learned_variance))
+    denoiser = Denoiser(model.unet, ac, spec.prediction, learned_variance=spec.learned_variance)
+    if not batched:
+        denoiser = _PerRow(denoiser)
     if uncond is not None:
         denoiser = ClassifierFreeGuidance(denoiser, uncond, cfg_scale, guidance_rescale)
     elif cfg_scale != 1.0:
@@ -164,8 +171,10 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
             callback(info)
 
     options = {"variance": "learned"} if name == "ddpm" and spec.learned_variance else {}
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         latent = SAMPLERS[name].fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, **options)
+    with torch.no_grad():
+        latent = latent.float()
         if model.vae is not None:  # one image at a time, for the same reason as _PerImage
             images = torch.cat([model.vae.decode(model.vae.from_latent(z[None])) for z in latent])
         else:
@@ -186,7 +195,7 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler, schedule=s.schedule,
                   cond=cond, uncond=uncond, cfg_scale=s.cfg_scale, guidance_rescale=s.guidance_rescale,
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
-                  callback=callback, cancel=cancel)
+                  callback=callback, cancel=cancel, precision=s.precision, batched=s.batched)
 
 
 def txt2img(model: DiffusionModel, s: Settings, text_encoder, **kwargs) -> torch.Tensor:
@@ -268,7 +277,7 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         "model": {"path": str(model.path.resolve()), "name": model.path.name, "unet_sha256_10": model_hash,
                   "text_encoder": getattr(text_encoder, "identity", None), "spec": asdict(model.spec)},
         "sampler": {"name": name, "schedule": schedule, "spacing": "trailing"},
-        "precision": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
+        "precision": s.precision, "weights_dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.unet.parameters()).device), "versions": environment(), **(extra or {}),
     }
     return a1111_parameters(s.prompt, s.negative_prompt, fields), record

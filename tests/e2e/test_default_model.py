@@ -1,0 +1,81 @@
+"""The model shipped inside the package: small, fp16, and `imagine generate PROMPT` works with no flags.
+Also reranking with a CLIP scorer, through the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from imagine.io.png import read_png_metadata
+from imagine.weights import DEFAULT_CLIP, DEFAULT_MODEL
+
+
+def _cli(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "imagine", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd)
+
+
+def test_shipped_model_is_fp16_and_under_40_mb():
+    files = [DEFAULT_MODEL / "unet" / "model.safetensors", DEFAULT_MODEL / "vae" / "model.safetensors"]
+    assert sum(f.stat().st_size for f in files) <= 40 * 1024 * 1024
+    for f in files:
+        with safe_open(str(f), framework="pt") as weights:
+            dtypes = {weights.get_slice(k).get_dtype() for k in weights.keys()}
+        assert dtypes == {"F16"}, (f, dtypes)
+
+
+def test_generate_with_no_flags_uses_the_shipped_model(tmp_path):
+    run = _cli("generate", "a red circle above a blue square", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    written = sorted((tmp_path / "outputs").glob("*.png"))
+    assert [p.name for p in written] == ["000000-txt2img.png"]
+    image = np.asarray(Image.open(written[0]).convert("RGB"))
+    assert image.shape[0] >= 64 and image.shape[1] >= 64 and image.std() > 5  # a picture, not a flat field
+    parameters, record = read_png_metadata(written[0])
+    assert "Model: shapes-default" in parameters and record["model"]["name"] == "shapes-default"
+
+
+def test_rerank_keeps_the_best_candidate_and_it_regenerates_alone(tiny_t2i_dir, tmp_path):
+    from imagine.models.text_encoders import default_text_encoder
+    from imagine.train.clip import CLIP_PRESETS, train_clip
+
+    train_clip(CLIP_PRESETS["tiny"], tmp_path / "clip", default_text_encoder())
+    out = tmp_path / "out"
+    run = _cli("generate", "a red circle", "--model", str(tiny_t2i_dir), "--clip", str(tmp_path / "clip"),
+               "--rerank", "3", "--n", "2", "--seed", "10", "--steps", "4", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    kept = sorted(out.glob("*.png"))
+    assert len(kept) == 2
+    for i, path in enumerate(kept):
+        _, record = read_png_metadata(path)
+        rerank = record["rerank"]
+        assert rerank["k"] == 3 and len(rerank["scores"]) == 3
+        assert rerank["scores"][rerank["chosen"]] == max(rerank["scores"])
+        assert record["settings"]["seed"] == 10 + 3 * i + rerank["chosen"]
+        again = _cli("generate", "--from", str(path), "--out", str(tmp_path / "again"))
+        assert again.returncode == 0, again.stderr[-2000:]
+        regenerated = sorted((tmp_path / "again").glob("*.png"))[-1]
+        assert np.array_equal(np.asarray(Image.open(regenerated)), np.asarray(Image.open(path)))
+    assert _cli("generate", "x", "--model", str(tiny_t2i_dir), "--rerank", "0").returncode == 2
+
+
+@pytest.mark.skipif(not (DEFAULT_CLIP / "model.safetensors").exists(), reason="no shipped CLIP scorer")
+def test_shipped_clip_scorer_loads_and_prefers_the_right_caption():
+    import torch
+
+    from imagine.data.shapes import ShapesDataset
+    from imagine.models import load_clip
+    from imagine.models.clip import CLIPScorer
+    from imagine.models.text_encoders import default_text_encoder
+
+    scorer = CLIPScorer(load_clip(DEFAULT_CLIP), default_text_encoder())
+    ds = ShapesDataset(64)
+    scenes = [ds.scene(90_000_000 + i) for i in range(16)]
+    images = torch.stack([torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 127.5 - 1 for _, img in scenes])
+    sim = scorer.similarity(images, [scene.caption for scene, _ in scenes])
+    assert (sim.argmax(1) == torch.arange(16)).float().mean() >= 0.5  # far above chance (1/16)
