@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def markdown(result: dict) -> str:
     lines = ["# Quality against steps (shipped shapes model)", "",
              f"ShapesEval overall (GenEval-style, {result['images_per_setting']} prompts, one image each) and KID "
              f"(x1e3, CLIP image features against {result['images_per_setting']} dataset renders), CFG "
-             f"{result['cfg']}. Command: `python benchmarks/shapes_quality.py`.", "",
+             f"{result['cfg']}. Command: `{result.get('command', 'python benchmarks/shapes_quality.py')}`.", "",
              "| sampler | " + " | ".join(f"{k} steps" for k in steps) + " |",
              "|---|" + "---|" * len(steps)]
     for s in samplers:
@@ -91,7 +92,9 @@ def markdown(result: dict) -> str:
             f"{cell[s, k]['overall']:.2f} / {cell[s, k]['kid'] * 1e3:.1f}" if (s, k) in cell else "" for k in steps)
             + " |")
     lines += ["", "Each cell: ShapesEval overall / KID x1e3. Standard error of ShapesEval: about "
-              f"{np.mean([r['stderr'] for r in result['rows']]):.3f}.", ""]
+              f"{np.mean([r['stderr'] for r in result['rows']]):.3f}. KID's spread over subsets of "
+              f"{max(2, result['images_per_setting'] // 2)} is in the JSON (kid_std); at this sample size it is "
+              "larger than the differences between cells, so only ShapesEval separates the settings here.", ""]
     return "\n".join(lines)
 
 
@@ -109,6 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args.model or default_model(), args.clip or default_clip(), args.samplers.split(","),
                  [int(k) for k in args.steps.split(",")], args.per_category, args.cfg, args.cache, args.batched)
+    result["command"] = "python " + " ".join(["benchmarks/shapes_quality.py", *sys.argv[1:]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(result))

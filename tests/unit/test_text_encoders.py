@@ -87,6 +87,7 @@ def test_emphasis_scales_one_token_and_restores_the_mean(minilm):
 
 
 def test_embeddings_are_cached_and_independent_of_the_batch(minilm):
+    minilm._cache.clear()  # the encoder is shared: other tests may have encoded these prompts already
     calls = []
     original = minilm._window
     minilm._window = lambda chunks: (calls.append(1), original(chunks))[1]
