@@ -63,8 +63,7 @@ def run(model_dir: Path, clip_dir: Path, samplers: list[str], steps: list[int], 
 
             report = evaluate(prompts, make)
             seconds = time.perf_counter() - started
-            features = extract(clip.image_features, [torch.from_numpy(b).permute(0, 3, 1, 2).float() / 127.5 - 1
-                                                     for b in images])
+            features = extract(clip.image_features, images)
             k_id = kid(features, reference, subsets=50, subset_size=min(100, max(2, n // 2)))
             row = {"sampler": sampler, "steps": k, "overall": report.overall, "stderr": report.stderr()["overall"],
                    "categories": report.categories(), "kid": k_id.mean, "kid_std": k_id.std,

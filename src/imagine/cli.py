@@ -388,7 +388,7 @@ def _run_generation(kind: str, model: Path | None, settings, out: Path, init: Pa
             g.output_size(loaded, settings)
         init_img = _open_image(init, "image") if init is not None else None
         mask_img = _open_image(mask, "mask") if mask is not None else None
-        scorer = _load_scorer(clip) if rerank > 1 else None
+        scorer, scorer_path = _load_scorer(clip) if rerank > 1 else (None, None)
         runs = settings.n * rerank if rerank > 1 else 1
         bar = tqdm(total=settings.steps * runs, desc=kind, unit="step", leave=False)
 
@@ -422,7 +422,7 @@ def _run_generation(kind: str, model: Path | None, settings, out: Path, init: Pa
             r = reranked[i]
             parameters, record = g.describe(loaded, replace(settings, seed=r.seed, n=1), kind, 0, encoder,
                                             {**extra, "rerank": {"k": rerank, "chosen": r.chosen, "scores": r.scores,
-                                                                 "scorer": str(scorer.path)}})
+                                                                 "scorer": str(scorer_path)}})
             stem = f"{r.seed:06d}-{kind}"
         else:
             parameters, record = g.describe(loaded, settings, kind, i, encoder, extra)
@@ -432,7 +432,7 @@ def _run_generation(kind: str, model: Path | None, settings, out: Path, init: Pa
 
 
 def _load_scorer(clip: Path | None):
-    """The CLIP scorer for --rerank: a folder from `imagine train-clip`, or the one shipped with imagine."""
+    """(scorer, its folder) for --rerank: a folder from `imagine train-clip`, or the one shipped with imagine."""
     from imagine.models import load_clip
     from imagine.models.clip import CLIPScorer
     from imagine.models.text_encoders import load_text_encoder
@@ -440,9 +440,7 @@ def _load_scorer(clip: Path | None):
 
     path = clip if clip is not None else default_clip()
     model = load_clip(path)
-    scorer = CLIPScorer(model, load_text_encoder(model.config.text_encoder))
-    scorer.path = Path(path)
-    return scorer
+    return CLIPScorer(model, load_text_encoder(model.config.text_encoder)), Path(path)
 
 
 def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, **more):

@@ -138,13 +138,18 @@ def _relation_centers(rng: random.Random, r1: float, r2: float, relation: str) -
     return (a_main, cross_a), (b_main, cross_b)
 
 
+def with_article(words: str) -> str:
+    """ "a red circle", "an orange star"."""
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
 def _phrase(rng: random.Random, obj: ShapeObject, *, size: bool, article: bool = True) -> str:
     words = []
     if size:
         words.append(rng.choice(SYNONYMS[obj.size]))
     words += [obj.color, rng.choice(SYNONYMS[obj.shape])]
     text = " ".join(words)
-    return (("an " if text[0] in "aeiou" else "a ") + text) if article else text
+    return with_article(text) if article else text
 
 
 def make_scene(i: int, seed: int = 0) -> Scene:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from imagine.data.shapes import COLORS, NUMBERS, RELATIONS, SHAPES, compose, render
+from imagine.data.shapes import COLORS, NUMBERS, RELATIONS, SHAPES, compose, render, with_article
 from imagine.evaluation.shapes_analyzer import Detected, analyze
 
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
@@ -65,10 +65,6 @@ class Verdict:
     found: str  # what the analyzer saw
 
 
-def _a(words: str) -> str:
-    return ("an " if words[0] in "aeiou" else "a ") + words
-
-
 def prompt_set(per_category: int = 25, seed: int = 0) -> list[EvalPrompt]:
     """The fixed prompt set: ``per_category`` prompts of each category, deterministic in ``seed``."""
     if not 1 <= per_category <= 1000:
@@ -81,10 +77,12 @@ def prompt_set(per_category: int = 25, seed: int = 0) -> list[EvalPrompt]:
             image_seed = seed * 100_000 + c * 1_000 + k
             if category == "single_object":
                 shape, color, size = rng.choice(SHAPES), rng.choice(colors), rng.choice(["small", "large"])
-                text, wants = _a(f"{size} {color} {shape}"), (Want(shape, color, judge_color=False, size=size),)
+                text = with_article(f"{size} {color} {shape}")
+                wants = (Want(shape, color, judge_color=False, size=size),)
             elif category == "colors":
                 shape, color = rng.choice(SHAPES), rng.choice(colors)
-                text, wants = _a(f"{color} {shape}"), (Want(shape, color, size=rng.choice(["small", "large"])),)
+                text = with_article(f"{color} {shape}")
+                wants = (Want(shape, color, size=rng.choice(["small", "large"])),)
             elif category == "counting":
                 shape, color, n = rng.choice(SHAPES), rng.choice(colors), rng.randint(2, 4)
                 text, wants = f"{NUMBERS[n]} {color} {shape}s", (Want(shape, color, n),)
@@ -92,10 +90,10 @@ def prompt_set(per_category: int = 25, seed: int = 0) -> list[EvalPrompt]:
                 (s1, s2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(colors, 2)
                 judge = category != "two_objects"
                 wants = (Want(s1, c1, judge_color=judge), Want(s2, c2, judge_color=judge))
-                text = f"{_a(f'{c1} {s1}')} and {_a(f'{c2} {s2}')}"
+                text = f"{with_article(f'{c1} {s1}')} and {with_article(f'{c2} {s2}')}"
                 if category == "position":
                     relation = rng.choice(RELATIONS)
-                    text = f"{_a(f'{c1} {s1}')} {relation} {_a(f'{c2} {s2}')}"
+                    text = f"{with_article(f'{c1} {s1}')} {relation} {with_article(f'{c2} {s2}')}"
                     out.append(EvalPrompt(category, text, wants, relation, image_seed))
                     continue
             out.append(EvalPrompt(category, text, wants, None, image_seed))

@@ -30,7 +30,7 @@ _KV = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 def file_hash(path: Path, length: int = 10) -> str:
-    """A1111's "Model hash": the first 10 hex digits of the weights file's SHA-256."""
+    """The first ``length`` hex digits of a file's SHA-256 (10: A1111's "Model hash"; 64: all of it)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from imagine.io.model_folder import DiffusionModel, load_model_folder
+from imagine.io.png import file_hash
 
 
 @dataclass
@@ -23,14 +23,6 @@ class ModelEntry:
     @property
     def title(self) -> str:  # A1111's "name [hash]"
         return f"{self.name} [{self.short_hash}]"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ModelStore:
@@ -49,7 +41,7 @@ class ModelStore:
             name, k = folder.name or "model", 2
             while name in self._entries:
                 name, k = f"{folder.name}-{k}", k + 1
-            self._entries[name] = ModelEntry(name, folder, _sha256(folder / "unet" / "model.safetensors"))
+            self._entries[name] = ModelEntry(name, folder, file_hash(folder / "unet" / "model.safetensors", length=64))
         self.current = next(iter(self._entries))
         self._loaded: dict[str, tuple[DiffusionModel, object]] = {}
         self._lock = threading.Lock()

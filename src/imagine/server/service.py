@@ -6,7 +6,7 @@ import base64
 import binascii
 import io
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +108,7 @@ class Service:
                 raise RequestError(f"{kind} needs an init image")
             inputs["init"] = decode_image(request["init_image"], "the init image", lim)
             if settings.width is None and settings.height is None:
-                settings = g.Settings(**{**settings.to_dict(), "width": inputs["init"].width,
-                                         "height": inputs["init"].height})
+                settings = replace(settings, width=inputs["init"].width, height=inputs["init"].height)
         if kind == "inpaint":
             if not request.get("mask"):
                 raise RequestError("inpaint needs a mask (white = regenerate, black = keep)")

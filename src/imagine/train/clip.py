@@ -76,9 +76,10 @@ def zero_shot(model: ShapesCLIP, text_encoder, size: int, n: int = 1000, seed: i
     pooled, ids = _pooled(text_encoder, captions)
     img = torch.cat([model.encode_image(to_unit(images[s:s + 256])) for s in range(0, n, 256)])
     txt = model.encode_pooled_text(pooled)[ids]
+    size = min(100, n)  # candidates per query
     i2t = t2i = total = 0
-    for start in range(0, n - n % 100 if n >= 100 else n, 100 if n >= 100 else n):
-        group = slice(start, start + (100 if n >= 100 else n))
+    for start in range(0, n - n % size, size):
+        group = slice(start, start + size)
         sim = img[group] @ txt[group].T
         same = ids[group][:, None] == ids[group][None, :]  # a duplicate caption counts as right
         i2t += same[torch.arange(len(sim)), sim.argmax(1)].sum().item()
@@ -96,7 +97,7 @@ def zero_shot(model: ShapesCLIP, text_encoder, size: int, n: int = 1000, seed: i
         right += guess == f"a {obj.color} {obj.shape}"
     return {"image_to_text_top1": i2t / total, "text_to_image_top1": t2i / total,
             "classification_top1": right / max(1, len(singles)), "held_out": n, "single_object_scenes": len(singles),
-            "candidates": 100 if n >= 100 else n, "classes": len(labels)}
+            "candidates": size, "classes": len(labels)}
 
 
 def train_clip(cfg: CLIPTrainConfig, out: Path, text_encoder, progress: Callable[[int, float], None] | None = None
