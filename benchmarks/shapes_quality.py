@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imagine.data.shapes import ShapesDataset
-from imagine.evaluation.fid import cached_reference, extract, kid
+from imagine.evaluation.fid import cached_reference, extract, kid, shapes_reference_batches
 from imagine.evaluation.shapes_eval import evaluate, prompt_set
 from imagine.io.model_folder import load_model_folder
 from imagine.models import load_clip
@@ -39,14 +38,9 @@ def run(model_dir: Path, clip_dir: Path, samplers: list[str], steps: list[int], 
     clip = load_clip(clip_dir)
     prompts = prompt_set(per_category)
     n = len(prompts)
-    ds = ShapesDataset(model.spec.image_size)
-
-    def reference_batches():
-        for start in range(0, n, 64):
-            yield np.stack([ds.scene(10_000_000 + i)[1] for i in range(start, min(n, start + 64))])
-
-    reference = cached_reference(clip.image_features, f"clip:{clip_dir.name}", f"builtin:shapes:{n}",
-                                 reference_batches, cache)
+    size = model.spec.image_size
+    reference = cached_reference(clip.fid_features, f"clip-fid:{clip_dir.name}", f"builtin:shapes:{size}:{n}",
+                                 lambda: shapes_reference_batches(size, n), cache)
     rows = []
     for sampler in samplers:
         for k in steps:
@@ -63,7 +57,7 @@ def run(model_dir: Path, clip_dir: Path, samplers: list[str], steps: list[int], 
 
             report = evaluate(prompts, make)
             seconds = time.perf_counter() - started
-            features = extract(clip.image_features, images)
+            features = extract(clip.fid_features, images)
             k_id = kid(features, reference, subsets=50, subset_size=min(100, max(2, n // 2)))
             row = {"sampler": sampler, "steps": k, "overall": report.overall, "stderr": report.stderr()["overall"],
                    "categories": report.categories(), "kid": k_id.mean, "kid_std": k_id.std,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -610,6 +611,100 @@ def eval_shapes(
     if json_path is not None:
         data = {**report.to_json(), "settings": {"model": str(loaded.path), "sampler": sampler, "steps": steps,
                                                  "cfg": cfg, "per_category": per_category, "seed": seed}}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(data, indent=2))
+        typer.echo(f"written: {json_path}")
+
+
+class FeatureSpace(str, Enum):
+    clip = "clip"
+    inception = "inception"
+
+
+@eval_app.command("fid")
+def eval_fid(
+    generated: Path = typer.Argument(..., help="Folder of generated images (png, jpg, webp)."),
+    reference: str = typer.Argument(..., help="Folder of reference images, or builtin:shapes (held-out scenes "
+                                              "rendered by the dataset at the generated images' size)."),
+    features: FeatureSpace = typer.Option(FeatureSpace.clip, help="Feature space: clip (the shipped shapes "
+                                          "scorer, or --clip DIR) or inception (pytorch-fid's, needs --inception)."),
+    clip: Path | None = typer.Option(None, help="A CLIP-style model folder (default: the shipped shapes-clip)."),
+    inception: Path | None = typer.Option(None, envvar="IMAGINE_INCEPTION_WEIGHTS",
+                                          help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (a local file: "
+                                               "imagine downloads nothing)."),
+    size: int | None = typer.Option(None, help="Resize every image to SIZE x SIZE first (default: keep their "
+                                               "size; the feature extractor resizes, as pytorch-fid does)."),
+    reference_count: int = typer.Option(1000, help="How many scenes builtin:shapes renders as the reference."),
+    kid_subsets: int = typer.Option(50, help="KID: random subsets averaged."),
+    kid_subset_size: int = typer.Option(100, help="KID: images per subset (capped at the smaller set)."),
+    cache: Path | None = typer.Option(None, help="Where reference features are cached (default: "
+                                                 "$XDG_CACHE_HOME/imagine/fid)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the figures here."),
+) -> None:
+    """FID and KID of a folder of images against a reference, in CLIP or Inception feature space."""
+    import os
+
+    from PIL import Image
+
+    from imagine.evaluation.fid import (
+        cached_reference,
+        compare,
+        extract,
+        folder_batches,
+        folder_id,
+        folder_images,
+        shapes_reference_batches,
+    )
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.io.png import file_hash
+    from imagine.models import load_clip, load_fid_inception
+
+    if cache is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imagine" / "fid"
+    try:
+        if features is FeatureSpace.inception:
+            if inception is None:
+                _fail("Inception features need pytorch-fid's weight file, and imagine downloads nothing: pass "
+                      "--inception PATH/pt_inception-2015-12-05-6726825d.pth (pytorch-fid's GitHub releases), "
+                      "or use --features clip")
+            extractor = load_fid_inception(inception)
+            extractor_id = f"inception:{file_hash(inception, 16)}"
+        else:
+            from imagine.weights import default_clip
+
+            clip_dir = clip if clip is not None else default_clip()
+            extractor = load_clip(clip_dir).fid_features
+            extractor_id = f"clip:{file_hash(Path(clip_dir) / 'model.safetensors', 16)}"
+        first_image = folder_images(generated)[0]  # a missing or empty folder fails before any work
+        if reference == "builtin:shapes":
+            with Image.open(first_image) as first:
+                side = size or first.width
+            source_id = f"builtin:shapes:{side}:{reference_count}"
+
+            def reference_batches():
+                return shapes_reference_batches(side, reference_count)
+        else:
+            source_id = f"{folder_id(Path(reference))}:{size}"
+
+            def reference_batches():
+                return folder_batches(Path(reference), size)
+        extractor_id += f":{size}"
+        ref = cached_reference(extractor, extractor_id, source_id, reference_batches, cache)
+        gen = extract(extractor, folder_batches(generated, size))
+        result = compare(gen, ref, kid_subsets, kid_subset_size)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        _fail(str(err))
+    low, high = result.kid.interval
+    typer.echo(f"features   {features.value} ({extractor_id.split(':')[1]})")
+    typer.echo(f"images     {result.n_generated} generated, {result.n_reference} reference ({reference})")
+    typer.echo(f"FID        {result.fid:.4f}")
+    typer.echo(f"KID        {result.kid.mean:.6f} +- {result.kid.std:.6f} "
+               f"(95% interval {low:.6f} .. {high:.6f}, {result.kid.subsets} subsets)")
+    if min(result.n_generated, result.n_reference) < 2048 and features is FeatureSpace.inception:
+        typer.echo("note: FID is biased upward below a few thousand images; compare KID, which is unbiased")
+    if json_path is not None:
+        data = {**result.to_json(), "features": features.value, "extractor": extractor_id, "reference": reference,
+                "generated": str(generated)}
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(data, indent=2))
         typer.echo(f"written: {json_path}")

@@ -21,6 +21,7 @@ from scipy import linalg
 from imagine.io.checkpoint import atomic_write_bytes
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
+HELD_OUT_START = 10_000_000  # builtin:shapes scene indices from here on are never drawn in training
 
 
 @dataclass
@@ -114,19 +115,41 @@ def extract(extractor: Extractor, batches: Iterable[torch.Tensor]) -> Features:
     return Features(np.concatenate(out))
 
 
-def folder_batches(folder: Path, size: int, batch: int = 64) -> Iterable[np.ndarray]:
-    """A folder's images (png/jpg/webp, sorted), resized to size x size RGB, as uint8 batches."""
+def folder_images(folder: Path) -> list[Path]:
+    """A folder's images (png/jpg/webp), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise ValueError(f"{folder} holds no images (.png, .jpg, .jpeg, .webp)")
+    return files
+
+
+def folder_batches(folder: Path, size: int | None, batch: int = 64) -> Iterable[np.ndarray]:
+    """A folder's images as RGB uint8 batches (N, H, W, 3): resized to size x size (bicubic), or at their
+    own size when ``size`` is None (the extractor resizes, as pytorch-fid does; the sizes must then agree)."""
     from PIL import Image
 
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    if not files:
-        raise ValueError(f"{folder} holds no images")
+    files = folder_images(folder)
     for start in range(0, len(files), batch):
         arrays = []
         for path in files[start:start + batch]:
             with Image.open(path) as img:
-                arrays.append(np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC)))
+                img = img.convert("RGB")
+                arrays.append(np.asarray(img if size is None else img.resize((size, size), Image.BICUBIC)))
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            sizes = ", ".join(sorted(f"{w}x{h}" for h, w, _ in shapes))
+            raise ValueError(f"images in {folder} differ in size ({sizes}); pass a size to resize them all")
         yield np.stack(arrays)
+
+
+def folder_id(folder: Path) -> str:
+    """Names, sizes and modification times of a folder's images: a cache key that changes with them."""
+    files = folder_images(folder)
+    listing = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return f"{Path(folder).resolve()}#{len(files)}#{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
 
 
 def cached_reference(extractor: Extractor, extractor_id: str, source_id: str,
@@ -140,3 +163,33 @@ def cached_reference(extractor: Extractor, extractor_id: str, source_id: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     feats.save(path, {"extractor": extractor_id, "source": source_id, "n": len(feats.features)})
     return feats
+
+
+def shapes_reference_batches(size: int, n: int, batch: int = 64) -> Iterable[np.ndarray]:
+    """``n`` builtin:shapes scenes the training run never drew (indices from 10,000,000 on), as uint8 batches."""
+    from imagine.data.shapes import ShapesDataset
+
+    dataset = ShapesDataset(size)
+    for start in range(0, n, batch):
+        yield np.stack([dataset.scene(HELD_OUT_START + i)[1] for i in range(start, min(n, start + batch))])
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """FID and KID of one image set against a reference, with the sample sizes that qualify them."""
+
+    fid: float
+    kid: KID
+    n_generated: int
+    n_reference: int
+
+    def to_json(self) -> dict:
+        low, high = self.kid.interval
+        return {"fid": self.fid, "kid": self.kid.mean, "kid_std": self.kid.std, "kid_interval": [low, high],
+                "kid_subsets": self.kid.subsets, "n_generated": self.n_generated, "n_reference": self.n_reference}
+
+
+def compare(generated: Features, reference: Features, subsets: int = 50, subset_size: int = 100,
+            seed: int = 0) -> Comparison:
+    return Comparison(fid(generated, reference), kid(generated, reference, subsets, subset_size, seed),
+                      len(generated.features), len(reference.features))

@@ -22,6 +22,7 @@ from imagine.io.checkpoint import (
 )
 from imagine.models.autoencoder import AutoencoderKL, VAEConfig
 from imagine.models.clip import CLIPConfig, ShapesCLIP
+from imagine.models.inception import FIDInceptionV3
 from imagine.models.unet import UNet2DConditionModel, UNetConfig
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -168,14 +169,46 @@ __all__ = [
     "AutoencoderKL",
     "CLIPConfig",
     "CheckpointError",
+    "FIDInceptionV3",
     "ShapesCLIP",
     "UNet2DConditionModel",
     "UNetConfig",
     "VAEConfig",
     "load_clip",
+    "load_fid_inception",
     "load_unet",
     "load_vae",
     "save_clip",
     "save_unet",
     "save_vae",
 ]
+
+
+# the classifier head and batch-norm counters are in the file but play no part in pool features
+_UNUSED = ("fc.weight", "fc.bias")
+
+
+def load_fid_inception(path: Path) -> FIDInceptionV3:
+    """Load pytorch-fid's (or torch-fidelity's) FID Inception weights from a local file, strictly:
+    every weight of the network must be there with its shape; anything but the unused head is refused.
+    Pickled files are read with ``weights_only=True``; .safetensors files are read as they are."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no Inception weight file at {path}: pass the path of pytorch-fid's "
+                                "pt_inception-2015-12-05-6726825d.pth")
+    state = read_safetensors(path)[0] if path.suffix == ".safetensors" else read_pickle_weights_only(path)
+    state = {k: v for k, v in state.items() if k not in _UNUSED and not k.endswith(".num_batches_tracked")}
+    model = FIDInceptionV3()
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith(".num_batches_tracked")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k} {tuple(state[k].shape)} (want {tuple(expected[k])})"
+                   for k in set(expected) & set(state) if state[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        parts = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if keys]
+        raise CheckpointError(f"{path} is not pytorch-fid's FID Inception weight file "
+                              f"(pt_inception-2015-12-05-6726825d.pth): " + "; ".join(parts))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    return model.requires_grad_(False).eval()

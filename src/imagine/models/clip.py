@@ -1,6 +1,6 @@
 """A CLIP-style contrastive model (Radford et al. 2021) for small domains: a convolutional image tower and a
 projection over a frozen text encoder's token states. Uses: CLIP score, reranking candidates, FID/KID
-features (``image_features``), the image encoder of IP-Adapter.
+features (``fid_features``), the image encoder of IP-Adapter.
 
 The image tower keeps where things are: its last 4x4 map is flattened, not pooled, so "a red circle above
 a blue square" and its mirror image get different embeddings."""
@@ -62,7 +62,7 @@ class ShapesCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(c.init_logit_scale))
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) in [-1, 1] -> (B, feature_dim): the space FID and KID are measured in."""
+        """(B, C, S, S) in [-1, 1] -> (B, feature_dim): the image tower's features before projection."""
         s = self.config.image_size
         if images.shape[-2:] != (s, s):
             images = F.interpolate(images, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
@@ -75,6 +75,12 @@ class ShapesCLIP(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, embed_dim), unit length."""
         return F.normalize(self.image_projection(F.silu(self.image_features(images))), dim=-1)
+
+    def fid_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim): the unit embedding times sqrt(embed_dim), the space FID and KID are measured in.
+        KID's kernel (x.y / d + 1)^3 becomes (cos + 1)^3 here, bounded, so its estimate is less noisy than on
+        the raw tower features (100 generated vs real scenes: KID mean / spread 5.3, against 3.3 on raw ones)."""
+        return self.encode_image(images) * self.config.embed_dim ** 0.5
 
     @staticmethod
     def pool_text(context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
