@@ -131,17 +131,23 @@ def train(
 
 
 def _train_first_vae(cfg, data: str, dataset, out: Path) -> Path:
-    """A latent preset with no --vae: train one into OUT/vae_training (resumed if a run was cut short)."""
+    """A latent preset with no --vae: train one into OUT/vae_training, resuming a run that was cut short
+    or that the preset now trains further (e.g. a decoder stage added after it finished)."""
+    from imagine.train.checkpoint import checkpoint_step, latest_checkpoint
     from imagine.train.vae import train_vae, vae_preset
 
     folder = out / "vae_training"
-    if (folder / "model.safetensors").exists():
+    vcfg = vae_preset(cfg.vae_preset).with_overrides(image_size=cfg.image_size, seed=cfg.seed)
+    total = vcfg.steps + vcfg.decoder_steps
+    last = latest_checkpoint(folder / "checkpoints")
+    done = checkpoint_step(last) if last is not None else 0
+    if (folder / "model.safetensors").exists() and (last is None or done >= total):
         typer.echo(f"using the VAE trained earlier in {folder}")
         return folder
-    vcfg = vae_preset(cfg.vae_preset).with_overrides(image_size=cfg.image_size, seed=cfg.seed)
-    typer.echo(f"no --vae given: training one first ({cfg.vae_preset}, {vcfg.steps} steps) in {folder}")
+    typer.echo(f"no --vae given: training one first ({cfg.vae_preset}, {total} steps"
+               f"{f', from step {done}' if done else ''}) in {folder}")
     hook = _progress_hook()
-    train_vae(vcfg, dataset, folder, resume=(folder / "checkpoints" / "latest").exists(), hooks=(hook,))
+    train_vae(vcfg, dataset, folder, resume=last is not None, hooks=(hook,))
     hook(None, {})
     return folder
 
@@ -383,8 +389,9 @@ def _run_generation(kind: str, model: Path | None, settings, out: Path, init: Pa
     from imagine.pipelines.unconditional import to_uint8
 
     try:
-        settings = settings.validate()
         loaded, encoder = _load_t2i(model)
+        settings = settings.with_model_defaults(loaded.spec, settings.steps, settings.sampler,
+                                                settings.cfg_scale).validate()
         if kind == "txt2img":  # refuse a bad size before any work (img2img/inpaint take the image's)
             g.output_size(loaded, settings)
         init_img = _open_image(init, "image") if init is not None else None
@@ -453,10 +460,10 @@ def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n,
 
 _PROMPT_OPTS = dict(
     negative=typer.Option("", "--negative", help="Negative prompt."),
-    steps=typer.Option(20, help="Sampling steps."),
-    sampler=typer.Option("dpmpp_2m", help="Sampler: ours or A1111's name ('DPM++ 2M Karras')."),
+    steps=typer.Option(None, help="Sampling steps (default: the model's; 25 for the shipped one)."),
+    sampler=typer.Option(None, help="Sampler: ours or A1111's name ('DPM++ 2M Karras'; default: the model's)."),
     schedule=typer.Option(None, help="Sigma schedule: default or karras (default: what the sampler name implies)."),
-    cfg=typer.Option(5.0, help="Classifier-free guidance scale."),
+    cfg=typer.Option(None, help="Classifier-free guidance scale (default: the model's; 3 for the shipped one)."),
     rescale=typer.Option(0.0, help="Guidance rescale phi in [0, 1] (Lin et al. 2023)."),
     seed=typer.Option(0, help="Seed of the first image; image i uses seed + i."),
     n=typer.Option(1, help="How many images."),
@@ -470,9 +477,9 @@ _PROMPT_OPTS = dict(
 @app.command()
 def generate(
     prompt: str = typer.Argument("", help="What to draw. A1111 emphasis works: (word:1.3), [word]."),
-    negative: str = _PROMPT_OPTS["negative"], steps: int = _PROMPT_OPTS["steps"],
-    sampler: str = _PROMPT_OPTS["sampler"], schedule: str | None = _PROMPT_OPTS["schedule"],
-    cfg: float = _PROMPT_OPTS["cfg"], rescale: float = _PROMPT_OPTS["rescale"], seed: int = _PROMPT_OPTS["seed"],
+    negative: str = _PROMPT_OPTS["negative"], steps: int | None = _PROMPT_OPTS["steps"],
+    sampler: str | None = _PROMPT_OPTS["sampler"], schedule: str | None = _PROMPT_OPTS["schedule"],
+    cfg: float | None = _PROMPT_OPTS["cfg"], rescale: float = _PROMPT_OPTS["rescale"], seed: int = _PROMPT_OPTS["seed"],
     n: int = _PROMPT_OPTS["n"], width: int | None = _PROMPT_OPTS["width"], height: int | None = _PROMPT_OPTS["height"],
     model: Path | None = _PROMPT_OPTS["model"], out: Path = _PROMPT_OPTS["out"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
@@ -512,9 +519,9 @@ def img2img(
     image: Path = typer.Argument(..., help="The init image."),
     prompt: str = typer.Argument(..., help="What it should become."),
     strength: float = typer.Option(0.75, help="In (0, 1]: how much of the schedule to run (1 ignores the image)."),
-    negative: str = _PROMPT_OPTS["negative"], steps: int = _PROMPT_OPTS["steps"],
-    sampler: str = _PROMPT_OPTS["sampler"], schedule: str | None = _PROMPT_OPTS["schedule"],
-    cfg: float = _PROMPT_OPTS["cfg"], rescale: float = _PROMPT_OPTS["rescale"], seed: int = _PROMPT_OPTS["seed"],
+    negative: str = _PROMPT_OPTS["negative"], steps: int | None = _PROMPT_OPTS["steps"],
+    sampler: str | None = _PROMPT_OPTS["sampler"], schedule: str | None = _PROMPT_OPTS["schedule"],
+    cfg: float | None = _PROMPT_OPTS["cfg"], rescale: float = _PROMPT_OPTS["rescale"], seed: int = _PROMPT_OPTS["seed"],
     n: int = _PROMPT_OPTS["n"], width: int | None = _PROMPT_OPTS["width"], height: int | None = _PROMPT_OPTS["height"],
     model: Path | None = _PROMPT_OPTS["model"], out: Path = _PROMPT_OPTS["out"],
 ) -> None:
@@ -530,9 +537,9 @@ def inpaint(
     prompt: str = typer.Argument(..., help="What to draw in the masked region."),
     strength: float = typer.Option(1.0, help="In (0, 1]: 1 regenerates the masked region from scratch."),
     mask_blur: int = typer.Option(4, help="Gaussian blur radius of the mask, in pixels."),
-    negative: str = _PROMPT_OPTS["negative"], steps: int = _PROMPT_OPTS["steps"],
-    sampler: str = _PROMPT_OPTS["sampler"], schedule: str | None = _PROMPT_OPTS["schedule"],
-    cfg: float = _PROMPT_OPTS["cfg"], rescale: float = _PROMPT_OPTS["rescale"], seed: int = _PROMPT_OPTS["seed"],
+    negative: str = _PROMPT_OPTS["negative"], steps: int | None = _PROMPT_OPTS["steps"],
+    sampler: str | None = _PROMPT_OPTS["sampler"], schedule: str | None = _PROMPT_OPTS["schedule"],
+    cfg: float | None = _PROMPT_OPTS["cfg"], rescale: float = _PROMPT_OPTS["rescale"], seed: int = _PROMPT_OPTS["seed"],
     n: int = _PROMPT_OPTS["n"], model: Path | None = _PROMPT_OPTS["model"], out: Path = _PROMPT_OPTS["out"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest."""
@@ -573,9 +580,9 @@ app.add_typer(eval_app, name="eval")
 @eval_app.command("shapes")
 def eval_shapes(
     model: Path | None = typer.Option(None, help="A text-to-image model folder (default: the shipped model)."),
-    sampler: str = typer.Option("dpmpp_2m", help="Sampler: ours or A1111's name."),
-    steps: int = typer.Option(25, help="Sampling steps."),
-    cfg: float = typer.Option(5.0, help="Classifier-free guidance scale."),
+    sampler: str | None = typer.Option(None, help="Sampler: ours or A1111's name (default: the model's)."),
+    steps: int | None = typer.Option(None, help="Sampling steps (default: the model's)."),
+    cfg: float | None = typer.Option(None, help="Classifier-free guidance scale (default: the model's)."),
     per_category: int = typer.Option(25, help="Prompts per category (6 categories, one image each)."),
     seed: int = typer.Option(0, help="Seed of the prompt set (and of each prompt's image)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write every verdict and the scores here."),
@@ -592,7 +599,8 @@ def eval_shapes(
     try:
         loaded, encoder = _load_t2i(model)
         prompts = prompt_set(per_category, seed)
-        Settings(steps=steps, sampler=sampler, cfg_scale=cfg).validate()
+        base = Settings().with_model_defaults(loaded.spec, steps, sampler, cfg).validate()
+        steps, sampler, cfg = base.steps, base.sampler, base.cfg_scale
     except ValueError as err:
         _fail(str(err))
     bar = tqdm(total=len(prompts), desc="ShapesEval", unit="image")

@@ -38,6 +38,9 @@ def test_generate_with_no_flags_uses_the_shipped_model(tmp_path):
     assert image.shape[0] >= 64 and image.shape[1] >= 64 and image.std() > 5  # a picture, not a flat field
     parameters, record = read_png_metadata(written[0])
     assert "Model: shapes-default" in parameters and record["model"]["name"] == "shapes-default"
+    # no flags: the model's own defaults (its diffusion.json), not the library's
+    assert (record["settings"]["steps"], record["settings"]["sampler"], record["settings"]["cfg_scale"]) == \
+        (25, "dpmpp_2m", 3.0)
 
 
 def test_rerank_keeps_the_best_candidate_and_it_regenerates_alone(tiny_t2i_dir, tmp_path):

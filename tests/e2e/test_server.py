@@ -55,6 +55,8 @@ def _wait_running(client, job_id, timeout=60):
 def models(tiny_t2i_dir, tmp_path_factory):
     second = tmp_path_factory.mktemp("second") / "other-model"
     shutil.copytree(tiny_t2i_dir, second)
+    spec = json.loads((second / "diffusion.json").read_text())  # defaults of its own, for the defaults test
+    (second / "diffusion.json").write_text(json.dumps({**spec, "default_steps": 3, "default_cfg": 2.0}))
     return [tiny_t2i_dir, second]
 
 
@@ -97,6 +99,20 @@ def test_job_lifecycle_events_images_and_parameters(client, tiny_t2i_dir):
         assert parameters == image["parameters"] and record["settings"]["seed"] == 11 + i
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), expected[i])
     assert len(list(client.out_dir.glob("*.png"))) >= 2
+
+
+def test_a_request_without_steps_or_cfg_gets_the_models_defaults(client):
+    listed = {m["name"]: m["defaults"] for m in client.get("/api/v1/models").json()["models"]}
+    assert listed["other-model"] == {"steps": 3, "sampler": "dpmpp_2m", "cfg_scale": 2.0}
+    r = client.post("/api/v1/jobs", json={"prompt": "a red circle", "seed": 1, "model": "other-model"})
+    assert r.status_code == 202, r.text
+    job = _wait(client, r.json()["id"])
+    settings = read_png_metadata(base64.b64decode(job["images"][0]["base64"]))[1]["settings"]
+    assert (settings["steps"], settings["cfg_scale"]) == (3, 2.0)
+    r = client.post("/api/v1/jobs", json={"prompt": "a red circle", "seed": 1, "model": "other-model", "steps": 2,
+                                          "cfg_scale": 4})
+    settings = read_png_metadata(base64.b64decode(_wait(client, r.json()["id"])["images"][0]["base64"]))[1]["settings"]
+    assert (settings["steps"], settings["cfg_scale"]) == (2, 4.0)  # what a request names wins
 
 
 def test_cancel_running_and_queued_jobs_and_full_queue(client):

@@ -33,6 +33,7 @@ class DiffusionSpec:
     # training steps use these timesteps; sampling's default spacing follows
     default_sampler: str = "dpmpp_2m"
     default_steps: int = 25
+    default_cfg: float = 5.0  # what generation uses when the user names no guidance scale
 
     def __post_init__(self):
         check_prediction(self.prediction)

@@ -45,6 +45,12 @@ class Settings:
     batched: bool = False  # evaluate all rows in one network call: faster, but an image then depends on its
     # batch in the last bits (False: one row at a time, so image i of a batch equals seed + i alone)
 
+    def with_model_defaults(self, spec, steps: int | None, sampler: str | None, cfg_scale: float | None) -> Settings:
+        """These settings with the model's own defaults (its diffusion.json) where the user gave None."""
+        return replace(self, steps=spec.default_steps if steps is None else steps,
+                       sampler=spec.default_sampler if sampler is None else sampler,
+                       cfg_scale=spec.default_cfg if cfg_scale is None else cfg_scale)
+
     def validate(self) -> Settings:
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
@@ -175,7 +181,9 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         latent = SAMPLERS[name].fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, **options)
     with torch.no_grad():
         latent = latent.float()
-        if model.vae is not None:  # one image at a time, for the same reason as _PerImage
+        if model.vae is not None and batched:  # batched mode has given up batch invariance already
+            images = model.vae.decode(model.vae.from_latent(latent))
+        elif model.vae is not None:  # one image at a time, for the same reason as _PerRow
             images = torch.cat([model.vae.decode(model.vae.from_latent(z[None])) for z in latent])
         else:
             images = latent

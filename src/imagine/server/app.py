@@ -201,7 +201,10 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     @app.get("/api/v1/models", tags=["models"])
     def list_models() -> dict:
         return {"current": service.store.current,
-                "models": [{"name": e.name, "title": e.title, "sha256": e.sha256} for e in service.store.entries()]}
+                "models": [{"name": e.name, "title": e.title, "sha256": e.sha256,
+                            "defaults": {"steps": e.spec.default_steps, "sampler": e.spec.default_sampler,
+                                         "cfg_scale": e.spec.default_cfg}}
+                           for e in service.store.entries()]}
 
     @app.get("/api/v1/status", tags=["server"])
     def server_status() -> dict:

@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagine.io.model_folder import DiffusionModel, load_model_folder
+from imagine.io.model_folder import DiffusionModel, DiffusionSpec, load_model_folder
 from imagine.io.png import file_hash
 
 
@@ -15,6 +15,7 @@ class ModelEntry:
     name: str
     path: Path
     sha256: str  # of the UNet weights, as A1111 hashes a checkpoint file
+    spec: DiffusionSpec  # the model's defaults (steps, sampler, guidance) fill what a request leaves out
 
     @property
     def short_hash(self) -> str:
@@ -41,7 +42,8 @@ class ModelStore:
             name, k = folder.name or "model", 2
             while name in self._entries:
                 name, k = f"{folder.name}-{k}", k + 1
-            self._entries[name] = ModelEntry(name, folder, file_hash(folder / "unet" / "model.safetensors", length=64))
+            self._entries[name] = ModelEntry(name, folder, file_hash(folder / "unet" / "model.safetensors", length=64),
+                                              probe.spec)
         self.current = next(iter(self._entries))
         self._loaded: dict[str, tuple[DiffusionModel, object]] = {}
         self._lock = threading.Lock()

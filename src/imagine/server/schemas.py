@@ -15,10 +15,10 @@ class JobRequest(BaseModel):
     kind: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
     prompt: str = Field("", max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
-    steps: int = Field(20, ge=1)
-    sampler: str = "dpmpp_2m"
+    steps: int | None = Field(None, ge=1, description="default: the model's")
+    sampler: str | None = Field(None, description="default: the model's")
     schedule: str | None = None
-    cfg_scale: float = 5.0
+    cfg_scale: float | None = Field(None, description="default: the model's")
     guidance_rescale: float = Field(0.0, ge=0, le=1)
     seed: int | None = Field(None, ge=-1, lt=2**63, description="None or -1: a random seed")
     n: int = Field(1, ge=1, description="images; image i uses seed + i")

@@ -85,19 +85,19 @@ class Service:
         except KeyError as err:
             raise RequestError(err.args[0], 404) from None
         lim = self.limits
-        if request["steps"] > lim.max_steps:
-            raise RequestError(f"steps {request['steps']} is over the limit max_steps={lim.max_steps}")
-        if request["n"] > lim.max_batch:
-            raise RequestError(f"{request['n']} images per request is over the limit max_batch={lim.max_batch}")
         seed = request.get("seed")
         if seed is None or seed == -1:
             seed = secrets.randbelow(2**31)
         settings = g.Settings(
-            prompt=request["prompt"], negative_prompt=request["negative_prompt"], steps=request["steps"],
-            sampler=request["sampler"], schedule=request.get("schedule"), cfg_scale=request["cfg_scale"],
+            prompt=request["prompt"], negative_prompt=request["negative_prompt"], schedule=request.get("schedule"),
             guidance_rescale=request.get("guidance_rescale", 0.0), seed=seed, n=request["n"],
             width=request.get("width"), height=request.get("height"), strength=request.get("strength", 0.75),
-            mask_blur=request.get("mask_blur", 4))
+            mask_blur=request.get("mask_blur", 4),
+        ).with_model_defaults(entry.spec, request.get("steps"), request.get("sampler"), request.get("cfg_scale"))
+        if settings.steps > lim.max_steps:
+            raise RequestError(f"steps {settings.steps} is over the limit max_steps={lim.max_steps}")
+        if request["n"] > lim.max_batch:
+            raise RequestError(f"{request['n']} images per request is over the limit max_batch={lim.max_batch}")
         try:
             settings.validate()
         except ValueError as err:

@@ -90,6 +90,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder was written at (its name: step_0001500)."""
+    name = Path(path).name
+    if not name.startswith("step_") or not name[5:].isdigit():
+        raise CheckpointError(f"{path} is not a checkpoint folder (step_NNNNNNN)")
+    return int(name[5:])
+
+
 def load_checkpoint(path: Path, unet, ema: EMA | None, optimizer, lr_scheduler) -> dict[str, Any]:
     """Restore everything in place; returns the metadata (step, data position, config...)."""
     path = Path(path)

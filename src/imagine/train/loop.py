@@ -137,7 +137,8 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                          image_size=cfg.image_size, image_channels=data.channels,
                          latent=latents is not None or vae is not None,
                          class_names=data.class_names if cfg.class_conditional else (),
-                         text_encoder=cfg.text_encoder if cfg.text_conditional else None)
+                         text_encoder=cfg.text_encoder if cfg.text_conditional else None,
+                         default_cfg=cfg.default_cfg)
     alphas_cumprod = spec.alphas_cumprod().float().to(device)
     start_step = 0
     if resume:

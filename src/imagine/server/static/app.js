@@ -75,6 +75,15 @@ async function loadSamplers() {
 async function loadModelBadge() {
   const models = await api("GET", "/api/v1/models");
   $("model-badge").textContent = "model: " + models.current;
+  // the current model's own defaults: what the CLI and the job API use when nothing is given
+  const current = models.models.find((m) => m.name === models.current);
+  if (current && current.defaults) {
+    $("steps").value = current.defaults.steps;
+    $("cfg_scale").value = current.defaults.cfg_scale;
+    if ([...$("sampler").options].some((o) => o.value === current.defaults.sampler)) {
+      $("sampler").value = current.defaults.sampler;
+    }
+  }
   return models;
 }
 
@@ -304,5 +313,4 @@ async function loadModels() {
 }
 
 showTab("txt2img");
-loadSamplers().catch((err) => showError(err.message));
-loadModelBadge().catch((err) => showError(err.message));
+loadSamplers().then(loadModelBadge).catch((err) => showError(err.message));
