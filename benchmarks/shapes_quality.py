@@ -31,9 +31,10 @@ from imagine.weights import default_clip, default_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(model_dir: Path, clip_dir: Path, samplers: list[str], steps: list[int], per_category: int, cfg: float,
-        cache: Path, batched: bool) -> dict:
+def run(model_dir: Path, clip_dir: Path, samplers: list[str], steps: list[int], per_category: int,
+        cfg: float | None, cache: Path, batched: bool) -> dict:
     model = load_model_folder(model_dir)
+    cfg = model.spec.default_cfg if cfg is None else cfg
     encoder = load_text_encoder(model.spec.text_encoder)
     clip = load_clip(clip_dir)
     prompts = prompt_set(per_category)
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--samplers", default="dpmpp_2m,unipc,euler,euler_a,ddim")
     parser.add_argument("--steps", default="4,8,16,32,50")
     parser.add_argument("--per-category", type=int, default=10)
-    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--batched", action="store_true", help="one network call per step for all rows")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "fid")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "shapes_quality")

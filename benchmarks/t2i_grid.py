@@ -37,13 +37,15 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--cfg", type=float, default=5.0)
-    parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
+    parser.add_argument("--cfg", type=float, default=None, help="default: the model's")
+    parser.add_argument("--sampler", default=None, help="default: the model's")
     parser.add_argument("--scale", type=int, default=2, help="pixel magnification in the grid")
     args = parser.parse_args()
     model = load_model_folder(args.model)
     encoder = load_text_encoder(model.spec.text_encoder)
+    base = Settings().with_model_defaults(model.spec, args.steps, args.sampler, args.cfg)
+    args.steps, args.sampler, args.cfg = base.steps, base.sampler, base.cfg_scale
     start = time.perf_counter()
     rows = []
     for prompt in PROMPTS:

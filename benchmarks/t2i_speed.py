@@ -3,11 +3,12 @@
 1. Cold start: `imagine generate PROMPT` in a fresh process (imports, model and text encoder loading,
    sampling, PNG), wall time and peak RSS.
 2. Warm images/s at batch 1 and 8, for our modes: batch-invariant fp32 (the default), batched fp32,
-   batched bf16. The UNet's achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode) against the
-   matmul peak measured here in the same precision.
+   batched bf16, batched fp32 with the UNet compiled (torch.compile). The UNet's achieved GFLOP/s (FLOPs
+   counted by torch's FlopCounterMode) against the matmul peak measured here in the same precision.
 3. diffusers: its UNet2DConditionModel and AutoencoderKL holding our weights, its DPMSolverMultistep
    scheduler (DPM++ 2M, trailing spacing, v-prediction), the same prompt embeddings, noise, steps and
-   guidance, in the loop its StableDiffusionPipeline runs. Time per image and max pixel difference.
+   guidance, in the loop its StableDiffusionPipeline runs, eager and with its UNet compiled. Time per
+   image (interleaved rounds, medians) and max pixel difference.
 
     python benchmarks/t2i_speed.py            # writes docs/benchmarks/t2i_speed.{json,md}
 """
@@ -74,19 +75,10 @@ def unet_flops(model, context, mask, rows: int) -> float:
     return counter.get_total_flops()
 
 
-def ours(model, encoder, steps: int, n: int, mode: str, reps: int) -> float:
-    s = Settings(prompt=PROMPT, steps=steps, seed=0, n=n, precision="bf16" if mode == "batched-bf16" else "fp32",
-                 batched=mode != "per-row")
-    txt2img(model, s, encoder)  # warm
-    started = time.perf_counter()
-    for _ in range(reps):
-        txt2img(model, s, encoder)
-    return (time.perf_counter() - started) / reps / n
-
-
-def diffusers_loop(model, encoder, steps: int, cfg: float, seeds: list[int]):
+def diffusers_loop(model, encoder, steps: int, cfg: float, seeds: list[int], compile: bool = False):
     """A function making len(seeds) images (N, C, H, W) in [-1, 1] with diffusers' modules and scheduler in
-    the loop StableDiffusionPipeline runs (latents for all images in one batch, CFG as a doubled batch)."""
+    the loop StableDiffusionPipeline runs (latents for all images in one batch, CFG as a doubled batch).
+    compile: torch.compile its UNet too, as diffusers' docs suggest, for the like-for-like comparison."""
     import diffusers
 
     unet = diffusers.UNet2DConditionModel(**diffusers_config(model.unet))
@@ -94,6 +86,8 @@ def diffusers_loop(model, encoder, steps: int, cfg: float, seeds: list[int]):
     vae = diffusers.AutoencoderKL(**diffusers_config(model.vae))
     vae.load_state_dict(model.vae.state_dict())
     unet, vae = unet.eval(), vae.eval()
+    if compile:
+        unet = torch.compile(unet, dynamic=False)
     spec = model.spec
     scheduler = diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=spec.num_train_timesteps, beta_schedule=spec.schedule, beta_start=spec.beta_start,
@@ -120,28 +114,58 @@ def diffusers_loop(model, encoder, steps: int, cfg: float, seeds: list[int]):
     return run
 
 
-def _median_time(fn, reps: int) -> float:
+MODES = {  # our modes: (precision, batched, compile)
+    "per-row": ("fp32", False, False),
+    "batched": ("fp32", True, False),
+    "batched-bf16": ("bf16", True, False),
+    "batched-compiled": ("fp32", True, True),
+}
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
     fn()
-    times = []
+    return time.perf_counter() - started
+
+
+def side_by_side(model, encoder, steps: int, cfg: float, n: int, reps: int) -> tuple[dict, dict, dict, dict]:
+    """Seconds per image for diffusers (eager and compiled) and each of our modes, timed in interleaved
+    rounds (every contender once per round), so drifts in this shared machine's speed fall on all alike.
+    Returns (median s/image, median over rounds of diffusers' time over ours, first-call seconds, images
+    for the parity check). The speed-up is the median of per-round ratios, each from two runs seconds
+    apart: steadier here than a ratio of medians, as this machine's speed wanders by 30% over minutes."""
+    fns = {"diffusers fp32": diffusers_loop(model, encoder, steps, cfg, list(range(n))),
+           "diffusers fp32 compiled": diffusers_loop(model, encoder, steps, cfg, list(range(n)), compile=True)}
+    for mode, (precision, batched, compile) in MODES.items():
+        s = Settings(prompt=PROMPT, steps=steps, seed=0, n=n, cfg_scale=cfg, sampler="dpmpp_2m",
+                     precision=precision, batched=batched, compile=compile)
+        fns[f"imagine {mode}"] = lambda s=s: txt2img(model, s, encoder)
+    first = {key: _timed(fn) for key, fn in fns.items()}  # warm-up; compiles where asked
+    print(f"batch {n} first calls (s):", {k: round(v, 1) for k, v in first.items()}, flush=True)
+    times: dict[str, list[float]] = {key: [] for key in fns}
     for _ in range(reps):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
+        for key, fn in fns.items():
+            times[key].append(_timed(fn))
+    images = {key: fns[key]() for key in ("diffusers fp32", "imagine batched", "imagine batched-compiled")}
+    ratios = {key: float(np.median(np.array(times["diffusers fp32"]) / np.array(v)))
+              for key, v in times.items() if key.startswith("imagine")}
+    ratios["imagine batched-compiled over diffusers compiled"] = float(np.median(
+        np.array(times["diffusers fp32 compiled"]) / np.array(times["imagine batched-compiled"])))
+    return {key: float(np.median(v)) / n for key, v in times.items()}, ratios, first, images
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--cold-runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "t2i_speed")
     args = parser.parse_args()
     model_dir = args.model or default_model()
     result: dict = {"model": str(model_dir), "steps": args.steps, "prompt": PROMPT, "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count()}
+                    "cores": os.cpu_count(), "reps": args.reps}
     result["cold_start"] = cold_start(model_dir, args.cold_runs)
     print("cold start:", result["cold_start"], flush=True)
 
@@ -152,40 +176,36 @@ def main() -> None:
     result["matmul_peak_gflops"] = peaks
     flops_per_row = unet_flops(model, text.context, text.mask, 2) / 2
     result["unet_gflop_per_row"] = flops_per_row / 1e9
-    speed = {}
-    for mode in ("per-row", "batched", "batched-bf16"):
-        for n in (1, 8):
-            seconds = ours(model, encoder, args.steps, n, mode, args.reps)
-            achieved = flops_per_row * 2 * args.steps / seconds / 1e9  # 2 rows (CFG) per step per image
-            peak = peaks["bf16" if mode.endswith("bf16") else "fp32"]
-            speed[f"{mode} batch {n}"] = {"seconds_per_image": seconds, "images_per_s": 1 / seconds,
-                                          "unet_gflops": achieved, "fraction_of_matmul_peak": achieved / peak}
-            print(mode, n, speed[f"{mode} batch {n}"], flush=True)
-    result["speed"] = speed
-
     cfg = 5.0
-    side, speedup = {}, {}
+    side, speedup, speed, first_calls = {}, {}, {}, {}
     for n in (1, 8):
-        theirs_fn = diffusers_loop(model, encoder, args.steps, cfg, list(range(n)))
-        t_theirs = _median_time(theirs_fn, args.reps + 2) / n
-        side[f"diffusers fp32, batch {n}"] = t_theirs
-        for mode in ("per-row", "batched", "batched-bf16"):
-            s = Settings(prompt=PROMPT, steps=args.steps, seed=0, n=n, cfg_scale=cfg, sampler="dpmpp_2m",
-                         precision="bf16" if mode.endswith("bf16") else "fp32", batched=mode != "per-row")
-            key = f"imagine {mode}, batch {n}"
-            side[key] = _median_time(lambda s=s: txt2img(model, s, encoder), args.reps + 2) / n
-            speedup[key] = t_theirs / side[key]
-            if mode == "batched":
-                mine, theirs = txt2img(model, s, encoder), theirs_fn()
-                pixels = np.abs(to_uint8(mine).astype(int) - to_uint8(theirs).astype(int))
-                result[f"max_abs_diff_float_batch_{n}"] = (mine - theirs).abs().max().item()  # images in [-1, 1]
-                result[f"max_pixel_diff_uint8_batch_{n}"] = int(pixels.max())
+        seconds, ratios, first, images = side_by_side(model, encoder, args.steps, cfg, n, args.reps)
+        first_calls[f"batch {n}"] = first
+        speedup.update({f"{key}, batch {n}": value for key, value in ratios.items()})
+        for key, value in seconds.items():
+            side[f"{key}, batch {n}"] = value
+            if key.startswith("imagine"):
+                mode = key.removeprefix("imagine ")
+                achieved = flops_per_row * 2 * args.steps / value / 1e9  # 2 rows (CFG) per step per image
+                peak = peaks["bf16" if mode.endswith("bf16") else "fp32"]
+                speed[f"{mode} batch {n}"] = {"seconds_per_image": value, "images_per_s": 1 / value,
+                                              "unet_gflops": achieved, "fraction_of_matmul_peak": achieved / peak}
+        mine, compiled, reference = images["imagine batched"], images["imagine batched-compiled"], \
+            images["diffusers fp32"]
+        result[f"max_abs_diff_float_batch_{n}"] = (mine - reference).abs().max().item()  # images in [-1, 1]
+        result[f"max_pixel_diff_uint8_batch_{n}"] = int(np.abs(to_uint8(mine).astype(int)
+                                                               - to_uint8(reference).astype(int)).max())
+        result[f"compiled_vs_eager_max_pixel_diff_batch_{n}"] = int(np.abs(to_uint8(compiled).astype(int)
+                                                                           - to_uint8(mine).astype(int)).max())
+        print(f"batch {n}:", {k: round(v, 3) for k, v in seconds.items()}, flush=True)
+    result["speed"] = speed
+    result["first_call_seconds"] = first_calls
     result["vs_diffusers_seconds_per_image"] = side
     result["speedup_over_diffusers"] = speedup
     result["max_abs_diff_float"] = max(result["max_abs_diff_float_batch_1"], result["max_abs_diff_float_batch_8"])
     result["max_pixel_diff_uint8"] = max(result["max_pixel_diff_uint8_batch_1"], result["max_pixel_diff_uint8_batch_8"])
-    print(json.dumps({k: result[k] for k in ("vs_diffusers_seconds_per_image", "speedup_over_diffusers",
-                                             "max_abs_diff_float", "max_pixel_diff_uint8")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("speedup_over_diffusers", "max_abs_diff_float",
+                                             "max_pixel_diff_uint8")}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(result))
@@ -210,8 +230,19 @@ def markdown(r: dict) -> str:
     for key, v in r["vs_diffusers_seconds_per_image"].items():
         up = r["speedup_over_diffusers"].get(key)
         lines.append(f"| {key} | {v:.3f} | {'' if up is None else f'{up:.2f}x'} |")
-    lines += ["", f"Max difference, imagine batched fp32 vs diffusers fp32: {r['max_abs_diff_float']:.2e} "
-              f"(images in [-1, 1]); {r['max_pixel_diff_uint8']} in 8-bit pixels.", ""]
+    both = [f"{r['speedup_over_diffusers'][f'imagine batched-compiled over diffusers compiled, batch {n}']:.2f}x "
+            f"at batch {n}" for n in (1, 8)]
+    lines += ["", "Speed-ups: over diffusers fp32 eager; both compiled (ours compiled over diffusers compiled): "
+              + ", ".join(both) + "."]
+    lines += ["", f"Timing: {r['reps']} interleaved rounds (each contender once per round); s/image are medians, "
+              "speed-ups the median of per-round ratios. First calls "
+              "(compilation included), seconds: " + "; ".join(
+                  f"{batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in calls.items() if "compiled" in k)
+                  for batch, calls in r["first_call_seconds"].items()) + ".", "",
+              f"Max difference, imagine batched fp32 vs diffusers fp32: {r['max_abs_diff_float']:.2e} "
+              f"(images in [-1, 1]); {r['max_pixel_diff_uint8']} in 8-bit pixels. Compiled vs eager (ours): "
+              f"{r['compiled_vs_eager_max_pixel_diff_batch_1']} / {r['compiled_vs_eager_max_pixel_diff_batch_8']} "
+              "in 8-bit pixels at batch 1 / 8.", ""]
     return "\n".join(lines)
 
 

@@ -44,6 +44,15 @@ def test_eval_shapes_prints_the_table_and_writes_json(tmp_path):
     assert 0 <= data["overall"] <= 1
 
 
+def test_eval_shapes_with_rerank_judges_the_kept_candidates(tmp_path):
+    out = tmp_path / "rerank.json"
+    run = _cli("eval", "shapes", "--per-category", "1", "--steps", "2", "--rerank", "2", "--json", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["settings"]["rerank"] == 2 and len(data["verdicts"]) == 6
+    assert _cli("eval", "shapes", "--rerank", "0").returncode == 2
+
+
 def test_eval_fid_clip_features_builtin_reference_and_cache(tmp_path, scenes):
     cache, out = tmp_path / "cache", tmp_path / "fid.json"
     args = ("eval", "fid", str(scenes / "a"), "builtin:shapes", "--reference-count", "48", "--cache", str(cache),

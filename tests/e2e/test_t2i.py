@@ -130,3 +130,14 @@ def test_bad_input_fails_clearly_and_writes_nothing(model_dir, tmp_path):
         assert run.returncode == 2, (args, run.stderr[-1000:])
         assert message in run.stderr, (args, run.stderr[-1000:])
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow  # inductor compiles for tens of seconds on 2 cores
+def test_compiled_unet_matches_eager_and_is_compiled_once(model, encoder):
+    from imagine.pipelines import generate as g
+
+    eager = txt2img(model, S, encoder)
+    compiled = txt2img(model, Settings(**{**S.to_dict(), "compile": True}), encoder)
+    assert (compiled - eager).abs().max() < 2e-3  # same network; only kernel rounding differs
+    assert g._network(model.unet, True) is g._network(model.unet, True)  # kept for the next image
+    assert g._network(model.unet, False) is model.unet

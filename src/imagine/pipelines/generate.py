@@ -8,6 +8,7 @@ device. The prompt and negative prompt are encoded in one call, so their windows
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -24,6 +25,19 @@ from imagine.samplers import SAMPLERS, check_schedule, resolve
 
 class Cancelled(Exception):
     """Raised between steps when the caller's cancel check says so."""
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _network(unet: torch.nn.Module, compile: bool) -> torch.nn.Module:
+    """The UNet, or its torch.compile'd twin: made once per UNet and process and kept, so only the first
+    image (and the first of each new shape) pays for compilation."""
+    if not compile:
+        return unet
+    if unet not in _COMPILED:
+        _COMPILED[unet] = torch.compile(unet, dynamic=False)
+    return _COMPILED[unet]
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,8 @@ class Settings:
     precision: str = "fp32"  # fp32, or bf16 autocast for the network (about 2x faster on CPUs with AMX/AVX512-BF16)
     batched: bool = False  # evaluate all rows in one network call: faster, but an image then depends on its
     # batch in the last bits (False: one row at a time, so image i of a batch equals seed + i alone)
+    compile: bool = False  # torch.compile the UNet (inductor): a minute or so once per process and input
+    # shape, then faster steps; its kernels round differently from eager ones (pixels may move by a level)
 
     def with_model_defaults(self, spec, steps: int | None, sampler: str | None, cfg_scale: float | None) -> Settings:
         """These settings with the model's own defaults (its diffusion.json) where the user gave None."""
@@ -138,7 +154,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            cond: dict | None, uncond: dict | None, cfg_scale: float, guidance_rescale: float = 0.0,
            latent_hw: tuple[int, int] | None = None, init_latent: torch.Tensor | None = None,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
-           cancel: Callable[[], bool] | None = None, precision: str = "fp32", batched: bool = False) -> torch.Tensor:
+           cancel: Callable[[], bool] | None = None, precision: str = "fp32", batched: bool = False,
+           compile: bool = False) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
@@ -160,7 +177,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         x = noise * float((1 + sigmas[0] ** 2).sqrt())  # the VP prior at the top of the schedule
     else:
         x = init_latent + noise * float(sigmas[0])
-    denoiser = Denoiser(model.unet, ac, spec.prediction, learned_variance=spec.learned_variance)
+    denoiser = Denoiser(_network(model.unet, compile), ac, spec.prediction, learned_variance=spec.learned_variance)
     if not batched:
         denoiser = _PerRow(denoiser)
     if uncond is not None:
@@ -203,7 +220,7 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler, schedule=s.schedule,
                   cond=cond, uncond=uncond, cfg_scale=s.cfg_scale, guidance_rescale=s.guidance_rescale,
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
-                  callback=callback, cancel=cancel, precision=s.precision, batched=s.batched)
+                  callback=callback, cancel=cancel, precision=s.precision, batched=s.batched, compile=s.compile)
 
 
 def txt2img(model: DiffusionModel, s: Settings, text_encoder, **kwargs) -> torch.Tensor:
