@@ -91,8 +91,9 @@ def test_foreign_and_damaged_files_are_refused_with_the_keys(tmp_path, weight_fi
     with pytest.raises(CheckpointError) as err:
         load_fid_inception(broken)
     message = str(err.value)
-    for needle in ("missing (1): Mixed_7c.branch_pool.conv.weight", "unexpected (1): AuxLogits.fc.weight",
-                   "Mixed_5b.branch1x1.conv.weight (1, 1, 1, 1) (want (64, 192, 1, 1))"):
+    for needle in ("1 missing: Mixed_7c.branch_pool.conv.weight", "1 unexpected: AuxLogits.fc.weight",
+                   "Mixed_5b.branch1x1.conv.weight: checkpoint (1, 1, 1, 1) vs model (64, 192, 1, 1)",
+                   "pt_inception-2015-12-05-6726825d.pth"):
         assert needle in message
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(weight_file.read_bytes()[:1000])

@@ -184,31 +184,23 @@ __all__ = [
 ]
 
 
-# the classifier head and batch-norm counters are in the file but play no part in pool features
+# the 1008-way classifier head is in the file but plays no part in pool features
 _UNUSED = ("fc.weight", "fc.bias")
 
 
 def load_fid_inception(path: Path) -> FIDInceptionV3:
-    """Load pytorch-fid's (or torch-fidelity's) FID Inception weights from a local file, strictly:
-    every weight of the network must be there with its shape; anything but the unused head is refused.
-    Pickled files are read with ``weights_only=True``; .safetensors files are read as they are."""
+    """Load pytorch-fid's (or torch-fidelity's) FID Inception weights from a local file, strictly: every
+    weight of the network must be there with its shape; anything but the unused head is refused. Pickled
+    files are read with ``weights_only=True``; .safetensors files are read as they are."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no Inception weight file at {path}: pass the path of pytorch-fid's "
                                 "pt_inception-2015-12-05-6726825d.pth")
     state = read_safetensors(path)[0] if path.suffix == ".safetensors" else read_pickle_weights_only(path)
-    state = {k: v for k, v in state.items() if k not in _UNUSED and not k.endswith(".num_batches_tracked")}
+    state = {k: v for k, v in state.items() if k not in _UNUSED}
     model = FIDInceptionV3()
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith(".num_batches_tracked")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k} {tuple(state[k].shape)} (want {tuple(expected[k])})"
-                   for k in set(expected) & set(state) if state[k].shape != expected[k])
-    if missing or unexpected or wrong:
-        parts = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                 if keys]
-        raise CheckpointError(f"{path} is not pytorch-fid's FID Inception weight file "
-                              f"(pt_inception-2015-12-05-6726825d.pth): " + "; ".join(parts))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    for key, counter in model.state_dict().items():  # older files lack batch norm's counters; they are unused
+        if key.endswith(".num_batches_tracked"):
+            state.setdefault(key, counter)
+    load_state_strict(model, state, f"{path} (expected pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
     return model.requires_grad_(False).eval()

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 INPUT_SIZE = 299
-FEATURES = 2048
 
 
 class BasicConv2d(nn.Module):

@@ -45,8 +45,6 @@ class VAETrainConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-DECODER_STEPS_SHAPES = 4000
-
 VAE_PRESETS = {
     "vae-tiny": VAETrainConfig(image_size=16, steps=20, batch_size=8, checkpoint_every=10, log_every=1,
                                vae=dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=2,
@@ -56,7 +54,7 @@ VAE_PRESETS = {
     # steps it rounds corners (squares read as circles, stars as triangles: ShapesEval of its
     # reconstructions 0.55); the decoder stage sharpens them in the same latent space.
     "vae-shapes": VAETrainConfig(image_size=64, steps=1500, batch_size=8, lr=1e-3, checkpoint_every=250,
-                                 decoder_steps=DECODER_STEPS_SHAPES,
+                                 decoder_steps=4000,
                                  vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
                                           norm_num_groups=8)),
 }
