@@ -159,7 +159,8 @@ def test_a1111_txt2img_shapes(client):
     r = client.post("/sdapi/v1/txt2img", json=body)
     assert r.status_code == 200, r.text
     data = r.json()
-    assert set(data) == {"images", "parameters", "info"} and len(data["images"]) == 2
+    assert set(data) == {"images", "parameters", "info", "warnings"} and len(data["images"]) == 2
+    assert data["warnings"] == []
     info = json.loads(data["info"])
     assert info["seed"] == 5 and info["all_seeds"] == [5, 6] and info["sampler_name"] == "DPM++ 2M"
     assert info["width"] == info["height"] == 16 and info["all_prompts"] == ["a green square"] * 2

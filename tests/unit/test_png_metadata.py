@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from imagine.io.png import a1111_parameters, free_path, parse_a1111, read_png_metadata, save_png
+from imagine.io.png import a1111_parameters, file_hash, parse_a1111, read_png_metadata, save_png, write_new
 
 A1111_SAMPLE = (
     "masterpiece, a (red:1.2) fox, forest\n"
@@ -37,7 +39,8 @@ def test_our_parameters_parse_back():
 
 def test_png_round_trip_and_a1111_images(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    path = save_png(tmp_path / "x.png", pixels, "p\nSteps: 1", {"settings": {"seed": 3}})
+    path = save_png(tmp_path, "x", pixels, "p\nSteps: 1", {"settings": {"seed": 3}})
+    assert path == tmp_path / "x.png"
     text, record = read_png_metadata(path)
     assert text == "p\nSteps: 1" and record["settings"]["seed"] == 3 and record["format"] == "imagine/1"
     assert np.array_equal(np.asarray(Image.open(path)), pixels)
@@ -48,8 +51,57 @@ def test_png_round_trip_and_a1111_images(tmp_path):
     assert text == A1111_SAMPLE and record is None
 
 
-def test_free_path_never_overwrites(tmp_path):
-    first = free_path(tmp_path, "img")
-    first.write_bytes(b"x")
-    second = free_path(tmp_path, "img")
-    assert first.name == "img.png" and second.name == "img-1.png"
+def test_write_new_never_overwrites_and_leaves_no_partial_files(tmp_path):
+    first = write_new(tmp_path, "img", b"first")
+    second = write_new(tmp_path, "img", b"second")
+    assert (first.name, second.name) == ("img.png", "img-1.png")
+    assert first.read_bytes() == b"first" and second.read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img-1.png", "img.png"]  # no temporary left behind
+
+
+def _writer(folder: str, tag: str, count: int, start) -> None:
+    start.wait()
+    for i in range(count):
+        write_new(Path(folder), "race", f"{tag}-{i}".encode() * 1000)
+
+
+def test_two_processes_writing_one_name_never_clobber_each_other(tmp_path):
+    """Two processes claim the same names at the same moment: every write lands in a file of its own."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), tag, 40, start)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    files = sorted(tmp_path.glob("race*.png"))
+    contents = sorted(f.read_bytes() for f in files)
+    expected = sorted(f"{tag}-{i}".encode() * 1000 for tag in ("a", "b") for i in range(40))
+    assert len(files) == 80 and contents == expected  # none lost, none overwritten, none torn
+
+
+def test_file_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    import imagine.io.png as png
+
+    calls = []
+    real = hashlib.sha256
+
+    def counting():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(png.hashlib, "sha256", counting)
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"weights")
+    assert file_hash(f) == real(b"weights").hexdigest()[:10]
+    assert file_hash(f, 64) == real(b"weights").hexdigest() and len(calls) == 1  # cached
+    f.write_bytes(b"other weights")
+    os.utime(f, ns=(1, 1))
+    assert file_hash(f) == real(b"other weights").hexdigest()[:10] and len(calls) == 2  # changed file: again

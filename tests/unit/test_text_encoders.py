@@ -90,7 +90,7 @@ def test_embeddings_are_cached_and_independent_of_the_batch(minilm):
     minilm._cache.clear()  # the encoder is shared: other tests may have encoded these prompts already
     calls = []
     original = minilm._window
-    minilm._window = lambda chunks: (calls.append(1), original(chunks))[1]
+    minilm._window = lambda chunks, skip: (calls.append(1), original(chunks, skip))[1]
     try:
         a = minilm.encode(["a blue star"])
         b = minilm.encode(["a blue star", "two green boxes", "a blue star"])
@@ -141,3 +141,19 @@ def test_clip_encoder_windows_and_clip_skip(tmp_path):
     assert not torch.allclose(out.context, penultimate.encode(["abc", "a" * 80]).context)
     with pytest.raises(ValueError, match="clip skip must be >= 1"):
         CLIPTextEncoder(folder, clip_skip=0)
+
+
+def test_a_text_encoder_folder_with_only_a_pickle_is_refused(tmp_path):
+    """Unpickling runs code: a .bin-only folder is refused, naming the file and how to convert it."""
+    from imagine.models.text_encoders import CLIPTextEncoder, require_safetensors
+
+    folder = tmp_path / "te"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin is a pickle.*safe_serialization=True"):
+        require_safetensors(folder)
+    with pytest.raises(ValueError, match="is a pickle"):
+        CLIPTextEncoder(folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    assert require_safetensors(folder) == folder

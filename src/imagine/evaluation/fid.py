@@ -193,3 +193,38 @@ def compare(generated: Features, reference: Features, subsets: int = 50, subset_
             seed: int = 0) -> Comparison:
     return Comparison(fid(generated, reference), kid(generated, reference, subsets, subset_size, seed),
                       len(generated.features), len(reference.features))
+
+
+def feature_extractor(features: str, clip: Path | None = None, inception: Path | None = None
+                      ) -> tuple[Extractor, str]:
+    """(extractor, its identity for the cache) for ``features`` = "clip" (a CLIP-style model folder,
+    default the shipped shapes scorer) or "inception" (pytorch-fid's weight file, which the user has)."""
+    from imagine.io.png import file_hash
+    from imagine.models import load_clip, load_fid_inception
+
+    if features == "inception":
+        if inception is None:
+            raise ValueError("Inception features need pytorch-fid's weight file, and imagine downloads nothing: "
+                             "pass --inception PATH/pt_inception-2015-12-05-6726825d.pth (pytorch-fid's GitHub "
+                             "releases), or use --features clip")
+        return load_fid_inception(inception), f"inception:{file_hash(inception, 16)}"
+    if features != "clip":
+        raise ValueError(f"feature space {features!r} unknown; choose clip or inception")
+    from imagine.weights import default_clip
+
+    clip_dir = Path(clip) if clip is not None else default_clip()
+    return load_clip(clip_dir).fid_features, f"clip:{file_hash(clip_dir / 'model.safetensors', 16)}"
+
+
+def reference_source(reference: str, generated: Path, size: int | None, count: int
+                     ) -> tuple[str, Callable[[], Iterable[np.ndarray]]]:
+    """(source identity for the cache, a function giving its image batches) for a reference folder or
+    builtin:shapes (held-out scenes rendered at the generated images' size, or ``size``)."""
+    from PIL import Image
+
+    first_image = folder_images(generated)[0]  # a missing or empty folder fails before any work
+    if reference == "builtin:shapes":
+        with Image.open(first_image) as first:
+            side = size or first.width
+        return f"builtin:shapes:{side}:{count}", lambda: shapes_reference_batches(side, count)
+    return f"{folder_id(Path(reference))}:{size}", lambda: folder_batches(Path(reference), size)

@@ -195,3 +195,21 @@ def evaluate(prompts: Sequence[EvalPrompt], make_images: Callable[[list[EvalProm
         if progress is not None:
             progress(len(chunk))
     return Report(verdicts)
+
+
+def evaluate_model(model, text_encoder, prompts: Sequence[EvalPrompt], settings, rerank: int = 1, scorer=None,
+                   progress: Callable[[int], None] | None = None) -> Report:
+    """ShapesEval of a text-to-image model: one image per prompt, made with ``settings`` (a pipelines
+    Settings; its prompt and seed are each prompt's), or the best of ``rerank`` candidates by ``scorer``."""
+    from dataclasses import replace
+
+    from imagine.pipelines.request import Request, run
+
+    def make_images(chunk):
+        images = []
+        for p in chunk:
+            request = Request("txt2img", replace(settings, prompt=p.prompt, seed=p.seed, n=1), rerank=rerank)
+            images.append(run(request, model, text_encoder, scorer=scorer)[0].pixels)
+        return np.stack(images)
+
+    return evaluate(prompts, make_images, progress=progress)

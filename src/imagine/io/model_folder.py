@@ -80,3 +80,28 @@ def load_model_folder(path: Path | str) -> DiffusionModel:
     unet = load_unet(path / "unet")
     vae = load_vae(path / "vae") if spec.latent else None
     return DiffusionModel(unet, vae, spec, path)
+
+
+def export_model(model: Path | str, out: Path | str, dtype: str = "fp16") -> int:
+    """Copy a model folder for distribution: UNet (its EMA weights), VAE and spec only, in ``dtype``
+    (fp16, bf16 or fp32); training state, checkpoints, samples and logs stay behind. The folder appears
+    whole or not at all. Returns its size in bytes."""
+    import shutil
+
+    from imagine.models import save_unet, save_vae
+
+    model, out = Path(model), Path(out)
+    if dtype not in ("fp16", "bf16", "fp32"):
+        raise ValueError(f"dtype {dtype!r} unknown; choose fp16, bf16 or fp32")
+    if out.exists():
+        raise ValueError(f"{out} exists; export writes a fresh folder")
+    loaded = load_model_folder(model)
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_unet(loaded.unet, tmp / "unet", None if dtype == "fp32" else dtype)
+    if loaded.vae is not None:
+        save_vae(loaded.vae, tmp / "vae", None if dtype == "fp32" else dtype)
+    (tmp / SPEC_NAME).write_bytes((model / SPEC_NAME).read_bytes())
+    tmp.rename(out)
+    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

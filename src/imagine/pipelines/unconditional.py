@@ -93,3 +93,24 @@ def grid(images: np.ndarray, rows: int) -> np.ndarray:
         r, col = divmod(i, cols)
         out[r * (h + 2): r * (h + 2) + h, col * (w + 2): col * (w + 2) + w] = images[i]
     return out
+
+
+def sample_images(model: DiffusionModel, seeds: list[int], steps: int | None = None, sampler: str | None = None,
+                  class_label: int | str | None = None, cfg: float = 1.0) -> list:
+    """What `imagine sample` writes: one described image (a request.Generated) per seed, at the model's
+    default steps and sampler where None is given."""
+    from imagine.pipelines.generate import Settings, describe
+    from imagine.pipelines.request import Generated
+
+    label = class_index(model, class_label)
+    steps = steps or model.spec.default_steps
+    sampler = sampler or model.spec.default_sampler
+    images = to_uint8(generate(model, seeds, steps=steps, sampler=sampler, class_label=label, cfg=cfg))
+    prompt = f"class {model.spec.class_names[label]}" if label is not None else ""
+    out = []
+    for s, pixels in zip(seeds, images, strict=True):
+        settings = Settings(prompt=prompt, steps=steps, sampler=sampler, cfg_scale=cfg, seed=s)
+        parameters, record = describe(model, settings, "sample", 0, None, {"class": label})
+        stem = f"{s:06d}" + (f"_class{label}" if label is not None else "")
+        out.append(Generated(pixels, s, parameters, record, stem))
+    return out

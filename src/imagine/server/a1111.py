@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Body
-from PIL import ImageOps
+from fastapi.concurrency import run_in_threadpool
 
 from imagine import __version__
 from imagine.io.png import parse_a1111
@@ -46,83 +46,167 @@ def _scheduler(value: str | None) -> str | None:
                        f"{', '.join(label for label, _, _ in SCHEDULERS.values())}")
 
 
+# A1111 request fields that change results and that imagine does not implement: accepted only at a value
+# that does nothing (their defaults), refused otherwise with a 422 that names them.
+UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "subseed_strength": ((0, 0.0, None), "variation seeds"),
+    "seed_resize_from_h": ((-1, 0, None), "seed resize"),
+    "seed_resize_from_w": ((-1, 0, None), "seed resize"),
+    "restore_faces": ((False, None), "face restoration (it needs GFPGAN/CodeFormer weights)"),
+    "tiling": ((False, None), "tiling"),
+    "s_churn": ((0, 0.0, None), "sampler churn"),
+    "s_tmin": ((0, 0.0, None), "sampler churn range"),
+    "s_tmax": ((None, 0, 0.0), "sampler churn range"),
+    "s_noise": ((1, 1.0, None), "sampler noise multiplier"),
+    "s_min_uncond": ((0, 0.0, None), "negative guidance minimum sigma"),
+    "initial_noise_multiplier": ((1, 1.0, None), "initial noise multiplier"),
+    "refiner_checkpoint": ((None, "", "None"), "a refiner"),
+    "enable_hr": ((False, None), "hires fix"),
+    "firstpass_image": ((None, ""), "a first-pass image"),
+    "script_name": ((None, ""), "scripts"),
+    "alwayson_scripts": ((None, {}), "always-on scripts (extensions)"),
+    "infotext": ((None, ""), "infotext parameters"),
+    "latent_mask": ((None, ""), "a separate latent mask"),
+}
+# Fields that change nothing here (or only alongside a refused one above): accepted quietly.
+NO_EFFECT = frozenset({
+    "send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "disable_extra_networks", "comments",
+    "force_task_id", "override_settings_restore_afterwards", "subseed", "refiner_switch_at", "script_args",
+    "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
+    "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+    "image_cfg_scale", "mask_round", "include_init_images", "sampler_index", "batch_size", "n_iter",
+})
+# override_settings keys (and /options) applied per request
+OVERRIDES = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "samples_format")
+RESIZE_MODES = g.RESIZE_MODES  # A1111's resize_mode 0..3
+INPAINT_FILLS = g.INPAINT_FILLS  # A1111's inpainting_fill 0..3
+
+
+def _check_fields(body: A1111Txt2Img, sampler: str) -> list[str]:
+    """Refuse what would change results and is not implemented; return warnings for unknown fields."""
+    extra = dict(body.model_extra or {})
+    refused, warnings = [], []
+    if body.styles:
+        refused.append(f"styles={json.dumps(body.styles)[:40]} (this server defines no styles)")
+    for name, value in extra.items():
+        if name in UNSUPPORTED:
+            harmless, what = UNSUPPORTED[name]
+            if value not in harmless:
+                refused.append(f"{name}={json.dumps(value)[:40]} ({what})")
+        elif name == "eta":
+            stochastic = SAMPLERS[resolve(sampler)[0]].stochastic
+            if value is not None and stochastic and float(value) != 1.0:
+                refused.append(f"eta={value} (this server's stochastic samplers run at eta 1)")
+            elif value is not None and resolve(sampler)[0] == "ddim" and float(value) != 0.0:
+                refused.append(f"eta={value} (DDIM runs at eta 0 here)")
+        elif name in ("mask_blur_x", "mask_blur_y"):
+            if value is not None and value != getattr(body, "mask_blur", value):
+                refused.append(f"{name}={value} (a mask blur other than mask_blur={getattr(body, 'mask_blur', 4)}:"
+                               " one radius for both axes)")
+        elif name not in NO_EFFECT:
+            warnings.append(f"unknown field {name!r} ignored")
+    if refused:
+        raise RequestError("not supported by this server, so refused rather than ignored: " + "; ".join(refused)
+                           + ". Leave them out or at their defaults.")
+    return warnings
+
+
 def router(service: Service) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 
-    def job_request(body: A1111Txt2Img, kind: str) -> dict[str, Any]:
+    def job_request(body: A1111Txt2Img, kind: str) -> tuple[dict[str, Any], list[str]]:
         sampler = body.sampler_name or body.sampler_index or "DPM++ 2M"
         try:
             resolve(sampler)
         except ValueError as err:
             raise RequestError(str(err)) from None
-        override = body.override_settings or {}
+        warnings = _check_fields(body, sampler)
+        override = dict(body.override_settings or {})
+        unknown = sorted(set(override) - set(OVERRIDES))
+        if unknown:
+            raise RequestError(f"override_settings {unknown} are not supported here; supported: {list(OVERRIDES)}")
+        options = {**service.options, **override}
+        if str(options["samples_format"]).lower() != "png":
+            raise RequestError(f"samples_format {options['samples_format']!r} is not supported: imagine writes PNG, "
+                               "which carries the parameters that reproduce each image")
+        try:
+            clip_skip, ensd = int(options["CLIP_stop_at_last_layers"]), int(options["eta_noise_seed_delta"])
+        except (TypeError, ValueError):
+            raise RequestError("CLIP_stop_at_last_layers and eta_noise_seed_delta must be integers") from None
         request = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
                    "sampler": sampler, "schedule": _scheduler(body.scheduler), "cfg_scale": body.cfg_scale,
                    "seed": body.seed, "n": body.batch_size * body.n_iter, "width": body.width,
-                   "height": body.height, "model": override.get("sd_model_checkpoint"), "previews": True}
+                   "height": body.height, "model": override.get("sd_model_checkpoint"), "previews": True,
+                   "clip_skip": clip_skip if clip_skip > 1 else None, "noise_seed_delta": ensd}
         if kind != "txt2img":
             request["strength"] = body.denoising_strength if body.denoising_strength is not None else 0.75
-        return request
+            request["init_image"] = body.init_images[0]
+            request["resize_mode"] = RESIZE_MODES[body.resize_mode]
+            if len(body.init_images) > 1:
+                warnings.append(f"init_images has {len(body.init_images)} images; the first is used")
+        if kind == "inpaint":
+            request.update(mask=body.mask, mask_blur=body.mask_blur, inpaint_fill=INPAINT_FILLS[body.inpainting_fill],
+                           inpaint_only_masked=body.inpaint_full_res, inpaint_padding=body.inpaint_full_res_padding,
+                           mask_invert=bool(body.inpainting_mask_invert))
+        return request, warnings
 
-    async def run(job: Job) -> Job:
-        service.queue.submit(job)
+    async def submit(body: A1111Txt2Img, kind: str) -> tuple[Job, list[str]]:
+        """Build and queue the job off the event loop: decoding a large image and loading a model on first
+        use take seconds, during which other requests and event streams must go on."""
+        request, warnings = job_request(body, kind)
+        job = await run_in_threadpool(service.submit, request, kind, save=body.save_images)
         while not job.done:
             await asyncio.sleep(0.02)
         if job.status == "failed":
             raise RequestError(f"generation failed: {job.error}", 422 if job.bad_request else 500)
-        return job
+        return job, warnings
 
     def info(job: Job, body: A1111Txt2Img) -> str:
         req, entry = job.request, service.store.lookup(job.model)
-        settings = job.inputs["settings"]
-        name, implied = resolve(settings.sampler)
-        schedule = settings.schedule or implied
-        n = settings.n
+        images = job.images
+        first = images[0].record["settings"] if images else {}
+        name, implied = resolve(req["sampler"] or entry.spec.default_sampler)
+        schedule = req.get("schedule") or implied
+        n = req["n"]
         seeds = [req["seed"] + i for i in range(n)]
-        width, height = g.output_size(service.store.get(job.model)[0], settings)
+        width = first.get("width") or req.get("width") or entry.spec.image_size
+        height = first.get("height") or req.get("height") or entry.spec.image_size
         out = {
-            "prompt": settings.prompt, "all_prompts": [settings.prompt] * n,
-            "negative_prompt": settings.negative_prompt, "all_negative_prompts": [settings.negative_prompt] * n,
+            "prompt": req["prompt"], "all_prompts": [req["prompt"]] * n,
+            "negative_prompt": req["negative_prompt"], "all_negative_prompts": [req["negative_prompt"]] * n,
             "seed": req["seed"], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
             "width": width, "height": height, "sampler_name": a1111_name(name),
-            "cfg_scale": settings.cfg_scale, "steps": settings.steps, "batch_size": body.batch_size,
-            "restore_faces": False, "face_restoration_model": None, "sd_model_name": entry.name,
-            "sd_model_hash": entry.short_hash, "sd_vae_name": None, "sd_vae_hash": None,
+            "cfg_scale": first.get("cfg_scale", req["cfg_scale"]), "steps": first.get("steps", req["steps"]),
+            "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
+            "sd_model_name": entry.name, "sd_model_hash": entry.short_hash, "sd_vae_name": None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": settings.strength if job.kind != "txt2img" else None,
+            "denoising_strength": req.get("strength") if job.kind != "txt2img" else None,
             "extra_generation_params": {"Schedule type": "Karras" if schedule == "karras" else "Automatic"},
-            "index_of_first_image": 0, "infotexts": [im.parameters for im in job.images], "styles": body.styles or [],
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)), "clip_skip": 1,
-            "is_using_inpainting_conditioning": False, "version": f"imagine {__version__}",
-            "interrupted": job.status == "cancelled",
+            "index_of_first_image": 0, "infotext": images[0].parameters if images else "",
+            "infotexts": [im.parameters for im in images], "styles": [],
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+            "clip_skip": req.get("clip_skip") or 1, "is_using_inpainting_conditioning": False,
+            "version": f"imagine {__version__}", "interrupted": job.status == "cancelled",
         }
         return json.dumps(out)
 
-    def response(job: Job, body: A1111Txt2Img, echo: dict[str, Any]) -> A1111ImageResponse:
+    def response(job: Job, body: A1111Txt2Img, echo: dict[str, Any], warnings: list[str]) -> A1111ImageResponse:
         images = [png_base64(im.png) for im in job.images] if body.send_images else []
-        return A1111ImageResponse(images=images, parameters=echo, info=info(job, body))
+        return A1111ImageResponse(images=images, parameters=echo, info=info(job, body), warnings=warnings)
 
     @api.post("/txt2img", response_model=A1111ImageResponse)
     async def txt2img(body: A1111Txt2Img) -> A1111ImageResponse:
-        job = service.make_job(job_request(body, "txt2img"), "txt2img", save=body.save_images)
-        return response(await run(job), body, body.model_dump())
+        job, warnings = await submit(body, "txt2img")
+        return response(job, body, body.model_dump(), warnings)
 
     @api.post("/img2img", response_model=A1111ImageResponse)
     async def img2img(body: A1111Img2Img) -> A1111ImageResponse:
-        """With a `mask`, inpainting (white = regenerate)."""
-        kind = "inpaint" if body.mask else "img2img"
-        request = job_request(body, kind)
-        request["init_image"] = body.init_images[0]
-        if body.mask:
-            request["mask"] = body.mask
-            request["mask_blur"] = body.mask_blur
-        job = service.make_job(request, kind, save=body.save_images)
-        if body.mask and body.inpainting_mask_invert:  # A1111: 1 = regenerate where the mask is black
-            job.inputs["mask"] = ImageOps.invert(job.inputs["mask"].convert("L"))
+        """With a `mask`, inpainting (white = regenerate; black with inpainting_mask_invert = 1)."""
+        job, warnings = await submit(body, "inpaint" if body.mask else "img2img")
         echo = body.model_dump()
         if not body.include_init_images:
             echo["init_images"], echo["mask"] = None, None
-        return response(await run(job), body, echo)
+        return response(job, body, echo, warnings)
 
     @api.post("/png-info", response_model=PngInfoResponse)
     def png_info(body: PngInfoRequest) -> PngInfoResponse:
@@ -172,6 +256,12 @@ def router(service: Service) -> APIRouter:
         if unknown:
             raise RequestError(f"options {unknown} are not supported here; supported: "
                                f"{sorted(['sd_model_checkpoint', *service.options])}", 400)
+        if "samples_format" in body and str(body["samples_format"]).lower() != "png":
+            raise RequestError("samples_format: imagine writes PNG only (it carries the parameters that reproduce "
+                               "each image)", 400)
+        for key, low in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", None)):
+            if key in body and (not isinstance(body[key], int) or (low is not None and body[key] < low)):
+                raise RequestError(f"{key} must be an integer" + (f" >= {low}" if low is not None else ""), 400)
         service.options.update({k: v for k, v in body.items() if k in service.options})
         return None
 

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -105,6 +106,7 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await run_in_threadpool(service.recover)  # jobs from before a restart: failed or queued again
         service.queue.start()
         yield
         service.queue.stop()
@@ -132,7 +134,8 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     def job_or_404(job_id: str) -> Job:
         job = service.queue.get(job_id)
         if job is None:
-            raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept for the last 256)")
+            raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept up to the server's --max-kept-mb of "
+                                     "images, the oldest forgotten first)")
         return job
 
     def job_out(job: Job, request: Request, with_base64: bool = True) -> JobOut:
@@ -146,7 +149,7 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     @app.post("/api/v1/jobs", response_model=JobCreated, status_code=202, tags=["jobs"])
     def create_job(body: JobRequest, request: Request) -> JobCreated:
         """Queue a txt2img, img2img or inpaint job; 429 with Retry-After when the queue is full."""
-        job = service.queue.submit(service.make_job(body.model_dump(), body.kind))
+        job = service.submit(body.model_dump(), body.kind)
         return JobCreated(id=job.id, status=job.status, url=str(request.url_for("get_job", job_id=job.id)))
 
     @app.get("/api/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
@@ -209,7 +212,8 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     @app.get("/api/v1/status", tags=["server"])
     def server_status() -> dict:
         return {"version": __version__, "jobs": service.queue.counts(), "max_queue": service.queue.max_queue,
-                "limits": service.limits.__dict__}
+                "limits": service.limits.__dict__, "kept_bytes": service.queue.store.kept_bytes(),
+                "models_loaded": service.store.loads}
 
     app.include_router(a1111.router(service))
 

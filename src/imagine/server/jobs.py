@@ -2,7 +2,11 @@
 
 Jobs share no mutable state: each carries its own request, progress, previews and results; the worker
 runs them one by one and records any exception on the job that raised it, then moves on. Readers
-(status polls, event streams) see a version counter that grows with every change."""
+(status polls, event streams) see a version counter that grows with every change.
+
+Only live jobs (queued or running) are held in memory; every job is also a row in the JobStore, and a
+finished job lives on there alone, with its images, within the store's byte bound. A job's decoded
+inputs are let go the moment it ends."""
 
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from imagine.server.jobstore import TERMINAL, JobStore
+
 Status = Literal["queued", "running", "done", "failed", "cancelled"]
-TERMINAL = ("done", "failed", "cancelled")
 
 
 @dataclass
@@ -31,9 +36,10 @@ class ImageResult:
 @dataclass
 class Job:
     kind: str
-    request: dict[str, Any]  # validated settings, images decoded into ``inputs``
+    request: dict[str, Any]  # the settings as clients see them (no images)
     model: str
-    inputs: dict[str, Any] = field(default_factory=dict, repr=False)
+    inputs: dict[str, Any] = field(default_factory=dict, repr=False)  # the pipeline Request; cleared at the end
+    save: bool = True  # write the PNGs to the output folder too
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: Status = "queued"
     progress: float = 0.0
@@ -65,6 +71,16 @@ class Job:
         elapsed = time.time() - self.started
         return elapsed * (1 - self.progress) / self.progress
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Job:
+        """A finished job as the store keeps it."""
+        images = [ImageResult(im["png"], im["seed"], im["parameters"], im["record"], im["path"])
+                  for im in row["images"]]
+        return cls(kind=row["kind"], request=row["request"], model=row["model"], save=row["save"], id=row["id"],
+                   status=row["status"], error=row["error"], bad_request=row["bad_request"], images=images,
+                   created=row["created"], started=row["started"], finished=row["finished"],
+                   progress=1.0 if row["status"] == "done" else 0.0)
+
 
 class QueueFull(Exception):
     def __init__(self, limit: int, retry_after: int):
@@ -74,13 +90,13 @@ class QueueFull(Exception):
 
 class JobQueue:
     """``runner(job)`` does the work and fills ``job.images``; it may raise (the job fails) or raise
-    ``Cancelled`` (the job is cancelled). Finished jobs are kept (the last ``keep``) for their results."""
+    ``Cancelled`` (the job is cancelled). Finished jobs are kept in ``store``."""
 
-    def __init__(self, runner: Callable[[Job], None], max_queue: int = 16, keep: int = 256,
+    def __init__(self, runner: Callable[[Job], None], store: JobStore, max_queue: int = 16,
                  cancelled_error: type[BaseException] = Exception):
-        self.runner, self.max_queue, self.keep = runner, max_queue, keep
+        self.runner, self.store, self.max_queue = runner, store, max_queue
         self._cancelled_error = cancelled_error
-        self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._live: dict[str, Job] = {}  # queued and running
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
@@ -102,13 +118,16 @@ class JobQueue:
             self._thread = None
 
     # -- client side
-    def submit(self, job: Job) -> Job:
+    def submit(self, job: Job, payload: dict[str, Any], *, restored: bool = False) -> Job:
+        """Queue a job; ``payload`` is the request as received (kept in the store while the job waits, so a
+        restarted server can run it). ``restored``: a job the store already holds, queued again at start-up."""
         with self._lock:
-            waiting = sum(1 for j in self._jobs.values() if j.status == "queued")
-            if waiting >= self.max_queue:
+            waiting = sum(1 for j in self._live.values() if j.status == "queued")
+            if waiting >= self.max_queue and not restored:
                 raise QueueFull(self.max_queue, self.retry_after(waiting))
-            self._jobs[job.id] = job
-            self._forget_old()
+            if not restored:
+                self.store.insert(job, payload)
+            self._live[job.id] = job
         self._queue.put(job)
         return job
 
@@ -117,26 +136,32 @@ class JobQueue:
         return max(1, round(mean * (waiting + 1)))
 
     def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
+        job = self._live.get(job_id)
+        if job is not None:
+            return job
+        row = self.store.load(job_id)
+        return Job.from_row(row) if row is not None else None
 
     def cancel(self, job: Job) -> None:
         """Queued: cancelled now. Running: cancelled at the end of its current step."""
         job.cancel_event.set()
         with self._lock:
-            if job.status == "queued":
+            if job.status == "queued" and job.id in self._live:
                 job.update(status="cancelled", finished=time.time())
+                self._end(job)
 
     def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(("queued", "running", "done", "failed", "cancelled"), 0)
-        for job in list(self._jobs.values()):
-            out[job.status] += 1
-        return out
+        return self.store.counts()
 
     # -- worker side
-    def _forget_old(self) -> None:
-        finished = [k for k, j in self._jobs.items() if j.done]
-        for key in finished[: max(0, len(finished) - self.keep)]:
-            del self._jobs[key]
+    def _end(self, job: Job) -> None:
+        """A job reached a terminal status: record it, let go of its inputs and of it."""
+        request = job.inputs.get("request")
+        if request is not None:
+            request.release()
+        job.inputs.clear()
+        self.store.finished(job)
+        self._live.pop(job.id, None)
 
     def _work(self) -> None:
         while True:
@@ -148,6 +173,7 @@ class JobQueue:
                     continue
                 job.update(status="running", started=time.time())
                 self.current = job
+            self.store.started(job)
             try:
                 self.runner(job)
             except self._cancelled_error:
@@ -159,6 +185,8 @@ class JobQueue:
             else:
                 job.update(status="done", progress=1.0, finished=time.time())
             finally:
-                self.current = None
+                with self._lock:
+                    self._end(job)
+                    self.current = None
                 if job.started is not None:
                     self._durations.append(time.time() - job.started)

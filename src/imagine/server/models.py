@@ -1,4 +1,6 @@
-"""The models a server offers: looked up by name (never joined into paths), loaded once, shared read-only."""
+"""The models a server offers: looked up by name (never joined into paths), loaded once on first use,
+shared read-only. At start-up only each folder's spec is read (and its weight files checked), so a
+server with many models starts at once and holds in memory only the models it has served."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagine.io.model_folder import DiffusionModel, DiffusionSpec, load_model_folder
+from imagine.io.checkpoint import CheckpointError, read_json
+from imagine.io.model_folder import SPEC_NAME, DiffusionModel, DiffusionSpec
 from imagine.io.png import file_hash
 
 
@@ -14,8 +17,16 @@ from imagine.io.png import file_hash
 class ModelEntry:
     name: str
     path: Path
-    sha256: str  # of the UNet weights, as A1111 hashes a checkpoint file
     spec: DiffusionSpec  # the model's defaults (steps, sampler, guidance) fill what a request leaves out
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "unet" / "model.safetensors"
+
+    @property
+    def sha256(self) -> str:
+        """Of the UNet weights, as A1111 hashes a checkpoint file: computed on first use, once per file."""
+        return file_hash(self.weights, length=64)
 
     @property
     def short_hash(self) -> str:
@@ -35,18 +46,15 @@ class ModelStore:
         self._entries: dict[str, ModelEntry] = {}
         for folder in folders:
             folder = Path(folder)
-            probe = load_model_folder(folder)  # fail at start-up, not at the first request
-            if probe.spec.text_encoder is None:
-                raise ValueError(f"{folder} is not a text-to-image model (it has no text encoder); "
-                                 "serve a model trained with a t2i preset")
+            spec = _probe(folder)  # a wrong folder fails at start-up, not at the first request
             name, k = folder.name or "model", 2
             while name in self._entries:
                 name, k = f"{folder.name}-{k}", k + 1
-            self._entries[name] = ModelEntry(name, folder, file_hash(folder / "unet" / "model.safetensors", length=64),
-                                              probe.spec)
+            self._entries[name] = ModelEntry(name, folder, spec)
         self.current = next(iter(self._entries))
         self._loaded: dict[str, tuple[DiffusionModel, object]] = {}
         self._lock = threading.Lock()
+        self.loads = 0  # models read from disk so far (each at most once)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -69,15 +77,30 @@ class ModelStore:
         return entry
 
     def get(self, name: str) -> tuple[DiffusionModel, object]:
-        """(model, text encoder), loaded on first use and kept."""
-        from imagine.models.text_encoders import load_text_encoder
+        """(model, text encoder), loaded on first use and kept: each model is read from disk once."""
+        from imagine.pipelines.request import load_text_model
 
         entry = self.lookup(name)
         with self._lock:
             if entry.name not in self._loaded:
-                model = load_model_folder(entry.path)
-                model.unet.eval()
-                if model.vae is not None:
-                    model.vae.eval()
-                self._loaded[entry.name] = (model, load_text_encoder(model.spec.text_encoder))
+                self._loaded[entry.name] = load_text_model(entry.path)
+                self.loads += 1
             return self._loaded[entry.name]
+
+    def is_loaded(self, name: str) -> bool:
+        return self.lookup(name).name in self._loaded
+
+
+def _probe(folder: Path) -> DiffusionSpec:
+    """A model folder's spec, and a check that its weight files are there, without reading the weights."""
+    if not (folder / SPEC_NAME).is_file():
+        raise CheckpointError(f"{folder} has no {SPEC_NAME}: is it an imagine model folder?")
+    spec = DiffusionSpec.from_dict(read_json(folder / SPEC_NAME))
+    if spec.text_encoder is None:
+        raise ValueError(f"{folder} is not a text-to-image model (it has no text encoder); "
+                         "serve a model trained with a t2i preset")
+    needed = ["unet"] + (["vae"] if spec.latent else [])
+    for part in needed:
+        if not (folder / part / "model.safetensors").is_file():
+            raise CheckpointError(f"{folder} has no {part}/model.safetensors: the model folder is incomplete")
+    return spec

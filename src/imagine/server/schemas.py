@@ -26,6 +26,16 @@ class JobRequest(BaseModel):
     height: int | None = Field(None, ge=8)
     strength: float = Field(0.75, gt=0, le=1)
     mask_blur: int = Field(4, ge=0, le=64)
+    resize_mode: Literal["just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale"] = Field(
+        "just_resize", description="img2img/inpaint: how the init image meets the output size")
+    inpaint_fill: Literal["fill", "original", "latent_noise", "latent_nothing"] = Field(
+        "original", description="inpaint: what the masked region starts from")
+    inpaint_only_masked: bool = Field(False, description="inpaint the mask's box at full size, paste it back")
+    inpaint_padding: int = Field(32, ge=0, le=1024, description="pixels around the mask's box (only masked)")
+    mask_invert: bool = Field(False, description="inpaint where the mask is black")
+    clip_skip: int | None = Field(None, ge=1, le=12, description="text states from the N-th last layer; "
+                                                               "default: the model's")
+    noise_seed_delta: int = Field(0, description="stochastic samplers' noise from seed + delta (A1111's ENSD)")
     init_image: str | None = None
     mask: str | None = None
     model: str | None = Field(None, description="a name from GET /api/v1/models; default: the current model")
@@ -60,11 +70,11 @@ class JobOut(BaseModel):
     request: dict[str, Any]
 
 
-# ---- AUTOMATIC1111 (stable-diffusion-webui modules/api/models.py). Unknown fields are ignored, as A1111's
-# generated models accept the many options its scripts and extensions send.
+# ---- AUTOMATIC1111 (stable-diffusion-webui modules/api/models.py). Fields we do not model are kept (extra
+# "allow") so the endpoint can refuse the ones that would change results, and name the rest in `warnings`.
 
 class A1111Txt2Img(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     prompt: str = Field("", max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
@@ -89,10 +99,12 @@ class A1111Img2Img(A1111Txt2Img):
     init_images: list[str] = Field(..., min_length=1)
     mask: str | None = None
     mask_blur: int = Field(4, ge=0, le=64)
-    resize_mode: int = 0
-    inpainting_fill: int = 1
-    inpaint_full_res: bool = False
-    inpainting_mask_invert: int = 0
+    resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, "
+                                                        "3 just resize (latent upscale)")
+    inpainting_fill: int = Field(1, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool = Field(False, description="Inpaint area: Only masked")
+    inpaint_full_res_padding: int = Field(32, ge=0, le=1024)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
 
 
@@ -100,6 +112,8 @@ class A1111ImageResponse(BaseModel):
     images: list[str]
     parameters: dict[str, Any]
     info: str
+    warnings: list[str] = Field(default_factory=list, description="fields sent that this server does not know "
+                                                                  "and did not use (imagine's addition)")
 
 
 class PngInfoRequest(BaseModel):

@@ -6,6 +6,7 @@ import base64
 import binascii
 import io
 import secrets
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,18 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from imagine.io.png import encode_png, free_path
 from imagine.pipelines import generate as g
+from imagine.pipelines.request import Request, run, save
 from imagine.pipelines.unconditional import to_uint8
 from imagine.server.jobs import ImageResult, Job, JobQueue
+from imagine.server.jobstore import JobStore
 from imagine.server.models import ModelStore
+
+# request fields that pass straight into the pipeline Settings when given
+SETTINGS_FIELDS = ("strength", "mask_blur", "resize_mode", "inpaint_fill", "inpaint_only_masked", "inpaint_padding",
+                   "mask_invert", "clip_skip", "noise_seed_delta")
+# A1111's /sdapi/v1/options that change results here, with their defaults
+A1111_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0}
 
 
 class RequestError(ValueError):
@@ -36,6 +44,7 @@ class Limits:
     max_batch: int = 8  # images per request
     max_request_bytes: int = 16 * 1024 * 1024
     max_input_pixels: int = 2048 * 2048  # init images and masks, before resizing
+    max_kept_bytes: int = 256 * 1024 * 1024  # finished jobs' PNGs kept in the job store
 
 
 def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
@@ -72,14 +81,16 @@ def preview_png(pixels: np.ndarray) -> bytes:
 class Service:
     def __init__(self, store: ModelStore, out_dir: Path | None, limits: Limits, max_queue: int):
         self.store, self.out_dir, self.limits = store, out_dir, limits
-        self.queue = JobQueue(self.run, max_queue=max_queue, cancelled_error=g.Cancelled)
-        self.options: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1,
-                                        "eta_noise_seed_delta": 0}
+        jobs = JobStore(out_dir / "jobs.sqlite" if out_dir is not None else None, limits.max_kept_bytes)
+        self.queue = JobQueue(self.run, jobs, max_queue=max_queue, cancelled_error=g.Cancelled)
+        self.options: dict[str, Any] = dict(A1111_OPTIONS)
 
     # -- building jobs
-    def make_job(self, request: dict[str, Any], kind: str, *, save: bool = True) -> Job:
-        """Check a request against the model and the limits, decode its images: a Job ready to queue.
-        Raises RequestError naming what is wrong."""
+    def make_job(self, request: dict[str, Any], kind: str, *, save: bool = True, job_id: str | None = None,
+                 created: float | None = None) -> Job:
+        """Check a request (our job API's fields, as a dict) against the model and the limits and decode its
+        images: a Job ready to queue. Raises RequestError naming what is wrong. Runs model loading and image
+        decoding: call it off the event loop."""
         try:
             entry = self.store.lookup(request.get("model"))
         except KeyError as err:
@@ -88,12 +99,15 @@ class Service:
         seed = request.get("seed")
         if seed is None or seed == -1:
             seed = secrets.randbelow(2**31)
-        settings = g.Settings(
-            prompt=request["prompt"], negative_prompt=request["negative_prompt"], schedule=request.get("schedule"),
-            guidance_rescale=request.get("guidance_rescale", 0.0), seed=seed, n=request["n"],
-            width=request.get("width"), height=request.get("height"), strength=request.get("strength", 0.75),
-            mask_blur=request.get("mask_blur", 4),
-        ).with_model_defaults(entry.spec, request.get("steps"), request.get("sampler"), request.get("cfg_scale"))
+        try:
+            settings = g.Settings(
+                prompt=request["prompt"], negative_prompt=request["negative_prompt"],
+                schedule=request.get("schedule"), guidance_rescale=request.get("guidance_rescale", 0.0), seed=seed,
+                n=request["n"], width=request.get("width"), height=request.get("height"),
+                **{k: request[k] for k in SETTINGS_FIELDS if request.get(k) is not None},
+            ).with_model_defaults(entry.spec, request.get("steps"), request.get("sampler"), request.get("cfg_scale"))
+        except TypeError as err:
+            raise RequestError(str(err)) from None
         if settings.steps > lim.max_steps:
             raise RequestError(f"steps {settings.steps} is over the limit max_steps={lim.max_steps}")
         if request["n"] > lim.max_batch:
@@ -102,41 +116,58 @@ class Service:
             settings.validate()
         except ValueError as err:
             raise RequestError(str(err)) from None
-        inputs: dict[str, Any] = {}
+        init = mask = None
         if kind in ("img2img", "inpaint"):
             if not request.get("init_image"):
                 raise RequestError(f"{kind} needs an init image")
-            inputs["init"] = decode_image(request["init_image"], "the init image", lim)
-            if settings.width is None and settings.height is None:
-                settings = replace(settings, width=inputs["init"].width, height=inputs["init"].height)
+            init = decode_image(request["init_image"], "the init image", lim)
         if kind == "inpaint":
             if not request.get("mask"):
                 raise RequestError("inpaint needs a mask (white = regenerate, black = keep)")
-            inputs["mask"] = decode_image(request["mask"], "the mask", lim)
-            if inputs["mask"].size != inputs["init"].size:
-                raise RequestError(f"the mask is {inputs['mask'].width}x{inputs['mask'].height} but the image is "
-                                   f"{inputs['init'].width}x{inputs['init'].height}: they must be the same size")
-        w, h = self._output_size(entry.name, settings)
+            mask = decode_image(request["mask"], "the mask", lim)
+        model, _ = self.store.get(entry.name)
+        try:
+            checked = Request(kind, settings, init_image=init, mask=mask).check(model)
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        w, h = g.output_size(model, checked.settings)
         if w * h > lim.max_pixels:
             raise RequestError(f"{w}x{h} is {w * h} pixels, over the limit max_pixels={lim.max_pixels}")
         record = {k: v for k, v in request.items() if k not in ("init_image", "mask")}
-        inputs["settings"], inputs["save"] = settings, save
-        return Job(kind=kind, request={**record, "seed": seed}, model=entry.name, inputs=inputs)
+        job = Job(kind=kind, request={**record, "seed": seed}, model=entry.name, inputs={"request": checked},
+                  save=save)
+        if job_id is not None:
+            job.id = job_id
+        if created is not None:
+            job.created = created
+        return job
 
-    def _output_size(self, name: str, settings: g.Settings) -> tuple[int, int]:
-        model, _ = self.store.get(name)
-        if settings.steps > model.spec.num_train_timesteps:
-            raise RequestError(f"steps ({settings.steps}) cannot exceed the model's {model.spec.num_train_timesteps} "
-                               "training timesteps")
-        try:
-            return g.output_size(model, settings)
-        except ValueError as err:
-            raise RequestError(str(err)) from None
+    def submit(self, request: dict[str, Any], kind: str, *, save: bool = True) -> Job:
+        """make_job, then queue it; the request is kept as received until the job starts."""
+        job = self.make_job(request, kind, save=save)
+        return self.queue.submit(job, {**request, "seed": job.request["seed"]})  # a restart keeps the seed drawn
+
+    def recover(self) -> None:
+        """At start-up, from the job store: a job that was running when the last process died is marked
+        failed with the reason; queued jobs are queued again, in their order (or failed with the reason
+        their request no longer passes, e.g. a model no longer served)."""
+        self.queue.store.fail_interrupted()
+        for row in self.queue.store.queued():
+            payload = row["payload"] or {}
+            try:
+                job = self.make_job(payload, row["kind"], save=row["save"], job_id=row["id"], created=row["created"])
+            except (RequestError, KeyError) as err:
+                job = Job(kind=row["kind"], request={}, model=row["model"], id=row["id"], created=row["created"])
+                job.update(status="failed", finished=time.time(), bad_request=True,
+                           error=f"queued before a restart, then refused: {err}")
+                self.queue.store.finished(job)
+                continue
+            self.queue.submit(job, payload, restored=True)
 
     # -- running them (the worker thread)
     def run(self, job: Job) -> None:
         model, encoder = self.store.get(job.model)
-        settings: g.Settings = job.inputs["settings"]
+        request: Request = job.inputs["request"]
         every = 1
 
         def progress(info: dict) -> None:
@@ -148,26 +179,11 @@ class Service:
                 changes["preview"] = self._preview(model, info["denoised"][:1])
             job.update(**changes)
 
-        kwargs = {"callback": progress, "cancel": job.cancel_event.is_set}
-        with torch.no_grad():
-            if job.kind == "txt2img":
-                images = g.txt2img(model, settings, encoder, **kwargs)
-            elif job.kind == "img2img":
-                images = g.img2img(model, settings, job.inputs["init"], encoder, **kwargs)
-            else:
-                images = g.inpaint(model, settings, job.inputs["init"], job.inputs["mask"], encoder, **kwargs)
-        extra = {"server": {"job": job.id}}
-        results = []
-        for i, pixels in enumerate(to_uint8(images)):
-            parameters, record = g.describe(model, settings, job.kind, i, encoder, extra)
-            data = encode_png(pixels, parameters, record)
-            path = None
-            if self.out_dir is not None and job.inputs["save"]:
-                target = free_path(self.out_dir, f"{settings.seed + i:06d}-{job.kind}")
-                target.write_bytes(data)  # free_path never returns an existing file
-                path = str(target)
-            results.append(ImageResult(data, settings.seed + i, parameters, record, path))
-        job.update(images=results)
+        request = replace(request, extra={"server": {"job": job.id}})
+        results = run(request, model, encoder, callback=progress, cancel=job.cancel_event.is_set)
+        paths = save(results, self.out_dir) if self.out_dir is not None and job.save else [None] * len(results)
+        job.update(images=[ImageResult(r.png(), r.seed, r.parameters, r.record, None if p is None else str(p))
+                           for r, p in zip(results, paths, strict=True)])
 
     @staticmethod
     def _preview(model, denoised: torch.Tensor) -> bytes:

@@ -1,0 +1,15 @@
+"""The `imagine` command: parse arguments, call the library, print. Nothing else lives here.
+
+One module per command family registers its commands on the one app: train (train, train-vae,
+train-clip), generate (generate, img2img, inpaint, sample, info), evaluate (eval shapes, eval fid),
+serve, and models (export, samplers, version)."""
+
+from imagine.cli import evaluate, generate, models, serve, train  # noqa: F401  (they register commands)
+from imagine.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,246 @@
+"""imagine generate, img2img, inpaint, sample, info."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from imagine.cli.app import app, default_model, fail
+
+
+class ResizeMode(str, Enum):
+    just_resize = "just_resize"
+    crop_and_resize = "crop_and_resize"
+    resize_and_fill = "resize_and_fill"
+    latent_upscale = "latent_upscale"
+
+
+class InpaintFill(str, Enum):
+    fill = "fill"
+    original = "original"
+    latent_noise = "latent_noise"
+    latent_nothing = "latent_nothing"
+
+
+_OPTS = dict(
+    negative=typer.Option("", "--negative", help="Negative prompt."),
+    steps=typer.Option(None, help="Sampling steps (default: the model's; 25 for the shipped one)."),
+    sampler=typer.Option(None, help="Sampler: ours or A1111's name ('DPM++ 2M Karras'; default: the model's)."),
+    schedule=typer.Option(None, help="Sigma schedule: default or karras (default: what the sampler name implies)."),
+    cfg=typer.Option(None, help="Classifier-free guidance scale (default: the model's; 3 for the shipped one)."),
+    rescale=typer.Option(0.0, help="Guidance rescale phi in [0, 1] (Lin et al. 2023)."),
+    seed=typer.Option(0, help="Seed of the first image; image i uses seed + i."),
+    n=typer.Option(1, help="How many images."),
+    width=typer.Option(None, help="Width in pixels (a multiple of the latent factor)."),
+    height=typer.Option(None, help="Height in pixels (a multiple of the latent factor)."),
+    model=typer.Option(None, help="A text-to-image model folder (default: the model shipped with imagine)."),
+    out=typer.Option(Path("outputs"), help="Folder for the PNGs (existing files are never overwritten)."),
+    clip_skip=typer.Option(None, help="Text states from the N-th last layer of the text encoder (A1111's Clip "
+                                      "skip; 1: the last; default: the model's)."),
+    noise_seed_delta=typer.Option(0, help="Stochastic samplers draw their noise from seed + this (A1111's eta "
+                                          "noise seed delta, ENSD); the starting noise stays the seed's."),
+    resize_mode=typer.Option(ResizeMode.just_resize, help="How the image meets the output size: stretch, crop "
+                                                          "to cover, fit and fill the borders, or resize the "
+                                                          "latent (A1111's resize modes)."),
+)
+
+
+def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, **more):
+    from imagine.pipelines.generate import Settings
+
+    more = {k: (v.value if isinstance(v, Enum) else v) for k, v in more.items()}
+    return Settings(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler, schedule=schedule,
+                    cfg_scale=cfg, guidance_rescale=rescale, seed=seed, n=n, width=width, height=height, **more)
+
+
+def _run(kind: str, model: Path | None, settings, out: Path, init: Path | None = None, mask: Path | None = None,
+         rerank: int = 1, clip: Path | None = None) -> None:
+    """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs."""
+    from tqdm import tqdm
+
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.pipelines import request as r
+
+    try:
+        loaded, encoder = r.load_text_model(model if model is not None else default_model())
+        settings = settings.with_model_defaults(loaded.spec, settings.steps, settings.sampler, settings.cfg_scale)
+        extra = {}
+        if init is not None:
+            extra["init_image"] = r.input_record(init)
+        if mask is not None:
+            extra["mask"] = r.input_record(mask)
+        request = r.Request(kind, settings, init_image=r.open_image(init, "image") if init is not None else None,
+                            mask=r.open_image(mask, "mask") if mask is not None else None, rerank=rerank,
+                            extra=extra).check(loaded)
+        scorer = r.load_scorer(clip) if rerank > 1 else None
+        bar = tqdm(total=request.settings.steps * request.settings.n * rerank, desc=kind, unit="step", leave=False)
+        results = r.run(request, loaded, encoder, scorer=scorer, callback=lambda info: bar.update(1))
+        bar.close()
+    except (ValueError, CheckpointError, FileNotFoundError) as err:
+        fail(str(err))
+    for path in r.save(results, out):
+        typer.echo(str(path))
+
+
+def _from_image(image: Path, model: Path | None, out: Path) -> None:
+    """Regenerate a txt2img image from the settings it carries."""
+    from dataclasses import fields
+
+    from imagine.io.png import read_png_metadata
+    from imagine.pipelines.generate import Settings
+
+    try:
+        _, record = read_png_metadata(image)
+    except ValueError as err:
+        fail(str(err))
+    if record is None:
+        fail(f"{image} carries no imagine metadata (A1111's text alone does not pin the model)")
+    if record.get("kind") != "txt2img":
+        fail(f"{image} was made by {record.get('kind')}; --from regenerates txt2img images")
+    known = {f.name for f in fields(Settings)}
+    unknown = sorted(set(record["settings"]) - known)
+    if unknown:
+        fail(f"{image} records settings this imagine does not know ({', '.join(unknown)}): it was made by a "
+             f"newer version ({record.get('versions', {}).get('imagine', '?')}); upgrade imagine")
+    if model is None:
+        model = Path(record["model"]["path"])
+        if not model.is_dir():
+            fail(f"{image} was made with the model at {model}, which no longer exists: pass --model FOLDER "
+                 f"(the model named {record['model'].get('name')!r}, UNet hash "
+                 f"{record['model'].get('unet_sha256_10')})")
+    _run("txt2img", model, Settings(**record["settings"]), out)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument("", help="What to draw. A1111 emphasis works: (word:1.3), [word]."),
+    negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
+    sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
+    cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
+    n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
+    model: Path | None = _OPTS["model"], out: Path = _OPTS["out"],
+    clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
+    from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for the network (faster on CPUs with bf16)."),
+    batched: bool = typer.Option(False, "--batched", help="One network call for all images: faster, but an image "
+                                 "then depends on the batch in the last bits (default: batch-invariant)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet: about a minute first, then "
+                                 "faster steps; pays off for many images in one process."),
+    rerank: int = typer.Option(1, help="Make K candidates per image and keep the one the CLIP scorer likes best."),
+    clip: Path | None = typer.Option(None, help="CLIP scorer folder for --rerank (default: the shipped one)."),
+) -> None:
+    """Text to image. With --from IMAGE, regenerate an image from the settings it carries."""
+    if from_image is not None:
+        _from_image(from_image, model, out)
+        return
+    if not prompt:
+        fail("give a prompt, or --from IMAGE")
+    _run("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
+                                     precision=precision, batched=batched, compile=compile, clip_skip=clip_skip,
+                                     noise_seed_delta=noise_seed_delta), out, rerank=rerank, clip=clip)
+
+
+@app.command()
+def img2img(
+    image: Path = typer.Argument(..., help="The init image."),
+    prompt: str = typer.Argument(..., help="What it should become."),
+    strength: float = typer.Option(0.75, help="In (0, 1]: how much of the schedule to run (1 ignores the image)."),
+    resize_mode: ResizeMode = _OPTS["resize_mode"],
+    negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
+    sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
+    cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
+    n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
+    model: Path | None = _OPTS["model"], out: Path = _OPTS["out"],
+    clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
+) -> None:
+    """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt."""
+    _run("img2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
+                                     strength=strength, resize_mode=resize_mode, clip_skip=clip_skip,
+                                     noise_seed_delta=noise_seed_delta), out, init=image)
+
+
+@app.command()
+def inpaint(
+    image: Path = typer.Argument(..., help="The image to edit."),
+    mask: Path = typer.Argument(..., help="Same size; white = regenerate, black = keep."),
+    prompt: str = typer.Argument(..., help="What to draw in the masked region."),
+    strength: float = typer.Option(1.0, help="In (0, 1]: 1 regenerates the masked region from scratch."),
+    mask_blur: int = typer.Option(4, help="Gaussian blur radius of the mask, in pixels."),
+    masked_content: InpaintFill = typer.Option(InpaintFill.original, help="What the masked region starts from: "
+                                               "its surroundings' colours (fill), the original, latent noise or "
+                                               "nothing (A1111's Masked content)."),
+    only_masked: bool = typer.Option(False, "--only-masked", help="Inpaint the mask's box at the full output "
+                                     "size and paste it back (A1111's Inpaint area: Only masked)."),
+    only_masked_padding: int = typer.Option(32, help="Pixels around the mask's box, with --only-masked."),
+    invert_mask: bool = typer.Option(False, "--invert-mask", help="Regenerate where the mask is black."),
+    resize_mode: ResizeMode = _OPTS["resize_mode"],
+    negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
+    sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
+    cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
+    n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
+    model: Path | None = _OPTS["model"], out: Path = _OPTS["out"],
+    clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
+) -> None:
+    """Inpainting: regenerate the masked region, keep the rest."""
+    _run("inpaint", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
+                                     strength=strength, mask_blur=mask_blur, inpaint_fill=masked_content,
+                                     inpaint_only_masked=only_masked, inpaint_padding=only_masked_padding,
+                                     mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
+                                     noise_seed_delta=noise_seed_delta), out, init=image, mask=mask)
+
+
+@app.command()
+def sample(
+    model: Path = typer.Option(..., help="A model folder written by `imagine train`."),
+    n: int = typer.Option(1, help="How many images; image i uses seed + i."),
+    seed: int = typer.Option(0, help="Seed of the first image."),
+    steps: int | None = typer.Option(None, help="Sampling steps (default: the model's)."),
+    sampler: str | None = typer.Option(None, help="Sampler, ours or A1111's name (see `imagine samplers`)."),
+    class_label: str | None = typer.Option(None, "--class", help="Class name or index, for class-conditional models."),
+    cfg: float = typer.Option(1.0, help="Classifier-free guidance scale (1: off)."),
+    out: Path = typer.Option(Path("samples"), help="Folder for the PNGs."),
+    batch_size: int = typer.Option(16, help="Images generated together (does not change any image)."),
+) -> None:
+    """Generate images from a trained class-conditional or unconditional model: image i from seed S + i."""
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.io.model_folder import load_model_folder
+    from imagine.pipelines.request import save
+    from imagine.pipelines.unconditional import sample_images
+
+    try:
+        if n < 1:
+            raise ValueError(f"--n must be >= 1, got {n}")
+        loaded = load_model_folder(model)
+        for start in range(0, n, batch_size):
+            seeds = list(range(seed + start, seed + min(n, start + batch_size)))
+            for path in save(sample_images(loaded, seeds, steps, sampler, class_label, cfg), out):
+                typer.echo(str(path))
+    except (ValueError, CheckpointError) as err:
+        fail(str(err))
+
+
+@app.command()
+def info(image: Path = typer.Argument(..., help="A PNG made by imagine or AUTOMATIC1111.")) -> None:
+    """Print an image's generation parameters (A1111's text, parsed) and imagine's full JSON record."""
+    from imagine.io.png import parse_a1111, read_png_metadata
+
+    try:
+        parameters, record = read_png_metadata(image)
+    except ValueError as err:
+        fail(str(err))
+    if parameters is None and record is None:
+        fail(f"{image} carries no generation parameters")
+    if parameters is not None:
+        typer.echo("parameters (A1111):")
+        typer.echo(parameters)
+        typer.echo("")
+        typer.echo("parsed:")
+        for key, value in parse_a1111(parameters).items():
+            typer.echo(f"  {key}: {value}")
+    if record is not None:
+        typer.echo("")
+        typer.echo("imagine record:")
+        typer.echo(json.dumps(record, indent=2, sort_keys=True))

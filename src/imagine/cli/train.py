@@ -1,0 +1,136 @@
+"""imagine train, train-vae, train-clip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from imagine.cli.app import app, fail, training_progress
+
+
+@app.command()
+def train(
+    data: str | None = typer.Option(None, help="A folder of images, builtin:digits or builtin:shapes (default: the "
+                                               "preset's, e.g. shapes-default trains on builtin:shapes)."),
+    out: Path = typer.Option(..., help="Where the model folder (and checkpoints, samples, logs) goes."),
+    preset: str = typer.Option("small", help="Settings to start from: tiny (seconds), small, digits, t2i, "
+                                             "shapes-default (the shipped model), tiny-t2i."),
+    steps: int | None = typer.Option(None, help="Total steps; a resumed run trains on to this count."),
+    batch_size: int | None = typer.Option(None, help="Global batch size, over all processes."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (AdamW)."),
+    image_size: int | None = typer.Option(None, help="Images are resized and center-cropped to this."),
+    classes: bool | None = typer.Option(None, "--classes/--no-classes",
+                                        help="Class-conditional, classes from sub-folder names (on for digits)."),
+    channels: int = typer.Option(3, help="Image channels for folder data: 3 (RGB) or 1 (grey)."),
+    caption_dropout: float | None = typer.Option(None, help="Text models: train on the empty prompt this often."),
+    flip: bool | None = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips."),
+    precision: str | None = typer.Option(None, help="fp32, or bf16 autocast with fp32 master weights."),
+    prediction: str | None = typer.Option(None, help="eps, v or x0."),
+    schedule: str | None = typer.Option(None, help="linear, scaled_linear, cosine or sigmoid."),
+    min_snr_gamma: float | None = typer.Option(None, help="Min-SNR-gamma loss weighting (e.g. 5)."),
+    offset_noise: float | None = typer.Option(None, help="Offset-noise strength (e.g. 0.1)."),
+    learned_variance: bool | None = typer.Option(None, "--learned-variance/--fixed-variance",
+                                                 help="Learn the variance (improved DDPM's hybrid loss)."),
+    grad_accum: int | None = typer.Option(None, help="Gradient accumulation steps."),
+    checkpoint_every: int | None = typer.Option(None, help="Save full training state every N steps."),
+    sample_every: int | None = typer.Option(None, help="Write a sample grid every N steps (0: never)."),
+    seed: int | None = typer.Option(None, help="Seed of every random draw of the run."),
+    vae: Path | None = typer.Option(None, help="A VAE folder (from train-vae, or diffusers'): train in its latents."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+) -> None:
+    """Train a diffusion model on a folder of images or a built-in dataset (in pixels, or in a VAE's latents)."""
+    from imagine.data.images import DataError
+    from imagine.train.config import preset as get_preset
+    from imagine.train.hooks import sample_grid_hook
+    from imagine.train.loop import _distributed, loss_curve, read_log
+    from imagine.train.recipe import train_model
+
+    rank, _ = _distributed()
+    progress = training_progress()
+    hooks = [] if rank else [progress, sample_grid_hook()]
+    vae_progress = training_progress()
+    try:
+        cfg = get_preset(preset)
+        data = data or cfg.data
+        if data is None:
+            raise ValueError(f"preset {preset!r} has no dataset of its own: pass --data FOLDER (or builtin:digits)")
+        cfg = cfg.with_overrides(
+            steps=steps, batch_size=batch_size, lr=lr, image_size=image_size, precision=precision,
+            prediction=prediction, schedule=schedule, grad_accum=grad_accum, checkpoint_every=checkpoint_every,
+            min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, learned_variance=learned_variance,
+            sample_every=sample_every, seed=seed, flip=flip,
+            class_conditional=classes if classes is not None else (data == "builtin:digits" or None),
+            caption_dropout=caption_dropout)
+        train_model(cfg, data, out, channels=channels, vae=vae, resume=resume, hooks=hooks,
+                    vae_hooks=[] if rank else [vae_progress], log=typer.echo if rank == 0 else lambda _: None)
+    except (ValueError, DataError, FileNotFoundError, FloatingPointError) as err:
+        fail(str(err))
+    finally:
+        vae_progress(None, {})
+        progress(None, {})
+    if rank == 0:
+        loss_curve(read_log(out / "log.jsonl"), out / "loss.png")
+        typer.echo(f"model written to {out} (loss curve: {out / 'loss.png'})")
+
+
+@app.command("train-vae")
+def train_vae_command(
+    data: str = typer.Option(..., help="A folder of images, or builtin:digits."),
+    out: Path = typer.Option(..., help="Where the VAE folder goes."),
+    preset: str = typer.Option("vae-small", help="vae-tiny (seconds) or vae-small."),
+    steps: int | None = typer.Option(None, help="Total steps."),
+    batch_size: int | None = typer.Option(None, help="Batch size."),
+    lr: float | None = typer.Option(None, help="Learning rate."),
+    image_size: int | None = typer.Option(None, help="Images are resized and center-cropped to this."),
+    channels: int = typer.Option(3, help="Image channels for folder data: 3 or 1."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+) -> None:
+    """Train the KL autoencoder that latent diffusion runs in (reconstruction + KL)."""
+    from imagine.data.images import DataError, load_dataset
+    from imagine.train.loop import loss_curve, read_log
+    from imagine.train.vae import train_vae, vae_preset
+
+    hook = training_progress()
+    try:
+        cfg = vae_preset(preset).with_overrides(steps=steps, batch_size=batch_size, lr=lr, image_size=image_size)
+        dataset = load_dataset(data, cfg.image_size, channels)
+        train_vae(cfg, dataset, out, resume=resume, hooks=(hook,))
+    except (ValueError, DataError, FileNotFoundError) as err:
+        fail(str(err))
+    finally:
+        hook(None, {})
+    loss_curve(read_log(out / "log.jsonl"), out / "loss.png")
+    typer.echo(f"VAE written to {out}")
+
+
+@app.command("train-clip")
+def train_clip_command(
+    out: Path = typer.Option(..., help="Where the CLIP model folder goes (config.json, model.safetensors, eval.json)."),
+    preset: str = typer.Option("shapes-clip", help="shapes-clip (the shipped scorer) or tiny (seconds)."),
+    steps: int | None = typer.Option(None, help="Training steps."),
+    seed: int | None = typer.Option(None, help="Seed of the scenes and the run."),
+) -> None:
+    """Train the CLIP-style scorer on builtin:shapes and report its zero-shot retrieval on held-out scenes."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from imagine.models.text_encoders import default_text_encoder
+    from imagine.train.clip import CLIP_PRESETS, train_clip
+
+    if preset not in CLIP_PRESETS:
+        fail(f"preset {preset!r} unknown; choose one of: {', '.join(CLIP_PRESETS)}")
+    cfg = CLIP_PRESETS[preset]
+    cfg = replace(cfg, **{k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None})
+    bar = tqdm(total=cfg.steps, desc="train-clip", unit="step")
+
+    def progress(step, loss):
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    metrics = train_clip(cfg, out, default_text_encoder(), progress)
+    bar.close()
+    typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
+    typer.echo(f"CLIP model written to {out}")

@@ -1,0 +1,168 @@
+"""One generation request, end to end (STYLE rule 14): the CLI, the job API and the A1111 endpoints all
+build a ``Request`` and hand it to ``run``, which generates every image and describes it (A1111's
+parameters text and our JSON record); ``save`` writes the PNGs. A new feature adds a field here and its
+handling once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imagine.io.model_folder import DiffusionModel
+from imagine.io.png import encode_png, write_new
+from imagine.pipelines import generate as g
+from imagine.pipelines.unconditional import to_uint8
+
+Kind = Literal["txt2img", "img2img", "inpaint"]
+KINDS: tuple[str, ...] = get_args(Kind)
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: Kind
+    settings: g.Settings
+    init_image: Image.Image | None = field(default=None, repr=False)  # img2img and inpaint
+    mask: Image.Image | None = field(default=None, repr=False)  # inpaint: white = regenerate
+    rerank: int = 1  # txt2img: keep the best of K candidates per image by CLIP score
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in every image's JSON (inputs, job id)
+
+    def check(self, model: DiffusionModel) -> Request:
+        """Everything that can be refused before any work, refused now: settings, inputs, sizes. Returns the
+        request with the output size filled in from the init image where none was given."""
+        s = self.settings.validate()
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r} unknown; choose one of: {', '.join(KINDS)}")
+        if self.kind != "txt2img" and self.init_image is None:
+            raise ValueError(f"{self.kind} needs an init image")
+        if self.kind == "inpaint":
+            if self.mask is None:
+                raise ValueError("inpaint needs a mask (white = regenerate, black = keep)")
+            if self.mask.size != self.init_image.size:
+                raise ValueError(f"the mask is {self.mask.width}x{self.mask.height} but the image is "
+                                 f"{self.init_image.width}x{self.init_image.height}: they must be the same size")
+        if self.rerank < 1:
+            raise ValueError(f"rerank takes K >= 1 candidates per image, got {self.rerank}")
+        if self.rerank > 1 and self.kind != "txt2img":
+            raise ValueError("rerank works with txt2img only")
+        if s.steps > model.spec.num_train_timesteps:
+            raise ValueError(f"steps ({s.steps}) cannot exceed the model's {model.spec.num_train_timesteps} "
+                             "training timesteps")
+        if self.init_image is not None and s.width is None and s.height is None:
+            s = replace(s, width=self.init_image.width, height=self.init_image.height)
+        g.output_size(model, s)
+        return replace(self, settings=s)
+
+    def release(self) -> None:
+        """Let go of the decoded input images (a job keeps its request after it ends)."""
+        object.__setattr__(self, "init_image", None)
+        object.__setattr__(self, "mask", None)
+
+
+@dataclass
+class Generated:
+    """One finished image: pixels and the settings that made it."""
+
+    pixels: np.ndarray  # (H, W, C) uint8
+    seed: int
+    parameters: str  # A1111's text
+    record: dict[str, Any]  # our JSON record
+    stem: str = ""  # the file name it is saved under, before .png (default: SEED-KIND)
+
+    def __post_init__(self):
+        self.stem = self.stem or f"{self.seed:06d}-{self.record['kind']}"
+
+    def png(self) -> bytes:
+        return encode_png(self.pixels, self.parameters, self.record)
+
+
+def run(request: Request, model: DiffusionModel, text_encoder, *, scorer=None,
+        callback: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> list[Generated]:
+    """Generate every image of a request and describe each; ``scorer`` (a CLIPScorer) is needed for rerank."""
+    request = request.check(model)
+    s, kind = request.settings, request.kind
+    kwargs = {"callback": callback, "cancel": cancel}
+    if request.rerank > 1:
+        if scorer is None:
+            raise ValueError("rerank needs a CLIP scorer")
+        from imagine.pipelines.rerank import txt2img_reranked
+
+        out = []
+        for r in txt2img_reranked(model, s, text_encoder, scorer, request.rerank, **kwargs):
+            # the kept candidate stands alone: its own seed, n = 1, so --from regenerates it by itself
+            alone = replace(s, seed=r.seed, n=1)
+            extra = {**request.extra, "rerank": {"k": request.rerank, "chosen": r.chosen, "scores": r.scores,
+                                                 "scorer": getattr(scorer, "identity", None)}}
+            parameters, record = g.describe(model, alone, kind, 0, text_encoder, extra)
+            out.append(Generated(to_uint8(r.image[None])[0], r.seed, parameters, record))
+        return out
+    with torch.no_grad():
+        if kind == "txt2img":
+            images = g.txt2img(model, s, text_encoder, **kwargs)
+        elif kind == "img2img":
+            images = g.img2img(model, s, request.init_image, text_encoder, **kwargs)
+        else:
+            images = g.inpaint(model, s, request.init_image, request.mask, text_encoder, **kwargs)
+    out = []
+    for i, pixels in enumerate(to_uint8(images)):
+        parameters, record = g.describe(model, s, kind, i, text_encoder, request.extra)
+        out.append(Generated(pixels, s.seed + i, parameters, record))
+    return out
+
+
+def save(results: list[Generated], folder: Path) -> list[Path]:
+    """Write each image as folder/SEED-KIND.png (the next free name if taken; never over a file)."""
+    return [write_new(Path(folder), r.stem, r.png()) for r in results]
+
+
+def load_text_model(path: Path | str) -> tuple[DiffusionModel, object]:
+    """A text-to-image model folder and its text encoder, ready for ``run``."""
+    from imagine.io.model_folder import load_model_folder
+    from imagine.models.text_encoders import load_text_encoder
+
+    model = load_model_folder(path)
+    if model.spec.text_encoder is None:
+        raise ValueError(f"{path} is not a text-to-image model (it has no text encoder); use `imagine sample` "
+                         "for class-conditional or unconditional models")
+    model.unet.eval()
+    if model.vae is not None:
+        model.vae.eval()
+    return model, load_text_encoder(model.spec.text_encoder)
+
+
+def load_scorer(path: Path | str | None = None):
+    """The CLIP scorer for rerank: a folder from `imagine train-clip`, or the one shipped with imagine."""
+    from imagine.models import load_clip
+    from imagine.models.clip import CLIPScorer
+    from imagine.models.text_encoders import load_text_encoder
+    from imagine.weights import default_clip
+
+    path = Path(path) if path is not None else default_clip()
+    model = load_clip(path)
+    scorer = CLIPScorer(model, load_text_encoder(model.config.text_encoder))
+    scorer.identity = str(path)
+    return scorer
+
+
+def open_image(path: Path, what: str) -> Image.Image:
+    """An image file read whole, or a ValueError that names the file and the problem."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read the {what} {path}: {err}") from None
+
+
+def input_record(path: Path) -> dict[str, str]:
+    """How an input file is recorded in an image's JSON: where it was and its hash."""
+    from imagine.io.png import file_hash
+
+    return {"path": str(Path(path).resolve()), "sha256_10": file_hash(path)}
