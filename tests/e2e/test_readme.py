@@ -1,8 +1,13 @@
-"""The README's two set-up commands are the ones CI runs."""
+"""The README's two set-up commands: the first installs and runs the main job (an image from the shipped
+model, its path printed), the second is the one CI runs."""
 
 from __future__ import annotations
 
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,3 +29,17 @@ def test_readme_has_exactly_two_setup_commands_pinning_cpu_torch():
 def test_ci_runs_the_readme_test_command():
     test_command = _readme_commands()[1]
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_first_command_installs_and_generates_an_image(tmp_path):
+    """What follows the install in the first command runs as written, in a fresh folder: it prints the
+    path of a PNG made by the shipped model."""
+    install, _, job = _readme_commands()[0].partition(" && ")
+    assert install.startswith("pip install torch==2.13.0 -e .")
+    argv = shlex.split(job)
+    assert argv[:2] == ["imagine", "generate"] and len(argv) == 3, argv  # the shipped model, no flags
+    exe = [shutil.which("imagine")] if shutil.which("imagine") else [sys.executable, "-m", "imagine"]
+    run = subprocess.run([*exe, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    printed = Path(tmp_path, run.stdout.strip().splitlines()[-1])
+    assert printed.is_file() and printed.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", run.stdout

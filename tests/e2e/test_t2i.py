@@ -141,3 +141,19 @@ def test_compiled_unet_matches_eager_and_is_compiled_once(model, encoder):
     assert (compiled - eager).abs().max() < 2e-3  # same network; only kernel rounding differs
     assert g._network(model.unet, True) is g._network(model.unet, True)  # kept for the next image
     assert g._network(model.unet, False) is model.unet
+
+
+def test_from_a_png_whose_model_is_gone_says_so_and_suggests_model(model_dir, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved-model"
+    shutil.copytree(model_dir, moved)
+    made = _cli("generate", "a red circle", "--model", str(moved), "--steps", "2", "--out", str(tmp_path / "a"))
+    assert made.returncode == 0, made.stderr[-2000:]
+    png = made.stdout.strip().splitlines()[-1]
+    shutil.rmtree(moved)
+    again = _cli("generate", "--from", png, "--out", str(tmp_path / "b"))
+    assert again.returncode == 2
+    assert "no longer exists" in again.stderr and "--model" in again.stderr and str(moved) in again.stderr
+    ok = _cli("generate", "--from", png, "--model", str(model_dir), "--out", str(tmp_path / "b"))
+    assert ok.returncode == 0, ok.stderr[-2000:]

@@ -54,6 +54,11 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert latest.exists(), "the run never wrote a checkpoint"
+    # the kill landed mid-run: the process died of it, and the run had not finished
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (exit {proc.returncode}) before the kill"
+    logged = [r["step"] for r in read_log(victim / "log.jsonl")]
+    assert 20 <= max(logged) < 30, logged
+    assert not (victim / "unet" / "model.safetensors").exists()  # no final weights yet
     resumed = _run([*TRAIN, "--out", str(victim), *steps, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = read_log(tmp_path / "full" / "log.jsonl"), read_log(victim / "log.jsonl")
