@@ -1,8 +1,10 @@
-"""Load check of `imagine serve`: 8 concurrent clients for 60 s against loopback with a tiny model.
+"""Load check of `imagine serve`: 8 concurrent clients for 60 s against loopback with the shipped 64x64
+model (or --model DIR).
 
-Half the clients use the A1111 endpoint (/sdapi/v1/txt2img, which waits for its images), half our job API
-(POST a job, poll it to the end). Every answer must be 2xx or 429 (queue full, with Retry-After, which
-the clients honour); no 5xx. The server's resident memory is sampled every second: it must stay flat.
+The clients take turns at three requests: A1111's /sdapi/v1/txt2img (which waits for its images), our
+job API (POST a job, poll it to the end), and A1111's /sdapi/v1/img2img carrying a 512x512 init image.
+Every answer must be 2xx or 429 (queue full, with Retry-After, which the clients honour); no 5xx. The
+server's resident memory is sampled every second: it must stay flat.
 
     python benchmarks/serve_load.py            # writes docs/benchmarks/serve_load.{json,md}
 """
@@ -12,24 +14,18 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+from PIL import Image
+
+from serving import png_base64, rss_mb, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:
@@ -37,25 +33,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--max-queue", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "serve_load")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="imagine-load-"))
-    model = work / "tiny-model"
-    subprocess.run([sys.executable, "-m", "imagine", "train", "--data", "builtin:shapes", "--preset", "tiny-t2i",
-                    "--out", str(model), "--steps", "10"], check=True, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "imagine", "serve", "--model", str(model), "--port", str(port),
-                               "--out", str(work / "outputs"), "--max-queue", str(args.max_queue)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/api/v1/status", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    model_args = ["--model", str(args.model)] if args.model else []
+    server, url = start_server(work / "outputs", *model_args, "--max-queue", str(args.max_queue))
+    rng = np.random.default_rng(0)
+    init = png_base64(Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)))
     statuses: collections.Counter[int] = collections.Counter()
     latencies: list[float] = []
     images = [0]
@@ -75,9 +61,14 @@ def main() -> None:
             i = 0
             while time.time() < stop:
                 i += 1
-                body = {"prompt": f"a red circle {k} {i}", "steps": 8, "seed": k * 1000 + i}
+                body = {"prompt": f"a red circle {k} {i}", "steps": args.steps, "seed": k * 1000 + i}
                 started = time.perf_counter()
-                if k % 2 == 0:
+                if (k + i) % 3 == 2:
+                    r = c.post("/sdapi/v1/img2img", json={**body, "init_images": [init], "width": 64, "height": 64,
+                                                          "denoising_strength": 0.6})
+                    record(r.status_code, time.perf_counter() - started if r.status_code == 200 else None,
+                           len(r.json()["images"]) if r.status_code == 200 else 0)
+                elif (k + i) % 3 == 0:
                     r = c.post("/sdapi/v1/txt2img", json=body)
                     record(r.status_code, time.perf_counter() - started if r.status_code == 200 else None,
                            len(r.json()["images"]) if r.status_code == 200 else 0)
@@ -118,8 +109,9 @@ def main() -> None:
     args.out.with_suffix(".md").write_text("\n".join([
         "# Serving load check", "",
         f"`python benchmarks/serve_load.py`: {args.clients} concurrent clients for {args.seconds:.0f} s against "
-        f"`imagine serve` on loopback (tiny-t2i model, 8 steps, --max-queue {args.max_queue}); half use "
-        "/sdapi/v1/txt2img, half the job API.", "",
+        f"`imagine serve` on loopback ({args.model or 'the shipped 64x64 model'}, {args.steps} steps, --max-queue "
+        f"{args.max_queue}); the requests rotate between /sdapi/v1/txt2img, the job API and /sdapi/v1/img2img "
+        "with a 512x512 init image.", "",
         "| answers | 5xx | other 4xx | images | images/s | latency p50 / p95 | server RSS first 10 s / last 10 s |",
         "|---|---|---|---|---|---|---|",
         f"| {dict(sorted(statuses.items()))} | {fivexx} | {other} | {images[0]} | {result['images_per_s']:.2f} | "

@@ -121,3 +121,49 @@ def test_generate_progress_image_and_png_info_in_chromium(server):
             assert errors == [], errors
         finally:
             browser.close()
+
+
+def test_inpaint_with_a1111_options_from_the_ui(server, tmp_path):
+    """Upload an image, draw a mask, pick masked content and inpaint-only-masked: the result carries them."""
+    _need_browser()
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(init)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server + "/")
+            page.click("button[data-tab=inpaint]")
+            expect(page.locator("#inpaint_fill")).to_be_visible()
+            page.set_input_files("#init-file", str(init))
+            page.wait_for_timeout(300)
+            box = page.locator("#mask-canvas").bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6, steps=5)
+            page.mouse.up()
+            page.fill("#prompt", "a red circle")
+            page.fill("#steps", "3")
+            page.fill("#seed", "7")
+            page.fill("#width", "16")
+            page.fill("#height", "16")
+            page.select_option("#inpaint_fill", "fill")
+            page.check("#inpaint_only_masked")
+            page.fill("#clip_skip", "2")
+            page.click("#generate-button")
+            figure = page.locator("figure.result").first
+            expect(figure).to_be_visible(timeout=120_000)
+            caption = figure.locator("figcaption")
+            for text in ("Masked content: fill", "Inpaint area: Only masked", "Clip skip: 2", "Seed: 7"):
+                expect(caption).to_contain_text(text)
+            # only masked: the result has the init image's size, not the 16x16 it was worked at
+            assert page.eval_on_selector("figure.result img", "img => img.complete && img.naturalWidth") == 32
+            assert errors == [], errors
+        finally:
+            browser.close()

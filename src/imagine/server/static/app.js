@@ -156,14 +156,22 @@ function requestBody() {
     kind: mode, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
     sampler: $("sampler").value, schedule: $("schedule").value || null, steps: number("steps"),
     cfg_scale: number("cfg_scale"), seed: number("seed"), n: number("n"), width: number("width"),
-    height: number("height"),
+    height: number("height"), clip_skip: number("clip_skip"),
   };
   if (mode !== "txt2img") {
     if (!initImage) throw new Error("choose an init image first");
     body.init_image = initImageData();
     body.strength = number("strength");
+    body.resize_mode = $("resize_mode").value;
   }
-  if (mode === "inpaint") body.mask = maskData();
+  if (mode === "inpaint") {
+    body.mask = maskData();
+    body.inpaint_fill = $("inpaint_fill").value;
+    body.mask_blur = number("mask_blur");
+    body.inpaint_only_masked = $("inpaint_only_masked").checked;
+    body.inpaint_padding = number("inpaint_padding");
+    body.mask_invert = $("mask_invert").checked;
+  }
   return body;
 }
 function setBusy(busy) {
@@ -278,6 +286,7 @@ $("send-to-txt2img").addEventListener("click", () => {
   if (p["Steps"]) $("steps").value = p["Steps"];
   if (p["CFG scale"]) $("cfg_scale").value = p["CFG scale"];
   if (p["Seed"]) $("seed").value = p["Seed"];
+  $("clip_skip").value = p["Clip skip"] || "";
   if (p["Size"]) {
     const [w, h] = p["Size"].split("x");
     $("width").value = w;
