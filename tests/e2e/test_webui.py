@@ -5,6 +5,7 @@ never skip; elsewhere it skips with the reason when no browser is installed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -31,6 +32,24 @@ def _need_browser():
         if os.environ.get("IMAGINE_REQUIRE_BROWSER"):
             pytest.fail(f"the browser test needs {', '.join(missing)}")
         pytest.skip(f"no {', '.join(missing)}")
+
+
+@contextlib.contextmanager
+def _page(server: str):
+    """A Chromium page on the UI, and the page errors it reports (a test ends by asserting there are none)."""
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server + "/")
+            yield page, errors
+        finally:
+            browser.close()
 
 
 def _free_port() -> int:
@@ -77,50 +96,42 @@ def test_serve_binds_loopback_by_default(server):
 
 def test_generate_progress_image_and_png_info_in_chromium(server):
     _need_browser()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server + "/")
-            expect(page.locator("#model-badge")).to_contain_text("tiny-shapes")
-            expect(page.locator("#sampler option")).not_to_have_count(0)
-            page.fill("#prompt", "a red circle above a blue square")
-            page.fill("#steps", "100")
-            page.fill("#seed", "42")
-            page.click("#generate-button")
-            # progress while it runs: the bar moves and the text counts steps
-            expect(page.locator("#status-text")).to_contain_text("of 100", timeout=60_000)
-            expect(page.locator("#preview")).to_be_visible(timeout=60_000)
-            assert page.eval_on_selector("#progress", "p => p.value") > 0
-            # the image, its download link and its parameters
-            figure = page.locator("figure.result").first
-            expect(figure).to_be_visible(timeout=120_000)
-            expect(page.locator("#status-text")).to_have_text("done")
-            assert page.eval_on_selector("figure.result img", "img => img.complete && img.naturalWidth") == 16
-            expect(figure.locator("figcaption")).to_contain_text("Seed: 42")
-            expect(figure.locator("a")).to_have_attribute("download", "42-txt2img.png")
-            # PNG info on it, then back to txt2img with its parameters
-            page.fill("#prompt", "something else")
-            page.fill("#seed", "1")
-            figure.locator("button.png-info").click()
-            expect(page.locator("#pnginfo")).to_be_visible()
-            expect(page.locator("#png-parameters")).to_contain_text("a red circle above a blue square")
-            expect(page.locator("#png-parameters")).to_contain_text("Steps: 100")
-            page.click("#send-to-txt2img")
-            expect(page.locator("#prompt")).to_be_visible()
-            expect(page.locator("#prompt")).to_have_value("a red circle above a blue square")
-            expect(page.locator("#seed")).to_have_value("42")
-            # a bad request shows the server's message instead of failing silently
-            page.fill("#steps", "5000")
-            page.click("#generate-button")
-            expect(page.locator("#error")).to_contain_text("max_steps")
-            assert errors == [], errors
-        finally:
-            browser.close()
+    with _page(server) as (page, errors):
+        expect(page.locator("#model-badge")).to_contain_text("tiny-shapes")
+        expect(page.locator("#sampler option")).not_to_have_count(0)
+        page.fill("#prompt", "a red circle above a blue square")
+        page.fill("#steps", "100")
+        page.fill("#seed", "42")
+        page.click("#generate-button")
+        # progress while it runs: the bar moves and the text counts steps
+        expect(page.locator("#status-text")).to_contain_text("of 100", timeout=60_000)
+        expect(page.locator("#preview")).to_be_visible(timeout=60_000)
+        assert page.eval_on_selector("#progress", "p => p.value") > 0
+        # the image, its download link and its parameters
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        expect(page.locator("#status-text")).to_have_text("done")
+        assert page.eval_on_selector("figure.result img", "img => img.complete && img.naturalWidth") == 16
+        expect(figure.locator("figcaption")).to_contain_text("Seed: 42")
+        expect(figure.locator("a")).to_have_attribute("download", "42-txt2img.png")
+        # PNG info on it, then back to txt2img with its parameters
+        page.fill("#prompt", "something else")
+        page.fill("#seed", "1")
+        figure.locator("button.png-info").click()
+        expect(page.locator("#pnginfo")).to_be_visible()
+        expect(page.locator("#png-parameters")).to_contain_text("a red circle above a blue square")
+        expect(page.locator("#png-parameters")).to_contain_text("Steps: 100")
+        page.click("#send-to-txt2img")
+        expect(page.locator("#prompt")).to_be_visible()
+        expect(page.locator("#prompt")).to_have_value("a red circle above a blue square")
+        expect(page.locator("#seed")).to_have_value("42")
+        # a bad request shows the server's message instead of failing silently
+        page.fill("#steps", "5000")
+        page.click("#generate-button")
+        expect(page.locator("#error")).to_contain_text("max_steps")
+        assert errors == [], errors
 
 
 def test_inpaint_with_a1111_options_from_the_ui(server, tmp_path):
@@ -128,42 +139,34 @@ def test_inpaint_with_a1111_options_from_the_ui(server, tmp_path):
     _need_browser()
     import numpy as np
     from PIL import Image
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     init = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(init)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server + "/")
-            page.click("button[data-tab=inpaint]")
-            expect(page.locator("#inpaint_fill")).to_be_visible()
-            page.set_input_files("#init-file", str(init))
-            page.wait_for_timeout(300)
-            box = page.locator("#mask-canvas").bounding_box()
-            page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
-            page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6, steps=5)
-            page.mouse.up()
-            page.fill("#prompt", "a red circle")
-            page.fill("#steps", "3")
-            page.fill("#seed", "7")
-            page.fill("#width", "16")
-            page.fill("#height", "16")
-            page.select_option("#inpaint_fill", "fill")
-            page.check("#inpaint_only_masked")
-            page.fill("#clip_skip", "2")
-            page.click("#generate-button")
-            figure = page.locator("figure.result").first
-            expect(figure).to_be_visible(timeout=120_000)
-            caption = figure.locator("figcaption")
-            for text in ("Masked content: fill", "Inpaint area: Only masked", "Clip skip: 2", "Seed: 7"):
-                expect(caption).to_contain_text(text)
-            # only masked: the result has the init image's size, not the 16x16 it was worked at
-            assert page.eval_on_selector("figure.result img", "img => img.complete && img.naturalWidth") == 32
-            assert errors == [], errors
-        finally:
-            browser.close()
+    with _page(server) as (page, errors):
+        page.click("button[data-tab=inpaint]")
+        expect(page.locator("#inpaint_fill")).to_be_visible()
+        page.set_input_files("#init-file", str(init))
+        page.wait_for_timeout(300)
+        box = page.locator("#mask-canvas").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6, steps=5)
+        page.mouse.up()
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "3")
+        page.fill("#seed", "7")
+        page.fill("#width", "16")
+        page.fill("#height", "16")
+        page.select_option("#inpaint_fill", "fill")
+        page.check("#inpaint_only_masked")
+        page.fill("#clip_skip", "2")
+        page.click("#generate-button")
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        caption = figure.locator("figcaption")
+        for text in ("Masked content: fill", "Inpaint area: Only masked", "Clip skip: 2", "Seed: 7"):
+            expect(caption).to_contain_text(text)
+        # only masked: the result has the init image's size, not the 16x16 it was worked at
+        assert page.eval_on_selector("figure.result img", "img => img.complete && img.naturalWidth") == 32
+        assert errors == [], errors
