@@ -103,7 +103,7 @@ class A1111Img2Img(A1111Txt2Img):
                                                         "3 just resize (latent upscale)")
     inpainting_fill: int = Field(1, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
     inpaint_full_res: bool = Field(False, description="Inpaint area: Only masked")
-    inpaint_full_res_padding: int = Field(32, ge=0, le=1024)
+    inpaint_full_res_padding: int = Field(0, ge=0, le=1024)  # A1111 API default (its UI shows 32)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
 
