@@ -1,14 +1,17 @@
 """The VAE decoder stage, measured: what 4,000 more steps on the decoder alone (encoder frozen, Stability's
 ft-MSE idea) did for the shipped shapes VAE and for the shipped model drawn through it.
 
-1. Retrains stage 1 of the shipped VAE (`vae-shapes`: 1,500 steps, seed 0, decoder_steps 0) into
-   --work/stage1 (resumable: run it again to continue). It is the same run that `imagine train --preset
-   shapes-default` made first, so its encoder equals the shipped encoder (to fp16 rounding): checked.
+1. Retrains stage 1 of the shipped VAE's recipe (`vae-shapes`: 1,500 steps, seed 0, no decoder stage) into
+   --work/stage1 (resumable: run it again to continue), and reports how far its encoder is from the shipped
+   one's.
 2. Reconstructions: ShapesEval's ground-truth renders of its own prompts (the dataset's renderer drawing
    exactly what each prompt says), encoded and decoded by each VAE, then judged: the share that still
-   shows what the prompt says.
-3. The shipped UNet's ShapesEval with each decoder at CFG 5 and at its default CFG 3 (the encoder, hence the
-   latents, being the same, the samples are the same: only the decoding differs).
+   shows what the prompt says. Each VAE decodes its own encoder's latents, so this comparison holds
+   whatever the encoders.
+3. Only where the retrained encoder equals the shipped one (to fp16 rounding, max difference < 1e-2): the
+   shipped UNet's ShapesEval drawn through each decoder, at CFG 5 and 3 (same latents, only the decoding
+   differs). Where it does not, the shipped UNet's latents belong to the shipped encoder alone and this
+   part is skipped, with the reason in the report.
 
     python benchmarks/vae_decoder_stage.py    # writes docs/benchmarks/vae_decoder_stage.{json,md}
 """
@@ -75,7 +78,11 @@ def main() -> None:
                                                                                                        prompts)}}
     print(json.dumps(report, indent=2), flush=True)
     evals = {}
-    for cfg_scale in (5.0, 3.0):
+    same_encoder = enc_diff < 1e-2
+    if not same_encoder:
+        report["shipped_unet_skipped"] = (f"the retrained stage-1 encoder differs from the shipped one (max "
+                                          f"{enc_diff:.3f}): the shipped UNet's latents cannot be decoded by it")
+    for cfg_scale in (5.0, 3.0) if same_encoder else ():
         settings = Settings(cfg_scale=cfg_scale).with_model_defaults(model.spec, None, None, cfg_scale)
         for name, vae in (("stage 1", before), ("with the decoder stage", after)):
             drawn = DiffusionModel(model.unet, vae, model.spec, model.path)
@@ -88,17 +95,22 @@ def main() -> None:
     (args.out / "vae_decoder_stage.json").write_text(json.dumps(report, indent=2))
     rec = report["reconstruction_pass_rate"]
     md = ["# The VAE decoder stage", "",
-          f"`python benchmarks/vae_decoder_stage.py`: stage 1 of the shipped VAE retrained (its encoder equals the "
-          f"shipped one to {enc_diff:.1e}, fp16 rounding), against the shipped VAE, which trained its decoder "
-          f"4,000 steps more with the encoder frozen. {len(prompts)} ShapesEval prompts ({args.per_category} per "
-          "category, seed 0).", "",
+          "`python benchmarks/vae_decoder_stage.py`: a VAE trained by stage 1 of the shipped recipe (1,500 steps) "
+          "against the shipped VAE (stage 1, then 4,000 steps on its decoder with the encoder frozen). "
+          f"{len(prompts)} ShapesEval prompts ({args.per_category} per category, seed 0): their ground-truth "
+          "renders, encoded and decoded by each VAE, judged by the ShapesEval analyzer.", "",
           "| | stage 1 | with the decoder stage |", "|---|---|---|",
           f"| ground-truth renders, encoded and decoded, still pass | {rec['stage 1 (1,500 steps)']:.2f} | "
           f"{rec['with the decoder stage (+4,000)']:.2f} |"]
-    for cfg_scale in ("5", "3"):
+    for cfg_scale in ("5", "3") if same_encoder else ():
         a, b = evals[f"stage 1, CFG {cfg_scale}"], evals[f"with the decoder stage, CFG {cfg_scale}"]
         md.append(f"| the shipped UNet's ShapesEval, CFG {cfg_scale} | {a['overall']:.2f} ± {a['stderr']:.2f} | "
                   f"{b['overall']:.2f} ± {b['stderr']:.2f} |")
+    if not same_encoder:
+        md += ["", "The retrained stage-1 encoder differs from the shipped one (max weight difference "
+               f"{enc_diff:.2f}): the shipped VAE's own stage 1 was not kept, and today's retrain does not reproduce it bit for bit, so "
+               "the shipped UNet (trained on the shipped encoder's latents) cannot be drawn through a stage-1 "
+               "decoder here; that comparison is left out rather than made on mismatched latents."]
     md.append("")
     (args.out / "vae_decoder_stage.md").write_text("\n".join(md))
     print("\n".join(md))
