@@ -107,10 +107,10 @@ def main() -> None:
         md.append(f"| the shipped UNet's ShapesEval, CFG {cfg_scale} | {a['overall']:.2f} ± {a['stderr']:.2f} | "
                   f"{b['overall']:.2f} ± {b['stderr']:.2f} |")
     if not same_encoder:
-        md += ["", "The retrained stage-1 encoder differs from the shipped one (max weight difference "
-               f"{enc_diff:.2f}): the shipped VAE's own stage 1 was not kept, and today's retrain does not reproduce it bit for bit, so "
-               "the shipped UNet (trained on the shipped encoder's latents) cannot be drawn through a stage-1 "
-               "decoder here; that comparison is left out rather than made on mismatched latents."]
+        md += ["", f"The retrained stage-1 encoder differs from the shipped one (max weight gap {enc_diff:.2f}): "
+               "the shipped VAE's own stage 1 was not kept, and a retrain today does not reproduce it bit for bit. "
+               "The shipped UNet was trained on the shipped encoder's latents, so it cannot be drawn through a "
+               "stage-1 decoder here; that comparison is left out rather than made on mismatched latents."]
     md.append("")
     (args.out / "vae_decoder_stage.md").write_text("\n".join(md))
     print("\n".join(md))
