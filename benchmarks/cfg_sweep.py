@@ -37,9 +37,10 @@ def main() -> None:
                      "categories": r.categories()})
         print(f"CFG {scale:g}: {r.overall:.3f} ± {r.stderr()['overall']:.3f}", flush=True)
     best = max(rows, key=lambda row: row["overall"])
-    report = {"model": str(args.model or "shipped"), "prompt_seed": args.seed, "per_category": args.per_category,
-              "prompts": len(prompts), "steps": model.spec.default_steps, "sampler": model.spec.default_sampler,
-              "rows": rows, "best_cfg": best["cfg"], "shipped_default_cfg": model.spec.default_cfg}
+    report = {"model": str(args.model or "the shipped model"), "prompt_seed": args.seed,
+              "per_category": args.per_category, "prompts": len(prompts), "steps": model.spec.default_steps,
+              "sampler": model.spec.default_sampler, "rows": rows, "best_cfg": best["cfg"],
+              "shipped_default_cfg": model.spec.default_cfg}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cfg_sweep.json").write_text(json.dumps(report, indent=2))
     md = ["# Guidance scale sweep on held-aside prompts", "",

@@ -35,6 +35,47 @@ def init_image(seed: int, side: int = 2048) -> str:
     return png_base64(Image.fromarray(np.clip(np.asarray(image, dtype=int) + noise, 0, 255).astype(np.uint8)))
 
 
+def write_report(result: dict, out: Path) -> None:
+    """The JSON, a plot of RSS over time and the markdown table. Flatness is judged on each third of the
+    time after warm-up: its median (the level between requests) and its maximum (with requests in flight)."""
+    samples, warmup = result["samples"], result["warmup_s"]
+    window = [m for t, m in samples if t >= warmup]
+    n = len(window) // 3
+    thirds = [window[:n], window[n:2 * n], window[2 * n:]]
+    result["rss_mb_median_by_third"] = [float(np.median(t)) for t in thirds]
+    result["rss_mb_max_by_third"] = [float(max(t)) for t in thirds]
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot([t for t, _ in samples], [m for _, m in samples])
+    ax.axvline(warmup, color="grey", linestyle=":")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("server RSS (MB)")
+    ax.set_title(f"img2img with 2048x2048 init images: {result['requests_done']} requests")
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=100)
+    med, top = result["rss_mb_median_by_third"], result["rss_mb_max_by_third"]
+    out.with_suffix(".md").write_text("\n".join([
+        "# Serving memory soak", "",
+        f"`python benchmarks/serve_soak.py`: {result['clients']} clients for {result['seconds']:.0f} s, each request "
+        f"an img2img (A1111's endpoint and the job API in turn) with a {result['init_image']}, {result['steps']} steps "
+        f"at 64x64, the shipped model, --max-kept-mb {result['max_kept_mb']:g}. RSS sampled every 0.5 s; after "
+        f"{warmup:g} s of warm-up the time is cut in thirds: the median is the level between requests, the "
+        "maximum the level with two 2048x2048 requests in flight.", "",
+        "| requests done | failures | RSS median, 1st / 2nd / 3rd third | RSS max, 1st / 2nd / 3rd third | "
+        "kept in the job store at the end |", "|---|---|---|---|---|",
+        f"| {result['requests_done']} | {len(result['failures'])} | "
+        + " / ".join(f"{v:.0f}" for v in med) + " MB | " + " / ".join(f"{v:.0f}" for v in top) + " MB | "
+        f"{result['kept_bytes_at_end'] / 2**20:.1f} MiB |", "", "![RSS over time](serve_soak.png)", ""]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=180)
@@ -43,7 +84,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--max-kept-mb", type=float, default=8)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "serve_soak")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the saved JSON")
     args = parser.parse_args()
+    if args.report_only:
+        write_report(json.loads(args.out.with_suffix(".json").read_text()), args.out)
+        return
     work = Path(tempfile.mkdtemp(prefix="imagine-soak-"))
     images = [init_image(s) for s in range(4)]
     server, url = start_server(work / "outputs", "--max-kept-mb", str(args.max_kept_mb), "--max-request-mb", "32")
@@ -88,44 +133,11 @@ def main() -> None:
     status = httpx.get(url + "/api/v1/status").json()
     server.terminate()
     server.wait(timeout=30)
-    window = [(t, m) for t, m in samples if t >= args.warmup]
-    ts, ms = np.array([t for t, _ in window]), np.array([m for _, m in window])
-    slope = float(np.polyfit(ts, ms, 1)[0] * 60) if len(window) > 2 else float("nan")
-    third = max(1, len(window) // 3)
-    result = {"seconds": args.seconds, "clients": args.clients, "init_image": "2048x2048 PNG, about "
-              f"{len(images[0]) / 2**20:.1f} MiB of base64", "requests_done": done[0], "failures": failures,
+    result = {"seconds": args.seconds, "clients": args.clients, "steps": args.steps, "init_image": "2048x2048 PNG, "
+              f"about {len(images[0]) / 2**20:.1f} MiB of base64", "requests_done": done[0], "failures": failures,
               "max_kept_mb": args.max_kept_mb, "kept_bytes_at_end": status["kept_bytes"],
-              "jobs_at_end": status["jobs"], "warmup_s": args.warmup,
-              "rss_mb_after_warmup_first_third": float(ms[:third].mean()),
-              "rss_mb_last_third": float(ms[-third:].mean()), "rss_mb_max": float(max(m for _, m in samples)),
-              "rss_slope_mb_per_min_after_warmup": slope, "samples": samples}
-    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot([t for t, _ in samples], [m for _, m in samples])
-    ax.axvline(args.warmup, color="grey", linestyle=":")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("server RSS (MB)")
-    ax.set_title(f"img2img with 2048x2048 init images: {done[0]} requests")
-    ax.set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=100)
-    args.out.with_suffix(".md").write_text("\n".join([
-        "# Serving memory soak", "",
-        f"`python benchmarks/serve_soak.py`: {args.clients} clients for {args.seconds:.0f} s, each request an img2img "
-        f"(A1111's endpoint and the job API in turn) with a {result['init_image']}, {args.steps} steps at 64x64, "
-        f"the shipped model, --max-kept-mb {args.max_kept_mb:g}. RSS sampled every 0.5 s.", "",
-        "| requests done | failures | RSS after warm-up (first third) | RSS last third | slope after warm-up | "
-        "peak RSS | kept in the job store at the end |", "|---|---|---|---|---|---|---|",
-        f"| {done[0]} | {len(failures)} | {result['rss_mb_after_warmup_first_third']:.0f} MB | "
-        f"{result['rss_mb_last_third']:.0f} MB | {slope:+.1f} MB/min | {result['rss_mb_max']:.0f} MB | "
-        f"{status['kept_bytes'] / 2**20:.1f} MiB |", "", "![RSS over time](serve_soak.png)", ""]))
+              "jobs_at_end": status["jobs"], "warmup_s": args.warmup, "samples": samples}
+    write_report(result, args.out)
     if failures:
         raise SystemExit(f"soak failed: {len(failures)} requests failed ({failures[:5]})")
 
