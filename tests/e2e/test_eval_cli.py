@@ -42,6 +42,13 @@ def test_eval_shapes_prints_the_table_and_writes_json(tmp_path):
                                        "color_attr"}
     assert len(data["verdicts"]) == 6 and data["settings"]["steps"] == 2
     assert 0 <= data["overall"] <= 1
+    held = tmp_path / "held.json"
+    run = _cli("eval", "shapes", "--per-category", "1", "--steps", "2", "--phrasing", "held-out", "--json", str(held))
+    assert run.returncode == 0, run.stderr[-2000:]
+    other = json.loads(held.read_text())
+    assert other["settings"]["phrasing"] == "held-out"
+    pairs = list(zip(data["verdicts"], other["verdicts"], strict=True))
+    assert all(a["seed"] == b["seed"] and a["prompt"] != b["prompt"] for a, b in pairs)  # same scenes, other words
 
 
 def test_eval_shapes_with_rerank_judges_the_kept_candidates(tmp_path):

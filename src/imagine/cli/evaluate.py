@@ -12,6 +12,12 @@ import typer
 from imagine.cli.app import default_model, eval_app, fail
 
 
+class Phrasing(str, Enum):
+    template = "template"
+    in_vocabulary = "in-vocabulary"
+    held_out = "held-out"
+
+
 @eval_app.command("shapes")
 def eval_shapes(
     model: Path | None = typer.Option(None, help="A text-to-image model folder (default: the shipped model)."),
@@ -26,6 +32,9 @@ def eval_shapes(
                                        "--rerank K makes them)."),
     clip: Path | None = typer.Option(None, help="CLIP scorer folder for --rerank (default: the shipped one)."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (does the faster mode cost accuracy?)."),
+    phrasing: Phrasing = typer.Option(Phrasing.template, help="How the prompts are worded: builtin:shapes' own "
+                                      "templates, or other words from the train (in-vocabulary) or the held-out "
+                                      "half of the shapes language (data/shapes_language.py); same scenes."),
 ) -> None:
     """ShapesEval (GenEval's categories for builtin:shapes): how often images show what the prompt asks."""
     from tqdm import tqdm
@@ -37,7 +46,7 @@ def eval_shapes(
 
     try:
         loaded, encoder = load_text_model(model if model is not None else default_model())
-        prompts = prompt_set(per_category, seed)
+        prompts = prompt_set(per_category, seed, phrasing.value.replace("-", "_"))
         base = Settings(precision=precision).with_model_defaults(loaded.spec, steps, sampler, cfg).validate()
         if rerank < 1:
             raise ValueError(f"--rerank takes K >= 1 candidates per prompt, got {rerank}")
@@ -54,7 +63,7 @@ def eval_shapes(
         data = {**report.to_json(), "settings": {"model": str(loaded.path), "sampler": base.sampler,
                                                  "steps": base.steps, "cfg": base.cfg_scale,
                                                  "per_category": per_category, "seed": seed, "rerank": rerank,
-                                                 "precision": precision}}
+                                                 "precision": precision, "phrasing": phrasing.value}}
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(data, indent=2))
         typer.echo(f"written: {json_path}")

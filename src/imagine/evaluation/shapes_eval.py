@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -65,10 +66,43 @@ class Verdict:
     found: str  # what the analyzer saw
 
 
-def prompt_set(per_category: int = 25, seed: int = 0) -> list[EvalPrompt]:
-    """The fixed prompt set: ``per_category`` prompts of each category, deterministic in ``seed``."""
+Phrasing = Literal["template", "in_vocabulary", "held_out"]
+PHRASINGS: tuple[str, ...] = get_args(Phrasing)
+
+
+def prompt_set(per_category: int = 25, seed: int = 0, phrasing: Phrasing = "template") -> list[EvalPrompt]:
+    """The fixed prompt set: ``per_category`` prompts of each category, deterministic in ``seed``.
+
+    phrasing: "template" says each prompt in builtin:shapes' own caption words (the figures so far);
+    "in_vocabulary" and "held_out" say the very same scenes (same wants, same seeds) in the train or the
+    held-out half of data.shapes_language: other synonyms, frames and word orders."""
     if not 1 <= per_category <= 1000:
         raise ValueError(f"per_category must lie in [1, 1000], got {per_category}")
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing {phrasing!r} unknown; choose one of: {', '.join(PHRASINGS)}")
+    prompts = _template_set(per_category, seed)
+    if phrasing == "template":
+        return prompts
+    half = "train" if phrasing == "in_vocabulary" else "held_out"
+    return [replace(p, prompt=rephrase(p, half)) for p in prompts]
+
+
+def rephrase(p: EvalPrompt, half: str) -> str:
+    """The prompt's scene in words of one half of the shapes language, chosen by its seed."""
+    from imagine.data import shapes_language as lang
+
+    rng = random.Random(f"{half}:{p.category}:{p.seed}")
+    if p.category == "single_object":
+        text = lang.phrase_object(rng, half, p.wants[0].shape, p.wants[0].color, p.wants[0].size)
+    elif p.category in ("colors", "counting"):
+        text = lang.phrase_object(rng, half, p.wants[0].shape, p.wants[0].color, count=p.wants[0].count)
+    else:
+        a, b = (lang.phrase_object(rng, half, w.shape, w.color) for w in p.wants)
+        text = lang.phrase_pair(rng, half, a, b, p.relation)
+    return lang.frame(rng, half, text, plural=p.category == "counting")
+
+
+def _template_set(per_category: int, seed: int) -> list[EvalPrompt]:
     out = []
     colors = list(COLORS)
     for c, category in enumerate(CATEGORIES):
