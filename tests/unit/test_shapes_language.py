@@ -52,3 +52,24 @@ def test_rephrased_prompts_are_the_same_scenes_in_that_half(phrasing):
         assert judge(p, ground_truth(p)).ok, p.prompt
     with pytest.raises(ValueError, match="phrasing 'slang' unknown"):
         prompt_set(2, 0, "slang")
+
+
+def test_shapes_language_dataset_is_builtin_shapes_in_more_words():
+    """builtin:shapes-language: the very same scenes as builtin:shapes, half the captions said in the train
+    half of the language, never a held-out phrase."""
+    import re
+
+    from imagine.data.images import load_dataset
+
+    plain, worded = load_dataset("builtin:shapes", 32), load_dataset("builtin:shapes-language", 32)
+    assert worded.source == "builtin:shapes-language"
+    held = sorted(lang.vocabulary("held_out"), key=len, reverse=True)
+    changed = 0
+    for i in range(300):
+        (a, _), (b, _) = plain.scene(i), worded.scene(i)
+        assert [(o.shape, o.color, o.center) for o in a.objects] == [(o.shape, o.color, o.center) for o in b.objects]
+        assert b.caption == worded.scene(i)[0].caption  # deterministic
+        changed += a.caption != b.caption
+        for phrase in held:
+            assert not re.search(rf"\b{re.escape(phrase)}\b", b.caption), (phrase, b.caption)
+    assert 100 <= changed <= 200  # about half

@@ -152,7 +152,13 @@ def _shapes(size: int):
     return ShapesDataset(size=size)
 
 
-BUILTIN = {"builtin:digits": load_digits, "builtin:shapes": _shapes}
+def _shapes_language(size: int):
+    from imagine.data.shapes import ShapesDataset
+
+    return ShapesDataset(size=size, language=True, source="builtin:shapes-language")
+
+
+BUILTIN = {"builtin:digits": load_digits, "builtin:shapes": _shapes, "builtin:shapes-language": _shapes_language}
 
 
 def load_dataset(spec: str, size: int, channels: int = 3, class_from_subfolders: bool = False,

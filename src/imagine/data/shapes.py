@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -209,6 +209,31 @@ def make_scene(i: int, seed: int = 0) -> Scene:
     return Scene(objs, background, caption, kind, relation)
 
 
+def language_caption(scene: Scene, i: int, seed: int = 0) -> str:
+    """builtin:shapes-language's caption of scene i: the template caption half the time, otherwise the same
+    scene said in the train half of data.shapes_language (synonyms, digits never, frames, word orders).
+    Its own random stream, so the scene itself is exactly builtin:shapes' item i."""
+    from imagine.data import shapes_language as lang
+
+    rng = random.Random(f"language:{seed}:{i}")
+    if rng.random() < 0.5:
+        return scene.caption
+    objs = scene.objects
+    if scene.kind == "single":
+        o = objs[0]
+        text = lang.phrase_object(rng, "train", o.shape, o.color, o.size if rng.random() < 0.5 else None)
+        if rng.random() < 0.5:
+            text += f" {REGION_PHRASES[o.region]}"
+    elif scene.kind == "count":
+        text = lang.phrase_object(rng, "train", objs[0].shape, objs[0].color, count=len(objs))
+    else:
+        a, b = (lang.phrase_object(rng, "train", o.shape, o.color) for o in objs)
+        text = lang.phrase_pair(rng, "train", a, b, scene.relation)
+    if scene.background != "black" and rng.random() < 0.5:
+        text += f" on a {scene.background} background"
+    return lang.frame(rng, "train", text, plural=scene.kind == "count")
+
+
 def compose(objects: list[tuple[str, str, str]], rng: random.Random, *, relation: str | None = None,
             background: str = "black", caption: str = "", kind: str = "composed") -> Scene:
     """A scene of exactly these (shape, colour, size) objects, placed as make_scene places them: for a
@@ -241,6 +266,7 @@ class ShapesDataset:
     infinite: bool = True
     class_names: tuple[str, ...] = ()
     source: str = "builtin:shapes"
+    language: bool = False  # captions in the train half of data.shapes_language too (builtin:shapes-language)
 
     def __len__(self) -> int:
         return self.length
@@ -255,6 +281,8 @@ class ShapesDataset:
 
     def scene(self, i: int) -> tuple[Scene, np.ndarray]:
         scene = make_scene(i, self.seed)
+        if self.language:
+            scene = replace(scene, caption=language_caption(scene, i, self.seed))
         return scene, render(scene, self.size)
 
     def batch(self, indices, flips=None) -> tuple[torch.Tensor, None, list[str]]:
