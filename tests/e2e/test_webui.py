@@ -161,11 +161,13 @@ def test_inpaint_with_a1111_options_from_the_ui(server, tmp_path):
         page.select_option("#inpaint_fill", "fill")
         page.check("#inpaint_only_masked")
         page.fill("#clip_skip", "2")
+        page.select_option("#sampler", label="Euler a")
+        page.fill("#noise_seed_delta", "31337")
         page.click("#generate-button")
         figure = page.locator("figure.result").first
         expect(figure).to_be_visible(timeout=120_000)
         caption = figure.locator("figcaption")
-        for text in ("Masked content: fill", "Inpaint area: Only masked", "Clip skip: 2", "Seed: 7"):
+        for text in ("Masked content: fill", "Inpaint area: Only masked", "Clip skip: 2", "ENSD: 31337", "Seed: 7"):
             expect(caption).to_contain_text(text)
         # only masked: the result has the init image's size, not the 16x16 it was worked at
         assert page.eval_on_selector("figure.result img", "img => img.complete && img.naturalWidth") == 32

@@ -66,8 +66,10 @@ class ModelStore:
         """By name, A1111 title ("name [hash]") or short hash; None is the current model."""
         if name is None:
             return self._entries[self.current]
+        if name in self._entries:  # by name first: matching a title or hash reads (and hashes) the weights
+            return self._entries[name]
         for entry in self._entries.values():
-            if name in (entry.name, entry.title, entry.short_hash, entry.sha256):
+            if name in (entry.title, entry.short_hash, entry.sha256):
                 return entry
         raise KeyError(f"model {name!r} unknown; choose one of: {', '.join(self._entries)}")
 

@@ -1,7 +1,7 @@
 """Weights that ship inside the package: the default text-to-image model (builtin:shapes world).
 
-Its recipe is `imagine train --preset shapes-default --out DIR`; `python benchmarks/ship_default.py DIR`
-converts the result to fp16 and copies it here."""
+Its recipe is `imagine train --preset shapes-default --out DIR`; `imagine export DIR
+src/imagine/weights/shapes-default` writes it here in fp16."""
 
 from __future__ import annotations
 

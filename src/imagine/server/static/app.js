@@ -156,7 +156,7 @@ function requestBody() {
     kind: mode, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
     sampler: $("sampler").value, schedule: $("schedule").value || null, steps: number("steps"),
     cfg_scale: number("cfg_scale"), seed: number("seed"), n: number("n"), width: number("width"),
-    height: number("height"), clip_skip: number("clip_skip"),
+    height: number("height"), clip_skip: number("clip_skip"), noise_seed_delta: number("noise_seed_delta") || 0,
   };
   if (mode !== "txt2img") {
     if (!initImage) throw new Error("choose an init image first");
@@ -287,6 +287,7 @@ $("send-to-txt2img").addEventListener("click", () => {
   if (p["CFG scale"]) $("cfg_scale").value = p["CFG scale"];
   if (p["Seed"]) $("seed").value = p["Seed"];
   $("clip_skip").value = p["Clip skip"] || "";
+  $("noise_seed_delta").value = p["ENSD"] || 0;
   if (p["Size"]) {
     const [w, h] = p["Size"].split("x");
     $("width").value = w;
