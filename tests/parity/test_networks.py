@@ -38,6 +38,12 @@ UNET_CONFIGS = {
         block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=(4, 2),
         num_class_embeds=3, flip_sin_to_cos=False, freq_shift=1),
+    "sdxl_text_time_micro_conditioning": dict(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=12,
+        attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 2, 3), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 5),
 }
 
 
@@ -66,9 +72,13 @@ def test_unet_matches_diffusers(name, size, tmp_path):
         kwargs["encoder_hidden_states"] = torch.randn(2, 7, settings["cross_attention_dim"], generator=g)
     if "num_class_embeds" in settings:
         kwargs["class_labels"] = torch.tensor([1, settings["num_class_embeds"] - 1])
+    added = {}
+    if settings.get("addition_embed_type") == "text_time":  # pooled text (5-d here) and six size numbers
+        added = {"text_embeds": torch.randn(2, 5, generator=g),
+                 "time_ids": torch.tensor([[64.0, 48, 0, 0, 64, 48], [1024, 1024, 16, 8, 96, 128]])}
     with torch.no_grad():
-        expected = reference(x, t, **kwargs).sample
-        got = ours(x, t, **kwargs)
+        expected = reference(x, t, **kwargs, added_cond_kwargs=added or None).sample
+        got = ours(x, t, **kwargs, **added)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= TOL
 

@@ -134,13 +134,14 @@ def _tiny_clip(folder):
 
 def test_clip_encoder_windows_and_clip_skip(tmp_path):
     folder = _tiny_clip(tmp_path)
-    last, penultimate = CLIPTextEncoder(folder, clip_skip=1), CLIPTextEncoder(folder, clip_skip=2)
+    last = CLIPTextEncoder.from_folder(folder, clip_skip=1)
+    penultimate = CLIPTextEncoder.from_folder(folder, clip_skip=2)
     out = last.encode(["abc", "a" * 80])  # 80 single-character tokens: 2 windows
     assert out.context.shape == (2, 2 * (CHUNK + 2), 16)
     assert out.mask.all()  # SD attends to the padding: no mask
     assert not torch.allclose(out.context, penultimate.encode(["abc", "a" * 80]).context)
     with pytest.raises(ValueError, match="clip skip must be >= 1"):
-        CLIPTextEncoder(folder, clip_skip=0)
+        CLIPTextEncoder.from_folder(folder, clip_skip=0)
 
 
 def test_a_text_encoder_folder_with_only_a_pickle_is_refused(tmp_path):
@@ -154,6 +155,6 @@ def test_a_text_encoder_folder_with_only_a_pickle_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"pytorch_model\.bin is a pickle.*safe_serialization=True"):
         require_safetensors(folder)
     with pytest.raises(ValueError, match="is a pickle"):
-        CLIPTextEncoder(folder)
+        CLIPTextEncoder.from_folder(folder)
     (folder / "model.safetensors").write_bytes(b"")
     assert require_safetensors(folder) == folder

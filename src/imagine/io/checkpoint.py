@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +127,53 @@ def read_json(path: Path) -> dict[str, Any]:
 def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load every tensor or fail listing what is missing, unexpected or mis-shaped (STYLE rule 12)."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    check_keys({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state.items()}, source)
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One tensor of a checkpoint, read only when asked: a large file is never held twice."""
+
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+
+Weights = dict[str, Ref]
+
+
+def open_weights(path: Path, allow_pickle: bool = False) -> tuple[Weights, dict[str, str]]:
+    """A checkpoint's tensors by key, memory-mapped (safetensors), and its metadata. Pickles (.ckpt, .pt,
+    .bin) are refused unless ``allow_pickle``, and even then read with torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    if path.suffix != ".safetensors":
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} is a pickle ({path.suffix}); imagine reads .safetensors only, because unpickling a "
+                "file can run code. Convert it where you trust it, or pass --allow-pickle to read it with "
+                "torch.load(weights_only=True), which loads tensors and nothing else")
+        state = read_pickle_weights_only(path)
+        return {k: Ref(tuple(v.shape), lambda v=v: v) for k, v in state.items()}, {}
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+        metadata = handle.metadata() or {}
+        refs = {k: Ref(tuple(handle.get_slice(k).get_shape()), lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated or "
+                              "corrupt: re-download or re-save it") from err
+    return refs, metadata
+
+
+def check_keys(own: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Fail listing what is missing, unexpected or mis-shaped (STYLE rule 12)."""
+    missing = sorted(set(own) - set(found))
+    unexpected = sorted(set(found) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(found[k])} vs model {tuple(own[k])}"
+                    for k in set(own) & set(found) if tuple(own[k]) != tuple(found[k]))
     if missing or unexpected or shapes:
         def show(items: list[str]) -> str:
             return ", ".join(items[:20]) + (f" (and {len(items) - 20} more)" if len(items) > 20 else "")
@@ -138,4 +182,31 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
                  f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
                  f"{len(shapes)} mis-shaped: {show(shapes)}" if shapes else ""]
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(p for p in parts if p))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def build_and_fill(factory: Callable[[], nn.Module], weights: Weights, source: str,
+                   dtype: torch.dtype = torch.float32, restore: Callable[[nn.Module], None] | None = None
+                   ) -> nn.Module:
+    """``factory()`` built without memory (on the meta device), then every parameter and persistent buffer
+    read from ``weights`` one tensor at a time and cast to ``dtype``: peak memory is the model plus one
+    tensor, never a second copy of the checkpoint. Keys and shapes are checked first, strictly.
+    ``restore`` recreates the factory's non-persistent buffers (not in any checkpoint) on the CPU."""
+    with torch.device("meta"):
+        model = factory()
+    own = model.state_dict()
+    check_keys({k: tuple(v.shape) for k, v in own.items()}, {k: r.shape for k, r in weights.items()}, source)
+    for key in own:
+        prefix, _, name = key.rpartition(".")
+        module = model.get_submodule(prefix)
+        tensor = weights[key].read()
+        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        if name in module._parameters:
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[name] = tensor
+    if restore is not None:
+        restore(model)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(model).__name__} has tensors no checkpoint holds and nothing restored: {left}")
+    return model

@@ -34,6 +34,7 @@ class DiffusionSpec:
     default_sampler: str = "dpmpp_2m"
     default_steps: int = 25
     default_cfg: float = 5.0  # what generation uses when the user names no guidance scale
+    zero_empty_negative: bool = False  # SDXL: an empty negative prompt is a zero context, not encoded ""
 
     def __post_init__(self):
         check_prediction(self.prediction)
@@ -59,12 +60,25 @@ def save_spec(spec: DiffusionSpec, folder: Path) -> None:
 
 @dataclass
 class DiffusionModel:
-    """What ``imagine sample`` loads: the UNet, the VAE when the model is latent, and the spec."""
+    """What ``imagine sample`` loads: the UNet, the VAE when the model is latent, and the spec. Stable
+    Diffusion checkpoints also carry their text encoder, their architecture and the file A1111 hashes."""
 
     unet: object
     vae: object | None
     spec: DiffusionSpec
     path: Path
+    text_encoder: object | None = None  # loaded with the model (SD checkpoints); None: from spec.text_encoder
+    arch: str | None = None  # "sd1", "sd2", "sdxl" for Stable Diffusion checkpoints
+    hash_file: Path | None = None  # the file whose SHA-256 is the "Model hash" (A1111: the checkpoint)
+    vae_path: Path | None = None  # a separate VAE that replaced the model's own (--vae)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path.is_file() else self.path.name
+
+    @property
+    def weights_file(self) -> Path:
+        return self.hash_file or self.path / "unet" / "model.safetensors"
 
 
 def load_model_folder(path: Path | str) -> DiffusionModel:

@@ -8,13 +8,16 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from imagine.io.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
+    build_and_fill,
     load_state_strict,
+    open_weights,
     read_json,
     read_pickle_weights_only,
     read_safetensors,
@@ -31,12 +34,12 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
 _UNET_FIXED = {
     "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1, "dual_cross_attention": False,
     "only_cross_attention": False, "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
-    "class_embed_type": None, "addition_embed_type": None, "mid_block_scale_factor": 1,
-    "conv_in_kernel": 3, "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None,
+    "class_embed_type": None, "mid_block_scale_factor": 1,
+    "conv_in_kernel": 3, "conv_out_kernel": 3,
     "time_cond_proj_dim": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "timestep_post_act": None,
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_dim": None,
     "time_embedding_act_fn": None, "cross_attention_norm": None, "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None, "addition_time_embed_dim": None,
+    "mid_block_only_cross_attention": None,
     "reverse_transformer_layers_per_block": None, "attention_type": "default", "attention_bias": False,
 }
 # keys that change nothing for imagine (bookkeeping, or fp16 upcasting that SDPA makes unnecessary)
@@ -95,7 +98,7 @@ def save_vae(vae: AutoencoderKL, folder: Path, dtype: str | None = None) -> Path
     return save_model(vae, _config_of(vae), folder, "AutoencoderKL", dtype)
 
 
-def _load(path: Path, kind: str, cls, config_cls, fixed, ignored, what: str):
+def _load(path: Path, kind: str, cls, config_cls, fixed, ignored, what: str, dtype: torch.dtype = torch.float32):
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no {what} at {path}")
@@ -109,14 +112,9 @@ def _load(path: Path, kind: str, cls, config_cls, fixed, ignored, what: str):
             found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else []
             raise CheckpointError(f"{path} holds no {what} weights: expected {WEIGHTS_NAME} (imagine) or "
                                   f"{DIFFUSERS_WEIGHTS[0]} (diffusers); found {found or 'nothing'}")
-    if weights_file.suffix == ".safetensors":
-        state, metadata = read_safetensors(weights_file)
-    else:
-        state, metadata = read_pickle_weights_only(weights_file), {}
+    weights, metadata = open_weights(weights_file, allow_pickle=weights_file.suffix == ".bin")
     config_path = folder / CONFIG_NAME
     if "config" in metadata:
-        import json
-
         raw = json.loads(metadata["config"])
     elif config_path.exists():
         raw = read_json(config_path)
@@ -130,9 +128,7 @@ def _load(path: Path, kind: str, cls, config_cls, fixed, ignored, what: str):
         if raw.get("_class_name") not in (None, kind):
             raise CheckpointError(f"{path} holds a diffusers {raw.get('_class_name')}, not a {kind}")
         config = _from_diffusers(raw, config_cls, fixed, ignored, what)
-    model = cls(config)
-    load_state_strict(model, state, str(weights_file))
-    return model.eval()
+    return build_and_fill(lambda: cls(config), weights, str(weights_file), dtype).eval()
 
 
 def save_clip(model: ShapesCLIP, folder: Path, dtype: str | None = None) -> Path:
@@ -154,10 +150,11 @@ def load_clip(path: Path | str) -> ShapesCLIP:
     return model.eval()
 
 
-def load_unet(path: Path | str) -> UNet2DConditionModel:
-    """A UNet from our folder or file, or a diffusers UNet folder; missing or unexpected keys fail."""
+def load_unet(path: Path | str, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """A UNet from our folder or file, or a diffusers UNet folder; missing or unexpected keys fail. Weights
+    are read one tensor at a time into ``dtype`` (memory: the model, never a second copy)."""
     return _load(Path(path), "UNet2DConditionModel", UNet2DConditionModel, UNetConfig, _UNET_FIXED, _UNET_IGNORED,
-                 "UNet")
+                 "UNet", dtype)
 
 
 def load_vae(path: Path | str) -> AutoencoderKL:

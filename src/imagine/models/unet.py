@@ -59,6 +59,12 @@ class UNetConfig:
     freq_shift: int = 0
     dropout: float = 0.0
     learned_variance: bool = False  # conv_out gives 2 x out_channels: the prediction, then the variance v
+    # SDXL's micro-conditioning (Podell et al. 2023, section 2.2): the pooled text embedding and six size
+    # numbers (original h, w; crop top, left; target h, w), each as addition_time_embed_dim sinusoidal
+    # features, go through add_embedding and join the timestep embedding
+    addition_embed_type: Literal["text_time"] | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -74,6 +80,13 @@ class UNetConfig:
                 raise ValueError(f"block type {kind!r} unknown; choose CrossAttn/Attn/plain Down/UpBlock2D")
         for name in ("attention_head_dim", "transformer_layers_per_block"):
             _per_block(getattr(self, name), n, name)
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type {self.addition_embed_type!r} unknown; imagine implements "
+                             "'text_time' (SDXL) or none")
+        needs = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        if self.addition_embed_type and not all(needs):
+            raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
 
     @property
     def time_embed_dim(self) -> int:
@@ -188,7 +201,8 @@ def _attend(block: nn.Module, j: int, x, context, mask):
 
 class UNet2DConditionModel(nn.Module):
     """unet(sample (B, C, H, W), timestep (B,) or scalar, encoder_hidden_states (B, T, D) = None,
-    class_labels (B,) = None, encoder_attention_mask (B, T) = None) -> prediction (B, out, H, W)."""
+    class_labels (B,) = None, encoder_attention_mask (B, T) = None, text_embeds (B, P) = None,
+    time_ids (B, 6) = None) -> prediction (B, out, H, W). text_embeds and time_ids: SDXL only."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -197,6 +211,8 @@ class UNet2DConditionModel(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim)
         self.class_embedding = nn.Embedding(cfg.num_class_embeds, cfg.time_embed_dim) if cfg.num_class_embeds else None
+        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
+                              if cfg.addition_embed_type == "text_time" else None)
         n = len(cfg.block_out_channels)
         self.down_blocks = nn.ModuleList()
         c_out = c0
@@ -220,8 +236,8 @@ class UNet2DConditionModel(nn.Module):
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states=None,
-                class_labels: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                class_labels: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"expected a (B, {cfg.in_channels}, H, W) sample, got {tuple(sample.shape)}")
@@ -234,6 +250,15 @@ class UNet2DConditionModel(nn.Module):
             if class_labels is None:
                 raise ValueError("this UNet is class-conditional: pass class_labels (B,)")
             emb = emb + self.class_embedding(class_labels).to(emb.dtype)
+        if self.add_embedding is not None:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this UNet is SDXL-conditioned: pass text_embeds (B, pooled dim) and time_ids "
+                                 "(B, 6) = original h, w, crop top, left, target h, w")
+            # (B, 6) -> (B, 6 * addition_time_embed_dim), then beside the pooled text: (B, projection dim)
+            times = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                       flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+            extra = torch.cat([text_embeds.float(), times.reshape(b, -1)], dim=-1)
+            emb = emb + self.add_embedding(extra.to(emb.dtype))
         context, mask = encoder_hidden_states, encoder_attention_mask
         x = self.conv_in(sample)
         skips = [x]

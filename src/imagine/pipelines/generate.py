@@ -250,11 +250,29 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     text = text_encoder.encode(prompts) if s.clip_skip is None else text_encoder.encode(prompts, clip_skip=s.clip_skip)
     cond = {"encoder_hidden_states": text.context[: s.n], "encoder_attention_mask": text.mask[: s.n]}
     uncond = {"encoder_hidden_states": text.context[s.n:], "encoder_attention_mask": text.mask[s.n:]}
+    if model.spec.zero_empty_negative and s.negative_prompt == "":  # SDXL (and A1111 for it): zeros, not ""
+        uncond["encoder_hidden_states"] = torch.zeros_like(uncond["encoder_hidden_states"])
+    if model.unet.config.addition_embed_type == "text_time":
+        cond.update(_micro_conditioning(text.pooled[: s.n], w, h))
+        pooled = text.pooled[s.n:]
+        if model.spec.zero_empty_negative and s.negative_prompt == "":
+            pooled = torch.zeros_like(pooled)
+        uncond.update(_micro_conditioning(pooled, w, h))
     return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler, schedule=s.schedule,
                   cond=cond, uncond=uncond, cfg_scale=s.cfg_scale, guidance_rescale=s.guidance_rescale,
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
                   callback=callback, cancel=cancel, precision=s.precision, batched=s.batched, compile=s.compile,
                   noise_seed_delta=s.noise_seed_delta)
+
+
+def _micro_conditioning(pooled: torch.Tensor | None, width: int, height: int) -> dict[str, torch.Tensor]:
+    """SDXL's extra inputs: the pooled text and (original h, w, crop top, left, target h, w), with the
+    original and target both the output size and no crop, as A1111 and diffusers default to."""
+    if pooled is None:
+        raise ValueError("this UNet is SDXL-conditioned and needs a pooled text embedding; its text encoder "
+                         "gives none (use the checkpoint's own text encoders)")
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(len(pooled), -1)
+    return {"text_embeds": pooled, "time_ids": ids}
 
 
 def txt2img(model: DiffusionModel, s: Settings, text_encoder, **kwargs) -> torch.Tensor:
@@ -448,11 +466,14 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
     name, implied = resolve(s.sampler)
     schedule = check_schedule(s.schedule) if s.schedule is not None else implied
     w, h = output_size(model, s)
-    weights = model.path / "unet" / "model.safetensors"
+    weights = model.weights_file
     model_hash = file_hash(weights) if weights.exists() else None
     fields = {"Steps": s.steps, "Sampler": a1111_name(name), "Schedule type": "Karras" if schedule == "karras"
               else "Automatic", "CFG scale": f"{s.cfg_scale:g}", "Seed": s.seed + index, "Size": f"{w}x{h}",
-              "Model hash": model_hash, "Model": model.path.name}
+              "Model hash": model_hash, "Model": model.name}
+    if model.vae_path is not None:
+        fields["VAE hash"] = file_hash(model.vae_path) if model.vae_path.is_file() else None
+        fields["VAE"] = model.vae_path.name
     if kind in ("img2img", "inpaint"):
         fields["Denoising strength"] = f"{s.strength:g}"
     if kind in ("img2img", "inpaint") and s.resize_mode != "just_resize":
@@ -474,7 +495,8 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
     fields["Version"] = f"imagine {__version__}"
     record = {
         "kind": kind, "settings": {**s.to_dict(), "seed": s.seed + index, "n": 1}, "index": index,
-        "model": {"path": str(model.path.resolve()), "name": model.path.name, "unet_sha256_10": model_hash,
+        "model": {"path": str(model.path.resolve()), "name": model.name, "unet_sha256_10": model_hash,
+                  "arch": model.arch, "vae": str(model.vae_path.resolve()) if model.vae_path else None,
                   "text_encoder": getattr(text_encoder, "identity", None), "spec": asdict(model.spec)},
         "sampler": {"name": name, "schedule": schedule, "spacing": "trailing"},
         "precision": s.precision, "weights_dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),

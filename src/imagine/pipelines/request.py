@@ -120,19 +120,22 @@ def save(results: list[Generated], folder: Path) -> list[Path]:
     return [write_new(Path(folder), r.stem, r.png()) for r in results]
 
 
-def load_text_model(path: Path | str) -> tuple[DiffusionModel, object]:
-    """A text-to-image model folder and its text encoder, ready for ``run``."""
-    from imagine.io.model_folder import load_model_folder
+def load_text_model(path: Path | str, *, vae: Path | str | None = None,
+                    allow_pickle: bool = False) -> tuple[DiffusionModel, object]:
+    """A text-to-image model and its text encoder, ready for ``run``: an imagine model folder, a diffusers
+    pipeline folder (SD 1.x, 2.x, SDXL) or a single-file checkpoint; ``vae`` replaces its VAE."""
+    from imagine.io.stable_diffusion import load_any
     from imagine.models.text_encoders import load_text_encoder
 
-    model = load_model_folder(path)
+    model = load_any(path, vae=vae, allow_pickle=allow_pickle)
     if model.spec.text_encoder is None:
         raise ValueError(f"{path} is not a text-to-image model (it has no text encoder); use `imagine sample` "
                          "for class-conditional or unconditional models")
     model.unet.eval()
     if model.vae is not None:
         model.vae.eval()
-    return model, load_text_encoder(model.spec.text_encoder)
+    encoder = model.text_encoder if model.text_encoder is not None else load_text_encoder(model.spec.text_encoder)
+    return model, encoder
 
 
 def load_scorer(path: Path | str | None = None):

@@ -1,0 +1,612 @@
+"""Stable Diffusion checkpoints as their owners have them, read into imagine and written back:
+
+- diffusers pipeline folders (``model_index.json``, unet/, vae/, text_encoder/, tokenizer/, scheduler/,
+  and for SDXL text_encoder_2/ and tokenizer_2/);
+- single files in the original layout that A1111, ComfyUI and model sites use (``model.diffusion_model.*``,
+  ``first_stage_model.*``, ``cond_stage_model.*`` or SDXL's ``conditioner.embedders.*``): the architecture
+  is read from the keys and shapes (io/ldm_keys.py holds the key maps).
+
+SD 1.x (CLIP ViT-L, eps, 512 px), SD 2.x (OpenCLIP ViT-H read at its penultimate layer, v-prediction at
+768 px unless the file says otherwise) and SDXL (CLIP ViT-L + OpenCLIP ViT-bigG, pooled text and size
+micro-conditioning, 1024 px). Weights are memory-mapped and read one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from imagine.io.checkpoint import (
+    DTYPES,
+    CheckpointError,
+    Weights,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    build_and_fill,
+    open_weights,
+    read_json,
+)
+from imagine.io.ldm_keys import clip_map, open_clip_map, read_mapped, unet_map, vae_map, write_mapped
+from imagine.io.model_folder import SPEC_NAME, DiffusionModel, DiffusionSpec
+
+Arch = Literal["sd1", "sd2", "sdxl"]
+ARCH_LABELS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+MODELSPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl-v1-base"}
+PIPELINES = {"StableDiffusionPipeline": ("sd1", "sd2"), "StableDiffusionXLPipeline": ("sdxl",)}
+
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+TE_SD1, TE_SD2 = "cond_stage_model.transformer.", "cond_stage_model.model."
+TE_XL1, TE_XL2 = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+# tensors a single file may carry that no model here uses: ldm's schedule buffers (top-level names),
+# EMA copies, markers, OpenCLIP's logit scale and transformers' position ids
+_SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "logvar",
+                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                     "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights", "v_pred", "ztsnr")
+
+# The training schedule every Stable Diffusion release uses (ldm's "scaled linear", beta 0.00085 to 0.012).
+SD_SCHEDULE = {"schedule": "scaled_linear", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
+SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+IMAGE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+BOS, EOS = 49406, 49407  # CLIP's start and end of text in its BPE vocabulary
+
+
+def _defaults(arch: Arch, prediction: str) -> dict:
+    """How a checkpoint is sampled when the user says nothing: A1111's defaults (20 steps, CFG 7)."""
+    return {**SD_SCHEDULE, "prediction": prediction, "image_size": IMAGE_SIZE[arch], "latent": True,
+            "default_sampler": "dpmpp_2m", "default_steps": 20, "default_cfg": 7.0,
+            "zero_empty_negative": arch == "sdxl"}
+
+
+def kind_of(path: Path) -> Literal["imagine", "diffusers", "single-file"]:
+    """What a --model path is, or a CheckpointError that says what was expected."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no model at {path}")
+    if path.is_file():
+        if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+            return "single-file"
+        raise CheckpointError(f"{path} is not a checkpoint: expected a .safetensors (or, with --allow-pickle, "
+                              ".ckpt) file, an imagine model folder or a diffusers pipeline folder")
+    if (path / SPEC_NAME).exists():
+        return "imagine"
+    if (path / "model_index.json").exists():
+        return "diffusers"
+    found = sorted(p.name for p in path.iterdir())[:10] or "nothing"
+    raise CheckpointError(f"{path} is neither an imagine model folder ({SPEC_NAME}) nor a diffusers pipeline "
+                          f"folder (model_index.json); found {found}")
+
+
+# --- the CLIP tokenizer ------------------------------------------------------------------------------
+
+BPE_FILE = Path(__file__).resolve().parent.parent / "weights" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+@lru_cache(maxsize=2)
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """CLIP's tokenizer (49408 tokens) from the BPE merges imagine ships: single files carry no tokenizer,
+    and SD 1.x, 2.x and SDXL all use this one (SD 2's and SDXL's second pad with "!", the others with
+    end-of-text). The vocabulary is built as CLIP builds it: bytes, bytes + "</w>", merges, specials."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    lines = gzip.decompress(BPE_FILE.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1: 49152 - 256 - 2 + 1]]
+    base = list(bytes_to_unicode().values())
+    words = [*base, *(b + "</w>" for b in base), *("".join(m) for m in merges), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=merges, pad_token=pad_token,
+                         model_max_length=77)
+
+
+# --- text encoders from tensors ----------------------------------------------------------------------
+
+def _text_config(weights: Weights, *, act: str, projection: bool):
+    from transformers import CLIPTextConfig
+
+    vocab, hidden = weights["embeddings.token_embedding.weight"].shape
+    layers = 1 + max(int(k.split(".")[2]) for k in weights if k.startswith("encoder.layers."))
+    config = dict(vocab_size=vocab, hidden_size=hidden,
+                  intermediate_size=weights["encoder.layers.0.mlp.fc1.weight"].shape[0], num_hidden_layers=layers,
+                  num_attention_heads=max(1, hidden // 64),
+                  max_position_embeddings=weights["embeddings.position_embedding.weight"].shape[0],
+                  hidden_act=act, layer_norm_eps=1e-5, bos_token_id=BOS if vocab > EOS else 0,
+                  eos_token_id=EOS if vocab > EOS else 1, pad_token_id=1)
+    if projection:
+        config["projection_dim"] = weights["text_projection.weight"].shape[0]
+    return CLIPTextConfig(**config)
+
+
+def _restore_position_ids(model) -> None:
+    embeddings = getattr(model, "text_model", model).embeddings
+    n = embeddings.position_embedding.weight.shape[0]
+    embeddings.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)
+
+
+def _text_model(weights: Weights, config, projection: bool, source: str):
+    """A transformers CLIP text model filled from ``weights`` (keys without ``text_model.``)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    with torch.device("meta"):
+        probe = cls(config)
+    prefixed = next(iter(probe.state_dict())).startswith("text_model.")
+
+    def own(key: str) -> str:
+        return key if (not prefixed or key == "text_projection.weight") else "text_model." + key
+
+    model = build_and_fill(lambda: cls(config), {own(k): r for k, r in weights.items()}, source,
+                           restore=_restore_position_ids)
+    return model.eval()
+
+
+def _canonical(model) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model's tensors under keys without ``text_model.``, position ids dropped."""
+    return {k.removeprefix("text_model."): v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+# --- single files ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SingleFile:
+    arch: Arch
+    unet: object  # UNetConfig
+    vae: object  # VAEConfig
+    prediction: str
+    text_configs: list[dict] | None = None  # transformers configs, where imagine wrote the file
+    clip_skip: int | None = None  # the layer the stored text encoder is read at, where imagine wrote the file
+
+
+def _strip(weights: Weights, prefix: str) -> Weights:
+    return {k[len(prefix):]: r for k, r in weights.items() if k.startswith(prefix)}
+
+
+def _count(keys, prefix: str) -> int:
+    found = [int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)]
+    return 1 + max(found) if found else 0
+
+
+def unet_config_from_ldm(w: Weights, arch: Arch):
+    """The UNet's config from the shapes of ``model.diffusion_model.*`` (keys without that prefix).
+    Head counts are not in any tensor: SD 1.x uses 8 heads, SD 2.x and SDXL 64-wide heads, as their
+    reference configs say."""
+    from imagine.models import UNetConfig
+
+    if "input_blocks.0.0.weight" not in w:
+        raise CheckpointError("no UNet input convolution (model.diffusion_model.input_blocks.0.0.weight)")
+    in_channels = w["input_blocks.0.0.weight"].shape[1]
+    n_in = _count(w, "input_blocks.")
+    first_down = next((i for i in range(n_in) if f"input_blocks.{i}.0.op.weight" in w), None)
+    layers = (first_down - 1) if first_down is not None else n_in - 1
+    levels = n_in // (layers + 1)
+    if levels * (layers + 1) != n_in or _count(w, "output_blocks.") != levels * (layers + 1):
+        raise CheckpointError(f"unexpected UNet layout: {n_in} input blocks and {_count(w, 'output_blocks.')} "
+                              f"output blocks for {layers} layers per level")
+    channels, down, up, depth = [], [], [], []
+    for i in range(levels):
+        block = f"input_blocks.{1 + i * (layers + 1)}."
+        channels.append(w[block + "0.out_layers.3.weight"].shape[0])
+        attn = f"{block}1.proj_in.weight" in w
+        down.append("CrossAttnDownBlock2D" if attn else "DownBlock2D")
+        depth.append(_count(w, f"{block}1.transformer_blocks.") if attn else 1)
+    for i in range(levels):
+        up.append("CrossAttnUpBlock2D" if f"output_blocks.{i * (layers + 1)}.1.proj_in.weight" in w else "UpBlock2D")
+    context = next((r.shape[1] for k, r in w.items() if k.endswith("attn2.to_k.weight")), 768)
+    linear = next((len(r.shape) == 2 for k, r in w.items() if k.endswith(".proj_in.weight")), False)
+    mid = "middle_block.1.proj_in.weight" in w
+    if mid and _count(w, "middle_block.1.transformer_blocks.") != depth[-1]:
+        raise CheckpointError("the middle block's transformer depth differs from the last level's, which "
+                              "imagine's UNet does not implement")
+    heads = 8 if arch == "sd1" else tuple(max(1, c // 64) for c in channels)
+    extra = {}
+    if "label_emb.0.0.weight" in w:
+        adm = w["label_emb.0.0.weight"].shape[1]
+        pooled = 1280
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=(adm - pooled) // 6,
+                     projection_class_embeddings_input_dim=adm)
+    return UNetConfig(sample_size=IMAGE_SIZE[arch] // 8, in_channels=in_channels,
+                      out_channels=w["out.2.weight"].shape[0], block_out_channels=tuple(channels),
+                      down_block_types=tuple(down), up_block_types=tuple(up),
+                      mid_block_type="UNetMidBlock2DCrossAttn" if mid else None, layers_per_block=layers,
+                      cross_attention_dim=context, attention_head_dim=heads,
+                      transformer_layers_per_block=depth[0] if len(set(depth)) == 1 else tuple(depth),
+                      use_linear_projection=linear, **extra)
+
+
+def vae_config_from_ldm(w: Weights, arch: Arch):
+    """The VAE's config from the shapes of ``first_stage_model.*`` (keys without that prefix)."""
+    from imagine.models import VAEConfig
+
+    if "encoder.conv_in.weight" not in w:
+        raise CheckpointError("no VAE encoder (first_stage_model.encoder.conv_in.weight)")
+    levels = _count(w, "encoder.down.")
+    channels = tuple(w[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels))
+    return VAEConfig(in_channels=w["encoder.conv_in.weight"].shape[1],
+                     out_channels=w["decoder.conv_out.weight"].shape[0],
+                     block_out_channels=channels, layers_per_block=_count(w, "encoder.down.0.block."),
+                     latent_channels=w["decoder.conv_in.weight"].shape[1], sample_size=IMAGE_SIZE[arch],
+                     scaling_factor=SCALING[arch], use_quant_conv="quant_conv.weight" in w,
+                     use_post_quant_conv="post_quant_conv.weight" in w)
+
+
+def inspect_single_file(weights: Weights, metadata: dict[str, str], source: str) -> SingleFile:
+    """Which Stable Diffusion a single file holds, from its keys and shapes (and its metadata where it
+    has imagine's or modelspec's), or a CheckpointError naming what was expected and what was found."""
+    from imagine.models import UNetConfig, VAEConfig
+
+    keys = list(weights)
+    if not any(k.startswith(UNET) for k in keys):
+        sample = ", ".join(keys[:4]) or "no tensors"
+        hint = ""
+        if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k for k in keys):
+            hint = " It looks like a LoRA: those go in models/Lora, not --model."
+        elif any(k.startswith(("down_blocks.", "encoder.down_blocks.")) for k in keys):
+            hint = " It looks like one diffusers component: pass the whole pipeline folder (with model_index.json)."
+        elif any(k.startswith(("encoder.down.", "decoder.up.")) for k in keys):
+            hint = " It looks like a VAE on its own: pass it with --vae."
+        raise CheckpointError(f"{source} is not a Stable Diffusion checkpoint: expected model.diffusion_model.*, "
+                              f"first_stage_model.* and cond_stage_model.* (or conditioner.embedders.*) keys; "
+                              f"found {sample}.{hint}")
+    if any(k.startswith(TE_XL2) for k in keys):
+        arch: Arch = "sdxl"
+    elif any(k.startswith(TE_SD2) for k in keys):
+        arch = "sd2"
+    elif any(k.startswith(TE_SD1) for k in keys):
+        arch = "sd1"
+    else:
+        raise CheckpointError(f"{source} has a UNet but no text encoder this reader knows: expected "
+                              f"{TE_SD1}* (SD 1.x), {TE_SD2}* (SD 2.x) or {TE_XL2}* (SDXL)")
+    ours = json.loads(metadata["imagine"]) if "imagine" in metadata else None
+    if ours is not None:  # written by imagine: its configs say what shapes cannot (head counts, groups)
+        unet, vae = UNetConfig.from_dict(ours["unet"]), VAEConfig.from_dict(ours["vae"])
+    else:
+        unet, vae = unet_config_from_ldm(_strip(weights, UNET), arch), vae_config_from_ldm(_strip(weights, VAE), arch)
+    if unet.in_channels != 4:
+        raise CheckpointError(f"{source} is a {unet.in_channels}-channel UNet (an inpainting or instruct model); "
+                              "imagine runs 4-channel text-to-image checkpoints")
+    prediction = "v" if arch == "sd2" else "eps"
+    if "v_pred" in weights:  # the marker key v-prediction SDXL finetunes carry
+        prediction = "v"
+    declared = (ours or {}).get("prediction") or metadata.get("modelspec.prediction_type")
+    if declared:
+        prediction = PREDICTIONS.get(declared, declared)
+    return SingleFile(arch, unet, vae, prediction, (ours or {}).get("text"), (ours or {}).get("clip_skip"))
+
+
+def _text_encoder_from_file(weights: Weights, arch: Arch, source: str, clip_skip: int | None,
+                            configs: list[dict] | None = None, stored_skip: int | None = None):
+    """The checkpoint's text encoder(s); ``configs``: transformers configs imagine wrote in the metadata
+    (head counts are in no tensor; without them SD's 64-wide heads are assumed)."""
+    from transformers import CLIPTextConfig
+
+    from imagine.models.text_encoders import CLIPTextEncoder, SDXLTextEncoder
+
+    def config(i: int, w: Weights, act: str, projection: bool):
+        if configs:
+            return CLIPTextConfig(**{k: v for k, v in configs[i].items() if k not in ("transformers_version",)})
+        return _text_config(w, act=act, projection=projection)
+
+    name = Path(source).name
+    if arch == "sd1":
+        prefix = TE_SD1 + "text_model." if any(k.startswith(TE_SD1 + "text_model.") for k in weights) else TE_SD1
+        w = _strip(weights, prefix)
+        model = _text_model(w, config(0, w, "quick_gelu", False), False, source)
+        return CLIPTextEncoder(clip_tokenizer(), model, f"CLIP ViT-L/14 ({name})", clip_skip or 1)
+    if arch == "sd2":
+        w = _openclip(weights, TE_SD2, projection=False)
+        model = _text_model(w, config(0, w, "gelu", False), False, source)
+        # SD 2 reads OpenCLIP ViT-H (24 layers) at its penultimate layer, through the final norm, as A1111
+        # does: clip skip 2. A file converted from diffusers holds 23 layers, the last one the one used.
+        default = stored_skip or (1 if model.config.num_hidden_layers == 23 else 2)
+        return CLIPTextEncoder(clip_tokenizer("!"), model, f"OpenCLIP ViT-H/14 ({name})", clip_skip or default)
+    w1 = _strip(weights, TE_XL1 + "text_model.")
+    w2 = _openclip(weights, TE_XL2, projection=True)
+    m1 = _text_model(w1, config(0, w1, "quick_gelu", False), False, source)
+    m2 = _text_model(w2, config(1, w2, "gelu", True), True, source)
+    return SDXLTextEncoder((clip_tokenizer(), clip_tokenizer("!")), (m1, m2), f"SDXL CLIP-L + bigG ({name})",
+                           clip_skip or 2)
+
+
+def _openclip(weights: Weights, prefix: str, projection: bool) -> Weights:
+    """OpenCLIP text-tower tensors under transformers' CLIP names (without ``text_model.``)."""
+    layers = _count(weights, prefix + "transformer.resblocks.")
+    keys = ["embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+            "final_layer_norm.weight", "final_layer_norm.bias"]
+    for i in range(layers):
+        for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                       "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
+            keys += [f"encoder.layers.{i}.{module}.weight", f"encoder.layers.{i}.{module}.bias"]
+    if projection:
+        keys.append("text_projection.weight")
+    return read_mapped(weights, open_clip_map(keys, prefix), "the text encoder")
+
+
+def _ignorable(key: str) -> bool:
+    return ("." not in key and key in _SCHEDULE_BUFFERS) or key.startswith("model_ema.") or key.endswith(
+        ("position_ids", "logit_scale", ".attn_mask"))
+
+
+def load_single_file(path: Path, *, allow_pickle: bool = False, clip_skip: int | None = None,
+                     dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    """A single-file SD 1.x, 2.x or SDXL checkpoint: UNet, VAE and text encoder(s), every tensor accounted
+    for (an unknown key is an error, never silently dropped)."""
+    from imagine.models import AutoencoderKL, UNet2DConditionModel
+
+    path = Path(path)
+    weights, metadata = open_weights(path, allow_pickle)
+    info = inspect_single_file(weights, metadata, str(path))
+    with torch.device("meta"):
+        unet_keys = list(UNet2DConditionModel(info.unet).state_dict())
+        vae_keys = list(AutoencoderKL(info.vae).state_dict())
+    unet_refs = read_mapped(weights, unet_map(unet_keys, info.unet), str(path))
+    vae_refs = read_mapped(weights, vae_map(vae_keys, info.vae), str(path))
+    used = {src.key for m in (unet_map(unet_keys, info.unet), vae_map(vae_keys, info.vae)) for src in m.values()}
+    text_prefixes = {"sd1": (TE_SD1,), "sd2": (TE_SD2,), "sdxl": (TE_XL1, TE_XL2)}[info.arch]
+    unknown = [k for k in weights if k not in used and not k.startswith(text_prefixes) and not _ignorable(k)]
+    if unknown:
+        raise CheckpointError(f"{path} holds {len(unknown)} tensors no part of {ARCH_LABELS[info.arch]} uses: "
+                              f"{', '.join(unknown[:10])}")
+    unet = build_and_fill(lambda: UNet2DConditionModel(info.unet), unet_refs, f"{path} (UNet)", dtype).eval()
+    vae = build_and_fill(lambda: AutoencoderKL(info.vae), vae_refs, f"{path} (VAE)").eval()
+    text_encoder = _text_encoder_from_file(weights, info.arch, str(path), clip_skip, info.text_configs,
+                                           info.clip_skip)
+    spec = DiffusionSpec(**_defaults(info.arch, info.prediction), text_encoder=text_encoder.identity)
+    return DiffusionModel(unet, vae, spec, path, text_encoder=text_encoder, arch=info.arch, hash_file=path)
+
+
+# --- diffusers pipeline folders ----------------------------------------------------------------------
+
+def spec_from_scheduler(config: dict, arch: Arch, image_size: int) -> dict:
+    """Training schedule and prediction type from a diffusers scheduler_config.json; the sampler is the
+    user's to choose (A1111 does the same), so its class and spacing only inform nothing here."""
+    if config.get("trained_betas") is not None:
+        raise CheckpointError("this scheduler lists trained_betas, which imagine does not read; its beta_schedule "
+                              "must name the schedule")
+    name = config.get("beta_schedule", "scaled_linear")
+    if name not in BETA_SCHEDULES:
+        raise CheckpointError(f"beta_schedule {name!r} unknown; imagine reads {', '.join(BETA_SCHEDULES)}")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTIONS:
+        raise CheckpointError(f"prediction_type {prediction!r} unknown; imagine reads {', '.join(PREDICTIONS)}")
+    return {**_defaults(arch, PREDICTIONS[prediction]), "schedule": BETA_SCHEDULES[name],
+            "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+            "beta_start": float(config.get("beta_start", 0.00085)), "beta_end": float(config.get("beta_end", 0.012)),
+            "zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False)), "image_size": image_size}
+
+
+def _sd1_or_sd2(text_config) -> Arch:
+    """SD 2.x's text encoder is OpenCLIP (GELU); SD 1.x's is OpenAI's CLIP ViT-L (quick GELU)."""
+    act = text_config.get("hidden_act") if isinstance(text_config, dict) else text_config.hidden_act
+    return "sd2" if act == "gelu" else "sd1"
+
+
+def load_diffusers_pipeline(path: Path, *, clip_skip: int | None = None,
+                            dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    """A diffusers StableDiffusionPipeline or StableDiffusionXLPipeline folder."""
+    from imagine.models import load_unet, load_vae
+    from imagine.models.text_encoders import CLIPTextEncoder, SDXLTextEncoder
+
+    path = Path(path)
+    index = read_json(path / "model_index.json")
+    cls = index.get("_class_name")
+    if cls not in PIPELINES:
+        raise CheckpointError(f"{path} holds a diffusers {cls}; imagine reads {' and '.join(PIPELINES)} folders")
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (
+            ("text_encoder_2", "tokenizer_2") if cls == "StableDiffusionXLPipeline" else ()):
+        if not (path / part).is_dir():
+            raise CheckpointError(f"{path} is a {cls} folder without {part}/")
+    unet = load_unet(path / "unet", dtype=dtype)
+    vae = load_vae(path / "vae")
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = read_json(scheduler) if scheduler.exists() else {}
+    if cls == "StableDiffusionXLPipeline":
+        arch: Arch = "sdxl"
+        text_encoder = SDXLTextEncoder.from_folder(path, clip_skip or 2)
+    else:
+        text_encoder = CLIPTextEncoder.from_folder(path, clip_skip or 1)
+        arch = _sd1_or_sd2(text_encoder.model.config)
+    size = unet.config.sample_size * vae.config.downscale
+    spec = DiffusionSpec(**{**spec_from_scheduler(scheduler_config, arch, size),
+                            "zero_empty_negative": bool(index.get("force_zeros_for_empty_prompt", arch == "sdxl"))},
+                         text_encoder=text_encoder.identity)
+    weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+    return DiffusionModel(unet, vae, spec, path, text_encoder=text_encoder, arch=arch,
+                          hash_file=weights if weights.exists() else None)
+
+
+# --- writing -----------------------------------------------------------------------------------------
+
+def _cast(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return state
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} unknown; choose fp16, bf16 or fp32")
+    return {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _text_models(model: DiffusionModel) -> list:
+    te = model.text_encoder
+    return [te.model_1, te.model_2] if model.arch == "sdxl" else [te.model]
+
+
+def single_file_state(model: DiffusionModel) -> dict[str, torch.Tensor]:
+    """The model in the original single-file layout (what A1111 and ComfyUI load)."""
+    unet, vae = model.unet.state_dict(), model.vae.state_dict()
+    out = {**write_mapped(unet, unet_map(unet, model.unet.config)), **write_mapped(vae, vae_map(vae, model.vae.config))}
+    texts = [_canonical(m) for m in _text_models(model)]
+    if model.arch == "sd1":
+        out.update(write_mapped(texts[0], clip_map(texts[0], TE_SD1)))
+    elif model.arch == "sd2":
+        out.update(write_mapped(texts[0], open_clip_map(texts[0], TE_SD2)))
+    else:
+        out.update(write_mapped(texts[0], clip_map(texts[0], TE_XL1)))
+        out.update(write_mapped(texts[1], open_clip_map(texts[1], TE_XL2)))
+    return out
+
+
+def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:
+    """One .safetensors in the original layout, with imagine's configs and modelspec in its metadata."""
+    from imagine.models import _config_of
+
+    if model.arch is None or model.text_encoder is None:
+        raise CheckpointError("only Stable Diffusion models (SD 1.x, 2.x, SDXL) have a single-file layout; an "
+                              "imagine model folder stays a folder")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: a single-file checkpoint is written as .safetensors")
+    text = [json.loads(m.config.to_json_string()) for m in _text_models(model)]
+    meta = {"imagine": json.dumps({"unet": _config_of(model.unet), "vae": _config_of(model.vae),
+                                   "prediction": model.spec.prediction, "text": text,
+                                   "clip_skip": model.text_encoder.clip_skip}),
+            "modelspec.architecture": MODELSPEC[model.arch],
+            "modelspec.prediction_type": {v: k for k, v in PREDICTIONS.items()}[model.spec.prediction],
+            "format": "pt"}
+    atomic_save_safetensors(_cast(single_file_state(model), dtype), out, meta)
+    return out
+
+
+def save_diffusers_pipeline(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:
+    """A diffusers pipeline folder (model_index.json and its parts), written whole or not at all."""
+    import shutil
+
+    from imagine.models import diffusers_config
+
+    if model.arch is None or model.text_encoder is None:
+        raise CheckpointError("only Stable Diffusion models (SD 1.x, 2.x, SDXL) have a diffusers pipeline layout")
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} exists; convert writes a fresh folder")
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    from imagine import __version__
+
+    for part, module, cls in (("unet", model.unet, "UNet2DConditionModel"), ("vae", model.vae, "AutoencoderKL")):
+        config = {"_class_name": cls, "_diffusers_version": "0.30.0", **diffusers_config(module)}
+        atomic_write_bytes(tmp / part / "config.json", json.dumps(config, indent=2).encode())
+        atomic_save_safetensors(_cast(module.state_dict(), dtype), tmp / part / "diffusion_pytorch_model.safetensors",
+                                {"format": "pt"})
+    te = model.text_encoder
+    xl = model.arch == "sdxl"
+    pairs = [("text_encoder", "tokenizer", te.model_1 if xl else te.model, te.tokenizer_1 if xl else te.tokenizer)]
+    if xl:
+        pairs.append(("text_encoder_2", "tokenizer_2", te.model_2, te.tokenizer_2))
+    # diffusers reads a text encoder at its last layer: an encoder read at an earlier one (SD 2's
+    # penultimate) is saved without the layers after it, as diffusers' own SD 2 folders are
+    drop = 0 if xl else te.clip_skip - 1
+    for enc_dir, tok_dir, enc, tok in pairs:
+        keep, layers = enc.dtype, getattr(enc, "text_model", enc).encoder.layers
+        if dtype is not None:
+            enc.to(DTYPES[dtype])
+        if drop:
+            getattr(enc, "text_model", enc).encoder.layers = layers[: len(layers) - drop]
+            enc.config.num_hidden_layers = len(layers) - drop
+        try:
+            enc.save_pretrained(tmp / enc_dir, safe_serialization=True)
+        finally:
+            enc.to(keep)
+            getattr(enc, "text_model", enc).encoder.layers = layers
+            enc.config.num_hidden_layers = len(layers)
+        tok.save_pretrained(tmp / tok_dir)
+    spec = model.spec
+    scheduler = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": spec.num_train_timesteps,
+                 "beta_schedule": {v: k for k, v in BETA_SCHEDULES.items()}[spec.schedule],
+                 "beta_start": spec.beta_start, "beta_end": spec.beta_end,
+                 "prediction_type": {v: k for k, v in PREDICTIONS.items()}[spec.prediction],
+                 "rescale_betas_zero_snr": spec.zero_terminal_snr, "timestep_spacing": "trailing", "steps_offset": 0}
+    atomic_write_bytes(tmp / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2).encode())
+    index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+             "_diffusers_version": "0.30.0", "_imagine_version": __version__,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    if xl:
+        index.update({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "force_zeros_for_empty_prompt": spec.zero_empty_negative})
+    else:
+        index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
+                      "requires_safety_checker": False})
+    atomic_write_bytes(tmp / "model_index.json", json.dumps(index, indent=2).encode())
+    tmp.rename(out)
+    return out
+
+
+# --- the one entry point -----------------------------------------------------------------------------
+
+def load_vae_override(path: Path, like, allow_pickle: bool = False):
+    """A separate VAE (A1111's --vae / "SD VAE"): an imagine or diffusers VAE folder, or a single file in
+    the original layout with or without ``first_stage_model.``. It keeps ``like``'s latent scaling."""
+    from imagine.models import AutoencoderKL, load_vae
+
+    path = Path(path)
+    if path.is_dir():
+        vae = load_vae(path)
+    else:
+        weights, _ = open_weights(path, allow_pickle)
+        if any(k.startswith(VAE) for k in weights):
+            weights = _strip(weights, VAE)
+        weights = {k: r for k, r in weights.items() if not k.startswith(("loss.", "model_ema."))}
+        if "encoder.conv_in.weight" not in weights:
+            raise CheckpointError(f"{path} is not a VAE: expected encoder.* and decoder.* keys (original layout)")
+        config = replace(vae_config_from_ldm(weights, "sd1"), norm_num_groups=like.config.norm_num_groups)
+        with torch.device("meta"):
+            keys = list(AutoencoderKL(config).state_dict())
+        vae = build_and_fill(lambda: AutoencoderKL(config), read_mapped(weights, vae_map(keys, config, ""), str(path)),
+                             str(path)).eval()
+    if vae.config.latent_channels != like.config.latent_channels:
+        raise CheckpointError(f"{path} is a {vae.config.latent_channels}-channel VAE; this model's latents have "
+                              f"{like.config.latent_channels} channels")
+    vae.config = replace(vae.config, scaling_factor=like.config.scaling_factor, shift_factor=like.config.shift_factor)
+    return vae
+
+
+def load_any(path: Path | str, *, vae: Path | str | None = None, allow_pickle: bool = False,
+             clip_skip: int | None = None) -> DiffusionModel:
+    """An imagine model folder, a diffusers pipeline folder or a single-file checkpoint, by what it is."""
+    from imagine.io.model_folder import load_model_folder
+
+    path = Path(path)
+    kind = kind_of(path)
+    if kind == "imagine":
+        model = load_model_folder(path)
+    elif kind == "diffusers":
+        model = load_diffusers_pipeline(path, clip_skip=clip_skip)
+    else:
+        model = load_single_file(path, allow_pickle=allow_pickle, clip_skip=clip_skip)
+    if vae is not None:
+        if model.vae is None:
+            raise CheckpointError(f"{path} is a pixel-space model: it has no VAE to replace")
+        model.vae = load_vae_override(Path(vae), model.vae, allow_pickle)
+        model.vae_path = Path(vae)
+    return model
+
+
+def describe_file(path: Path) -> dict:
+    """Architecture, size and metadata of a checkpoint without loading its weights (imagine models)."""
+    kind = kind_of(path)
+    if kind == "single-file":
+        weights, metadata = open_weights(path, allow_pickle=False) if path.suffix == ".safetensors" else ({}, {})
+        arch = inspect_single_file(weights, metadata, str(path)).arch if weights else None
+        size = path.stat().st_size
+    elif kind == "diffusers":
+        index = read_json(path / "model_index.json")
+        arch = "sdxl" if index.get("_class_name") == "StableDiffusionXLPipeline" else None
+        if arch is None and (path / "text_encoder" / "config.json").exists():
+            arch = _sd1_or_sd2(read_json(path / "text_encoder" / "config.json"))
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    else:
+        arch, size = "imagine", sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return {"kind": kind, "arch": arch, "bytes": size}
+
+
+__all__ = ["ARCH_LABELS", "SingleFile", "clip_tokenizer", "inspect_single_file", "kind_of", "load_any",
+           "load_diffusers_pipeline", "load_single_file", "load_vae_override", "save_diffusers_pipeline",
+           "save_single_file", "single_file_state", "spec_from_scheduler"]

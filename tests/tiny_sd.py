@@ -1,0 +1,87 @@
+"""Tiny random Stable Diffusion pipelines (SD 1.x, SD 2.x v-prediction, SDXL), built offline by diffusers
+and transformers from configs, with CLIP's real tokenizer (the BPE imagine ships): what the loaders, the
+converters and the parity tests run on. diffusers is a test-only oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 49408  # CLIP's, so the real tokenizer's ids fit
+
+
+def _perturb(model, scale: float = 0.05):
+    with torch.no_grad():  # non-trivial norms and biases too, so every parameter matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+def _text_config(hidden: int, act: str, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
+                          num_attention_heads=2, max_position_embeddings=77, hidden_act=act, bos_token_id=49406,
+                          eos_token_id=49407, pad_token_id=1, **extra)
+
+
+def components(arch: str, seed: int = 0) -> dict:
+    """diffusers/transformers modules for a tiny ``arch`` ("sd1", "sd2", "sdxl") pipeline."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from imagine.io.stable_diffusion import clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet_common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=4,
+                       block_out_channels=(8, 16))
+    if arch == "sd1":
+        unet = UNet2DConditionModel(**unet_common, cross_attention_dim=32, attention_head_dim=2,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    elif arch == "sd2":
+        unet = UNet2DConditionModel(**unet_common, cross_attention_dim=32, attention_head_dim=(2, 4),
+                                    use_linear_projection=True,
+                                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    else:
+        unet = UNet2DConditionModel(**{**unet_common, "block_out_channels": (8, 16, 16)}, cross_attention_dim=64,
+                                    attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 2, 2),
+                                    use_linear_projection=True, addition_embed_type="text_time",
+                                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, sample_size=16, scaling_factor=0.13025 if arch == "sdxl" else 0.18215)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       prediction_type="v_prediction" if arch == "sd2" else "epsilon",
+                                       timestep_spacing="trailing", steps_offset=0)
+    out = {"unet": _perturb(unet), "vae": _perturb(vae), "scheduler": scheduler}
+    if arch == "sdxl":
+        out["text_encoder"] = _perturb(CLIPTextModel(_text_config(32, "quick_gelu")))
+        out["text_encoder_2"] = _perturb(CLIPTextModelWithProjection(_text_config(32, "gelu", projection_dim=32)))
+        out["tokenizer"], out["tokenizer_2"] = clip_tokenizer(), clip_tokenizer("!")
+    else:
+        out["text_encoder"] = _perturb(CLIPTextModel(_text_config(32, "quick_gelu" if arch == "sd1" else "gelu")))
+        out["tokenizer"] = clip_tokenizer() if arch == "sd1" else clip_tokenizer("!")
+    return out
+
+
+def pipeline(arch: str, seed: int = 0):
+    """The diffusers pipeline object for a tiny ``arch``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = components(arch, seed)
+    if arch == "sdxl":
+        return StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def write_pipeline(arch: str, folder: Path, seed: int = 0):
+    """A tiny ``arch`` pipeline saved as a diffusers folder (safetensors); returns the pipeline."""
+    pipe = pipeline(arch, seed)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
