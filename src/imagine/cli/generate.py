@@ -36,7 +36,13 @@ _OPTS = dict(
     n=typer.Option(1, help="How many images."),
     width=typer.Option(None, help="Width in pixels (a multiple of the latent factor)."),
     height=typer.Option(None, help="Height in pixels (a multiple of the latent factor)."),
-    model=typer.Option(None, help="A text-to-image model folder (default: the model shipped with imagine)."),
+    model=typer.Option(None, help="A model: an imagine or diffusers folder, a .safetensors checkpoint (SD 1.x, "
+                                  "2.x, SDXL) or a name in the models folder (default: the shipped model)."),
+    vae=typer.Option(None, help="A separate VAE (file, folder or name in models/VAE) replacing the model's own."),
+    allow_pickle=typer.Option(False, "--allow-pickle", help="Read .ckpt pickles (with torch.load(weights_only=True) "
+                                                           "only); by default only .safetensors are read."),
+    models_dir=typer.Option(None, help="A1111-style models folder (Stable-diffusion/, VAE/, Lora/, ...); "
+                                       "default: ./models when it exists."),
     out=typer.Option(Path("outputs"), help="Folder for the PNGs (existing files are never overwritten)."),
     clip_skip=typer.Option(None, help="Text states from the N-th last layer of the text encoder (A1111's Clip "
                                       "skip; 1: the last; default: the model's)."),
@@ -56,16 +62,21 @@ def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n,
                     cfg_scale=cfg, guidance_rescale=rescale, seed=seed, n=n, width=width, height=height, **more)
 
 
-def _run(kind: str, model: Path | None, settings, out: Path, init: Path | None = None, mask: Path | None = None,
-         rerank: int = 1, clip: Path | None = None) -> None:
+def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | None = None,
+         mask: Path | None = None, rerank: int = 1, clip: Path | None = None, vae: str | Path | None = None,
+         allow_pickle: bool = False, models_dir: Path | None = None) -> None:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs."""
     from tqdm import tqdm
 
+    from imagine.io import models_dir as md
     from imagine.io.checkpoint import CheckpointError
     from imagine.pipelines import request as r
 
     try:
-        loaded, encoder = r.load_text_model(model if model is not None else default_model())
+        models_dir = models_dir if models_dir is not None else md.default_models_dir()
+        path = md.resolve(model, models_dir) if model is not None else default_model()
+        vae_path = md.resolve(vae, models_dir, "vae") if vae is not None else None
+        loaded, encoder = r.load_text_model(path, vae=vae_path, allow_pickle=allow_pickle)
         settings = settings.with_model_defaults(loaded.spec, settings.steps, settings.sampler, settings.cfg_scale)
         extra = {}
         if init is not None:
@@ -85,7 +96,7 @@ def _run(kind: str, model: Path | None, settings, out: Path, init: Path | None =
         typer.echo(str(path))
 
 
-def _from_image(image: Path, model: Path | None, out: Path) -> None:
+def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
     """Regenerate a txt2img image from the settings it carries."""
     from dataclasses import fields
 
@@ -107,11 +118,12 @@ def _from_image(image: Path, model: Path | None, out: Path) -> None:
              f"newer version ({record.get('versions', {}).get('imagine', '?')}); upgrade imagine")
     if model is None:
         model = Path(record["model"]["path"])
-        if not model.is_dir():
-            fail(f"{image} was made with the model at {model}, which no longer exists: pass --model FOLDER "
-                 f"(the model named {record['model'].get('name')!r}, UNet hash "
+        if not model.exists():
+            fail(f"{image} was made with the model at {model}, which no longer exists: pass --model PATH "
+                 f"(the model named {record['model'].get('name')!r}, hash "
                  f"{record['model'].get('unet_sha256_10')})")
-    _run("txt2img", model, Settings(**record["settings"]), out)
+    vae = record["model"].get("vae")
+    _run("txt2img", model, Settings(**record["settings"]), out, vae=vae, **options)
 
 
 @app.command()
@@ -121,7 +133,8 @@ def generate(
     sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
-    model: Path | None = _OPTS["model"], out: Path = _OPTS["out"],
+    model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for the network (faster on CPUs with bf16)."),
@@ -134,13 +147,14 @@ def generate(
 ) -> None:
     """Text to image. With --from IMAGE, regenerate an image from the settings it carries."""
     if from_image is not None:
-        _from_image(from_image, model, out)
+        _from_image(from_image, model, out, allow_pickle=allow_pickle, models_dir=models_dir)
         return
     if not prompt:
         fail("give a prompt, or --from IMAGE")
     _run("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                                      precision=precision, batched=batched, compile=compile, clip_skip=clip_skip,
-                                     noise_seed_delta=noise_seed_delta), out, rerank=rerank, clip=clip)
+                                     noise_seed_delta=noise_seed_delta), out, rerank=rerank, clip=clip, vae=vae,
+         allow_pickle=allow_pickle, models_dir=models_dir)
 
 
 @app.command()
@@ -153,13 +167,15 @@ def img2img(
     sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
-    model: Path | None = _OPTS["model"], out: Path = _OPTS["out"],
+    model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
 ) -> None:
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt."""
     _run("img2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                                      strength=strength, resize_mode=resize_mode, clip_skip=clip_skip,
-                                     noise_seed_delta=noise_seed_delta), out, init=image)
+                                     noise_seed_delta=noise_seed_delta), out, init=image, vae=vae,
+         allow_pickle=allow_pickle, models_dir=models_dir)
 
 
 @app.command()
@@ -181,7 +197,8 @@ def inpaint(
     sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
-    model: Path | None = _OPTS["model"], out: Path = _OPTS["out"],
+    model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest."""
@@ -189,7 +206,8 @@ def inpaint(
                                      strength=strength, mask_blur=mask_blur, inpaint_fill=masked_content,
                                      inpaint_only_masked=only_masked, inpaint_padding=only_masked_padding,
                                      mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
-                                     noise_seed_delta=noise_seed_delta), out, init=image, mask=mask)
+                                     noise_seed_delta=noise_seed_delta), out, init=image, mask=mask, vae=vae,
+         allow_pickle=allow_pickle, models_dir=models_dir)
 
 
 @app.command()

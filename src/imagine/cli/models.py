@@ -1,14 +1,20 @@
-"""imagine export, samplers, version."""
+"""imagine export, convert, models, samplers, version."""
 
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 
 import typer
 
 from imagine import __version__
 from imagine.cli.app import app, fail
+
+
+class ConvertTo(str, Enum):
+    diffusers = "diffusers"
+    single_file = "single-file"
 
 
 @app.command()
@@ -46,6 +52,69 @@ def export(
     except (ValueError, CheckpointError) as err:
         fail(str(err))
     typer.echo(f"exported {model} -> {out} ({dtype}, {size / 1e6:.1f} MB)")
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="A Stable Diffusion checkpoint: .safetensors file or diffusers folder."),
+    out: Path = typer.Argument(..., help="Where the converted model goes (must not exist)."),
+    to: ConvertTo = typer.Option(None, help="diffusers (a pipeline folder) or single-file (one .safetensors); "
+                                            "default: the other one of what SOURCE is."),
+    dtype: str | None = typer.Option(None, help="Save weights as fp16, bf16 or fp32 (default: as they are)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .ckpt pickle (weights only)."),
+) -> None:
+    """Convert between a diffusers pipeline folder and an original-layout single file (A1111, ComfyUI), in
+    either direction; a round trip gives back the same tensors bit for bit."""
+    from imagine.io import stable_diffusion as sd
+    from imagine.io.checkpoint import CheckpointError
+
+    try:
+        if out.exists():
+            raise ValueError(f"{out} exists; convert writes a new file or folder")
+        kind = sd.kind_of(source)
+        target = to.value if to is not None else ("diffusers" if kind == "single-file" else "single-file")
+        model = sd.load_any(source, allow_pickle=allow_pickle)
+        if target == "diffusers":
+            sd.save_diffusers_pipeline(model, out, dtype)
+        else:
+            sd.save_single_file(model, out, dtype)
+    except (ValueError, CheckpointError, FileNotFoundError) as err:
+        fail(str(err))
+    typer.echo(f"{source} ({sd.ARCH_LABELS.get(model.arch, model.arch)}) -> {out} ({target})")
+
+
+@app.command("models")
+def list_models(
+    models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the models folder: checkpoints with architecture, size and A1111 hash; VAEs, LoRAs, ControlNets
+    and embeddings by name."""
+    from imagine.io import models_dir as md
+    from imagine.io import stable_diffusion as sd
+    from imagine.io.checkpoint import CheckpointError
+
+    folder = models_dir if models_dir is not None else md.default_models_dir()
+    if folder is None or not folder.is_dir():
+        fail(f"no models folder at {folder or 'models/'}: pass --models-dir DIR (with Stable-diffusion/, VAE/, "
+             "Lora/, ControlNet/, embeddings/)")
+    rows = []
+    for section in md.SECTIONS:
+        for entry in md.entries(folder, section):
+            row = {"section": section, "name": entry.name, "path": str(entry.path), "bytes": entry.bytes,
+                   "hash": entry.short_hash}
+            if section == "checkpoints":
+                try:
+                    row["arch"] = sd.describe_file(entry.path)["arch"]
+                except CheckpointError as err:
+                    row["arch"], row["error"] = None, str(err)
+            rows.append(row)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        arch = f"  {sd.ARCH_LABELS.get(row.get('arch'), row.get('arch') or '')}" if "arch" in row else ""
+        typer.echo(f"{row['section']:<12} {row['name']}  [{row['hash']}]  {row['bytes'] / 1e6:.1f} MB{arch}")
 
 
 @app.command()

@@ -13,8 +13,13 @@ from imagine.cli.app import app, default_model, fail
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind; 0.0.0.0 exposes the server to your network."),
     port: int = typer.Option(7860, help="Port (A1111's default)."),
-    model: list[Path] = typer.Option(None, help="Text-to-image model folder; repeat to offer several "
-                                                "(default: the model shipped with imagine)."),
+    model: list[str] = typer.Option(None, help="A model: imagine or diffusers folder, SD .safetensors or a name in "
+                                               "the models folder; repeat to offer several (default: every "
+                                               "checkpoint in the models folder, else the shipped model)."),
+    models_dir: Path | None = typer.Option(None, help="A1111-style models folder: its Stable-diffusion/ "
+                                                      "checkpoints and VAE/ files are offered (default: ./models)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also offer .ckpt pickles (read weights "
+                                                                   "only)."),
     out: Path = typer.Option(Path("outputs"), help="Where generated PNGs are saved, and the job store "
                                                    "(jobs.sqlite) that survives restarts."),
     api_auth: str | None = typer.Option(None, help="USER:PASS: basic auth on every route (A1111's --api-auth)."),
@@ -29,15 +34,21 @@ def serve(
     """Serve the HTTP API (ours at /api/v1, A1111's at /sdapi/v1), the web UI at / and API docs at /docs."""
     import uvicorn
 
+    from imagine.io import models_dir as md
     from imagine.io.checkpoint import CheckpointError
     from imagine.server import Limits, create_app
 
     try:
+        folder = models_dir if models_dir is not None else md.default_models_dir()
+        listed = [e.path for e in md.entries(folder, "checkpoints")
+                  if allow_pickle or e.path.is_dir() or e.path.suffix == ".safetensors"]
+        paths = [md.resolve(m, folder) for m in model] if model else listed or [default_model()]
+        vaes = [e.path for e in md.entries(folder, "vae") if e.path.is_dir() or e.path.suffix == ".safetensors"]
         limits = Limits(max_pixels=max_pixels, max_steps=max_steps, max_batch=max_batch,
                         max_request_bytes=int(max_request_mb * 1024 * 1024),
                         max_kept_bytes=int(max_kept_mb * 1024 * 1024))
-        server_app = create_app(list(model or []) or [default_model()], out_dir=out, limits=limits, max_queue=max_queue,
-                                api_auth=api_auth)
+        server_app = create_app(paths, out_dir=out, limits=limits, max_queue=max_queue, api_auth=api_auth,
+                                vaes=vaes, allow_pickle=allow_pickle)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -164,6 +164,11 @@ class SingleFile:
     clip_skip: int | None = None  # the layer the stored text encoder is read at, where imagine wrote the file
 
 
+def _size(info: SingleFile) -> int:
+    """The model's native image size: the UNet's sample size in pixels (512, 768 or 1024 for releases)."""
+    return info.unet.sample_size * info.vae.downscale
+
+
 def _strip(weights: Weights, prefix: str) -> Weights:
     return {k[len(prefix):]: r for k, r in weights.items() if k.startswith(prefix)}
 
@@ -220,7 +225,7 @@ def unet_config_from_ldm(w: Weights, arch: Arch):
                       use_linear_projection=linear, **extra)
 
 
-def vae_config_from_ldm(w: Weights, arch: Arch):
+def vae_config_from_ldm(w: Weights, arch: Arch, norm_num_groups: int = 32):
     """The VAE's config from the shapes of ``first_stage_model.*`` (keys without that prefix)."""
     from imagine.models import VAEConfig
 
@@ -233,6 +238,7 @@ def vae_config_from_ldm(w: Weights, arch: Arch):
                      block_out_channels=channels, layers_per_block=_count(w, "encoder.down.0.block."),
                      latent_channels=w["decoder.conv_in.weight"].shape[1], sample_size=IMAGE_SIZE[arch],
                      scaling_factor=SCALING[arch], use_quant_conv="quant_conv.weight" in w,
+                     norm_num_groups=norm_num_groups,
                      use_post_quant_conv="post_quant_conv.weight" in w)
 
 
@@ -357,7 +363,8 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, clip_skip: int |
     vae = build_and_fill(lambda: AutoencoderKL(info.vae), vae_refs, f"{path} (VAE)").eval()
     text_encoder = _text_encoder_from_file(weights, info.arch, str(path), clip_skip, info.text_configs,
                                            info.clip_skip)
-    spec = DiffusionSpec(**_defaults(info.arch, info.prediction), text_encoder=text_encoder.identity)
+    spec = DiffusionSpec(**{**_defaults(info.arch, info.prediction), "image_size": _size(info)},
+                         text_encoder=text_encoder.identity)
     return DiffusionModel(unet, vae, spec, path, text_encoder=text_encoder, arch=info.arch, hash_file=path)
 
 
@@ -556,7 +563,7 @@ def load_vae_override(path: Path, like, allow_pickle: bool = False):
         weights = {k: r for k, r in weights.items() if not k.startswith(("loss.", "model_ema."))}
         if "encoder.conv_in.weight" not in weights:
             raise CheckpointError(f"{path} is not a VAE: expected encoder.* and decoder.* keys (original layout)")
-        config = replace(vae_config_from_ldm(weights, "sd1"), norm_num_groups=like.config.norm_num_groups)
+        config = vae_config_from_ldm(weights, "sd1", like.config.norm_num_groups)
         with torch.device("meta"):
             keys = list(AutoencoderKL(config).state_dict())
         vae = build_and_fill(lambda: AutoencoderKL(config), read_mapped(weights, vae_map(keys, config, ""), str(path)),
@@ -587,6 +594,36 @@ def load_any(path: Path | str, *, vae: Path | str | None = None, allow_pickle: b
         model.vae = load_vae_override(Path(vae), model.vae, allow_pickle)
         model.vae_path = Path(vae)
     return model
+
+
+def probe_spec(path: Path | str, allow_pickle: bool = False) -> DiffusionSpec:
+    """How a model is sampled (its spec), read without loading any weights: a server lists many models and
+    loads only the ones asked for. Missing parts fail here, at start-up, not at the first request."""
+    path = Path(path)
+    kind = kind_of(path)
+    if kind == "imagine":
+        spec = DiffusionSpec.from_dict(read_json(path / SPEC_NAME))
+        for part in ["unet"] + (["vae"] if spec.latent else []):
+            if not (path / part / "model.safetensors").is_file():
+                raise CheckpointError(f"{path} has no {part}/model.safetensors: the model folder is incomplete")
+        return spec
+    if kind == "diffusers":
+        index = read_json(path / "model_index.json")
+        if index.get("_class_name") not in PIPELINES:
+            raise CheckpointError(f"{path} holds a diffusers {index.get('_class_name')}; imagine reads "
+                                  f"{' and '.join(PIPELINES)} folders")
+        xl = index["_class_name"] == "StableDiffusionXLPipeline"
+        arch: Arch = "sdxl" if xl else _sd1_or_sd2(read_json(path / "text_encoder" / "config.json"))
+        unet, vae = read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json")
+        size = unet.get("sample_size", 64) * 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+        scheduler = path / "scheduler" / "scheduler_config.json"
+        spec = spec_from_scheduler(read_json(scheduler) if scheduler.exists() else {}, arch, size)
+        spec["zero_empty_negative"] = bool(index.get("force_zeros_for_empty_prompt", xl))
+        return DiffusionSpec(**spec, text_encoder=ARCH_LABELS[arch])
+    weights, metadata = open_weights(path, allow_pickle)
+    info = inspect_single_file(weights, metadata, str(path))
+    return DiffusionSpec(**{**_defaults(info.arch, info.prediction), "image_size": _size(info)},
+                         text_encoder=ARCH_LABELS[info.arch])
 
 
 def describe_file(path: Path) -> dict:

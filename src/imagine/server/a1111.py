@@ -17,6 +17,7 @@ from imagine.io.png import parse_a1111
 from imagine.pipelines import generate as g
 from imagine.samplers import A1111_NAMES, SAMPLERS, a1111_name, resolve
 from imagine.server.jobs import Job
+from imagine.server.models import AUTOMATIC
 from imagine.server.schemas import (
     A1111ImageResponse,
     A1111Img2Img,
@@ -77,7 +78,7 @@ NO_EFFECT = frozenset({
     "image_cfg_scale", "mask_round", "include_init_images", "sampler_index", "batch_size", "n_iter",
 })
 # override_settings keys (and /options) applied per request
-OVERRIDES = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "samples_format")
+OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "samples_format")
 RESIZE_MODES = g.RESIZE_MODES  # A1111's resize_mode 0..3
 INPAINT_FILLS = g.INPAINT_FILLS  # A1111's inpainting_fill 0..3
 
@@ -137,6 +138,7 @@ def router(service: Service) -> APIRouter:
                    "sampler": sampler, "schedule": _scheduler(body.scheduler), "cfg_scale": body.cfg_scale,
                    "seed": body.seed, "n": body.batch_size * body.n_iter, "width": body.width,
                    "height": body.height, "model": override.get("sd_model_checkpoint"), "previews": True,
+                   "vae": None if options["sd_vae"] in AUTOMATIC else options["sd_vae"],
                    "clip_skip": clip_skip if clip_skip > 1 else None, "noise_seed_delta": ensd}
         if kind != "txt2img":
             request["strength"] = body.denoising_strength if body.denoising_strength is not None else 0.75
@@ -256,6 +258,11 @@ def router(service: Service) -> APIRouter:
         if unknown:
             raise RequestError(f"options {unknown} are not supported here; supported: "
                                f"{sorted(['sd_model_checkpoint', *service.options])}", 400)
+        if "sd_vae" in body:
+            try:
+                service.store.vae(str(body["sd_vae"]))
+            except KeyError as err:
+                raise RequestError(err.args[0], 400) from None
         if "samples_format" in body and str(body["samples_format"]).lower() != "png":
             raise RequestError("samples_format: imagine writes PNG only (it carries the parameters that reproduce "
                                "each image)", 400)
@@ -269,6 +276,11 @@ def router(service: Service) -> APIRouter:
     def sd_models() -> list[SDModelItem]:
         return [SDModelItem(title=e.title, model_name=e.name, hash=e.short_hash, sha256=e.sha256,
                             filename=str(e.path.resolve()), config=None) for e in service.store.entries()]
+
+    @api.get("/sd-vae")
+    def sd_vae() -> list[dict[str, str]]:
+        """Separate VAEs (the models folder's VAE/), as A1111 lists them; "Automatic" is the model's own."""
+        return [{"model_name": name, "filename": str(path.resolve())} for name, path in service.store.vaes.items()]
 
     @api.get("/samplers", response_model=list[SamplerItem])
     def samplers() -> list[SamplerItem]:

@@ -93,16 +93,18 @@ class _Guard:
 
 
 def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), limits: Limits = Limits(),
-               max_queue: int = 16, api_auth: str | None = None) -> FastAPI:
-    """models: model folders, looked up by name afterwards (the first is current). out_dir: where images
-    are saved (None: kept in memory only). api_auth: "USER:PASS" for basic auth on every route."""
+               max_queue: int = 16, api_auth: str | None = None, vaes: list[Path] = (),
+               allow_pickle: bool = False) -> FastAPI:
+    """models: imagine or diffusers folders or SD single files, looked up by name afterwards (the first
+    is current); vaes: separate VAEs a request may pick. out_dir: where images are saved (None: kept in
+    memory only). api_auth: "USER:PASS" for basic auth on every route."""
     auth = None
     if api_auth is not None:
         user, sep, password = api_auth.partition(":")
         if not sep or not user or not password:
             raise ValueError("--api-auth takes USER:PASS")
         auth = (user, password)
-    service = Service(ModelStore(models), out_dir, limits, max_queue)
+    service = Service(ModelStore(models, vaes, allow_pickle), out_dir, limits, max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -203,8 +205,8 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
 
     @app.get("/api/v1/models", tags=["models"])
     def list_models() -> dict:
-        return {"current": service.store.current,
-                "models": [{"name": e.name, "title": e.title, "sha256": e.sha256,
+        return {"current": service.store.current, "vaes": list(service.store.vaes),
+                "models": [{"name": e.name, "title": e.title, "sha256": e.sha256, "path": str(e.path),
                             "defaults": {"steps": e.spec.default_steps, "sampler": e.spec.default_sampler,
                                          "cfg_scale": e.spec.default_cfg}}
                            for e in service.store.entries()]}

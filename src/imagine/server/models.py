@@ -1,5 +1,6 @@
-"""The models a server offers: looked up by name (never joined into paths), loaded once on first use,
-shared read-only. At start-up only each folder's spec is read (and its weight files checked), so a
+"""The models a server offers: imagine model folders, diffusers pipeline folders and single-file Stable
+Diffusion checkpoints (and separate VAEs), looked up by name (never joined into paths), loaded once on
+first use, shared read-only. At start-up only each model's spec is read (and its parts checked), so a
 server with many models starts at once and holds in memory only the models it has served."""
 
 from __future__ import annotations
@@ -8,9 +9,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagine.io.checkpoint import CheckpointError, read_json
-from imagine.io.model_folder import SPEC_NAME, DiffusionModel, DiffusionSpec
+from imagine.io.model_folder import DiffusionModel, DiffusionSpec
+from imagine.io.models_dir import Entry
 from imagine.io.png import file_hash
+
+AUTOMATIC = ("Automatic", "None", "")  # A1111's sd_vae values meaning "the model's own VAE"
 
 
 @dataclass
@@ -21,7 +24,8 @@ class ModelEntry:
 
     @property
     def weights(self) -> Path:
-        return self.path / "unet" / "model.safetensors"
+        """The file whose hash names the model (A1111: the checkpoint file; folders: the UNet weights)."""
+        return Entry(self.name, self.path).hash_file
 
     @property
     def sha256(self) -> str:
@@ -40,21 +44,34 @@ class ModelEntry:
 class ModelStore:
     """Text-to-image model folders by name. The first is current until a client switches."""
 
-    def __init__(self, folders: list[Path]):
+    def __init__(self, folders: list[Path], vaes: list[Path] = (), allow_pickle: bool = False):
         if not folders:
-            raise ValueError("no model to serve: pass --model DIR (a folder written by `imagine train`)")
+            raise ValueError("no model to serve: pass --model PATH (an imagine or diffusers folder, or a "
+                             "Stable Diffusion .safetensors) or --models-dir DIR")
         self._entries: dict[str, ModelEntry] = {}
         for folder in folders:
             folder = Path(folder)
-            spec = _probe(folder)  # a wrong folder fails at start-up, not at the first request
-            name, k = folder.name or "model", 2
+            spec = _probe(folder, allow_pickle)  # a wrong model fails at start-up, not at the first request
+            stem = folder.stem if folder.is_file() else (folder.name or "model")
+            name, k = stem, 2
             while name in self._entries:
-                name, k = f"{folder.name}-{k}", k + 1
+                name, k = f"{stem}-{k}", k + 1
             self._entries[name] = ModelEntry(name, folder, spec)
+        self.vaes = {Path(v).stem if Path(v).is_file() else Path(v).name: Path(v) for v in vaes}
         self.current = next(iter(self._entries))
-        self._loaded: dict[str, tuple[DiffusionModel, object]] = {}
+        self.allow_pickle = allow_pickle  # .ckpt files: read with torch.load(weights_only=True)
+        self._loaded: dict[tuple[str, str | None], tuple[DiffusionModel, object]] = {}
         self._lock = threading.Lock()
         self.loads = 0  # models read from disk so far (each at most once)
+
+    def vae(self, name: str | None) -> str | None:
+        """A VAE's name as served (by name or file name), None for the model's own; KeyError if unknown."""
+        if name is None or name in AUTOMATIC:
+            return None
+        for key, path in self.vaes.items():
+            if name in (key, path.name):
+                return key
+        raise KeyError(f"VAE {name!r} unknown; choose Automatic or one of: {', '.join(self.vaes) or 'none'}")
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -78,31 +95,29 @@ class ModelStore:
         self.current = entry.name
         return entry
 
-    def get(self, name: str) -> tuple[DiffusionModel, object]:
-        """(model, text encoder), loaded on first use and kept: each model is read from disk once."""
+    def get(self, name: str, vae: str | None = None) -> tuple[DiffusionModel, object]:
+        """(model, text encoder), loaded on first use and kept: each model (with each VAE) is read once."""
         from imagine.pipelines.request import load_text_model
 
-        entry = self.lookup(name)
+        entry, vae = self.lookup(name), self.vae(vae)
+        key = (entry.name, vae)
         with self._lock:
-            if entry.name not in self._loaded:
-                self._loaded[entry.name] = load_text_model(entry.path)
+            if key not in self._loaded:
+                self._loaded[key] = load_text_model(entry.path, vae=self.vaes[vae] if vae else None,
+                                                    allow_pickle=self.allow_pickle)
                 self.loads += 1
-            return self._loaded[entry.name]
+            return self._loaded[key]
 
     def is_loaded(self, name: str) -> bool:
-        return self.lookup(name).name in self._loaded
+        return any(key[0] == self.lookup(name).name for key in self._loaded)
 
 
-def _probe(folder: Path) -> DiffusionSpec:
-    """A model folder's spec, and a check that its weight files are there, without reading the weights."""
-    if not (folder / SPEC_NAME).is_file():
-        raise CheckpointError(f"{folder} has no {SPEC_NAME}: is it an imagine model folder?")
-    spec = DiffusionSpec.from_dict(read_json(folder / SPEC_NAME))
+def _probe(path: Path, allow_pickle: bool = False) -> DiffusionSpec:
+    """A model's spec, and a check that its parts are there, without reading the weights."""
+    from imagine.io.stable_diffusion import probe_spec
+
+    spec = probe_spec(path, allow_pickle)
     if spec.text_encoder is None:
-        raise ValueError(f"{folder} is not a text-to-image model (it has no text encoder); "
+        raise ValueError(f"{path} is not a text-to-image model (it has no text encoder); "
                          "serve a model trained with a t2i preset")
-    needed = ["unet"] + (["vae"] if spec.latent else [])
-    for part in needed:
-        if not (folder / part / "model.safetensors").is_file():
-            raise CheckpointError(f"{folder} has no {part}/model.safetensors: the model folder is incomplete")
     return spec

@@ -33,12 +33,14 @@ class JobRequest(BaseModel):
     inpaint_only_masked: bool = Field(False, description="inpaint the mask's box at full size, paste it back")
     inpaint_padding: int = Field(32, ge=0, le=1024, description="pixels around the mask's box (only masked)")
     mask_invert: bool = Field(False, description="inpaint where the mask is black")
-    clip_skip: int | None = Field(None, ge=1, le=12, description="text states from the N-th last layer; "
+    clip_skip: int | None = Field(None, ge=1, le=48, description="text states from the N-th last layer; "
                                                                "default: the model's")
     noise_seed_delta: int = Field(0, description="stochastic samplers' noise from seed + delta (A1111's ENSD)")
     init_image: str | None = None
     mask: str | None = None
     model: str | None = Field(None, description="a name from GET /api/v1/models; default: the current model")
+    vae: str | None = Field(None, description="a VAE from GET /api/v1/models (vaes) replacing the model's own; "
+                                              "default (or Automatic): the model's")
     previews: bool = True
 
 

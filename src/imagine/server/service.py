@@ -26,7 +26,8 @@ from imagine.server.models import ModelStore
 SETTINGS_FIELDS = ("strength", "mask_blur", "resize_mode", "inpaint_fill", "inpaint_only_masked", "inpaint_padding",
                    "mask_invert", "clip_skip", "noise_seed_delta")
 # A1111's /sdapi/v1/options that change results here, with their defaults
-A1111_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0}
+A1111_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
+                                  "sd_vae": "Automatic"}
 
 
 class RequestError(ValueError):
@@ -93,6 +94,7 @@ class Service:
         decoding: call it off the event loop."""
         try:
             entry = self.store.lookup(request.get("model"))
+            vae = self.store.vae(request.get("vae"))
         except KeyError as err:
             raise RequestError(err.args[0], 404) from None
         lim = self.limits
@@ -125,7 +127,7 @@ class Service:
             if not request.get("mask"):
                 raise RequestError("inpaint needs a mask (white = regenerate, black = keep)")
             mask = decode_image(request["mask"], "the mask", lim)
-        model, _ = self.store.get(entry.name)
+        model, _ = self.store.get(entry.name, vae)
         try:
             checked = Request(kind, settings, init_image=init, mask=mask).check(model)
         except ValueError as err:
@@ -166,7 +168,7 @@ class Service:
 
     # -- running them (the worker thread)
     def run(self, job: Job) -> None:
-        model, encoder = self.store.get(job.model)
+        model, encoder = self.store.get(job.model, job.request.get("vae"))
         request: Request = job.inputs["request"]
         every = 1
 

@@ -157,6 +157,7 @@ function requestBody() {
     sampler: $("sampler").value, schedule: $("schedule").value || null, steps: number("steps"),
     cfg_scale: number("cfg_scale"), seed: number("seed"), n: number("n"), width: number("width"),
     height: number("height"), clip_skip: number("clip_skip"), noise_seed_delta: number("noise_seed_delta") || 0,
+    vae: $("vae").value === "Automatic" ? null : $("vae").value,
   };
   if (mode !== "txt2img") {
     if (!initImage) throw new Error("choose an init image first");
@@ -288,6 +289,8 @@ $("send-to-txt2img").addEventListener("click", () => {
   if (p["Seed"]) $("seed").value = p["Seed"];
   $("clip_skip").value = p["Clip skip"] || "";
   $("noise_seed_delta").value = p["ENSD"] || 0;
+  const vae = (p["VAE"] || "").replace(/\.[^.]+$/, "");
+  $("vae").value = [...$("vae").options].some((o) => o.value === vae) ? vae : "Automatic";
   if (p["Size"]) {
     const [w, h] = p["Size"].split("x");
     $("width").value = w;
@@ -302,7 +305,17 @@ $("send-to-txt2img").addEventListener("click", () => {
 });
 
 // ---- models
+async function loadVaes() {
+  const vaes = await api("GET", "/sdapi/v1/sd-vae");
+  const select = $("vae");
+  const keep = select.value;
+  select.length = 1;  // "Automatic" stays
+  for (const v of vaes) select.add(new Option(v.model_name, v.model_name));
+  select.value = [...select.options].some((o) => o.value === keep) ? keep : "Automatic";
+}
+
 async function loadModels() {
+  loadVaes().catch((err) => showError(err.message));
   const [models, options] = await Promise.all([api("GET", "/sdapi/v1/sd-models"), api("GET", "/sdapi/v1/options")]);
   const list = $("model-list");
   list.innerHTML = "";
@@ -324,3 +337,4 @@ async function loadModels() {
 
 showTab("txt2img");
 loadSamplers().then(loadModelBadge).catch((err) => showError(err.message));
+loadVaes().catch((err) => showError(err.message));
