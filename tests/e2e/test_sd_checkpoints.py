@@ -72,6 +72,19 @@ def test_vae_override_is_recorded_and_from_reproduces_it(workspace):
     assert second != first and second.read_bytes() == first.read_bytes()
 
 
+def test_bf16_weights_are_recorded_and_from_reproduces_them(workspace):
+    run = _imagine("generate", "a cat", "--model", "sdxl-pipe", "--weights-dtype", "bf16", "--precision", "bf16",
+                   "--steps", "2", "--out", "bf16-out", cwd=workspace)
+    assert run.returncode == 0, run.stderr[-2000:]
+    first = workspace / run.stdout.strip().splitlines()[-1]
+    assert read_png_metadata(first)[1]["weights_dtype"] == "bfloat16"
+    again = _imagine("generate", "--from", first, "--out", "bf16-out", cwd=workspace)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (workspace / again.stdout.strip().splitlines()[-1]).read_bytes() == first.read_bytes()
+    fp32 = _imagine("generate", "a cat", "--model", "sdxl-pipe", "--weights-dtype", "bf16", cwd=workspace)
+    assert fp32.returncode == 2 and "loaded with bf16 weights" in fp32.stderr
+
+
 def test_models_lists_architecture_size_and_hash(workspace):
     run = _imagine("models", "--json", cwd=workspace)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -62,8 +62,10 @@ def _free_port() -> int:
 def server(tiny_t2i_dir, tmp_path_factory):
     port = _free_port()
     out = tmp_path_factory.mktemp("ui-outputs")
+    models = tmp_path_factory.mktemp("ui-models")  # an A1111 models folder with a separate VAE
+    shutil.copytree(tiny_t2i_dir / "vae", models / "VAE" / "tiny-vae")
     proc = subprocess.Popen([sys.executable, "-m", "imagine", "serve", "--model", str(tiny_t2i_dir), "--port",
-                             str(port), "--out", str(out), "--max-steps", "1000"],
+                             str(port), "--out", str(out), "--max-steps", "1000", "--models-dir", str(models)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -171,4 +173,23 @@ def test_inpaint_with_a1111_options_from_the_ui(server, tmp_path):
             expect(caption).to_contain_text(text)
         # only masked: the result has the init image's size, not the 16x16 it was worked at
         assert page.eval_on_selector("figure.result img", "img => img.complete && img.naturalWidth") == 32
+        assert errors == [], errors
+
+
+def test_vae_picker_reaches_the_image(server):
+    """The models tab lists the models folder's VAEs; the one picked makes the next image and is recorded."""
+    _need_browser()
+    from playwright.sync_api import expect
+
+    with _page(server) as (page, errors):
+        page.click("button[data-tab=models]")
+        expect(page.locator("#vae option")).to_have_count(2)  # Automatic and tiny-vae
+        page.select_option("#vae", "tiny-vae")
+        page.click("button[data-tab=txt2img]")
+        page.fill("#prompt", "a blue star")
+        page.fill("#steps", "4")
+        page.click("#generate-button")
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        expect(figure.locator("figcaption")).to_contain_text("VAE: tiny-vae")
         assert errors == [], errors

@@ -153,3 +153,16 @@ def test_sdxl_clip_skip_long_prompts_and_emphasis(tmp_path):
     assert changed[2]  # token 2 is "red" (after the start token and "a")
     assert (plain.context[0, 2, :32] - weighted.context[0, 2, :32]).abs().max() > 0
     assert (plain.context[0, 2, 32:] - weighted.context[0, 2, 32:]).abs().max() > 0
+
+
+def test_bf16_weights_halve_the_unet_and_run_bf16_only(tiny):
+    from imagine.pipelines.request import Request
+
+    _, folder, _, model, encoder = tiny
+    half, half_encoder = load_text_model(folder, weights_dtype="bf16")
+    assert next(half.unet.parameters()).dtype == torch.bfloat16
+    s = g.Settings(prompt=PROMPT, steps=3, sampler="euler", seed=2, width=16, height=16, precision="bf16")
+    close = (g.txt2img(half, s, half_encoder) - g.txt2img(model, s, encoder)).abs().max().item()
+    assert 0 < close < 0.2  # the same picture; bf16 norms and biases round differently
+    with pytest.raises(ValueError, match="loaded with bf16 weights"):
+        Request("txt2img", g.Settings(prompt=PROMPT)).check(half)

@@ -161,11 +161,32 @@ def open_weights(path: Path, allow_pickle: bool = False) -> tuple[Weights, dict[
     try:
         handle = safe_open(str(path), framework="pt")
         metadata = handle.metadata() or {}
-        refs = {k: Ref(tuple(handle.get_slice(k).get_shape()), lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
+        reader = _MappedReader(path)
+        refs = {k: Ref(tuple(handle.get_slice(k).get_shape()), lambda k=k: reader.read(k)) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated or "
                               "corrupt: re-download or re-save it") from err
     return refs, metadata
+
+
+class _MappedReader:
+    """Tensors of a safetensors file, memory-mapped. A tensor read in the dtype it is stored in stays a
+    view of the file (no copy); one that is converted (fp16 to fp32, say) leaves its file pages behind,
+    and those are let go by re-opening the mapping every few tensors: without that, a converted fp16
+    checkpoint would sit in memory beside the fp32 model built from it."""
+
+    REOPEN = 16
+
+    def __init__(self, path: Path):
+        self.path, self.handle, self.reads = path, None, 0
+
+    def read(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if self.handle is None or self.reads >= self.REOPEN:
+            self.handle, self.reads = safe_open(str(self.path), framework="pt"), 0
+        self.reads += 1
+        return self.handle.get_tensor(key)
 
 
 def check_keys(own: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], source: str) -> None:

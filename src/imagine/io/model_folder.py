@@ -81,7 +81,10 @@ class DiffusionModel:
         return self.hash_file or self.path / "unet" / "model.safetensors"
 
 
-def load_model_folder(path: Path | str) -> DiffusionModel:
+def load_model_folder(path: Path | str, dtype=None) -> DiffusionModel:
+    """``dtype``: what the UNet holds (default float32)."""
+    import torch
+
     from imagine.models import load_unet, load_vae
 
     path = Path(path)
@@ -91,7 +94,7 @@ def load_model_folder(path: Path | str) -> DiffusionModel:
         raise CheckpointError(f"{path} has no {SPEC_NAME}: is it an imagine model folder? "
                               f"(found: {sorted(p.name for p in path.iterdir())[:10] or 'nothing'})")
     spec = DiffusionSpec.from_dict(read_json(path / SPEC_NAME))
-    unet = load_unet(path / "unet")
+    unet = load_unet(path / "unet", dtype=dtype or torch.float32)
     vae = load_vae(path / "vae") if spec.latent else None
     return DiffusionModel(unet, vae, spec, path)
 

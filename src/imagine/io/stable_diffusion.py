@@ -576,18 +576,19 @@ def load_vae_override(path: Path, like, allow_pickle: bool = False):
 
 
 def load_any(path: Path | str, *, vae: Path | str | None = None, allow_pickle: bool = False,
-             clip_skip: int | None = None) -> DiffusionModel:
-    """An imagine model folder, a diffusers pipeline folder or a single-file checkpoint, by what it is."""
+             clip_skip: int | None = None, dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    """An imagine model folder, a diffusers pipeline folder or a single-file checkpoint, by what it is.
+    ``dtype``: what the UNet holds (bfloat16 halves its memory; run it under bf16 autocast)."""
     from imagine.io.model_folder import load_model_folder
 
     path = Path(path)
     kind = kind_of(path)
     if kind == "imagine":
-        model = load_model_folder(path)
+        model = load_model_folder(path, dtype=dtype)
     elif kind == "diffusers":
-        model = load_diffusers_pipeline(path, clip_skip=clip_skip)
+        model = load_diffusers_pipeline(path, clip_skip=clip_skip, dtype=dtype)
     else:
-        model = load_single_file(path, allow_pickle=allow_pickle, clip_skip=clip_skip)
+        model = load_single_file(path, allow_pickle=allow_pickle, clip_skip=clip_skip, dtype=dtype)
     if vae is not None:
         if model.vae is None:
             raise CheckpointError(f"{path} is a pixel-space model: it has no VAE to replace")

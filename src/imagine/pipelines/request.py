@@ -50,6 +50,9 @@ class Request:
             raise ValueError(f"rerank takes K >= 1 candidates per image, got {self.rerank}")
         if self.rerank > 1 and self.kind != "txt2img":
             raise ValueError("rerank works with txt2img only")
+        if s.precision == "fp32" and next(model.unet.parameters()).dtype != torch.float32:
+            raise ValueError("this model was loaded with bf16 weights, which run under bf16 autocast only: "
+                             "ask for precision bf16, or load it in fp32")
         if s.steps > model.spec.num_train_timesteps:
             raise ValueError(f"steps ({s.steps}) cannot exceed the model's {model.spec.num_train_timesteps} "
                              "training timesteps")
@@ -120,14 +123,20 @@ def save(results: list[Generated], folder: Path) -> list[Path]:
     return [write_new(Path(folder), r.stem, r.png()) for r in results]
 
 
-def load_text_model(path: Path | str, *, vae: Path | str | None = None,
-                    allow_pickle: bool = False) -> tuple[DiffusionModel, object]:
+def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pickle: bool = False,
+                    weights_dtype: str = "fp32") -> tuple[DiffusionModel, object]:
     """A text-to-image model and its text encoder, ready for ``run``: an imagine model folder, a diffusers
-    pipeline folder (SD 1.x, 2.x, SDXL) or a single-file checkpoint; ``vae`` replaces its VAE."""
+    pipeline folder (SD 1.x, 2.x, SDXL) or a single-file checkpoint; ``vae`` replaces its VAE. With
+    weights_dtype "bf16" the UNet holds bf16 weights (half the memory, no per-step casts under bf16
+    autocast; its norms round differently, so pixels differ from fp32 weights); such a model runs bf16
+    requests only."""
+    if weights_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"weights dtype {weights_dtype!r} unknown; choose fp32 or bf16")
     from imagine.io.stable_diffusion import load_any
     from imagine.models.text_encoders import load_text_encoder
 
-    model = load_any(path, vae=vae, allow_pickle=allow_pickle)
+    model = load_any(path, vae=vae, allow_pickle=allow_pickle,
+                     dtype=torch.bfloat16 if weights_dtype == "bf16" else torch.float32)
     if model.spec.text_encoder is None:
         raise ValueError(f"{path} is not a text-to-image model (it has no text encoder); use `imagine sample` "
                          "for class-conditional or unconditional models")
