@@ -113,10 +113,10 @@ def live_server(tiny_t2i_dir, tmp_path_factory, monkeypatch):
     shutil.copytree(tiny_t2i_dir, slow)
     real = request_module.load_text_model
 
-    def load(path):
+    def load(path, **options):
         if "slow-model" in str(path):
             time.sleep(2.0)
-        return real(path)
+        return real(path, **options)
 
     monkeypatch.setattr(request_module, "load_text_model", load)
     app = create_app([tiny_t2i_dir, slow], out_dir=None, limits=Limits(max_steps=1000))
@@ -228,9 +228,11 @@ def test_a1111_fields_are_honoured_or_refused(tiny_t2i_dir):
         r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "restore_faces": False, "tiling": False,
                                                    "eta": 0, "s_noise": 1.0, "my_extension_flag": 3})
         assert r.status_code == 200 and r.json()["warnings"] == ["unknown field 'my_extension_flag' ignored"]
-        for override in ({"samples_format": "jpg"}, {"sd_vae": "x.pt"}):
+        for override in ({"samples_format": "jpg"}, {"sd_hypernetwork": "x.pt"}):
             r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "override_settings": override})
             assert r.status_code == 422 and next(iter(override)) in r.json()["detail"]
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "override_settings": {"sd_vae": "x.pt"}})
+        assert r.status_code == 404 and "VAE 'x.pt' unknown; choose Automatic" in r.json()["detail"]
         # honoured: clip skip from override_settings, resize mode, inpaint options (each in the infotext)
         r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2,
                                                    "override_settings": {"CLIP_stop_at_last_layers": 2}})
