@@ -187,7 +187,7 @@ def main() -> None:
         timings = [speed(folders["fp32"], arch, args.rounds)] if arch == "sd15" else []
         timings.append(speed(folders["fp16"], arch, args.rounds, "bfloat16", ("bf16",)))
         results["models"][arch] = {"memory": memory, "speed": timings}
-        print(arch, results["models"][arch]["speed"]["rows"], flush=True)
+        print(arch, [t["rows"] for t in timings], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sd_checkpoints.json").write_text(json.dumps(results, indent=2))
     lines = ["# Stable Diffusion at real size on this CPU", "",

@@ -1,0 +1,1 @@
+"""What attaches to a UNet without changing its file: LoRA (lora.py), ..."""

@@ -1,0 +1,193 @@
+"""LoRA adapters over a model's parts (STYLE rule 13: one way to attach, one to detach).
+
+A ``LoRA`` is a set of ``LoRALayer``s keyed by the module each one updates, as "PART.MODULE" with PART
+one of ``unet``, ``text_encoder``, ``text_encoder_2`` and MODULE the module's name in that part (ours,
+i.e. diffusers' and transformers' names). ``attach`` adds each update to its module's output through a
+forward hook, scaled by a weight: several LoRAs add; weight 0 attaches nothing (the base model's pixels,
+bit for bit); ``detach`` removes the hooks and leaves the model as it was. ``merge`` folds the updates
+into the weights instead (no cost per step). A LoRA key that matches no module, or a shape that does not
+fit, is an error listing what did not match (a LoRA must never silently do nothing)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from imagine.io.checkpoint import CheckpointError
+from imagine.nn.lora import LoRALayer
+
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+# which UNet layers a LoRA trains: attention projections (the paper's choice), plus the feed-forward, or
+# every linear and conv layer of the transformer blocks and resnets (kohya's "LoCon")
+TARGETS = {
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attn+ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+}
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass
+class LoRA:
+    layers: dict[str, LoRALayer] = field(default_factory=dict)  # "PART.MODULE" -> its update
+    name: str = "lora"
+
+    def parts(self) -> set[str]:
+        return {key.split(".", 1)[0] for key in self.layers}
+
+    def parameters(self):
+        for layer in self.layers.values():
+            yield from layer.parameters()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Ours: "PART.MODULE.down.weight", ".up.weight", ".alpha" (io/lora_keys.py writes kohya's and PEFT's)."""
+        out = {}
+        for key, layer in self.layers.items():
+            out[f"{key}.down.weight"] = layer.down.weight.detach()
+            out[f"{key}.up.weight"] = layer.up.weight.detach()
+            out[f"{key}.alpha"] = torch.tensor(layer.alpha)
+        return out
+
+
+def parts_of(model, text_encoder=None) -> dict[str, nn.Module]:
+    """The modules a LoRA may attach to: the UNet and the text encoder's transformer(s)."""
+    parts = {"unet": model.unet}
+    if text_encoder is not None:
+        if hasattr(text_encoder, "model_2"):
+            parts.update(text_encoder=text_encoder.model_1, text_encoder_2=text_encoder.model_2)
+        elif hasattr(text_encoder, "model"):
+            parts["text_encoder"] = text_encoder.model
+    return parts
+
+
+def find_module(part: nn.Module, name: str) -> nn.Module | None:
+    """A module by name, with or without transformers' ``text_model.`` prefix (transformers 5 dropped it
+    on CLIPTextModel; files keep it)."""
+    for candidate in (name, name.removeprefix("text_model."), "text_model." + name):
+        try:
+            module = part.get_submodule(candidate)
+        except AttributeError:
+            continue
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            return module
+    return None
+
+
+def _chosen(part: str, name: str, targets: str) -> bool:
+    if part != "unet":
+        return name.endswith(TEXT_TARGETS)
+    if targets == "all":  # every linear and conv of the blocks but the skip 1x1s and time projections
+        return name.startswith(("down_blocks", "mid_block", "up_blocks")) and not name.endswith(
+            ("conv_shortcut", "time_emb_proj"))
+    return name.endswith(TARGETS[targets])
+
+
+def create(parts: dict[str, nn.Module], rank: int, alpha: float | None = None, targets: str = "attn",
+           text_encoder: bool = False, seed: int = 0) -> LoRA:
+    """A new LoRA (B = 0) on the UNet's ``targets`` layers ("attn", "attn+ff" or "all"), and on the text
+    encoders' attention projections with ``text_encoder``."""
+    if targets not in (*TARGETS, "all"):
+        raise ValueError(f"LoRA targets {targets!r} unknown; choose attn, attn+ff or all")
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        lora = LoRA()
+        for part_name, part in parts.items():
+            if part_name != "unet" and not text_encoder:
+                continue
+            for name, module in part.named_modules():
+                if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                    continue
+                if _chosen(part_name, name, targets):
+                    layer = LoRALayer(module, rank, alpha)
+                    lora.layers[f"{part_name}.{name}"] = layer.to(module.weight.device)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    if not lora.layers:
+        raise ValueError(f"no {targets} layers to put a LoRA on in {sorted(parts)}")
+    return lora
+
+
+def check(parts: dict[str, nn.Module], lora: LoRA, strict: bool = True) -> dict[str, nn.Module]:
+    """Each LoRA key's module, checked: a key that matches no module or whose shapes do not fit is an error
+    listing them (``strict=False``: a warning with the same list, and those keys are left out)."""
+    found, unmatched, misfit = {}, [], []
+    for key, layer in lora.layers.items():
+        part_name, _, module_name = key.partition(".")
+        part = parts.get(part_name)
+        module = find_module(part, module_name) if part is not None else None
+        if module is None:
+            unmatched.append(key)
+            continue
+        base = LoRALayer(module, layer.rank)  # the shapes an update of this module must have
+        if base.down.weight.shape != layer.down.weight.shape or base.up.weight.shape != layer.up.weight.shape:
+            misfit.append(f"{key}: down {tuple(layer.down.weight.shape)}, up {tuple(layer.up.weight.shape)} vs "
+                          f"the module's {tuple(module.weight.shape)}")
+            continue
+        found[key] = module
+    if unmatched or misfit:
+        def show(items):
+            return ", ".join(items[:8]) + (f" (and {len(items) - 8} more)" if len(items) > 8 else "")
+
+        message = (f"LoRA {lora.name!r}: {len(found)} of {len(lora.layers)} layers fit this model"
+                   + (f"; {len(unmatched)} match no module: {show(unmatched)}" if unmatched else "")
+                   + (f"; {len(misfit)} do not fit: {show(misfit)}" if misfit else "")
+                   + ". Is it for another architecture?")
+        if strict:
+            raise CheckpointError(message)
+        warnings.warn(message, stacklevel=2)
+    return found
+
+
+@dataclass
+class Attached:
+    """What ``attach`` did; ``detach()`` undoes it exactly."""
+
+    handles: list = field(default_factory=list)
+    text_encoder: object = None
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        _forget_text_cache(self.text_encoder)
+
+
+def _forget_text_cache(text_encoder) -> None:
+    cache = getattr(text_encoder, "_cache", None)
+    if cache is not None:  # cached prompt embeddings were made without (or with) the text encoder's LoRA
+        cache.clear()
+
+
+def attach(parts: dict[str, nn.Module], loras: list[tuple[LoRA, float]], *, strict: bool = True,
+           text_encoder=None) -> Attached:
+    """Add each LoRA's update, times its weight, to its modules' outputs. Weight 0 adds nothing."""
+    attached = Attached(text_encoder=text_encoder)
+    for lora, weight in loras:
+        modules = check(parts, lora, strict)
+        if weight == 0:
+            continue
+        for key, module in modules.items():
+            layer = lora.layers[key]
+
+            def hook(mod, args, output, layer=layer, weight=float(weight)):
+                return output + (layer(args[0]) * weight).to(output.dtype)
+
+            attached.handles.append(module.register_forward_hook(hook))
+    if any(key.split(".", 1)[0] != "unet" for lora, w in loras if w for key in lora.layers):
+        _forget_text_cache(text_encoder)
+    return attached
+
+
+@torch.no_grad()
+def merge(parts: dict[str, nn.Module], loras: list[tuple[LoRA, float]], *, strict: bool = True,
+          text_encoder=None) -> None:
+    """Fold weight x each update into its module's weight, in place: W <- W + w (alpha / r) B A."""
+    for lora, weight in loras:
+        for key, module in check(parts, lora, strict).items():
+            if weight:
+                delta = lora.layers[key].delta_weight().to(torch.float32) * weight
+                module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
+    _forget_text_cache(text_encoder)

@@ -1,0 +1,131 @@
+"""LoRA files as people have them, read into and written from imagine's ``LoRA`` (STYLE rule 15):
+
+- kohya / A1111: ``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``, the module
+  path with "_" for "."; text encoders ``lora_te_`` (SD 1.x, 2.x) or ``lora_te1_`` / ``lora_te2_``
+  (SDXL). UNet names are diffusers' (``down_blocks_0_attentions_0_...``) or the original layout's
+  (``input_blocks_4_1_...``, kohya's SDXL files); both are recognised.
+- diffusers / PEFT: ``unet.<module>.lora_A.weight`` and ``.lora_B.weight`` (``text_encoder.``,
+  ``text_encoder_2.``), alpha in the metadata where the writer kept it (else alpha = rank).
+
+Keys are matched against the model's own modules; what matches nothing is kept under its file name so
+the loader can list it (a LoRA never silently does nothing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, open_weights
+from imagine.nn.lora import LoRALayer
+
+Format = Literal["kohya", "peft"]
+KOHYA_PARTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+               "lora_te2": "text_encoder_2"}
+
+
+def _modules(part: nn.Module, text: bool) -> dict[str, str]:
+    """Underscored name -> module name for every Linear and Conv2d of a part; a text encoder's also with
+    ``text_model.`` in front (files keep it; transformers 5's CLIPTextModel has no such level)."""
+    out = {}
+    for name, module in part.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            out[name.replace(".", "_")] = name
+            if text and not name.startswith("text_model."):
+                out["text_model_" + name.replace(".", "_")] = name
+    return out
+
+
+def _ldm_names(unet) -> dict[str, str]:
+    """Underscored original-layout name -> our module name, for kohya's SDXL files."""
+    from imagine.io.ldm_keys import unet_map
+
+    try:
+        keys = [f"{name}.weight" for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        mapped = unet_map(keys, unet.config, prefix="")
+    except CheckpointError:  # self-attention pixel UNets have no original layout
+        return {}
+    return {src.key.removesuffix(".weight").replace(".", "_"): ours.removesuffix(".weight")
+            for ours, src in mapped.items()}
+
+
+def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bool = False):
+    """A kohya or PEFT LoRA file as imagine's LoRA, its keys resolved against ``parts``' modules."""
+    from imagine.adapters.lora import LoRA, find_module
+
+    path = Path(path)
+    weights, metadata = open_weights(path, allow_pickle)
+    lora = LoRA(name=path.stem)
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    kohya = any(k.endswith(".lora_down.weight") for k in weights)
+    peft = any(k.endswith(".lora_A.weight") for k in weights)
+    if not (kohya or peft):
+        sample = ", ".join(list(weights)[:4]) or "no tensors"
+        raise CheckpointError(f"{path} is not a LoRA: expected kohya's *.lora_down.weight / *.lora_up.weight "
+                              f"or PEFT's *.lora_A.weight / *.lora_B.weight keys; found {sample}")
+    tables = {name: _modules(part, name != "unet") for name, part in parts.items()}
+    if "unet" in parts:
+        tables["unet"] = {**_ldm_names(parts["unet"]), **tables["unet"]}
+    alphas = json.loads(metadata.get("lora_alphas", "{}")) if metadata else {}
+    for key, ref in weights.items():
+        if kohya:
+            base, _, what = key.partition(".")
+            prefix = next((p for p in sorted(KOHYA_PARTS, key=len, reverse=True) if base.startswith(p + "_")), None)
+            if prefix is None:
+                raise CheckpointError(f"{path}: key {key} has no lora_unet_ / lora_te_ / lora_te1_ / lora_te2_ prefix")
+            part, name = KOHYA_PARTS[prefix], base[len(prefix) + 1:]
+            name = tables.get(part, {}).get(name, name)
+        else:
+            if key.endswith(".lora_magnitude_vector") or key.endswith(".lora_embedding_A"):
+                raise CheckpointError(f"{path} is a DoRA or embedding LoRA ({key}); imagine reads plain LoRA")
+            base, _, what = key.rpartition(".lora_")
+            what = "lora_" + what
+            part, _, name = base.partition(".")
+            if part not in parts and part not in ("unet", "text_encoder", "text_encoder_2"):
+                part, name = "unet", base  # files that leave the part out are UNet LoRAs
+        groups.setdefault((part, name), {})[what] = ref.read()
+    for (part, name), tensors in groups.items():
+        down = tensors.get("lora_down.weight", tensors.get("lora_A.weight"))
+        up = tensors.get("lora_up.weight", tensors.get("lora_B.weight"))
+        if down is None or up is None:
+            raise CheckpointError(f"{path}: {part}.{name} has {sorted(tensors)}, not both halves of a LoRA")
+        alpha = tensors.get("alpha")
+        alpha = float(alpha) if alpha is not None else alphas.get(f"{part}.{name}")
+        module = find_module(parts[part], name) if part in parts else None
+        lora.layers[f"{part}.{name}"] = LoRALayer.from_tensors(down.float(), up.float(), alpha, module)
+    return lora
+
+
+def save_lora(lora, path: Path | str, fmt: Format = "kohya", *, ldm_names_for=None, metadata: dict | None = None):
+    """Write ``lora`` as kohya's layout (A1111, ComfyUI) or PEFT's (diffusers' load_lora_weights).
+    ``ldm_names_for``: a UNet whose original-layout names the kohya file should use (kohya's SDXL files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: LoRA files are written as .safetensors")
+    ldm = {v: k for k, v in _ldm_names(ldm_names_for).items()} if ldm_names_for is not None else {}
+    kohya_prefix = {"unet": "lora_unet", "text_encoder": "lora_te1" if "text_encoder_2" in lora.parts() else "lora_te",
+                    "text_encoder_2": "lora_te2"}
+    out, alphas = {}, {}
+    for key, layer in lora.layers.items():
+        part, _, name = key.partition(".")
+        down, up = layer.down.weight.detach().contiguous(), layer.up.weight.detach().contiguous()
+        if fmt == "kohya":
+            if part != "unet" and not name.startswith("text_model."):
+                name = "text_model." + name
+            flat = ldm.get(name, name.replace(".", "_")) if part == "unet" else name.replace(".", "_")
+            base = f"{kohya_prefix[part]}_{flat}"
+            out[f"{base}.lora_down.weight"], out[f"{base}.lora_up.weight"] = down, up
+            out[f"{base}.alpha"] = torch.tensor(layer.alpha)
+        elif fmt == "peft":
+            out[f"{part}.{name}.lora_A.weight"], out[f"{part}.{name}.lora_B.weight"] = down, up
+            alphas[f"{part}.{name}"] = layer.alpha
+        else:
+            raise ValueError(f"LoRA format {fmt!r} unknown; choose kohya or peft")
+    meta = {"format": "pt", **(metadata or {})}
+    if alphas:
+        meta["lora_alphas"] = json.dumps(alphas)
+    atomic_save_safetensors(out, path, meta)
+    return path
