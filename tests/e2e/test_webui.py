@@ -64,6 +64,12 @@ def server(tiny_t2i_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ui-outputs")
     models = tmp_path_factory.mktemp("ui-models")  # an A1111 models folder with a separate VAE
     shutil.copytree(tiny_t2i_dir / "vae", models / "VAE" / "tiny-vae")
+    from imagine.adapters.lora import create
+    from imagine.io.lora_keys import save_lora
+    from imagine.models import load_unet
+
+    (models / "Lora").mkdir()
+    save_lora(create({"unet": load_unet(tiny_t2i_dir / "unet")}, rank=2), models / "Lora" / "tiny-style.safetensors")
     proc = subprocess.Popen([sys.executable, "-m", "imagine", "serve", "--model", str(tiny_t2i_dir), "--port",
                              str(port), "--out", str(out), "--max-steps", "1000", "--models-dir", str(models)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -191,5 +197,22 @@ def test_vae_picker_reaches_the_image(server):
         page.click("#generate-button")
         figure = page.locator("figure.result").first
         expect(figure).to_be_visible(timeout=120_000)
-        expect(figure.locator("figcaption")).to_contain_text("VAE: tiny-vae")
+        expect(figure.locator("figcaption")).to_contain_text("VAE: tiny-vae", timeout=120_000)
+        assert errors == [], errors
+
+
+def test_lora_picker_inserts_the_tag_and_the_image_records_it(server):
+    _need_browser()
+    from playwright.sync_api import expect
+
+    with _page(server) as (page, errors):
+        expect(page.locator("#lora-picker option")).to_have_count(2)
+        page.fill("#prompt", "a red circle")
+        page.select_option("#lora-picker", "tiny-style")
+        expect(page.locator("#prompt")).to_have_value("a red circle <lora:tiny-style:1>")
+        page.fill("#steps", "3")
+        page.click("#generate-button")
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        expect(figure.locator("figcaption")).to_contain_text('Lora hashes: "tiny-style: ', timeout=120_000)
         assert errors == [], errors

@@ -39,6 +39,9 @@ _OPTS = dict(
     model=typer.Option(None, help="A model: an imagine or diffusers folder, a .safetensors checkpoint (SD 1.x, "
                                   "2.x, SDXL) or a name in the models folder (default: the shipped model)."),
     vae=typer.Option(None, help="A separate VAE (file, folder or name in models/VAE) replacing the model's own."),
+    lora=typer.Option(None, "--lora", help="A LoRA: NAME (in the models folder's Lora/) or FILE, with :WEIGHT "
+                                           "(default 1); repeat for several. <lora:NAME:WEIGHT> in the prompt "
+                                           "works too, as in A1111."),
     allow_pickle=typer.Option(False, "--allow-pickle", help="Read .ckpt pickles (with torch.load(weights_only=True) "
                                                            "only); by default only .safetensors are read."),
     models_dir=typer.Option(None, help="A1111-style models folder (Stable-diffusion/, VAE/, Lora/, ...); "
@@ -64,7 +67,8 @@ def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n,
 
 def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | None = None,
          mask: Path | None = None, rerank: int = 1, clip: Path | None = None, vae: str | Path | None = None,
-         allow_pickle: bool = False, models_dir: Path | None = None, weights_dtype: str = "fp32") -> None:
+         allow_pickle: bool = False, models_dir: Path | None = None, weights_dtype: str = "fp32",
+         lora: list[str] | None = None) -> None:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs."""
     from tqdm import tqdm
 
@@ -84,9 +88,10 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
             extra["init_image"] = r.input_record(init)
         if mask is not None:
             extra["mask"] = r.input_record(mask)
+        loras = tuple(_lora_option(item) for item in lora or [])
         request = r.Request(kind, settings, init_image=r.open_image(init, "image") if init is not None else None,
                             mask=r.open_image(mask, "mask") if mask is not None else None, rerank=rerank,
-                            extra=extra).check(loaded)
+                            extra=extra, loras=loras, models_dir=models_dir).check(loaded)
         scorer = r.load_scorer(clip) if rerank > 1 else None
         bar = tqdm(total=request.settings.steps * request.settings.n * rerank, desc=kind, unit="step", leave=False)
         results = r.run(request, loaded, encoder, scorer=scorer, callback=lambda info: bar.update(1))
@@ -95,6 +100,19 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         fail(str(err))
     for path in r.save(results, out):
         typer.echo(str(path))
+
+
+def _lora_option(item: str | tuple) -> tuple[str, float]:
+    """--lora NAME[:WEIGHT] -> (NAME, WEIGHT)."""
+    if isinstance(item, tuple):
+        return item
+    name, sep, weight = item.rpartition(":")
+    if sep:
+        try:
+            return name, float(weight)
+        except ValueError:
+            pass
+    return item, 1.0
 
 
 def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
@@ -125,7 +143,10 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
                  f"{record['model'].get('unet_sha256_10')})")
     vae = record["model"].get("vae")
     weights = "bf16" if record.get("weights_dtype") == "bfloat16" else "fp32"
-    _run("txt2img", model, Settings(**record["settings"]), out, vae=vae, weights_dtype=weights, **options)
+    # LoRAs given as options come back by file; those in the prompt's tags are found again by name
+    loras = [(lo["path"], lo["weight"]) for lo in record.get("loras", []) if lo.get("source") == "option"]
+    _run("txt2img", model, Settings(**record["settings"]), out, vae=vae, weights_dtype=weights, lora=loras,
+         **options)
 
 
 @app.command()
@@ -137,6 +158,7 @@ def generate(
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
+    lora: list[str] = _OPTS["lora"],
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for the network (faster on CPUs with bf16)."),
@@ -158,7 +180,7 @@ def generate(
     _run("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                                      precision=precision, batched=batched, compile=compile, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, rerank=rerank, clip=clip, vae=vae,
-         allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype)
+         allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora)
 
 
 @app.command()
@@ -173,13 +195,14 @@ def img2img(
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
+    lora: list[str] = _OPTS["lora"],
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
 ) -> None:
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt."""
     _run("img2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                                      strength=strength, resize_mode=resize_mode, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, init=image, vae=vae,
-         allow_pickle=allow_pickle, models_dir=models_dir)
+         allow_pickle=allow_pickle, models_dir=models_dir, lora=lora)
 
 
 @app.command()
@@ -203,6 +226,7 @@ def inpaint(
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
+    lora: list[str] = _OPTS["lora"],
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest."""
@@ -211,7 +235,7 @@ def inpaint(
                                      inpaint_only_masked=only_masked, inpaint_padding=only_masked_padding,
                                      mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, init=image, mask=mask, vae=vae,
-         allow_pickle=allow_pickle, models_dir=models_dir)
+         allow_pickle=allow_pickle, models_dir=models_dir, lora=lora)
 
 
 @app.command()

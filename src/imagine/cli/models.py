@@ -83,6 +83,54 @@ def convert(
     typer.echo(f"{source} ({sd.ARCH_LABELS.get(model.arch, model.arch)}) -> {out} ({target})")
 
 
+@app.command("merge-lora")
+def merge_lora(
+    model: str = typer.Option(..., help="The base model: a folder, a checkpoint file or a name in the models folder."),
+    lora: list[str] = typer.Option(..., "--lora", help="NAME_OR_FILE[:WEIGHT]; repeat to fold in several."),
+    out: Path = typer.Option(..., help="The merged model: a .safetensors single file (Stable Diffusion models) or "
+                                       "a folder of the base model's kind."),
+    dtype: str | None = typer.Option(None, help="Save weights as fp16, bf16 or fp32 (default: fp32)."),
+    models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read .ckpt pickles (weights only)."),
+) -> None:
+    """Fold LoRAs into a model's weights (W + w (alpha / r) B A): the merged model draws what the base with
+    the LoRAs attached draws, at the base model's speed."""
+    from imagine.adapters.lora import merge, parts_of
+    from imagine.cli.generate import _lora_option
+    from imagine.io import models_dir as md
+    from imagine.io import stable_diffusion as sd
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.io.lora_keys import load_lora
+    from imagine.io.model_folder import save_model_folder
+    from imagine.pipelines.request import load_text_model
+
+    try:
+        if out.exists():
+            raise ValueError(f"{out} exists; merge-lora writes a new file or folder")
+        folder = models_dir if models_dir is not None else md.default_models_dir()
+        base = md.resolve(model, folder)
+        loaded, encoder = load_text_model(base, allow_pickle=allow_pickle)
+        parts = parts_of(loaded, encoder)
+        loras = []
+        for item in lora:
+            name, weight = _lora_option(item)
+            loras.append((load_lora(md.resolve(name, folder, "lora"), parts, allow_pickle=allow_pickle), weight))
+        merge(parts, loras, text_encoder=encoder)
+        kind = sd.kind_of(base)
+        if out.suffix == ".safetensors":
+            sd.save_single_file(loaded, out, dtype)
+        elif kind == "imagine":
+            if loaded.text_encoder is None and any(p != "unet" for lo, _ in loras for p in lo.parts()):
+                raise ValueError("this LoRA changes the text encoder, which an imagine model folder does not "
+                                 "hold: attach it with --lora instead of merging")
+            save_model_folder(loaded, out, dtype)
+        else:
+            sd.save_diffusers_pipeline(loaded, out, dtype)
+    except (ValueError, CheckpointError, FileNotFoundError) as err:
+        fail(str(err))
+    typer.echo(f"{base} + {', '.join(lora)} -> {out}")
+
+
 @app.command("models")
 def list_models(
     models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),

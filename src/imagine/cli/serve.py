@@ -48,7 +48,7 @@ def serve(
                         max_request_bytes=int(max_request_mb * 1024 * 1024),
                         max_kept_bytes=int(max_kept_mb * 1024 * 1024))
         server_app = create_app(paths, out_dir=out, limits=limits, max_queue=max_queue, api_auth=api_auth,
-                                vaes=vaes, allow_pickle=allow_pickle)
+                                vaes=vaes, allow_pickle=allow_pickle, models_dir=folder)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -122,3 +122,23 @@ def export_model(model: Path | str, out: Path | str, dtype: str = "fp16") -> int
     (tmp / SPEC_NAME).write_bytes((model / SPEC_NAME).read_bytes())
     tmp.rename(out)
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+
+
+def save_model_folder(model: DiffusionModel, out: Path | str, dtype: str | None = None) -> Path:
+    """An imagine model folder from a loaded model (UNet, VAE, spec), written whole or not at all."""
+    import shutil
+
+    from imagine.models import save_unet, save_vae
+
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} exists; write a fresh folder")
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_unet(model.unet, tmp / "unet", dtype)
+    if model.vae is not None:
+        save_vae(model.vae, tmp / "vae", dtype)
+    save_spec(model.spec, tmp)
+    tmp.rename(out)
+    return out

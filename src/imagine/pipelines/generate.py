@@ -246,7 +246,10 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     _check_text_model(model, text_encoder)
     w, h = output_size(model, s)
     f = latent_factor(model)
-    prompts = [s.prompt] * s.n + [s.negative_prompt] * s.n
+    from imagine.adapters.lora import prompt_loras
+
+    # A1111's <lora:NAME:WEIGHT> tags are taken out of the text (the request attached those LoRAs)
+    prompts = [prompt_loras(s.prompt)[0]] * s.n + [prompt_loras(s.negative_prompt)[0]] * s.n
     text = text_encoder.encode(prompts) if s.clip_skip is None else text_encoder.encode(prompts, clip_skip=s.clip_skip)
     cond = {"encoder_hidden_states": text.context[: s.n], "encoder_attention_mask": text.mask[: s.n]}
     uncond = {"encoder_hidden_states": text.context[s.n:], "encoder_attention_mask": text.mask[s.n:]}
@@ -456,8 +459,8 @@ def _inpaint_region(model: DiffusionModel, s: Settings, init: Image.Image, mask:
     return m_px * images + (1 - m_px) * original
 
 
-def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_encoder, extra: dict | None = None
-             ) -> tuple[str, dict]:
+def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_encoder, extra: dict | None = None,
+             loras: list[dict] | None = None) -> tuple[str, dict]:
     """(A1111 parameters text, JSON record) for image ``index`` of a request (its seed is seed + index)."""
     from imagine import __version__
     from imagine.io.png import a1111_parameters, environment, file_hash
@@ -492,6 +495,8 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields["ENSD"] = s.noise_seed_delta
     if s.guidance_rescale:
         fields["Guidance rescale"] = f"{s.guidance_rescale:g}"
+    if loras:  # A1111's form: "name: hash, name: hash" (the weights are in the prompt's tags or the record)
+        fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo['sha256_10']}" for lo in loras)
     fields["Version"] = f"imagine {__version__}"
     record = {
         "kind": kind, "settings": {**s.to_dict(), "seed": s.seed + index, "n": 1}, "index": index,
@@ -502,4 +507,6 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         "precision": s.precision, "weights_dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.unet.parameters()).device), "versions": environment(), **(extra or {}),
     }
+    if loras:
+        record["loras"] = loras
     return a1111_parameters(s.prompt, s.negative_prompt, fields), record

@@ -6,6 +6,7 @@ handling once."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -31,6 +32,9 @@ class Request:
     mask: Image.Image | None = field(default=None, repr=False)  # inpaint: white = regenerate
     rerank: int = 1  # txt2img: keep the best of K candidates per image by CLIP score
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in every image's JSON (inputs, job id)
+    loras: tuple[tuple[str, float], ...] = ()  # (name in the models folder's Lora/ or file, weight)
+    models_dir: Path | None = None  # where LoRA names (and <lora:NAME:W> tags in the prompt) are looked up
+    resolved_loras: tuple[LoraUse, ...] = field(default=(), repr=False)  # filled by check()
 
     def check(self, model: DiffusionModel) -> Request:
         """Everything that can be refused before any work, refused now: settings, inputs, sizes. Returns the
@@ -59,12 +63,62 @@ class Request:
         if self.init_image is not None and s.width is None and s.height is None:
             s = replace(s, width=self.init_image.width, height=self.init_image.height)
         g.output_size(model, s)
-        return replace(self, settings=s)
+        return replace(self, settings=s, resolved_loras=self._resolve_loras())
+
+    def _resolve_loras(self) -> tuple[LoraUse, ...]:
+        """The LoRAs asked for (options first, then the prompt's tags), each found as a file."""
+        from imagine.adapters.lora import prompt_loras
+        from imagine.io.models_dir import resolve
+
+        asked = [(name, float(w), "option") for name, w in self.loras]
+        for text in (self.settings.prompt, self.settings.negative_prompt):
+            asked += [(name, w, "prompt") for name, w in prompt_loras(text)[1]]
+        out = []
+        for name, weight, source in asked:
+            if not isinstance(weight, float) or weight != weight:
+                raise ValueError(f"LoRA {name!r}: the weight must be a number")
+            try:
+                path = resolve(name, self.models_dir, "lora")
+            except FileNotFoundError as err:
+                raise ValueError(f"LoRA {err}") from None
+            out.append(LoraUse(name, path, weight, source))
+        return tuple(out)
 
     def release(self) -> None:
         """Let go of the decoded input images (a job keeps its request after it ends)."""
         object.__setattr__(self, "init_image", None)
         object.__setattr__(self, "mask", None)
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    name: str  # as asked (a name in Lora/ or a path)
+    path: Path
+    weight: float
+    source: str  # "option" (--lora, the job API) or "prompt" (a <lora:NAME:W> tag)
+
+    def record(self) -> dict[str, Any]:
+        from imagine.io.png import file_hash
+
+        stem = self.path.stem if self.path.is_file() else self.path.name
+        return {"name": stem, "path": str(self.path.resolve()), "weight": self.weight, "source": self.source,
+                "sha256_10": file_hash(self.path) if self.path.is_file() else None}
+
+
+@contextmanager
+def attached_loras(request: Request, model: DiffusionModel, text_encoder, allow_pickle: bool = False):
+    """The request's LoRAs attached for the duration of the block, then detached (the model is shared)."""
+    from imagine.adapters.lora import attach, parts_of
+    from imagine.io.lora_keys import load_lora
+
+    parts = parts_of(model, text_encoder)
+    loaded = [(load_lora(use.path, parts, allow_pickle=allow_pickle), use.weight) for use in request.resolved_loras]
+    handle = attach(parts, loaded, text_encoder=text_encoder) if loaded else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.detach()
 
 
 @dataclass
@@ -88,8 +142,13 @@ def run(request: Request, model: DiffusionModel, text_encoder, *, scorer=None,
         callback: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> list[Generated]:
     """Generate every image of a request and describe each; ``scorer`` (a CLIPScorer) is needed for rerank."""
     request = request.check(model)
+    with attached_loras(request, model, text_encoder):
+        return _run(request, model, text_encoder, scorer, {"callback": callback, "cancel": cancel})
+
+
+def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) -> list[Generated]:
     s, kind = request.settings, request.kind
-    kwargs = {"callback": callback, "cancel": cancel}
+    loras = [use.record() for use in request.resolved_loras] or None
     if request.rerank > 1:
         if scorer is None:
             raise ValueError("rerank needs a CLIP scorer")
@@ -101,7 +160,7 @@ def run(request: Request, model: DiffusionModel, text_encoder, *, scorer=None,
             alone = replace(s, seed=r.seed, n=1)
             extra = {**request.extra, "rerank": {"k": request.rerank, "chosen": r.chosen, "scores": r.scores,
                                                  "scorer": getattr(scorer, "identity", None)}}
-            parameters, record = g.describe(model, alone, kind, 0, text_encoder, extra)
+            parameters, record = g.describe(model, alone, kind, 0, text_encoder, extra, loras)
             out.append(Generated(to_uint8(r.image[None])[0], r.seed, parameters, record))
         return out
     with torch.no_grad():
@@ -113,7 +172,7 @@ def run(request: Request, model: DiffusionModel, text_encoder, *, scorer=None,
             images = g.inpaint(model, s, request.init_image, request.mask, text_encoder, **kwargs)
     out = []
     for i, pixels in enumerate(to_uint8(images)):
-        parameters, record = g.describe(model, s, kind, i, text_encoder, request.extra)
+        parameters, record = g.describe(model, s, kind, i, text_encoder, request.extra, loras)
         out.append(Generated(pixels, s.seed + i, parameters, record))
     return out
 

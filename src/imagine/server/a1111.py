@@ -277,6 +277,19 @@ def router(service: Service) -> APIRouter:
         return [SDModelItem(title=e.title, model_name=e.name, hash=e.short_hash, sha256=e.sha256,
                             filename=str(e.path.resolve()), config=None) for e in service.store.entries()]
 
+    @api.get("/loras")
+    def loras() -> list[dict[str, Any]]:
+        """The models folder's Lora/, as A1111 lists it; <lora:NAME:WEIGHT> in a prompt applies one."""
+        from imagine.io.models_dir import entries
+
+        return [{"name": e.name, "alias": e.name, "path": str(e.path.resolve()), "metadata": {}}
+                for e in entries(service.store.models_dir, "lora")]
+
+    @api.post("/refresh-loras")
+    def refresh_loras() -> dict:
+        """Lora/ is read on every request, so there is nothing to refresh; kept for A1111 clients."""
+        return {}
+
     @api.get("/sd-vae")
     def sd_vae() -> list[dict[str, str]]:
         """Separate VAEs (the models folder's VAE/), as A1111 lists them; "Automatic" is the model's own."""

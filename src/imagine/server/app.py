@@ -94,7 +94,7 @@ class _Guard:
 
 def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), limits: Limits = Limits(),
                max_queue: int = 16, api_auth: str | None = None, vaes: list[Path] = (),
-               allow_pickle: bool = False) -> FastAPI:
+               allow_pickle: bool = False, models_dir: Path | None = None) -> FastAPI:
     """models: imagine or diffusers folders or SD single files, looked up by name afterwards (the first
     is current); vaes: separate VAEs a request may pick. out_dir: where images are saved (None: kept in
     memory only). api_auth: "USER:PASS" for basic auth on every route."""
@@ -104,7 +104,7 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
         if not sep or not user or not password:
             raise ValueError("--api-auth takes USER:PASS")
         auth = (user, password)
-    service = Service(ModelStore(models, vaes, allow_pickle), out_dir, limits, max_queue)
+    service = Service(ModelStore(models, vaes, allow_pickle, models_dir), out_dir, limits, max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

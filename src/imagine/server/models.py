@@ -44,7 +44,8 @@ class ModelEntry:
 class ModelStore:
     """Text-to-image model folders by name. The first is current until a client switches."""
 
-    def __init__(self, folders: list[Path], vaes: list[Path] = (), allow_pickle: bool = False):
+    def __init__(self, folders: list[Path], vaes: list[Path] = (), allow_pickle: bool = False,
+                 models_dir: Path | None = None):
         if not folders:
             raise ValueError("no model to serve: pass --model PATH (an imagine or diffusers folder, or a "
                              "Stable Diffusion .safetensors) or --models-dir DIR")
@@ -60,6 +61,7 @@ class ModelStore:
         self.vaes = {Path(v).stem if Path(v).is_file() else Path(v).name: Path(v) for v in vaes}
         self.current = next(iter(self._entries))
         self.allow_pickle = allow_pickle  # .ckpt files: read with torch.load(weights_only=True)
+        self.models_dir = models_dir  # its Lora/ is where requests' LoRAs are looked up
         self._loaded: dict[tuple[str, str | None], tuple[DiffusionModel, object]] = {}
         self._lock = threading.Lock()
         self.loads = 0  # models read from disk so far (each at most once)

@@ -7,6 +7,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class LoraIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    weight: float = 1.0
+
 class JobRequest(BaseModel):
     """The CLI's parameters, as JSON. Images are base64 (a data: URL works too)."""
 
@@ -41,6 +46,8 @@ class JobRequest(BaseModel):
     model: str | None = Field(None, description="a name from GET /api/v1/models; default: the current model")
     vae: str | None = Field(None, description="a VAE from GET /api/v1/models (vaes) replacing the model's own; "
                                               "default (or Automatic): the model's")
+    loras: list[LoraIn] = Field(default_factory=list, description="LoRAs from GET /sdapi/v1/loras with their "
+                                                                  "weights; <lora:NAME:WEIGHT> in the prompt works too")
     previews: bool = True
 
 

@@ -129,7 +129,9 @@ class Service:
             mask = decode_image(request["mask"], "the mask", lim)
         model, _ = self.store.get(entry.name, vae)
         try:
-            checked = Request(kind, settings, init_image=init, mask=mask).check(model)
+            loras = tuple((lo["name"], lo.get("weight", 1.0)) for lo in request.get("loras") or [])
+            checked = Request(kind, settings, init_image=init, mask=mask, loras=loras,
+                              models_dir=self.store.models_dir).check(model)
         except ValueError as err:
             raise RequestError(str(err)) from None
         w, h = g.output_size(model, checked.settings)

@@ -304,6 +304,22 @@ $("send-to-txt2img").addEventListener("click", () => {
   showTab("txt2img");
 });
 
+// ---- LoRAs: picking one inserts A1111's tag into the prompt
+async function loadLoras() {
+  const loras = await api("GET", "/sdapi/v1/loras");
+  const select = $("lora-picker");
+  select.length = 1;
+  for (const l of loras) select.add(new Option(l.name, l.name));
+}
+
+$("lora-picker").addEventListener("change", () => {
+  const name = $("lora-picker").value;
+  if (!name) return;
+  const prompt = $("prompt");
+  prompt.value = (prompt.value ? prompt.value.replace(/\s*$/, " ") : "") + `<lora:${name}:1>`;
+  $("lora-picker").value = "";
+});
+
 // ---- models
 async function loadVaes() {
   const vaes = await api("GET", "/sdapi/v1/sd-vae");
@@ -316,6 +332,7 @@ async function loadVaes() {
 
 async function loadModels() {
   loadVaes().catch((err) => showError(err.message));
+loadLoras().catch((err) => showError(err.message));
   const [models, options] = await Promise.all([api("GET", "/sdapi/v1/sd-models"), api("GET", "/sdapi/v1/options")]);
   const list = $("model-list");
   list.innerHTML = "";
@@ -338,3 +355,4 @@ async function loadModels() {
 showTab("txt2img");
 loadSamplers().then(loadModelBadge).catch((err) => showError(err.message));
 loadVaes().catch((err) => showError(err.message));
+loadLoras().catch((err) => showError(err.message));
