@@ -1,4 +1,4 @@
-"""imagine train, train-vae, train-clip."""
+"""imagine train, train-vae, train-clip, train-lora."""
 
 from __future__ import annotations
 
@@ -134,3 +134,58 @@ def train_clip_command(
     bar.close()
     typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
     typer.echo(f"CLIP model written to {out}")
+
+
+@app.command("train-lora")
+def train_lora(
+    model: str = typer.Option(..., help="The base model: an imagine or diffusers folder, an SD .safetensors or a "
+                                        "name in the models folder (the shipped one: pass its path)."),
+    data: str = typer.Option(..., help="Captioned images: a folder with same-name .txt files or metadata.jsonl, or "
+                                       "builtin:shapes."),
+    out: Path = typer.Option(..., help="The LoRA file to write (.safetensors, kohya's layout); checkpoints, log, "
+                                       "loss plot and sample grids go to OUT-training/ beside it."),
+    rank: int = typer.Option(4, help="Rank r of the update B A."),
+    alpha: float | None = typer.Option(None, help="Scale numerator: the update is (alpha / r) B A (default: r)."),
+    targets: str = typer.Option("attn", help="UNet layers: attn (q, k, v, out), attn+ff, or all (convs too)."),
+    text_encoder: bool = typer.Option(False, "--text-encoder", help="Also train the text encoder's attention."),
+    steps: int = typer.Option(500, help="Optimizer steps (a resumed run trains on to this count)."),
+    batch_size: int = typer.Option(4, help="Images per step."),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
+    seed: int = typer.Option(0, help="Seed of every random draw of the run."),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="Random horizontal flips."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast."),
+    checkpoint_every: int = typer.Option(100, help="Save the training state every N steps."),
+    sample_every: int = typer.Option(0, help="Write a sample grid every N steps (0: only at the end when "
+                                             "--sample-prompt is given)."),
+    sample_prompt: list[str] = typer.Option(None, "--sample-prompt", help="A prompt for the sample grids; repeat."),
+    models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT-training/."),
+) -> None:
+    """Train a LoRA on a frozen model: only the low-rank updates learn, starting from the model itself."""
+    from imagine.data.images import DataError, load_dataset
+    from imagine.io import models_dir as md
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.pipelines.request import load_text_model
+    from imagine.train.loop import loss_curve, read_log
+    from imagine.train.lora import LoraTrainConfig, lora_sample_hook
+    from imagine.train.lora import train_lora as run
+
+    progress = training_progress()
+    try:
+        cfg = LoraTrainConfig(rank=rank, alpha=alpha, targets=targets, text_encoder=text_encoder, steps=steps,
+                              batch_size=batch_size, lr=lr, seed=seed, flip=flip, precision=precision,
+                              checkpoint_every=checkpoint_every)
+        folder = models_dir if models_dir is not None else md.default_models_dir()
+        loaded, encoder = load_text_model(md.resolve(model, folder))
+        dataset = load_dataset(data, loaded.spec.image_size, loaded.spec.image_channels, captions=True)
+        hooks = [progress, lora_sample_hook(list(sample_prompt or []), sample_every or steps)]
+        path = run(loaded, encoder, dataset, cfg, out, resume=resume, hooks=tuple(hooks))
+    except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
+        progress(None, None)
+        fail(str(err))
+    progress(None, None)
+    root = out.parent / f"{out.stem}-training"
+    log = read_log(root / "log.jsonl")
+    if log:
+        loss_curve(log, root / "loss.png")
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); log, loss plot and samples in {root}")

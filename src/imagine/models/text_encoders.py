@@ -191,19 +191,23 @@ class _ChunkedEncoder:
         self._cache.move_to_end(key)
         return self._cache[key]
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str], clip_skip: int | None = None) -> TextEmbeddings:
+    def encode(self, prompts: list[str], clip_skip: int | None = None, *, grad: bool = False) -> TextEmbeddings:
         """clip_skip: take the states of the N-th last layer (A1111's "Clip skip"; 1: the last); None:
-        this encoder's own setting."""
+        this encoder's own setting. grad: keep the graph (training a text encoder LoRA), bypassing the cache."""
         if isinstance(prompts, str):
             prompts = [prompts]
         skip = self.clip_skip if clip_skip is None else clip_skip
         if not 1 <= skip <= self.num_layers:
             raise ValueError(f"clip skip {skip} is out of range for {self.identity}: it has {self.num_layers} "
                              f"layers, so choose 1 (the last) to {self.num_layers}")
-        per = [self._cached(p, skip) for p in prompts]
+        with torch.set_grad_enabled(grad):
+            return self._encode_all(prompts, skip, grad)
+
+    def _encode_all(self, prompts: list[str], skip: int, grad: bool) -> TextEmbeddings:
+        window = self._encode_one if grad else self._cached
+        per = [window(p, skip) for p in prompts]
         n = max(z.shape[0] for z, _, _ in per)
-        empty = self._cached("", skip) if n > min(z.shape[0] for z, _, _ in per) else None
+        empty = window("", skip) if n > min(z.shape[0] for z, _, _ in per) else None
         contexts, masks = [], []
         for z, m, _ in per:  # pad to the same number of windows with empty-prompt windows, as A1111 does
             pad = n - z.shape[0]

@@ -1,0 +1,204 @@
+"""Training a LoRA (Hu et al. 2021) on a frozen model: one loop, top to bottom, with hooks.
+
+The base model's weights never change; the LoRA's updates are attached (B = 0, so step 0 is the base
+model) and only they are optimized, with the diffusion loss the model was trained with (its spec's
+schedule and parametrization). Randomness is per sample, from (seed, sample counter), as in
+train/loop.py, so a resumed run repeats the uninterrupted one exactly. Checkpoints hold the LoRA, the
+optimizer and the RNG in one safetensors file, written atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagine.adapters.lora import LoRA, attach, create, parts_of
+from imagine.diffusion.losses import diffusion_loss
+from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_bytes, read_safetensors
+from imagine.io.lora_keys import save_lora
+from imagine.train.checkpoint import _flatten_optimizer, _unflatten_optimizer
+from imagine.train.loop import DataOrder, Hook, StepInfo, _sample_generator
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    rank: int = 4
+    alpha: float | None = None  # default: the rank (scale 1)
+    targets: str = "attn"  # attn, attn+ff or all (see adapters/lora.py)
+    text_encoder: bool = False  # also train LoRAs on the text encoder's attention
+    steps: int = 500
+    batch_size: int = 4
+    lr: float = 1e-4
+    seed: int = 0
+    flip: bool = False
+    caption_dropout: float = 0.0
+    precision: str = "fp32"
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch size must be >= 1")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {self.precision!r} unknown; choose fp32 or bf16")
+
+
+def _checkpoint_dir(out: Path) -> Path:
+    return out.parent / f"{out.stem}-training"
+
+
+def _save_state(root: Path, step: int, lora: LoRA, optimizer, meta: dict[str, Any]) -> Path:
+    tensors = {f"lora.{k}": v.contiguous() for k, v in lora.state_dict().items()}
+    optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors.update(optim_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    path = root / f"step_{step:07d}.safetensors"
+    atomic_save_safetensors(tensors, path, {"state": json.dumps({"step": step, "optimizer": optim_meta, **meta})})
+    atomic_write_bytes(root / "latest", path.name.encode())
+    for old in sorted(root.glob("step_*.safetensors"))[:-2]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _load_state(root: Path, lora: LoRA, optimizer, cfg: LoraTrainConfig) -> int:
+    pointer = root / "latest"
+    if not pointer.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint under {root}")
+    tensors, metadata = read_safetensors(root / pointer.read_text().strip())
+    meta = json.loads(metadata["state"])
+    if meta.get("config", {}).get("rank") != cfg.rank or meta.get("config", {}).get("targets") != cfg.targets:
+        raise CheckpointError(f"--resume with a different LoRA (rank, targets) than the checkpoint's: "
+                              f"{meta.get('config')}")
+    own = lora.state_dict()
+    missing = [k for k in own if f"lora.{k}" not in tensors]
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} LoRA tensors: {missing[:5]}")
+    with torch.no_grad():
+        for key, layer in lora.layers.items():
+            layer.down.weight.copy_(tensors[f"lora.{key}.down.weight"])
+            layer.up.weight.copy_(tensors[f"lora.{key}.up.weight"])
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"])
+
+
+def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str, *, resume: bool = False,
+               hooks: tuple[Hook, ...] = ()) -> Path:
+    """Train a LoRA for ``model`` (a loaded DiffusionModel with its text encoder) on ``data`` (captioned
+    images at the model's size) and write it to ``out`` (.safetensors, kohya's layout). Checkpoints,
+    the log and sample grids go to OUT-training/ beside it."""
+    from imagine.pipelines.generate import _micro_conditioning
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: a LoRA is written as .safetensors")
+    if model.spec.text_encoder is None or text_encoder is None:
+        raise ValueError("LoRA training needs a text-to-image model and its text encoder")
+    root = _checkpoint_dir(out)
+    root.mkdir(parents=True, exist_ok=True)
+    parts = parts_of(model, text_encoder)
+    for part in parts.values():
+        part.requires_grad_(False)
+    lora = create(parts, cfg.rank, cfg.alpha, cfg.targets, cfg.text_encoder, seed=cfg.seed)
+    handle = attach(parts, [(lora, 1.0)], text_encoder=text_encoder)
+    optimizer = torch.optim.AdamW(list(lora.parameters()), lr=cfg.lr, weight_decay=0.0)
+    spec, unet, vae = model.spec, model.unet, model.vae
+    alphas_cumprod = spec.alphas_cumprod().float()
+    start = _load_state(root, lora, optimizer, cfg) if resume else 0
+    log_path = root / "log.jsonl"
+    if not resume and log_path.exists():
+        log_path.unlink()
+    position = DataOrder(len(data), cfg.seed, getattr(data, "infinite", False))
+    f = vae.config.downscale if vae is not None else 1
+    size = spec.image_size
+    channels = vae.config.latent_channels if vae is not None else spec.image_channels
+    item_shape = (channels, size // f, size // f)
+    tick = time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            counters = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+            idx, t, noise, flips, prompts_drop = [], [], [], [], []
+            for c in counters:
+                g = _sample_generator(cfg.seed, c)
+                idx.append(position(c))
+                t.append(int(torch.randint(len(alphas_cumprod), (1,), generator=g)))
+                noise.append(torch.randn(item_shape, generator=g))
+                flips.append(cfg.flip and bool(torch.rand(1, generator=g) < 0.5))
+                prompts_drop.append(bool(torch.rand(1, generator=g) < cfg.caption_dropout))
+            images, _, captions = data.batch(idx, torch.tensor(flips))
+            if captions is None:
+                raise ValueError(f"{data.source} has no captions: give each image a .txt (or a metadata.jsonl)")
+            with torch.no_grad():
+                x0 = images
+                if vae is not None:
+                    posterior = vae.encode(images)
+                    eps = torch.stack([torch.randn(item_shape, generator=_sample_generator(cfg.seed + 1, c))
+                                       for c in counters])
+                    x0 = vae.to_latent(posterior.mean + posterior.std * eps)
+            noise_t, t_t = torch.stack(noise), torch.tensor(t)
+            ab = alphas_cumprod[t_t].reshape(-1, 1, 1, 1)
+            x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise_t
+            prompts = ["" if drop else cap for drop, cap in zip(prompts_drop, captions, strict=True)]
+            text = text_encoder.encode(prompts, grad=cfg.text_encoder)
+            cond = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask}
+            if unet.config.addition_embed_type == "text_time":
+                cond.update(_micro_conditioning(text.pooled, size, size))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                output = unet(x_t, t_t, **cond)
+            loss = diffusion_loss(output.float(), x0, noise_t, x_t, t_t, alphas_cumprod, spec.prediction,
+                                  learned_variance=spec.learned_variance)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done = step + 1
+            now = time.perf_counter()
+            info = StepInfo(done, cfg.steps, float(loss.detach()), cfg.lr, cfg.batch_size / max(now - tick, 1e-9),
+                            now - tick)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(asdict(info)) + "\n")
+            context = {"lora": lora, "model": model, "text_encoder": text_encoder, "out": root, "config": cfg}
+            for hook in hooks:
+                hook(info, context)
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+                _save_state(root, done, lora, optimizer, {"config": asdict(cfg)})
+            tick = time.perf_counter()
+    finally:
+        handle.detach()
+    from imagine.io.png import file_hash
+
+    weights = model.weights_file
+    metadata = {"imagine_lora": json.dumps({**asdict(cfg), "base_model": model.name,
+                                            "base_model_hash": file_hash(weights) if weights.exists() else None})}
+    save_lora(lora, out, "kohya", ldm_names_for=unet if model.arch == "sdxl" else None, metadata=metadata)
+    return out
+
+
+def lora_sample_hook(prompts: list[str], every: int, steps: int = 20):
+    """Every ``every`` steps (and at the last): a grid of ``prompts`` (rows) by 4 seeds, drawn with the LoRA
+    as it stands (it is attached while training), under OUT-training/samples/."""
+    from PIL import Image
+
+    from imagine.pipelines.generate import Settings, txt2img
+    from imagine.pipelines.unconditional import grid, to_uint8
+
+    def hook(info, context):
+        if info is None or not every or not prompts or (info.step % every and info.step != info.total):
+            return
+        model, encoder = context["model"], context["text_encoder"]
+        settings = Settings(steps=steps, cfg_scale=model.spec.default_cfg, n=4, sampler=model.spec.default_sampler)
+        with torch.no_grad():
+            images = torch.cat([txt2img(model, Settings(**{**settings.to_dict(), "prompt": p}), encoder)
+                                for p in prompts])
+        path = context["out"] / "samples" / f"step_{info.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid(to_uint8(images), rows=len(prompts)).squeeze()).save(path)
+        path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
+
+    return hook
