@@ -27,7 +27,7 @@ def _pytest_without_diffusers(tmp_path, require: bool):
 def test_a_missing_oracle_fails_where_it_is_required(tmp_path):
     run = _pytest_without_diffusers(tmp_path, require=True)
     assert run.returncode != 0
-    assert "oracle, diffusers, does not import" in run.stdout + run.stderr
+    assert "oracles, diffusers and peft, do not import" in run.stdout + run.stderr
 
 
 def test_a_missing_oracle_skips_elsewhere(tmp_path):

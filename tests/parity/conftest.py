@@ -11,6 +11,7 @@ import pytest
 if os.environ.get("IMAGINE_REQUIRE_ORACLES"):
     try:
         import diffusers  # noqa: F401
+        import peft  # noqa: F401  (diffusers' LoRA loading)
     except ImportError as err:
-        pytest.fail(f"IMAGINE_REQUIRE_ORACLES is set and the parity tests' oracle, diffusers, does not import "
-                    f"({err}): pip install -e '.[test]'", pytrace=False)
+        pytest.fail(f"IMAGINE_REQUIRE_ORACLES is set and the parity tests' oracles, diffusers and peft, do not "
+                    f"import ({err}): pip install -e '.[test]'", pytrace=False)

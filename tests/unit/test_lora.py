@@ -90,15 +90,16 @@ def test_file_layouts_round_trip(fmt, tmp_path):
     assert back.layers.keys() == lora.layers.keys()
     for key, layer in lora.layers.items():
         assert torch.equal(back.layers[key].down.weight, layer.down.weight)
-        assert torch.equal(back.layers[key].up.weight, layer.up.weight)
-        assert back.layers[key].alpha == 2.0
+        if fmt == "kohya":  # kohya keeps alpha; PEFT files fold alpha / r into B
+            assert torch.equal(back.layers[key].up.weight, layer.up.weight) and back.layers[key].alpha == 2.0
+        assert torch.allclose(back.layers[key].delta_weight(), layer.delta_weight(), atol=1e-7)
     x, t, ctx = _inputs()
     with torch.no_grad():
         first = attach({"unet": unet}, [(lora, 1.0)])
         expected = unet(x, t, ctx)
         first.detach()
         attach({"unet": unet}, [(back, 1.0)])
-        assert torch.equal(unet(x, t, ctx), expected)
+        assert (unet(x, t, ctx) - expected).abs().max().item() <= 1e-6
 
 
 def test_kohya_original_layout_names_for_sdxl_style_files(tmp_path):

@@ -5,7 +5,8 @@
   (SDXL). UNet names are diffusers' (``down_blocks_0_attentions_0_...``) or the original layout's
   (``input_blocks_4_1_...``, kohya's SDXL files); both are recognised.
 - diffusers / PEFT: ``unet.<module>.lora_A.weight`` and ``.lora_B.weight`` (``text_encoder.``,
-  ``text_encoder_2.``), alpha in the metadata where the writer kept it (else alpha = rank).
+  ``text_encoder_2.``), or diffusers' own ``<module>.lora.down.weight`` / ``.lora.up.weight``; alpha is
+  the rank (written files fold alpha / r into B, so diffusers and imagine compute the same update).
 
 Keys are matched against the model's own modules; what matches nothing is kept under its file name so
 the loader can list it (a LoRA never silently does nothing)."""
@@ -61,7 +62,7 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
     lora = LoRA(name=path.stem)
     groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     kohya = any(k.endswith(".lora_down.weight") for k in weights)
-    peft = any(k.endswith(".lora_A.weight") for k in weights)
+    peft = any(k.endswith((".lora_A.weight", ".lora.down.weight")) for k in weights)
     if not (kohya or peft):
         sample = ", ".join(list(weights)[:4]) or "no tensors"
         raise CheckpointError(f"{path} is not a LoRA: expected kohya's *.lora_down.weight / *.lora_up.weight "
@@ -81,8 +82,12 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
         else:
             if key.endswith(".lora_magnitude_vector") or key.endswith(".lora_embedding_A"):
                 raise CheckpointError(f"{path} is a DoRA or embedding LoRA ({key}); imagine reads plain LoRA")
-            base, _, what = key.rpartition(".lora_")
-            what = "lora_" + what
+            if ".lora." in key:  # diffusers' own naming: MODULE.lora.down.weight / .lora.up.weight
+                base, _, what = key.rpartition(".lora.")
+                what = {"down.weight": "lora_A.weight", "up.weight": "lora_B.weight"}.get(what, what)
+            else:
+                base, _, what = key.rpartition(".lora_")
+                what = "lora_" + what
             part, _, name = base.partition(".")
             if part not in parts and part not in ("unet", "text_encoder", "text_encoder_2"):
                 part, name = "unet", base  # files that leave the part out are UNet LoRAs
@@ -120,8 +125,10 @@ def save_lora(lora, path: Path | str, fmt: Format = "kohya", *, ldm_names_for=No
             out[f"{base}.lora_down.weight"], out[f"{base}.lora_up.weight"] = down, up
             out[f"{base}.alpha"] = torch.tensor(layer.alpha)
         elif fmt == "peft":
-            out[f"{part}.{name}.lora_A.weight"], out[f"{part}.{name}.lora_B.weight"] = down, up
-            alphas[f"{part}.{name}"] = layer.alpha
+            # PEFT files carry no alpha diffusers reads back, so the scale goes into B: (alpha / r) B A
+            # is the same update as (1) ((alpha / r) B) A, which a reader taking alpha = r computes
+            out[f"{part}.{name}.lora_A.weight"] = down
+            out[f"{part}.{name}.lora_B.weight"] = (up * layer.scale).contiguous()
         else:
             raise ValueError(f"LoRA format {fmt!r} unknown; choose kohya or peft")
     meta = {"format": "pt", **(metadata or {})}
