@@ -131,6 +131,44 @@ def merge_lora(
     typer.echo(f"{base} + {', '.join(lora)} -> {out}")
 
 
+@app.command()
+def merge(
+    a: str = typer.Argument(..., help="Model A (folder, checkpoint file or name in the models folder)."),
+    b: str = typer.Argument(..., help="Model B."),
+    c: str | None = typer.Argument(None, help="Model C (add-difference only)."),
+    mode: str = typer.Option("weighted-sum", help="weighted-sum: A (1 - M) + B M; add-difference: A + (B - C) M."),
+    multiplier: float = typer.Option(0.5, help="M."),
+    out: Path = typer.Option(..., help="The merged model: a .safetensors single file (Stable Diffusion) or a folder "
+                                       "of A's kind."),
+    dtype: str | None = typer.Option(None, help="Save weights as fp16, bf16 or fp32 (default: fp32)."),
+    models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
+) -> None:
+    """A1111's checkpoint merger: weighted sum or add difference of same-architecture models."""
+    from imagine.io import models_dir as md
+    from imagine.io import stable_diffusion as sd
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.io.model_folder import save_model_folder
+    from imagine.pipelines.request import load_text_model
+    from imagine.train.merge import merge_models
+
+    try:
+        if out.exists():
+            raise ValueError(f"{out} exists; merge writes a new file or folder")
+        folder = models_dir if models_dir is not None else md.default_models_dir()
+        paths = [md.resolve(x, folder) for x in (a, b, c) if x is not None]
+        loaded = [load_text_model(p)[0] for p in paths]
+        merged = merge_models(*loaded[:2], loaded[2] if len(loaded) > 2 else None, mode=mode, multiplier=multiplier)
+        if out.suffix == ".safetensors":
+            sd.save_single_file(merged, out, dtype)
+        elif sd.kind_of(paths[0]) == "imagine":
+            save_model_folder(merged, out, dtype)
+        else:
+            sd.save_diffusers_pipeline(merged, out, dtype)
+    except (ValueError, CheckpointError, FileNotFoundError) as err:
+        fail(str(err))
+    typer.echo(f"{mode} of {', '.join(str(p) for p in paths)} (M = {multiplier:g}) -> {out}")
+
+
 @app.command("models")
 def list_models(
     models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),

@@ -1,0 +1,56 @@
+"""AUTOMATIC1111's checkpoint merger on imagine's loaded models: weighted sum A (1 - M) + B M, and add
+difference A + (B - C) M, tensor by tensor over the UNet, the VAE and the text encoders. Models of
+different architectures are refused with the mismatched tensors listed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from imagine.io.checkpoint import CheckpointError
+
+Mode = Literal["weighted-sum", "add-difference"]
+
+
+def _parts(model) -> dict[str, nn.Module]:
+    from imagine.adapters.lora import parts_of
+
+    parts = parts_of(model, model.text_encoder)
+    if model.vae is not None:
+        parts["vae"] = model.vae
+    return parts
+
+
+@torch.no_grad()
+def merge_models(a, b, c=None, *, mode: Mode = "weighted-sum", multiplier: float = 0.5):
+    """Merge into ``a`` in place (and return it): weighted-sum A (1 - M) + B M; add-difference A + (B - C) M."""
+    if mode not in ("weighted-sum", "add-difference"):
+        raise ValueError(f"merge mode {mode!r} unknown; choose weighted-sum or add-difference")
+    if (mode == "add-difference") != (c is not None):
+        raise ValueError("add-difference takes three models (A + (B - C) M); weighted-sum takes two")
+    models = [m for m in (a, b, c) if m is not None]
+    parts = [_parts(m) for m in models]
+    if any(set(p) != set(parts[0]) for p in parts):
+        raise CheckpointError(f"the models have different parts: {[sorted(p) for p in parts]}")
+    for name, target in parts[0].items():
+        states = [p[name].state_dict() for p in parts]
+        own = states[0]
+        bad = sorted({k for s in states[1:] for k in set(s) ^ set(own)}
+                     | {k for s in states[1:] for k in set(s) & set(own) if s[k].shape != own[k].shape})
+        if bad:
+            raise CheckpointError(f"the models' {name}s do not match ({len(bad)} tensors differ in name or shape: "
+                                  f"{', '.join(bad[:8])}): they are not the same architecture")
+        for key, value in own.items():
+            if not value.is_floating_point():
+                continue
+            if mode == "weighted-sum":
+                merged = value.float() * (1 - multiplier) + states[1][key].float() * multiplier
+            else:
+                merged = value.float() + (states[1][key].float() - states[2][key].float()) * multiplier
+            value.copy_(merged.to(value.dtype))
+        target.load_state_dict(own)
+    if a.text_encoder is not None and hasattr(a.text_encoder, "_cache"):
+        a.text_encoder._cache.clear()
+    return a
