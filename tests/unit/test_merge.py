@@ -46,7 +46,7 @@ def test_weighted_sum_and_add_difference_follow_a1111(three):
 
 def test_different_architectures_are_refused_by_name(three):
     a, xl = load_text_model(three / "m0")[0], load_text_model(three / "xl")[0]
-    with pytest.raises(CheckpointError, match="different parts|do not match"):
+    with pytest.raises(CheckpointError, match=r"different parts|do not match"):
         merge_models(a, xl)
 
 
