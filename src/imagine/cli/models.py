@@ -101,7 +101,6 @@ def merge_lora(
     from imagine.io import stable_diffusion as sd
     from imagine.io.checkpoint import CheckpointError
     from imagine.io.lora_keys import load_lora
-    from imagine.io.model_folder import save_model_folder
     from imagine.pipelines.request import load_text_model
 
     try:
@@ -115,17 +114,11 @@ def merge_lora(
         for item in lora:
             name, weight = _lora_option(item)
             loras.append((load_lora(md.resolve(name, folder, "lora"), parts, allow_pickle=allow_pickle), weight))
+        if loaded.text_encoder is None and any(p != "unet" for lo, _ in loras for p in lo.parts()):
+            raise ValueError("this LoRA changes the text encoder, which an imagine model folder does not hold: "
+                             "attach it with --lora instead of merging")
         merge(parts, loras, text_encoder=encoder)
-        kind = sd.kind_of(base)
-        if out.suffix == ".safetensors":
-            sd.save_single_file(loaded, out, dtype)
-        elif kind == "imagine":
-            if loaded.text_encoder is None and any(p != "unet" for lo, _ in loras for p in lo.parts()):
-                raise ValueError("this LoRA changes the text encoder, which an imagine model folder does not "
-                                 "hold: attach it with --lora instead of merging")
-            save_model_folder(loaded, out, dtype)
-        else:
-            sd.save_diffusers_pipeline(loaded, out, dtype)
+        sd.save_like(loaded, base, out, dtype)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     typer.echo(f"{base} + {', '.join(lora)} -> {out}")
@@ -147,7 +140,6 @@ def merge(
     from imagine.io import models_dir as md
     from imagine.io import stable_diffusion as sd
     from imagine.io.checkpoint import CheckpointError
-    from imagine.io.model_folder import save_model_folder
     from imagine.pipelines.request import load_text_model
     from imagine.train.merge import merge_models
 
@@ -158,12 +150,7 @@ def merge(
         paths = [md.resolve(x, folder) for x in (a, b, c) if x is not None]
         loaded = [load_text_model(p)[0] for p in paths]
         merged = merge_models(*loaded[:2], loaded[2] if len(loaded) > 2 else None, mode=mode, multiplier=multiplier)
-        if out.suffix == ".safetensors":
-            sd.save_single_file(merged, out, dtype)
-        elif sd.kind_of(paths[0]) == "imagine":
-            save_model_folder(merged, out, dtype)
-        else:
-            sd.save_diffusers_pipeline(merged, out, dtype)
+        sd.save_like(merged, paths[0], out, dtype)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     typer.echo(f"{mode} of {', '.join(str(p) for p in paths)} (M = {multiplier:g}) -> {out}")

@@ -597,6 +597,18 @@ def load_any(path: Path | str, *, vae: Path | str | None = None, allow_pickle: b
     return model
 
 
+def save_like(model: DiffusionModel, base: Path, out: Path, dtype: str | None = None) -> Path:
+    """Write a (merged) model: a .safetensors ``out`` is a single file (Stable Diffusion models); otherwise a
+    folder of ``base``'s kind (an imagine model folder or a diffusers pipeline)."""
+    from imagine.io.model_folder import save_model_folder
+
+    if Path(out).suffix == ".safetensors":
+        return save_single_file(model, out, dtype)
+    if kind_of(base) == "imagine":
+        return save_model_folder(model, out, dtype)
+    return save_diffusers_pipeline(model, out, dtype)
+
+
 def probe_spec(path: Path | str, allow_pickle: bool = False) -> DiffusionSpec:
     """How a model is sampled (its spec), read without loading any weights: a server lists many models and
     loads only the ones asked for. Missing parts fail here, at start-up, not at the first request."""

@@ -11,34 +11,20 @@ from pathlib import Path
 
 from imagine.io.model_folder import DiffusionModel, DiffusionSpec
 from imagine.io.models_dir import Entry
-from imagine.io.png import file_hash
 
 AUTOMATIC = ("Automatic", "None", "")  # A1111's sd_vae values meaning "the model's own VAE"
 
 
-@dataclass
-class ModelEntry:
-    name: str
-    path: Path
-    spec: DiffusionSpec  # the model's defaults (steps, sampler, guidance) fill what a request leaves out
+@dataclass(frozen=True)
+class ModelEntry(Entry):
+    """A served model: its name, path and hashes (A1111's title "name [hash]", from io/models_dir.Entry)
+    and its spec, whose defaults (steps, sampler, guidance) fill what a request leaves out."""
+
+    spec: DiffusionSpec = None
 
     @property
     def weights(self) -> Path:
-        """The file whose hash names the model (A1111: the checkpoint file; folders: the UNet weights)."""
-        return Entry(self.name, self.path).hash_file
-
-    @property
-    def sha256(self) -> str:
-        """Of the UNet weights, as A1111 hashes a checkpoint file: computed on first use, once per file."""
-        return file_hash(self.weights, length=64)
-
-    @property
-    def short_hash(self) -> str:
-        return self.sha256[:10]
-
-    @property
-    def title(self) -> str:  # A1111's "name [hash]"
-        return f"{self.name} [{self.short_hash}]"
+        return self.hash_file
 
 
 class ModelStore:
