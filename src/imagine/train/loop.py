@@ -55,6 +55,17 @@ def _sample_generator(seed: int, counter: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + counter) % (2**63))
 
 
+def sample_draws(seed: int, counter: int, timesteps: int, shape: tuple[int, ...], flip: bool, drop_p: float
+                 ) -> tuple[int, torch.Tensor, bool, bool]:
+    """One sample's draws, in this order from its own generator: timestep, noise, flip (drawn only when
+    flipping is on), and whether its label or caption is dropped (probability ``drop_p``)."""
+    g = _sample_generator(seed, counter)
+    t = int(torch.randint(timesteps, (1,), generator=g))
+    noise = torch.randn(shape, generator=g)
+    flipped = flip and bool(torch.rand(1, generator=g) < 0.5)
+    return t, noise, flipped, bool(torch.rand(1, generator=g) < drop_p)
+
+
 class DataOrder:
     """Which item the c-th sample of a run reads: a seeded permutation per epoch (cached), or, for an
     infinite dataset, item c itself."""
@@ -173,12 +184,10 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
             counters = range(first, first + local)
             idx, t, noise, flips, drop = [], [], [], [], []
             for c in counters:
-                g = _sample_generator(cfg.seed, c)
                 idx.append(position(c))
-                t.append(int(torch.randint(len(alphas_cumprod), (1,), generator=g)))
-                noise.append(torch.randn(item_shape, generator=g))
-                flips.append(cfg.flip and bool(torch.rand(1, generator=g) < 0.5))
-                drop.append(bool(torch.rand(1, generator=g) < cfg.label_dropout))
+                draws = sample_draws(cfg.seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.label_dropout)
+                for values, value in zip((t, noise, flips, drop), draws, strict=True):
+                    values.append(value)
             if latents is not None:
                 eps = torch.stack([torch.randn(item_shape, generator=_sample_generator(cfg.seed + 1, c))
                                    for c in counters])

@@ -21,7 +21,7 @@ from imagine.diffusion.losses import diffusion_loss
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from imagine.io.lora_keys import save_lora
 from imagine.train.checkpoint import _flatten_optimizer, _unflatten_optimizer
-from imagine.train.loop import DataOrder, Hook, StepInfo, _sample_generator
+from imagine.train.loop import DataOrder, Hook, StepInfo, _sample_generator, sample_draws
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,10 @@ def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str,
             counters = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
             idx, t, noise, flips, prompts_drop = [], [], [], [], []
             for c in counters:
-                g = _sample_generator(cfg.seed, c)
                 idx.append(position(c))
-                t.append(int(torch.randint(len(alphas_cumprod), (1,), generator=g)))
-                noise.append(torch.randn(item_shape, generator=g))
-                flips.append(cfg.flip and bool(torch.rand(1, generator=g) < 0.5))
-                prompts_drop.append(bool(torch.rand(1, generator=g) < cfg.caption_dropout))
+                draws = sample_draws(cfg.seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.caption_dropout)
+                for values, value in zip((t, noise, flips, prompts_drop), draws, strict=True):
+                    values.append(value)
             images, _, captions = data.batch(idx, torch.tensor(flips))
             if captions is None:
                 raise ValueError(f"{data.source} has no captions: give each image a .txt (or a metadata.jsonl)")
