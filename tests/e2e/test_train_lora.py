@@ -70,3 +70,43 @@ def test_text_encoder_lora_trains_through_the_encoder(tmp_path):
     te_up = [v for k, v in tensors.items() if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
     assert te_up and all(v.abs().sum() > 0 for v in te_up)  # gradients reached the text encoder's updates
     assert all(torch.equal(text_before[k], v) for k, v in encoder.model.state_dict().items())
+
+
+def test_dreambooth_adds_the_prior_loss_on_cached_class_images(tiny_t2i_dir, tmp_path):
+    from PIL import Image
+
+    from imagine.train.lora import class_images
+
+    instances = tmp_path / "subject"
+    instances.mkdir()
+    for i, colour in enumerate(["red", "orange", "magenta"]):  # a few "photos" of the subject
+        Image.new("RGB", (32, 32), colour).save(instances / f"{i}.png")
+    out = tmp_path / "sks.safetensors"
+    args = [sys.executable, "-m", "imagine", "dreambooth", "--model", str(tiny_t2i_dir), "--instance-data",
+            str(instances), "--instance-prompt", "a sks shape", "--class-prompt", "a shape", "--num-class-images", "3",
+            "--out", str(out), "--steps", "2", "--lora", "2"]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cached = sorted((tmp_path / "sks-training" / "class_images").glob("*.png"))
+    assert [p.name for p in cached] == ["000000.png", "000001.png", "000002.png"]
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    model, encoder = load_text_model(tiny_t2i_dir)
+    prior = class_images(model, encoder, "a shape", 3, tmp_path / "sks-training" / "class_images")
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # reused, not drawn again
+    assert prior.captions == ("a shape",) * 3 and prior.images.shape[0] == 3
+    # the prior term is in the loss: with it the LoRA learns differently than without it
+    data = load_folder_with(instances, model.spec.image_size, "a sks shape")
+    cfg = LoraTrainConfig(rank=2, steps=2, batch_size=2, lr=1e-2, prior_weight=1.0)
+    with_prior = load_file(train_lora(model, encoder, data, cfg, tmp_path / "p.safetensors", prior=prior))
+    without = load_file(train_lora(model, encoder, data, cfg, tmp_path / "n.safetensors"))
+    assert any(not torch.equal(with_prior[k], without[k]) for k in with_prior)
+    no_class = subprocess.run(args[:10] + args[12:], capture_output=True, text=True, timeout=300)  # no --class-prompt
+    assert no_class.returncode == 2 and "prior preservation needs --class-prompt" in no_class.stderr
+
+
+def load_folder_with(folder, size, prompt):
+    from imagine.data.images import load_folder
+
+    data = load_folder(folder, size)
+    data.captions = (prompt,) * len(data)
+    return data

@@ -1,4 +1,4 @@
-"""imagine train, train-vae, train-clip, train-lora."""
+"""imagine train, train-vae, train-clip, train-lora, dreambooth."""
 
 from __future__ import annotations
 
@@ -189,3 +189,66 @@ def train_lora(
     if log:
         loss_curve(log, root / "loss.png")
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); log, loss plot and samples in {root}")
+
+
+@app.command()
+def dreambooth(
+    model: str = typer.Option(..., help="The base model: a folder, an SD .safetensors or a name in the models folder."),
+    instance_data: Path = typer.Option(..., help="A few images of the subject (3 to 5 is typical)."),
+    instance_prompt: str = typer.Option(..., help='The prompt naming the subject with a rare word: "a sks shape".'),
+    class_prompt: str | None = typer.Option(None, help='The class without the word: "a shape" (prior preservation).'),
+    prior_weight: float = typer.Option(1.0, help="Weight of the class-prior loss (0: no prior preservation)."),
+    num_class_images: int = typer.Option(100, help="Class images the base model draws (cached in OUT-training/)."),
+    out: Path = typer.Option(..., help="The LoRA file to write (.safetensors)."),
+    lora: int = typer.Option(4, "--lora", help="The LoRA's rank."),
+    targets: str = typer.Option("attn", help="UNet layers: attn, attn+ff or all."),
+    text_encoder: bool = typer.Option(False, "--text-encoder", help="Also train the text encoder's attention."),
+    steps: int = typer.Option(400, help="Optimizer steps."),
+    batch_size: int = typer.Option(2, help="Instance images per step (and as many class images)."),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
+    seed: int = typer.Option(0, help="Seed of every random draw (and of the class images)."),
+    sample_prompt: list[str] = typer.Option(None, "--sample-prompt", help="A prompt for the sample grids; repeat."),
+    sample_every: int = typer.Option(0, help="Write a sample grid every N steps (0: at the end)."),
+    models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT-training/."),
+) -> None:
+    """DreamBooth (Ruiz et al. 2023) as a LoRA: teach the model a subject from a few images under a rare word,
+    with the prior-preservation loss on the base model's own images of the class."""
+    from tqdm import tqdm
+
+    from imagine.data.images import DataError, load_folder
+    from imagine.io import models_dir as md
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.pipelines.request import load_text_model
+    from imagine.train.loop import loss_curve, read_log
+    from imagine.train.lora import LoraTrainConfig, class_images, lora_sample_hook, train_lora
+
+    progress = training_progress()
+    try:
+        if prior_weight > 0 and not class_prompt:
+            raise ValueError("prior preservation needs --class-prompt (or --prior-weight 0 to train without it)")
+        cfg = LoraTrainConfig(rank=lora, targets=targets, text_encoder=text_encoder, steps=steps, batch_size=batch_size,
+                              lr=lr, seed=seed, prior_weight=prior_weight)
+        folder = models_dir if models_dir is not None else md.default_models_dir()
+        loaded, encoder = load_text_model(md.resolve(model, folder))
+        instances = load_folder(instance_data, loaded.spec.image_size, loaded.spec.image_channels)
+        instances.captions = (instance_prompt,) * len(instances)
+        prior = None
+        if prior_weight > 0:
+            bar = tqdm(total=num_class_images, desc="class images", unit="image", leave=False)
+            prior = class_images(loaded, encoder, class_prompt, num_class_images,
+                                 out.parent / f"{out.stem}-training" / "class_images", seed=seed,
+                                 callback=lambda done, total: bar.update(done - bar.n))
+            bar.close()
+        prompts = list(sample_prompt or [instance_prompt] + ([class_prompt] if class_prompt else []))
+        hooks = (progress, lora_sample_hook(prompts, sample_every or steps))
+        path = train_lora(loaded, encoder, instances, cfg, out, resume=resume, hooks=hooks, prior=prior)
+    except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
+        progress(None, None)
+        fail(str(err))
+    progress(None, None)
+    root = out.parent / f"{out.stem}-training"
+    log = read_log(root / "log.jsonl")
+    if log:
+        loss_curve(log, root / "loss.png")
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); class images, log and samples in {root}")

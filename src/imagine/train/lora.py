@@ -39,6 +39,7 @@ class LoraTrainConfig:
     precision: str = "fp32"
     checkpoint_every: int = 100
     log_every: int = 10
+    prior_weight: float = 1.0  # DreamBooth: the class-prior loss's weight (used when class data is given)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -87,10 +88,14 @@ def _load_state(root: Path, lora: LoRA, optimizer, cfg: LoraTrainConfig) -> int:
 
 
 def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str, *, resume: bool = False,
-               hooks: tuple[Hook, ...] = ()) -> Path:
+               hooks: tuple[Hook, ...] = (), prior=None) -> Path:
     """Train a LoRA for ``model`` (a loaded DiffusionModel with its text encoder) on ``data`` (captioned
     images at the model's size) and write it to ``out`` (.safetensors, kohya's layout). Checkpoints,
-    the log and sample grids go to OUT-training/ beside it."""
+    the log and sample grids go to OUT-training/ beside it.
+
+    prior: DreamBooth's class data (Ruiz et al. 2023, eq. 2): images of the class the base model drew
+    for the class prompt. Each step then adds ``cfg.prior_weight`` x the same loss on as many class images,
+    so the model keeps drawing the class as it did while it learns the subject."""
     from imagine.pipelines.generate import _micro_conditioning
 
     out = Path(out)
@@ -117,38 +122,46 @@ def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str,
     size = spec.image_size
     channels = vae.config.latent_channels if vae is not None else spec.image_channels
     item_shape = (channels, size // f, size // f)
+    prior_position = DataOrder(len(prior), cfg.seed + 5, False) if prior is not None else None
+
+    def batch_loss(dataset, order, seed: int, step: int) -> torch.Tensor:
+        """The diffusion loss on one batch of ``dataset``, every draw from (seed, sample counter)."""
+        counters = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        idx, t, noise, flips, prompts_drop = [], [], [], [], []
+        for c in counters:
+            idx.append(order(c))
+            draws = sample_draws(seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.caption_dropout)
+            for values, value in zip((t, noise, flips, prompts_drop), draws, strict=True):
+                values.append(value)
+        images, _, captions = dataset.batch(idx, torch.tensor(flips))
+        if captions is None:
+            raise ValueError(f"{dataset.source} has no captions: give each image a .txt (or a metadata.jsonl)")
+        with torch.no_grad():
+            x0 = images
+            if vae is not None:
+                posterior = vae.encode(images)
+                eps = torch.stack([torch.randn(item_shape, generator=_sample_generator(seed + 1, c))
+                                   for c in counters])
+                x0 = vae.to_latent(posterior.mean + posterior.std * eps)
+        noise_t, t_t = torch.stack(noise), torch.tensor(t)
+        ab = alphas_cumprod[t_t].reshape(-1, 1, 1, 1)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise_t
+        prompts = ["" if drop else cap for drop, cap in zip(prompts_drop, captions, strict=True)]
+        text = text_encoder.encode(prompts, grad=cfg.text_encoder)
+        cond = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask}
+        if unet.config.addition_embed_type == "text_time":
+            cond.update(_micro_conditioning(text.pooled, size, size))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            output = unet(x_t, t_t, **cond)
+        return diffusion_loss(output.float(), x0, noise_t, x_t, t_t, alphas_cumprod, spec.prediction,
+                              learned_variance=spec.learned_variance)
+
     tick = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
-            counters = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-            idx, t, noise, flips, prompts_drop = [], [], [], [], []
-            for c in counters:
-                idx.append(position(c))
-                draws = sample_draws(cfg.seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.caption_dropout)
-                for values, value in zip((t, noise, flips, prompts_drop), draws, strict=True):
-                    values.append(value)
-            images, _, captions = data.batch(idx, torch.tensor(flips))
-            if captions is None:
-                raise ValueError(f"{data.source} has no captions: give each image a .txt (or a metadata.jsonl)")
-            with torch.no_grad():
-                x0 = images
-                if vae is not None:
-                    posterior = vae.encode(images)
-                    eps = torch.stack([torch.randn(item_shape, generator=_sample_generator(cfg.seed + 1, c))
-                                       for c in counters])
-                    x0 = vae.to_latent(posterior.mean + posterior.std * eps)
-            noise_t, t_t = torch.stack(noise), torch.tensor(t)
-            ab = alphas_cumprod[t_t].reshape(-1, 1, 1, 1)
-            x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise_t
-            prompts = ["" if drop else cap for drop, cap in zip(prompts_drop, captions, strict=True)]
-            text = text_encoder.encode(prompts, grad=cfg.text_encoder)
-            cond = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask}
-            if unet.config.addition_embed_type == "text_time":
-                cond.update(_micro_conditioning(text.pooled, size, size))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                output = unet(x_t, t_t, **cond)
-            loss = diffusion_loss(output.float(), x0, noise_t, x_t, t_t, alphas_cumprod, spec.prediction,
-                                  learned_variance=spec.learned_variance)
+            loss = batch_loss(data, position, cfg.seed, step)
+            if prior is not None:  # DreamBooth's prior preservation: the class as the base model drew it
+                loss = loss + cfg.prior_weight * batch_loss(prior, prior_position, cfg.seed + 7, step)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -200,3 +213,39 @@ def lora_sample_hook(prompts: list[str], every: int, steps: int = 20):
         path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
 
     return hook
+
+
+def class_images(model, text_encoder, prompt: str, count: int, folder: Path, *, seed: int = 0, steps: int | None = None,
+                 callback=None):
+    """DreamBooth's class data: ``count`` images the base model draws for ``prompt`` (seeds seed .. seed +
+    count - 1), cached as PNGs in ``folder`` (with the prompt and seed in each) and reused when present, so
+    a resumed or repeated run trains on the same ones. Returns a captioned ImageDataset."""
+    import numpy as np
+    from PIL import Image
+
+    from imagine.data.images import ImageDataset
+    from imagine.pipelines.generate import Settings, txt2img
+    from imagine.pipelines.unconditional import to_uint8
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompt.txt").write_text(prompt + "\n")
+    tensors = []
+    for i in range(count):
+        path = folder / f"{seed + i:06d}.png"
+        if not path.exists():
+            s = Settings(prompt=prompt, seed=seed + i, steps=steps or model.spec.default_steps,
+                         sampler=model.spec.default_sampler, cfg_scale=model.spec.default_cfg)
+            with torch.no_grad():
+                pixels = to_uint8(txt2img(model, s, text_encoder))[0]
+            tmp = path.with_suffix(".tmp.png")
+            Image.fromarray(pixels.squeeze()).save(tmp)
+            tmp.replace(path)
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB" if model.spec.image_channels == 3 else "L"), dtype=np.float32)
+        arr = arr / 127.5 - 1
+        tensors.append(torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()))
+        if callback is not None:
+            callback(i + 1, count)
+    images = torch.stack(tensors)
+    return ImageDataset(images, torch.zeros(count, dtype=torch.long), ("class",), str(folder), (prompt,) * count)
