@@ -136,6 +136,17 @@ def train_clip_command(
     typer.echo(f"CLIP model written to {out}")
 
 
+def _lora_written(out: Path, path: Path, what: str) -> None:
+    """After a LoRA run: the loss plot from its log, and where everything is."""
+    from imagine.train.loop import loss_curve, read_log
+
+    root = out.parent / f"{out.stem}-training"
+    log = read_log(root / "log.jsonl")
+    if log:
+        loss_curve(log, root / "loss.png")
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); {what} in {root}")
+
+
 @app.command("train-lora")
 def train_lora(
     model: str = typer.Option(..., help="The base model: an imagine or diffusers folder, an SD .safetensors or a "
@@ -166,7 +177,6 @@ def train_lora(
     from imagine.io import models_dir as md
     from imagine.io.checkpoint import CheckpointError
     from imagine.pipelines.request import load_text_model
-    from imagine.train.loop import loss_curve, read_log
     from imagine.train.lora import LoraTrainConfig, lora_sample_hook
     from imagine.train.lora import train_lora as run
 
@@ -184,11 +194,7 @@ def train_lora(
         progress(None, None)
         fail(str(err))
     progress(None, None)
-    root = out.parent / f"{out.stem}-training"
-    log = read_log(root / "log.jsonl")
-    if log:
-        loss_curve(log, root / "loss.png")
-    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); log, loss plot and samples in {root}")
+    _lora_written(out, path, "log, loss plot and samples")
 
 
 @app.command()
@@ -220,7 +226,6 @@ def dreambooth(
     from imagine.io import models_dir as md
     from imagine.io.checkpoint import CheckpointError
     from imagine.pipelines.request import load_text_model
-    from imagine.train.loop import loss_curve, read_log
     from imagine.train.lora import LoraTrainConfig, class_images, lora_sample_hook, train_lora
 
     progress = training_progress()
@@ -247,8 +252,4 @@ def dreambooth(
         progress(None, None)
         fail(str(err))
     progress(None, None)
-    root = out.parent / f"{out.stem}-training"
-    log = read_log(root / "log.jsonl")
-    if log:
-        loss_curve(log, root / "loss.png")
-    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); class images, log and samples in {root}")
+    _lora_written(out, path, "class images, log, loss plot and samples")
