@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def fresh_folder(out: Path, what: str = "write"):
+    """Yield a temporary sibling of ``out`` to fill; on success it becomes ``out`` in one rename, so a folder
+    appears whole or not at all. ``out`` must not exist (a stale partial one is cleared first)."""
+    import shutil
+
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} exists; {what} writes a fresh folder")
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    yield tmp
+    tmp.rename(out)
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from imagine.diffusion.parametrization import Prediction, check_prediction
 from imagine.diffusion.schedules import BetaSchedule, make_alphas_cumprod
-from imagine.io.checkpoint import CheckpointError, atomic_write_bytes, read_json
+from imagine.io.checkpoint import CheckpointError, atomic_write_bytes, fresh_folder, read_json
 from imagine.nn.config import config_from_dict
 
 SPEC_NAME = "diffusion.json"
@@ -103,42 +103,23 @@ def export_model(model: Path | str, out: Path | str, dtype: str = "fp16") -> int
     """Copy a model folder for distribution: UNet (its EMA weights), VAE and spec only, in ``dtype``
     (fp16, bf16 or fp32); training state, checkpoints, samples and logs stay behind. The folder appears
     whole or not at all. Returns its size in bytes."""
-    import shutil
-
-    from imagine.models import save_unet, save_vae
-
     model, out = Path(model), Path(out)
     if dtype not in ("fp16", "bf16", "fp32"):
         raise ValueError(f"dtype {dtype!r} unknown; choose fp16, bf16 or fp32")
     if out.exists():
         raise ValueError(f"{out} exists; export writes a fresh folder")
-    loaded = load_model_folder(model)
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_unet(loaded.unet, tmp / "unet", None if dtype == "fp32" else dtype)
-    if loaded.vae is not None:
-        save_vae(loaded.vae, tmp / "vae", None if dtype == "fp32" else dtype)
-    (tmp / SPEC_NAME).write_bytes((model / SPEC_NAME).read_bytes())
-    tmp.rename(out)
+    save_model_folder(load_model_folder(model), out, None if dtype == "fp32" else dtype)
+    atomic_write_bytes(out / SPEC_NAME, (model / SPEC_NAME).read_bytes())  # as written, version stamp too
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 
 
 def save_model_folder(model: DiffusionModel, out: Path | str, dtype: str | None = None) -> Path:
     """An imagine model folder from a loaded model (UNet, VAE, spec), written whole or not at all."""
-    import shutil
-
     from imagine.models import save_unet, save_vae
 
-    out = Path(out)
-    if out.exists():
-        raise ValueError(f"{out} exists; write a fresh folder")
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_unet(model.unet, tmp / "unet", dtype)
-    if model.vae is not None:
-        save_vae(model.vae, tmp / "vae", dtype)
-    save_spec(model.spec, tmp)
-    tmp.rename(out)
-    return out
+    with fresh_folder(Path(out)) as tmp:
+        save_unet(model.unet, tmp / "unet", dtype)
+        if model.vae is not None:
+            save_vae(model.vae, tmp / "vae", dtype)
+        save_spec(model.spec, tmp)
+    return Path(out)

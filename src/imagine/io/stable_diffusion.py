@@ -29,6 +29,7 @@ from imagine.io.checkpoint import (
     atomic_save_safetensors,
     atomic_write_bytes,
     build_and_fill,
+    fresh_folder,
     open_weights,
     read_json,
 )
@@ -164,9 +165,10 @@ class SingleFile:
     clip_skip: int | None = None  # the layer the stored text encoder is read at, where imagine wrote the file
 
 
-def _size(info: SingleFile) -> int:
-    """The model's native image size: the UNet's sample size in pixels (512, 768 or 1024 for releases)."""
-    return info.unet.sample_size * info.vae.downscale
+def _single_file_spec(info: SingleFile) -> dict:
+    """How a single file is sampled; its native size is the UNet's sample size in pixels (512, 768 or 1024
+    for the releases)."""
+    return {**_defaults(info.arch, info.prediction), "image_size": info.unet.sample_size * info.vae.downscale}
 
 
 def _strip(weights: Weights, prefix: str) -> Weights:
@@ -351,9 +353,9 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, clip_skip: int |
     with torch.device("meta"):
         unet_keys = list(UNet2DConditionModel(info.unet).state_dict())
         vae_keys = list(AutoencoderKL(info.vae).state_dict())
-    unet_refs = read_mapped(weights, unet_map(unet_keys, info.unet), str(path))
-    vae_refs = read_mapped(weights, vae_map(vae_keys, info.vae), str(path))
-    used = {src.key for m in (unet_map(unet_keys, info.unet), vae_map(vae_keys, info.vae)) for src in m.values()}
+    maps = unet_map(unet_keys, info.unet), vae_map(vae_keys, info.vae)
+    unet_refs, vae_refs = (read_mapped(weights, key_map, str(path)) for key_map in maps)
+    used = {src.key for key_map in maps for src in key_map.values()}
     text_prefixes = {"sd1": (TE_SD1,), "sd2": (TE_SD2,), "sdxl": (TE_XL1, TE_XL2)}[info.arch]
     unknown = [k for k in weights if k not in used and not k.startswith(text_prefixes) and not _ignorable(k)]
     if unknown:
@@ -363,8 +365,7 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, clip_skip: int |
     vae = build_and_fill(lambda: AutoencoderKL(info.vae), vae_refs, f"{path} (VAE)").eval()
     text_encoder = _text_encoder_from_file(weights, info.arch, str(path), clip_skip, info.text_configs,
                                            info.clip_skip)
-    spec = DiffusionSpec(**{**_defaults(info.arch, info.prediction), "image_size": _size(info)},
-                         text_encoder=text_encoder.identity)
+    spec = DiffusionSpec(**_single_file_spec(info), text_encoder=text_encoder.identity)
     return DiffusionModel(unet, vae, spec, path, text_encoder=text_encoder, arch=info.arch, hash_file=path)
 
 
@@ -386,6 +387,16 @@ def spec_from_scheduler(config: dict, arch: Arch, image_size: int) -> dict:
             "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
             "beta_start": float(config.get("beta_start", 0.00085)), "beta_end": float(config.get("beta_end", 0.012)),
             "zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False)), "image_size": image_size}
+
+
+def _pipeline_spec(path: Path, index: dict, arch: Arch) -> dict:
+    """How a diffusers pipeline folder is sampled: its scheduler's schedule and prediction, the UNet's sample
+    size times the VAE's factor, and force_zeros_for_empty_prompt; read from the JSON files alone."""
+    unet, vae = read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json")
+    size = unet.get("sample_size", 64) * 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    spec = spec_from_scheduler(read_json(scheduler) if scheduler.exists() else {}, arch, size)
+    return {**spec, "zero_empty_negative": bool(index.get("force_zeros_for_empty_prompt", arch == "sdxl"))}
 
 
 def _sd1_or_sd2(text_config) -> Arch:
@@ -411,18 +422,13 @@ def load_diffusers_pipeline(path: Path, *, clip_skip: int | None = None,
             raise CheckpointError(f"{path} is a {cls} folder without {part}/")
     unet = load_unet(path / "unet", dtype=dtype)
     vae = load_vae(path / "vae")
-    scheduler = path / "scheduler" / "scheduler_config.json"
-    scheduler_config = read_json(scheduler) if scheduler.exists() else {}
     if cls == "StableDiffusionXLPipeline":
         arch: Arch = "sdxl"
         text_encoder = SDXLTextEncoder.from_folder(path, clip_skip or 2)
     else:
         text_encoder = CLIPTextEncoder.from_folder(path, clip_skip or 1)
         arch = _sd1_or_sd2(text_encoder.model.config)
-    size = unet.config.sample_size * vae.config.downscale
-    spec = DiffusionSpec(**{**spec_from_scheduler(scheduler_config, arch, size),
-                            "zero_empty_negative": bool(index.get("force_zeros_for_empty_prompt", arch == "sdxl"))},
-                         text_encoder=text_encoder.identity)
+    spec = DiffusionSpec(**_pipeline_spec(path, index, arch), text_encoder=text_encoder.identity)
     weights = path / "unet" / "diffusion_pytorch_model.safetensors"
     return DiffusionModel(unet, vae, spec, path, text_encoder=text_encoder, arch=arch,
                           hash_file=weights if weights.exists() else None)
@@ -481,19 +487,17 @@ def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None)
 
 def save_diffusers_pipeline(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:
     """A diffusers pipeline folder (model_index.json and its parts), written whole or not at all."""
-    import shutil
-
-    from imagine.models import diffusers_config
-
     if model.arch is None or model.text_encoder is None:
         raise CheckpointError("only Stable Diffusion models (SD 1.x, 2.x, SDXL) have a diffusers pipeline layout")
     out = Path(out)
-    if out.exists():
-        raise ValueError(f"{out} exists; convert writes a fresh folder")
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    with fresh_folder(out, "convert") as tmp:
+        _write_pipeline(model, tmp, dtype)
+    return out
+
+
+def _write_pipeline(model: DiffusionModel, tmp: Path, dtype: str | None) -> None:
     from imagine import __version__
+    from imagine.models import diffusers_config
 
     for part, module, cls in (("unet", model.unet, "UNet2DConditionModel"), ("vae", model.vae, "AutoencoderKL")):
         config = {"_class_name": cls, "_diffusers_version": "0.30.0", **diffusers_config(module)}
@@ -542,8 +546,6 @@ def save_diffusers_pipeline(model: DiffusionModel, out: Path, dtype: str | None 
         index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
                       "requires_safety_checker": False})
     atomic_write_bytes(tmp / "model_index.json", json.dumps(index, indent=2).encode())
-    tmp.rename(out)
-    return out
 
 
 # --- the one entry point -----------------------------------------------------------------------------
@@ -627,16 +629,10 @@ def probe_spec(path: Path | str, allow_pickle: bool = False) -> DiffusionSpec:
                                   f"{' and '.join(PIPELINES)} folders")
         xl = index["_class_name"] == "StableDiffusionXLPipeline"
         arch: Arch = "sdxl" if xl else _sd1_or_sd2(read_json(path / "text_encoder" / "config.json"))
-        unet, vae = read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json")
-        size = unet.get("sample_size", 64) * 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
-        scheduler = path / "scheduler" / "scheduler_config.json"
-        spec = spec_from_scheduler(read_json(scheduler) if scheduler.exists() else {}, arch, size)
-        spec["zero_empty_negative"] = bool(index.get("force_zeros_for_empty_prompt", xl))
-        return DiffusionSpec(**spec, text_encoder=ARCH_LABELS[arch])
+        return DiffusionSpec(**_pipeline_spec(path, index, arch), text_encoder=ARCH_LABELS[arch])
     weights, metadata = open_weights(path, allow_pickle)
     info = inspect_single_file(weights, metadata, str(path))
-    return DiffusionSpec(**{**_defaults(info.arch, info.prediction), "image_size": _size(info)},
-                         text_encoder=ARCH_LABELS[info.arch])
+    return DiffusionSpec(**_single_file_spec(info), text_encoder=ARCH_LABELS[info.arch])
 
 
 def describe_file(path: Path) -> dict:

@@ -34,7 +34,7 @@ def merge_models(a, b, c=None, *, mode: Mode = "weighted-sum", multiplier: float
     parts = [_parts(m) for m in models]
     if any(set(p) != set(parts[0]) for p in parts):
         raise CheckpointError(f"the models have different parts: {[sorted(p) for p in parts]}")
-    for name, target in parts[0].items():
+    for name in parts[0]:
         states = [p[name].state_dict() for p in parts]
         own = states[0]
         bad = sorted({k for s in states[1:] for k in set(s) ^ set(own)}
@@ -49,8 +49,7 @@ def merge_models(a, b, c=None, *, mode: Mode = "weighted-sum", multiplier: float
                 merged = value.float() * (1 - multiplier) + states[1][key].float() * multiplier
             else:
                 merged = value.float() + (states[1][key].float() - states[2][key].float()) * multiplier
-            value.copy_(merged.to(value.dtype))
-        target.load_state_dict(own)
+            value.copy_(merged.to(value.dtype))  # state_dict() tensors share the parameters' storage
     if a.text_encoder is not None and hasattr(a.text_encoder, "_cache"):
         a.text_encoder._cache.clear()
     return a
