@@ -171,10 +171,10 @@ class Attached:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        _forget_text_cache(self.text_encoder)
+        forget_text_cache(self.text_encoder)
 
 
-def _forget_text_cache(text_encoder) -> None:
+def forget_text_cache(text_encoder) -> None:
     cache = getattr(text_encoder, "_cache", None)
     if cache is not None:  # cached prompt embeddings were made without (or with) the text encoder's LoRA
         cache.clear()
@@ -196,7 +196,7 @@ def attach(parts: dict[str, nn.Module], loras: list[tuple[LoRA, float]], *, stri
 
             attached.handles.append(module.register_forward_hook(hook))
     if any(key.split(".", 1)[0] != "unet" for lora, w in loras if w for key in lora.layers):
-        _forget_text_cache(text_encoder)
+        forget_text_cache(text_encoder)
     return attached
 
 
@@ -209,4 +209,4 @@ def merge(parts: dict[str, nn.Module], loras: list[tuple[LoRA, float]], *, stric
             if weight:
                 delta = lora.layers[key].delta_weight().to(torch.float32) * weight
                 module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
-    _forget_text_cache(text_encoder)
+    forget_text_cache(text_encoder)

@@ -25,6 +25,13 @@ class InpaintFill(str, Enum):
     latent_nothing = "latent_nothing"
 
 
+def _bool(value: str | bool) -> bool:
+    """true/false, yes/no, 1/0 (for options given a value, as --lora-strict false)."""
+    import click
+
+    return click.BOOL.convert(value, None, None)
+
+
 _OPTS = dict(
     negative=typer.Option("", "--negative", help="Negative prompt."),
     steps=typer.Option(None, help="Sampling steps (default: the model's; 25 for the shipped one)."),
@@ -42,6 +49,12 @@ _OPTS = dict(
     lora=typer.Option(None, "--lora", help="A LoRA: NAME (in the models folder's Lora/) or FILE, with :WEIGHT "
                                            "(default 1); repeat for several. <lora:NAME:WEIGHT> in the prompt "
                                            "works too, as in A1111."),
+    embedding=typer.Option(None, "--embedding", help="A textual-inversion embedding (FILE or NAME in the models "
+                                                     "folder's embeddings/), used where its name is written in "
+                                                     "the prompt; repeat for several. Embeddings in embeddings/ "
+                                                     "are found by name without this."),
+    lora_strict=typer.Option("true", "--lora-strict", parser=_bool, metavar="true|false",
+                             help="false: a LoRA key that fits no module is a printed warning, not an error."),
     allow_pickle=typer.Option(False, "--allow-pickle", help="Read .ckpt pickles (with torch.load(weights_only=True) "
                                                            "only); by default only .safetensors are read."),
     models_dir=typer.Option(None, help="A1111-style models folder (Stable-diffusion/, VAE/, Lora/, ...); "
@@ -68,7 +81,7 @@ def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n,
 def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | None = None,
          mask: Path | None = None, rerank: int = 1, clip: Path | None = None, vae: str | Path | None = None,
          allow_pickle: bool = False, models_dir: Path | None = None, weights_dtype: str = "fp32",
-         lora: list[str] | None = None) -> None:
+         lora: list[str] | None = None, embedding: list[str] | None = None, lora_strict: bool = True) -> None:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs."""
     from tqdm import tqdm
 
@@ -89,9 +102,12 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         if mask is not None:
             extra["mask"] = r.input_record(mask)
         loras = tuple(_lora_option(item) for item in lora or [])
+        if not lora_strict:
+            extra["lora_strict"] = False
         request = r.Request(kind, settings, init_image=r.open_image(init, "image") if init is not None else None,
                             mask=r.open_image(mask, "mask") if mask is not None else None, rerank=rerank,
-                            extra=extra, loras=loras, models_dir=models_dir).check(loaded)
+                            extra=extra, loras=loras, models_dir=models_dir, embeddings=tuple(embedding or ()),
+                            lora_strict=lora_strict).check(loaded)
         scorer = r.load_scorer(clip) if rerank > 1 else None
         bar = tqdm(total=request.settings.steps * request.settings.n * rerank, desc=kind, unit="step", leave=False)
         results = r.run(request, loaded, encoder, scorer=scorer, callback=lambda info: bar.update(1))
@@ -145,8 +161,10 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
     weights = "bf16" if record.get("weights_dtype") == "bfloat16" else "fp32"
     # LoRAs given as options come back by file; those in the prompt's tags are found again by name
     loras = [(lo["path"], lo["weight"]) for lo in record.get("loras", []) if lo.get("source") == "option"]
+    # embeddings given as options come back by file; those found by name in the prompt are found again
+    embeddings = [e["path"] for e in record.get("embeddings", []) if e.get("source") == "option"]
     _run("txt2img", model, Settings(**record["settings"]), out, vae=vae, weights_dtype=weights, lora=loras,
-         **options)
+         embedding=embeddings, lora_strict=record.get("lora_strict", True), **options)
 
 
 @app.command()
@@ -158,7 +176,8 @@ def generate(
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
-    lora: list[str] = _OPTS["lora"],
+    lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
+    lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for the network (faster on CPUs with bf16)."),
@@ -180,7 +199,8 @@ def generate(
     _run("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                                      precision=precision, batched=batched, compile=compile, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, rerank=rerank, clip=clip, vae=vae,
-         allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora)
+         allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora,
+         embedding=embedding, lora_strict=lora_strict)
 
 
 @app.command()
@@ -195,14 +215,15 @@ def img2img(
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
-    lora: list[str] = _OPTS["lora"],
+    lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
+    lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
 ) -> None:
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt."""
     _run("img2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                                      strength=strength, resize_mode=resize_mode, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, init=image, vae=vae,
-         allow_pickle=allow_pickle, models_dir=models_dir, lora=lora)
+         allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict)
 
 
 @app.command()
@@ -226,7 +247,8 @@ def inpaint(
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
-    lora: list[str] = _OPTS["lora"],
+    lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
+    lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest."""
@@ -235,7 +257,7 @@ def inpaint(
                                      inpaint_only_masked=only_masked, inpaint_padding=only_masked_padding,
                                      mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, init=image, mask=mask, vae=vae,
-         allow_pickle=allow_pickle, models_dir=models_dir, lora=lora)
+         allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict)
 
 
 @app.command()

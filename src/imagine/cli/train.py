@@ -253,3 +253,56 @@ def dreambooth(
         fail(str(err))
     progress(None, None)
     _lora_written(out, path, "class images, log, loss plot and samples")
+
+
+@app.command("textual-inversion")
+def textual_inversion(
+    model: str = typer.Option(..., help="The base model: a folder, an SD .safetensors or a name in the models folder."),
+    data: str = typer.Option(..., help="A few images of the concept (a folder; captions only for {caption})."),
+    token: str = typer.Option(..., help='The new word, written in prompts to call the concept: "<my-concept>".'),
+    out: Path = typer.Option(..., help="The embedding to write (.safetensors, A1111's layout); checkpoints, log "
+                                       "and samples go to OUT-training/ beside it."),
+    init_word: str = typer.Option("*", help="The vectors start as this word's embeddings (a close class word: "
+                                            "shape, cat)."),
+    vectors: int = typer.Option(1, help="How many word vectors the token stands for (A1111's vectors per token)."),
+    template: str = typer.Option("a {token}", help="The training prompt: {token}, and {caption} for each image's "
+                                                  "own caption."),
+    steps: int = typer.Option(500, help="Optimizer steps (a resumed run trains on to this count)."),
+    batch_size: int = typer.Option(4, help="Images per step."),
+    lr: float = typer.Option(5e-3, help="AdamW learning rate of the vectors."),
+    seed: int = typer.Option(0, help="Seed of every random draw of the run."),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="Random horizontal flips."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast."),
+    checkpoint_every: int = typer.Option(100, help="Save the training state every N steps."),
+    sample_prompt: list[str] = typer.Option(None, "--sample-prompt", help="A prompt for the sample grids; repeat "
+                                                                          "(default: the template)."),
+    sample_every: int = typer.Option(0, help="Write a sample grid every N steps (0: at the end)."),
+    models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT-training/."),
+) -> None:
+    """Textual inversion (Gal et al. 2022): learn a new word's vectors from a few images, everything else
+    frozen; write the word in a prompt to use it (put the file in models/embeddings/ to find it by name)."""
+    from imagine.data.images import DataError, load_dataset
+    from imagine.io import models_dir as md
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.pipelines.request import load_text_model
+    from imagine.train.lora import lora_sample_hook
+    from imagine.train.textual_inversion import TextualInversionConfig, train_textual_inversion
+
+    progress = training_progress()
+    try:
+        cfg = TextualInversionConfig(token=token, vectors=vectors, init_word=init_word, template=template,
+                                     steps=steps, batch_size=batch_size, lr=lr, seed=seed, flip=flip,
+                                     precision=precision, checkpoint_every=checkpoint_every)
+        folder = models_dir if models_dir is not None else md.default_models_dir()
+        loaded, encoder = load_text_model(md.resolve(model, folder))
+        dataset = load_dataset(data, loaded.spec.image_size, loaded.spec.image_channels,
+                               captions="{caption}" in template)
+        prompts = list(sample_prompt or [template.format(token=token, caption="")])
+        hooks = (progress, lora_sample_hook(prompts, sample_every or steps))
+        path = train_textual_inversion(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks)
+    except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
+        progress(None, None)
+        fail(str(err))
+    progress(None, None)
+    _lora_written(out, path, "log, loss plot and samples")

@@ -6,7 +6,11 @@
   them, with "clip skip" (last or an earlier hidden layer, through the final layer norm).
 - SDXLTextEncoder: SDXL's CLIP ViT-L and OpenCLIP ViT-bigG side by side, plus the pooled embedding.
 
-Both follow AUTOMATIC1111's prompt handling: emphasis ``(word:1.3)``, ``(word)`` = x1.1, ``[word]`` = /1.1,
+Textual-inversion embeddings (``adapters/embeddings.py``) added to an encoder are written by name in the
+prompt: each occurrence becomes the embedding's K vectors in place of word tokens (A1111's behaviour),
+kept whole within one window.
+
+All follow AUTOMATIC1111's prompt handling: emphasis ``(word:1.3)``, ``(word)`` = x1.1, ``[word]`` = /1.1,
 ``\\(`` for literal brackets, ``BREAK`` to start a new chunk; prompts longer than 75 tokens are split into
 75-token chunks (moved back to a comma within the last 20 tokens), each encoded in its own 77-token
 window, and concatenated: never silently truncated. Weights scale each token's embedding, then the
@@ -26,6 +30,8 @@ import torch
 CHUNK = 75  # content tokens per window; + start and end tokens = 77, CLIP's context length
 COMMA_BACKTRACK = 20
 BREAK = -1.0  # weight marking a BREAK in parsed prompts
+# an embedding's name counts where it stands as a word of its own (not inside "my-name2" or "<name>s")
+NAME_BEFORE, NAME_AFTER = r"(?<![\w<>-])", r"(?![\w<>-])"
 
 _TOKEN = re.compile(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:")
 
@@ -89,7 +95,8 @@ class Chunk:
 
 def chunk_tokens(pieces: list[tuple[list[int], float]], comma_id: int | None) -> list[Chunk]:
     """Weighted token runs -> 75-token chunks. A chunk that fills up moves its tail after the last comma to
-    the next chunk when that comma is within the last 20 tokens (keeps phrases whole); BREAK ends a chunk."""
+    the next chunk when that comma is within the last 20 tokens (keeps phrases whole); BREAK ends a chunk.
+    A run of negative ids (an embedding's vectors) is kept whole: when it does not fit, the chunk ends."""
     chunks: list[Chunk] = []
     toks: list[int] = []
     weights: list[float] = []
@@ -104,6 +111,8 @@ def chunk_tokens(pieces: list[tuple[list[int], float]], comma_id: int | None) ->
         if w == BREAK:
             close()
             continue
+        if ids and ids[0] < 0 and toks and len(toks) + len(ids) > CHUNK:
+            close()
         for tok in ids:
             if len(toks) == CHUNK:
                 if last_comma >= 0 and len(toks) - last_comma <= COMMA_BACKTRACK:
@@ -149,14 +158,76 @@ class _ChunkedEncoder:
         self.tokenizer, self.identity = tokenizer, identity
         for model in models:
             model.eval().requires_grad_(False)
-        self.dim, self.num_layers = dim, num_layers
+        self.dim, self.num_layers, self.models = dim, num_layers, models
+        self._names = None
         self._cache: OrderedDict[tuple[str, int], Window] = OrderedDict()
         self.cache_size = cache_size
         comma = tokenizer(",", add_special_tokens=False)["input_ids"]
         self.comma_id = comma[-1] if comma else None
+        self.embeddings: dict[str, object] = {}  # lower-case name -> Embedding (adapters/embeddings.py)
 
-    def _window(self, chunks: list[Chunk], skip: int) -> Window:
+    def embedding_widths(self) -> dict[str, int]:
+        """The vectors an embedding must carry for this encoder: A1111's key -> width."""
+        return {"emb_params": self.models[0].get_input_embeddings().weight.shape[1]}
+
+    def embedding_inputs(self) -> dict[str, torch.nn.Module]:
+        """Each embedding key's token-embedding table (where textual inversion starts its vectors)."""
+        return {"emb_params": self.models[0].get_input_embeddings()}
+
+    def set_embeddings(self, embeddings: dict[str, object]) -> None:
+        """The embeddings the prompt may name (name -> Embedding); cached prompt states are forgotten."""
+        embeddings = {name.lower(): emb for name, emb in embeddings.items()}
+        if embeddings.keys() != self.embeddings.keys() or any(
+                embeddings[k] is not self.embeddings[k] for k in embeddings):
+            self._cache.clear()
+        self.embeddings = embeddings
+        self._names = (re.compile(NAME_BEFORE + "(" + "|".join(re.escape(n) for n in sorted(
+            embeddings, key=len, reverse=True)) + ")" + NAME_AFTER, re.IGNORECASE) if embeddings else None)
+
+    def _window(self, chunks: list[Chunk], skip: int, table: list) -> Window:
         raise NotImplementedError
+
+    def _forward(self, model, ids: torch.Tensor, table: list, key: str, **kwargs):
+        """Run ``model`` on ``ids``; negative ids are embedding vectors (``table[-id - 1]`` = (embedding,
+        k)), put in place of the token embeddings' output, so gradients reach them (textual inversion)."""
+        if not (ids < 0).any():
+            return model(input_ids=ids, **kwargs)
+        where = (ids < 0).nonzero().tolist()
+        entries = [table[-int(ids[r, p]) - 1] for r, p in where]
+        # a placeholder id that is never the end token (CLIP's pooled output looks for it)
+        safe = ids.clamp(min=0)
+
+        def inject(module, args, out):
+            out = out.clone()
+            for (r, p), (emb, k) in zip(where, entries, strict=True):
+                out[r, p] = emb.vectors[key][k].to(out.dtype)
+            return out
+
+        handle = model.get_input_embeddings().register_forward_hook(inject)
+        try:
+            return model(input_ids=safe, **kwargs)
+        finally:
+            handle.remove()
+
+    def _pieces(self, text: str, weight: float, table: list) -> list[tuple[list[int], float]]:
+        """One emphasis run as token pieces, embedding names replaced by their vectors' negative ids."""
+        tokenize = self.tokenizer
+        if self._names is None:
+            return [(tokenize(text, add_special_tokens=False)["input_ids"], weight)]
+        pieces, at = [], 0
+        for match in self._names.finditer(text):
+            if match.start() > at:
+                pieces.append((tokenize(text[at:match.start()], add_special_tokens=False)["input_ids"], weight))
+            emb = self.embeddings[match.group(1).lower()]
+            ids = []
+            for k in range(emb.count):
+                table.append((emb, k))
+                ids.append(-len(table))
+            pieces.append((ids, weight))
+            at = match.end()
+        if at < len(text):
+            pieces.append((tokenize(text[at:], add_special_tokens=False)["input_ids"], weight))
+        return pieces
 
     def _ids(self, chunks: list[Chunk], tokenizer, start: int, end: int) -> torch.Tensor:
         """(n, 77) token ids: start, the chunk's tokens, end, then the tokenizer's pad token."""
@@ -167,12 +238,11 @@ class _ChunkedEncoder:
         return ids
 
     def _encode_one(self, prompt: str, skip: int) -> Window:
-        pieces = []
+        pieces, table = [], []
         for text, weight in parse_prompt_attention(prompt):
-            ids = [] if weight == BREAK else self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            pieces.append((ids, weight))
+            pieces += [([], weight)] if weight == BREAK else self._pieces(text, weight, table)
         chunks = chunk_tokens(pieces, self.comma_id)
-        z, mask, pooled = self._window(chunks, skip)
+        z, mask, pooled = self._window(chunks, skip, table)
         weights = torch.ones(mask.shape, dtype=z.dtype)
         for i, chunk in enumerate(chunks):
             weights[i, 1: 1 + len(chunk.weights)] = torch.tensor(chunk.weights, dtype=z.dtype)
@@ -258,7 +328,7 @@ class MiniLMTextEncoder(_ChunkedEncoder):
         super().__init__(tokenizer, [self.model], "all-MiniLM-L6-v2", self.model.config.hidden_size,
                          self.model.config.num_hidden_layers)
 
-    def _window(self, chunks, skip):
+    def _window(self, chunks, skip, table):
         t = self.tokenizer
         ids = self._ids(chunks, t, t.cls_token_id, t.sep_token_id)
         mask = torch.zeros(ids.shape, dtype=torch.bool)
@@ -268,7 +338,8 @@ class MiniLMTextEncoder(_ChunkedEncoder):
         # leave zeros beyond: 5-10x less work, and the result depends on the prompt alone
         n = int(mask.sum(1).max())
         z = torch.zeros((*ids.shape, self.dim))
-        out = self.model(input_ids=ids[:, :n], attention_mask=mask[:, :n].long(), output_hidden_states=skip > 1)
+        out = self._forward(self.model, ids[:, :n], table, "emb_params", attention_mask=mask[:, :n].long(),
+                            output_hidden_states=skip > 1)
         # BERT normalises inside each layer, so an earlier layer's output is used as it is
         z[:, :n] = (out.last_hidden_state if skip == 1 else out.hidden_states[-skip]).float()
         return z, mask, None
@@ -313,12 +384,12 @@ class CLIPTextEncoder(_ChunkedEncoder):
                                               use_safetensors=True).float()  # fp16 files compute in fp32
         return cls(tokenizer, model, f"CLIP:{path.name}", clip_skip)
 
-    def _window(self, chunks, skip):
+    def _window(self, chunks, skip, table):
         t = self.tokenizer
         ids = self._ids(chunks, t, t.bos_token_id, t.eos_token_id)
         dtype = next(self.model.parameters()).dtype
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = self.model(input_ids=ids, output_hidden_states=skip > 1)
+            out = self._forward(self.model, ids, table, "emb_params", output_hidden_states=skip > 1)
             z = out.last_hidden_state if skip == 1 else _final_norm(self.model)(out.hidden_states[-skip])
         return z.float(), torch.ones(ids.shape, dtype=torch.bool), None
 
@@ -356,14 +427,21 @@ class SDXLTextEncoder(_ChunkedEncoder):
                                                               local_files_only=True, use_safetensors=True).float())
         return cls(toks, models, f"SDXL-CLIP:{path.name}", clip_skip)
 
-    def _window(self, chunks, skip):
+    def embedding_widths(self) -> dict[str, int]:  # A1111's SDXL embeddings: clip_l and clip_g
+        return {key: width for key, width in zip(
+            ("clip_l", "clip_g"), (m.get_input_embeddings().weight.shape[1] for m in self.models), strict=True)}
+
+    def embedding_inputs(self) -> dict[str, torch.nn.Module]:
+        return {"clip_l": self.model_1.get_input_embeddings(), "clip_g": self.model_2.get_input_embeddings()}
+
+    def _window(self, chunks, skip, table):
         t1, t2 = self.tokenizer_1, self.tokenizer_2
         ids_1 = self._ids(chunks, t1, t1.bos_token_id, t1.eos_token_id)
         ids_2 = self._ids(chunks, t2, t2.bos_token_id, t2.eos_token_id)
         dtype = next(self.model_1.parameters()).dtype
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out_1 = self.model_1(input_ids=ids_1, output_hidden_states=True)
-            out_2 = self.model_2(input_ids=ids_2, output_hidden_states=True)
+            out_1 = self._forward(self.model_1, ids_1, table, "clip_l", output_hidden_states=True)
+            out_2 = self._forward(self.model_2, ids_2, table, "clip_g", output_hidden_states=True)
         z = torch.cat([out_1.hidden_states[-skip].float(), out_2.hidden_states[-skip].float()], dim=-1)
         return z, torch.ones(ids_1.shape, dtype=torch.bool), out_2.text_embeds.float()
 

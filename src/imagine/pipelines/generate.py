@@ -460,7 +460,7 @@ def _inpaint_region(model: DiffusionModel, s: Settings, init: Image.Image, mask:
 
 
 def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_encoder, extra: dict | None = None,
-             loras: list[dict] | None = None) -> tuple[str, dict]:
+             loras: list[dict] | None = None, embeddings: list[dict] | None = None) -> tuple[str, dict]:
     """(A1111 parameters text, JSON record) for image ``index`` of a request (its seed is seed + index)."""
     from imagine import __version__
     from imagine.io.png import a1111_parameters, environment, file_hash
@@ -497,6 +497,8 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields["Guidance rescale"] = f"{s.guidance_rescale:g}"
     if loras:  # A1111's form: "name: hash, name: hash" (the weights are in the prompt's tags or the record)
         fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo['sha256_10']}" for lo in loras)
+    if embeddings:  # A1111's "TI hashes" in the same form
+        fields["TI hashes"] = ", ".join(f"{e['name']}: {e['sha256_10']}" for e in embeddings)
     fields["Version"] = f"imagine {__version__}"
     record = {
         "kind": kind, "settings": {**s.to_dict(), "seed": s.seed + index, "n": 1}, "index": index,
@@ -509,4 +511,6 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
     }
     if loras:
         record["loras"] = loras
+    if embeddings:
+        record["embeddings"] = embeddings
     return a1111_parameters(s.prompt, s.negative_prompt, fields), record

@@ -34,7 +34,10 @@ class Request:
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in every image's JSON (inputs, job id)
     loras: tuple[tuple[str, float], ...] = ()  # (name in the models folder's Lora/ or file, weight)
     models_dir: Path | None = None  # where LoRA names (and <lora:NAME:W> tags in the prompt) are looked up
+    embeddings: tuple[str, ...] = ()  # textual-inversion files or names always in use (besides the folder's)
+    lora_strict: bool = True  # False: a LoRA's unmatched keys are a warning, not an error
     resolved_loras: tuple[LoraUse, ...] = field(default=(), repr=False)  # filled by check()
+    resolved_embeddings: tuple = field(default=(), repr=False)  # ((Embedding, source), ...), filled by check()
 
     def check(self, model: DiffusionModel) -> Request:
         """Everything that can be refused before any work, refused now: settings, inputs, sizes. Returns the
@@ -63,7 +66,11 @@ class Request:
         if self.init_image is not None and s.width is None and s.height is None:
             s = replace(s, width=self.init_image.width, height=self.init_image.height)
         g.output_size(model, s)
-        return replace(self, settings=s, resolved_loras=self._resolve_loras())
+        from imagine.adapters.embeddings import resolve_embeddings
+
+        texts = [s.prompt, s.negative_prompt]
+        return replace(self, settings=s, resolved_loras=self._resolve_loras(),
+                       resolved_embeddings=tuple(resolve_embeddings(texts, self.models_dir, self.embeddings)))
 
     def _resolve_loras(self) -> tuple[LoraUse, ...]:
         """The LoRAs asked for (options first, then the prompt's tags), each found as a file."""
@@ -106,16 +113,19 @@ class LoraUse:
 
 
 @contextmanager
-def attached_loras(request: Request, model: DiffusionModel, text_encoder, allow_pickle: bool = False):
-    """The request's LoRAs attached for the duration of the block, then detached (the model is shared)."""
+def attached(request: Request, model: DiffusionModel, text_encoder, allow_pickle: bool = False):
+    """The request's LoRAs attached and its embeddings added for the duration of the block, then taken
+    away (the model and the text encoder are shared between requests)."""
+    from imagine.adapters import embeddings
     from imagine.adapters.lora import attach, parts_of
     from imagine.io.lora_keys import load_lora
 
     parts = parts_of(model, text_encoder)
     loaded = [(load_lora(use.path, parts, allow_pickle=allow_pickle), use.weight) for use in request.resolved_loras]
-    handle = attach(parts, loaded, text_encoder=text_encoder) if loaded else None
+    handle = attach(parts, loaded, text_encoder=text_encoder, strict=request.lora_strict) if loaded else None
     try:
-        yield
+        with embeddings.using(text_encoder, [emb for emb, _ in request.resolved_embeddings]):
+            yield
     finally:
         if handle is not None:
             handle.detach()
@@ -142,13 +152,14 @@ def run(request: Request, model: DiffusionModel, text_encoder, *, scorer=None,
         callback: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> list[Generated]:
     """Generate every image of a request and describe each; ``scorer`` (a CLIPScorer) is needed for rerank."""
     request = request.check(model)
-    with attached_loras(request, model, text_encoder):
+    with attached(request, model, text_encoder):
         return _run(request, model, text_encoder, scorer, {"callback": callback, "cancel": cancel})
 
 
 def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) -> list[Generated]:
     s, kind = request.settings, request.kind
     loras = [use.record() for use in request.resolved_loras] or None
+    embs = [emb.record(source) for emb, source in request.resolved_embeddings] or None
     if request.rerank > 1:
         if scorer is None:
             raise ValueError("rerank needs a CLIP scorer")
@@ -160,7 +171,7 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
             alone = replace(s, seed=r.seed, n=1)
             extra = {**request.extra, "rerank": {"k": request.rerank, "chosen": r.chosen, "scores": r.scores,
                                                  "scorer": getattr(scorer, "identity", None)}}
-            parameters, record = g.describe(model, alone, kind, 0, text_encoder, extra, loras)
+            parameters, record = g.describe(model, alone, kind, 0, text_encoder, extra, loras, embs)
             out.append(Generated(to_uint8(r.image[None])[0], r.seed, parameters, record))
         return out
     with torch.no_grad():
@@ -172,7 +183,7 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
             images = g.inpaint(model, s, request.init_image, request.mask, text_encoder, **kwargs)
     out = []
     for i, pixels in enumerate(to_uint8(images)):
-        parameters, record = g.describe(model, s, kind, i, text_encoder, request.extra, loras)
+        parameters, record = g.describe(model, s, kind, i, text_encoder, request.extra, loras, embs)
         out.append(Generated(pixels, s.seed + i, parameters, record))
     return out
 

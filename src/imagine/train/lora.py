@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from imagine.adapters.lora import LoRA, attach, create, parts_of
+from imagine.adapters.lora import attach, create, forget_text_cache, parts_of
 from imagine.diffusion.losses import diffusion_loss
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from imagine.io.lora_keys import save_lora
@@ -25,11 +25,9 @@ from imagine.train.loop import DataOrder, Hook, StepInfo, _sample_generator, sam
 
 
 @dataclass(frozen=True)
-class LoraTrainConfig:
-    rank: int = 4
-    alpha: float | None = None  # default: the rank (scale 1)
-    targets: str = "attn"  # attn, attn+ff or all (see adapters/lora.py)
-    text_encoder: bool = False  # also train LoRAs on the text encoder's attention
+class AdapterTrainConfig:
+    """What every adapter training (LoRA, DreamBooth, textual inversion) shares."""
+
     steps: int = 500
     batch_size: int = 4
     lr: float = 1e-4
@@ -48,12 +46,20 @@ class LoraTrainConfig:
             raise ValueError(f"precision {self.precision!r} unknown; choose fp32 or bf16")
 
 
-def _checkpoint_dir(out: Path) -> Path:
+@dataclass(frozen=True)
+class LoraTrainConfig(AdapterTrainConfig):
+    rank: int = 4
+    alpha: float | None = None  # default: the rank (scale 1)
+    targets: str = "attn"  # attn, attn+ff or all (see adapters/lora.py)
+    text_encoder: bool = False  # also train LoRAs on the text encoder's attention
+
+
+def checkpoint_dir(out: Path) -> Path:
     return out.parent / f"{out.stem}-training"
 
 
-def _save_state(root: Path, step: int, lora: LoRA, optimizer, meta: dict[str, Any]) -> Path:
-    tensors = {f"lora.{k}": v.contiguous() for k, v in lora.state_dict().items()}
+def _save_state(root: Path, step: int, params: dict[str, torch.Tensor], optimizer, meta: dict[str, Any]) -> Path:
+    tensors = {k: v.detach().contiguous() for k, v in params.items()}
     optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -65,55 +71,44 @@ def _save_state(root: Path, step: int, lora: LoRA, optimizer, meta: dict[str, An
     return path
 
 
-def _load_state(root: Path, lora: LoRA, optimizer, cfg: LoraTrainConfig) -> int:
+def _load_state(root: Path, params: dict[str, torch.Tensor], optimizer, must_match: dict[str, Any]) -> int:
     pointer = root / "latest"
     if not pointer.exists():
         raise FileNotFoundError(f"--resume: no checkpoint under {root}")
     tensors, metadata = read_safetensors(root / pointer.read_text().strip())
     meta = json.loads(metadata["state"])
-    if meta.get("config", {}).get("rank") != cfg.rank or meta.get("config", {}).get("targets") != cfg.targets:
-        raise CheckpointError(f"--resume with a different LoRA (rank, targets) than the checkpoint's: "
-                              f"{meta.get('config')}")
-    own = lora.state_dict()
-    missing = [k for k in own if f"lora.{k}" not in tensors]
+    saved = meta.get("config", {})
+    if any(saved.get(k) != v for k, v in must_match.items()):
+        raise CheckpointError(f"--resume with other settings ({', '.join(must_match)}) than the checkpoint's: "
+                              f"{ {k: saved.get(k) for k in must_match} }")
+    missing = [k for k in params if k not in tensors]
     if missing:
-        raise CheckpointError(f"the checkpoint lacks {len(missing)} LoRA tensors: {missing[:5]}")
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} trained tensors: {missing[:5]}")
     with torch.no_grad():
-        for key, layer in lora.layers.items():
-            layer.down.weight.copy_(tensors[f"lora.{key}.down.weight"])
-            layer.up.weight.copy_(tensors[f"lora.{key}.up.weight"])
+        for key, param in params.items():
+            param.copy_(tensors[key])
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"])
 
 
-def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str, *, resume: bool = False,
-               hooks: tuple[Hook, ...] = (), prior=None) -> Path:
-    """Train a LoRA for ``model`` (a loaded DiffusionModel with its text encoder) on ``data`` (captioned
-    images at the model's size) and write it to ``out`` (.safetensors, kohya's layout). Checkpoints,
-    the log and sample grids go to OUT-training/ beside it.
+def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: dict[str, torch.Tensor], *,
+        text_grad: bool, must_match: dict[str, Any], resume: bool = False, hooks: tuple[Hook, ...] = (),
+        prior=None, prompt=None, context: dict[str, Any] | None = None) -> None:
+    """The adapter training loop: optimize ``params`` (name -> leaf tensor; the model stays frozen) with the
+    model's own diffusion loss on ``data``, checkpointing to ``root`` (resumable exactly). The caller has
+    attached what ``params`` belong to. text_grad: gradients flow through the text encoder (its LoRA, or
+    textual-inversion vectors). prompt: caption -> the prompt trained on (default: the caption).
 
     prior: DreamBooth's class data (Ruiz et al. 2023, eq. 2): images of the class the base model drew
     for the class prompt. Each step then adds ``cfg.prior_weight`` x the same loss on as many class images,
     so the model keeps drawing the class as it did while it learns the subject."""
     from imagine.pipelines.generate import _micro_conditioning
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"{out}: a LoRA is written as .safetensors")
-    if model.spec.text_encoder is None or text_encoder is None:
-        raise ValueError("LoRA training needs a text-to-image model and its text encoder")
-    root = _checkpoint_dir(out)
-    root.mkdir(parents=True, exist_ok=True)
-    parts = parts_of(model, text_encoder)
-    for part in parts.values():
-        part.requires_grad_(False)
-    lora = create(parts, cfg.rank, cfg.alpha, cfg.targets, cfg.text_encoder, seed=cfg.seed)
-    handle = attach(parts, [(lora, 1.0)], text_encoder=text_encoder)
-    optimizer = torch.optim.AdamW(list(lora.parameters()), lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
     spec, unet, vae = model.spec, model.unet, model.vae
     alphas_cumprod = spec.alphas_cumprod().float()
-    start = _load_state(root, lora, optimizer, cfg) if resume else 0
+    start = _load_state(root, params, optimizer, must_match) if resume else 0
     log_path = root / "log.jsonl"
     if not resume and log_path.exists():
         log_path.unlink()
@@ -124,7 +119,7 @@ def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str,
     item_shape = (channels, size // f, size // f)
     prior_position = DataOrder(len(prior), cfg.seed + 5, False) if prior is not None else None
 
-    def batch_loss(dataset, order, seed: int, step: int) -> torch.Tensor:
+    def batch_loss(dataset, order, seed: int, step: int, own_prompts: bool) -> torch.Tensor:
         """The diffusion loss on one batch of ``dataset``, every draw from (seed, sample counter)."""
         counters = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
         idx, t, noise, flips, prompts_drop = [], [], [], [], []
@@ -136,6 +131,8 @@ def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str,
         images, _, captions = dataset.batch(idx, torch.tensor(flips))
         if captions is None:
             raise ValueError(f"{dataset.source} has no captions: give each image a .txt (or a metadata.jsonl)")
+        if own_prompts and prompt is not None:
+            captions = [prompt(c) for c in captions]
         with torch.no_grad():
             x0 = images
             if vae is not None:
@@ -147,7 +144,7 @@ def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str,
         ab = alphas_cumprod[t_t].reshape(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise_t
         prompts = ["" if drop else cap for drop, cap in zip(prompts_drop, captions, strict=True)]
-        text = text_encoder.encode(prompts, grad=cfg.text_encoder)
+        text = text_encoder.encode(prompts, grad=text_grad)
         cond = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask}
         if unet.config.addition_embed_type == "text_time":
             cond.update(_micro_conditioning(text.pooled, size, size))
@@ -157,37 +154,65 @@ def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str,
                               learned_variance=spec.learned_variance)
 
     tick = time.perf_counter()
-    try:
-        for step in range(start, cfg.steps):
-            loss = batch_loss(data, position, cfg.seed, step)
-            if prior is not None:  # DreamBooth's prior preservation: the class as the base model drew it
-                loss = loss + cfg.prior_weight * batch_loss(prior, prior_position, cfg.seed + 7, step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done = step + 1
-            now = time.perf_counter()
-            info = StepInfo(done, cfg.steps, float(loss.detach()), cfg.lr, cfg.batch_size / max(now - tick, 1e-9),
-                            now - tick)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(asdict(info)) + "\n")
-            context = {"lora": lora, "model": model, "text_encoder": text_encoder, "out": root, "config": cfg}
-            for hook in hooks:
-                hook(info, context)
-            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-                _save_state(root, done, lora, optimizer, {"config": asdict(cfg)})
-            tick = time.perf_counter()
-    finally:
-        handle.detach()
+    for step in range(start, cfg.steps):
+        loss = batch_loss(data, position, cfg.seed, step, True)
+        if prior is not None:  # DreamBooth's prior preservation: the class as the base model drew it
+            loss = loss + cfg.prior_weight * batch_loss(prior, prior_position, cfg.seed + 7, step, False)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done = step + 1
+        now = time.perf_counter()
+        info = StepInfo(done, cfg.steps, float(loss.detach()), cfg.lr, cfg.batch_size / max(now - tick, 1e-9),
+                        now - tick)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(asdict(info)) + "\n")
+        for hook in hooks:
+            hook(info, {"model": model, "text_encoder": text_encoder, "out": root, "config": cfg, **(context or {})})
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+            _save_state(root, done, params, optimizer, {"config": asdict(cfg)})
+        tick = time.perf_counter()
+
+
+def base_record(model) -> dict[str, Any]:
+    """The base model an adapter was trained on, as its file records it."""
     from imagine.io.png import file_hash
 
     weights = model.weights_file
-    metadata = {"imagine_lora": json.dumps({**asdict(cfg), "base_model": model.name,
-                                            "base_model_hash": file_hash(weights) if weights.exists() else None})}
-    save_lora(lora, out, "kohya", ldm_names_for=unet if model.arch == "sdxl" else None, metadata=metadata)
+    return {"base_model": model.name, "base_model_hash": file_hash(weights) if weights.exists() else None}
+
+
+def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str, *, resume: bool = False,
+               hooks: tuple[Hook, ...] = (), prior=None) -> Path:
+    """Train a LoRA for ``model`` (a loaded DiffusionModel with its text encoder) on ``data`` (captioned
+    images at the model's size) and write it to ``out`` (.safetensors, kohya's layout). Checkpoints,
+    the log and sample grids go to OUT-training/ beside it. prior: DreamBooth's class data (see ``fit``)."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: a LoRA is written as .safetensors")
+    if model.spec.text_encoder is None or text_encoder is None:
+        raise ValueError("LoRA training needs a text-to-image model and its text encoder")
+    root = checkpoint_dir(out)
+    root.mkdir(parents=True, exist_ok=True)
+    parts = parts_of(model, text_encoder)
+    for part in parts.values():
+        part.requires_grad_(False)
+    lora = create(parts, cfg.rank, cfg.alpha, cfg.targets, cfg.text_encoder, seed=cfg.seed)
+    params = {}
+    for key, layer in lora.layers.items():
+        params[f"lora.{key}.down.weight"] = layer.down.weight
+        params[f"lora.{key}.up.weight"] = layer.up.weight
+    handle = attach(parts, [(lora, 1.0)], text_encoder=text_encoder)
+    try:
+        fit(model, text_encoder, data, cfg, root, params, text_grad=cfg.text_encoder, resume=resume, hooks=hooks,
+            prior=prior, must_match={"rank": cfg.rank, "targets": cfg.targets}, context={"lora": lora})
+    finally:
+        handle.detach()
+    metadata = {"imagine_lora": json.dumps({**asdict(cfg), **base_record(model)})}
+    save_lora(lora, out, "kohya", ldm_names_for=model.unet if model.arch == "sdxl" else None, metadata=metadata)
     return out
 
 
@@ -203,6 +228,7 @@ def lora_sample_hook(prompts: list[str], every: int, steps: int = 20):
         if info is None or not every or not prompts or (info.step % every and info.step != info.total):
             return
         model, encoder = context["model"], context["text_encoder"]
+        forget_text_cache(encoder)  # what is training may change the text states (a text LoRA, embeddings)
         settings = Settings(steps=steps, cfg_scale=model.spec.default_cfg, n=4, sampler=model.spec.default_sampler)
         with torch.no_grad():
             images = torch.cat([txt2img(model, Settings(**{**settings.to_dict(), "prompt": p}), encoder)
