@@ -110,3 +110,35 @@ def load_folder_with(folder, size, prompt):
     data = load_folder(folder, size)
     data.captions = (prompt,) * len(data)
     return data
+
+
+def test_dreambooth_full_fine_tunes_the_unet_and_writes_a_model(tiny_t2i_dir, tmp_path):
+    from PIL import Image
+
+    from imagine.data.images import load_folder
+
+    instances = tmp_path / "subject"
+    instances.mkdir()
+    for i, colour in enumerate(["red", "orange"]):
+        Image.new("RGB", (32, 32), colour).save(instances / f"{i}.png")
+    (instances / "1.txt").write_text("an orange sks shape")  # an image's own prompt beats --instance-prompt
+    data = load_folder(instances, 16, captions=True, default_caption="a sks shape")
+    assert data.captions == ("a sks shape", "an orange sks shape")
+    out = tmp_path / "sks-model"
+    run = subprocess.run([sys.executable, "-m", "imagine", "dreambooth", "--model", str(tiny_t2i_dir),
+                          "--instance-data", str(instances), "--instance-prompt", "a sks shape", "--class-prompt",
+                          "a shape", "--num-class-images", "2", "--out", str(out), "--steps", "2", "--full",
+                          "--lr", "1e-3"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "sks-model-training" / "class_images" / "000001.png").exists()
+    base, _ = load_text_model(tiny_t2i_dir)
+    tuned, _ = load_text_model(out)
+    before, after = base.unet.state_dict(), tuned.unet.state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    gen = subprocess.run([sys.executable, "-m", "imagine", "generate", "a sks shape", "--model", str(out), "--steps",
+                          "2", "--out", str(tmp_path / "img")], capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    mixed = subprocess.run([sys.executable, "-m", "imagine", "dreambooth", "--model", str(tiny_t2i_dir),
+                            "--instance-data", str(instances), "--instance-prompt", "a sks shape", "--prior-weight",
+                            "0", "--out", str(out), "--full", "--text-encoder"], capture_output=True, text=True)
+    assert mixed.returncode == 2 and "--text-encoder and --targets are LoRA options" in mixed.stderr

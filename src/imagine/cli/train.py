@@ -139,12 +139,14 @@ def train_clip_command(
 def _lora_written(out: Path, path: Path, what: str) -> None:
     """After a LoRA run: the loss plot from its log, and where everything is."""
     from imagine.train.loop import loss_curve, read_log
+    from imagine.train.lora import checkpoint_dir
 
-    root = out.parent / f"{out.stem}-training"
+    root = checkpoint_dir(out)
     log = read_log(root / "log.jsonl")
     if log:
         loss_curve(log, root / "loss.png")
-    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); {what} in {root}")
+    size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    typer.echo(f"wrote {path} ({size / 1e6:.2f} MB); {what} in {root}")
 
 
 @app.command("train-lora")
@@ -200,18 +202,23 @@ def train_lora(
 @app.command()
 def dreambooth(
     model: str = typer.Option(..., help="The base model: a folder, an SD .safetensors or a name in the models folder."),
-    instance_data: Path = typer.Option(..., help="A few images of the subject (3 to 5 is typical)."),
-    instance_prompt: str = typer.Option(..., help='The prompt naming the subject with a rare word: "a sks shape".'),
+    instance_data: Path = typer.Option(..., help="A few images of the subject (3 to 5 is typical); a same-name "
+                                                 ".txt beside an image is its own prompt (write the rare word in it)."),
+    instance_prompt: str = typer.Option(..., help='The prompt naming the subject with a rare word: "a sks shape" '
+                                                  '(for images without a .txt).'),
     class_prompt: str | None = typer.Option(None, help='The class without the word: "a shape" (prior preservation).'),
     prior_weight: float = typer.Option(1.0, help="Weight of the class-prior loss (0: no prior preservation)."),
     num_class_images: int = typer.Option(100, help="Class images the base model draws (cached in OUT-training/)."),
-    out: Path = typer.Option(..., help="The LoRA file to write (.safetensors)."),
+    out: Path = typer.Option(..., help="The LoRA file to write (.safetensors); with --full the model (a "
+                                       ".safetensors single file, or a folder of the base's kind)."),
     lora: int = typer.Option(4, "--lora", help="The LoRA's rank."),
+    full: bool = typer.Option(False, "--full", help="Fine-tune every UNet weight instead of a LoRA (the paper's "
+                                                    "DreamBooth; writes a whole model)."),
     targets: str = typer.Option("attn", help="UNet layers: attn, attn+ff or all."),
     text_encoder: bool = typer.Option(False, "--text-encoder", help="Also train the text encoder's attention."),
     steps: int = typer.Option(400, help="Optimizer steps."),
     batch_size: int = typer.Option(2, help="Instance images per step (and as many class images)."),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
+    lr: float | None = typer.Option(None, help="AdamW learning rate (default: 1e-4 for a LoRA, 1e-5 with --full)."),
     seed: int = typer.Option(0, help="Seed of every random draw (and of the class images)."),
     sample_prompt: list[str] = typer.Option(None, "--sample-prompt", help="A prompt for the sample grids; repeat."),
     sample_every: int = typer.Option(0, help="Write a sample grid every N steps (0: at the end)."),
@@ -226,28 +233,36 @@ def dreambooth(
     from imagine.io import models_dir as md
     from imagine.io.checkpoint import CheckpointError
     from imagine.pipelines.request import load_text_model
-    from imagine.train.lora import LoraTrainConfig, class_images, lora_sample_hook, train_lora
+    from imagine.train.lora import LoraTrainConfig, class_images, lora_sample_hook, train_full, train_lora
 
     progress = training_progress()
     try:
         if prior_weight > 0 and not class_prompt:
             raise ValueError("prior preservation needs --class-prompt (or --prior-weight 0 to train without it)")
+        if full and (text_encoder or targets != "attn"):
+            raise ValueError("--full fine-tunes the whole UNet: --text-encoder and --targets are LoRA options")
+        if not full and out.suffix != ".safetensors":
+            raise ValueError(f"{out}: a LoRA is written as .safetensors (or pass --full to write a model)")
         cfg = LoraTrainConfig(rank=lora, targets=targets, text_encoder=text_encoder, steps=steps, batch_size=batch_size,
-                              lr=lr, seed=seed, prior_weight=prior_weight)
+                              lr=lr if lr is not None else (1e-5 if full else 1e-4), seed=seed,
+                              prior_weight=prior_weight)
         folder = models_dir if models_dir is not None else md.default_models_dir()
         loaded, encoder = load_text_model(md.resolve(model, folder))
-        instances = load_folder(instance_data, loaded.spec.image_size, loaded.spec.image_channels)
-        instances.captions = (instance_prompt,) * len(instances)
+        instances = load_folder(instance_data, loaded.spec.image_size, loaded.spec.image_channels, captions=True,
+                                default_caption=instance_prompt)
         prior = None
         if prior_weight > 0:
             bar = tqdm(total=num_class_images, desc="class images", unit="image", leave=False)
-            prior = class_images(loaded, encoder, class_prompt, num_class_images,
-                                 out.parent / f"{out.stem}-training" / "class_images", seed=seed,
+            from imagine.train.lora import checkpoint_dir
+
+            root = checkpoint_dir(out)
+            prior = class_images(loaded, encoder, class_prompt, num_class_images, root / "class_images", seed=seed,
                                  callback=lambda done, total: bar.update(done - bar.n))
             bar.close()
         prompts = list(sample_prompt or [instance_prompt] + ([class_prompt] if class_prompt else []))
         hooks = (progress, lora_sample_hook(prompts, sample_every or steps))
-        path = train_lora(loaded, encoder, instances, cfg, out, resume=resume, hooks=hooks, prior=prior)
+        train = train_full if full else train_lora
+        path = train(loaded, encoder, instances, cfg, out, resume=resume, hooks=hooks, prior=prior)
     except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
         progress(None, None)
         fail(str(err))

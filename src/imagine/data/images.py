@@ -69,9 +69,10 @@ class ImageDataset:
         return x, self.labels[idx], captions
 
 
-def read_captions(root: Path, files: list[Path]) -> tuple[str, ...]:
+def read_captions(root: Path, files: list[Path], default: str | None = None) -> tuple[str, ...]:
     """Each image's caption: a same-name .txt beside it (kohya's convention), else a ``metadata.jsonl`` in
-    ``root`` with {"file_name": ..., "text": ...} lines (Hugging Face imagefolder's). Every image needs one."""
+    ``root`` with {"file_name": ..., "text": ...} lines (Hugging Face imagefolder's), else ``default``;
+    without a default every image needs one."""
     import json
 
     meta: dict[str, str] = {}
@@ -92,6 +93,8 @@ def read_captions(root: Path, files: list[Path]) -> tuple[str, ...]:
             captions.append(txt.read_text().strip())
         elif p.relative_to(root).as_posix() in meta:
             captions.append(meta[p.relative_to(root).as_posix()])
+        elif default is not None:
+            captions.append(default)
         else:
             missing.append(p.name)
     if missing:
@@ -101,10 +104,10 @@ def read_captions(root: Path, files: list[Path]) -> tuple[str, ...]:
 
 
 def load_folder(root: Path | str, size: int, channels: int = 3, class_from_subfolders: bool = False,
-                captions: bool = False) -> ImageDataset:
+                captions: bool = False, default_caption: str | None = None) -> ImageDataset:
     """Every image under ``root`` (jpg, png, webp, bmp; any count, no minimum), resized and center-cropped.
     With ``class_from_subfolders`` the first-level sub-folder names are the classes; with ``captions``
-    each image's caption is read (see ``read_captions``)."""
+    each image's caption is read (see ``read_captions``; ``default_caption`` for images without one)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder of images")
@@ -126,7 +129,7 @@ def load_folder(root: Path | str, size: int, channels: int = 3, class_from_subfo
                 tensors.append(_to_tensor(img, size, channels))
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"cannot read {p} as an image ({err}); remove or fix it") from err
-    texts = read_captions(root, files) if captions else None
+    texts = read_captions(root, files, default_caption) if captions else None
     return ImageDataset(torch.stack(tensors), torch.tensor(labels), tuple(names), str(root), texts)
 
 

@@ -55,7 +55,8 @@ class LoraTrainConfig(AdapterTrainConfig):
 
 
 def checkpoint_dir(out: Path) -> Path:
-    return out.parent / f"{out.stem}-training"
+    """Where a run's checkpoints, log and samples go: OUT-training/ beside the file (or folder) it writes."""
+    return out.parent / f"{out.stem if out.suffix == '.safetensors' else out.name}-training"
 
 
 def _save_state(root: Path, step: int, params: dict[str, torch.Tensor], optimizer, meta: dict[str, Any]) -> Path:
@@ -173,7 +174,7 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
         for hook in hooks:
             hook(info, {"model": model, "text_encoder": text_encoder, "out": root, "config": cfg, **(context or {})})
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-            _save_state(root, done, params, optimizer, {"config": asdict(cfg)})
+            _save_state(root, done, params, optimizer, {"config": {**asdict(cfg), **must_match}})
         tick = time.perf_counter()
 
 
@@ -214,6 +215,30 @@ def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str,
     metadata = {"imagine_lora": json.dumps({**asdict(cfg), **base_record(model)})}
     save_lora(lora, out, "kohya", ldm_names_for=model.unet if model.arch == "sdxl" else None, metadata=metadata)
     return out
+
+
+def train_full(model, text_encoder, data, cfg: AdapterTrainConfig, out: Path | str, *, resume: bool = False,
+               hooks: tuple[Hook, ...] = (), prior=None) -> Path:
+    """DreamBooth as the paper does it: fine-tune every UNet weight (the text encoder stays frozen), with
+    the prior-preservation loss when ``prior`` is given (see ``fit``), and write the whole model to ``out``
+    (a .safetensors single file, or a folder of the base's kind). The model is changed in place."""
+    from imagine.io.stable_diffusion import save_like
+
+    out = Path(out)
+    if model.spec.text_encoder is None or text_encoder is None:
+        raise ValueError("DreamBooth needs a text-to-image model and its text encoder")
+    if next(model.unet.parameters()).dtype != torch.float32:
+        raise ValueError("full fine-tuning needs fp32 weights (load the model with fp32 weights)")
+    root = checkpoint_dir(out)
+    root.mkdir(parents=True, exist_ok=True)
+    model.unet.requires_grad_(True)
+    params = {f"unet.{k}": p for k, p in model.unet.named_parameters()}
+    try:
+        fit(model, text_encoder, data, cfg, root, params, text_grad=False, resume=resume, hooks=hooks, prior=prior,
+            must_match={"full": True}, context={})
+    finally:
+        model.unet.requires_grad_(False).eval()
+    return save_like(model, model.path, out)
 
 
 def lora_sample_hook(prompts: list[str], every: int, steps: int = 20):
