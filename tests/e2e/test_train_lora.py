@@ -94,6 +94,11 @@ def test_dreambooth_adds_the_prior_loss_on_cached_class_images(tiny_t2i_dir, tmp
     prior = class_images(model, encoder, "a shape", 3, tmp_path / "sks-training" / "class_images")
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # reused, not drawn again
     assert prior.captions == ("a shape",) * 3 and prior.images.shape[0] == 3
+    other = class_images(model, encoder, ["a shape", "a circle"], 3, tmp_path / "sks-training" / "class_images")
+    assert other.captions == ("a shape", "a circle", "a shape")  # several class prompts cycle
+    assert [p.stat().st_mtime_ns for p in cached][::2] == stamps[::2]  # same prompt and seed: kept
+    assert cached[1].stat().st_mtime_ns != stamps[1]  # another prompt for that seed: drawn again
+    prior = class_images(model, encoder, "a shape", 3, tmp_path / "sks-training" / "class_images")
     # the prior term is in the loss: with it the LoRA learns differently than without it
     data = load_folder_with(instances, model.spec.image_size, "a sks shape")
     cfg = LoraTrainConfig(rank=2, steps=2, batch_size=2, lr=1e-2, prior_weight=1.0)

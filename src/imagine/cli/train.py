@@ -206,7 +206,8 @@ def dreambooth(
                                                  ".txt beside an image is its own prompt (write the rare word in it)."),
     instance_prompt: str = typer.Option(..., help='The prompt naming the subject with a rare word: "a sks shape" '
                                                   '(for images without a .txt).'),
-    class_prompt: str | None = typer.Option(None, help='The class without the word: "a shape" (prior preservation).'),
+    class_prompt: list[str] = typer.Option(None, help='The class without the word: "a shape" (prior preservation); '
+                                                      'repeat for several (the class images cycle through them).'),
     prior_weight: float = typer.Option(1.0, help="Weight of the class-prior loss (0: no prior preservation)."),
     num_class_images: int = typer.Option(100, help="Class images the base model draws (cached in OUT-training/)."),
     out: Path = typer.Option(..., help="The LoRA file to write (.safetensors); with --full the model (a "
@@ -259,7 +260,7 @@ def dreambooth(
             prior = class_images(loaded, encoder, class_prompt, num_class_images, root / "class_images", seed=seed,
                                  callback=lambda done, total: bar.update(done - bar.n))
             bar.close()
-        prompts = list(sample_prompt or [instance_prompt] + ([class_prompt] if class_prompt else []))
+        prompts = list(sample_prompt or [instance_prompt, *list(class_prompt or [])[:1]])
         hooks = (progress, lora_sample_hook(prompts, sample_every or steps))
         train = train_full if full else train_lora
         path = train(loaded, encoder, instances, cfg, out, resume=resume, hooks=hooks, prior=prior)

@@ -266,37 +266,46 @@ def lora_sample_hook(prompts: list[str], every: int, steps: int = 20):
     return hook
 
 
-def class_images(model, text_encoder, prompt: str, count: int, folder: Path, *, seed: int = 0, steps: int | None = None,
-                 callback=None):
-    """DreamBooth's class data: ``count`` images the base model draws for ``prompt`` (seeds seed .. seed +
-    count - 1), cached as PNGs in ``folder`` (with the prompt and seed in each) and reused when present, so
-    a resumed or repeated run trains on the same ones. Returns a captioned ImageDataset."""
+def class_images(model, text_encoder, prompts: str | list[str], count: int, folder: Path, *, seed: int = 0,
+                 steps: int | None = None, callback=None):
+    """DreamBooth's class data: ``count`` images the base model draws, image i for ``prompts[i % len]``
+    with seed + i (one class prompt, as the paper; several, as kohya's captioned regularisation images),
+    cached as PNGs in ``folder`` with the prompt written in each, reused when the prompt and seed match and
+    drawn again when they do not. Returns a captioned ImageDataset."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     from imagine.data.images import ImageDataset
     from imagine.pipelines.generate import Settings, txt2img
     from imagine.pipelines.unconditional import to_uint8
 
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("class images need a class prompt")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "prompt.txt").write_text(prompt + "\n")
-    tensors = []
+    tensors, captions = [], []
     for i in range(count):
-        path = folder / f"{seed + i:06d}.png"
-        if not path.exists():
+        prompt, path = prompts[i % len(prompts)], folder / f"{seed + i:06d}.png"
+        cached = None
+        if path.exists():
+            with Image.open(path) as img:
+                if img.text.get("class_prompt") == prompt:
+                    cached = np.asarray(img.convert("RGB" if model.spec.image_channels == 3 else "L"))
+        if cached is None:
             s = Settings(prompt=prompt, seed=seed + i, steps=steps or model.spec.default_steps,
                          sampler=model.spec.default_sampler, cfg_scale=model.spec.default_cfg)
             with torch.no_grad():
-                pixels = to_uint8(txt2img(model, s, text_encoder))[0]
+                cached = to_uint8(txt2img(model, s, text_encoder))[0].squeeze()
+            info = PngImagePlugin.PngInfo()
+            info.add_text("class_prompt", prompt)
             tmp = path.with_suffix(".tmp.png")
-            Image.fromarray(pixels.squeeze()).save(tmp)
+            Image.fromarray(cached).save(tmp, pnginfo=info)
             tmp.replace(path)
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB" if model.spec.image_channels == 3 else "L"), dtype=np.float32)
-        arr = arr / 127.5 - 1
+        arr = cached.astype(np.float32) / 127.5 - 1
         tensors.append(torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()))
+        captions.append(prompt)
         if callback is not None:
             callback(i + 1, count)
-    images = torch.stack(tensors)
-    return ImageDataset(images, torch.zeros(count, dtype=torch.long), ("class",), str(folder), (prompt,) * count)
+    return ImageDataset(torch.stack(tensors), torch.zeros(count, dtype=torch.long), ("class",), str(folder),
+                        tuple(captions))
