@@ -107,3 +107,63 @@ def test_server_applies_loras_from_the_job_api_and_prompt_tags(workspace, tiny_t
         assert np.array_equal(ours, tagged)
         bad = client.post("/api/v1/jobs", json={"kind": "txt2img", "prompt": "x", "loras": [{"name": "nope"}]})
         assert bad.status_code == 422 and "no lora named 'nope'" in bad.json()["detail"]
+
+
+def test_server_lists_and_uses_embeddings_by_the_name_in_the_prompt(workspace, tiny_t2i_dir):
+    from fastapi.testclient import TestClient
+
+    from imagine.adapters.embeddings import Embedding
+    from imagine.io.embeddings import save_embedding
+    from imagine.server import create_app
+
+    folder = workspace / "models" / "embeddings"
+    folder.mkdir(exist_ok=True)
+    save_embedding(Embedding("x", {"emb_params": torch.randn(2, 384, generator=torch.Generator().manual_seed(0))}),
+                   folder / "sks-thing.safetensors")
+    save_embedding(Embedding("x", {"emb_params": torch.zeros(1, 768)}), folder / "for-sd15.safetensors")
+    app = create_app([tiny_t2i_dir], out_dir=None, models_dir=workspace / "models")
+    with TestClient(app) as client:
+        listed = client.get("/sdapi/v1/embeddings").json()
+        assert list(listed["loaded"]) == ["sks-thing"] and listed["loaded"]["sks-thing"]["vectors"] == 2
+        assert listed["loaded"]["sks-thing"]["shape"] == 384 and list(listed["skipped"]) == ["for-sd15"]
+        assert client.post("/sdapi/v1/refresh-embeddings").status_code == 200
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red sks-thing", "steps": 3, "seed": 5})
+        assert r.status_code == 200, r.text
+        assert 'TI hashes: "sks-thing: ' in json.loads(r.json()["info"])["infotexts"][0]
+        wrong = client.post("/sdapi/v1/txt2img", json={"prompt": "a for-sd15", "steps": 3})
+        assert wrong.status_code >= 400 and "SD 1.x's CLIP ViT-L" in wrong.text
+
+
+def test_server_merges_served_models_into_a_new_one(workspace, tiny_t2i_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from imagine.server import create_app
+
+    app = create_app([tiny_t2i_dir], out_dir=None, models_dir=tmp_path / "models")
+    with TestClient(app) as client:
+        r = client.post("/api/v1/merge", json={"primary": "tiny-shapes", "secondary": "tiny-shapes",
+                                               "multiplier": 0.3, "name": "self-merge"})
+        assert r.status_code == 200, r.text
+        assert r.json()["name"] == "self-merge" and (tmp_path / "models" / "Stable-diffusion" / "self-merge").is_dir()
+        assert "self-merge" in [m["name"] for m in client.get("/api/v1/models").json()["models"]]
+        job = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2,
+                                                    "override_settings": {"sd_model_checkpoint": "self-merge"}})
+        assert job.status_code == 200, job.text
+        again = client.post("/api/v1/merge", json={"primary": "tiny-shapes", "secondary": "tiny-shapes",
+                                                   "name": "self-merge"})
+        assert again.status_code == 409 and "exists" in again.json()["detail"]
+        unknown = client.post("/api/v1/merge", json={"primary": "nope", "secondary": "tiny-shapes", "name": "x"})
+        assert unknown.status_code == 400 and "unknown" in unknown.json()["detail"]
+        three = client.post("/api/v1/merge", json={"primary": "tiny-shapes", "secondary": "tiny-shapes",
+                                                   "name": "y"})
+        assert three.status_code == 200
+        bad = client.post("/api/v1/merge", json={"primary": "tiny-shapes", "secondary": "tiny-shapes",
+                                                 "mode": "add-difference", "name": "z"})
+        assert bad.status_code == 400 and "three models" in bad.json()["detail"]
+        traversal = client.post("/api/v1/merge", json={"primary": "tiny-shapes", "secondary": "tiny-shapes",
+                                                       "name": "../evil"})
+        assert traversal.status_code == 422
+    no_dir = create_app([tiny_t2i_dir], out_dir=None)
+    with TestClient(no_dir) as client:
+        r = client.post("/api/v1/merge", json={"primary": "tiny-shapes", "secondary": "tiny-shapes", "name": "m"})
+        assert r.status_code == 409 and "--models-dir" in r.json()["detail"]

@@ -70,6 +70,12 @@ def server(tiny_t2i_dir, tmp_path_factory):
 
     (models / "Lora").mkdir()
     save_lora(create({"unet": load_unet(tiny_t2i_dir / "unet")}, rank=2), models / "Lora" / "tiny-style.safetensors")
+    import torch
+
+    from imagine.adapters.embeddings import Embedding
+    from imagine.io.embeddings import save_embedding
+
+    save_embedding(Embedding("e", {"emb_params": torch.randn(1, 384)}), models / "embeddings" / "my-thing.safetensors")
     proc = subprocess.Popen([sys.executable, "-m", "imagine", "serve", "--model", str(tiny_t2i_dir), "--port",
                              str(port), "--out", str(out), "--max-steps", "1000", "--models-dir", str(models)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -215,4 +221,42 @@ def test_lora_picker_inserts_the_tag_and_the_image_records_it(server):
         figure = page.locator("figure.result").first
         expect(figure).to_be_visible(timeout=120_000)
         expect(figure.locator("figcaption")).to_contain_text('Lora hashes: "tiny-style: ', timeout=120_000)
+        assert errors == [], errors
+
+
+def test_embedding_picker_writes_the_name_and_the_image_records_it(server):
+    _need_browser()
+    from playwright.sync_api import expect
+
+    with _page(server) as (page, errors):
+        expect(page.locator("#embedding-picker option")).to_have_count(2)
+        page.fill("#prompt", "a red")
+        page.select_option("#embedding-picker", "my-thing")
+        expect(page.locator("#prompt")).to_have_value("a red my-thing")
+        page.fill("#steps", "3")
+        page.click("#generate-button")
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        expect(figure.locator("figcaption")).to_contain_text('TI hashes: "my-thing: ', timeout=120_000)
+        assert errors == [], errors
+
+
+def test_merger_tab_merges_and_serves_the_result(server):
+    _need_browser()
+    from playwright.sync_api import expect
+
+    with _page(server) as (page, errors):
+        page.click("#tabs button[data-tab=merger]")
+        expect(page.locator("#merge-a option")).not_to_have_count(0)
+        page.select_option("#merge-mode", "add-difference")  # needs C: the server says so
+        page.fill("#merge-name", "ui-merge")
+        page.click("#merge-run")
+        expect(page.locator("#merge-result")).to_contain_text("three models", timeout=60_000)
+        page.select_option("#merge-mode", "weighted-sum")
+        page.fill("#merge-m", "0.25")
+        page.click("#merge-run")
+        expect(page.locator("#merge-result")).to_contain_text("wrote ui-merge", timeout=120_000)
+        expect(page.locator("#merge-a option", has_text="ui-merge")).to_have_count(1)
+        page.click("#tabs button[data-tab=models]")
+        expect(page.locator("#model-list")).to_contain_text("ui-merge")
         assert errors == [], errors

@@ -138,19 +138,13 @@ def merge(
 ) -> None:
     """A1111's checkpoint merger: weighted sum or add difference of same-architecture models."""
     from imagine.io import models_dir as md
-    from imagine.io import stable_diffusion as sd
     from imagine.io.checkpoint import CheckpointError
-    from imagine.pipelines.request import load_text_model
-    from imagine.train.merge import merge_models
+    from imagine.train.merge import merge_files
 
     try:
-        if out.exists():
-            raise ValueError(f"{out} exists; merge writes a new file or folder")
         folder = models_dir if models_dir is not None else md.default_models_dir()
         paths = [md.resolve(x, folder) for x in (a, b, c) if x is not None]
-        loaded = [load_text_model(p)[0] for p in paths]
-        merged = merge_models(*loaded[:2], loaded[2] if len(loaded) > 2 else None, mode=mode, multiplier=multiplier)
-        sd.save_like(merged, paths[0], out, dtype)
+        merge_files(paths, out, mode=mode, multiplier=multiplier, dtype=dtype)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     typer.echo(f"{mode} of {', '.join(str(p) for p in paths)} (M = {multiplier:g}) -> {out}")

@@ -290,6 +290,21 @@ def router(service: Service) -> APIRouter:
         """Lora/ is read on every request, so there is nothing to refresh; kept for A1111 clients."""
         return {}
 
+    @api.get("/embeddings")
+    def embeddings() -> dict[str, dict]:
+        """The models folder's embeddings/, as A1111 lists them: those that fit the current model's text
+        encoder are "loaded" (used where their name is written in a prompt), the others "skipped"."""
+        from imagine.adapters.embeddings import listing
+
+        _, encoder = service.store.get(service.store.current)
+        loaded, skipped = listing(service.store.models_dir, encoder)
+        return {"loaded": loaded, "skipped": skipped}
+
+    @api.post("/refresh-embeddings")
+    def refresh_embeddings() -> dict:
+        """embeddings/ is read on every request, so there is nothing to refresh; kept for A1111 clients."""
+        return {}
+
     @api.get("/sd-vae")
     def sd_vae() -> list[dict[str, str]]:
         """Separate VAEs (the models folder's VAE/), as A1111 lists them; "Automatic" is the model's own."""

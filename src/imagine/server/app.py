@@ -21,7 +21,7 @@ from imagine import __version__
 from imagine.server import a1111
 from imagine.server.jobs import Job, QueueFull
 from imagine.server.models import ModelStore
-from imagine.server.schemas import ImageOut, JobCreated, JobOut, JobRequest
+from imagine.server.schemas import ImageOut, JobCreated, JobOut, JobRequest, MergeRequest
 from imagine.server.service import Limits, RequestError, Service, png_base64
 
 STATIC = Path(str(resources.files("imagine.server") / "static"))
@@ -210,6 +210,35 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
                             "defaults": {"steps": e.spec.default_steps, "sampler": e.spec.default_sampler,
                                          "cfg_scale": e.spec.default_cfg}}
                            for e in service.store.entries()]}
+
+    @app.post("/api/v1/merge", tags=["models"])
+    def merge(body: MergeRequest) -> dict:
+        """A1111's checkpoint merger: served models A, B (and C) merged into a new model in the models
+        folder's Stable-diffusion/, served at once under its name. Runs to the end before answering."""
+        from imagine.io.checkpoint import CheckpointError
+        from imagine.io.models_dir import SECTIONS
+        from imagine.train.merge import merge_files
+
+        store = service.store
+        if store.models_dir is None:
+            raise RequestError("merging writes into the models folder: start the server with --models-dir DIR", 409)
+        try:
+            chosen = [store.lookup(n) for n in (body.primary, body.secondary, body.tertiary) if n is not None]
+        except KeyError as err:
+            raise RequestError(err.args[0], 400) from None
+        fmt = body.format or ("safetensors" if chosen[0].path.is_file() else "folder")
+        out = Path(store.models_dir) / SECTIONS["checkpoints"] / (body.name + (".safetensors" if fmt == "safetensors"
+                                                                               else ""))
+        if body.name in store.names() or out.exists():
+            raise RequestError(f"a model named {body.name!r} exists; choose another name", 409)
+        try:
+            merge_files([e.path for e in chosen], out, mode=body.mode, multiplier=body.multiplier, dtype=body.dtype,
+                        allow_pickle=store.allow_pickle)
+        except (ValueError, CheckpointError) as err:
+            raise RequestError(str(err), 400) from None
+        entry = store.add(out)
+        return {"name": entry.name, "title": entry.title, "path": str(out), "mode": body.mode,
+                "multiplier": body.multiplier, "models": [e.name for e in chosen]}
 
     @app.get("/api/v1/status", tags=["server"])
     def server_status() -> dict:

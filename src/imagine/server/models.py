@@ -37,13 +37,7 @@ class ModelStore:
                              "Stable Diffusion .safetensors) or --models-dir DIR")
         self._entries: dict[str, ModelEntry] = {}
         for folder in folders:
-            folder = Path(folder)
-            spec = _probe(folder, allow_pickle)  # a wrong model fails at start-up, not at the first request
-            stem = folder.stem if folder.is_file() else (folder.name or "model")
-            name, k = stem, 2
-            while name in self._entries:
-                name, k = f"{stem}-{k}", k + 1
-            self._entries[name] = ModelEntry(name, folder, spec)
+            self.add(Path(folder), allow_pickle)  # a wrong model fails at start-up, not at the first request
         self.vaes = {Path(v).stem if Path(v).is_file() else Path(v).name: Path(v) for v in vaes}
         self.current = next(iter(self._entries))
         self.allow_pickle = allow_pickle  # .ckpt files: read with torch.load(weights_only=True)
@@ -51,6 +45,16 @@ class ModelStore:
         self._loaded: dict[tuple[str, str | None], tuple[DiffusionModel, object]] = {}
         self._lock = threading.Lock()
         self.loads = 0  # models read from disk so far (each at most once)
+
+    def add(self, path: Path, allow_pickle: bool = False) -> ModelEntry:
+        """Serve one more model (named by its stem, made unique); its spec is read now, its weights on use."""
+        spec = _probe(path, allow_pickle)
+        stem = path.stem if path.is_file() else (path.name or "model")
+        name, k = stem, 2
+        while name in self._entries:
+            name, k = f"{stem}-{k}", k + 1
+        self._entries[name] = ModelEntry(name, path, spec)
+        return self._entries[name]
 
     def vae(self, name: str | None) -> str | None:
         """A VAE's name as served (by name or file name), None for the model's own; KeyError if unknown."""

@@ -51,6 +51,22 @@ class JobRequest(BaseModel):
     previews: bool = True
 
 
+class MergeRequest(BaseModel):
+    """A1111's checkpoint merger: weighted sum A (1 - M) + B M, or add difference A + (B - C) M."""
+
+    model_config = ConfigDict(extra="forbid")
+    primary: str = Field(..., description="model A: a name from GET /api/v1/models")
+    secondary: str = Field(..., description="model B")
+    tertiary: str | None = Field(None, description="model C (add-difference only)")
+    mode: Literal["weighted-sum", "add-difference"] = "weighted-sum"
+    multiplier: float = Field(0.5, ge=-1, le=2, description="M")
+    name: str = Field(..., min_length=1, max_length=120, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$",
+                      description="the new model's name in the models folder's Stable-diffusion/")
+    format: Literal["safetensors", "folder"] | None = Field(None, description="a single file (Stable Diffusion "
+                                                            "models only) or a folder of A's kind; default: A's")
+    dtype: Literal["fp16", "bf16", "fp32"] | None = None
+
+
 class JobCreated(BaseModel):
     id: str
     status: str

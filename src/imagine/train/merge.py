@@ -4,6 +4,7 @@ different architectures are refused with the mismatched tensors listed."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -53,3 +54,20 @@ def merge_models(a, b, c=None, *, mode: Mode = "weighted-sum", multiplier: float
     if a.text_encoder is not None and hasattr(a.text_encoder, "_cache"):
         a.text_encoder._cache.clear()
     return a
+
+
+def merge_files(paths: list[Path], out: Path, *, mode: Mode = "weighted-sum", multiplier: float = 0.5,
+                dtype: str | None = None, allow_pickle: bool = False) -> Path:
+    """Load models A, B (and C), merge them and write the result to ``out`` (a .safetensors single file, or a
+    folder of A's kind); ``out`` must not exist. Each model is loaded afresh (the merge changes A in place)."""
+    from imagine.io.stable_diffusion import save_like
+    from imagine.pipelines.request import load_text_model
+
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} exists; a merge writes a new file or folder")
+    if len(paths) not in (2, 3):
+        raise ValueError(f"a merge takes two or three models, got {len(paths)}")
+    loaded = [load_text_model(p, allow_pickle=allow_pickle)[0] for p in paths]
+    merged = merge_models(*loaded[:2], loaded[2] if len(loaded) > 2 else None, mode=mode, multiplier=multiplier)
+    return save_like(merged, paths[0], out, dtype)

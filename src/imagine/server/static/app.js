@@ -15,6 +15,7 @@ function showTab(tab) {
   $("generate").hidden = !generating;
   $("pnginfo").hidden = tab !== "pnginfo";
   $("models").hidden = tab !== "models";
+  $("merger").hidden = tab !== "merger";
   if (generating) {
     mode = tab;
     document.querySelectorAll(".only-img2img, .only-inpaint").forEach((el) => {
@@ -22,6 +23,7 @@ function showTab(tab) {
     });
   }
   if (tab === "models") loadModels();
+  if (tab === "merger") loadMerger().catch((err) => showError(err.message));
 }
 document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
 
@@ -320,6 +322,58 @@ $("lora-picker").addEventListener("change", () => {
   $("lora-picker").value = "";
 });
 
+// ---- embeddings: picking one writes its name into the prompt (that is how a prompt uses it)
+async function loadEmbeddings() {
+  const { loaded } = await api("GET", "/sdapi/v1/embeddings");
+  const select = $("embedding-picker");
+  select.length = 1;
+  for (const name of Object.keys(loaded)) select.add(new Option(name, name));
+}
+
+$("embedding-picker").addEventListener("change", () => {
+  const name = $("embedding-picker").value;
+  if (!name) return;
+  const prompt = $("prompt");
+  prompt.value = (prompt.value ? prompt.value.replace(/\s*$/, " ") : "") + name;
+  $("embedding-picker").value = "";
+});
+
+// ---- checkpoint merger (POST /api/v1/merge)
+async function loadMerger() {
+  const models = await api("GET", "/api/v1/models");
+  for (const id of ["merge-a", "merge-b", "merge-c"]) {
+    const select = $(id);
+    const keep = select.value;
+    select.length = id === "merge-c" ? 1 : 0;
+    for (const m of models.models) select.add(new Option(m.title, m.name));
+    if ([...select.options].some((o) => o.value === keep)) select.value = keep;
+  }
+}
+
+$("merge-m").addEventListener("input", () => { $("merge-m-value").textContent = $("merge-m").value; });
+
+$("merge-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const body = {
+    primary: $("merge-a").value, secondary: $("merge-b").value, tertiary: $("merge-c").value || null,
+    mode: $("merge-mode").value, multiplier: Number($("merge-m").value), name: $("merge-name").value.trim(),
+    format: $("merge-format").value || null, dtype: $("merge-dtype").value || null,
+  };
+  $("merge-run").disabled = true;
+  $("merge-result").classList.remove("err");
+  $("merge-result").textContent = "merging...";
+  try {
+    const done = await api("POST", "/api/v1/merge", body);
+    $("merge-result").textContent = `wrote ${done.title} (${done.path}); it is served now`;
+    await loadMerger();
+  } catch (err) {
+    $("merge-result").classList.add("err");
+    $("merge-result").textContent = err.message;
+  } finally {
+    $("merge-run").disabled = false;
+  }
+});
+
 // ---- models
 async function loadVaes() {
   const vaes = await api("GET", "/sdapi/v1/sd-vae");
@@ -333,6 +387,7 @@ async function loadVaes() {
 async function loadModels() {
   loadVaes().catch((err) => showError(err.message));
 loadLoras().catch((err) => showError(err.message));
+loadEmbeddings().catch((err) => showError(err.message));
   const [models, options] = await Promise.all([api("GET", "/sdapi/v1/sd-models"), api("GET", "/sdapi/v1/options")]);
   const list = $("model-list");
   list.innerHTML = "";
@@ -346,6 +401,7 @@ loadLoras().catch((err) => showError(err.message));
       await api("POST", "/sdapi/v1/options", { sd_model_checkpoint: m.title }).catch((err) => showError(err.message));
       await loadModelBadge();
       loadModels();
+      loadEmbeddings().catch((err) => showError(err.message));  // another text encoder fits others
     });
     li.append(use, document.createTextNode(` ${m.title}  (${m.filename})`));
     list.appendChild(li);
@@ -356,3 +412,4 @@ showTab("txt2img");
 loadSamplers().then(loadModelBadge).catch((err) => showError(err.message));
 loadVaes().catch((err) => showError(err.message));
 loadLoras().catch((err) => showError(err.message));
+loadEmbeddings().catch((err) => showError(err.message));
