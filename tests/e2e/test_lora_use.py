@@ -167,3 +167,24 @@ def test_server_merges_served_models_into_a_new_one(workspace, tiny_t2i_dir, tmp
     with TestClient(no_dir) as client:
         r = client.post("/api/v1/merge", json={"primary": "tiny-shapes", "secondary": "tiny-shapes", "name": "m"})
         assert r.status_code == 409 and "--models-dir" in r.json()["detail"]
+
+
+def test_lora_strict_false_warns_and_leaves_out_what_fits_nothing(workspace, tiny_t2i_dir):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(workspace / "models" / "Lora" / "sks-style.safetensors")
+    tensors["lora_unet_no_such_block_to_q.lora_down.weight"] = torch.zeros(4, 8)
+    tensors["lora_unet_no_such_block_to_q.lora_up.weight"] = torch.zeros(8, 4)
+    save_file(tensors, workspace / "partly.safetensors")
+    strict = _imagine("generate", "a red circle", "--model", tiny_t2i_dir, "--lora", "partly.safetensors",
+                      "--steps", "2", cwd=workspace)
+    assert strict.returncode != 0 and "1 match no module: unet.no_such_block_to_q" in strict.stderr
+    run = _imagine("generate", "a red circle", "--model", tiny_t2i_dir, "--steps", "4", "--seed", "5", "--out", "out",
+                   "--lora", "partly.safetensors", "--lora-strict", "false", cwd=workspace)
+    assert run.returncode == 0 and "1 match no module: unet.no_such_block_to_q" in run.stderr  # printed, not fatal
+    loose = workspace / run.stdout.strip().splitlines()[-1]
+    full = _generate(workspace, tiny_t2i_dir, "--lora", "sks-style")
+    assert np.array_equal(_pixels(loose), _pixels(full))  # the layers that fit are applied, the rest left out
+    again = _imagine("generate", "--from", loose, "--out", "again", cwd=workspace)  # --from keeps strict off
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert np.array_equal(_pixels(workspace / again.stdout.strip().splitlines()[-1]), _pixels(loose))

@@ -48,6 +48,8 @@ class JobRequest(BaseModel):
                                               "default (or Automatic): the model's")
     loras: list[LoraIn] = Field(default_factory=list, description="LoRAs from GET /sdapi/v1/loras with their "
                                                                   "weights; <lora:NAME:WEIGHT> in the prompt works too")
+    lora_strict: bool = Field(True, description="false: a LoRA key that fits no module is left out with a warning "
+                                                "in the job's log instead of failing the request")
     previews: bool = True
 
 

@@ -131,7 +131,8 @@ class Service:
         try:
             loras = tuple((lo["name"], lo.get("weight", 1.0)) for lo in request.get("loras") or [])
             checked = Request(kind, settings, init_image=init, mask=mask, loras=loras,
-                              models_dir=self.store.models_dir).check(model)
+                              models_dir=self.store.models_dir,
+                              lora_strict=request.get("lora_strict", True)).check(model)
         except ValueError as err:
             raise RequestError(str(err)) from None
         w, h = g.output_size(model, checked.settings)
@@ -183,7 +184,8 @@ class Service:
                 changes["preview"] = self._preview(model, info["denoised"][:1])
             job.update(**changes)
 
-        request = replace(request, extra={"server": {"job": job.id}})
+        request = replace(request, extra={"server": {"job": job.id},
+                                          **({} if request.lora_strict else {"lora_strict": False})})
         results = run(request, model, encoder, callback=progress, cancel=job.cancel_event.is_set)
         paths = save(results, self.out_dir) if self.out_dir is not None and job.save else [None] * len(results)
         job.update(images=[ImageResult(r.png(), r.seed, r.parameters, r.record, None if p is None else str(p))
