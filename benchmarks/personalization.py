@@ -107,14 +107,12 @@ class Found:
 def detect(image: np.ndarray, min_area: int = 12) -> list[Found]:
     """Objects in an image, each named by the shape template (fitted to its box) it overlaps best; colour
     by the analyzer's per-pixel colour model (evaluation/shapes_analyzer.py)."""
-    from imagine.evaluation.shapes_analyzer import coverage
+    from imagine.evaluation.shapes_analyzer import coverage, segments
 
     alpha, best = coverage(image)
-    labels, n = ndimage.label(alpha >= 0.5)
     names = list(COLORS)
     found = []
-    for k in range(1, n + 1):
-        core = labels == k
+    for core, color_index in segments(ndimage.label(alpha >= 0.5)[0], best):
         if core.sum() < min_area:
             continue
         ys, xs = np.nonzero(core)
@@ -124,7 +122,7 @@ def detect(image: np.ndarray, min_area: int = 12) -> list[Found]:
             t = _template(shape, box, core.shape)
             scores[shape] = float((t & core).sum() / max((t | core).sum(), 1))
         shape = max(scores, key=scores.get)
-        color = names[int(np.bincount(best[core], minlength=len(names)).argmax())]
+        color = names[color_index]
         found.append(Found(shape, color, ((xs.mean() + 0.5) / core.shape[1], (ys.mean() + 0.5) / core.shape[0]),
                            scores[shape]))
     return sorted(found, key=lambda f: -f.iou)

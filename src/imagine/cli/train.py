@@ -136,6 +136,17 @@ def train_clip_command(
     typer.echo(f"CLIP model written to {out}")
 
 
+# options every adapter training (train-lora, textual-inversion) takes alike
+_ADAPTER = dict(
+    steps=typer.Option(500, help="Optimizer steps (a resumed run trains on to this count)."),
+    batch_size=typer.Option(4, help="Images per step."),
+    seed=typer.Option(0, help="Seed of every random draw of the run."),
+    flip=typer.Option(False, "--flip/--no-flip", help="Random horizontal flips."),
+    precision=typer.Option("fp32", help="fp32, or bf16 autocast."),
+    checkpoint_every=typer.Option(100, help="Save the training state every N steps."),
+)
+
+
 def _lora_written(out: Path, path: Path, what: str) -> None:
     """After a LoRA run: the loss plot from its log, and where everything is."""
     from imagine.train.loop import loss_curve, read_log
@@ -161,13 +172,13 @@ def train_lora(
     alpha: float | None = typer.Option(None, help="Scale numerator: the update is (alpha / r) B A (default: r)."),
     targets: str = typer.Option("attn", help="UNet layers: attn (q, k, v, out), attn+ff, or all (convs too)."),
     text_encoder: bool = typer.Option(False, "--text-encoder", help="Also train the text encoder's attention."),
-    steps: int = typer.Option(500, help="Optimizer steps (a resumed run trains on to this count)."),
-    batch_size: int = typer.Option(4, help="Images per step."),
+    steps: int = _ADAPTER["steps"],
+    batch_size: int = _ADAPTER["batch_size"],
     lr: float = typer.Option(1e-4, help="AdamW learning rate."),
-    seed: int = typer.Option(0, help="Seed of every random draw of the run."),
-    flip: bool = typer.Option(False, "--flip/--no-flip", help="Random horizontal flips."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast."),
-    checkpoint_every: int = typer.Option(100, help="Save the training state every N steps."),
+    seed: int = _ADAPTER["seed"],
+    flip: bool = _ADAPTER["flip"],
+    precision: str = _ADAPTER["precision"],
+    checkpoint_every: int = _ADAPTER["checkpoint_every"],
     sample_every: int = typer.Option(0, help="Write a sample grid every N steps (0: only at the end when "
                                              "--sample-prompt is given)."),
     sample_prompt: list[str] = typer.Option(None, "--sample-prompt", help="A prompt for the sample grids; repeat."),
@@ -283,13 +294,13 @@ def textual_inversion(
     vectors: int = typer.Option(1, help="How many word vectors the token stands for (A1111's vectors per token)."),
     template: str = typer.Option("a {token}", help="The training prompt: {token}, and {caption} for each image's "
                                                   "own caption."),
-    steps: int = typer.Option(500, help="Optimizer steps (a resumed run trains on to this count)."),
-    batch_size: int = typer.Option(4, help="Images per step."),
+    steps: int = _ADAPTER["steps"],
+    batch_size: int = _ADAPTER["batch_size"],
     lr: float = typer.Option(5e-3, help="AdamW learning rate of the vectors."),
-    seed: int = typer.Option(0, help="Seed of every random draw of the run."),
-    flip: bool = typer.Option(False, "--flip/--no-flip", help="Random horizontal flips."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast."),
-    checkpoint_every: int = typer.Option(100, help="Save the training state every N steps."),
+    seed: int = _ADAPTER["seed"],
+    flip: bool = _ADAPTER["flip"],
+    precision: str = _ADAPTER["precision"],
+    checkpoint_every: int = _ADAPTER["checkpoint_every"],
     sample_prompt: list[str] = typer.Option(None, "--sample-prompt", help="A prompt for the sample grids; repeat "
                                                                           "(default: the template)."),
     sample_every: int = typer.Option(0, help="Write a sample grid every N steps (0: at the end)."),

@@ -85,16 +85,21 @@ def _solidity(core: np.ndarray) -> float:
     return float(core.sum() / max(hull, 1e-9))
 
 
+def segments(labels: np.ndarray, best: np.ndarray):
+    """Each connected object of a labelled map as (its pixels' mask, the index of its majority colour)."""
+    for k in range(1, int(labels.max()) + 1):
+        core = labels == k
+        yield core, int(np.bincount(best[core], minlength=len(COLORS)).argmax())
+
+
 def analyze(image: np.ndarray, min_area: float = 10.0) -> list[Detected]:
     """Objects in an (H, W, 3) uint8 image, largest first."""
     h, w = image.shape[:2]
     alpha, best = coverage(image)
-    labels, n = ndimage.label(alpha >= 0.5)
+    labels = ndimage.label(alpha >= 0.5)[0]
     names = list(COLORS)
     found = []
-    for k in range(1, n + 1):
-        core = labels == k
-        color_index = int(np.bincount(best[core], minlength=len(names)).argmax())
+    for core, color_index in segments(labels, best):
         # the soft area: this object's pixels plus the antialiased ring around it, in its colour
         ring = ndimage.binary_dilation(core) & (labels == 0) & (best == color_index)
         area = float(alpha[core].sum() + alpha[ring].sum())
