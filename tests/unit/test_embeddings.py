@@ -166,3 +166,13 @@ def test_the_models_folder_finds_embeddings_by_the_name_the_prompt_writes(tmp_pa
     loaded, skipped = listing(tmp_path / "models", enc)
     assert set(loaded) == {"sks-dog", "inky"} and loaded["inky"]["vectors"] == 2 and loaded["inky"]["shape"] == 32
     assert set(skipped) == {"big"}
+
+
+def test_textual_inversion_settings_are_checked():
+    from imagine.train.textual_inversion import TextualInversionConfig
+
+    TextualInversionConfig(token="sks", template="{caption}")  # captions that write the token
+    for bad, message in (({"template": "a photo"}, "must write {token}"), ({"token": "two words"}, "one word"),
+                         ({"vectors": 0}, "vectors must be 1 to 75")):
+        with pytest.raises(ValueError, match=message):
+            TextualInversionConfig(**bad)

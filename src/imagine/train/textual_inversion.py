@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from imagine.adapters.embeddings import Embedding, using
+from imagine.adapters.embeddings import Embedding, named_in, using
 from imagine.io.embeddings import save_embedding
 from imagine.train.loop import Hook
 from imagine.train.lora import AdapterTrainConfig, base_record, checkpoint_dir, fit
@@ -31,8 +31,9 @@ class TextualInversionConfig(AdapterTrainConfig):
             raise ValueError(f"the token must be one word without spaces, got {self.token!r}")
         if not 1 <= self.vectors <= 75:
             raise ValueError(f"vectors must be 1 to 75 (a prompt window), got {self.vectors}")
-        if "{token}" not in self.template:
-            raise ValueError(f"the template {self.template!r} must write {{token}}")
+        if "{token}" not in self.template and "{caption}" not in self.template:
+            raise ValueError(f"the template {self.template!r} must write {{token}} (or {{caption}}, captions that "
+                             "write the token)")
 
 
 def initial_vectors(text_encoder, init_word: str, count: int) -> dict[str, torch.Tensor]:
@@ -73,7 +74,11 @@ def train_textual_inversion(model, text_encoder, data, cfg: TextualInversionConf
         data.captions = ("",) * len(data)
 
     def prompt(caption: str) -> str:
-        return cfg.template.format(token=cfg.token, caption=caption)
+        text = cfg.template.format(token=cfg.token, caption=caption)
+        if not named_in(text, cfg.token):
+            raise ValueError(f"the training prompt {text!r} does not write the token {cfg.token!r}: put {{token}} "
+                             "in --template, or the token in every caption")
+        return text
 
     with using(text_encoder, [embedding]):
         fit(model, text_encoder, data, cfg, root, {f"embedding.{k}": v for k, v in vectors.items()},
