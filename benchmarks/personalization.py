@@ -201,6 +201,8 @@ def sample_grid(model, encoder, settings, path: Path, *, lora=None, embedding=No
     from imagine.pipelines.request import Request, run
     from imagine.pipelines.unconditional import grid
 
+    if path.exists():  # drawn by an earlier sitting
+        return
     images = []
     for prompt, _, _ in PROMPTS:
         for seed in range(4):
@@ -398,7 +400,8 @@ def write_report(results: dict, args) -> None:
                        ("DreamBooth-LoRA, no prior", "dreambooth_no_prior_train"),
                        ("textual inversion", "textual_inversion_train")):
         r = results[key]
-        extra = f" (+ {r['class_image_minutes']:.1f} drawing class images)" if r.get("class_image_minutes") else ""
+        extra = (f" (+ {r['class_image_minutes']:.1f} drawing class images)" if r.get("class_image_minutes", 0) > 0.05
+                 else "")
         md.append(f"| {label} | {r['bytes'] / 1e3:.0f} kB | {r['train_minutes']:.1f}{extra} |")
     md += ["", f"Generation, seconds per image ({args.speed_images} images, 25 steps): base {sp['base_s']:.2f}, "
            f"LoRA attached {sp['attached_s']:.2f} ({sp['attached_s'] / sp['base_s']:.2f}x), merged "
