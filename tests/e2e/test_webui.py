@@ -207,20 +207,29 @@ def test_vae_picker_reaches_the_image(server):
         assert errors == [], errors
 
 
+def _pick_generate_and_read(page, picker: str, option: str, prompt: str):
+    """Choose ``option`` in a prompt picker after writing ``prompt``, generate, and return the caption."""
+    from playwright.sync_api import expect
+
+    expect(page.locator(f"{picker} option")).to_have_count(2)  # the placeholder and the one file
+    page.fill("#prompt", prompt)
+    page.select_option(picker, option)
+    written = page.locator("#prompt").input_value()
+    page.fill("#steps", "3")
+    page.click("#generate-button")
+    figure = page.locator("figure.result").first
+    expect(figure).to_be_visible(timeout=120_000)
+    return written, figure.locator("figcaption")
+
+
 def test_lora_picker_inserts_the_tag_and_the_image_records_it(server):
     _need_browser()
     from playwright.sync_api import expect
 
     with _page(server) as (page, errors):
-        expect(page.locator("#lora-picker option")).to_have_count(2)
-        page.fill("#prompt", "a red circle")
-        page.select_option("#lora-picker", "tiny-style")
-        expect(page.locator("#prompt")).to_have_value("a red circle <lora:tiny-style:1>")
-        page.fill("#steps", "3")
-        page.click("#generate-button")
-        figure = page.locator("figure.result").first
-        expect(figure).to_be_visible(timeout=120_000)
-        expect(figure.locator("figcaption")).to_contain_text('Lora hashes: "tiny-style: ', timeout=120_000)
+        written, caption = _pick_generate_and_read(page, "#lora-picker", "tiny-style", "a red circle")
+        assert written == "a red circle <lora:tiny-style:1>"
+        expect(caption).to_contain_text('Lora hashes: "tiny-style: ', timeout=120_000)
         assert errors == [], errors
 
 
@@ -229,15 +238,9 @@ def test_embedding_picker_writes_the_name_and_the_image_records_it(server):
     from playwright.sync_api import expect
 
     with _page(server) as (page, errors):
-        expect(page.locator("#embedding-picker option")).to_have_count(2)
-        page.fill("#prompt", "a red")
-        page.select_option("#embedding-picker", "my-thing")
-        expect(page.locator("#prompt")).to_have_value("a red my-thing")
-        page.fill("#steps", "3")
-        page.click("#generate-button")
-        figure = page.locator("figure.result").first
-        expect(figure).to_be_visible(timeout=120_000)
-        expect(figure.locator("figcaption")).to_contain_text('TI hashes: "my-thing: ', timeout=120_000)
+        written, caption = _pick_generate_and_read(page, "#embedding-picker", "my-thing", "a red")
+        assert written == "a red my-thing"
+        expect(caption).to_contain_text('TI hashes: "my-thing: ', timeout=120_000)
         assert errors == [], errors
 
 

@@ -147,8 +147,8 @@ _ADAPTER = dict(
 )
 
 
-def _lora_written(out: Path, path: Path, what: str) -> None:
-    """After a LoRA run: the loss plot from its log, and where everything is."""
+def _adapter_written(out: Path, path: Path, what: str) -> None:
+    """After an adapter run (LoRA, DreamBooth, textual inversion): the loss plot, and where everything is."""
     from imagine.train.loop import loss_curve, read_log
     from imagine.train.lora import checkpoint_dir
 
@@ -207,7 +207,7 @@ def train_lora(
         progress(None, None)
         fail(str(err))
     progress(None, None)
-    _lora_written(out, path, "log, loss plot and samples")
+    _adapter_written(out, path, "log, loss plot and samples")
 
 
 @app.command()
@@ -279,7 +279,7 @@ def dreambooth(
         progress(None, None)
         fail(str(err))
     progress(None, None)
-    _lora_written(out, path, "class images, log, loss plot and samples")
+    _adapter_written(out, path, "class images, log, loss plot and samples")
 
 
 @app.command("textual-inversion")
@@ -332,4 +332,4 @@ def textual_inversion(
         progress(None, None)
         fail(str(err))
     progress(None, None)
-    _lora_written(out, path, "log, loss plot and samples")
+    _adapter_written(out, path, "log, loss plot and samples")

@@ -13,6 +13,7 @@ Written files are A1111's safetensors layout with the name, step and base model 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -63,9 +64,16 @@ def _from_state(state: dict, path: Path) -> tuple[dict[str, torch.Tensor], str |
 
 def header_aliases(path: Path) -> tuple[str, ...]:
     """The token a .safetensors embedding was trained as (imagine's metadata, or diffusers' one key), from
-    its header alone; () for other files or unreadable ones (loading reports those)."""
+    its header alone; () for other files or unreadable ones (loading reports those). Every request scans
+    the embeddings folder, so each file version's header is read once per process."""
     if path.suffix != ".safetensors":
         return ()
+    st = path.stat()
+    return _header_aliases(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _header_aliases(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
     from safetensors import safe_open
 
     try:
@@ -77,7 +85,7 @@ def header_aliases(path: Path) -> tuple[str, ...]:
         token = json.loads(meta.get("imagine_embedding", "{}") or "{}").get("token")
     except json.JSONDecodeError:
         token = None
-    if len(keys) == 1 and keys[0] not in ("emb_params",):
+    if len(keys) == 1 and keys[0] != "emb_params":
         token = token or keys[0]
     return (token,) if token else ()
 
