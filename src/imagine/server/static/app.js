@@ -387,7 +387,7 @@ async function loadVaes() {
 async function loadModels() {
   loadVaes().catch((err) => showError(err.message));
   loadLoras().catch((err) => showError(err.message));
-loadEmbeddings().catch((err) => showError(err.message));
+  loadEmbeddings().catch((err) => showError(err.message));
   const [models, options] = await Promise.all([api("GET", "/sdapi/v1/sd-models"), api("GET", "/sdapi/v1/options")]);
   const list = $("model-list");
   list.innerHTML = "";
