@@ -25,7 +25,9 @@ from imagine.io.checkpoint import (
 )
 from imagine.models.autoencoder import AutoencoderKL, VAEConfig
 from imagine.models.clip import CLIPConfig, ShapesCLIP
+from imagine.models.controlnet import ControlNetConfig, ControlNetModel
 from imagine.models.inception import FIDInceptionV3
+from imagine.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from imagine.models.unet import UNet2DConditionModel, UNetConfig
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -45,6 +47,9 @@ _UNET_FIXED = {
 # keys that change nothing for imagine (bookkeeping, or fp16 upcasting that SDPA makes unnecessary)
 _UNET_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "upcast_attention", "_use_default_values",
                  "addition_embed_type_num_heads"}
+# a ControlNet's copy takes the UNet's settings; its condition is RGB (a BGR one is refused, not flipped)
+_CONTROLNET_FIXED = {**_UNET_FIXED, "controlnet_conditioning_channel_order": "rgb"}
+_CONTROL_IGNORED = {*_UNET_IGNORED, "_imagine"}
 _VAE_FIXED = {"act_fn": "silu", "latents_mean": None, "latents_std": None}
 _VAE_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "force_upcast", "_use_default_values"}
 
@@ -157,6 +162,38 @@ def load_unet(path: Path | str, dtype: torch.dtype = torch.float32) -> UNet2DCon
                  "UNet", dtype)
 
 
+def load_controlnet(path: Path | str, dtype: torch.dtype = torch.float32) -> ControlNetModel:
+    """A ControlNet from a diffusers ControlNetModel folder (ours are written in that layout) or its weights
+    file with the config in its metadata; missing or unexpected keys fail."""
+    return _load(Path(path), "ControlNetModel", ControlNetModel, ControlNetConfig, _CONTROLNET_FIXED,
+                 _CONTROL_IGNORED, "ControlNet", dtype)
+
+
+def load_t2i_adapter(path: Path | str, dtype: torch.dtype = torch.float32) -> T2IAdapter:
+    """A T2I-Adapter from a diffusers T2IAdapter folder (ours are written in that layout)."""
+    return _load(Path(path), "T2IAdapter", T2IAdapter, T2IAdapterConfig, {}, _CONTROL_IGNORED, "T2I-Adapter", dtype)
+
+
+def save_diffusers_model(model: nn.Module, folder: Path, class_name: str, imagine: dict[str, Any] | None = None,
+                         dtype: str | None = None) -> Path:
+    """``folder`` in diffusers' layout (config.json with _class_name, diffusion_pytorch_model.safetensors,
+    the config also in the file's metadata so the file alone describes itself), written whole or not at
+    all; ``imagine``: what diffusers does not know (the condition, the base model), kept under "_imagine",
+    a key diffusers ignores."""
+    from imagine import __version__
+    from imagine.io.checkpoint import DTYPES, atomic_save_safetensors, fresh_folder
+
+    config = {"_class_name": class_name, "_diffusers_version": "0.30.0",
+              "_imagine": {"version": __version__, **(imagine or {})}, **_config_of(model)}
+    state = model.state_dict()
+    if dtype is not None:
+        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    with fresh_folder(Path(folder)) as tmp:
+        atomic_save_safetensors(state, tmp / DIFFUSERS_WEIGHTS[0], {"config": json.dumps(config), "format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return Path(folder)
+
+
 def load_vae(path: Path | str) -> AutoencoderKL:
     """A VAE from our folder or file, or a diffusers AutoencoderKL folder; missing or unexpected keys fail."""
     return _load(Path(path), "AutoencoderKL", AutoencoderKL, VAEConfig, _VAE_FIXED, _VAE_IGNORED, "VAE")
@@ -166,16 +203,23 @@ __all__ = [
     "AutoencoderKL",
     "CLIPConfig",
     "CheckpointError",
+    "ControlNetConfig",
+    "ControlNetModel",
     "FIDInceptionV3",
     "ShapesCLIP",
+    "T2IAdapter",
+    "T2IAdapterConfig",
     "UNet2DConditionModel",
     "UNetConfig",
     "VAEConfig",
     "load_clip",
+    "load_controlnet",
+    "load_t2i_adapter",
     "load_fid_inception",
     "load_unet",
     "load_vae",
     "save_clip",
+    "save_diffusers_model",
     "save_unet",
     "save_vae",
 ]

@@ -115,15 +115,23 @@ class DownBlock(nn.Module):
             self.attentions = nn.ModuleList([_self_attention(c_out, cfg, i) for _ in range(n)])
         self.downsamplers = nn.ModuleList([Downsample2D(c_out)]) if add_downsample else None
 
-    def forward(self, x, temb, context, mask):
+    def forward(self, x, temb, context, mask, intrablock=None):
+        """intrablock: a T2I-Adapter feature, added where diffusers adds it: after the last resnet (and its
+        attention) of a block with attention, after the downsampler of one without; the skip carries it."""
         skips = []
+        last = len(self.resnets) - 1
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             x = _attend(self, j, x, context, mask)
+            if j == last and intrablock is not None and self.kind != "DownBlock2D":
+                x = x + intrablock
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             skips.append(x)
+        if intrablock is not None and self.kind == "DownBlock2D":
+            x = x + intrablock
+            skips[-1] = x
         return x, skips
 
 
@@ -235,38 +243,42 @@ class UNet2DConditionModel(nn.Module):
     def downscale(self) -> int:
         return 2 ** (len(self.config.block_out_channels) - 1)
 
+    def embed(self, sample: torch.Tensor, timestep: torch.Tensor | float, class_labels=None, text_embeds=None,
+              time_ids=None) -> torch.Tensor:
+        """The timestep embedding (B, time_embed_dim), with the class or SDXL additions: shared with ControlNet."""
+        return embed_time(self, self.config, sample, timestep, class_labels, text_embeds, time_ids)
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states=None,
                 class_labels: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
-                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                down_block_additional_residuals: list[torch.Tensor] | None = None,
+                mid_block_additional_residual: torch.Tensor | None = None,
+                down_intrablock_additional_residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The residual inputs are diffusers' (STYLE rule 13: every spatial conditioner speaks through them):
+        a ControlNet's one per skip plus the mid block's, added to the skips and to the mid output; a
+        T2I-Adapter's one per down block (and one for the mid block where its shape fits), added inside."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"expected a (B, {cfg.in_channels}, H, W) sample, got {tuple(sample.shape)}")
-        b = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.expand(b) if t.ndim == 0 else t
-        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                                     freq_shift=cfg.freq_shift).to(sample.dtype))
-        if self.class_embedding is not None:
-            if class_labels is None:
-                raise ValueError("this UNet is class-conditional: pass class_labels (B,)")
-            emb = emb + self.class_embedding(class_labels).to(emb.dtype)
-        if self.add_embedding is not None:
-            if text_embeds is None or time_ids is None:
-                raise ValueError("this UNet is SDXL-conditioned: pass text_embeds (B, pooled dim) and time_ids "
-                                 "(B, 6) = original h, w, crop top, left, target h, w")
-            # (B, 6) -> (B, 6 * addition_time_embed_dim), then beside the pooled text: (B, projection dim)
-            times = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                       flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-            extra = torch.cat([text_embeds.float(), times.reshape(b, -1)], dim=-1)
-            emb = emb + self.add_embedding(extra.to(emb.dtype))
+        emb = self.embed(sample, timestep, class_labels, text_embeds, time_ids)
         context, mask = encoder_hidden_states, encoder_attention_mask
+        intrablock = list(down_intrablock_additional_residuals or ())
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, emb, context, mask)
+            x, block_skips = block(x, emb, context, mask, intrablock.pop(0) if intrablock else None)
             skips.extend(block_skips)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"{len(down_block_additional_residuals)} down-block residuals for this UNet's "
+                                 f"{len(skips)} skips: the ControlNet was made for another architecture")
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
         if self.mid_block is not None:
             x = self.mid_block(x, emb, context, mask)
+            if intrablock and x.shape == intrablock[0].shape:
+                x = x + intrablock.pop(0)
+            if mid_block_additional_residual is not None:
+                x = x + mid_block_additional_residual
         for block in self.up_blocks:
             n_res = len(block.resnets)
             block_skips, skips = skips[-n_res:], skips[:-n_res]
@@ -274,3 +286,28 @@ class UNet2DConditionModel(nn.Module):
             size = tuple(skips[-1].shape[-2:]) if (block.upsamplers is not None and skips) else None
             x = block(x, block_skips, emb, context, mask, size)
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+
+
+def embed_time(net: nn.Module, cfg, sample: torch.Tensor, timestep, class_labels=None, text_embeds=None,
+               time_ids=None) -> torch.Tensor:
+    """(B, time_embed_dim): the sinusoidal timestep through ``net.time_embedding``, plus the class embedding
+    or SDXL's micro-conditioning where ``net`` has them (a UNet, or a ControlNet copied from one)."""
+    b = sample.shape[0]
+    t = torch.as_tensor(timestep, device=sample.device)
+    t = t.expand(b) if t.ndim == 0 else t
+    emb = net.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                                freq_shift=cfg.freq_shift).to(sample.dtype))
+    if net.class_embedding is not None:
+        if class_labels is None:
+            raise ValueError("this UNet is class-conditional: pass class_labels (B,)")
+        emb = emb + net.class_embedding(class_labels).to(emb.dtype)
+    if net.add_embedding is not None:
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNet is SDXL-conditioned: pass text_embeds (B, pooled dim) and time_ids "
+                             "(B, 6) = original h, w, crop top, left, target h, w")
+        # (B, 6) -> (B, 6 * addition_time_embed_dim), then beside the pooled text: (B, projection dim)
+        times = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                   flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        extra = torch.cat([text_embeds.float(), times.reshape(b, -1)], dim=-1)
+        emb = emb + net.add_embedding(extra.to(emb.dtype))
+    return emb
