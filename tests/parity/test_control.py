@@ -174,3 +174,47 @@ def test_adapter_layout_for_the_shipped_model():
     shapes = [tuple(f.shape[1:]) for f in adapter(torch.rand(1, 3, 64, 64))]
     # after the first block's downsampler, the second block, the third, the mid block
     assert shapes == [(48, 8, 8), (96, 8, 8), (96, 4, 4), (96, 4, 4)]
+
+
+@pytest.mark.parametrize("prefix", ["", "control_model."])
+def test_original_layout_single_file_loads(prefix, tmp_path):
+    """A1111's ControlNet files (control_v11p_sd15_*.safetensors) use the original layout: written here from
+    a diffusers ControlNet through the key map, read back as the same network."""
+    from safetensors.torch import save_file
+
+    from imagine.io.control_files import controlnet_map, load_control
+    from imagine.io.ldm_keys import write_mapped
+
+    # the original layout cannot say its norm groups: real files use SD's 32, so this one does too
+    torch.manual_seed(0)
+    reference_unet = _jitter(DiffusersUNet(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                           cross_attention_dim=12, attention_head_dim=8), 1)
+    reference = _jitter(DiffusersControlNet.from_unet(reference_unet, conditioning_embedding_out_channels=(4, 8)), 3)
+    reference.save_pretrained(tmp_path / "cn")
+    ours = load_controlnet(tmp_path / "cn")
+    original = write_mapped(ours.state_dict(), controlnet_map(ours.state_dict(), ours.config, prefix))
+    assert {f"{prefix}input_hint_block.0.weight", f"{prefix}input_hint_block.4.weight",
+            f"{prefix}zero_convs.0.0.weight", f"{prefix}middle_block_out.0.bias",
+            f"{prefix}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", f"{prefix}time_embed.0.weight"} <= set(original)
+    file = tmp_path / "control_tiny_canny.safetensors"
+    save_file(original, str(file))
+    loaded = load_control(file)
+    assert loaded.kind == "controlnet" and loaded.condition == "canny"
+    x, t, context, _ = _inputs("sd_like")
+    cond = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = reference(x, t, context, cond, return_dict=False)
+        got = loaded.model(x, t, context, cond)
+    for a, b in zip([*got[0], got[1]], [*expected[0], expected[1]], strict=True):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+    # an extra tensor is refused by name, never ignored
+    save_file({**original, "stray.weight": torch.zeros(1)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ValueError, match="stray.weight"):
+        load_control(tmp_path / "extra.safetensors")
+    # a LoRA is told apart
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8)},
+              str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ValueError, match="LoRA"):
+        load_control(tmp_path / "lora.safetensors")

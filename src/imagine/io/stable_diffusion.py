@@ -193,7 +193,8 @@ def unet_config_from_ldm(w: Weights, arch: Arch):
     first_down = next((i for i in range(n_in) if f"input_blocks.{i}.0.op.weight" in w), None)
     layers = (first_down - 1) if first_down is not None else n_in - 1
     levels = n_in // (layers + 1)
-    if levels * (layers + 1) != n_in or _count(w, "output_blocks.") != levels * (layers + 1):
+    encoder_only = _count(w, "output_blocks.") == 0 and "input_hint_block.0.weight" in w  # a ControlNet
+    if levels * (layers + 1) != n_in or (_count(w, "output_blocks.") != levels * (layers + 1) and not encoder_only):
         raise CheckpointError(f"unexpected UNet layout: {n_in} input blocks and {_count(w, 'output_blocks.')} "
                               f"output blocks for {layers} layers per level")
     channels, down, up, depth = [], [], [], []
@@ -204,7 +205,11 @@ def unet_config_from_ldm(w: Weights, arch: Arch):
         down.append("CrossAttnDownBlock2D" if attn else "DownBlock2D")
         depth.append(_count(w, f"{block}1.transformer_blocks.") if attn else 1)
     for i in range(levels):
-        up.append("CrossAttnUpBlock2D" if f"output_blocks.{i * (layers + 1)}.1.proj_in.weight" in w else "UpBlock2D")
+        if encoder_only:  # mirrored, as the UNet it was copied from has them
+            up.append(down[levels - 1 - i].replace("Down", "Up"))
+        else:
+            up.append("CrossAttnUpBlock2D" if f"output_blocks.{i * (layers + 1)}.1.proj_in.weight" in w
+                      else "UpBlock2D")
     context = next((r.shape[1] for k, r in w.items() if k.endswith("attn2.to_k.weight")), 768)
     linear = next((len(r.shape) == 2 for k, r in w.items() if k.endswith(".proj_in.weight")), False)
     mid = "middle_block.1.proj_in.weight" in w
@@ -219,7 +224,7 @@ def unet_config_from_ldm(w: Weights, arch: Arch):
         extra = dict(addition_embed_type="text_time", addition_time_embed_dim=(adm - pooled) // 6,
                      projection_class_embeddings_input_dim=adm)
     return UNetConfig(sample_size=IMAGE_SIZE[arch] // 8, in_channels=in_channels,
-                      out_channels=w["out.2.weight"].shape[0], block_out_channels=tuple(channels),
+                      out_channels=w["out.2.weight"].shape[0] if "out.2.weight" in w else in_channels, block_out_channels=tuple(channels),
                       down_block_types=tuple(down), up_block_types=tuple(up),
                       mid_block_type="UNetMidBlock2DCrossAttn" if mid else None, layers_per_block=layers,
                       cross_attention_dim=context, attention_head_dim=heads,
