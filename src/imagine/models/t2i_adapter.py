@@ -37,6 +37,11 @@ class T2IAdapterConfig:
         if self.adapter_type == "full_adapter_xl" and len(self.channels) != 4:
             raise ValueError("full_adapter_xl has exactly four levels")
 
+    @property
+    def total_downscale_factor(self) -> int:
+        """Pixels per cell of the coarsest feature."""
+        return self.downscale_factor * (2 if self.adapter_type == "full_adapter_xl" else 2 ** (len(self.channels) - 1))
+
     @classmethod
     def from_dict(cls, data: dict) -> T2IAdapterConfig:
         return config_from_dict(cls, data, "T2IAdapter")
@@ -117,8 +122,7 @@ class T2IAdapter(nn.Module):
 
     @property
     def total_downscale_factor(self) -> int:
-        cfg = self.config
-        return cfg.downscale_factor * (2 if cfg.adapter_type == "full_adapter_xl" else 2 ** (len(cfg.channels) - 1))
+        return self.config.total_downscale_factor
 
     def forward(self, condition: torch.Tensor) -> list[torch.Tensor]:
         f = self.total_downscale_factor

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
@@ -183,14 +183,15 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            latent_hw: tuple[int, int] | None = None, init_latent: torch.Tensor | None = None,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
            cancel: Callable[[], bool] | None = None, precision: str = "fp32", batched: bool = False,
-           compile: bool = False, noise_seed_delta: int = 0) -> torch.Tensor:
+           compile: bool = False, noise_seed_delta: int = 0, controls: Sequence = ()) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
     init_latent: start from it noised to ``strength`` of the schedule (img2img); with ``mask`` (latent
     resolution, 1 = regenerate) the unmasked latent is blended in at every step (inpaint).
     noise_seed_delta: as A1111's eta noise seed delta, a stochastic sampler's own noise comes from
-    seed + delta while the starting noise stays seed's."""
+    seed + delta while the starting noise stays seed's.
+    controls: attached conditioners (adapters/control.py: ControlNets, T2I-Adapters), any number and kind."""
     name, implied = resolve(sampler)
     schedule = check_schedule(schedule) if schedule is not None else implied
     spec, f = model.spec, latent_factor(model)
@@ -209,7 +210,13 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         x = noise * float((1 + sigmas[0] ** 2).sqrt())  # the VP prior at the top of the schedule
     else:
         x = init_latent + noise * float(sigmas[0])
-    denoiser = Denoiser(_network(model.unet, compile), ac, spec.prediction, learned_variance=spec.learned_variance)
+    network = _network(model.unet, compile)
+    if controls:
+        from imagine.adapters.control import Controlled
+        from imagine.diffusion.schedules import sigma_to_t
+
+        network = Controlled(network, controls, sigma_to_t(sigmas[:-1], ac))
+    denoiser = Denoiser(network, ac, spec.prediction, learned_variance=spec.learned_variance)
     if not batched:
         denoiser = _PerRow(denoiser)
     if uncond is not None:
@@ -241,7 +248,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
 
 def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: torch.Tensor | None = None,
             mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
-            cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+            cancel: Callable[[], bool] | None = None, controls: Sequence = ()) -> torch.Tensor:
     """Text-conditioned sampling: prompt and negative prompt encoded in one call, so their windows line up."""
     _check_text_model(model, text_encoder)
     w, h = output_size(model, s)
@@ -261,11 +268,15 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
         if model.spec.zero_empty_negative and s.negative_prompt == "":
             pooled = torch.zeros_like(pooled)
         uncond.update(_micro_conditioning(pooled, w, h))
+    if controls:  # which rows are conditional: "ControlNet is more important" controls those alone
+        from imagine.adapters.control import ROWS
+
+        cond[ROWS], uncond[ROWS] = torch.ones(s.n), torch.zeros(s.n)
     return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler, schedule=s.schedule,
                   cond=cond, uncond=uncond, cfg_scale=s.cfg_scale, guidance_rescale=s.guidance_rescale,
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
                   callback=callback, cancel=cancel, precision=s.precision, batched=s.batched, compile=s.compile,
-                  noise_seed_delta=s.noise_seed_delta)
+                  noise_seed_delta=s.noise_seed_delta, controls=controls)
 
 
 def _micro_conditioning(pooled: torch.Tensor | None, width: int, height: int) -> dict[str, torch.Tensor]:
@@ -460,7 +471,8 @@ def _inpaint_region(model: DiffusionModel, s: Settings, init: Image.Image, mask:
 
 
 def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_encoder, extra: dict | None = None,
-             loras: list[dict] | None = None, embeddings: list[dict] | None = None) -> tuple[str, dict]:
+             loras: list[dict] | None = None, embeddings: list[dict] | None = None,
+             controls: list[dict] | None = None) -> tuple[str, dict]:
     """(A1111 parameters text, JSON record) for image ``index`` of a request (its seed is seed + index)."""
     from imagine import __version__
     from imagine.io.png import a1111_parameters, environment, file_hash
@@ -499,6 +511,11 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo['sha256_10']}" for lo in loras)
     if embeddings:  # A1111's "TI hashes" in the same form
         fields["TI hashes"] = ", ".join(f"{e['name']}: {e['sha256_10']}" for e in embeddings)
+    if controls:  # as sd-webui-controlnet writes its units: ControlNet 0: "Module: ..., Model: ..., ..."
+        from imagine.adapters.control import a1111_field
+
+        for i, unit in enumerate(controls):
+            fields[f"ControlNet {i}"] = a1111_field(unit)
     fields["Version"] = f"imagine {__version__}"
     record = {
         "kind": kind, "settings": {**s.to_dict(), "seed": s.seed + index, "n": 1}, "index": index,
@@ -513,4 +530,6 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         record["loras"] = loras
     if embeddings:
         record["embeddings"] = embeddings
+    if controls:
+        record["controls"] = controls
     return a1111_parameters(s.prompt, s.negative_prompt, fields), record

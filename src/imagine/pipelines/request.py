@@ -38,6 +38,8 @@ class Request:
     lora_strict: bool = True  # False: a LoRA's unmatched keys are a warning, not an error
     resolved_loras: tuple[LoraUse, ...] = field(default=(), repr=False)  # filled by check()
     resolved_embeddings: tuple = field(default=(), repr=False)  # ((Embedding, source), ...), filled by check()
+    controls: tuple = ()  # ControlUnits (adapters/control.py): ControlNets and T2I-Adapters, any number
+    resolved_controls: tuple = field(default=(), repr=False)  # ((Conditioner, record), ...), filled by check()
 
     def check(self, model: DiffusionModel) -> Request:
         """Everything that can be refused before any work, refused now: settings, inputs, sizes. Returns the
@@ -65,12 +67,20 @@ class Request:
                              "training timesteps")
         if self.init_image is not None and s.width is None and s.height is None:
             s = replace(s, width=self.init_image.width, height=self.init_image.height)
-        g.output_size(model, s)
+        size = g.output_size(model, s)
         from imagine.adapters.embeddings import resolve_embeddings
 
+        if self.controls and self.rerank > 1:
+            raise ValueError("rerank does not take control units; generate with controls, or rerank without")
+        controls = ()
+        if self.controls:
+            from imagine.adapters.control import resolve_units
+
+            controls = tuple(resolve_units(self.controls, model, size, self.models_dir))
         texts = [s.prompt, s.negative_prompt]
         return replace(self, settings=s, resolved_loras=self._resolve_loras(),
-                       resolved_embeddings=tuple(resolve_embeddings(texts, self.models_dir, self.embeddings)))
+                       resolved_embeddings=tuple(resolve_embeddings(texts, self.models_dir, self.embeddings)),
+                       resolved_controls=controls)
 
     def _resolve_loras(self) -> tuple[LoraUse, ...]:
         """The LoRAs asked for (options first, then the prompt's tags), each found as a file."""
@@ -95,6 +105,8 @@ class Request:
         """Let go of the decoded input images (a job keeps its request after it ends)."""
         object.__setattr__(self, "init_image", None)
         object.__setattr__(self, "mask", None)
+        object.__setattr__(self, "controls", ())
+        object.__setattr__(self, "resolved_controls", ())
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,9 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
     s, kind = request.settings, request.kind
     loras = [use.record() for use in request.resolved_loras] or None
     embs = [emb.record(source) for emb, source in request.resolved_embeddings] or None
+    controls = [record for _, record in request.resolved_controls] or None
+    if controls:
+        kwargs = {**kwargs, "controls": [c for c, _ in request.resolved_controls]}
     if request.rerank > 1:
         if scorer is None:
             raise ValueError("rerank needs a CLIP scorer")
@@ -183,7 +198,7 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
             images = g.inpaint(model, s, request.init_image, request.mask, text_encoder, **kwargs)
     out = []
     for i, pixels in enumerate(to_uint8(images)):
-        parameters, record = g.describe(model, s, kind, i, text_encoder, request.extra, loras, embs)
+        parameters, record = g.describe(model, s, kind, i, text_encoder, request.extra, loras, embs, controls)
         out.append(Generated(pixels, s.seed + i, parameters, record))
     return out
 
