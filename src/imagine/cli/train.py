@@ -333,3 +333,88 @@ def textual_inversion(
         fail(str(err))
     progress(None, None)
     _adapter_written(out, path, "log, loss plot and samples")
+
+
+def _train_control(kind: str, model, condition, data, out, steps, batch_size, lr, caption_dropout, seed,
+                   precision, checkpoint_every, sample_every, models_dir, resume, num_res_blocks=2) -> None:
+    from imagine.data.images import DataError, load_dataset
+    from imagine.io import models_dir as md
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.pipelines.request import load_text_model
+    from imagine.train.control import ControlTrainConfig, control_sample_hook, held_out_items, train_control
+
+    progress = training_progress()
+    try:
+        cfg = ControlTrainConfig(condition=condition, kind=kind, steps=steps, batch_size=batch_size, lr=lr,
+                                 caption_dropout=caption_dropout, seed=seed, precision=precision,
+                                 checkpoint_every=checkpoint_every, num_res_blocks=num_res_blocks)
+        folder = models_dir if models_dir is not None else md.default_models_dir()
+        loaded, encoder = load_text_model(md.resolve(model, folder) if model else _default_model())
+        size = loaded.spec.image_size
+        dataset = load_dataset(data, size, loaded.spec.image_channels, captions=True)
+        hooks = (progress, control_sample_hook(held_out_items(data, size), sample_every or steps))
+        path = train_control(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks)
+    except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
+        progress(None, None)
+        fail(str(err))
+    progress(None, None)
+    _adapter_written(out, path, "log, loss plot and sample grids (condition | outputs)")
+    typer.echo(f"use it: imagine generate PROMPT --control {condition}@{path}:IMAGE (or put it in "
+               "models/ControlNet/ to find it by its condition)")
+
+
+def _default_model() -> Path:
+    from imagine.weights import default_model
+
+    return default_model()
+
+
+_CONTROL = dict(
+    model=typer.Option(None, help="The base model: a folder, an SD .safetensors or a name in the models folder "
+                                  "(default: the shipped one)."),
+    condition=typer.Option(..., help="The condition it learns to read, computed from each training image by the "
+                                     "preprocessor of that name: canny, scribble, segmentation, keypoints, tile."),
+    data=typer.Option("builtin:shapes", help="Captioned images: builtin:shapes, or a folder with .txt captions."),
+    steps=typer.Option(2000, help="Optimizer steps (a resumed run trains on to this count)."),
+    caption_dropout=typer.Option(0.5, help="Train on the empty prompt this often (the paper: 0.5), so the "
+                                           "condition alone is read."),
+    sample_every=typer.Option(0, help="Write a condition | outputs grid every N steps (0: at the end)."),
+    models_dir=typer.Option(None, help="A1111-style models folder (default: ./models)."),
+    resume=typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT-training/."),
+)
+
+
+@app.command("train-controlnet")
+def train_controlnet(
+    out: Path = typer.Option(..., help="The ControlNet folder to write (diffusers' layout; put it in "
+                                       "models/ControlNet/). Checkpoints, log, samples: OUT-training/."),
+    model: str | None = _CONTROL["model"], condition: str = _CONTROL["condition"], data: str = _CONTROL["data"],
+    steps: int = _CONTROL["steps"], batch_size: int = _ADAPTER["batch_size"],
+    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
+    caption_dropout: float = _CONTROL["caption_dropout"], seed: int = _ADAPTER["seed"],
+    precision: str = _ADAPTER["precision"], checkpoint_every: int = _ADAPTER["checkpoint_every"],
+    sample_every: int = _CONTROL["sample_every"], models_dir: Path | None = _CONTROL["models_dir"],
+    resume: bool = _CONTROL["resume"],
+) -> None:
+    """Train a ControlNet (Zhang et al. 2023): a copy of the model's encoder that reads a condition map,
+    joined to the frozen UNet through zero convolutions (so it starts as the base model)."""
+    _train_control("controlnet", model, condition, data, out, steps, batch_size, lr, caption_dropout, seed, precision,
+                   checkpoint_every, sample_every, models_dir, resume)
+
+
+@app.command("train-adapter")
+def train_adapter(
+    out: Path = typer.Option(..., help="The T2I-Adapter folder to write (diffusers' layout; put it in "
+                                       "models/ControlNet/). Checkpoints, log, samples: OUT-training/."),
+    model: str | None = _CONTROL["model"], condition: str = _CONTROL["condition"], data: str = _CONTROL["data"],
+    steps: int = _CONTROL["steps"], batch_size: int = _ADAPTER["batch_size"],
+    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
+    num_res_blocks: int = typer.Option(2, help="Residual blocks per level."),
+    caption_dropout: float = _CONTROL["caption_dropout"], seed: int = _ADAPTER["seed"],
+    precision: str = _ADAPTER["precision"], checkpoint_every: int = _ADAPTER["checkpoint_every"],
+    sample_every: int = _CONTROL["sample_every"], models_dir: Path | None = _CONTROL["models_dir"],
+    resume: bool = _CONTROL["resume"],
+) -> None:
+    """Train a T2I-Adapter (Mou et al. 2023): a small network whose features join the frozen UNet's encoder."""
+    _train_control("t2i_adapter", model, condition, data, out, steps, batch_size, lr, caption_dropout, seed,
+                   precision, checkpoint_every, sample_every, models_dir, resume, num_res_blocks)

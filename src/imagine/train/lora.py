@@ -95,7 +95,7 @@ def _load_state(root: Path, params: dict[str, torch.Tensor], optimizer, must_mat
 
 def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: dict[str, torch.Tensor], *,
         text_grad: bool, must_match: dict[str, Any], resume: bool = False, hooks: tuple[Hook, ...] = (),
-        prior=None, prompt=None, context: dict[str, Any] | None = None) -> None:
+        prior=None, prompt=None, context: dict[str, Any] | None = None, control=None) -> None:
     """The adapter training loop: optimize ``params`` (name -> leaf tensor; the model stays frozen) with the
     model's own diffusion loss on ``data``, checkpointing to ``root`` (resumable exactly). The caller has
     attached what ``params`` belong to. text_grad: gradients flow through the text encoder (its LoRA, or
@@ -103,7 +103,10 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
 
     prior: DreamBooth's class data (Ruiz et al. 2023, eq. 2): images of the class the base model drew
     for the class prompt. Each step then adds ``cfg.prior_weight`` x the same loss on as many class images,
-    so the model keeps drawing the class as it did while it learns the subject."""
+    so the model keeps drawing the class as it did while it learns the subject.
+
+    control: (images (B, C, H, W) in [-1, 1], x_t, t, cond) -> extra UNet inputs (a ControlNet's or
+    T2I-Adapter's residuals, computed from each image's condition), for spatial-control training."""
     from imagine.pipelines.generate import _micro_conditioning
 
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
@@ -150,6 +153,8 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
         if unet.config.addition_embed_type == "text_time":
             cond.update(_micro_conditioning(text.pooled, size, size))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            if control is not None:
+                cond.update(control(images, x_t, t_t, cond))
             output = unet(x_t, t_t, **cond)
         return diffusion_loss(output.float(), x0, noise_t, x_t, t_t, alphas_cumprod, spec.prediction,
                               learned_variance=spec.learned_variance)
