@@ -2,9 +2,9 @@
 
 One module per command family registers its commands on the one app: train (train, train-vae,
 train-clip), generate (generate, img2img, inpaint, sample, info), evaluate (eval shapes, eval fid),
-serve, and models (export, samplers, version)."""
+serve, models (export, samplers, version) and control (detect)."""
 
-from imagine.cli import evaluate, generate, models, serve, train  # noqa: F401  (they register commands)
+from imagine.cli import control, evaluate, generate, models, serve, train  # noqa: F401  (they register commands)
 from imagine.cli.app import app
 
 

@@ -64,6 +64,16 @@ _OPTS = dict(
                                       "skip; 1: the last; default: the model's)."),
     noise_seed_delta=typer.Option(0, help="Stochastic samplers draw their noise from seed + this (A1111's eta "
                                           "noise seed delta, ENSD); the starting noise stays the seed's."),
+    control=typer.Option(None, "--control", help="A ControlNet unit: TYPE[@MODEL]:IMAGE[:WEIGHT[:START:END]]. TYPE "
+                                                 "is the preprocessor run on IMAGE (canny, scribble, segmentation, "
+                                                 "keypoints, tile; none: IMAGE already is the condition); MODEL a "
+                                                 "name in models/ControlNet or a path (default: the one trained "
+                                                 "for TYPE); START and END are fractions of the steps. Repeat for "
+                                                 "several (multi-ControlNet)."),
+    adapter=typer.Option(None, "--adapter", help="A T2I-Adapter unit, written as --control; repeat for a weighted "
+                                                 "sum of several."),
+    control_mode=typer.Option("balanced", help="balanced, prompt (My prompt is more important) or control "
+                                               "(ControlNet is more important: the conditional branch only)."),
     resize_mode=typer.Option(ResizeMode.just_resize, help="How the image meets the output size: stretch, crop "
                                                           "to cover, fit and fill the borders, or resize the "
                                                           "latent (A1111's resize modes)."),
@@ -81,7 +91,8 @@ def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n,
 def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | None = None,
          mask: Path | None = None, rerank: int = 1, clip: Path | None = None, vae: str | Path | None = None,
          allow_pickle: bool = False, models_dir: Path | None = None, weights_dtype: str = "fp32",
-         lora: list[str] | None = None, embedding: list[str] | None = None, lora_strict: bool = True) -> None:
+         lora: list[str] | None = None, embedding: list[str] | None = None, lora_strict: bool = True,
+         controls: list | None = None) -> None:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs."""
     from tqdm import tqdm
 
@@ -107,7 +118,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         request = r.Request(kind, settings, init_image=r.open_image(init, "image") if init is not None else None,
                             mask=r.open_image(mask, "mask") if mask is not None else None, rerank=rerank,
                             extra=extra, loras=loras, models_dir=models_dir, embeddings=tuple(embedding or ()),
-                            lora_strict=lora_strict).check(loaded)
+                            lora_strict=lora_strict, controls=tuple(controls or ())).check(loaded)
         scorer = r.load_scorer(clip) if rerank > 1 else None
         bar = tqdm(total=request.settings.steps * request.settings.n * rerank, desc=kind, unit="step", leave=False)
         results = r.run(request, loaded, encoder, scorer=scorer, callback=lambda info: bar.update(1))
@@ -129,6 +140,41 @@ def _lora_option(item: str | tuple) -> tuple[str, float]:
         except ValueError:
             pass
     return item, 1.0
+
+
+def _control_units(control: list[str] | None, adapter: list[str] | None, mode: str) -> list:
+    """--control and --adapter values as ControlUnits (the preprocessor, model, image and numbers of each)."""
+    from imagine.adapters.control import ControlUnit
+    from imagine.pipelines.request import input_record, open_image
+
+    units = []
+    for kind, items in (("controlnet", control or []), ("t2i_adapter", adapter or [])):
+        for item in items:
+            head, sep, rest = item.partition(":")
+            if not sep or not rest:
+                raise ValueError(f"{item!r}: write a control unit as TYPE[@MODEL]:IMAGE[:WEIGHT[:START:END]]")
+            module, _, model = head.partition("@")
+            parts, numbers = rest.split(":"), []
+            while len(parts) > 1 and len(numbers) < 3:
+                try:
+                    numbers.insert(0, float(parts[-1]))
+                except ValueError:
+                    break
+                parts.pop()
+            if len(numbers) == 2:
+                raise ValueError(f"{item!r}: give START and END together (fractions of the steps), after WEIGHT")
+            path = Path(":".join(parts))
+            weight, start, end = (numbers + [1.0, 0.0, 1.0][len(numbers):]) if numbers else (1.0, 0.0, 1.0)
+            units.append(ControlUnit(module, open_image(path, "control image"), model=model or None, weight=weight,
+                                     start=start, end=end, mode=mode, kind=kind, input=input_record(path)).check())
+    return units
+
+
+def _units(control, adapter, mode) -> list:
+    try:
+        return _control_units(control, adapter, mode)
+    except ValueError as err:
+        fail(str(err))
 
 
 def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
@@ -163,8 +209,11 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
     loras = [(lo["path"], lo["weight"]) for lo in record.get("loras", []) if lo.get("source") == "option"]
     # embeddings given as options come back by file; those found by name in the prompt are found again
     embeddings = [e["path"] for e in record.get("embeddings", []) if e.get("source") == "option"]
+    from imagine.adapters.control import unit_from_record
+
+    controls = [unit_from_record(unit) for unit in record.get("controls", [])]  # the condition maps as stored
     _run("txt2img", model, Settings(**record["settings"]), out, vae=vae, weights_dtype=weights, lora=loras,
-         embedding=embeddings, lora_strict=record.get("lora_strict", True), **options)
+         embedding=embeddings, lora_strict=record.get("lora_strict", True), controls=controls, **options)
 
 
 @app.command()
@@ -179,6 +228,8 @@ def generate(
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
+    control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
+    control_mode: str = _OPTS["control_mode"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for the network (faster on CPUs with bf16)."),
     weights_dtype: str = typer.Option("fp32", help="What the UNet holds: fp32, or bf16 (half the memory and "
@@ -200,7 +251,7 @@ def generate(
                                      precision=precision, batched=batched, compile=compile, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, rerank=rerank, clip=clip, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora,
-         embedding=embedding, lora_strict=lora_strict)
+         embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode))
 
 
 @app.command()
@@ -218,12 +269,15 @@ def img2img(
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
+    control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
+    control_mode: str = _OPTS["control_mode"],
 ) -> None:
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt."""
     _run("img2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                                      strength=strength, resize_mode=resize_mode, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, init=image, vae=vae,
-         allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict)
+         allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
+         controls=_units(control, adapter, control_mode))
 
 
 @app.command()
@@ -250,6 +304,8 @@ def inpaint(
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
+    control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
+    control_mode: str = _OPTS["control_mode"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest."""
     _run("inpaint", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
@@ -257,7 +313,8 @@ def inpaint(
                                      inpaint_only_masked=only_masked, inpaint_padding=only_masked_padding,
                                      mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, init=image, mask=mask, vae=vae,
-         allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict)
+         allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
+         controls=_units(control, adapter, control_mode))
 
 
 @app.command()
