@@ -37,6 +37,27 @@ ROWS = "control_rows"  # the conditioning key that marks conditional (1) and unc
 CONDITION_KEY = "imagine-condition"  # PNG text chunk: this image already is a condition of that type
 
 
+# sd-webui-controlnet's preprocessor names that mean one of ours
+MODULE_ALIASES = {"canny": "canny", "scribble_hed": "scribble", "scribble_pidinet": "scribble",
+                  "scribble_xdog": "scribble", "seg_ofade20k": "segmentation", "seg_ufade20k": "segmentation",
+                  "seg_ofcoco": "segmentation", "openpose": "keypoints", "tile_resample": "tile", "none": "none"}
+
+
+def module_name(name: str) -> str:
+    """Ours, or A1111's name for the same preprocessor, as ours; anything else refused with the list."""
+    from imagine.data.conditions import check_module
+
+    return check_module(MODULE_ALIASES.get(name.lower(), name.lower()))
+
+
+def available(models_dir: Path | None) -> list[tuple[str, Path]]:
+    """("name [hash]", path) of every control model: the models folder's ControlNet/, then the shipped ones."""
+    from imagine.io.models_dir import Entry, entries
+
+    found = entries(models_dir, "controlnet") + [Entry(p.name, p) for p in builtin_controls()]
+    return [(e.title, e.path) for e in found]
+
+
 def check_mode(mode: str) -> str:
     labels = {v.lower(): k for k, v in MODE_LABELS.items()}
     mode = labels.get(str(mode).lower(), mode)
@@ -231,9 +252,6 @@ class ControlUnit:
     def check(self) -> ControlUnit:
         from dataclasses import replace
 
-        from imagine.data.conditions import check_module
-
-        check_module(self.module)
         for name in ("weight", "start", "end"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
@@ -249,7 +267,7 @@ class ControlUnit:
             raise ValueError(f"control kind {self.kind!r} unknown; choose controlnet or t2i_adapter")
         if self.processor_res is not None and (not isinstance(self.processor_res, int) or self.processor_res < 8):
             raise ValueError(f"processor resolution must be an integer >= 8, got {self.processor_res!r}")
-        return replace(self, mode=check_mode(self.mode), resize_mode=resize, weight=float(self.weight),
+        return replace(self, module=module_name(self.module), mode=check_mode(self.mode), resize_mode=resize, weight=float(self.weight),
                        start=float(self.start), end=float(self.end))
 
 
@@ -336,8 +354,9 @@ def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], mo
     for i, unit in enumerate(units):
         unit = unit.check()
         if unit.model is not None:
+            shipped = {p.name: p for p in builtin_controls()}
             try:
-                path = resolve(unit.model, models_dir, "controlnet")
+                path = shipped[unit.model] if unit.model in shipped else resolve(unit.model, models_dir, "controlnet")
             except FileNotFoundError as err:
                 raise ValueError(f"control unit {i}: {err}") from None
         else:

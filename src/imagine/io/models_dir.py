@@ -68,8 +68,8 @@ def entries(models_dir: Path | None, section: str) -> list[Entry]:
 
     def walk(folder: Path) -> None:
         for child in sorted(folder.iterdir()):
-            if child.name.startswith("."):
-                continue
+            if child.name.startswith(".") or (child.is_dir() and child.name.endswith("-training")):
+                continue  # hidden, or an adapter run's checkpoints beside its result (OUT-training/)
             if child.is_file() and child.suffix in FILE_SUFFIXES:
                 found.append(Entry(str(child.relative_to(root).with_suffix("")), child))
             elif child.is_dir() and any((child / marker).exists() for marker in

@@ -277,8 +277,8 @@ class UNet2DConditionModel(nn.Module):
             x = self.mid_block(x, emb, context, mask)
             if intrablock and x.shape == intrablock[0].shape:
                 x = x + intrablock.pop(0)
-            if mid_block_additional_residual is not None:
-                x = x + mid_block_additional_residual
+        if mid_block_additional_residual is not None:  # diffusers adds it with or without a mid block
+            x = x + mid_block_additional_residual
         for block in self.up_blocks:
             n_res = len(block.resnets)
             block_skips, skips = skips[-n_res:], skips[:-n_res]

@@ -65,7 +65,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "enable_hr": ((False, None), "hires fix"),
     "firstpass_image": ((None, ""), "a first-pass image"),
     "script_name": ((None, ""), "scripts"),
-    "alwayson_scripts": ((None, {}), "always-on scripts (extensions)"),
     "infotext": ((None, ""), "infotext parameters"),
     "latent_mask": ((None, ""), "a separate latent mask"),
 }
@@ -104,12 +103,84 @@ def _check_fields(body: A1111Txt2Img, sampler: str) -> list[str]:
             if value is not None and value != getattr(body, "mask_blur", value):
                 refused.append(f"{name}={value} (a mask blur other than mask_blur={getattr(body, 'mask_blur', 4)}:"
                                " one radius for both axes)")
+        elif name == "alwayson_scripts":
+            if value is not None and not isinstance(value, dict):
+                refused.append("alwayson_scripts (an object of scripts by name)")
+            for script in (value or {}):
+                if script.lower() != "controlnet":
+                    refused.append(f"alwayson_scripts.{script} (this server runs the ControlNet extension's "
+                                   "units only)")
         elif name not in NO_EFFECT:
             warnings.append(f"unknown field {name!r} ignored")
     if refused:
         raise RequestError("not supported by this server, so refused rather than ignored: " + "; ".join(refused)
                            + ". Leave them out or at their defaults.")
     return warnings
+
+
+# sd-webui-controlnet's unit fields (external_code.ControlNetUnit) and what they become in our units
+_UNIT_FIELDS = {"enabled", "image", "input_image", "mask", "module", "model", "weight", "guidance_start",
+                "guidance_end", "control_mode", "resize_mode", "processor_res", "threshold_a", "threshold_b",
+                "pixel_perfect", "low_vram", "guess_mode", "lowvram", "save_detected_map", "hr_option",
+                "effective_region_mask", "input_mode", "batch_images", "output_dir", "loopback", "is_ui"}
+_CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "control"}
+
+
+def a1111_controls(script: Any) -> list[dict[str, Any]]:
+    """alwayson_scripts.controlnet.args (sd-webui-controlnet's units) as our job API's controls; a field
+    that would change results and that we do not implement is refused, naming it."""
+    from imagine.adapters.control import module_name
+
+    args = script.get("args") if isinstance(script, dict) else script
+    if not isinstance(args, list):
+        raise RequestError("alwayson_scripts.controlnet.args must be a list of units")
+    out = []
+    for i, unit in enumerate(args):
+        where = f"alwayson_scripts.controlnet.args[{i}]"
+        if not isinstance(unit, dict):
+            raise RequestError(f"{where} must be an object (a ControlNet unit)")
+        if not unit.get("enabled", True):
+            continue
+        unknown = sorted(set(unit) - _UNIT_FIELDS)
+        if unknown:
+            raise RequestError(f"{where}: unknown fields {unknown}")
+        for field, harmless in (("mask", (None, "")), ("effective_region_mask", (None, "")),
+                                ("input_mode", (None, "simple", 0)), ("batch_images", (None, "", [])),
+                                ("loopback", (None, False))):
+            if unit.get(field) not in harmless:
+                raise RequestError(f"{where}.{field} is not supported by this server (per-unit masks, batch and "
+                                   "loopback modes); leave it out")
+        image = unit.get("image") if unit.get("image") is not None else unit.get("input_image")
+        if isinstance(image, dict):  # newer clients: {"image": b64, "mask": b64}
+            if image.get("mask"):
+                raise RequestError(f"{where}.image.mask is not supported by this server (per-unit masks)")
+            image = image.get("image")
+        model = unit.get("model")
+        model = None if model in (None, "", "None", "none") else str(model).split(" [")[0]
+        mode = unit.get("control_mode", 0)
+        if unit.get("guess_mode"):
+            mode = 2
+        mode = _CONTROL_MODES.get(mode, mode) if isinstance(mode, int) else mode
+        resize = unit.get("resize_mode", "Crop and Resize")
+        try:
+            from imagine.adapters.control import RESIZE_NAMES
+
+            resize = RESIZE_NAMES.get(str(resize).lower(), resize)
+            entry = {"image": image, "module": module_name(str(unit.get("module") or "none")), "model": model,
+                     "weight": float(unit.get("weight", 1.0)), "start": float(unit.get("guidance_start", 0.0)),
+                     "end": float(unit.get("guidance_end", 1.0)), "mode": mode, "resize_mode": resize,
+                     "pixel_perfect": bool(unit.get("pixel_perfect", False))}
+        except (TypeError, ValueError) as err:
+            raise RequestError(f"{where}: {err}") from None
+        for name in ("processor_res", "threshold_a", "threshold_b"):  # -1: the preprocessor's default
+            value = unit.get(name)
+            if value is not None and value != -1:
+                try:
+                    entry[name] = int(value) if name == "processor_res" else float(value)
+                except (TypeError, ValueError):
+                    raise RequestError(f"{where}.{name} must be a number") from None
+        out.append(entry)
+    return out
 
 
 def router(service: Service) -> APIRouter:
@@ -146,6 +217,9 @@ def router(service: Service) -> APIRouter:
             request["resize_mode"] = RESIZE_MODES[body.resize_mode]
             if len(body.init_images) > 1:
                 warnings.append(f"init_images has {len(body.init_images)} images; the first is used")
+        scripts = {k.lower(): v for k, v in ((body.model_extra or {}).get("alwayson_scripts") or {}).items()}
+        if scripts.get("controlnet"):
+            request["controls"] = a1111_controls(scripts["controlnet"])
         if kind == "inpaint":
             request.update(mask=body.mask, mask_blur=body.mask_blur, inpaint_fill=INPAINT_FILLS[body.inpainting_fill],
                            inpaint_only_masked=body.inpaint_full_res, inpaint_padding=body.inpaint_full_res_padding,
@@ -323,5 +397,71 @@ def router(service: Service) -> APIRouter:
     def schedulers() -> list[SchedulerItem]:
         return [SchedulerItem(name=name, label=label, aliases=None, default_rho=rho, need_inner_model=False)
                 for name, (label, _, rho) in SCHEDULERS.items()]
+
+    return api
+
+
+def controlnet_router(service: Service) -> APIRouter:
+    """sd-webui-controlnet's own endpoints (/controlnet/...), so its clients list, preview and run units."""
+    api = APIRouter(prefix="/controlnet", tags=["AUTOMATIC1111 ControlNet extension"])
+
+    @api.get("/version")
+    def version() -> dict[str, int]:
+        return {"version": 2}
+
+    @api.get("/model_list")
+    def model_list() -> dict[str, list[str]]:
+        """The models folder's ControlNet/ (ControlNets and T2I-Adapters) and the shipped ones, as "name [hash]"."""
+        from imagine.adapters.control import available
+
+        return {"model_list": [title for title, _ in available(service.store.models_dir)]}
+
+    @api.get("/module_list")
+    def module_list(alias_names: bool = False) -> dict[str, Any]:
+        from imagine.data.conditions import PREPROCESSORS
+
+        detail = {}
+        for name, pre in PREPROCESSORS.items():
+            sliders = [{"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048}]
+            for label in (pre.threshold_a, pre.threshold_b):
+                if label is not None:
+                    sliders.append({"name": label[0], "value": label[1]})
+            detail[name] = {"model_free": name == "none", "sliders": sliders, "summary": pre.summary}
+        return {"module_list": list(PREPROCESSORS), "module_detail": detail}
+
+    @api.post("/detect")
+    def detect_endpoint(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        """Run a preprocessor: {"controlnet_module", "controlnet_input_images": [base64], "controlnet_processor_res",
+        "controlnet_threshold_a", "controlnet_threshold_b"} -> {"images": [base64 PNG], "info"}."""
+        import io
+
+        from PIL import Image
+
+        from imagine.adapters.control import module_name
+        from imagine.data.conditions import detect
+
+        images = body.get("controlnet_input_images")
+        if not isinstance(images, list) or not images:
+            raise RequestError("controlnet_input_images must be a non-empty list of base64 images")
+        try:
+            module = module_name(str(body.get("controlnet_module", "none")))
+        except ValueError as err:
+            raise RequestError(f"controlnet_module: {err}") from None
+        res = body.get("controlnet_processor_res", -1)
+        out = []
+        for i, data in enumerate(images):
+            image = decode_image(data, f"controlnet_input_images[{i}]", service.limits)
+            args = {}
+            for key, name in (("controlnet_threshold_a", "threshold_a"), ("controlnet_threshold_b", "threshold_b")):
+                if body.get(key) not in (None, -1):
+                    args[name] = float(body[key])
+            try:
+                result = detect(module, image, None if res in (None, -1) else int(res), **args)
+            except (TypeError, ValueError) as err:
+                raise RequestError(f"controlnet_module {module!r}: {err}") from None
+            buffer = io.BytesIO()
+            Image.fromarray(result).save(buffer, format="PNG")
+            out.append(png_base64(buffer.getvalue()))
+        return {"images": out, "info": "Success"}
 
     return api

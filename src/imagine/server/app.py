@@ -247,6 +247,7 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
                 "models_loaded": service.store.loads}
 
     app.include_router(a1111.router(service))
+    app.include_router(a1111.controlnet_router(service))
 
     # ---- the web UI: one page, no CDN
     @app.get("/", include_in_schema=False)

@@ -12,6 +12,31 @@ class LoraIn(BaseModel):
     name: str
     weight: float = 1.0
 
+class ControlIn(BaseModel):
+    """One control unit (a ControlNet or T2I-Adapter), as the CLI's --control."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str | None = Field(None, description="base64 image the preprocessor reads; img2img/inpaint default: "
+                                                "the init image")
+    module: str = Field("none", description="preprocessor: canny, scribble, segmentation, keypoints, tile, or none "
+                                            "(the image already is the condition); GET /controlnet/module_list")
+    model: str | None = Field(None, description="a name from GET /controlnet/model_list; default: the one trained "
+                                                "for the module's condition")
+    weight: float = 1.0
+    start: float = Field(0.0, ge=0, le=1, description="fraction of the steps where it starts acting")
+    end: float = Field(1.0, ge=0, le=1, description="fraction of the steps where it stops")
+    mode: str = Field("balanced", description="balanced, prompt (My prompt is more important) or control "
+                                              "(ControlNet is more important)")
+    resize_mode: Literal["just_resize", "crop_and_resize", "resize_and_fill"] = "crop_and_resize"
+    processor_res: int | None = Field(None, ge=8, le=2048, description="the preprocessor's short side; default: "
+                                                                       "the output's")
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    pixel_perfect: bool = False
+    kind: Literal["controlnet", "t2i_adapter"] | None = Field(None, description="which kind to look for when no "
+                                                                               "model is named")
+
+
 class JobRequest(BaseModel):
     """The CLI's parameters, as JSON. Images are base64 (a data: URL works too)."""
 
@@ -50,6 +75,8 @@ class JobRequest(BaseModel):
                                                                   "weights; <lora:NAME:WEIGHT> in the prompt works too")
     lora_strict: bool = Field(True, description="false: a LoRA key that fits no module is left out with a warning "
                                                 "in the job's log instead of failing the request")
+    controls: list[ControlIn] = Field(default_factory=list, description="ControlNet and T2I-Adapter units "
+                                                                        "(several compose)")
     previews: bool = True
 
 

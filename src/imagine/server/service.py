@@ -128,17 +128,20 @@ class Service:
                 raise RequestError("inpaint needs a mask (white = regenerate, black = keep)")
             mask = decode_image(request["mask"], "the mask", lim)
         model, _ = self.store.get(entry.name, vae)
+        controls = self._control_units(request.get("controls") or [], init)
         try:
             loras = tuple((lo["name"], lo.get("weight", 1.0)) for lo in request.get("loras") or [])
             checked = Request(kind, settings, init_image=init, mask=mask, loras=loras,
-                              models_dir=self.store.models_dir,
-                              lora_strict=request.get("lora_strict", True)).check(model)
+                              models_dir=self.store.models_dir, lora_strict=request.get("lora_strict", True),
+                              controls=controls).check(model)
         except ValueError as err:
             raise RequestError(str(err)) from None
         w, h = g.output_size(model, checked.settings)
         if w * h > lim.max_pixels:
             raise RequestError(f"{w}x{h} is {w * h} pixels, over the limit max_pixels={lim.max_pixels}")
-        record = {k: v for k, v in request.items() if k not in ("init_image", "mask")}
+        record = {k: v for k, v in request.items() if k not in ("init_image", "mask", "controls")}
+        if request.get("controls"):  # the units without their images (each PNG stores its condition map)
+            record["controls"] = [{k: v for k, v in unit.items() if k != "image"} for unit in request["controls"]]
         job = Job(kind=kind, request={**record, "seed": seed}, model=entry.name, inputs={"request": checked},
                   save=save)
         if job_id is not None:
@@ -146,6 +149,25 @@ class Service:
         if created is not None:
             job.created = created
         return job
+
+    def _control_units(self, units: list[dict[str, Any]], init: Image.Image | None) -> tuple:
+        """The request's control units, each image decoded and checked (a unit without one reads the init
+        image, as A1111's extension does); a bad unit is refused naming its index and field."""
+        from imagine.adapters.control import ControlUnit
+
+        out = []
+        for i, unit in enumerate(units):
+            image = init
+            if unit.get("image"):
+                image = decode_image(unit["image"], f"controls[{i}].image", self.limits)
+            if image is None:
+                raise RequestError(f"controls[{i}].image is missing: give the image its preprocessor reads")
+            fields = {k: v for k, v in unit.items() if k != "image" and v is not None}
+            try:
+                out.append(ControlUnit(image=image, **fields).check())
+            except (TypeError, ValueError) as err:
+                raise RequestError(f"controls[{i}]: {err}") from None
+        return tuple(out)
 
     def submit(self, request: dict[str, Any], kind: str, *, save: bool = True) -> Job:
         """make_job, then queue it; the request is kept as received until the job starts."""

@@ -1,0 +1,159 @@
+"""Spatial control end to end: train-controlnet / train-adapter (exact resume), the CLI's --control and
+--adapter with --from, imagine detect, the job API's controls and A1111's ControlNet extension API."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from safetensors.torch import load_file
+
+from imagine.data.shapes import make_scene, render
+from imagine.server import Limits, create_app
+
+
+def imagine(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "imagine", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def _b64(img: Image.Image) -> str:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_t2i_dir, tmp_path_factory):
+    """A models folder with a ControlNet and a T2I-Adapter trained for a few steps on the tiny model."""
+    root = tmp_path_factory.mktemp("control")
+    models = root / "models" / "ControlNet"
+    common = ["--model", tiny_t2i_dir, "--data", "builtin:shapes", "--steps", 4, "--batch-size", 2,
+              "--checkpoint-every", 2]
+    run = imagine("train-controlnet", "--condition", "segmentation", "--out", models / "cn_seg", *common)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = imagine("train-adapter", "--condition", "canny", "--out", models / "ad_canny", "--num-res-blocks", 1,
+                  *common)
+    assert run.returncode == 0, run.stderr[-3000:]
+    scene = root / "scene.png"
+    Image.fromarray(render(make_scene(3), 64)).save(scene)
+    return root
+
+
+def test_training_resumes_exactly_and_writes_diffusers_folders(trained, tiny_t2i_dir, tmp_path):
+    straight = load_file(str(trained / "models" / "ControlNet" / "cn_seg" / "diffusion_pytorch_model.safetensors"))
+    common = ["--model", tiny_t2i_dir, "--condition", "segmentation", "--batch-size", 2, "--checkpoint-every", 2,
+              "--out", tmp_path / "cn"]
+    assert imagine("train-controlnet", "--steps", 2, *common).returncode == 0
+    (tmp_path / "cn").rename(tmp_path / "cn-half")  # the half-way result; the run goes on from its checkpoint
+    run = imagine("train-controlnet", "--steps", 4, "--resume", *common)
+    assert run.returncode == 0, run.stderr[-2000:]
+    resumed = load_file(str(tmp_path / "cn" / "diffusion_pytorch_model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    assert all(np.array_equal(straight[k].numpy(), resumed[k].numpy()) for k in straight)
+    assert (trained / "models" / "ControlNet" / "cn_seg-training" / "samples" / "step_0000004.png").exists()
+    run = imagine("train-controlnet", "--model", tiny_t2i_dir, "--condition", "depth", "--out", tmp_path / "x")
+    assert run.returncode != 0 and "preprocessor 'depth' unknown" in run.stderr
+
+
+def test_cli_control_units_detect_and_from(trained, tiny_t2i_dir):
+    cwd = trained
+    assert imagine("detect", "canny", "scene.png", "--out", "edges.png", cwd=cwd).returncode == 0
+    assert Image.open(trained / "edges.png").info.get("imagine-condition") == "canny"
+    common = ["--model", tiny_t2i_dir, "--steps", 3, "--width", 16, "--height", 16, "--seed", 5]
+    run = imagine("generate", "a red circle", *common, "--out", "base", cwd=cwd)
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = imagine("generate", "a red circle", *common, "--control", "segmentation:scene.png:0.8:0:0.7",
+                  "--adapter", "canny:edges.png:0.5", "--control-mode", "prompt", "--out", "ctl", cwd=cwd)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = trained / "ctl" / "000005-txt2img.png"
+    text = Image.open(out).info["parameters"]
+    assert 'ControlNet 0: "Module: segmentation, Model: cn_seg [' in text and "Guidance End: 0.7" in text
+    assert 'ControlNet 1: "Module: canny, Model: ad_canny [' in text and "My prompt is more important" in text
+    base = np.asarray(Image.open(trained / "base" / "000005-txt2img.png"))
+    assert not np.array_equal(np.asarray(Image.open(out)), base)  # the units changed the image
+    run = imagine("generate", "--from", out, "--out", "again", cwd=cwd)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(trained / "again" / "000005-txt2img.png")), np.asarray(Image.open(out)))
+    # refusals that teach
+    run = imagine("generate", "x", *common, "--control", "scribble:scene.png", "--out", "bad", cwd=cwd)
+    assert run.returncode != 0 and "no ControlNet for 'scribble'" in run.stderr
+    run = imagine("generate", "x", *common, "--control", "canny@cn_seg:scene.png:1:0.9:0.1", "--out", "bad", cwd=cwd)
+    assert run.returncode != 0 and "0 <= start <= end <= 1" in run.stderr
+    run = imagine("img2img", "scene.png", "a blue square", *common, "--strength", 0.6, "--control",
+                  "segmentation:scene.png", "--out", "i2i", cwd=cwd)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def client(trained, tiny_t2i_dir, tmp_path_factory):
+    app = create_app([tiny_t2i_dir], out_dir=tmp_path_factory.mktemp("out"), models_dir=trained / "models",
+                     limits=Limits(max_steps=50, max_batch=4, max_pixels=64 * 64))
+    with TestClient(app) as c:
+        yield c
+
+
+def test_a1111_controlnet_extension_api(client, trained):
+    scene = Image.open(trained / "scene.png")
+    assert client.get("/controlnet/version").json() == {"version": 2}
+    models = client.get("/controlnet/model_list").json()["model_list"]
+    assert any(m.startswith("cn_seg [") for m in models) and any(m.startswith("ad_canny [") for m in models)
+    assert not any("training" in m for m in models)  # a run's checkpoints are not models
+    modules = client.get("/controlnet/module_list").json()
+    assert {"canny", "segmentation", "scribble", "keypoints", "tile", "none"} <= set(modules["module_list"])
+    r = client.post("/controlnet/detect", json={"controlnet_module": "canny",
+                                                "controlnet_input_images": [_b64(scene)]})
+    assert r.status_code == 200, r.text
+    edges = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+    assert edges.shape == (64, 64, 3) and 0 < (edges > 0).mean() < 0.2
+    unit = {"enabled": True, "image": _b64(scene), "module": "seg_ofade20k", "model": next(m for m in models if m.startswith("cn_seg [")), "weight": 0.9,
+            "guidance_start": 0.0, "guidance_end": 1.0, "control_mode": 1, "resize_mode": "Crop and Resize",
+            "processor_res": -1, "threshold_a": -1, "threshold_b": -1, "pixel_perfect": True}
+    body = {"prompt": "a red circle", "steps": 3, "width": 16, "height": 16, "seed": 2,
+            "alwayson_scripts": {"controlnet": {"args": [unit, {"enabled": False}]}}}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    info = r.json()["info"]
+    assert "ControlNet 0" in info and "Module: segmentation" in info and "My prompt is more important" in info
+    # img2img with a unit without an image reads the init image
+    r = client.post("/sdapi/v1/img2img", json={**body, "init_images": [_b64(scene)], "denoising_strength": 0.5,
+                                               "alwayson_scripts": {"controlnet": {"args": [{**unit, "image": None}]}}})
+    assert r.status_code == 200, r.text
+    # bad units: 4xx naming the field
+    for bad, field in [({**unit, "weight": "heavy"}, "args[0]"), ({**unit, "module": "depth_midas"}, "depth_midas"),
+                       ({**unit, "mask": _b64(scene)}, "args[0].mask"), ({**unit, "bogus": 1}, "bogus"),
+                       ({**unit, "model": "nope"}, "nope"), ({**unit, "guidance_start": 0.9, "guidance_end": 0.1},
+                                                            "start")]:
+        r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [bad]}}})
+        assert 400 <= r.status_code < 500 and field in r.text, (field, r.status_code, r.text)
+    r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"adetailer": {"args": []}}})
+    assert r.status_code == 422 and "alwayson_scripts.adetailer" in r.text
+
+
+def test_job_api_controls(client, trained):
+    scene = _b64(Image.open(trained / "scene.png"))
+    r = client.post("/api/v1/jobs", json={"prompt": "a red circle", "steps": 3, "width": 16, "height": 16,
+                                          "controls": [{"image": scene, "module": "segmentation", "weight": 0.8},
+                                                       {"image": scene, "module": "canny", "kind": "t2i_adapter"}]})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    for _ in range(600):
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed"):
+            break
+        import time
+
+        time.sleep(0.05)
+    assert job["status"] == "done", job["error"]
+    record = job["images"][0]["info"]
+    assert [u["model"] for u in record["controls"]] == ["cn_seg", "ad_canny"]
+    assert all("image" not in u for u in job["request"]["controls"])  # the job keeps no input images
+    r = client.post("/api/v1/jobs", json={"prompt": "x", "controls": [{"image": scene, "module": "canny",
+                                                                       "mode": "loud"}]})
+    assert r.status_code == 422 and "controls[0]" in r.text and "loud" in r.text
