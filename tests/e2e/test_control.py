@@ -80,7 +80,8 @@ def test_cli_control_units_detect_and_from(trained, tiny_t2i_dir):
     assert not np.array_equal(np.asarray(Image.open(out)), base)  # the units changed the image
     run = imagine("generate", "--from", out, "--out", "again", cwd=cwd)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert np.array_equal(np.asarray(Image.open(trained / "again" / "000005-txt2img.png")), np.asarray(Image.open(out)))
+    again = np.asarray(Image.open(trained / "again" / "000005-txt2img.png"))
+    assert np.array_equal(again, np.asarray(Image.open(out)))
     # refusals that teach
     run = imagine("generate", "x", *common, "--control", "scribble:scene.png", "--out", "bad", cwd=cwd)
     assert run.returncode != 0 and "no ControlNet for 'scribble'" in run.stderr
@@ -112,7 +113,8 @@ def test_a1111_controlnet_extension_api(client, trained):
     assert r.status_code == 200, r.text
     edges = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
     assert edges.shape == (64, 64, 3) and 0 < (edges > 0).mean() < 0.2
-    unit = {"enabled": True, "image": _b64(scene), "module": "seg_ofade20k", "model": next(m for m in models if m.startswith("cn_seg [")), "weight": 0.9,
+    model = next(m for m in models if m.startswith("cn_seg ["))
+    unit = {"enabled": True, "image": _b64(scene), "module": "seg_ofade20k", "model": model, "weight": 0.9,
             "guidance_start": 0.0, "guidance_end": 1.0, "control_mode": 1, "resize_mode": "Crop and Resize",
             "processor_res": -1, "threshold_a": -1, "threshold_b": -1, "pixel_perfect": True}
     body = {"prompt": "a red circle", "steps": 3, "width": 16, "height": 16, "seed": 2,

@@ -267,7 +267,8 @@ class ControlUnit:
             raise ValueError(f"control kind {self.kind!r} unknown; choose controlnet or t2i_adapter")
         if self.processor_res is not None and (not isinstance(self.processor_res, int) or self.processor_res < 8):
             raise ValueError(f"processor resolution must be an integer >= 8, got {self.processor_res!r}")
-        return replace(self, module=module_name(self.module), mode=check_mode(self.mode), resize_mode=resize, weight=float(self.weight),
+        return replace(self, module=module_name(self.module), mode=check_mode(self.mode), resize_mode=resize,
+                       weight=float(self.weight),
                        start=float(self.start), end=float(self.end))
 
 
@@ -356,7 +357,7 @@ def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], mo
         if unit.model is not None:
             shipped = {p.name: p for p in builtin_controls()}
             try:
-                path = shipped[unit.model] if unit.model in shipped else resolve(unit.model, models_dir, "controlnet")
+                path = shipped.get(unit.model) or resolve(unit.model, models_dir, "controlnet")
             except FileNotFoundError as err:
                 raise ValueError(f"control unit {i}: {err}") from None
         else:
@@ -368,8 +369,9 @@ def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], mo
         from imagine.data.conditions import PREPROCESSORS
 
         pre = PREPROCESSORS[unit.module]
-        threshold_a = unit.threshold_a if unit.threshold_a is not None or pre.threshold_a is None else pre.threshold_a[1]
-        threshold_b = unit.threshold_b if unit.threshold_b is not None or pre.threshold_b is None else pre.threshold_b[1]
+        defaults = [d[1] if d is not None else None for d in (pre.threshold_a, pre.threshold_b)]
+        threshold_a = unit.threshold_a if unit.threshold_a is not None else defaults[0]
+        threshold_b = unit.threshold_b if unit.threshold_b is not None else defaults[1]
         record = {"module": unit.module, "model": file.name, "path": str(path.resolve()), "kind": file.kind,
                   "sha256_10": file_hash(weights) if weights.is_file() else None, "weight": unit.weight,
                   "start": unit.start, "end": unit.end, "mode": unit.mode, "resize_mode": unit.resize_mode,

@@ -194,7 +194,8 @@ def unet_config_from_ldm(w: Weights, arch: Arch):
     layers = (first_down - 1) if first_down is not None else n_in - 1
     levels = n_in // (layers + 1)
     encoder_only = _count(w, "output_blocks.") == 0 and "input_hint_block.0.weight" in w  # a ControlNet
-    if levels * (layers + 1) != n_in or (_count(w, "output_blocks.") != levels * (layers + 1) and not encoder_only):
+    n_out = _count(w, "output_blocks.")
+    if levels * (layers + 1) != n_in or (n_out != levels * (layers + 1) and not encoder_only):
         raise CheckpointError(f"unexpected UNet layout: {n_in} input blocks and {_count(w, 'output_blocks.')} "
                               f"output blocks for {layers} layers per level")
     channels, down, up, depth = [], [], [], []
@@ -224,7 +225,8 @@ def unet_config_from_ldm(w: Weights, arch: Arch):
         extra = dict(addition_embed_type="text_time", addition_time_embed_dim=(adm - pooled) // 6,
                      projection_class_embeddings_input_dim=adm)
     return UNetConfig(sample_size=IMAGE_SIZE[arch] // 8, in_channels=in_channels,
-                      out_channels=w["out.2.weight"].shape[0] if "out.2.weight" in w else in_channels, block_out_channels=tuple(channels),
+                      out_channels=w["out.2.weight"].shape[0] if "out.2.weight" in w else in_channels,
+                      block_out_channels=tuple(channels),
                       down_block_types=tuple(down), up_block_types=tuple(up),
                       mid_block_type="UNetMidBlock2DCrossAttn" if mid else None, layers_per_block=layers,
                       cross_attention_dim=context, attention_head_dim=heads,

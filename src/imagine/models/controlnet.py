@@ -13,15 +13,23 @@ controlnet_mid_block), so diffusers' ControlNet folders load unchanged and ours 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
 from torch import nn
 
+from imagine.models.unet import (
+    DownBlock,
+    DownBlockType,
+    MidBlockCrossAttn,
+    UNet2DConditionModel,
+    UNetConfig,
+    embed_time,
+)
 from imagine.nn.config import config_from_dict
 from imagine.nn.embeddings import TimestepEmbedding
-from imagine.models.unet import DownBlock, DownBlockType, MidBlockCrossAttn, UNet2DConditionModel, UNetConfig, embed_time
 
 _UP = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D", "AttnDownBlock2D": "AttnUpBlock2D"}
 
@@ -95,7 +103,7 @@ class ControlNetConditioningEmbedding(nn.Module):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         self.blocks = nn.ModuleList()
-        for a, b in zip(widths[:-1], widths[1:], strict=True):
+        for a, b in itertools.pairwise(widths):
             self.blocks.append(nn.Conv2d(a, a, 3, padding=1))
             self.blocks.append(nn.Conv2d(a, b, 3, padding=1, stride=2))
         self.conv_out = _zero(nn.Conv2d(widths[-1], out_channels, 3, padding=1))

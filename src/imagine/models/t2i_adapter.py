@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from imagine.nn.config import config_from_dict
 from imagine.models.unet import UNetConfig
+from imagine.nn.config import config_from_dict
 
 AdapterType = Literal["full_adapter", "full_adapter_xl"]
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from imagine.data.conditions import check_module, detect
-from imagine.train.lora import AdapterTrainConfig, base_record, checkpoint_dir, fit
 from imagine.train.loop import Hook
+from imagine.train.lora import AdapterTrainConfig, base_record, checkpoint_dir, fit
 
 CLASS_NAMES = {"controlnet": "ControlNetModel", "t2i_adapter": "T2IAdapter"}
 
@@ -33,7 +33,8 @@ class ControlTrainConfig(AdapterTrainConfig):
         super().__post_init__()
         check_module(self.condition)
         if self.condition == "none":
-            raise ValueError("a control model learns a condition: pick canny, scribble, segmentation, keypoints or tile")
+            raise ValueError("a control model learns a condition: pick canny, scribble, segmentation, keypoints "
+                             "or tile")
         if self.kind not in CLASS_NAMES:
             raise ValueError(f"kind {self.kind!r} unknown; choose controlnet or t2i_adapter")
 
