@@ -76,6 +76,11 @@ def server(tiny_t2i_dir, tmp_path_factory):
     from imagine.io.embeddings import save_embedding
 
     save_embedding(Embedding("e", {"emb_params": torch.randn(1, 384)}), models / "embeddings" / "my-thing.safetensors")
+    from imagine.models import ControlNetModel, save_diffusers_model
+
+    unet = load_unet(tiny_t2i_dir / "unet")
+    save_diffusers_model(ControlNetModel.from_unet(unet, latent_factor=2), models / "ControlNet" / "cn-scribble",
+                         "ControlNetModel", {"condition": "scribble"})
     proc = subprocess.Popen([sys.executable, "-m", "imagine", "serve", "--model", str(tiny_t2i_dir), "--port",
                              str(port), "--out", str(out), "--max-steps", "1000", "--models-dir", str(models)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -262,4 +267,38 @@ def test_merger_tab_merges_and_serves_the_result(server):
         expect(page.locator("#merge-a option", has_text="ui-merge")).to_have_count(1)
         page.click("#tabs button[data-tab=models]")
         expect(page.locator("#model-list")).to_contain_text("ui-merge")
+        assert errors == [], errors
+
+
+def test_controlnet_unit_drawn_previewed_and_run_from_the_ui(server):
+    _need_browser()
+    from playwright.sync_api import expect
+
+    with _page(server) as (page, errors):
+        page.click("#controlnet summary")
+        page.click("#add-control")
+        unit = page.locator(".control-unit").first
+        expect(unit).to_be_visible()
+        expect(unit.locator(".control-model option")).to_have_count(2)  # automatic, and the one in the folder
+        canvas = unit.locator(".control-canvas")
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + 20, box["y"] + 20)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 100, box["y"] + 90, steps=12)
+        page.mouse.up()
+        unit.locator(".control-module").select_option("scribble")
+        unit.locator(".control-detect").click()
+        expect(unit.locator(".control-preview")).to_be_visible(timeout=30_000)
+        unit.locator(".control-weight").fill("0.7")
+        unit.locator(".control-end").fill("0.8")
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "3")
+        page.click("#generate-button")
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        caption = figure.locator("figcaption")
+        expect(caption).to_contain_text('ControlNet 0: "Module: scribble, Model: cn-scribble [', timeout=120_000)
+        expect(caption).to_contain_text("Weight: 0.7")
+        expect(caption).to_contain_text("Guidance End: 0.8")
+        assert page.locator("#control-count").inner_text() == "1"
         assert errors == [], errors

@@ -167,6 +167,8 @@ function requestBody() {
     body.strength = number("strength");
     body.resize_mode = $("resize_mode").value;
   }
+  const controls = controlUnits();
+  if (controls.length) body.controls = controls;
   if (mode === "inpaint") {
     body.mask = maskData();
     body.inpaint_fill = $("inpaint_fill").value;
@@ -413,3 +415,105 @@ loadSamplers().then(loadModelBadge).catch((err) => showError(err.message));
 loadVaes().catch((err) => showError(err.message));
 loadLoras().catch((err) => showError(err.message));
 loadEmbeddings().catch((err) => showError(err.message));
+
+// ---- ControlNet units: an image (uploaded or drawn), its preprocessor, a model, weight and step range
+let controlModels = null;
+let controlModules = null;
+async function controlLists() {
+  if (!controlModels) {
+    controlModels = (await api("GET", "/controlnet/model_list")).model_list;
+    controlModules = (await api("GET", "/controlnet/module_list")).module_list;
+  }
+}
+function option(value, text) {
+  const o = document.createElement("option");
+  o.value = value;
+  o.textContent = text;
+  return o;
+}
+async function addControlUnit() {
+  await controlLists();
+  const unit = document.createElement("fieldset");
+  unit.className = "control-unit";
+  unit.innerHTML = `
+    <legend>Unit</legend>
+    <div class="row">
+      <canvas class="control-canvas" width="128" height="128" title="draw white strokes on black"></canvas>
+      <img class="control-preview" alt="preprocessor output" hidden>
+    </div>
+    <div class="grid">
+      <label>Image <input type="file" class="control-file" accept="image/*"></label>
+      <label>Preprocessor <select class="control-module"></select></label>
+      <label>Model <select class="control-model"></select></label>
+      <label>Weight <input type="number" class="control-weight" step="0.05" value="1"></label>
+      <label>Starting step (fraction) <input type="number" class="control-start" min="0" max="1" step="0.05" value="0"></label>
+      <label>Ending step (fraction) <input type="number" class="control-end" min="0" max="1" step="0.05" value="1"></label>
+      <label>Control mode <select class="control-mode">
+        <option value="balanced">Balanced</option><option value="prompt">My prompt is more important</option>
+        <option value="control">ControlNet is more important</option></select></label>
+    </div>
+    <div class="row">
+      <button type="button" class="control-detect">Preview preprocessor</button>
+      <button type="button" class="control-clear">Clear</button>
+      <button type="button" class="control-remove">Remove unit</button>
+    </div>`;
+  const q = (cls) => unit.querySelector("." + cls);
+  for (const m of controlModules) q("control-module").appendChild(option(m, m));
+  q("control-model").appendChild(option("", "automatic (the one trained for the preprocessor)"));
+  for (const m of controlModels) q("control-model").appendChild(option(m.split(" [")[0], m));
+  const canvas = q("control-canvas");
+  const ctx = canvas.getContext("2d");
+  const clear = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, 128, 128); q("control-preview").hidden = true; };
+  clear();
+  unit.drawn = false;
+  q("control-file").addEventListener("change", async (e) => {
+    if (!e.target.files.length) return;
+    const img = await loadImage(await fileToDataURL(e.target.files[0]));
+    ctx.drawImage(img, 0, 0, 128, 128);
+    unit.drawn = true;
+  });
+  let down = false;
+  const stroke = (e) => {
+    if (!down) return;
+    const rect = canvas.getBoundingClientRect();
+    ctx.fillStyle = "#fff";
+    ctx.beginPath();
+    ctx.arc((e.clientX - rect.left) * 128 / rect.width, (e.clientY - rect.top) * 128 / rect.height, 3, 0, 2 * Math.PI);
+    ctx.fill();
+    unit.drawn = true;
+  };
+  canvas.addEventListener("pointerdown", (e) => { down = true; stroke(e); });
+  canvas.addEventListener("pointermove", stroke);
+  window.addEventListener("pointerup", () => { down = false; });
+  q("control-clear").addEventListener("click", () => { clear(); unit.drawn = false; });
+  q("control-remove").addEventListener("click", () => { unit.remove(); countUnits(); });
+  q("control-detect").addEventListener("click", async () => {
+    showError(null);
+    try {
+      const r = await api("POST", "/controlnet/detect", {
+        controlnet_module: q("control-module").value, controlnet_input_images: [canvas.toDataURL("image/png")],
+      });
+      q("control-preview").src = "data:image/png;base64," + r.images[0];
+      q("control-preview").hidden = false;
+    } catch (err) { showError(err.message); }
+  });
+  $("control-units").appendChild(unit);
+  countUnits();
+  return unit;
+}
+function countUnits() {
+  $("control-count").textContent = document.querySelectorAll(".control-unit").length;
+}
+function controlUnits() {
+  return [...document.querySelectorAll(".control-unit")].map((unit, i) => {
+    const q = (cls) => unit.querySelector("." + cls);
+    if (!unit.drawn && mode === "txt2img") throw new Error(`ControlNet unit ${i + 1} has no image: upload or draw one`);
+    const number = (cls) => Number(q(cls).value);
+    return {
+      image: unit.drawn ? q("control-canvas").toDataURL("image/png") : null, module: q("control-module").value,
+      model: q("control-model").value || null, weight: number("control-weight"), start: number("control-start"),
+      end: number("control-end"), mode: q("control-mode").value,
+    };
+  });
+}
+$("add-control").addEventListener("click", () => addControlUnit().catch((err) => showError(err.message)));
