@@ -222,7 +222,7 @@ def test_a1111_fields_are_honoured_or_refused(tiny_t2i_dir):
     with TestClient(app) as client:
         for field, value in (("restore_faces", True), ("enable_hr", True), ("subseed_strength", 0.5),
                              ("tiling", True), ("s_churn", 1.0), ("styles", ["cinematic"]),
-                             ("alwayson_scripts", {"controlnet": {"args": []}})):
+                             ("alwayson_scripts", {"adetailer": {"args": []}})):  # ControlNet's are run
             r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, field: value})
             assert r.status_code == 422 and field in r.json()["detail"], (field, r.text)
         r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "restore_faces": False, "tiling": False,
