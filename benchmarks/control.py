@@ -66,13 +66,13 @@ def train_all(work: Path, steps: int, batch: int, results: dict, save) -> None:
 
 def _generate(model, encoder, prompt: str, seed: int, units=(), steps: int = 20, init=None, strength=0.5,
               size: int | None = None) -> np.ndarray:
+    import torch
+
     from imagine.pipelines.generate import Settings, img2img, txt2img
     from imagine.pipelines.unconditional import to_uint8
 
     s = Settings(prompt=prompt, seed=seed, steps=steps, sampler=model.spec.default_sampler,
                  cfg_scale=model.spec.default_cfg, width=size, height=size, strength=strength)
-    import torch
-
     with torch.no_grad():
         if init is None:
             return to_uint8(txt2img(model, s, encoder, controls=list(units)))[0]
@@ -113,7 +113,6 @@ def _mean_se(values) -> tuple[float, float]:
 
 
 def measure(work: Path, out_dir: Path, n_scenes: int, results: dict, save) -> None:
-    import torch
     from skimage.metrics import peak_signal_noise_ratio
 
     from imagine.adapters.control import cached_control
@@ -217,7 +216,6 @@ def measure(work: Path, out_dir: Path, n_scenes: int, results: dict, save) -> No
             tile[str(size)] = {"lanczos_psnr": _mean_se(lanczos), "tile_psnr": _mean_se(tiled)}
         m["tile"] = tile
         save()
-    torch.manual_seed(0)
     write_report(results, out_dir, n_scenes)
 
 

@@ -82,7 +82,7 @@ class Conditioner:
     def active(self, progress: float) -> bool:
         return self.weight != 0 and self.start <= progress <= self.end
 
-    def _scales(self, n: int, device) -> list[float]:
+    def _scales(self, n: int) -> list[float]:
         if self.mode == "balanced":
             return [self.weight] * n
         return [self.weight * SOFT_DECAY ** (n - 1 - k) for k in range(n)]
@@ -107,7 +107,7 @@ class Conditioner:
                 self._features = self.file.model(self.condition.to(x.device))
             outs = [f.to(x.dtype).expand(b, -1, -1, -1) for f in self._features]
         mask = self._rows(rows, x)
-        scaled = [o * s if mask is None else o * s * mask for o, s in zip(outs, self._scales(len(outs), x.device),
+        scaled = [o * s if mask is None else o * s * mask for o, s in zip(outs, self._scales(len(outs)),
                                                                          strict=True)]
         if self.file.kind == "controlnet":
             return scaled[:-1], scaled[-1], None
