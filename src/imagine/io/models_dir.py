@@ -1,5 +1,6 @@
 """A models folder laid out as AUTOMATIC1111's is: ``Stable-diffusion/`` (checkpoints: single files or
-diffusers and imagine folders), ``VAE/``, ``Lora/``, ``ControlNet/``, ``embeddings/``. Models are named by
+diffusers and imagine folders), ``VAE/``, ``Lora/``, ``ControlNet/``, ``embeddings/``, and ComfyUI's
+``ipadapter/`` and ``clip_vision/`` for IP-Adapters and their image encoders. Models are named by
 file stem (or folder name) and also found by A1111's title "name [hash]" or short hash (the first 10
 hex digits of the file's SHA-256); hashes are computed only when a lookup needs them, once per file."""
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from imagine.io.png import file_hash
 
 SECTIONS = {"checkpoints": "Stable-diffusion", "vae": "VAE", "lora": "Lora", "controlnet": "ControlNet",
-            "embeddings": "embeddings"}
+            "embeddings": "embeddings", "ipadapter": "ipadapter", "clip_vision": "clip_vision"}
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 

@@ -16,6 +16,12 @@ class Attention(nn.Module):
 
     Self-attention when ``context`` is None, cross-attention (Q from x, K and V from context) otherwise.
     x: (B, N, query_dim); context: (B, M, cross_attention_dim); mask: (B, M) True where a token counts.
+
+    context may also be a pair (text, streams), as diffusers passes IP-Adapter states: ``streams`` maps
+    attention layers to extra key/value streams [(to_k_ip, to_v_ip, tokens (B, K, D), scale), ...], and
+    this layer's are added as decoupled cross-attention (Ye et al. 2023, eq. 5):
+    Z = Attn(Q, K_text, V_text) + sum_i scale_i Attn(Q, to_k_ip_i(tokens_i), to_v_ip_i(tokens_i)).
+    A layer the mapping leaves out, or a scale of 0, runs exactly as without it.
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
@@ -30,13 +36,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        streams = ()
+        if isinstance(context, tuple):
+            context, by_layer = context
+            streams = by_layer.get(self, ())
         context = x if context is None else context
         b = x.shape[0]
-        q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, N, inner) -> (B, heads, N, d)
+            return t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)
+
+        q, k, v = (heads(t) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(b, x.shape[1], -1)
+        for to_k_ip, to_v_ip, tokens, scale in streams:
+            if scale == 0:
+                continue
+            tokens = tokens.to(x.dtype)
+            extra = F.scaled_dot_product_attention(q, heads(to_k_ip(tokens)), heads(to_v_ip(tokens)))
+            out = out + scale * extra.transpose(1, 2).reshape(b, x.shape[1], -1)
         return self.to_out[1](self.to_out[0](out))
 
 

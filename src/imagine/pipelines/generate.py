@@ -183,7 +183,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            latent_hw: tuple[int, int] | None = None, init_latent: torch.Tensor | None = None,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
            cancel: Callable[[], bool] | None = None, precision: str = "fp32", batched: bool = False,
-           compile: bool = False, noise_seed_delta: int = 0, controls: Sequence = ()) -> torch.Tensor:
+           compile: bool = False, noise_seed_delta: int = 0, controls: Sequence = (),
+           image_prompts: Sequence = ()) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
@@ -191,7 +192,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     resolution, 1 = regenerate) the unmasked latent is blended in at every step (inpaint).
     noise_seed_delta: as A1111's eta noise seed delta, a stochastic sampler's own noise comes from
     seed + delta while the starting noise stays seed's.
-    controls: attached conditioners (adapters/control.py: ControlNets, T2I-Adapters), any number and kind."""
+    controls: attached conditioners (adapters/control.py: ControlNets, T2I-Adapters), any number and kind.
+    image_prompts: attached IP-Adapter prompts (adapters/image_prompt.py); cond and uncond carry their tokens."""
     name, implied = resolve(sampler)
     schedule = check_schedule(schedule) if schedule is not None else implied
     spec, f = model.spec, latent_factor(model)
@@ -211,6 +213,11 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     else:
         x = init_latent + noise * float(sigmas[0])
     network = _network(model.unet, compile)
+    if image_prompts:
+        from imagine.adapters.image_prompt import ImagePrompted
+        from imagine.diffusion.schedules import sigma_to_t
+
+        network = ImagePrompted(network, model.unet, image_prompts, sigma_to_t(sigmas[:-1], ac))
     if controls:
         from imagine.adapters.control import Controlled
         from imagine.diffusion.schedules import sigma_to_t
@@ -248,7 +255,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
 
 def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: torch.Tensor | None = None,
             mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
-            cancel: Callable[[], bool] | None = None, controls: Sequence = ()) -> torch.Tensor:
+            cancel: Callable[[], bool] | None = None, controls: Sequence = (),
+            image_prompts: Sequence = ()) -> torch.Tensor:
     """Text-conditioned sampling: prompt and negative prompt encoded in one call, so their windows line up."""
     _check_text_model(model, text_encoder)
     w, h = output_size(model, s)
@@ -272,11 +280,15 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
         from imagine.adapters.control import ROWS
 
         cond[ROWS], uncond[ROWS] = torch.ones(s.n), torch.zeros(s.n)
+    if image_prompts:  # the image's tokens on the conditional rows, the zero embedding's on the others
+        from imagine.adapters.image_prompt import TOKENS, prompt_tokens
+
+        cond[TOKENS], uncond[TOKENS] = prompt_tokens(image_prompts, s.n)
     return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler, schedule=s.schedule,
                   cond=cond, uncond=uncond, cfg_scale=s.cfg_scale, guidance_rescale=s.guidance_rescale,
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
                   callback=callback, cancel=cancel, precision=s.precision, batched=s.batched, compile=s.compile,
-                  noise_seed_delta=s.noise_seed_delta, controls=controls)
+                  noise_seed_delta=s.noise_seed_delta, controls=controls, image_prompts=image_prompts)
 
 
 def _micro_conditioning(pooled: torch.Tensor | None, width: int, height: int) -> dict[str, torch.Tensor]:
@@ -472,7 +484,7 @@ def _inpaint_region(model: DiffusionModel, s: Settings, init: Image.Image, mask:
 
 def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_encoder, extra: dict | None = None,
              loras: list[dict] | None = None, embeddings: list[dict] | None = None,
-             controls: list[dict] | None = None) -> tuple[str, dict]:
+             controls: list[dict] | None = None, image_prompts: list[dict] | None = None) -> tuple[str, dict]:
     """(A1111 parameters text, JSON record) for image ``index`` of a request (its seed is seed + index)."""
     from imagine import __version__
     from imagine.io.png import a1111_parameters, environment, file_hash
@@ -516,6 +528,11 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
 
         for i, unit in enumerate(controls):
             fields[f"ControlNet {i}"] = a1111_field(unit)
+    if image_prompts:  # sd-webui-controlnet writes IP-Adapter units as more ControlNet units
+        from imagine.adapters import image_prompt
+
+        for i, unit in enumerate(image_prompts, start=len(controls or ())):
+            fields[f"ControlNet {i}"] = image_prompt.a1111_field(unit)
     fields["Version"] = f"imagine {__version__}"
     record = {
         "kind": kind, "settings": {**s.to_dict(), "seed": s.seed + index, "n": 1}, "index": index,
@@ -532,4 +549,6 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         record["embeddings"] = embeddings
     if controls:
         record["controls"] = controls
+    if image_prompts:
+        record["image_prompts"] = image_prompts
     return a1111_parameters(s.prompt, s.negative_prompt, fields), record

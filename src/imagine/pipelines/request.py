@@ -40,6 +40,8 @@ class Request:
     resolved_embeddings: tuple = field(default=(), repr=False)  # ((Embedding, source), ...), filled by check()
     controls: tuple = ()  # ControlUnits (adapters/control.py): ControlNets and T2I-Adapters, any number
     resolved_controls: tuple = field(default=(), repr=False)  # ((Conditioner, record), ...), filled by check()
+    image_prompts: tuple = ()  # ImagePromptUnits (adapters/image_prompt.py): IP-Adapter prompts, any number
+    resolved_image_prompts: tuple = field(default=(), repr=False)  # ((Prompted, record), ...), filled by check()
 
     def check(self, model: DiffusionModel) -> Request:
         """Everything that can be refused before any work, refused now: settings, inputs, sizes. Returns the
@@ -72,15 +74,22 @@ class Request:
 
         if self.controls and self.rerank > 1:
             raise ValueError("rerank does not take control units; generate with controls, or rerank without")
+        if self.image_prompts and self.rerank > 1:
+            raise ValueError("rerank does not take image prompts; generate with them, or rerank without")
         controls = ()
         if self.controls:
             from imagine.adapters.control import resolve_units
 
             controls = tuple(resolve_units(self.controls, model, size, self.models_dir))
+        prompts = ()
+        if self.image_prompts:
+            from imagine.adapters.image_prompt import resolve_prompts
+
+            prompts = tuple(resolve_prompts(self.image_prompts, model, self.models_dir))
         texts = [s.prompt, s.negative_prompt]
         return replace(self, settings=s, resolved_loras=self._resolve_loras(),
                        resolved_embeddings=tuple(resolve_embeddings(texts, self.models_dir, self.embeddings)),
-                       resolved_controls=controls)
+                       resolved_controls=controls, resolved_image_prompts=prompts)
 
     def _resolve_loras(self) -> tuple[LoraUse, ...]:
         """The LoRAs asked for (options first, then the prompt's tags), each found as a file."""
@@ -107,6 +116,8 @@ class Request:
         object.__setattr__(self, "mask", None)
         object.__setattr__(self, "controls", ())
         object.__setattr__(self, "resolved_controls", ())
+        object.__setattr__(self, "image_prompts", ())
+        object.__setattr__(self, "resolved_image_prompts", ())
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,9 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
     controls = [record for _, record in request.resolved_controls] or None
     if controls:
         kwargs = {**kwargs, "controls": [c for c, _ in request.resolved_controls]}
+    prompts = [record for _, record in request.resolved_image_prompts] or None
+    if prompts:
+        kwargs = {**kwargs, "image_prompts": [p for p, _ in request.resolved_image_prompts]}
     if request.rerank > 1:
         if scorer is None:
             raise ValueError("rerank needs a CLIP scorer")
@@ -198,7 +212,8 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
             images = g.inpaint(model, s, request.init_image, request.mask, text_encoder, **kwargs)
     out = []
     for i, pixels in enumerate(to_uint8(images)):
-        parameters, record = g.describe(model, s, kind, i, text_encoder, request.extra, loras, embs, controls)
+        parameters, record = g.describe(model, s, kind, i, text_encoder, request.extra, loras, embs, controls,
+                                        prompts)
         out.append(Generated(pixels, s.seed + i, parameters, record))
     return out
 
