@@ -25,7 +25,7 @@ EMBED = 10
 class _Pipe(DiffusionPipeline, IPAdapterMixin):
     """The least pipeline diffusers' IPAdapterMixin.load_ip_adapter works on: a UNet and an image encoder."""
 
-    _optional_components = ["image_encoder", "feature_extractor"]
+    _optional_components = ["image_encoder", "feature_extractor"]  # noqa: RUF012 - diffusers' own convention
 
     def __init__(self, unet, image_encoder=None, feature_extractor=None):
         super().__init__()
@@ -97,7 +97,8 @@ def test_layers_follow_diffusers_processor_order():
     from imagine.models import UNet2DConditionModel
     from imagine.models.unet import UNetConfig
 
-    ours = UNet2DConditionModel(UNetConfig(sample_size=8, layers_per_block=1, norm_num_groups=4, **CONFIGS["sdxl_like"]))
+    cfg = UNetConfig(sample_size=8, layers_per_block=1, norm_num_groups=4, **CONFIGS["sdxl_like"])
+    ours = UNet2DConditionModel(cfg)
     widths = [layer.to_k.out_features for layer in cross_attention_layers(ours)]
     theirs = [unet.get_submodule(n.removesuffix(".processor")).to_k.out_features for n in names]
     assert widths == theirs and len(widths) == len(names)

@@ -73,7 +73,7 @@ def _fits(path: Path, unet) -> bool | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = json.loads((f.metadata() or {}).get("config", "null"))
-    except Exception:  # noqa: BLE001 - a folder, a .bin or a foreign file: known once loaded
+    except Exception:
         return None
     if not raw:
         return None

@@ -74,6 +74,12 @@ _OPTS = dict(
                                                  "sum of several."),
     control_mode=typer.Option("balanced", help="balanced, prompt (My prompt is more important) or control "
                                                "(ControlNet is more important: the conditional branch only)."),
+    image_prompt=typer.Option(None, "--image-prompt", help="An image prompt (IP-Adapter): [TYPE[@MODEL]:]IMAGE"
+                                                           "[:SCALE[:START:END]]. TYPE: content (default), "
+                                                           "palette or intensity (Composer's global conditions); "
+                                                           "MODEL a name in models/ipadapter or a path (default: "
+                                                           "the first of TYPE that fits); SCALE the image's "
+                                                           "weight (default 1). Repeat for several."),
     resize_mode=typer.Option(ResizeMode.just_resize, help="How the image meets the output size: stretch, crop "
                                                           "to cover, fit and fill the borders, or resize the "
                                                           "latent (A1111's resize modes)."),
@@ -92,7 +98,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
          mask: Path | None = None, rerank: int = 1, clip: Path | None = None, vae: str | Path | None = None,
          allow_pickle: bool = False, models_dir: Path | None = None, weights_dtype: str = "fp32",
          lora: list[str] | None = None, embedding: list[str] | None = None, lora_strict: bool = True,
-         controls: list | None = None) -> None:
+         controls: list | None = None, image_prompts: list | None = None) -> None:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs."""
     from tqdm import tqdm
 
@@ -118,7 +124,8 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         request = r.Request(kind, settings, init_image=r.open_image(init, "image") if init is not None else None,
                             mask=r.open_image(mask, "mask") if mask is not None else None, rerank=rerank,
                             extra=extra, loras=loras, models_dir=models_dir, embeddings=tuple(embedding or ()),
-                            lora_strict=lora_strict, controls=tuple(controls or ())).check(loaded)
+                            lora_strict=lora_strict, controls=tuple(controls or ()),
+                            image_prompts=tuple(image_prompts or ())).check(loaded)
         scorer = r.load_scorer(clip) if rerank > 1 else None
         bar = tqdm(total=request.settings.steps * request.settings.n * rerank, desc=kind, unit="step", leave=False)
         results = r.run(request, loaded, encoder, scorer=scorer, callback=lambda info: bar.update(1))
@@ -154,20 +161,55 @@ def _control_units(control: list[str] | None, adapter: list[str] | None, mode: s
             if not sep or not rest:
                 raise ValueError(f"{item!r}: write a control unit as TYPE[@MODEL]:IMAGE[:WEIGHT[:START:END]]")
             module, _, model = head.partition("@")
-            parts, numbers = rest.split(":"), []
-            while len(parts) > 1 and len(numbers) < 3:
-                try:
-                    numbers.insert(0, float(parts[-1]))
-                except ValueError:
-                    break
-                parts.pop()
-            if len(numbers) == 2:
-                raise ValueError(f"{item!r}: give START and END together (fractions of the steps), after WEIGHT")
+            parts = rest.split(":")
+            numbers = _numbers_tail(item, parts, 3)
             path = Path(":".join(parts))
             weight, start, end = (numbers + [1.0, 0.0, 1.0][len(numbers):]) if numbers else (1.0, 0.0, 1.0)
             units.append(ControlUnit(module, open_image(path, "control image"), model=model or None, weight=weight,
                                      start=start, end=end, mode=mode, kind=kind, input=input_record(path)).check())
     return units
+
+
+def _numbers_tail(item: str, parts: list[str], most: int) -> list[float]:
+    """Up to ``most`` trailing numbers taken off ``parts`` (WEIGHT, or WEIGHT:START:END)."""
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < most:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    if len(numbers) == 2:
+        raise ValueError(f"{item!r}: give START and END together (fractions of the steps), after the weight")
+    return numbers
+
+
+def image_prompt_units(items: list[str] | None) -> list:
+    """--image-prompt values as ImagePromptUnits: [TYPE[@MODEL]:]IMAGE[:SCALE[:START:END]]."""
+    from imagine.adapters.image_prompt import TYPES, ImagePromptUnit
+    from imagine.pipelines.request import input_record, open_image
+
+    units = []
+    for item in items or []:
+        parts = item.split(":")
+        kind, model = "content", None
+        head, _, named = parts[0].partition("@")
+        if len(parts) > 1 and head in TYPES:
+            kind, model = head, named or None
+            parts = parts[1:]
+        numbers = _numbers_tail(item, parts, 3)
+        scale, start, end = (numbers + [1.0, 0.0, 1.0][len(numbers):]) if numbers else (1.0, 0.0, 1.0)
+        path = Path(":".join(parts))
+        units.append(ImagePromptUnit(open_image(path, "image prompt"), scale, model=model, type=kind, start=start,
+                                     end=end, input=input_record(path)).check())
+    return units
+
+
+def _prompts(items) -> list:
+    try:
+        return image_prompt_units(items)
+    except ValueError as err:
+        fail(str(err))
 
 
 def _units(control, adapter, mode) -> list:
@@ -209,11 +251,14 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
     loras = [(lo["path"], lo["weight"]) for lo in record.get("loras", []) if lo.get("source") == "option"]
     # embeddings given as options come back by file; those found by name in the prompt are found again
     embeddings = [e["path"] for e in record.get("embeddings", []) if e.get("source") == "option"]
+    from imagine.adapters import image_prompt
     from imagine.adapters.control import unit_from_record
 
     controls = [unit_from_record(unit) for unit in record.get("controls", [])]  # the condition maps as stored
+    prompts = [image_prompt.unit_from_record(unit) for unit in record.get("image_prompts", [])]
     _run("txt2img", model, Settings(**record["settings"]), out, vae=vae, weights_dtype=weights, lora=loras,
-         embedding=embeddings, lora_strict=record.get("lora_strict", True), controls=controls, **options)
+         embedding=embeddings, lora_strict=record.get("lora_strict", True), controls=controls,
+         image_prompts=prompts, **options)
 
 
 @app.command()
@@ -229,7 +274,7 @@ def generate(
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
-    control_mode: str = _OPTS["control_mode"],
+    control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for the network (faster on CPUs with bf16)."),
     weights_dtype: str = typer.Option("fp32", help="What the UNet holds: fp32, or bf16 (half the memory and "
@@ -245,13 +290,42 @@ def generate(
     if from_image is not None:
         _from_image(from_image, model, out, allow_pickle=allow_pickle, models_dir=models_dir)
         return
-    if not prompt:
-        fail("give a prompt, or --from IMAGE")
+    if not prompt and not image_prompt:
+        fail("give a prompt or an --image-prompt, or --from IMAGE")
     _run("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                                      precision=precision, batched=batched, compile=compile, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, rerank=rerank, clip=clip, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora,
-         embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode))
+         embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode),
+         image_prompts=_prompts(image_prompt))
+
+
+@app.command()
+def variations(
+    image: Path = typer.Argument(..., help="The image to make variations of."),
+    n: int = typer.Option(4, help="How many variations; variation i uses seed + i."),
+    prompt: str = typer.Option("", help="Text to steer them with (default: none, the image alone)."),
+    scale: float = typer.Option(1.0, help="The image prompt's weight."),
+    ip_adapter: str | None = typer.Option(None, "--ip-adapter", help="The IP-Adapter (name in models/ipadapter or "
+                                          "path; default: the first content adapter that fits the model)."),
+    negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
+    sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
+    cfg: float | None = _OPTS["cfg"], seed: int = _OPTS["seed"],
+    width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
+    model: str | None = _OPTS["model"], out: Path = _OPTS["out"],
+    allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
+) -> None:
+    """Variations of an image (as DALL-E 2's): its embedding, through the IP-Adapter, drawn anew. Each PNG
+    records the image prompt, so --from reproduces it."""
+    from imagine.adapters.image_prompt import ImagePromptUnit
+    from imagine.pipelines.request import input_record, open_image
+
+    try:
+        unit = ImagePromptUnit(open_image(image, "image"), scale, model=ip_adapter, input=input_record(image)).check()
+    except ValueError as err:
+        fail(str(err))
+    _run("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, 0.0, seed, n, width, height),
+         out, allow_pickle=allow_pickle, models_dir=models_dir, image_prompts=[unit])
 
 
 @app.command()
@@ -270,14 +344,14 @@ def img2img(
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
-    control_mode: str = _OPTS["control_mode"],
+    control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
 ) -> None:
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt."""
     _run("img2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                                      strength=strength, resize_mode=resize_mode, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, init=image, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
-         controls=_units(control, adapter, control_mode))
+         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 
 
 @app.command()
@@ -305,7 +379,7 @@ def inpaint(
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
-    control_mode: str = _OPTS["control_mode"],
+    control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest."""
     _run("inpaint", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
@@ -314,7 +388,7 @@ def inpaint(
                                      mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, init=image, mask=mask, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
-         controls=_units(control, adapter, control_mode))
+         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 
 
 @app.command()

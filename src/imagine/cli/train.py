@@ -418,3 +418,53 @@ def train_adapter(
     """Train a T2I-Adapter (Mou et al. 2023): a small network whose features join the frozen UNet's encoder."""
     _train_control("t2i_adapter", model, condition, data, out, steps, batch_size, lr, caption_dropout, seed,
                    precision, checkpoint_every, sample_every, models_dir, resume, num_res_blocks)
+
+
+@app.command("train-ip-adapter")
+def train_ip_adapter_cmd(
+    out: Path = typer.Option(..., help="The IP-Adapter file to write (.safetensors, the original layout; put it "
+                                       "in models/ipadapter/). Checkpoints, log, samples: OUT-training/."),
+    model: str | None = _CONTROL["model"], data: str = _CONTROL["data"],
+    image_encoder: str = typer.Option("shapes-clip", help="What reads the reference: shapes-clip (the shipped "
+                                      "scorer's image tower), a ShapesCLIP or CLIP vision folder, or a global "
+                                      "condition: palette (CIELab histogram) or intensity (luminance)."),
+    steps: int = _CONTROL["steps"], batch_size: int = _ADAPTER["batch_size"],
+    lr: float = typer.Option(2e-4, help="AdamW learning rate."),
+    caption_dropout: float = typer.Option(0.5, help="Train on the empty prompt this often, so the image alone "
+                                                    "is read (variations)."),
+    image_dropout: float = typer.Option(0.1, help="Drop the image (zero embedding) this often, so guidance "
+                                                  "works on it."),
+    rerender: float = typer.Option(0.75, help="builtin:shapes: the reference is the scene re-rendered (same "
+                                              "objects, new places) this often, else the image itself."),
+    seed: int = _ADAPTER["seed"], precision: str = _ADAPTER["precision"],
+    checkpoint_every: int = _ADAPTER["checkpoint_every"], sample_every: int = _CONTROL["sample_every"],
+    models_dir: Path | None = _CONTROL["models_dir"], resume: bool = _CONTROL["resume"],
+) -> None:
+    """Train an IP-Adapter (Ye et al. 2023): prompting with an image through decoupled cross-attention on the
+    frozen model; with --image-encoder palette or intensity, Composer's global conditions."""
+    from imagine.data.images import DataError, load_dataset
+    from imagine.io import models_dir as md
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.pipelines.request import load_text_model
+    from imagine.train.control import held_out_items
+    from imagine.train.ip_adapter import IPAdapterTrainConfig, ip_sample_hook, train_ip_adapter
+
+    progress = training_progress()
+    try:
+        cfg = IPAdapterTrainConfig(image_encoder=image_encoder, steps=steps, batch_size=batch_size, lr=lr,
+                                   caption_dropout=caption_dropout, image_dropout=image_dropout, rerender=rerender,
+                                   seed=seed, precision=precision, checkpoint_every=checkpoint_every)
+        folder = models_dir if models_dir is not None else md.default_models_dir()
+        loaded, encoder = load_text_model(md.resolve(model, folder) if model else _default_model())
+        size = loaded.spec.image_size
+        dataset = load_dataset(data, size, loaded.spec.image_channels, captions=True)
+        hooks = (progress, ip_sample_hook(held_out_items(data, size), sample_every or steps))
+        path = train_ip_adapter(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks)
+    except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
+        progress(None, None)
+        fail(str(err))
+    progress(None, None)
+    _adapter_written(out, path, "log, loss plot and sample grids (reference | outputs)")
+    kind = image_encoder if image_encoder in ("palette", "intensity") else "content"
+    typer.echo(f"use it: imagine generate PROMPT --image-prompt {kind}@{path}:IMAGE (or put it in models/ipadapter/ "
+               "to find it by its kind)")

@@ -126,15 +126,21 @@ _UNIT_FIELDS = {"enabled", "image", "input_image", "mask", "module", "model", "w
 _CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "control"}
 
 
-def a1111_controls(script: Any) -> list[dict[str, Any]]:
-    """alwayson_scripts.controlnet.args (sd-webui-controlnet's units) as our job API's controls; a field
-    that would change results and that we do not implement is refused, naming it."""
+def is_ip_module(module: Any) -> bool:
+    """sd-webui-controlnet's IP-Adapter preprocessors: ip-adapter_clip_sd15, ip-adapter-auto, ..."""
+    return str(module or "").lower().replace("_", "-").startswith("ip-adapter")
+
+
+def a1111_controls(script: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """alwayson_scripts.controlnet.args (sd-webui-controlnet's units) as our job API's controls and image
+    prompts (units whose module is an ip-adapter one); a field that would change results and that we do
+    not implement is refused, naming it."""
     from imagine.adapters.control import module_name
 
     args = script.get("args") if isinstance(script, dict) else script
     if not isinstance(args, list):
         raise RequestError("alwayson_scripts.controlnet.args must be a list of units")
-    out = []
+    out, prompts = [], []
     for i, unit in enumerate(args):
         where = f"alwayson_scripts.controlnet.args[{i}]"
         if not isinstance(unit, dict):
@@ -157,6 +163,16 @@ def a1111_controls(script: Any) -> list[dict[str, Any]]:
             image = image.get("image")
         model = unit.get("model")
         model = None if model in (None, "", "None", "none") else str(model).split(" [")[0]
+        if is_ip_module(unit.get("module")):  # an IP-Adapter unit: an image prompt
+            if not image:
+                raise RequestError(f"{where}.image is missing: an IP-Adapter unit needs its reference image")
+            try:
+                prompts.append({"image": image, "model": model, "scale": float(unit.get("weight", 1.0)),
+                                "start": float(unit.get("guidance_start", 0.0)),
+                                "end": float(unit.get("guidance_end", 1.0))})
+            except (TypeError, ValueError) as err:
+                raise RequestError(f"{where}: {err}") from None
+            continue
         mode = unit.get("control_mode", 0)
         if unit.get("guess_mode"):
             mode = 2
@@ -180,7 +196,7 @@ def a1111_controls(script: Any) -> list[dict[str, Any]]:
                 except (TypeError, ValueError):
                     raise RequestError(f"{where}.{name} must be a number") from None
         out.append(entry)
-    return out
+    return out, prompts
 
 
 def router(service: Service) -> APIRouter:
@@ -219,7 +235,7 @@ def router(service: Service) -> APIRouter:
                 warnings.append(f"init_images has {len(body.init_images)} images; the first is used")
         scripts = {k.lower(): v for k, v in ((body.model_extra or {}).get("alwayson_scripts") or {}).items()}
         if scripts.get("controlnet"):
-            request["controls"] = a1111_controls(scripts["controlnet"])
+            request["controls"], request["image_prompts"] = a1111_controls(scripts["controlnet"])
         if kind == "inpaint":
             request.update(mask=body.mask, mask_blur=body.mask_blur, inpaint_fill=INPAINT_FILLS[body.inpainting_fill],
                            inpaint_only_masked=body.inpaint_full_res, inpaint_padding=body.inpaint_full_res_padding,
@@ -412,9 +428,12 @@ def controlnet_router(service: Service) -> APIRouter:
     @api.get("/model_list")
     def model_list() -> dict[str, list[str]]:
         """The models folder's ControlNet/ (ControlNets and T2I-Adapters) and the shipped ones, as "name [hash]"."""
+        from imagine.adapters import image_prompt
         from imagine.adapters.control import available
 
-        return {"model_list": [title for title, _ in available(service.store.models_dir)]}
+        folder = service.store.models_dir
+        titles = [title for title, _ in available(folder)]
+        return {"model_list": titles + [t for t, _ in image_prompt.available(folder) if t not in titles]}
 
     @api.get("/module_list")
     def module_list(alias_names: bool = False) -> dict[str, Any]:
@@ -427,7 +446,13 @@ def controlnet_router(service: Service) -> APIRouter:
                 if label is not None:
                     sliders.append({"name": label[0], "value": label[1]})
             detail[name] = {"model_free": name == "none", "sliders": sliders, "summary": pre.summary}
-        return {"module_list": list(PREPROCESSORS), "module_detail": detail}
+        ip = {"ip-adapter_clip": "the image's content through a CLIP vision encoder",
+              "ip-adapter_shapes_clip": "the image's content through the shipped scorer's image tower",
+              "ip-adapter_palette": "the image's colour palette (Composer)",
+              "ip-adapter_intensity": "the image's luminance layout (Composer)"}
+        for name, summary in ip.items():
+            detail[name] = {"model_free": False, "sliders": [], "summary": summary}
+        return {"module_list": [*PREPROCESSORS, *ip], "module_detail": detail}
 
     @api.post("/detect")
     def detect_endpoint(body: dict[str, Any] = Body(...)) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from imagine import __version__
 from imagine.server import a1111
 from imagine.server.jobs import Job, QueueFull
 from imagine.server.models import ModelStore
-from imagine.server.schemas import ImageOut, JobCreated, JobOut, JobRequest, MergeRequest
+from imagine.server.schemas import ImageOut, JobCreated, JobOut, JobRequest, MergeRequest, VariationsRequest
 from imagine.server.service import Limits, RequestError, Service, png_base64
 
 STATIC = Path(str(resources.files("imagine.server") / "static"))
@@ -152,6 +152,22 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     def create_job(body: JobRequest, request: Request) -> JobCreated:
         """Queue a txt2img, img2img or inpaint job; 429 with Retry-After when the queue is full."""
         job = service.submit(body.model_dump(), body.kind)
+        return JobCreated(id=job.id, status=job.status, url=str(request.url_for("get_job", job_id=job.id)))
+
+    @app.get("/api/v1/ip-adapters", tags=["jobs"])
+    def ip_adapters() -> dict[str, list[dict[str, str]]]:
+        """The IP-Adapters image prompts can name: the models folder's ipadapter/ and ControlNet/, then the
+        shipped ones, each with its type (content, palette, intensity)."""
+        from imagine.adapters.image_prompt import adapter_type, available
+        from imagine.io.ip_adapter_files import peek
+
+        return {"ip_adapters": [{"title": title, "type": adapter_type(peek(path).get("image_encoder"))}
+                                for title, path in available(service.store.models_dir)]}
+
+    @app.post("/api/v1/variations", response_model=JobCreated, status_code=202, tags=["jobs"])
+    def create_variations(body: VariationsRequest, request: Request) -> JobCreated:
+        """Queue variations of an image: a txt2img job whose image prompt is the image (its PNGs record it)."""
+        job = service.submit(body.job().model_dump(), "txt2img")
         return JobCreated(id=job.id, status=job.status, url=str(request.url_for("get_job", job_id=job.id)))
 
     @app.get("/api/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"])

@@ -37,6 +37,21 @@ class ControlIn(BaseModel):
                                                                                "model is named")
 
 
+class ImagePromptIn(BaseModel):
+    """One image prompt (an IP-Adapter), as the CLI's --image-prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(..., description="base64 reference image")
+    scale: float = Field(1.0, description="the image's weight (lambda); 0 leaves the model as it is")
+    model: str | None = Field(None, description="an IP-Adapter from GET /controlnet/model_list or the models "
+                                                "folder's ipadapter/; default: the first of `type` that fits")
+    type: Literal["content", "palette", "intensity"] = Field("content", description="what the adapter reads: the "
+                                                              "image's content, or Composer's colour palette or "
+                                                              "intensity")
+    start: float = Field(0.0, ge=0, le=1, description="fraction of the steps where it starts acting")
+    end: float = Field(1.0, ge=0, le=1, description="fraction of the steps where it stops")
+
+
 class JobRequest(BaseModel):
     """The CLI's parameters, as JSON. Images are base64 (a data: URL works too)."""
 
@@ -77,7 +92,33 @@ class JobRequest(BaseModel):
                                                 "in the job's log instead of failing the request")
     controls: list[ControlIn] = Field(default_factory=list, description="ControlNet and T2I-Adapter units "
                                                                         "(several compose)")
+    image_prompts: list[ImagePromptIn] = Field(default_factory=list, description="image prompts (IP-Adapter), "
+                                                                             "with or without text; several add up")
     previews: bool = True
+
+
+class VariationsRequest(BaseModel):
+    """Variations of an image (the CLI's `imagine variations`): its embedding drawn anew, n times."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(..., description="base64 image to make variations of")
+    n: int = Field(4, ge=1, description="variations; variation i uses seed + i")
+    scale: float = Field(1.0, description="the image prompt's weight")
+    prompt: str = Field("", max_length=4000, description="text to steer them with (default: none)")
+    negative_prompt: str = Field("", max_length=4000)
+    ip_adapter: str | None = Field(None, description="the IP-Adapter; default: the first content one that fits")
+    seed: int | None = Field(None, ge=-1, lt=2**63)
+    steps: int | None = Field(None, ge=1)
+    sampler: str | None = None
+    cfg_scale: float | None = None
+    model: str | None = None
+    previews: bool = True
+
+    def job(self) -> JobRequest:
+        return JobRequest(kind="txt2img", prompt=self.prompt, negative_prompt=self.negative_prompt, n=self.n,
+                          seed=self.seed, steps=self.steps, sampler=self.sampler, cfg_scale=self.cfg_scale,
+                          model=self.model, previews=self.previews,
+                          image_prompts=[ImagePromptIn(image=self.image, scale=self.scale, model=self.ip_adapter)])
 
 
 class MergeRequest(BaseModel):

@@ -129,19 +129,21 @@ class Service:
             mask = decode_image(request["mask"], "the mask", lim)
         model, _ = self.store.get(entry.name, vae)
         controls = self._control_units(request.get("controls") or [], init)
+        prompts = self._image_prompt_units(request.get("image_prompts") or [])
         try:
             loras = tuple((lo["name"], lo.get("weight", 1.0)) for lo in request.get("loras") or [])
             checked = Request(kind, settings, init_image=init, mask=mask, loras=loras,
                               models_dir=self.store.models_dir, lora_strict=request.get("lora_strict", True),
-                              controls=controls).check(model)
+                              controls=controls, image_prompts=prompts).check(model)
         except ValueError as err:
             raise RequestError(str(err)) from None
         w, h = g.output_size(model, checked.settings)
         if w * h > lim.max_pixels:
             raise RequestError(f"{w}x{h} is {w * h} pixels, over the limit max_pixels={lim.max_pixels}")
-        record = {k: v for k, v in request.items() if k not in ("init_image", "mask", "controls")}
-        if request.get("controls"):  # the units without their images (each PNG stores its condition map)
-            record["controls"] = [{k: v for k, v in unit.items() if k != "image"} for unit in request["controls"]]
+        record = {k: v for k, v in request.items() if k not in ("init_image", "mask", "controls", "image_prompts")}
+        for key in ("controls", "image_prompts"):  # the units without their images (each PNG stores them)
+            if request.get(key):
+                record[key] = [{k: v for k, v in unit.items() if k != "image"} for unit in request[key]]
         job = Job(kind=kind, request={**record, "seed": seed}, model=entry.name, inputs={"request": checked},
                   save=save)
         if job_id is not None:
@@ -167,6 +169,22 @@ class Service:
                 out.append(ControlUnit(image=image, **fields).check())
             except (TypeError, ValueError) as err:
                 raise RequestError(f"controls[{i}]: {err}") from None
+        return tuple(out)
+
+    def _image_prompt_units(self, units: list[dict[str, Any]]) -> tuple:
+        """The request's image prompts, each image decoded and checked; a bad one is refused naming its index."""
+        from imagine.adapters.image_prompt import ImagePromptUnit
+
+        out = []
+        for i, unit in enumerate(units):
+            if not unit.get("image"):
+                raise RequestError(f"image_prompts[{i}].image is missing: give the reference image")
+            image = decode_image(unit["image"], f"image_prompts[{i}].image", self.limits)
+            fields = {k: v for k, v in unit.items() if k != "image" and v is not None}
+            try:
+                out.append(ImagePromptUnit(image=image, **fields).check())
+            except (TypeError, ValueError) as err:
+                raise RequestError(f"image_prompts[{i}]: {err}") from None
         return tuple(out)
 
     def submit(self, request: dict[str, Any], kind: str, *, save: bool = True) -> Job:

@@ -78,7 +78,7 @@ def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path 
     net = new_network(model, cfg.kind, cfg.seed, cfg.num_res_blocks).requires_grad_(True).train()
     params = {f"net.{k}": p for k, p in net.named_parameters()}
 
-    def control(images, x_t, t, cond):
+    def control(images, x_t, t, cond, indices=None):
         maps = conditions(images, cfg.condition)
         if cfg.kind == "t2i_adapter":
             return {"down_intrablock_additional_residuals": net(maps)}

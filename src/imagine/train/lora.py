@@ -105,8 +105,9 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
     for the class prompt. Each step then adds ``cfg.prior_weight`` x the same loss on as many class images,
     so the model keeps drawing the class as it did while it learns the subject.
 
-    control: (images (B, C, H, W) in [-1, 1], x_t, t, cond) -> extra UNet inputs (a ControlNet's or
-    T2I-Adapter's residuals, computed from each image's condition), for spatial-control training."""
+    control: (images (B, C, H, W) in [-1, 1], x_t, t, cond, indices=the items' indices) -> UNet inputs to add
+    or replace (a ControlNet's or T2I-Adapter's residuals from each image's condition; an IP-Adapter's context
+    pair from each item's reference image)."""
     from imagine.pipelines.generate import _micro_conditioning
 
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
@@ -154,7 +155,7 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
             cond.update(_micro_conditioning(text.pooled, size, size))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             if control is not None:
-                cond.update(control(images, x_t, t_t, cond))
+                cond.update(control(images, x_t, t_t, cond, indices=idx))
             output = unet(x_t, t_t, **cond)
         return diffusion_loss(output.float(), x0, noise_t, x_t, t_t, alphas_cumprod, spec.prediction,
                               learned_variance=spec.learned_variance)

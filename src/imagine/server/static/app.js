@@ -169,6 +169,8 @@ function requestBody() {
   }
   const controls = controlUnits();
   if (controls.length) body.controls = controls;
+  const prompts = imagePromptUnits();
+  if (prompts.length) body.image_prompts = prompts;
   if (mode === "inpaint") {
     body.mask = maskData();
     body.inpaint_fill = $("inpaint_fill").value;
@@ -517,3 +519,72 @@ function controlUnits() {
   });
 }
 $("add-control").addEventListener("click", () => addControlUnit().catch((err) => showError(err.message)));
+
+// ---- image prompts (IP-Adapter)
+let ipAdapters = null;
+async function addImagePrompt() {
+  if (!ipAdapters) ipAdapters = (await api("GET", "/api/v1/ip-adapters")).ip_adapters;
+  const unit = document.createElement("fieldset");
+  unit.className = "image-prompt-unit";
+  unit.innerHTML = `
+    <legend>Image prompt</legend>
+    <img class="image-prompt-preview" alt="reference image" hidden>
+    <div class="grid">
+      <label>Image <input type="file" class="image-prompt-file" accept="image/*"></label>
+      <label>Type <select class="image-prompt-type">
+        <option value="content">content</option><option value="palette">palette</option>
+        <option value="intensity">intensity</option></select></label>
+      <label>IP-Adapter <select class="image-prompt-model"></select></label>
+      <label>Scale <span class="image-prompt-scale-value">1</span>
+        <input type="range" class="image-prompt-scale" min="0" max="1.5" step="0.05" value="1"></label>
+    </div>
+    <button type="button" class="image-prompt-remove">Remove</button>`;
+  const q = (cls) => unit.querySelector("." + cls);
+  q("image-prompt-model").appendChild(option("", "automatic (the first of the type that fits)"));
+  for (const a of ipAdapters) q("image-prompt-model").appendChild(option(a.title.split(" [")[0], `${a.title} (${a.type})`));
+  q("image-prompt-scale").addEventListener("input", () => {
+    q("image-prompt-scale-value").textContent = q("image-prompt-scale").value;
+  });
+  q("image-prompt-file").addEventListener("change", async (e) => {
+    if (!e.target.files[0]) return;
+    unit.image = await fileToDataURL(e.target.files[0]);
+    q("image-prompt-preview").src = unit.image;
+    q("image-prompt-preview").hidden = false;
+  });
+  q("image-prompt-remove").addEventListener("click", () => { unit.remove(); countImagePrompts(); });
+  $("image-prompt-units").appendChild(unit);
+  countImagePrompts();
+  return unit;
+}
+function countImagePrompts() {
+  $("image-prompt-count").textContent = document.querySelectorAll(".image-prompt-unit").length;
+}
+function imagePromptUnits() {
+  return [...document.querySelectorAll(".image-prompt-unit")].map((unit, i) => {
+    const q = (cls) => unit.querySelector("." + cls);
+    if (!unit.image) throw new Error(`image prompt ${i + 1} has no image: choose one`);
+    return { image: unit.image, type: q("image-prompt-type").value, model: q("image-prompt-model").value || null,
+             scale: Number(q("image-prompt-scale").value) };
+  });
+}
+$("add-image-prompt").addEventListener("click", () => addImagePrompt().catch((err) => showError(err.message)));
+$("variations-button").addEventListener("click", async () => {
+  showError(null);
+  try {
+    const prompts = imagePromptUnits();
+    if (!prompts.length) throw new Error("add an image prompt first: variations are drawn from its image");
+    const number = (id) => ($(id).value === "" ? null : Number($(id).value));
+    const job = await api("POST", "/api/v1/variations", {
+      image: prompts[0].image, scale: prompts[0].scale, ip_adapter: prompts[0].model, n: number("n") || 4,
+      prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, seed: number("seed"),
+      steps: number("steps"), sampler: $("sampler").value, cfg_scale: number("cfg_scale"),
+    });
+    currentJob = job.id;
+    setBusy(true);
+    $("status-text").textContent = "queued";
+    $("progress").value = 0;
+    follow(job.id);
+  } catch (err) {
+    showError(err.message);
+  }
+});
