@@ -81,6 +81,11 @@ def server(tiny_t2i_dir, tmp_path_factory):
     unet = load_unet(tiny_t2i_dir / "unet")
     save_diffusers_model(ControlNetModel.from_unet(unet, latent_factor=2), models / "ControlNet" / "cn-scribble",
                          "ControlNetModel", {"condition": "scribble"})
+    from imagine.io.ip_adapter_files import save_ip_adapter
+    from imagine.models.ip_adapter import IPAdapter
+
+    (models / "ipadapter").mkdir()
+    save_ip_adapter(IPAdapter.from_unet(unet, 275), models / "ipadapter" / "ip-colours.safetensors", "palette")
     proc = subprocess.Popen([sys.executable, "-m", "imagine", "serve", "--model", str(tiny_t2i_dir), "--port",
                              str(port), "--out", str(out), "--max-steps", "1000", "--models-dir", str(models)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -301,4 +306,38 @@ def test_controlnet_unit_drawn_previewed_and_run_from_the_ui(server):
         expect(caption).to_contain_text("Weight: 0.7")
         expect(caption).to_contain_text("Guidance End: 0.8")
         assert page.locator("#control-count").inner_text() == "1"
+        assert errors == [], errors
+
+
+def test_image_prompt_slot_and_variations_from_the_ui(server, tmp_path):
+    _need_browser()
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    Image.new("RGB", (32, 32), (40, 180, 60)).save(tmp_path / "green.png")
+    with _page(server) as (page, errors):
+        page.click("#image-prompts summary")
+        page.click("#add-image-prompt")
+        unit = page.locator(".image-prompt-unit").first
+        expect(unit).to_be_visible()
+        expect(unit.locator(".image-prompt-model option")).to_have_count(2)  # automatic, and the folder's one
+        unit.locator(".image-prompt-file").set_input_files(str(tmp_path / "green.png"))
+        expect(unit.locator(".image-prompt-preview")).to_be_visible()
+        unit.locator(".image-prompt-type").select_option("palette")
+        unit.locator(".image-prompt-scale").evaluate(
+            "el => { el.value = '0.55'; el.dispatchEvent(new Event('input')); }")
+        expect(unit.locator(".image-prompt-scale-value")).to_have_text("0.55")
+        page.fill("#prompt", "")
+        page.fill("#steps", "3")
+        page.click("#generate-button")
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        caption = figure.locator("figcaption")
+        expect(caption).to_contain_text('"Module: ip-adapter_palette, Model: ip-colours [', timeout=120_000)
+        expect(caption).to_contain_text("Weight: 0.55")
+        before = page.locator("figure.result").count()
+        page.fill("#n", "2")
+        page.click("#variations-button")
+        expect(page.locator("figure.result")).to_have_count(before + 2, timeout=120_000)
+        assert page.locator("#image-prompt-count").inner_text() == "1"
         assert errors == [], errors

@@ -308,6 +308,8 @@ def variations(
     scale: float = typer.Option(1.0, help="The image prompt's weight."),
     ip_adapter: str | None = typer.Option(None, "--ip-adapter", help="The IP-Adapter (name in models/ipadapter or "
                                           "path; default: the first content adapter that fits the model)."),
+    kind: str = typer.Option("content", "--type", help="Which kind of adapter to look for when none is named: "
+                                                     "content, palette or intensity."),
     negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
     sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
     cfg: float | None = _OPTS["cfg"], seed: int = _OPTS["seed"],
@@ -321,7 +323,8 @@ def variations(
     from imagine.pipelines.request import input_record, open_image
 
     try:
-        unit = ImagePromptUnit(open_image(image, "image"), scale, model=ip_adapter, input=input_record(image)).check()
+        unit = ImagePromptUnit(open_image(image, "image"), scale, model=ip_adapter, type=kind,
+                               input=input_record(image)).check()
     except ValueError as err:
         fail(str(err))
     _run("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, 0.0, seed, n, width, height),

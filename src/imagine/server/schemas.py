@@ -106,7 +106,9 @@ class VariationsRequest(BaseModel):
     scale: float = Field(1.0, description="the image prompt's weight")
     prompt: str = Field("", max_length=4000, description="text to steer them with (default: none)")
     negative_prompt: str = Field("", max_length=4000)
-    ip_adapter: str | None = Field(None, description="the IP-Adapter; default: the first content one that fits")
+    ip_adapter: str | None = Field(None, description="the IP-Adapter; default: the first of `type` that fits")
+    type: Literal["content", "palette", "intensity"] = Field("content", description="which kind of adapter to "
+                                                              "look for when none is named")
     seed: int | None = Field(None, ge=-1, lt=2**63)
     steps: int | None = Field(None, ge=1)
     sampler: str | None = None
@@ -118,7 +120,8 @@ class VariationsRequest(BaseModel):
         return JobRequest(kind="txt2img", prompt=self.prompt, negative_prompt=self.negative_prompt, n=self.n,
                           seed=self.seed, steps=self.steps, sampler=self.sampler, cfg_scale=self.cfg_scale,
                           model=self.model, previews=self.previews,
-                          image_prompts=[ImagePromptIn(image=self.image, scale=self.scale, model=self.ip_adapter)])
+                          image_prompts=[ImagePromptIn(image=self.image, scale=self.scale, model=self.ip_adapter,
+                                                       type=self.type)])
 
 
 class MergeRequest(BaseModel):

@@ -423,8 +423,10 @@ let controlModels = null;
 let controlModules = null;
 async function controlLists() {
   if (!controlModels) {
-    controlModels = (await api("GET", "/controlnet/model_list")).model_list;
-    controlModules = (await api("GET", "/controlnet/module_list")).module_list;
+    // the extension's lists hold the IP-Adapters too (A1111 runs them as units); they have their own panel here
+    const ip = new Set((await api("GET", "/api/v1/ip-adapters")).ip_adapters.map((a) => a.title));
+    controlModels = (await api("GET", "/controlnet/model_list")).model_list.filter((m) => !ip.has(m));
+    controlModules = (await api("GET", "/controlnet/module_list")).module_list.filter((m) => !m.startsWith("ip-adapter"));
   }
 }
 function option(value, text) {
@@ -575,7 +577,8 @@ $("variations-button").addEventListener("click", async () => {
     if (!prompts.length) throw new Error("add an image prompt first: variations are drawn from its image");
     const number = (id) => ($(id).value === "" ? null : Number($(id).value));
     const job = await api("POST", "/api/v1/variations", {
-      image: prompts[0].image, scale: prompts[0].scale, ip_adapter: prompts[0].model, n: number("n") || 4,
+      image: prompts[0].image, scale: prompts[0].scale, ip_adapter: prompts[0].model, type: prompts[0].type,
+      n: number("n") || 4,
       prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, seed: number("seed"),
       steps: number("steps"), sampler: $("sampler").value, cfg_scale: number("cfg_scale"),
     });
