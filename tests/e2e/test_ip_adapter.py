@@ -3,10 +3,6 @@ the job API's image_prompts and /api/v1/variations, A1111's ControlNet-extension
 
 from __future__ import annotations
 
-import base64
-import io
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -18,16 +14,7 @@ from safetensors.torch import load_file
 from imagine.data.shapes import make_scene, render
 from imagine.server import Limits, create_app
 
-
-def imagine(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "imagine", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
-
-
-def _b64(img: Image.Image) -> str:
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+from .test_control import _b64, imagine
 
 
 @pytest.fixture(scope="module")

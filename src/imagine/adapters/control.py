@@ -125,6 +125,13 @@ def _add(total: list[torch.Tensor] | None, more: list[torch.Tensor] | None) -> l
     return [a + b for a, b in zip(total, more, strict=True)]
 
 
+def step_progress(timesteps: torch.Tensor, t: torch.Tensor) -> float:
+    """The share of the sampling steps done when the network is called at timestep t: the count of steps
+    whose timestep lies above it (A1111's guidance start and end are fractions of the steps)."""
+    now = float(torch.as_tensor(t).max())
+    return float((timesteps > now + 1e-4).sum()) / len(timesteps)
+
+
 class Controlled:
     """The UNet with conditioners attached: unet(x, t, **cond) plus their summed residuals.
 
@@ -136,8 +143,7 @@ class Controlled:
         self.timesteps = timesteps.double()
 
     def progress(self, t: torch.Tensor) -> float:
-        now = float(torch.as_tensor(t).max())
-        return float((self.timesteps > now + 1e-4).sum()) / len(self.timesteps)
+        return step_progress(self.timesteps, t)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         rows = cond.pop(ROWS, None)

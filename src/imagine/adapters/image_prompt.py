@@ -188,10 +188,9 @@ class ImagePrompted:
             check_fits(p.file.model, base, p.file.name)
 
     def progress(self, t: torch.Tensor) -> float:
-        if self.timesteps is None:
-            return 0.0
-        now = float(torch.as_tensor(t).max())
-        return float((self.timesteps > now + 1e-4).sum()) / len(self.timesteps)
+        from imagine.adapters.control import step_progress
+
+        return 0.0 if self.timesteps is None else step_progress(self.timesteps, t)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         tokens = cond.pop(TOKENS, None)

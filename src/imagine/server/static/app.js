@@ -191,12 +191,7 @@ $("gen-form").addEventListener("submit", async (e) => {
   let body;
   try { body = requestBody(); } catch (err) { showError(err.message); return; }
   try {
-    const job = await api("POST", "/api/v1/jobs", body);
-    currentJob = job.id;
-    setBusy(true);
-    $("status-text").textContent = "queued";
-    $("progress").value = 0;
-    follow(job.id);
+    started(await api("POST", "/api/v1/jobs", body));
   } catch (err) {
     showError(err.message);
   }
@@ -204,6 +199,14 @@ $("gen-form").addEventListener("submit", async (e) => {
 $("cancel-button").addEventListener("click", async () => {
   if (currentJob) await api("DELETE", "/api/v1/jobs/" + currentJob).catch((err) => showError(err.message));
 });
+
+function started(job) {
+  currentJob = job.id;
+  setBusy(true);
+  $("status-text").textContent = "queued";
+  $("progress").value = 0;
+  follow(job.id);
+}
 
 function follow(id) {
   if (events) events.close();
@@ -576,17 +579,12 @@ $("variations-button").addEventListener("click", async () => {
     const prompts = imagePromptUnits();
     if (!prompts.length) throw new Error("add an image prompt first: variations are drawn from its image");
     const number = (id) => ($(id).value === "" ? null : Number($(id).value));
-    const job = await api("POST", "/api/v1/variations", {
+    started(await api("POST", "/api/v1/variations", {
       image: prompts[0].image, scale: prompts[0].scale, ip_adapter: prompts[0].model, type: prompts[0].type,
       n: number("n") || 4,
       prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, seed: number("seed"),
       steps: number("steps"), sampler: $("sampler").value, cfg_scale: number("cfg_scale"),
-    });
-    currentJob = job.id;
-    setBusy(true);
-    $("status-text").textContent = "queued";
-    $("progress").value = 0;
-    follow(job.id);
+    }));
   } catch (err) {
     showError(err.message);
   }
