@@ -320,7 +320,9 @@ def test_image_prompt_slot_and_variations_from_the_ui(server, tmp_path):
         page.click("#add-image-prompt")
         unit = page.locator(".image-prompt-unit").first
         expect(unit).to_be_visible()
-        expect(unit.locator(".image-prompt-model option")).to_have_count(2)  # automatic, and the folder's one
+        options = unit.locator(".image-prompt-model option")  # automatic, the folder's one, the shipped ones
+        expect(options.nth(1)).to_contain_text("ip-colours [")
+        assert "shapes-palette" in " ".join(options.all_inner_texts())
         unit.locator(".image-prompt-file").set_input_files(str(tmp_path / "green.png"))
         expect(unit.locator(".image-prompt-preview")).to_be_visible()
         unit.locator(".image-prompt-type").select_option("palette")
