@@ -180,12 +180,13 @@ class ImagePrompted:
     it); timesteps: the network timestep of each sampling step, for the prompts' start and end."""
 
     def __init__(self, network, base, prompts: Sequence[Prompted], timesteps: torch.Tensor | None = None):
-        from imagine.models.ip_adapter import check_fits
+        from imagine.models.ip_adapter import check_fits, cross_attention_layers
 
         self.network, self.base, self.prompts = network, base, list(prompts)
         self.timesteps = timesteps.double() if timesteps is not None else None
         for p in self.prompts:
             check_fits(p.file.model, base, p.file.name)
+        self.layers = cross_attention_layers(base)  # found once, not at every call
 
     def progress(self, t: torch.Tensor) -> float:
         from imagine.adapters.control import step_progress
@@ -202,7 +203,8 @@ class ImagePrompted:
         for p in self.prompts:
             k = p.num_tokens
             if p.active(progress):
-                for attn, items in p.file.model.streams(self.base, tokens[:, offset: offset + k], p.scale).items():
+                streams_of = p.file.model.streams(self.base, tokens[:, offset: offset + k], p.scale, self.layers)
+                for attn, items in streams_of.items():
                     streams.setdefault(attn, []).extend(items)
             offset += k
         if streams:

@@ -97,11 +97,13 @@ class IPAdapter(nn.Module):
     def tokens(self, embeds: torch.Tensor) -> torch.Tensor:
         return self.image_proj(embeds)
 
-    def streams(self, unet, tokens: torch.Tensor, scale: float) -> dict[nn.Module, list]:
+    def streams(self, unet, tokens: torch.Tensor, scale: float, layers: list[nn.Module] | None = None
+                ) -> dict[nn.Module, list]:
         """{attention layer: [(to_k_ip, to_v_ip, tokens, scale)]}: what the UNet's attention reads from its
-        context pair (nn/attention.py)."""
+        context pair (nn/attention.py). layers: ``cross_attention_layers(unet)``, when the caller holds them."""
+        layers = cross_attention_layers(unet) if layers is None else layers
         return {attn: [(layer.to_k_ip, layer.to_v_ip, tokens, scale)]
-                for attn, layer in zip(cross_attention_layers(unet), self.layers, strict=True)}
+                for attn, layer in zip(layers, self.layers, strict=True)}
 
 
 def cross_attention_layers(unet) -> list[nn.Module]:

@@ -213,16 +213,18 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     else:
         x = init_latent + noise * float(sigmas[0])
     network = _network(model.unet, compile)
+    if image_prompts or controls:  # both act on a share of the steps, found from each call's timestep
+        from imagine.diffusion.schedules import sigma_to_t
+
+        timesteps = sigma_to_t(sigmas[:-1], ac)
     if image_prompts:
         from imagine.adapters.image_prompt import ImagePrompted
-        from imagine.diffusion.schedules import sigma_to_t
 
-        network = ImagePrompted(network, model.unet, image_prompts, sigma_to_t(sigmas[:-1], ac))
+        network = ImagePrompted(network, model.unet, image_prompts, timesteps)
     if controls:
         from imagine.adapters.control import Controlled
-        from imagine.diffusion.schedules import sigma_to_t
 
-        network = Controlled(network, controls, sigma_to_t(sigmas[:-1], ac))
+        network = Controlled(network, controls, timesteps)
     denoiser = Denoiser(network, ac, spec.prediction, learned_variance=spec.learned_variance)
     if not batched:
         denoiser = _PerRow(denoiser)

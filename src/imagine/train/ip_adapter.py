@@ -145,5 +145,3 @@ def ip_sample_hook(items: list[tuple[np.ndarray, str]], every: int, steps: int =
 
     return hook
 
-
-__all__ = ["IPAdapterTrainConfig", "checkpoint_dir", "ip_sample_hook", "references", "train_ip_adapter"]
