@@ -468,3 +468,54 @@ def train_ip_adapter_cmd(
     kind = image_encoder if image_encoder in ("palette", "intensity") else "content"
     typer.echo(f"use it: imagine generate PROMPT --image-prompt {kind}@{path}:IMAGE (or put it in models/ipadapter/ "
                "to find it by its kind)")
+
+
+@app.command("distill-lcm")
+def distill_lcm_cmd(
+    out: Path = typer.Option(..., help="The LCM to write: a model folder, or with --lora an LCM-LoRA .safetensors "
+                                       "(kohya's layout). Checkpoints, log, samples: OUT-training/."),
+    model: str | None = _CONTROL["model"], data: str = _CONTROL["data"],
+    steps: int = typer.Option(4000, help="Optimizer steps (a resumed run trains on to this count)."),
+    lora: int = typer.Option(0, help="Distil LCM-LoRA of this rank instead of a full model: it then speeds up "
+                                     "fine-tunes of the same base (use it with --sampler lcm --steps 4 --cfg 1)."),
+    batch_size: int = typer.Option(8, help="Latents per step."),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
+    cfg_min: float = typer.Option(1.5, help="The smallest guidance scale the LCM learns (embedded as w = cfg - 1)."),
+    cfg_max: float = typer.Option(6.0, help="The largest guidance scale it learns."),
+    original_steps: int = typer.Option(50, help="The teacher's skipping grid: one solver step spans "
+                                                "T / N timesteps (the paper: 50)."),
+    ema_decay: float = typer.Option(0.95, help="Decay of the target network's EMA."),
+    seed: int = _ADAPTER["seed"], precision: str = _ADAPTER["precision"],
+    checkpoint_every: int = typer.Option(250, help="Save the training state every N steps."),
+    sample_every: int = _CONTROL["sample_every"],
+    models_dir: Path | None = _CONTROL["models_dir"], resume: bool = _CONTROL["resume"],
+) -> None:
+    """Latent consistency distillation (Luo et al. 2023): a model (or LoRA) that samples in 1 to 4 steps."""
+    from imagine.data.images import DataError, load_dataset
+    from imagine.io import models_dir as md
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.pipelines.request import load_text_model
+    from imagine.train.control import held_out_items
+    from imagine.train.lcm import LCMDistillConfig, distill_lcm, lcm_sample_hook
+
+    progress = training_progress()
+    try:
+        cfg = LCMDistillConfig(steps=steps, batch_size=batch_size, lr=lr, cfg_min=cfg_min, cfg_max=cfg_max,
+                               original_steps=original_steps, ema_decay=ema_decay, lora_rank=lora, seed=seed,
+                               precision=precision, checkpoint_every=checkpoint_every)
+        folder = models_dir if models_dir is not None else md.default_models_dir()
+        loaded, encoder = load_text_model(md.resolve(model, folder) if model else _default_model())
+        dataset = load_dataset(data, loaded.spec.image_size, loaded.spec.image_channels, captions=True)
+        prompts = [caption for _, caption in held_out_items(data, loaded.spec.image_size, count=2)]
+        hooks = (progress, lcm_sample_hook(prompts, sample_every or steps))
+        path = distill_lcm(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks)
+    except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
+        progress(None, None)
+        fail(str(err))
+    progress(None, None)
+    _adapter_written(out, path, "log, loss plot and sample grids (1, 2 and 4 steps per prompt)")
+    if lora:
+        typer.echo(f"use it: imagine generate PROMPT --lora {path} --sampler lcm --steps 4 --cfg 1")
+    else:
+        typer.echo(f"use it: imagine generate PROMPT --model {path} (the lcm sampler at 4 steps is its default)")
+

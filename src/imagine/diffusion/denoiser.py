@@ -45,6 +45,8 @@ class Denoiser:
         unless the sigmas were made with linear interpolation (see schedules.t_to_sigma).
     learned_variance: the network outputs 2C channels, the second half being the improved-DDPM
         variance interpolation v in [-1, 1] (Nichol & Dhariwal 2021, eq. 15).
+    consistency: the network is a consistency model (an LCM): D returns f(x_t, t) = c_skip x_t + c_out x0_hat,
+        its boundary parametrization (parametrization.consistency_output), which is exact at t = 0.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class Denoiser:
         quantize: bool = False,
         interpolation: Interpolation = "log",
         learned_variance: bool = False,
+        consistency: bool = False,
     ):
         self.network = network
         self.alphas_cumprod = alphas_cumprod.double()
@@ -63,6 +66,7 @@ class Denoiser:
         self.quantize = quantize
         self.interpolation = interpolation
         self.learned_variance = learned_variance
+        self.consistency = consistency
         sig = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.sigma_min, self.sigma_max = float(sig[0]), float(sig[-1])
 
@@ -81,6 +85,8 @@ class Denoiser:
         if self.learned_variance:
             out, var = out.chunk(2, dim=1)
         x0 = P.predict_x0(out, x_t, alpha, sigma_vp, self.prediction)
+        if self.consistency:
+            x0 = P.consistency_output(x0, x_t, t)
         return x0, var
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:

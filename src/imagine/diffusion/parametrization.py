@@ -71,3 +71,27 @@ def training_target(
 def snr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """SNR = alpha^2 / sigma^2."""
     return alpha**2 / sigma**2
+
+
+# Latent Consistency Models' boundary parametrization (Luo et al. 2023, eq. 8; diffusers' LCMScheduler):
+# sigma_data of the latents, and how integer timesteps are scaled before c_skip and c_out read them
+CONSISTENCY_SIGMA_DATA = 0.5
+CONSISTENCY_TIMESTEP_SCALING = 10.0
+
+
+def consistency_scalings(t: torch.Tensor, sigma_data: float = CONSISTENCY_SIGMA_DATA,
+                         timestep_scaling: float = CONSISTENCY_TIMESTEP_SCALING) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) at training timesteps t: c_skip = s_d^2 / ((t k)^2 + s_d^2), c_out = t k / sqrt((t k)^2
+    + s_d^2) with k the timestep scaling. At t = 0, c_skip = 1 and c_out = 0, so the consistency function
+    f(x, 0) = x holds exactly (the boundary condition), whatever the network."""
+    scaled = t.double() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+    return c_skip.float(), c_out.float()
+
+
+def consistency_output(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The consistency function f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat (VP x_t, t (B,))."""
+    c_skip, c_out = (c.to(x_t.device, x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+                     for c in consistency_scalings(t))
+    return c_skip * x_t + c_out * x0

@@ -219,3 +219,33 @@ def sampling_sigmas(
     out = torch.cat([sigmas, sigmas.new_tensor([last])]).float()
     return out
 
+
+
+# Latent Consistency Models skip along a coarse grid of the teacher's timesteps (Luo et al. 2023, section 4.3)
+LCM_ORIGINAL_STEPS = 50
+
+
+def lcm_grid(num_train_timesteps: int, original_steps: int = LCM_ORIGINAL_STEPS) -> torch.Tensor:
+    """The distillation grid, ascending: k - 1, 2k - 1, ..., T - 1 with k = T // original_steps (diffusers'
+    DDIMSolver and LCMScheduler's lcm_origin_timesteps); (original_steps,) int64."""
+    k = num_train_timesteps // original_steps
+    if k < 1:
+        raise ValueError(f"{original_steps} distillation steps exceed the model's {num_train_timesteps} timesteps")
+    return torch.arange(1, original_steps + 1, dtype=torch.int64) * k - 1
+
+
+def lcm_timesteps(num_train_timesteps: int, steps: int, original_steps: int = LCM_ORIGINAL_STEPS) -> torch.Tensor:
+    """Descending timesteps of multistep consistency sampling: ``steps`` evenly spaced picks (floored indices)
+    from the distillation grid, counted from its top (diffusers' LCMScheduler.set_timesteps); (steps,) int64."""
+    if not isinstance(steps, int) or not 1 <= steps <= original_steps:
+        raise ValueError(f"LCM sampling takes 1 to {original_steps} steps (its distillation grid), got {steps!r}; "
+                         "4 is typical")
+    grid = lcm_grid(num_train_timesteps, original_steps).flip(0)
+    picks = torch.floor(torch.linspace(0, original_steps, steps + 1, dtype=torch.float64)[:-1]).long()
+    return grid[picks]
+
+
+def lcm_sigmas(alphas_cumprod: torch.Tensor, steps: int, original_steps: int = LCM_ORIGINAL_STEPS) -> torch.Tensor:
+    """The VE noise levels at ``lcm_timesteps``, then 0: (steps + 1,) float32."""
+    sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)[lcm_timesteps(len(alphas_cumprod), steps, original_steps)]
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()

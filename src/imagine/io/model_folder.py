@@ -35,6 +35,7 @@ class DiffusionSpec:
     default_steps: int = 25
     default_cfg: float = 5.0  # what generation uses when the user names no guidance scale
     zero_empty_negative: bool = False  # SDXL: an empty negative prompt is a zero context, not encoded ""
+    consistency: bool = False  # a latent consistency model (LCM): its denoiser applies the boundary scalings
 
     def __post_init__(self):
         check_prediction(self.prediction)

@@ -390,7 +390,9 @@ def spec_from_scheduler(config: dict, arch: Arch, image_size: int) -> dict:
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         raise CheckpointError(f"prediction_type {prediction!r} unknown; imagine reads {', '.join(PREDICTIONS)}")
-    return {**_defaults(arch, PREDICTIONS[prediction]), "schedule": BETA_SCHEDULES[name],
+    lcm = {"consistency": True, "default_sampler": "lcm", "default_steps": 4} \
+        if config.get("_class_name") == "LCMScheduler" else {}
+    return {**_defaults(arch, PREDICTIONS[prediction]), **lcm, "schedule": BETA_SCHEDULES[name],
             "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
             "beta_start": float(config.get("beta_start", 0.00085)), "beta_end": float(config.get("beta_end", 0.012)),
             "zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False)), "image_size": image_size}
@@ -403,6 +405,8 @@ def _pipeline_spec(path: Path, index: dict, arch: Arch) -> dict:
     size = unet.get("sample_size", 64) * 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
     scheduler = path / "scheduler" / "scheduler_config.json"
     spec = spec_from_scheduler(read_json(scheduler) if scheduler.exists() else {}, arch, size)
+    if spec.get("consistency"):  # an LCM embeds its guidance scale (LCM-Dreamshaper's 8) or runs without CFG
+        spec["default_cfg"] = 8.0 if unet.get("time_cond_proj_dim") else 1.0
     return {**spec, "zero_empty_negative": bool(index.get("force_zeros_for_empty_prompt", arch == "sdxl"))}
 
 
@@ -534,7 +538,8 @@ def _write_pipeline(model: DiffusionModel, tmp: Path, dtype: str | None) -> None
             enc.config.num_hidden_layers = len(layers)
         tok.save_pretrained(tmp / tok_dir)
     spec = model.spec
-    scheduler = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": spec.num_train_timesteps,
+    scheduler = {"_class_name": "LCMScheduler" if spec.consistency else "EulerDiscreteScheduler",
+                 "num_train_timesteps": spec.num_train_timesteps,
                  "beta_schedule": {v: k for k, v in BETA_SCHEDULES.items()}[spec.schedule],
                  "beta_start": spec.beta_start, "beta_end": spec.beta_end,
                  "prediction_type": {v: k for k, v in PREDICTIONS.items()}[spec.prediction],

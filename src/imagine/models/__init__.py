@@ -38,7 +38,7 @@ _UNET_FIXED = {
     "only_cross_attention": False, "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
     "class_embed_type": None, "mid_block_scale_factor": 1,
     "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "time_cond_proj_dim": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "timestep_post_act": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "timestep_post_act": None,
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_dim": None,
     "time_embedding_act_fn": None, "cross_attention_norm": None, "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,

@@ -65,6 +65,9 @@ class UNetConfig:
     addition_embed_type: Literal["text_time"] | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    # Latent Consistency Models (Luo et al. 2023): the guidance scale, embedded (nn.embeddings.guidance_embedding)
+    # to this many features, joins the timestep features through time_embedding.cond_proj
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -217,7 +220,7 @@ class UNet2DConditionModel(nn.Module):
         self.config = cfg = config
         c0 = cfg.block_out_channels[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
-        self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim)
+        self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, cfg.time_cond_proj_dim)
         self.class_embedding = nn.Embedding(cfg.num_class_embeds, cfg.time_embed_dim) if cfg.num_class_embeds else None
         self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
                               if cfg.addition_embed_type == "text_time" else None)
@@ -244,13 +247,14 @@ class UNet2DConditionModel(nn.Module):
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     def embed(self, sample: torch.Tensor, timestep: torch.Tensor | float, class_labels=None, text_embeds=None,
-              time_ids=None) -> torch.Tensor:
+              time_ids=None, timestep_cond=None) -> torch.Tensor:
         """The timestep embedding (B, time_embed_dim), with the class or SDXL additions: shared with ControlNet."""
-        return embed_time(self, self.config, sample, timestep, class_labels, text_embeds, time_ids)
+        return embed_time(self, self.config, sample, timestep, class_labels, text_embeds, time_ids, timestep_cond)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states=None,
                 class_labels: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                timestep_cond: torch.Tensor | None = None,
                 down_block_additional_residuals: list[torch.Tensor] | None = None,
                 mid_block_additional_residual: torch.Tensor | None = None,
                 down_intrablock_additional_residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -260,7 +264,11 @@ class UNet2DConditionModel(nn.Module):
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"expected a (B, {cfg.in_channels}, H, W) sample, got {tuple(sample.shape)}")
-        emb = self.embed(sample, timestep, class_labels, text_embeds, time_ids)
+        if (timestep_cond is None) != (cfg.time_cond_proj_dim is None):
+            raise ValueError("this UNet embeds the guidance scale (an LCM): pass timestep_cond (B, "
+                             f"{cfg.time_cond_proj_dim})" if timestep_cond is None else
+                             "timestep_cond given to a UNet without time_cond_proj_dim")
+        emb = self.embed(sample, timestep, class_labels, text_embeds, time_ids, timestep_cond)
         context, mask = encoder_hidden_states, encoder_attention_mask
         intrablock = list(down_intrablock_additional_residuals or ())
         x = self.conv_in(sample)
@@ -289,14 +297,14 @@ class UNet2DConditionModel(nn.Module):
 
 
 def embed_time(net: nn.Module, cfg, sample: torch.Tensor, timestep, class_labels=None, text_embeds=None,
-               time_ids=None) -> torch.Tensor:
+               time_ids=None, timestep_cond=None) -> torch.Tensor:
     """(B, time_embed_dim): the sinusoidal timestep through ``net.time_embedding``, plus the class embedding
     or SDXL's micro-conditioning where ``net`` has them (a UNet, or a ControlNet copied from one)."""
     b = sample.shape[0]
     t = torch.as_tensor(timestep, device=sample.device)
     t = t.expand(b) if t.ndim == 0 else t
     emb = net.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                                freq_shift=cfg.freq_shift).to(sample.dtype))
+                                                freq_shift=cfg.freq_shift).to(sample.dtype), timestep_cond)
     if net.class_embedding is not None:
         if class_labels is None:
             raise ValueError("this UNet is class-conditional: pass class_labels (B,)")

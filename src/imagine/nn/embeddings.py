@@ -25,13 +25,28 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = Tru
     return emb
 
 
-class TimestepEmbedding(nn.Module):
-    """Linear-SiLU-Linear (diffusers' names linear_1, linear_2)."""
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) guidance weights w -> (B, dim) features of 1000 w, [sin, cos] at frequencies
+    10000^(-i / (dim/2 - 1)): the guidance-scale embedding of Latent Consistency Models (Luo et al. 2023,
+    section 4.2; diffusers' get_guidance_scale_embedding). By convention w = cfg scale - 1."""
+    return timestep_embedding(torch.as_tensor(w, dtype=torch.float32).reshape(-1) * 1000, dim,
+                              flip_sin_to_cos=False, freq_shift=1)
 
-    def __init__(self, in_channels: int, dim: int):
+
+class TimestepEmbedding(nn.Module):
+    """Linear-SiLU-Linear (diffusers' names linear_1, linear_2). ``cond_proj_dim``: a further input (an LCM's
+    guidance embedding) projected without bias and added to the features before linear_1 (diffusers'
+    cond_proj)."""
+
+    def __init__(self, in_channels: int, dim: int, cond_proj_dim: int | None = None):
         super().__init__()
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim else None
         self.linear_1 = nn.Linear(in_channels, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("this network takes no timestep condition (it has no cond_proj)")
+            x = x + self.cond_proj(condition.to(x.dtype))
         return self.linear_2(F.silu(self.linear_1(x)))

@@ -198,7 +198,13 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     schedule = check_schedule(schedule) if schedule is not None else implied
     spec, f = model.spec, latent_factor(model)
     ac = spec.alphas_cumprod()
-    sigmas = sampling_sigmas(ac, steps, "trailing", karras=schedule == "karras")
+    info = SAMPLERS[name]
+    if info.sigmas is not None:  # LCM: its own timesteps, a subset of its distillation grid
+        if schedule == "karras":
+            raise ValueError(f"the {name} sampler walks its own timesteps; leave the schedule at default")
+        sigmas = info.sigmas(ac, steps)
+    else:
+        sigmas = sampling_sigmas(ac, steps, "trailing", karras=schedule == "karras")
     if init_latent is not None:  # SDEdit: run the last strength * steps steps from the noised init
         run = max(1, round(strength * steps))
         sigmas = sigmas[steps - run:]
@@ -225,7 +231,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         from imagine.adapters.control import Controlled
 
         network = Controlled(network, controls, timesteps)
-    denoiser = Denoiser(network, ac, spec.prediction, learned_variance=spec.learned_variance)
+    denoiser = Denoiser(network, ac, spec.prediction, learned_variance=spec.learned_variance,
+                        consistency=spec.consistency or info.consistency, quantize=info.sigmas is not None)
     if not batched:
         denoiser = _PerRow(denoiser)
     if uncond is not None:
@@ -243,7 +250,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
 
     options = {"variance": "learned"} if name == "ddpm" and spec.learned_variance else {}
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        latent = SAMPLERS[name].fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, **options)
+        latent = info.fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, **options)
     with torch.no_grad():
         latent = latent.float()
         if model.vae is not None and batched:  # batched mode has given up batch invariance already
@@ -286,11 +293,26 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
         from imagine.adapters.image_prompt import TOKENS, prompt_tokens
 
         cond[TOKENS], uncond[TOKENS] = prompt_tokens(image_prompts, s.n)
+    cfg_scale = s.cfg_scale
+    if embeds_guidance(model):  # an LCM: the guidance scale is an input, one branch per step and no negative
+        if s.negative_prompt.strip():
+            raise ValueError("this model embeds its guidance scale (a latent consistency model) and has no "
+                             "unconditional branch, so a negative prompt cannot act; leave it empty")
+        from imagine.nn.embeddings import guidance_embedding
+
+        weight = torch.full((s.n,), s.cfg_scale - 1.0)  # LCM's convention: w = cfg scale - 1
+        cond["timestep_cond"] = guidance_embedding(weight, model.unet.config.time_cond_proj_dim)
+        uncond, cfg_scale = None, 1.0
     return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler, schedule=s.schedule,
-                  cond=cond, uncond=uncond, cfg_scale=s.cfg_scale, guidance_rescale=s.guidance_rescale,
+                  cond=cond, uncond=uncond, cfg_scale=cfg_scale, guidance_rescale=s.guidance_rescale,
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
                   callback=callback, cancel=cancel, precision=s.precision, batched=s.batched, compile=s.compile,
                   noise_seed_delta=s.noise_seed_delta, controls=controls, image_prompts=image_prompts)
+
+
+def embeds_guidance(model: DiffusionModel) -> bool:
+    """Whether the UNet takes its guidance scale as an input (an LCM distilled with w-conditioning)."""
+    return getattr(model.unet.config, "time_cond_proj_dim", None) is not None
 
 
 def _micro_conditioning(pooled: torch.Tensor | None, width: int, height: int) -> dict[str, torch.Tensor]:

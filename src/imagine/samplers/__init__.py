@@ -13,12 +13,14 @@ from typing import Literal
 import torch
 
 from imagine.samplers.multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_lms, sample_unipc
+from imagine.diffusion.schedules import lcm_sigmas
 from imagine.samplers.single_step import (
     sample_ddim,
     sample_ddpm,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
+    sample_lcm,
 )
 
 SigmaSchedule = Literal["default", "karras"]
@@ -31,6 +33,9 @@ class SamplerInfo:
     stochastic: bool
     calls_per_step: int  # denoiser calls per step (Heun: 2, its last step 1)
     description: str
+    # the sampler's own noise levels (alphas_cumprod, steps) -> sigmas; None: the common spaced schedule
+    sigmas: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    consistency: bool = False  # walks a consistency model (an LCM); other models give blurry images
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -43,6 +48,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, False, 1, "DPM-Solver++(2M) (Lu et al. 2022)"),
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, True, 1, "SDE-DPM-Solver++(2M), midpoint (Lu et al. 2022)"),
     "unipc": SamplerInfo(sample_unipc, False, 1, "UniPC bh2 predictor-corrector, order 2 (Zhao et al. 2023)"),
+    "lcm": SamplerInfo(sample_lcm, True, 1, "Multistep consistency sampling for LCMs, 1 to 8 steps (Luo et al. 2023)",
+                       sigmas=lcm_sigmas, consistency=True),
 }
 
 # AUTOMATIC1111's names -> (our sampler, sigma schedule). Older A1111 versions fold the schedule
@@ -60,6 +67,7 @@ A1111_NAMES: dict[str, tuple[str, SigmaSchedule]] = {
     "DPM++ 2M SDE": ("dpmpp_2m_sde", "default"),
     "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"),
     "UniPC": ("unipc", "default"),
+    "LCM": ("lcm", "default"),
 }
 
 # A1111's "Schedule type" values we implement.
@@ -126,6 +134,7 @@ __all__ = [
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
+    "sample_lcm",
     "sample_lms",
     "sample_unipc",
 ]

@@ -130,3 +130,19 @@ def sample_ddpm(
             std = torch.exp(0.5 * (frac * math.log(large) + (1 - frac) * math.log(small)))
         x = x + std * randn_like(x, generator)
     return x
+
+
+@torch.no_grad()
+def sample_lcm(
+    denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Cond = None,
+    generator: Generator = None, callback: Callback = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; Luo et al. 2023, Algorithm 3): the
+    consistency function maps x straight to x0, which is noised afresh to the next level, x = x0 + s_next z.
+    Walk it over its own timesteps (schedules.lcm_sigmas); the denoiser must be the consistency model's."""
+    sigmas = check_sigmas(sigmas).tolist()
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, broadcast_sigma(sigmas[i], x), cond)
+        report(callback, i, x, sigmas[i], denoised, len(sigmas) - 1)
+        x = denoised + sigmas[i + 1] * randn_like(x, generator) if sigmas[i + 1] > 0 else denoised
+    return x
