@@ -57,9 +57,9 @@ def run_diffusers(scheduler, net, noise, steps, generator=None, eta=None):
 
 
 def run_ours(sampler, net, ac, prediction, x_start, sigmas, *, vp_input, quantize=False, interpolation="log",
-             generator=None, **options):
+             generator=None, consistency=False, **options):
     """``ac``: the training schedule; pass diffusers' own (float32) so rounding in the schedule is shared."""
-    den = Denoiser(net, ac, prediction, quantize=quantize, interpolation=interpolation)
+    den = Denoiser(net, ac, prediction, quantize=quantize, interpolation=interpolation, consistency=consistency)
     x = x_start * (1 + sigmas[0] ** 2).sqrt() if vp_input else x_start
     out = sampler(den, x, sigmas, generator=generator, **options)
     if vp_input:  # back to the VP sample diffusers returns

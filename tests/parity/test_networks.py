@@ -44,6 +44,10 @@ UNET_CONFIGS = {
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=12,
         attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 2, 3), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 5),
+    "lcm_guidance_embedding": dict(
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2,
+        time_cond_proj_dim=16),
 }
 
 
@@ -73,6 +77,14 @@ def test_unet_matches_diffusers(name, size, tmp_path):
     if "num_class_embeds" in settings:
         kwargs["class_labels"] = torch.tensor([1, settings["num_class_embeds"] - 1])
     added = {}
+    if settings.get("time_cond_proj_dim"):  # an LCM's guidance scale, embedded as diffusers' pipeline does
+        from diffusers import LatentConsistencyModelPipeline
+
+        w = torch.tensor([2.0, 7.5])
+        kwargs["timestep_cond"] = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, 16)
+        from imagine.nn.embeddings import guidance_embedding
+
+        torch.testing.assert_close(guidance_embedding(w, 16), kwargs["timestep_cond"])
     if settings.get("addition_embed_type") == "text_time":  # pooled text (5-d here) and six size numbers
         added = {"text_embeds": torch.randn(2, 5, generator=g),
                  "time_ids": torch.tensor([[64.0, 48, 0, 0, 64, 48], [1024, 1024, 16, 8, 96, 128]])}

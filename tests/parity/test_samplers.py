@@ -29,6 +29,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     UniPCMultistepScheduler,
 )
@@ -239,3 +240,24 @@ def test_batch_of_generators_gives_each_row_its_own_stream():
     single = run_ours(SAMPLERS["euler_a"].fn, net, ac, "eps", x[1:], sigmas, vp_input=False,
                       generator=[torch.Generator().manual_seed(101)])
     assert torch.equal(batch[1:], single)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_lcm_matches_diffusers_exactly(schedule, prediction, steps):
+    """Multistep consistency sampling on its own timesteps, boundary scalings included, with the same noise
+    draws as diffusers' LCMScheduler (one generator for the batch)."""
+    from imagine.diffusion.schedules import lcm_sigmas, lcm_timesteps
+
+    config = _config(schedule, "leading", prediction)
+    del config["timestep_spacing"], config["steps_offset"]
+    scheduler = LCMScheduler(**config)
+    net = TinyNoiseNet(scheduler.alphas_cumprod)
+    start, ref, scheduler = run_diffusers(scheduler, net, _noise(), steps, generator=torch.Generator().manual_seed(3))
+    assert scheduler.timesteps.tolist() == lcm_timesteps(T, steps).tolist()
+    ac = scheduler.alphas_cumprod.double()
+    ours = run_ours(SAMPLERS["lcm"].fn, net, ac, prediction, start, lcm_sigmas(ac, steps), vp_input=True,
+                    quantize=True, consistency=True, generator=torch.Generator().manual_seed(3))
+    err = (ours - ref).abs().max().item()
+    assert err <= TOL, f"lcm {schedule} {prediction} {steps} steps: max abs diff {err:.3g}"

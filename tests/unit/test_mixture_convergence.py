@@ -46,7 +46,7 @@ def _check_lands_on_mixture(gm: GaussianMixture, out: torch.Tensor, expected_var
     assert abs(var_ratio - expected_var_ratio) <= Z * se_var, f"variance ratio {var_ratio:.4f}"
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", [n for n, info in SAMPLERS.items() if not info.consistency])
 def test_sampler_with_exact_denoiser_lands_on_mixture(name):
     gm = GaussianMixture.ring()
     sigmas = _edm_sigmas(STEPS[name])
@@ -72,6 +72,46 @@ def test_training_schedule_sigmas_land_on_the_shrunk_mixture(name, spacing, karr
     out = SAMPLERS[name].fn(gm.denoise, x_T, sigmas)
     s2, last2 = float(gm.stds[0]) ** 2, float(sigmas[-2]) ** 2
     _check_lands_on_mixture(gm, out, expected_var_ratio=s2 / (s2 + last2))
+
+
+def _exact_consistency_function(gm: GaussianMixture, steps: int = 80):
+    """The mixture's PF-ODE solution map f(x, sigma) -> x at 0, by Heun on its exact denoiser: what a perfectly
+    distilled consistency model computes."""
+
+    def f(x, sigma, cond=None):
+        top = float(sigma.reshape(-1)[0])
+        if top <= 0.002:
+            return x
+        return SAMPLERS["heun"].fn(gm.denoise, x, torch.cat([karras_sigmas(0.002, top, steps),
+                                                             torch.zeros(1, dtype=torch.float64)]))
+
+    return f
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_lcm_with_the_exact_consistency_function_lands_on_the_mixture(steps):
+    """Multistep consistency sampling is exact given the exact consistency function: each step maps an exact
+    marginal sample to an exact data sample, and re-noising it to the next level gives that level's exact
+    marginal again. So at 1, 2 and 4 steps (on its own timesteps) the samples are the mixture's."""
+    from imagine.diffusion.schedules import lcm_sigmas
+
+    gm = GaussianMixture.ring()
+    ac = make_alphas_cumprod("scaled_linear", 1000, 0.00085, 0.012)
+    sigmas = lcm_sigmas(ac, steps).double()
+    x_T, _ = gm.sample(N, torch.Generator().manual_seed(0), sigma=float(sigmas[0]))
+    out = SAMPLERS["lcm"].fn(_exact_consistency_function(gm), x_T, sigmas, generator=torch.Generator().manual_seed(1))
+    _check_lands_on_mixture(gm, out)
+
+
+def test_lcm_fed_a_denoiser_is_not_a_consistency_model():
+    """The check has teeth for LCM too: one step with the denoiser (E[x0 | x], not the ODE's map) collapses."""
+    from imagine.diffusion.schedules import lcm_sigmas
+
+    gm = GaussianMixture.ring()
+    sigmas = lcm_sigmas(make_alphas_cumprod("scaled_linear", 1000, 0.00085, 0.012), 1).double()
+    x_T, _ = gm.sample(N, torch.Generator().manual_seed(0), sigma=float(sigmas[0]))
+    with pytest.raises(AssertionError):
+        _check_lands_on_mixture(gm, SAMPLERS["lcm"].fn(gm.denoise, x_T, sigmas))
 
 
 def test_a_wrong_sampler_fails_the_check():

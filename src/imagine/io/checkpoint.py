@@ -55,19 +55,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextmanager
-def fresh_folder(out: Path, what: str = "write"):
+def fresh_folder(out: Path, what: str = "write", replace: bool = False):
     """Yield a temporary sibling of ``out`` to fill; on success it becomes ``out`` in one rename, so a folder
-    appears whole or not at all. ``out`` must not exist (a stale partial one is cleared first)."""
+    appears whole or not at all. ``out`` must not exist (a stale partial one is cleared first), unless
+    ``replace``: then the old folder is moved aside and removed only once the new one is in place."""
     import shutil
 
     out = Path(out)
-    if out.exists():
+    if out.exists() and not replace:
         raise ValueError(f"{out} exists; {what} writes a fresh folder")
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     yield tmp
-    tmp.rename(out)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -114,11 +114,13 @@ def export_model(model: Path | str, out: Path | str, dtype: str = "fp16") -> int
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 
 
-def save_model_folder(model: DiffusionModel, out: Path | str, dtype: str | None = None) -> Path:
-    """An imagine model folder from a loaded model (UNet, VAE, spec), written whole or not at all."""
+def save_model_folder(model: DiffusionModel, out: Path | str, dtype: str | None = None, replace: bool = False
+                      ) -> Path:
+    """An imagine model folder from a loaded model (UNet, VAE, spec), written whole or not at all; ``replace``:
+    an existing folder at ``out`` gives way once the new one is complete."""
     from imagine.models import save_unet, save_vae
 
-    with fresh_folder(Path(out)) as tmp:
+    with fresh_folder(Path(out), replace=replace) as tmp:
         save_unet(model.unet, tmp / "unet", dtype)
         if model.vae is not None:
             save_vae(model.vae, tmp / "vae", dtype)

@@ -28,9 +28,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = Tru
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """(B,) guidance weights w -> (B, dim) features of 1000 w, [sin, cos] at frequencies
     10000^(-i / (dim/2 - 1)): the guidance-scale embedding of Latent Consistency Models (Luo et al. 2023,
-    section 4.2; diffusers' get_guidance_scale_embedding). By convention w = cfg scale - 1."""
-    return timestep_embedding(torch.as_tensor(w, dtype=torch.float32).reshape(-1) * 1000, dim,
-                              flip_sin_to_cos=False, freq_shift=1)
+    section 4.2). By convention w = cfg scale - 1. The arguments reach ~10^4, where float32 rounding of the
+    frequencies shows, so they are formed in diffusers' order (get_guidance_scale_embedding) to match LCMs
+    distilled there."""
+    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1) * 1000.0
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    args = w[:, None] * torch.exp(torch.arange(half, dtype=torch.float32) * -step)[None, :]
+    emb = torch.cat([args.sin(), args.cos()], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 class TimestepEmbedding(nn.Module):

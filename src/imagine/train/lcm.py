@@ -105,6 +105,8 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
         raise ValueError(f"{out}: an LCM-LoRA is written as .safetensors")
     if not cfg.lora_rank and out.suffix:
         raise ValueError(f"{out}: an LCM is written as a model folder (a path without a suffix)")
+    if out.exists() and not resume:
+        raise ValueError(f"{out} exists; choose another --out, or --resume to train it on")
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     teacher.requires_grad_(False).eval()
@@ -234,7 +236,7 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
                   metadata={"imagine_lora": json.dumps(record)})
         return out
     lcm = _as_model(model, target, cfg)
-    save_model_folder(DiffusionModel(lcm.unet.eval(), vae, lcm.spec, out), out)
+    save_model_folder(DiffusionModel(lcm.unet.eval(), vae, lcm.spec, out), out, replace=True)
     return out
 
 
