@@ -12,8 +12,8 @@ from typing import Literal
 
 import torch
 
-from imagine.samplers.multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_lms, sample_unipc
 from imagine.diffusion.schedules import lcm_sigmas
+from imagine.samplers.multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_lms, sample_unipc
 from imagine.samplers.single_step import (
     sample_ddim,
     sample_ddpm,

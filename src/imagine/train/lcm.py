@@ -26,8 +26,8 @@ import torch
 from imagine.diffusion import parametrization as P
 from imagine.diffusion.schedules import lcm_grid
 from imagine.nn.embeddings import guidance_embedding
-from imagine.train.lora import AdapterTrainConfig, _load_state, _save_state, checkpoint_dir
 from imagine.train.loop import DataOrder, Hook, StepInfo, _sample_generator
+from imagine.train.lora import AdapterTrainConfig, _load_state, _save_state, checkpoint_dir
 
 LCMLoss = Literal["huber", "l2"]
 
@@ -89,7 +89,7 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
     its size) into a latent consistency model folder at ``out`` (UNet with a guidance input, the teacher's VAE,
     a diffusion.json that selects the lcm sampler at 4 steps), or with ``cfg.lora_rank`` into an LCM-LoRA
     file (.safetensors, kohya's layout). Checkpoints, log and sample grids go to OUT-training/."""
-    from imagine.adapters.lora import attach, create, parts_of
+    from imagine.adapters.lora import attach, create
     from imagine.io.lora_keys import save_lora
     from imagine.io.model_folder import DiffusionModel, save_model_folder
     from imagine.pipelines.generate import _micro_conditioning
