@@ -120,12 +120,12 @@ def test_unsupported_diffusers_settings_are_named(tmp_path):
     save_unet(_unet(), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "learned_variance"}
-    cfg.update(_class_name="UNet2DConditionModel", resnet_time_scale_shift="scale_shift", time_cond_proj_dim=256)
+    cfg.update(_class_name="UNet2DConditionModel", resnet_time_scale_shift="scale_shift", timestep_post_act="silu")
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     from safetensors.torch import save_file
 
     save_file(_unet().state_dict(), tmp_path / "model.safetensors")  # no metadata: config.json decides
-    with pytest.raises(CheckpointError, match="resnet_time_scale_shift='scale_shift', time_cond_proj_dim=256"):
+    with pytest.raises(CheckpointError, match="resnet_time_scale_shift='scale_shift', timestep_post_act='silu'"):
         load_unet(tmp_path)
 
 

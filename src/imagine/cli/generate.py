@@ -234,7 +234,7 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
         fail(f"{image} carries no imagine metadata (A1111's text alone does not pin the model)")
     if record.get("kind") != "txt2img":
         fail(f"{image} was made by {record.get('kind')}; --from regenerates txt2img images")
-    known = {f.name for f in fields(Settings)}
+    known = {f.name for f in fields(Settings)} | {"batched"}  # batched: older records (Settings.from_record)
     unknown = sorted(set(record["settings"]) - known)
     if unknown:
         fail(f"{image} records settings this imagine does not know ({', '.join(unknown)}): it was made by a "
@@ -256,7 +256,7 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
 
     controls = [unit_from_record(unit) for unit in record.get("controls", [])]  # the condition maps as stored
     prompts = [image_prompt.unit_from_record(unit) for unit in record.get("image_prompts", [])]
-    _run("txt2img", model, Settings(**record["settings"]), out, vae=vae, weights_dtype=weights, lora=loras,
+    _run("txt2img", model, Settings.from_record(record["settings"]), out, vae=vae, weights_dtype=weights, lora=loras,
          embedding=embeddings, lora_strict=record.get("lora_strict", True), controls=controls,
          image_prompts=prompts, **options)
 
@@ -279,8 +279,6 @@ def generate(
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for the network (faster on CPUs with bf16)."),
     weights_dtype: str = typer.Option("fp32", help="What the UNet holds: fp32, or bf16 (half the memory and "
                                       "faster under --precision bf16; its pixels differ from fp32 weights)."),
-    batched: bool = typer.Option(False, "--batched", help="One network call for all images: faster, but an image "
-                                 "then depends on the batch in the last bits (default: batch-invariant)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet: about a minute first, then "
                                  "faster steps; pays off for many images in one process."),
     rerank: int = typer.Option(1, help="Make K candidates per image and keep the one the CLIP scorer likes best."),
@@ -293,7 +291,7 @@ def generate(
     if not prompt and not image_prompt:
         fail("give a prompt or an --image-prompt, or --from IMAGE")
     _run("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
-                                     precision=precision, batched=batched, compile=compile, clip_skip=clip_skip,
+                                     precision=precision, compile=compile, clip_skip=clip_skip,
                                      noise_seed_delta=noise_seed_delta), out, rerank=rerank, clip=clip, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora,
          embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode),

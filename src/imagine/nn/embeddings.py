@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagine.nn.linear import RowwiseLinear
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
                        max_period: float = 10000.0) -> torch.Tensor:
@@ -46,9 +48,10 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_channels: int, dim: int, cond_proj_dim: int | None = None):
         super().__init__()
-        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim else None
-        self.linear_1 = nn.Linear(in_channels, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        # row by row: their row count is the batch (nn/linear.py)
+        self.cond_proj = RowwiseLinear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim else None
+        self.linear_1 = RowwiseLinear(in_channels, dim)
+        self.linear_2 = RowwiseLinear(dim, dim)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         if condition is not None:

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from imagine.nn.linear import RowwiseLinear
+
 
 class LoRALayer(nn.Module):
     """The update path of one Linear or Conv2d; ``delta_weight`` is the same update as a weight."""
@@ -21,8 +23,9 @@ class LoRALayer(nn.Module):
         self.rank = rank
         self.alpha = float(alpha if alpha is not None else rank)
         if isinstance(base, nn.Linear):
-            self.down = nn.Linear(base.in_features, rank, bias=False)
-            self.up = nn.Linear(rank, base.out_features, bias=False)
+            # row by row on (B, C) inputs (a LoRA on the timestep path), as the base layer is (nn/linear.py)
+            self.down = RowwiseLinear(base.in_features, rank, bias=False)
+            self.up = RowwiseLinear(rank, base.out_features, bias=False)
         elif isinstance(base, nn.Conv2d):
             self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
             self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagine.nn.linear import RowwiseLinear
+
 
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv twice, with the timestep embedding added in between (Ho et al. 2020's
@@ -18,7 +20,7 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.time_emb_proj = RowwiseLinear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from imagine.diffusion.denoiser import Denoiser
+from imagine.diffusion.denoiser import Denoiser, broadcast_sigma
 from imagine.diffusion.schedules import sampling_sigmas
 from imagine.guidance import ClassifierFreeGuidance
 from imagine.io.model_folder import DiffusionModel
@@ -74,10 +74,14 @@ class Settings:
     clip_skip: int | None = None  # text states from the N-th last layer (1: the last); None: the model's own
     noise_seed_delta: int = 0  # A1111's eta noise seed delta: stochastic samplers' noise from seed + delta
     precision: str = "fp32"  # fp32, or bf16 autocast for the network (about 2x faster on CPUs with AMX/AVX512-BF16)
-    batched: bool = False  # evaluate all rows in one network call: faster, but an image then depends on its
-    # batch in the last bits (False: one row at a time, so image i of a batch equals seed + i alone)
     compile: bool = False  # torch.compile the UNet (inductor): a minute or so once per process and input
     # shape, then faster steps; its kernels round differently from eager ones (pixels may move by a level)
+
+    @classmethod
+    def from_record(cls, record: dict) -> Settings:
+        """Settings as a PNG's JSON record stores them. Records before 0.2 carry "batched" (a one-call mode
+        that gave up batch invariance); every run is now batched and batch invariant, so it is dropped."""
+        return cls(**{k: v for k, v in record.items() if k != "batched"})
 
     def with_model_defaults(self, spec, steps: int | None, sampler: str | None, cfg_scale: float | None) -> Settings:
         """These settings with the model's own defaults (its diffusion.json) where the user gave None."""
@@ -145,25 +149,41 @@ def _check_text_model(model: DiffusionModel, text_encoder) -> None:
                          f"{model.unet.config.cross_attention_dim}-d")
 
 
-class _PerRow:
-    """Evaluates the network one row at a time, so an image's arithmetic is the same whatever batch it is
-    in: CPU kernels pick different blockings for different batch sizes, and the last bits they change can
-    flip a pixel after a stochastic sampler. Sits directly around the network's denoiser (inside guidance)."""
+class _TwoRowFloor:
+    """Evaluates the network on at least two rows, so that an image's arithmetic is the same whatever batch
+    it is in. Measured on CPU kernels (oneDNN convolutions, GEMMs): a row's result is the same at every batch
+    size of 2 and more and at every position in the batch, but a batch of one takes other kernels and rounds
+    differently in the last bits (the batch-sized GEMMs of the timestep path are computed row by row for the
+    same reason, nn/linear.py). Guidance already stacks each image's conditional and unconditional rows; a
+    lone row (one image without CFG, an LCM) is evaluated beside a copy of itself. Sits around the network's
+    denoiser (inside guidance)."""
 
     def __init__(self, denoiser):
         self.denoiser = denoiser
 
     @staticmethod
-    def _row(cond, i):
-        return {k: v[i: i + 1] if isinstance(v, torch.Tensor) else v for k, v in (cond or {}).items()} or None
+    def _twice(x, sigma, cond):
+        return (torch.cat([x, x]), torch.cat([sigma, sigma]),
+                {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in (cond or {}).items()} or None)
 
     def __call__(self, x, sigma, cond=None):
-        return torch.cat([self.denoiser(x[i: i + 1], sigma[i: i + 1], self._row(cond, i)) for i in range(len(x))])
+        if len(x) > 1:
+            return self.denoiser(x, sigma, cond)
+        return self.denoiser(*self._twice(x, broadcast_sigma(sigma, x), cond))[:1]
 
     def denoise_with_variance(self, x, sigma, cond=None):
-        rows = [self.denoiser.denoise_with_variance(x[i: i + 1], sigma[i: i + 1], self._row(cond, i))
-                for i in range(len(x))]
-        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+        if len(x) > 1:
+            return self.denoiser.denoise_with_variance(x, sigma, cond)
+        x0, v = self.denoiser.denoise_with_variance(*self._twice(x, broadcast_sigma(sigma, x), cond))
+        return x0[:1], v[:1]
+
+
+def decode(model: DiffusionModel, latent: torch.Tensor) -> torch.Tensor:
+    """Latents (N, c, h, w) -> images (N, C, H, W), in one batch of at least two rows (see _TwoRowFloor)."""
+    if model.vae is None:
+        return latent
+    z = model.vae.from_latent(latent)
+    return model.vae.decode(torch.cat([z, z]) if len(z) == 1 else z)[: len(z)]
 
 
 class _InpaintBlend:
@@ -182,7 +202,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            cond: dict | None, uncond: dict | None, cfg_scale: float, guidance_rescale: float = 0.0,
            latent_hw: tuple[int, int] | None = None, init_latent: torch.Tensor | None = None,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
-           cancel: Callable[[], bool] | None = None, precision: str = "fp32", batched: bool = False,
+           cancel: Callable[[], bool] | None = None, precision: str = "fp32",
            compile: bool = False, noise_seed_delta: int = 0, controls: Sequence = (),
            image_prompts: Sequence = ()) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
@@ -231,10 +251,9 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         from imagine.adapters.control import Controlled
 
         network = Controlled(network, controls, timesteps)
-    denoiser = Denoiser(network, ac, spec.prediction, learned_variance=spec.learned_variance,
-                        consistency=spec.consistency or info.consistency, quantize=info.sigmas is not None)
-    if not batched:
-        denoiser = _PerRow(denoiser)
+    denoiser = _TwoRowFloor(Denoiser(network, ac, spec.prediction, learned_variance=spec.learned_variance,
+                                     consistency=spec.consistency or info.consistency,
+                                     quantize=info.sigmas is not None))
     if uncond is not None:
         denoiser = ClassifierFreeGuidance(denoiser, uncond, cfg_scale, guidance_rescale)
     elif cfg_scale != 1.0:
@@ -252,13 +271,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         latent = info.fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, **options)
     with torch.no_grad():
-        latent = latent.float()
-        if model.vae is not None and batched:  # batched mode has given up batch invariance already
-            images = model.vae.decode(model.vae.from_latent(latent))
-        elif model.vae is not None:  # one image at a time, for the same reason as _PerRow
-            images = torch.cat([model.vae.decode(model.vae.from_latent(z[None])) for z in latent])
-        else:
-            images = latent
+        images = decode(model, latent.float())
     return images.clamp(-1, 1)
 
 
@@ -306,7 +319,7 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler, schedule=s.schedule,
                   cond=cond, uncond=uncond, cfg_scale=cfg_scale, guidance_rescale=s.guidance_rescale,
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
-                  callback=callback, cancel=cancel, precision=s.precision, batched=s.batched, compile=s.compile,
+                  callback=callback, cancel=cancel, precision=s.precision, compile=s.compile,
                   noise_seed_delta=s.noise_seed_delta, controls=controls, image_prompts=image_prompts)
 
 
