@@ -16,8 +16,9 @@ from torch import nn
 
 
 def rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear on a (B, C) input, one row at a time."""
-    if x.ndim != 2 or len(x) == 1:
+    """F.linear on a (B, C) input, one row at a time. Not while exporting (ONNX): an export is made for one
+    fixed row count, and a weight shared by per-row nodes trips ONNX Runtime's quantizer."""
+    if x.ndim != 2 or len(x) == 1 or torch.compiler.is_exporting():
         return F.linear(x, weight, bias)
     return torch.cat([F.linear(row, weight, bias) for row in x.split(1)])
 

@@ -31,6 +31,24 @@ class Cancelled(Exception):
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_ONNX: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def onnx_runtime(model: DiffusionModel, backend: str, text_encoder=None):
+    """ONNX Runtime sessions for ``model`` (io/onnx.py), made once per model, backend and process: from the
+    model folder's onnx/ export, else the user cache's, which is exported there on first use (a minute or so;
+    ``imagine export-onnx`` makes it ahead of time)."""
+    from imagine.io.onnx import MANIFEST, default_onnx_folder, export_onnx, load_onnx
+
+    cached = _ONNX.setdefault(model.unet, {})
+    if backend not in cached:
+        folder = model.path / "onnx" if (model.path / "onnx" / MANIFEST).exists() else default_onnx_folder(model)
+        if not (folder / MANIFEST).exists():
+            export_onnx(model, text_encoder, folder)
+        cached[backend] = load_onnx(folder, model, int8=backend == "onnxruntime-int8")
+    return cached[backend]
+
+
 def _network(unet: torch.nn.Module, compile: bool) -> torch.nn.Module:
     """The UNet, or its torch.compile'd twin: made once per UNet and process and kept, so only the first
     image (and the first of each new shape) pays for compilation."""
@@ -74,6 +92,7 @@ class Settings:
     clip_skip: int | None = None  # text states from the N-th last layer (1: the last); None: the model's own
     noise_seed_delta: int = 0  # A1111's eta noise seed delta: stochastic samplers' noise from seed + delta
     precision: str = "fp32"  # fp32, or bf16 autocast for the network (about 2x faster on CPUs with AMX/AVX512-BF16)
+    backend: str = "torch"  # torch, onnxruntime or onnxruntime-int8 (io/onnx.py: UNet, VAE decoder, text encoder)
     compile: bool = False  # torch.compile the UNet (inductor): a minute or so once per process and input
     # shape, then faster steps; its kernels round differently from eager ones (pixels may move by a level)
 
@@ -114,6 +133,12 @@ class Settings:
             raise ValueError(f"clip skip must be an integer >= 1 (1: the last layer), got {self.clip_skip!r}")
         if not isinstance(self.noise_seed_delta, int):
             raise ValueError(f"noise seed delta must be an integer, got {self.noise_seed_delta!r}")
+        from imagine.io.onnx import check_backend
+
+        check_backend(self.backend)
+        if self.backend != "torch" and (self.precision != "fp32" or self.compile):
+            raise ValueError(f"the {self.backend} backend runs its own kernels: bf16 autocast and --compile are "
+                             "torch's; use precision fp32 without compile, or --backend torch")
         resolve(self.sampler)
         if self.schedule is not None:
             check_schedule(self.schedule)
@@ -178,11 +203,14 @@ class _TwoRowFloor:
         return x0[:1], v[:1]
 
 
-def decode(model: DiffusionModel, latent: torch.Tensor) -> torch.Tensor:
-    """Latents (N, c, h, w) -> images (N, C, H, W), in one batch of at least two rows (see _TwoRowFloor)."""
+def decode(model: DiffusionModel, latent: torch.Tensor, runtime=None) -> torch.Tensor:
+    """Latents (N, c, h, w) -> images (N, C, H, W), in one batch of at least two rows (see _TwoRowFloor);
+    ``runtime``: ONNX Runtime sessions (onnx_runtime) whose decoder runs instead."""
     if model.vae is None:
         return latent
     z = model.vae.from_latent(latent)
+    if runtime is not None and runtime.vae is not None:
+        return runtime.vae.decode(z)
     return model.vae.decode(torch.cat([z, z]) if len(z) == 1 else z)[: len(z)]
 
 
@@ -202,7 +230,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            cond: dict | None, uncond: dict | None, cfg_scale: float, guidance_rescale: float = 0.0,
            latent_hw: tuple[int, int] | None = None, init_latent: torch.Tensor | None = None,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
-           cancel: Callable[[], bool] | None = None, precision: str = "fp32",
+           cancel: Callable[[], bool] | None = None, precision: str = "fp32", backend: str = "torch",
            compile: bool = False, noise_seed_delta: int = 0, controls: Sequence = (),
            image_prompts: Sequence = ()) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
@@ -238,7 +266,15 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         x = noise * float((1 + sigmas[0] ** 2).sqrt())  # the VP prior at the top of the schedule
     else:
         x = init_latent + noise * float(sigmas[0])
-    network = _network(model.unet, compile)
+    runtime = None
+    if backend != "torch":
+        if controls or image_prompts:
+            raise ValueError(f"the {backend} backend runs the UNet alone: ControlNets, T2I-Adapters and image "
+                             "prompts need --backend torch")
+        runtime = onnx_runtime(model, backend)
+        network = runtime.unet
+    else:
+        network = _network(model.unet, compile)
     if image_prompts or controls:  # both act on a share of the steps, found from each call's timestep
         from imagine.diffusion.schedules import sigma_to_t
 
@@ -271,7 +307,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         latent = info.fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, **options)
     with torch.no_grad():
-        images = decode(model, latent.float())
+        images = decode(model, latent.float(), runtime)
     return images.clamp(-1, 1)
 
 
@@ -287,7 +323,10 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
 
     # A1111's <lora:NAME:WEIGHT> tags are taken out of the text (the request attached those LoRAs)
     prompts = [prompt_loras(s.prompt)[0]] * s.n + [prompt_loras(s.negative_prompt)[0]] * s.n
-    text = text_encoder.encode(prompts) if s.clip_skip is None else text_encoder.encode(prompts, clip_skip=s.clip_skip)
+    encoder = text_encoder
+    if s.backend != "torch" and s.clip_skip is None and not getattr(text_encoder, "embeddings", None):
+        encoder = onnx_runtime(model, s.backend, text_encoder).text_encoder_for(text_encoder)
+    text = encoder.encode(prompts) if s.clip_skip is None else encoder.encode(prompts, clip_skip=s.clip_skip)
     cond = {"encoder_hidden_states": text.context[: s.n], "encoder_attention_mask": text.mask[: s.n]}
     uncond = {"encoder_hidden_states": text.context[s.n:], "encoder_attention_mask": text.mask[s.n:]}
     if model.spec.zero_empty_negative and s.negative_prompt == "":  # SDXL (and A1111 for it): zeros, not ""
@@ -319,7 +358,7 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler, schedule=s.schedule,
                   cond=cond, uncond=uncond, cfg_scale=cfg_scale, guidance_rescale=s.guidance_rescale,
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
-                  callback=callback, cancel=cancel, precision=s.precision, compile=s.compile,
+                  callback=callback, cancel=cancel, precision=s.precision, backend=s.backend, compile=s.compile,
                   noise_seed_delta=s.noise_seed_delta, controls=controls, image_prompts=image_prompts)
 
 

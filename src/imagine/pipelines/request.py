@@ -87,7 +87,11 @@ class Request:
 
             prompts = tuple(resolve_prompts(self.image_prompts, model, self.models_dir))
         texts = [s.prompt, s.negative_prompt]
-        return replace(self, settings=s, resolved_loras=self._resolve_loras(),
+        loras = self._resolve_loras()
+        if s.backend != "torch" and (loras or controls or prompts):
+            raise ValueError(f"the {s.backend} backend runs the exported UNet alone: LoRAs, ControlNets, T2I-Adapters "
+                             "and image prompts need --backend torch (or merge a LoRA into a model and export that)")
+        return replace(self, settings=s, resolved_loras=loras,
                        resolved_embeddings=tuple(resolve_embeddings(texts, self.models_dir, self.embeddings)),
                        resolved_controls=controls, resolved_image_prompts=prompts)
 
