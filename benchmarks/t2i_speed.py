@@ -2,8 +2,8 @@
 
 1. Cold start: `imagine generate PROMPT` in a fresh process (imports, model and text encoder loading,
    sampling, PNG), wall time and peak RSS.
-2. Warm images/s at batch 1 and 8, for our modes: batch-invariant fp32 (the default), batched fp32,
-   batched bf16, batched fp32 with the UNet compiled (torch.compile). The UNet's achieved GFLOP/s (FLOPs
+
+
    counted by torch's FlopCounterMode) against the matmul peak measured here in the same precision.
 3. diffusers: its UNet2DConditionModel and AutoencoderKL holding our weights, its DPMSolverMultistep
    scheduler (DPM++ 2M, trailing spacing, v-prediction), the same prompt embeddings, noise, steps and
@@ -114,11 +114,10 @@ def diffusers_loop(model, encoder, steps: int, cfg: float, seeds: list[int], com
     return run
 
 
-MODES = {  # our modes: (precision, batched, compile)
-    "per-row": ("fp32", False, False),
-    "batched": ("fp32", True, False),
-    "batched-bf16": ("bf16", True, False),
-    "batched-compiled": ("fp32", True, True),
+MODES = {  # our modes, all batch invariant: (precision, compile)
+    "default": ("fp32", False),
+    "bf16": ("bf16", False),
+    "compiled": ("fp32", True),
 }
 
 
@@ -136,9 +135,9 @@ def side_by_side(model, encoder, steps: int, cfg: float, n: int, reps: int) -> t
     apart: steadier here than a ratio of medians, as this machine's speed wanders by 30% over minutes."""
     fns = {"diffusers fp32": diffusers_loop(model, encoder, steps, cfg, list(range(n))),
            "diffusers fp32 compiled": diffusers_loop(model, encoder, steps, cfg, list(range(n)), compile=True)}
-    for mode, (precision, batched, compile) in MODES.items():
+    for mode, (precision, compile) in MODES.items():
         s = Settings(prompt=PROMPT, steps=steps, seed=0, n=n, cfg_scale=cfg, sampler="dpmpp_2m",
-                     precision=precision, batched=batched, compile=compile)
+                     precision=precision, compile=compile)
         fns[f"imagine {mode}"] = lambda s=s: txt2img(model, s, encoder)
     first = {key: _timed(fn) for key, fn in fns.items()}  # warm-up; compiles where asked
     print(f"batch {n} first calls (s):", {k: round(v, 1) for k, v in first.items()}, flush=True)
@@ -146,11 +145,11 @@ def side_by_side(model, encoder, steps: int, cfg: float, n: int, reps: int) -> t
     for _ in range(reps):
         for key, fn in fns.items():
             times[key].append(_timed(fn))
-    images = {key: fns[key]() for key in ("diffusers fp32", "imagine batched", "imagine batched-compiled")}
+    images = {key: fns[key]() for key in ("diffusers fp32", "imagine default", "imagine compiled")}
     ratios = {key: float(np.median(np.array(times["diffusers fp32"]) / np.array(v)))
               for key, v in times.items() if key.startswith("imagine")}
-    ratios["imagine batched-compiled over diffusers compiled"] = float(np.median(
-        np.array(times["diffusers fp32 compiled"]) / np.array(times["imagine batched-compiled"])))
+    ratios["imagine compiled over diffusers compiled"] = float(np.median(
+        np.array(times["diffusers fp32 compiled"]) / np.array(times["imagine compiled"])))
     return {key: float(np.median(v)) / n for key, v in times.items()}, ratios, first, images
 
 
@@ -190,7 +189,7 @@ def main() -> None:
                 peak = peaks["bf16" if mode.endswith("bf16") else "fp32"]
                 speed[f"{mode} batch {n}"] = {"seconds_per_image": value, "images_per_s": 1 / value,
                                               "unet_gflops": achieved, "fraction_of_matmul_peak": achieved / peak}
-        mine, compiled, reference = images["imagine batched"], images["imagine batched-compiled"], \
+        mine, compiled, reference = images["imagine default"], images["imagine compiled"], \
             images["diffusers fp32"]
         result[f"max_abs_diff_float_batch_{n}"] = (mine - reference).abs().max().item()  # images in [-1, 1]
         result[f"max_pixel_diff_uint8_batch_{n}"] = int(np.abs(to_uint8(mine).astype(int)
@@ -230,7 +229,7 @@ def markdown(r: dict) -> str:
     for key, v in r["vs_diffusers_seconds_per_image"].items():
         up = r["speedup_over_diffusers"].get(key)
         lines.append(f"| {key} | {v:.3f} | {'' if up is None else f'{up:.2f}x'} |")
-    both = [f"{r['speedup_over_diffusers'][f'imagine batched-compiled over diffusers compiled, batch {n}']:.2f}x "
+    both = [f"{r['speedup_over_diffusers'][f'imagine compiled over diffusers compiled, batch {n}']:.2f}x "
             f"at batch {n}" for n in (1, 8)]
     lines += ["", "Speed-ups: over diffusers fp32 eager; both compiled (ours compiled over diffusers compiled): "
               + ", ".join(both) + "."]
@@ -239,7 +238,7 @@ def markdown(r: dict) -> str:
               "(compilation included), seconds: " + "; ".join(
                   f"{batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in calls.items() if "compiled" in k)
                   for batch, calls in r["first_call_seconds"].items()) + ".", "",
-              f"Max difference, imagine batched fp32 vs diffusers fp32: {r['max_abs_diff_float']:.2e} "
+              f"Max difference, imagine default fp32 vs diffusers fp32: {r['max_abs_diff_float']:.2e} "
               f"(images in [-1, 1]); {r['max_pixel_diff_uint8']} in 8-bit pixels. Compiled vs eager (ours): "
               f"{r['compiled_vs_eager_max_pixel_diff_batch_1']} / {r['compiled_vs_eager_max_pixel_diff_batch_8']} "
               "in 8-bit pixels at batch 1 / 8.", ""]

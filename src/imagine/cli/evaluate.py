@@ -32,6 +32,8 @@ def eval_shapes(
                                        "--rerank K makes them)."),
     clip: Path | None = typer.Option(None, help="CLIP scorer folder for --rerank (default: the shipped one)."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (does the faster mode cost accuracy?)."),
+    fast: bool = typer.Option(False, "--fast", help="Evaluate the shipped latent consistency model (4 steps)."),
+    backend: str = typer.Option("torch", help="torch, onnxruntime or onnxruntime-int8 (what does int8 cost?)."),
     phrasing: Phrasing = typer.Option(Phrasing.template, help="How the prompts are worded: builtin:shapes' own "
                                       "templates, or other words from the train (in-vocabulary) or the held-out "
                                       "half of the shapes language (data/shapes_language.py); same scenes."),
@@ -45,9 +47,14 @@ def eval_shapes(
     from imagine.pipelines.request import load_scorer, load_text_model
 
     try:
-        loaded, encoder = load_text_model(model if model is not None else default_model())
+        if fast and model is not None:
+            raise ValueError("--fast evaluates the shipped LCM; leave out --model")
+        from imagine.weights import fast_model
+
+        loaded, encoder = load_text_model(model if model is not None else fast_model() if fast else default_model())
         prompts = prompt_set(per_category, seed, phrasing.value.replace("-", "_"))
-        base = Settings(precision=precision).with_model_defaults(loaded.spec, steps, sampler, cfg).validate()
+        base = Settings(precision=precision, backend=backend).with_model_defaults(loaded.spec, steps, sampler, cfg)
+        base = base.validate()
         if rerank < 1:
             raise ValueError(f"--rerank takes K >= 1 candidates per prompt, got {rerank}")
         scorer = load_scorer(clip) if rerank > 1 else None

@@ -33,6 +33,11 @@ def _bool(value: str | bool) -> bool:
 
 
 _OPTS = dict(
+    backend=typer.Option("torch", help="What runs the networks: torch, onnxruntime (an ONNX export, made once "
+                                       "per model into ~/.cache/imagine/onnx) or onnxruntime-int8 (its UNet "
+                                       "dynamically quantized)."),
+    fast=typer.Option(False, "--fast", help="Use the shipped latent consistency model (4 steps, LCM sampler): an "
+                                            "image in a fraction of a second on a CPU."),
     negative=typer.Option("", "--negative", help="Negative prompt."),
     steps=typer.Option(None, help="Sampling steps (default: the model's; 25 for the shipped one)."),
     sampler=typer.Option(None, help="Sampler: ours or A1111's name ('DPM++ 2M Karras'; default: the model's)."),
@@ -84,6 +89,17 @@ _OPTS = dict(
                                                           "to cover, fit and fill the borders, or resize the "
                                                           "latent (A1111's resize modes)."),
 )
+
+
+def _model_option(model: str | None, fast: bool) -> str | None:
+    """--model, or the shipped LCM for --fast (both at once is refused)."""
+    if fast and model is not None:
+        fail("--fast picks the shipped LCM; leave out --model (or distil your own: imagine distill-lcm)")
+    if fast:
+        from imagine.weights import fast_model
+
+        return str(fast_model())
+    return model
 
 
 def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, **more):
@@ -269,6 +285,7 @@ def generate(
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -290,9 +307,9 @@ def generate(
         return
     if not prompt and not image_prompt:
         fail("give a prompt or an --image-prompt, or --from IMAGE")
-    _run("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
-                                     precision=precision, compile=compile, clip_skip=clip_skip,
-                                     noise_seed_delta=noise_seed_delta), out, rerank=rerank, clip=clip, vae=vae,
+    _run("txt2img", _model_option(model, fast), _settings(prompt, negative, steps, sampler, schedule, cfg, rescale,
+                                                          seed, n, width, height, precision=precision, compile=compile, clip_skip=clip_skip,
+                                     noise_seed_delta=noise_seed_delta, backend=backend), out, rerank=rerank, clip=clip, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora,
          embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode),
          image_prompts=_prompts(image_prompt))
@@ -340,6 +357,7 @@ def img2img(
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -348,9 +366,9 @@ def img2img(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
 ) -> None:
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt."""
-    _run("img2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
-                                     strength=strength, resize_mode=resize_mode, clip_skip=clip_skip,
-                                     noise_seed_delta=noise_seed_delta), out, init=image, vae=vae,
+    _run("img2img", _model_option(model, fast), _settings(
+        prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
+        resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend), out, init=image, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 
@@ -375,6 +393,7 @@ def inpaint(
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -383,11 +402,11 @@ def inpaint(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest."""
-    _run("inpaint", model, _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
-                                     strength=strength, mask_blur=mask_blur, inpaint_fill=masked_content,
-                                     inpaint_only_masked=only_masked, inpaint_padding=only_masked_padding,
-                                     mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
-                                     noise_seed_delta=noise_seed_delta), out, init=image, mask=mask, vae=vae,
+    _run("inpaint", _model_option(model, fast), _settings(
+        prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
+        mask_blur=mask_blur, inpaint_fill=masked_content, inpaint_only_masked=only_masked,
+        inpaint_padding=only_masked_padding, mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
+        noise_seed_delta=noise_seed_delta, backend=backend), out, init=image, mask=mask, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 

@@ -1,4 +1,4 @@
-"""imagine export, convert, models, samplers, version."""
+"""imagine export, export-onnx, convert, models, samplers, version."""
 
 from __future__ import annotations
 
@@ -52,6 +52,39 @@ def export(
     except (ValueError, CheckpointError) as err:
         fail(str(err))
     typer.echo(f"exported {model} -> {out} ({dtype}, {size / 1e6:.1f} MB)")
+
+
+@app.command("export-onnx")
+def export_onnx_cmd(
+    out: Path | None = typer.Option(None, help="The folder to write (default: where --backend onnxruntime looks, "
+                                               "~/.cache/imagine/onnx/NAME-HASH; must not exist)."),
+    model: str | None = typer.Option(None, help="A model: folder, checkpoint or name in the models folder "
+                                                "(default: the shipped one)."),
+    fast: bool = typer.Option(False, "--fast", help="Export the shipped latent consistency model."),
+    int8: bool = typer.Option(True, "--int8/--no-int8", help="Also write the UNet dynamically quantized to int8."),
+    models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
+) -> None:
+    """Export the UNet, VAE decoder and text encoder to ONNX for --backend onnxruntime (and onnxruntime-int8)."""
+    from imagine.io import models_dir as md
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.io.onnx import default_onnx_folder, export_onnx
+    from imagine.pipelines.request import load_text_model
+    from imagine.weights import default_model, fast_model
+
+    try:
+        if fast and model is not None:
+            raise ValueError("--fast exports the shipped LCM; leave out --model")
+        folder = models_dir if models_dir is not None else md.default_models_dir()
+        path = md.resolve(model, folder) if model else fast_model() if fast else default_model()
+        loaded, encoder = load_text_model(path)
+        target = out if out is not None else default_onnx_folder(loaded)
+        export_onnx(loaded, encoder, target, int8=int8)
+    except (ValueError, CheckpointError, FileNotFoundError) as err:
+        fail(str(err))
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    typer.echo(f"exported {path} -> {target} ({size / 1e6:.1f} MB): use it with --backend onnxruntime"
+               + (" or onnxruntime-int8" if int8 else "")
+               + ("" if out is None else f" after copying it to {path}/onnx (or the default cache folder)"))
 
 
 @app.command()

@@ -42,7 +42,7 @@ def serve(
         folder = models_dir if models_dir is not None else md.default_models_dir()
         listed = [e.path for e in md.entries(folder, "checkpoints")
                   if allow_pickle or e.path.is_dir() or e.path.suffix == ".safetensors"]
-        paths = [md.resolve(m, folder) for m in model] if model else listed or [default_model()]
+        paths = [md.resolve(m, folder) for m in model] if model else listed or _shipped_models()
         vaes = [e.path for e in md.entries(folder, "vae") if e.path.is_dir() or e.path.suffix == ".safetensors"]
         limits = Limits(max_pixels=max_pixels, max_steps=max_steps, max_batch=max_batch,
                         max_request_bytes=int(max_request_mb * 1024 * 1024),
@@ -56,3 +56,10 @@ def serve(
                    + ("" if api_auth else " (consider --api-auth USER:PASS)"), err=True)
     typer.echo(f"imagine serving on http://{host}:{port} (web UI at /, API docs at /docs)")
     uvicorn.run(server_app, host=host, port=port, log_level="warning")
+
+
+def _shipped_models() -> list:
+    """The shipped model, and its LCM beside it where this install has it (the fast choice in every model list)."""
+    from imagine.weights import FAST_MODEL
+
+    return [default_model()] + ([FAST_MODEL] if (FAST_MODEL / "diffusion.json").exists() else [])

@@ -30,6 +30,16 @@ ROWS = 2  # every UNet and VAE call is two rows
 INT8_OPS = ["MatMul", "Gemm"]  # dynamic int8: the linear layers (int8 convolutions measured slower, benchmarks/)
 
 
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"the ONNX backend needs onnxruntime, onnx and onnxscript ({err.name} is missing): "
+                         "pip install 'imagine[onnx]'") from None
+
+
 def check_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r} unknown; choose one of: {', '.join(BACKENDS)}")
@@ -82,6 +92,7 @@ def export_onnx(model, text_encoder, out: Path | str, *, int8: bool = True) -> P
     from imagine.io.png import file_hash
     from imagine.models.text_encoders import MiniLMTextEncoder
 
+    _require_onnx()
     out = Path(out)
     unet = model.unet
     cfg = unet.config
@@ -173,6 +184,7 @@ def read_manifest(folder: Path, model) -> dict:
 
 
 def _session(path: Path):
+    _require_onnx()
     import onnxruntime as ort
 
     options = ort.SessionOptions()

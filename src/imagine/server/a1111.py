@@ -77,7 +77,8 @@ NO_EFFECT = frozenset({
     "image_cfg_scale", "mask_round", "include_init_images", "sampler_index", "batch_size", "n_iter",
 })
 # override_settings keys (and /options) applied per request
-OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "samples_format")
+OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "samples_format",
+             "imagine_backend")  # imagine_backend: torch, onnxruntime or onnxruntime-int8 (ours)
 RESIZE_MODES = g.RESIZE_MODES  # A1111's resize_mode 0..3
 INPAINT_FILLS = g.INPAINT_FILLS  # A1111's inpainting_fill 0..3
 
@@ -226,7 +227,8 @@ def router(service: Service) -> APIRouter:
                    "seed": body.seed, "n": body.batch_size * body.n_iter, "width": body.width,
                    "height": body.height, "model": override.get("sd_model_checkpoint"), "previews": True,
                    "vae": None if options["sd_vae"] in AUTOMATIC else options["sd_vae"],
-                   "clip_skip": clip_skip if clip_skip > 1 else None, "noise_seed_delta": ensd}
+                   "clip_skip": clip_skip if clip_skip > 1 else None, "noise_seed_delta": ensd,
+                   "backend": override.get("imagine_backend", "torch")}
         if kind != "txt2img":
             request["strength"] = body.denoising_strength if body.denoising_strength is not None else 0.75
             request["init_image"] = body.init_images[0]

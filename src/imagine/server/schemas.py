@@ -81,6 +81,8 @@ class JobRequest(BaseModel):
     clip_skip: int | None = Field(None, ge=1, le=48, description="text states from the N-th last layer; "
                                                                "default: the model's")
     noise_seed_delta: int = Field(0, description="stochastic samplers' noise from seed + delta (A1111's ENSD)")
+    backend: Literal["torch", "onnxruntime", "onnxruntime-int8"] = Field(
+        "torch", description="what runs the networks: torch, or an ONNX export under ONNX Runtime (fp32 or int8)")
     init_image: str | None = None
     mask: str | None = None
     model: str | None = Field(None, description="a name from GET /api/v1/models; default: the current model")

@@ -24,7 +24,7 @@ from imagine.server.models import ModelStore
 
 # request fields that pass straight into the pipeline Settings when given
 SETTINGS_FIELDS = ("strength", "mask_blur", "resize_mode", "inpaint_fill", "inpaint_only_masked", "inpaint_padding",
-                   "mask_invert", "clip_skip", "noise_seed_delta")
+                   "mask_invert", "clip_skip", "noise_seed_delta", "backend")
 # A1111's /sdapi/v1/options that change results here, with their defaults
 A1111_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
                                   "sd_vae": "Automatic"}

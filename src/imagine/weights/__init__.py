@@ -9,6 +9,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).parent / "shapes-default"
 DEFAULT_CLIP = Path(__file__).parent / "shapes-clip"
+FAST_MODEL = Path(__file__).parent / "shapes-lcm"  # the default model distilled: `imagine distill-lcm`
 
 
 def default_model() -> Path:
@@ -17,6 +18,14 @@ def default_model() -> Path:
         raise FileNotFoundError(f"the default model is missing from this install ({DEFAULT_MODEL}); pass --model DIR "
                                 "or reinstall imagine")
     return DEFAULT_MODEL
+
+
+def fast_model() -> Path:
+    """The shipped latent consistency model (the default model distilled for 1 to 4 steps)."""
+    if not (FAST_MODEL / "diffusion.json").exists():
+        raise FileNotFoundError(f"the fast model is missing from this install ({FAST_MODEL}); reinstall imagine, "
+                                "or distil one: imagine distill-lcm --out DIR")
+    return FAST_MODEL
 
 
 def default_clip() -> Path:

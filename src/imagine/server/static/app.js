@@ -159,6 +159,7 @@ function requestBody() {
     sampler: $("sampler").value, schedule: $("schedule").value || null, steps: number("steps"),
     cfg_scale: number("cfg_scale"), seed: number("seed"), n: number("n"), width: number("width"),
     height: number("height"), clip_skip: number("clip_skip"), noise_seed_delta: number("noise_seed_delta") || 0,
+    backend: $("backend").value,
     vae: $("vae").value === "Automatic" ? null : $("vae").value,
   };
   if (mode !== "txt2img") {
