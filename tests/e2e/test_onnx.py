@@ -12,9 +12,9 @@ from PIL import Image
 
 pytest.importorskip("onnxruntime")
 
-from imagine.io.png import read_png_metadata  # noqa: E402
+from imagine.io.png import read_png_metadata
 
-from .test_control import imagine  # noqa: E402
+from .test_control import imagine
 
 
 @pytest.fixture(scope="module")

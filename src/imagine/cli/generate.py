@@ -307,9 +307,10 @@ def generate(
         return
     if not prompt and not image_prompt:
         fail("give a prompt or an --image-prompt, or --from IMAGE")
-    _run("txt2img", _model_option(model, fast), _settings(prompt, negative, steps, sampler, schedule, cfg, rescale,
-                                                          seed, n, width, height, precision=precision, compile=compile, clip_skip=clip_skip,
-                                     noise_seed_delta=noise_seed_delta, backend=backend), out, rerank=rerank, clip=clip, vae=vae,
+    settings = _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
+                         precision=precision, compile=compile, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta,
+                         backend=backend)
+    _run("txt2img", _model_option(model, fast), settings, out, rerank=rerank, clip=clip, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora,
          embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode),
          image_prompts=_prompts(image_prompt))
@@ -368,7 +369,8 @@ def img2img(
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt."""
     _run("img2img", _model_option(model, fast), _settings(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
-        resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend), out, init=image, vae=vae,
+        resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend), out,
+        init=image, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 

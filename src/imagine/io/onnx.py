@@ -127,7 +127,8 @@ def export_onnx(model, text_encoder, out: Path | str, *, int8: bool = True) -> P
         if model.vae is not None:
             vc = model.vae.config
             latent = torch.randn(ROWS, vc.latent_channels, h, w)
-            lh, lw = torch.export.Dim("latent_height", min=1, max=1024), torch.export.Dim("latent_width", min=1, max=1024)
+            lh = torch.export.Dim("latent_height", min=1, max=1024)
+            lw = torch.export.Dim("latent_width", min=1, max=1024)
             _export(_Decoder(model.vae), (latent,), tmp / "vae_decoder.onnx", ["latent"], {"latent": {2: lh, 3: lw}})
             files.append("vae_decoder.onnx")
         if isinstance(text_encoder, MiniLMTextEncoder):
@@ -289,6 +290,7 @@ def load_onnx(folder: Path, model, int8: bool = False) -> OnnxModel:
         raise CheckpointError(f"{folder} has no {name}; export again with imagine export-onnx --int8")
     folder = Path(folder)
     return OnnxModel(unet=OnnxUNet(folder / name),
-                     vae=OnnxVAEDecoder(folder / "vae_decoder.onnx") if "vae_decoder.onnx" in manifest["files"] else None,
+                     vae=OnnxVAEDecoder(folder / "vae_decoder.onnx") if "vae_decoder.onnx" in manifest["files"]
+                     else None,
                      text=OnnxTextModel(folder / "text_encoder.onnx") if "text_encoder.onnx" in manifest["files"]
                      else None)
