@@ -26,7 +26,7 @@ import torch
 from imagine.diffusion import parametrization as P
 from imagine.diffusion.schedules import lcm_grid
 from imagine.nn.embeddings import guidance_embedding
-from imagine.train.loop import DataOrder, Hook, StepInfo, _sample_generator
+from imagine.train.loop import DataOrder, Hook, StepInfo, _sample_generator, posterior_latents
 from imagine.train.lora import AdapterTrainConfig, _load_state, _save_state, checkpoint_dir
 
 LCMLoss = Literal["huber", "l2"]
@@ -165,6 +165,9 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
             x0 = P.predict_x0(output, x_t, ab.sqrt(), (1 - ab).sqrt(), spec.prediction)
             return P.consistency_output(x0, x_t, t)
 
+        # the hooks draw with the target as it stands (updated in place); LCM-LoRA: the model, LoRA attached
+        context = {"teacher": model, "text_encoder": text_encoder, "out": root, "config": cfg,
+                   "student": model if cfg.lora_rank else _as_model(model, target, cfg)}
         tick = time.perf_counter()
         for step in range(start, cfg.steps):
             counters = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
@@ -173,13 +176,8 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
             images, _, captions = data.batch(idx, torch.zeros(len(idx), dtype=torch.bool))
             if captions is None:
                 raise ValueError(f"{data.source} has no captions: give each image a .txt (or a metadata.jsonl)")
+            x0 = posterior_latents(vae, images, cfg.seed + 1, counters, shape)
             with torch.no_grad():
-                x0 = images
-                if vae is not None:
-                    posterior = vae.encode(images)
-                    eps = torch.stack([torch.randn(shape, generator=_sample_generator(cfg.seed + 1, c))
-                                       for c in counters])
-                    x0 = vae.to_latent(posterior.mean + posterior.std * eps)
                 t = grid[torch.tensor([n for n, _, _ in draws])]
                 t_prev = (t - k).clamp(min=0)
                 scale = torch.tensor([s for _, s, _ in draws])
@@ -220,8 +218,6 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
             if done % cfg.log_every == 0 or done == cfg.steps:
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(asdict(info)) + "\n")
-            context = {"teacher": model, "text_encoder": text_encoder, "out": root, "config": cfg,
-                       "student": _as_model(model, target, cfg) if not cfg.lora_rank else model}
             for hook in hooks:
                 hook(info, context)
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:

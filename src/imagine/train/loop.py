@@ -55,6 +55,17 @@ def _sample_generator(seed: int, counter: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + counter) % (2**63))
 
 
+@torch.no_grad()
+def posterior_latents(vae, images: torch.Tensor, seed: int, counters, shape: tuple[int, ...]) -> torch.Tensor:
+    """A sample of each image's VAE posterior, scaled to the diffusion latent; its noise from the generator
+    of (seed, sample counter), so a resumed run draws the same latents. Without a VAE: the images."""
+    if vae is None:
+        return images
+    posterior = vae.encode(images)
+    eps = torch.stack([torch.randn(shape, generator=_sample_generator(seed, c)) for c in counters])
+    return vae.to_latent(posterior.mean + posterior.std * eps)
+
+
 def sample_draws(seed: int, counter: int, timesteps: int, shape: tuple[int, ...], flip: bool, drop_p: float
                  ) -> tuple[int, torch.Tensor, bool, bool]:
     """One sample's draws, in this order from its own generator: timestep, noise, flip (drawn only when
@@ -196,12 +207,7 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                 captions = [captions[i] for i in idx] if captions is not None else None
             else:
                 x0, labels, captions = data.batch(idx, torch.tensor(flips))
-                if vae is not None:  # encode as the data comes (too much to cache)
-                    with torch.no_grad():
-                        posterior = vae.encode(x0)
-                        eps = torch.stack([torch.randn(item_shape, generator=_sample_generator(cfg.seed + 1, c))
-                                           for c in counters])
-                        x0 = vae.to_latent(posterior.mean + posterior.std * eps)
+                x0 = posterior_latents(vae, x0, cfg.seed + 1, counters, item_shape)  # encoded as it comes
             x0, noise_t = x0.to(device), torch.stack(noise).to(device)
             if cfg.offset_noise:
                 g = _sample_generator(cfg.seed + 2, first)

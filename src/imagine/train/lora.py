@@ -21,7 +21,7 @@ from imagine.diffusion.losses import diffusion_loss
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from imagine.io.lora_keys import save_lora
 from imagine.train.checkpoint import _flatten_optimizer, _unflatten_optimizer
-from imagine.train.loop import DataOrder, Hook, StepInfo, _sample_generator, sample_draws
+from imagine.train.loop import DataOrder, Hook, StepInfo, posterior_latents, sample_draws
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,7 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
             raise ValueError(f"{dataset.source} has no captions: give each image a .txt (or a metadata.jsonl)")
         if own_prompts and prompt is not None:
             captions = [prompt(c) for c in captions]
-        with torch.no_grad():
-            x0 = images
-            if vae is not None:
-                posterior = vae.encode(images)
-                eps = torch.stack([torch.randn(item_shape, generator=_sample_generator(seed + 1, c))
-                                   for c in counters])
-                x0 = vae.to_latent(posterior.mean + posterior.std * eps)
+        x0 = posterior_latents(vae, images, seed + 1, counters, item_shape)
         noise_t, t_t = torch.stack(noise), torch.tensor(t)
         ab = alphas_cumprod[t_t].reshape(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise_t
