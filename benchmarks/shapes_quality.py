@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(model_dir: Path, clip_dir: Path, samplers: list[str], steps: list[int], per_category: int,
-        cfg: float | None, cache: Path, batched: bool) -> dict:
+        cfg: float | None, cache: Path) -> dict:
     model = load_model_folder(model_dir)
     cfg = model.spec.default_cfg if cfg is None else cfg
     encoder = load_text_encoder(model.spec.text_encoder)
@@ -50,8 +50,8 @@ def run(model_dir: Path, clip_dir: Path, samplers: list[str], steps: list[int], 
 
             def make(chunk, sampler=sampler, k=k, images=images):
                 out = np.concatenate([to_uint8(txt2img(model, Settings(prompt=p.prompt, seed=p.seed, steps=k,
-                                                                       sampler=sampler, cfg_scale=cfg,
-                                                                       batched=batched), encoder))
+                                                                       sampler=sampler, cfg_scale=cfg),
+                                          encoder))
                                       for p in chunk])
                 images.append(out)
                 return out
@@ -67,7 +67,7 @@ def run(model_dir: Path, clip_dir: Path, samplers: list[str], steps: list[int], 
             print(f"{sampler:>12} {k:>3} steps: ShapesEval {report.overall:.3f} ± {row['stderr']:.3f}, "
                   f"KID {k_id.mean * 1e3:.2f}e-3 ± {k_id.std * 1e3:.2f}e-3, {seconds / n:.2f} s/image", flush=True)
     return {"model": str(model_dir), "clip": str(clip_dir), "per_category": per_category, "images_per_setting": n,
-            "cfg": cfg, "batched": batched, "rows": rows, "torch": torch.__version__,
+            "cfg": cfg, "rows": rows, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
 
@@ -100,12 +100,11 @@ def main() -> None:
     parser.add_argument("--steps", default="4,8,16,32,50")
     parser.add_argument("--per-category", type=int, default=10)
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
-    parser.add_argument("--batched", action="store_true", help="one network call per step for all rows")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "fid")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "shapes_quality")
     args = parser.parse_args()
     result = run(args.model or default_model(), args.clip or default_clip(), args.samplers.split(","),
-                 [int(k) for k in args.steps.split(",")], args.per_category, args.cfg, args.cache, args.batched)
+                 [int(k) for k in args.steps.split(",")], args.per_category, args.cfg, args.cache)
     result["command"] = "python " + " ".join(["benchmarks/shapes_quality.py", *sys.argv[1:]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))

@@ -212,14 +212,20 @@ class OnnxUNet:
         if "timestep_cond" in self.inputs and "timestep_cond" not in feeds:
             raise ValueError("this exported UNet embeds the guidance scale (an LCM): pass timestep_cond")
         arrays = {k: _numpy(feeds[k], k) for k in self.inputs}
-        outs = []
-        for start in range(0, len(x), self.rows):
-            pair = {k: v[start: start + self.rows] for k, v in arrays.items()}
-            n = len(pair["sample"])
-            if n < self.rows:
-                pair = {k: np.concatenate([v, v[-1:]]) for k, v in pair.items()}
-            outs.append(self.session.run(None, pair)[0][:n])
-        return torch.from_numpy(np.concatenate(outs)).to(x.dtype)
+        return torch.from_numpy(_in_chunks(self.session, arrays, self.rows)).to(x.dtype)
+
+
+def _in_chunks(session, arrays: dict[str, np.ndarray], rows: int) -> np.ndarray:
+    """Run ``session`` on consecutive chunks of ``rows`` rows of every input (the last chunk filled up with
+    copies of its last row, whose outputs are dropped) and stack the first outputs."""
+    outs = []
+    for start in range(0, len(next(iter(arrays.values()))), rows):
+        chunk = {k: v[start: start + rows] for k, v in arrays.items()}
+        n = len(next(iter(chunk.values())))
+        if n < rows:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], rows - n, axis=0)]) for k, v in chunk.items()}
+        outs.append(session.run(None, chunk)[0][:n])
+    return np.concatenate(outs)
 
 
 def _numpy(v: torch.Tensor, name: str) -> np.ndarray:
@@ -235,14 +241,7 @@ class OnnxVAEDecoder:
         self.session = _session(path)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        arr, outs = z.detach().float().numpy(), []
-        for start in range(0, len(arr), ROWS):
-            pair = arr[start: start + ROWS]
-            n = len(pair)
-            if n < ROWS:
-                pair = np.concatenate([pair, pair[-1:]])
-            outs.append(self.session.run(None, {"latent": pair})[0][:n])
-        return torch.from_numpy(np.concatenate(outs))
+        return torch.from_numpy(_in_chunks(self.session, {"latent": z.detach().float().numpy()}, ROWS))
 
 
 class OnnxTextModel:
