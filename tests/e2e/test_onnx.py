@@ -4,6 +4,9 @@ backend recorded and reproduced by --from, refusals."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -72,6 +75,16 @@ def test_backend_is_recorded_and_reproduced(tiny_t2i_dir, cache, tmp_path, monke
     run = imagine("generate", "--from", out, "--out", "b", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / "000005-txt2img.png")), np.asarray(Image.open(out)))
+    # the ONNX text encoder runs without transformers: a fresh process never imports it (a second of cold start)
+    code = ("import sys; from imagine.cli import main; sys.argv = ['imagine', 'generate', 'a blue star', "
+            f"'--model', {str(tiny_t2i_dir)!r}, '--steps', '2', '--width', '16', '--height', '16', '--seed', '0', "
+            "'--backend', 'onnxruntime', '--out', 'd']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code\n"
+            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "IMAGINE_CACHE": str(cache)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "d" / "000000-txt2img.png").exists()
     run = imagine("generate", "x", *common, "--backend", "onnxruntime", "--precision", "bf16", "--out", "c",
                   cwd=tmp_path)
     assert run.returncode != 0 and "bf16 autocast and --compile are torch's" in run.stderr

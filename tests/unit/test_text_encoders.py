@@ -109,6 +109,28 @@ def test_minilm_loads_with_no_network(tmp_path):
     assert "torch.Size([1, 77, 384])" in out.stdout
 
 
+def test_minilm_tokenizer_is_transformers_own_without_importing_it(minilm):
+    """The tokenizers-library tokenizer gives transformers' ids, on long text too (the file's own 128-token
+    truncation and padding are off), and the transformer itself is loaded on first use only."""
+    from transformers import AutoTokenizer
+
+    from imagine.models.text_encoders import MiniLMTextEncoder
+
+    reference = AutoTokenizer.from_pretrained(str(minilm.path), local_files_only=True)
+    texts = ["a red circle", "A Crimson BALL, left of 3 squares!", "naïve café — über", "日本語 text", "",
+             " ".join(["word"] * 300), "(emph:1.2) [x] \\( y"]
+    for text in texts:
+        for special in (False, True):
+            assert (minilm.tokenizer(text, add_special_tokens=special)["input_ids"]
+                    == reference(text, add_special_tokens=special)["input_ids"]), (text, special)
+    assert (minilm.tokenizer.cls_token_id, minilm.tokenizer.sep_token_id, minilm.tokenizer.pad_token_id) == (
+        reference.cls_token_id, reference.sep_token_id, reference.pad_token_id)
+    lazy = MiniLMTextEncoder()
+    assert lazy._model is None and lazy.dim == 384 and lazy.num_layers == 6
+    assert torch.equal(lazy.encode(["a red circle"]).context, minilm.encode(["a red circle"]).context)
+    assert lazy._model is not None
+
+
 def _tiny_clip(folder):
     """A random CLIP text model and a character-level CLIP tokenizer, built offline."""
     from transformers import CLIPTextConfig, CLIPTextModel

@@ -30,11 +30,13 @@ ROWS = 2  # every UNet and VAE call is two rows
 INT8_OPS = ["MatMul", "Gemm"]  # dynamic int8: the linear layers (int8 convolutions measured slower, benchmarks/)
 
 
-def _require_onnx() -> None:
+def _require_onnx(export: bool = True) -> None:
+    """The packages ONNX needs: onnxruntime to run, and onnx and onnxscript to export (``export``)."""
+    import importlib
+
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
+        for name in ("onnxruntime", "onnx", "onnxscript") if export else ("onnxruntime",):
+            importlib.import_module(name)
     except ImportError as err:
         raise ValueError(f"the ONNX backend needs onnxruntime, onnx and onnxscript ({err.name} is missing): "
                          "pip install 'imagine[onnx]'") from None
@@ -185,7 +187,7 @@ def read_manifest(folder: Path, model) -> dict:
 
 
 def _session(path: Path):
-    _require_onnx()
+    _require_onnx(export=False)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -276,7 +278,7 @@ class OnnxModel(SimpleNamespace):
             from collections import OrderedDict
 
             twin = copy.copy(encoder)
-            twin.model, twin.models, twin._cache = self.text, [self.text], OrderedDict()
+            twin.model, twin._cache = self.text, OrderedDict()
             self._encoder = (encoder, twin)
         return self._encoder[1]
 

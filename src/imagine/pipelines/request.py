@@ -147,8 +147,11 @@ def attached(request: Request, model: DiffusionModel, text_encoder, allow_pickle
     from imagine.adapters.lora import attach, parts_of
     from imagine.io.lora_keys import load_lora
 
-    parts = parts_of(model, text_encoder)
-    loaded = [(load_lora(use.path, parts, allow_pickle=allow_pickle), use.weight) for use in request.resolved_loras]
+    loaded = []
+    if request.resolved_loras:  # (the parts are asked for only then: a text encoder loads its model on first use)
+        parts = parts_of(model, text_encoder)
+        loaded = [(load_lora(use.path, parts, allow_pickle=allow_pickle), use.weight)
+                  for use in request.resolved_loras]
     handle = attach(parts, loaded, text_encoder=text_encoder, strict=request.lora_strict) if loaded else None
     try:
         with embeddings.using(text_encoder, [emb for emb, _ in request.resolved_embeddings]):
