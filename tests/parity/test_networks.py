@@ -44,6 +44,10 @@ UNET_CONFIGS = {
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=12,
         attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 2, 3), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 5),
+    "per_level_layers_with_class_labels": dict(  # Efficient U-Net's more resnets at low resolution; SD x4 upscaler's
+        block_out_channels=(8, 16, 16), down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=12,
+        attention_head_dim=2, layers_per_block=(1, 2, 3), num_class_embeds=5),
     "lcm_guidance_embedding": dict(
         block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2,

@@ -145,3 +145,82 @@ def test_bad_configs_and_inputs_are_refused():
     vae = AutoencoderKL(TINY_VAE)
     with pytest.raises(ValueError, match="not a multiple of the VAE's factor 2"):
         vae.encode(torch.randn(1, 3, 7, 8))
+
+
+def _efficient(**options):
+    from imagine.models import UNet2DConditionModel, UNetConfig
+
+    cfg = UNetConfig(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16),
+                     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=6,
+                     attention_head_dim=2, norm_num_groups=4, **options)
+    torch.manual_seed(0)
+    return UNet2DConditionModel(cfg)
+
+
+def test_efficient_unet_per_level_layers_and_downsample_first_shapes():
+    """Imagen's Efficient U-Net: more resnets where the resolution is low, and each down block after the
+    first opens with its downsampler (so its resnets run at the lower resolution)."""
+    net = _efficient(layers_per_block=(1, 2, 4), downsample_first=True)
+    assert [len(b.resnets) for b in net.down_blocks] == [1, 2, 4]
+    assert [len(b.resnets) for b in net.up_blocks] == [5, 3, 2]
+    assert net.down_blocks[0].downsamplers is None
+    assert [b.downsamplers[0].conv.in_channels for b in net.down_blocks[1:]] == [8, 16]  # the incoming width
+    sizes = []
+    hooks = [b.resnets[0].register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
+             for b in net.down_blocks]
+    x, ctx = torch.randn(2, 3, 16, 12), torch.randn(2, 5, 6)
+    out = net(x, torch.tensor([10.0, 500.0]), ctx)
+    for h in hooks:
+        h.remove()
+    assert sizes == [(16, 12), (8, 6), (4, 3)]  # each block's resnets already at its own resolution
+    assert out.shape == x.shape
+    plain = _efficient(layers_per_block=(1, 2, 4))
+    assert [b.downsamplers is not None for b in plain.down_blocks] == [True, True, False]  # diffusers' order
+
+
+def test_efficient_unet_scales_every_skip_by_the_factor():
+    """skip_scale multiplies each skip where the up path concatenates it, and nothing else: a net with
+    skip_scale s equals the plain net with every skip scaled by s by hand."""
+    import math
+
+    scaled = _efficient(skip_scale=1 / math.sqrt(2))
+    plain = _efficient()
+    plain.load_state_dict(scaled.state_dict())
+    seen = []
+
+    def scale_skips(module, args):
+        x, skips = args[0], args[1]
+        seen.append(len(skips))
+        return (x, [s / math.sqrt(2) for s in skips], *args[2:])
+
+    hooks = [b.register_forward_pre_hook(scale_skips) for b in plain.up_blocks]
+    x, ctx, t = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 6), torch.tensor([3.0, 900.0])
+    with torch.no_grad():
+        expected = plain(x, t, ctx)
+        got = scaled(x, t, ctx)
+        for h in hooks:
+            h.remove()
+        unscaled = plain(x, t, ctx)
+    assert sum(seen) == sum(len(b.resnets) for b in plain.up_blocks)  # every skip passed through the hook
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got - unscaled).abs().max() > 1e-3
+
+
+def test_efficient_unet_options_are_checked_and_kept_out_of_diffusers_layouts():
+    from imagine.models import ControlNetModel, UNetConfig, diffusers_config
+
+    with pytest.raises(ValueError, match="layers_per_block has 2 entries for 3 blocks"):
+        _efficient(layers_per_block=(1, 2))
+    with pytest.raises(ValueError, match="layers_per_block must be >= 1"):
+        _efficient(layers_per_block=(1, 0, 2))
+    with pytest.raises(ValueError, match="skip_scale must be positive"):
+        _efficient(skip_scale=0.0)
+    net = _efficient(downsample_first=True)
+    with pytest.raises(ValueError, match="no diffusers layout"):
+        diffusers_config(net)
+    with pytest.raises(ValueError, match="Efficient U-Net"):
+        ControlNetModel.from_unet(net, 1)
+    config = diffusers_config(_efficient(layers_per_block=(1, 1, 2)))
+    assert "skip_scale" not in config and "downsample_first" not in config and config["layers_per_block"] == [1, 1, 2]
+    assert UNetConfig.from_dict(dict(UNetConfig().__dict__)).skip_scale == 1.0

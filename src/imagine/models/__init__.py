@@ -80,6 +80,10 @@ def diffusers_config(model: nn.Module) -> dict[str, Any]:
     keys are theirs, and every setting we leave out is at diffusers' default (the _FIXED values)."""
     config = _config_of(model)
     if isinstance(model, UNet2DConditionModel):
+        if model.config.efficient:
+            raise ValueError("this UNet uses Efficient U-Net options (scaled skips, downsample-first) that "
+                             "diffusers' UNet2DConditionModel lacks; it has no diffusers layout")
+        del config["skip_scale"], config["downsample_first"]
         if config.pop("learned_variance"):
             config["out_channels"] *= 2  # diffusers has no flag: the variance is just more output channels
         return config

@@ -86,6 +86,9 @@ class ControlNetConfig:
     def from_unet(cls, unet: UNetConfig, latent_factor: int, conditioning_channels: int = 3) -> ControlNetConfig:
         """The config of a ControlNet for ``unet``, with a condition embedding that reduces pixels by the
         model's latent factor (SD's 8: diffusers' (16, 32, 96, 256); 4: (16, 32, 96); pixel models: (16,))."""
+        if unet.efficient or not isinstance(unet.layers_per_block, int):
+            raise ValueError("ControlNets copy diffusers' UNet layout; this UNet uses Efficient U-Net options "
+                             "(per-level layers, scaled skips or downsample-first), which they do not cover")
         steps = latent_factor.bit_length() - 1
         if latent_factor < 1 or 2**steps != latent_factor:
             raise ValueError(f"the latent factor must be a power of two, got {latent_factor}")

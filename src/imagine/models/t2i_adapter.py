@@ -51,6 +51,9 @@ class T2IAdapterConfig:
         """The adapter whose features land where ``unet`` adds them. A UNet whose first level is a plain
         block with a downsampler (SDXL, imagine's shipped model) takes its first feature after that
         downsampler: the xl layout, with the mid block fed by the fourth feature."""
+        if unet.efficient:
+            raise ValueError("T2I-Adapters are made for diffusers' UNet layout; this UNet uses Efficient U-Net "
+                             "options (scaled skips or downsample-first)")
         c = unet.block_out_channels
         if unet.down_block_types[0] == "DownBlock2D" and len(c) == 3:
             return cls(channels=(c[0], c[1], c[2], c[2]), num_res_blocks=num_res_blocks,

@@ -68,6 +68,13 @@ class UNetConfig:
     # Latent Consistency Models (Luo et al. 2023): the guidance scale, embedded (nn.embeddings.guidance_embedding)
     # to this many features, joins the timestep features through time_embedding.cond_proj
     time_cond_proj_dim: int | None = None
+    # Imagen's Efficient U-Net (Saharia et al. 2022, appendix B.1), options off by default (diffusers' UNet):
+    # layers_per_block may differ per level (more resnets at low resolution, where they are cheap); every
+    # skip connection is scaled by skip_scale (1/sqrt(2)) where the up path concatenates it; with
+    # downsample_first each down block after the first downsamples at its start, before its resnets, not at
+    # the end of the previous block (up blocks already upsample after their resnets)
+    skip_scale: float = 1.0
+    downsample_first: bool = False
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -81,8 +88,12 @@ class UNetConfig:
             if kind not in ("CrossAttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D", "CrossAttnUpBlock2D",
                             "UpBlock2D", "AttnUpBlock2D"):
                 raise ValueError(f"block type {kind!r} unknown; choose CrossAttn/Attn/plain Down/UpBlock2D")
-        for name in ("attention_head_dim", "transformer_layers_per_block"):
+        for name in ("attention_head_dim", "transformer_layers_per_block", "layers_per_block"):
             _per_block(getattr(self, name), n, name)
+        if any(k < 1 for k in _per_block(self.layers_per_block, n, "layers_per_block")):
+            raise ValueError(f"layers_per_block must be >= 1 at every level, got {self.layers_per_block}")
+        if not self.skip_scale > 0:
+            raise ValueError(f"skip_scale must be positive, got {self.skip_scale}")
         if self.addition_embed_type not in (None, "text_time"):
             raise ValueError(f"addition_embed_type {self.addition_embed_type!r} unknown; imagine implements "
                              "'text_time' (SDXL) or none")
@@ -95,6 +106,16 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return self.block_out_channels[0] * 4
 
+    def layers(self, level: int) -> int:
+        """Resnets of the down block at ``level`` (its up block has one more)."""
+        return _per_block(self.layers_per_block, len(self.block_out_channels), "layers_per_block")[level]
+
+    @property
+    def efficient(self) -> bool:
+        """Whether an Efficient U-Net option that diffusers' UNet2DConditionModel lacks is on (it does take
+        per-level layers_per_block)."""
+        return self.skip_scale != 1.0 or self.downsample_first
+
     @classmethod
     def from_dict(cls, data: dict) -> UNetConfig:
         return config_from_dict(cls, data, "UNet")
@@ -106,22 +127,35 @@ class DownBlock(nn.Module):
 
     def __init__(self, kind: DownBlockType, c_in: int, c_out: int, cfg: UNetConfig, i: int, add_downsample: bool):
         super().__init__()
-        n = cfg.layers_per_block
+        n = cfg.layers(i)
         t = cfg.time_embed_dim
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(c_in if j == 0 else c_out, c_out, t, g, eps, cfg.dropout) for j in range(n)])
+        # Efficient U-Net: the downsampler (of the incoming width) opens the block instead of closing the last
+        self.downsample_first = cfg.downsample_first
         self.kind = kind
         if kind == "CrossAttnDownBlock2D":
             self.attentions = nn.ModuleList([_cross_attention(c_out, cfg, i) for _ in range(n)])
         elif kind == "AttnDownBlock2D":
             self.attentions = nn.ModuleList([_self_attention(c_out, cfg, i) for _ in range(n)])
-        self.downsamplers = nn.ModuleList([Downsample2D(c_out)]) if add_downsample else None
+        self.downsamplers = nn.ModuleList([Downsample2D(c_in if cfg.downsample_first else c_out)]
+                                          ) if add_downsample else None
 
     def forward(self, x, temb, context, mask, intrablock=None):
         """intrablock: a T2I-Adapter feature, added where diffusers adds it: after the last resnet (and its
         attention) of a block with attention, after the downsampler of one without; the skip carries it."""
         skips = []
+        if self.downsample_first:
+            if intrablock is not None:
+                raise ValueError("T2I-Adapters are made for diffusers' UNet layout, not downsample_first")
+            if self.downsamplers is not None:
+                x = self.downsamplers[0](x)
+                skips.append(x)
+            for j, resnet in enumerate(self.resnets):
+                x = _attend(self, j, resnet(x, temb), context, mask)
+                skips.append(x)
+            return x, skips
         last = len(self.resnets) - 1
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
@@ -145,8 +179,9 @@ class UpBlock(nn.Module):
     def __init__(self, kind: UpBlockType, prev: int, c_out: int, skip_in: int, cfg: UNetConfig, i: int,
                  add_upsample: bool):
         super().__init__()
-        n = cfg.layers_per_block + 1
+        n = cfg.layers(len(cfg.block_out_channels) - 1 - i) + 1
         t, g, eps = cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps
+        self.skip_scale = cfg.skip_scale
         blocks = []
         for j in range(n):
             res_skip = skip_in if j == n - 1 else c_out
@@ -164,7 +199,8 @@ class UpBlock(nn.Module):
 
     def forward(self, x, skips, temb, context, mask, upsample_size=None):
         for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            skip = skips.pop()
+            x = resnet(torch.cat([x, skip if self.skip_scale == 1.0 else skip * self.skip_scale], dim=1), temb)
             x = _attend(self, j, x, context, mask)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
@@ -229,7 +265,8 @@ class UNet2DConditionModel(nn.Module):
         c_out = c0
         for i, kind in enumerate(cfg.down_block_types):
             c_in, c_out = c_out, cfg.block_out_channels[i]
-            self.down_blocks.append(DownBlock(kind, c_in, c_out, cfg, i, add_downsample=i < n - 1))
+            down = i > 0 if cfg.downsample_first else i < n - 1
+            self.down_blocks.append(DownBlock(kind, c_in, c_out, cfg, i, add_downsample=down))
         self.mid_block = MidBlockCrossAttn(cfg.block_out_channels[-1], cfg) if cfg.mid_block_type else None
         rev = list(reversed(cfg.block_out_channels))
         self.up_blocks = nn.ModuleList()
