@@ -75,6 +75,60 @@ def train(
         typer.echo(f"model written to {out} (loss curve: {out / 'loss.png'})")
 
 
+@app.command("train-sr")
+def train_sr_command(
+    out: Path = typer.Option(..., help="The stage's model folder; with --stages, a folder of stage-FROM-TO folders "
+                                       "and cascade.json (use it whole with --sr)."),
+    data: str = typer.Option("builtin:shapes", help="builtin:shapes, or a folder of captioned images (.txt beside "
+                                                   "each) at least --to pixels on a side."),
+    from_size: int = typer.Option(64, "--from", help="The low resolution the stage starts from."),
+    to_size: int = typer.Option(256, "--to", help="The resolution it makes."),
+    stages: str | None = typer.Option(None, help="A cascade's sizes, e.g. 64,128,256: one stage per step, trained "
+                                                 "in order (default: one stage --from -> --to)."),
+    preset: str = typer.Option("sr", help="sr (the shipped stage's recipe) or tiny-sr (seconds)."),
+    steps: int | None = typer.Option(None, help="Steps per stage; a resumed run trains on to this count."),
+    batch_size: int | None = typer.Option(None, help="Crops per step."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (AdamW)."),
+    crop: int | None = typer.Option(None, help="Train on random crops of this size of the target (0: whole "
+                                               "images; the network is convolutional either way)."),
+    noise_levels: int | None = typer.Option(None, help="Noise-augmentation levels the stage learns (0..N-1)."),
+    noise_level: int | None = typer.Option(None, help="The level generation uses unless told (diffusion.json)."),
+    precision: str | None = typer.Option(None, help="fp32, or bf16 autocast with fp32 master weights."),
+    checkpoint_every: int | None = typer.Option(None, help="Save full training state every N steps."),
+    sample_every: int | None = typer.Option(None, help="Write an input | output | truth grid every N steps."),
+    seed: int | None = typer.Option(None, help="Seed of every random draw of the run."),
+    resume: bool = typer.Option(False, "--resume", help="Go on from the last checkpoint (finished stages are kept)."),
+) -> None:
+    """Train super-resolution diffusion stages (Imagen): text-conditioned, on the low-resolution image with
+    noise-conditioning augmentation, Efficient U-Net, in pixels."""
+    from imagine.data.images import DataError
+    from imagine.train.config import preset as get_preset
+    from imagine.train.hooks import sample_grid_hook
+    from imagine.train.loop import loss_curve, read_log
+    from imagine.train.recipe import sr_stage_sizes, train_sr
+
+    progress = training_progress()
+    try:
+        cfg = get_preset(preset)
+        if cfg.sr_scale < 2:
+            raise ValueError(f"preset {preset!r} is not a super-resolution preset; use sr or tiny-sr")
+        pairs = sr_stage_sizes(from_size, to_size, [int(v) for v in stages.split(",")] if stages else None)
+        cfg = cfg.with_overrides(steps=steps, batch_size=batch_size, lr=lr, sr_crop=crop, noise_levels=noise_levels,
+                                 default_noise_level=noise_level, precision=precision, seed=seed,
+                                 checkpoint_every=checkpoint_every, sample_every=sample_every)
+        folders = train_sr(cfg, data, out, pairs, resume=resume, hooks=[progress, sample_grid_hook()],
+                           log=typer.echo)
+    except (ValueError, DataError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        fail(str(err))
+    finally:
+        progress(None, {})
+    for folder in folders:
+        loss_curve(read_log(folder / "log.jsonl"), folder / "loss.png")
+    typer.echo(f"super-resolution {'cascade' if len(folders) > 1 else 'stage'} written to {out} (samples: "
+               f"{folders[-1] / 'samples'}); use it with imagine upscale IMAGE --upscaler {out} or imagine "
+               f"generate PROMPT --sr {out}")
+
+
 @app.command("train-vae")
 def train_vae_command(
     data: str = typer.Option(..., help="A folder of images, or builtin:digits."),

@@ -287,6 +287,12 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         from imagine.adapters.control import Controlled
 
         network = Controlled(network, controls, timesteps)
+    if spec.upscale > 1:  # a super-resolution stage: cond carries the low-resolution rows
+        from imagine.diffusion.superres import LowResConditioned
+
+        if runtime is not None:
+            raise ValueError(f"super-resolution stages run on --backend torch, not {backend}")
+        network = LowResConditioned(network)
     denoiser = _TwoRowFloor(Denoiser(network, ac, spec.prediction, learned_variance=spec.learned_variance,
                                      consistency=spec.consistency or info.consistency,
                                      quantize=info.sigmas is not None))
@@ -314,9 +320,13 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
 def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: torch.Tensor | None = None,
             mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
             cancel: Callable[[], bool] | None = None, controls: Sequence = (),
-            image_prompts: Sequence = ()) -> torch.Tensor:
-    """Text-conditioned sampling: prompt and negative prompt encoded in one call, so their windows line up."""
+            image_prompts: Sequence = (), low_res: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Text-conditioned sampling: prompt and negative prompt encoded in one call, so their windows line up.
+    low_res: a super-resolution stage's (augmented low-resolution rows at the output size, their levels)."""
     _check_text_model(model, text_encoder)
+    if (low_res is None) != (model.spec.upscale == 1):
+        raise ValueError("a super-resolution stage upscales an image: use imagine upscale (or a cascade) with it"
+                         if low_res is None else "low-resolution input given to a model that is not an SR stage")
     w, h = output_size(model, s)
     f = latent_factor(model)
     from imagine.adapters.lora import prompt_loras
@@ -345,6 +355,12 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
         from imagine.adapters.image_prompt import TOKENS, prompt_tokens
 
         cond[TOKENS], uncond[TOKENS] = prompt_tokens(image_prompts, s.n)
+    if low_res is not None:  # the same low-resolution rows (and levels) on both branches of guidance
+        rows, levels = low_res
+        for branch in (cond, uncond):
+            branch["low_res"] = rows
+            if model.unet.config.num_class_embeds:
+                branch["class_labels"] = levels
     cfg_scale = s.cfg_scale
     if embeds_guidance(model):  # an LCM: the guidance scale is an input, one branch per step and no negative
         if s.negative_prompt.strip():

@@ -24,6 +24,14 @@ class TrainConfig:
     vae_preset: str | None = None  # latent models: with no --vae, train one with this VAE preset first
     flip: bool = False
     default_cfg: float = 5.0  # written into the model's diffusion.json: generation's guidance unless told
+    # super-resolution stages (diffusion/superres.py): sr_scale > 1 trains a stage that makes images sr_scale
+    # times larger, in pixels, conditioned on the target degraded by that factor and noise-augmented at a
+    # random level of noise_levels (a class embedding); sr_crop > 0 trains on random crops of that size
+    # (the network is convolutional, so it then runs on whole images of any size)
+    sr_scale: int = 1
+    sr_crop: int = 0
+    noise_levels: int = 0
+    default_noise_level: int = 0  # written into diffusion.json: the augmentation generation uses unless told
     # optimization
     steps: int = 1000  # the total: a resumed run with more steps trains on to it
     batch_size: int = 32  # global, over all processes and accumulation steps
@@ -65,6 +73,20 @@ class TrainConfig:
             raise ValueError(f"lr_decay_from must lie in (0, 1], got {self.lr_decay_from}")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if self.sr_scale < 1:
+            raise ValueError(f"sr_scale must be >= 1, got {self.sr_scale}")
+        if self.sr_scale > 1:
+            if self.image_size % self.sr_scale:
+                raise ValueError(f"image size {self.image_size} is not a multiple of the scale {self.sr_scale}")
+            if self.sr_crop and (self.sr_crop > self.image_size or self.sr_crop % 8):
+                raise ValueError(f"sr_crop {self.sr_crop} must be a multiple of 8 no larger than the image size "
+                                 f"{self.image_size}")
+            if self.vae_preset is not None or self.class_conditional:
+                raise ValueError("super-resolution stages train in pixels, on captioned or plain images "
+                                 "(no VAE, no classes)")
+            if not 0 <= self.default_noise_level < max(1, self.noise_levels):
+                raise ValueError(f"default_noise_level {self.default_noise_level} is outside "
+                                 f"0..{self.noise_levels - 1}")
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:
         known = {f.name for f in fields(self)}
@@ -117,6 +139,27 @@ PRESETS["tiny-t2i"] = replace(
               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",
                                                                                        "CrossAttnUpBlock2D"),
               mid_block_type=None, attention_head_dim=2))
+
+# super-resolution stages (imagine train-sr): Imagen's Efficient U-Net in pixels (more resnets at low
+# resolution, skips scaled by 1/sqrt(2), downsample-first), text cross-attention at the lowest level and the
+# middle only (where there are few positions), trained on crops of the target (the network is convolutional)
+_SR_UNET = dict(block_out_channels=(32, 64, 96, 128), layers_per_block=(1, 1, 2, 2), norm_num_groups=8,
+                down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+                mid_block_type="UNetMidBlock2DCrossAttn", attention_head_dim=4, skip_scale=2 ** -0.5,
+                downsample_first=True)
+PRESETS["sr"] = TrainConfig(
+    data="builtin:shapes", image_size=256, sr_scale=4, sr_crop=64, noise_levels=250, default_noise_level=25,
+    text_conditional=True, steps=3000, batch_size=16, lr=3e-4, warmup_steps=100, lr_decay_from=0.7,
+    checkpoint_every=250, sample_every=500, schedule="cosine", prediction="v", min_snr_gamma=5.0,
+    precision="bf16", default_cfg=1.0, unet=_SR_UNET)
+PRESETS["tiny-sr"] = replace(
+    PRESETS["sr"], image_size=32, sr_scale=2, sr_crop=16, noise_levels=20, default_noise_level=2, steps=6,
+    batch_size=4, warmup_steps=2, checkpoint_every=3, sample_every=0, log_every=1, ema_decay=0.9,
+    precision="fp32", unet=dict(block_out_channels=(8, 16), layers_per_block=(1, 2), norm_num_groups=4,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None,
+                                attention_head_dim=2, skip_scale=2 ** -0.5, downsample_first=True))
 
 
 def preset(name: str) -> TrainConfig:

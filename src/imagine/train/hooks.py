@@ -28,6 +28,9 @@ def sample_grid_hook():
         model = DiffusionModel(context["ema"].model, vae, spec, context["out"])
         path = context["out"] / "samples" / f"step_{info.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
+        if spec.upscale > 1:
+            _sr_grid(model, context, path)
+            return
         if spec.text_encoder is not None:
             from imagine.pipelines.generate import Settings, txt2img
 
@@ -48,3 +51,29 @@ def sample_grid_hook():
         Image.fromarray(grid(images, rows=len(classes) if len(classes) > 1 else 4).squeeze()).save(path)
 
     return hook
+
+
+def _sr_grid(model, context, path) -> None:
+    """A super-resolution stage's samples: for four images the stage did not train on (scenes far past the
+    training stream of builtin:shapes; a folder's first images), one row each of the low-resolution input
+    (upsampled bilinearly), the stage's output and the truth. The prompts go beside it in a .txt."""
+    import torch
+    from PIL import Image
+
+    from imagine.diffusion.superres import degrade, upsample
+    from imagine.pipelines.generate import Settings
+    from imagine.pipelines.unconditional import grid, to_uint8
+    from imagine.pipelines.upscale import sr_stage
+
+    data, spec = context["data"], model.spec
+    first = 10**8 if getattr(data, "infinite", False) else 0
+    indices = [first + i for i in range(min(4, len(data)))]
+    truth, _, captions = data.batch(indices)
+    captions = captions or [""] * len(indices)
+    low = degrade(truth, spec.upscale)
+    outs = [sr_stage(model, low[i: i + 1], Settings(prompt=captions[i], steps=20, cfg_scale=spec.default_cfg, seed=i),
+                     context["text_encoder"]) for i in range(len(indices))]
+    rows = [torch.cat([upsample(low[i: i + 1], tuple(truth.shape[-2:])), outs[i], truth[i: i + 1]])
+            for i in range(len(indices))]
+    Image.fromarray(grid(to_uint8(torch.cat(rows)), rows=len(indices)).squeeze()).save(path)
+    path.with_suffix(".txt").write_text("columns: input (bilinear) | output | truth\n" + "\n".join(captions) + "\n")

@@ -111,8 +111,34 @@ def make_unet_config(cfg: TrainConfig, channels: int, num_classes: int, context_
     if cfg.class_conditional:
         # one extra embedding: the "null" class that label dropout trains, for classifier-free guidance
         settings["num_class_embeds"] = num_classes + (1 if cfg.label_dropout > 0 else 0)
-    return UNetConfig.from_dict({**settings, "sample_size": cfg.image_size, "in_channels": channels,
-                                 "out_channels": channels, "learned_variance": cfg.learned_variance})
+    if cfg.sr_scale > 1:  # the upsampled low-resolution image rides along as input channels, its level as a class
+        settings["num_class_embeds"] = cfg.noise_levels or None
+    return UNetConfig.from_dict({**settings, "sample_size": cfg.sr_crop or cfg.image_size,
+                                 "in_channels": channels * (2 if cfg.sr_scale > 1 else 1), "out_channels": channels,
+                                 "learned_variance": cfg.learned_variance})
+
+
+def sr_pairs(cfg: TrainConfig, images: torch.Tensor, counters, alphas_cumprod: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A super-resolution stage's training inputs from full target images (B, C, S, S): each target (cropped to
+    sr_crop), its low-resolution version upsampled back and noise-augmented (diffusion/superres.py), cropped the
+    same, and its augmentation level. The crop, level and augmentation noise of each sample come from the
+    generator of (seed + 4, sample counter), so a resumed run draws the same."""
+    from imagine.diffusion.superres import augment, degrade, upsample
+
+    size = images.shape[-1]
+    up = upsample(degrade(images, cfg.sr_scale), tuple(images.shape[-2:]))
+    crop = cfg.sr_crop or size
+    targets, lows, levels, noises = [], [], [], []
+    for i, c in enumerate(counters):
+        g = _sample_generator(cfg.seed + 4, c)
+        top, left = (int(v) for v in torch.randint(size - crop + 1, (2,), generator=g))
+        levels.append(int(torch.randint(max(1, cfg.noise_levels), (1,), generator=g)))
+        noises.append(torch.randn((images.shape[1], crop, crop), generator=g))
+        targets.append(images[i, :, top: top + crop, left: left + crop])
+        lows.append(up[i, :, top: top + crop, left: left + crop])
+    levels_t = torch.tensor(levels)
+    return torch.stack(targets), augment(torch.stack(lows), levels_t, torch.stack(noises), alphas_cumprod), levels_t
 
 
 def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool = False,
@@ -148,7 +174,10 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
         f = vae.config.downscale
         item_shape = (vae.config.latent_channels, cfg.image_size // f, cfg.image_size // f)
     else:
-        item_shape = (data.channels, cfg.image_size, cfg.image_size)
+        side = (cfg.sr_crop or cfg.image_size) if cfg.sr_scale > 1 else cfg.image_size
+        item_shape = (data.channels, side, side)
+    if cfg.sr_scale > 1 and (latents is not None or vae is not None):
+        raise ValueError("super-resolution stages train in pixels: no VAE")
     channels = item_shape[0]
     context_dim = text_encoder.dim if cfg.text_conditional else None
     unet = UNet2DConditionModel(make_unet_config(cfg, channels, data.num_classes, context_dim)).to(device)
@@ -160,7 +189,9 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                          latent=latents is not None or vae is not None,
                          class_names=data.class_names if cfg.class_conditional else (),
                          text_encoder=cfg.text_encoder if cfg.text_conditional else None,
-                         default_cfg=cfg.default_cfg)
+                         default_cfg=cfg.default_cfg, upscale=cfg.sr_scale,
+                         noise_levels=cfg.noise_levels if cfg.sr_scale > 1 else 0,
+                         default_noise_level=cfg.default_noise_level if cfg.sr_scale > 1 else 0)
     alphas_cumprod = spec.alphas_cumprod().float().to(device)
     start_step = 0
     if resume:
@@ -208,6 +239,9 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
             else:
                 x0, labels, captions = data.batch(idx, torch.tensor(flips))
                 x0 = posterior_latents(vae, x0, cfg.seed + 1, counters, item_shape)  # encoded as it comes
+            low = None
+            if cfg.sr_scale > 1:
+                x0, low, levels = sr_pairs(cfg, x0, counters, alphas_cumprod.cpu())
             x0, noise_t = x0.to(device), torch.stack(noise).to(device)
             if cfg.offset_noise:
                 g = _sample_generator(cfg.seed + 2, first)
@@ -230,11 +264,16 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                 if cfg.label_dropout > 0:
                     labels[torch.tensor(drop)] = data.num_classes  # the null class
                 kwargs["class_labels"] = labels.to(device)
+            inputs = x_t
+            if low is not None:
+                inputs = torch.cat([x_t, low.to(device)], dim=1)
+                if cfg.noise_levels:
+                    kwargs["class_labels"] = levels.to(device)
             # DDP: all-reduce gradients only on the last micro-batch
             sync = world == 1 or micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else model.no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    output = model(x_t, t_t, **kwargs)
+                    output = model(inputs, t_t, **kwargs)
                 loss = diffusion_loss(output.float(), x0, noise_t, x_t, t_t, alphas_cumprod, cfg.prediction,
                                       min_snr_gamma=cfg.min_snr_gamma, learned_variance=cfg.learned_variance)
                 (loss / cfg.grad_accum).backward()
@@ -258,7 +297,7 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                 with open(log_path, "a") as f:
                     f.write(json.dumps(asdict(info)) + "\n")
             context = {"unet": unet, "ema": ema, "spec": spec, "out": out, "config": cfg, "vae_dir": vae_dir,
-                       "text_encoder": text_encoder, "sample_prompts": sample_prompts}
+                       "text_encoder": text_encoder, "sample_prompts": sample_prompts, "data": data}
             for hook in hooks:
                 hook(info, context)
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:

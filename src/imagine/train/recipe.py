@@ -3,6 +3,7 @@ latents encoded once, and then the one training loop. The CLI only parses and pr
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,3 +64,56 @@ def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, va
             latents = encode_dataset(autoencoder, dataset)
     train(cfg, dataset, out, resume=resume, latents=latents, vae_dir=vae, text_encoder=text_encoder,
           vae=autoencoder if (vae is not None and latents is None) else None, hooks=tuple(hooks))
+
+
+CASCADE = "cascade.json"
+
+
+def sr_stage_sizes(start: int, end: int, stages: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """The (from, to) size of each stage: one stage start -> end, or the steps of ``stages`` (which must begin
+    at start and end at end), each a whole factor >= 2."""
+    sizes = list(stages) if stages else [start, end]
+    if sizes[0] != start or sizes[-1] != end:
+        raise ValueError(f"--stages {','.join(map(str, sizes))} must run from --from {start} to --to {end}")
+    pairs = list(itertools.pairwise(sizes))
+    for a, b in pairs:
+        if a < 1 or b % a or b // a < 2:
+            raise ValueError(f"a stage {a} -> {b} is not a whole factor of 2 or more; choose sizes like 64,128,256")
+    return pairs
+
+
+def train_sr(cfg: TrainConfig, data: str, out: Path, pairs: list[tuple[int, int]], *, resume: bool = False,
+             hooks: Sequence = (), log: Callable[[str], None] = print) -> list[Path]:
+    """Train one super-resolution stage per (from, to) pair, in order, on ``data`` rendered at each stage's
+    target size: OUT itself for one stage, else OUT/stage-FROM-TO per stage and OUT/cascade.json naming them
+    in order (``--sr OUT`` then runs the whole cascade). On --resume a finished stage is kept and the first
+    unfinished one goes on from its last checkpoint."""
+    import json
+
+    from imagine.io.checkpoint import atomic_write_bytes
+    from imagine.train.checkpoint import latest_checkpoint
+
+    out = Path(out)
+    folders = [out] if len(pairs) == 1 else [out / f"stage-{a}-{b}" for a, b in pairs]
+    if not resume and any(f.exists() and any(f.iterdir()) for f in folders):
+        raise FileExistsError(f"{out} already holds a training run: pass --resume to go on with it, or choose "
+                              "another --out")
+    for (a, b), folder in zip(pairs, folders, strict=True):
+        stage_cfg = cfg.with_overrides(image_size=b, sr_scale=b // a, sr_crop=min(cfg.sr_crop or b, b))
+        if resume and (folder / "unet").is_dir() and _finished(folder, stage_cfg.steps):
+            log(f"stage {a} -> {b}: finished earlier in {folder}")
+            continue
+        again = resume and latest_checkpoint(folder / "checkpoints") is not None
+        log(f"stage {a} -> {b} ({b // a}x){' from its last checkpoint' if again else ''}: {folder}")
+        train_model(stage_cfg, data, folder, resume=again, hooks=hooks, log=log)
+    if len(pairs) > 1:
+        manifest = {"stages": [f.name for f in folders], "sizes": [list(p) for p in pairs]}
+        atomic_write_bytes(out / CASCADE, json.dumps(manifest, indent=2).encode())
+    return folders
+
+
+def _finished(folder: Path, steps: int) -> bool:
+    from imagine.train.checkpoint import checkpoint_step, latest_checkpoint
+
+    last = latest_checkpoint(folder / "checkpoints")
+    return last is not None and checkpoint_step(last) >= steps
