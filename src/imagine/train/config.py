@@ -155,8 +155,8 @@ PRESETS["sr"] = TrainConfig(
     precision="bf16", default_cfg=1.0, unet=_SR_UNET)
 PRESETS["tiny-sr"] = replace(
     PRESETS["sr"], image_size=32, sr_scale=2, sr_crop=16, noise_levels=20, default_noise_level=2, steps=6,
-    batch_size=4, warmup_steps=2, checkpoint_every=3, sample_every=0, log_every=1, ema_decay=0.9,
-    precision="fp32", unet=dict(block_out_channels=(8, 16), layers_per_block=(1, 2), norm_num_groups=4,
+    batch_size=4, warmup_steps=2, lr_decay_from=1.0, checkpoint_every=3, sample_every=0, log_every=1,
+    ema_decay=0.9, precision="fp32", unet=dict(block_out_channels=(8, 16), layers_per_block=(1, 2), norm_num_groups=4,
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None,
                                 attention_head_dim=2, skip_scale=2 ** -0.5, downsample_first=True))

@@ -202,6 +202,9 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
         if UNetConfig.from_dict(meta["unet_config"]) != unet.config:
             raise ValueError("--resume with a different network than the checkpoint's; keep the same preset")
         start_step = meta["step"]
+        # a run resumed with more steps follows its new schedule from here (the saved lr was the old one's)
+        for group, base in zip(optimizer.param_groups, lr_scheduler.base_lrs, strict=True):
+            group["lr"] = base * lr_factor(cfg, start_step)
     model = unet
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if cuda else None)

@@ -1,0 +1,117 @@
+"""Super-resolution stages: the conditioning acts, the augmentation level is honoured, training resumes
+exactly, and the seeds of a cascade give the same picture at any batch size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from imagine.diffusion.superres import augment, check_noise_level, degrade, upsample
+
+
+def _imagine(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "imagine", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def sr_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sr") / "tiny-sr"
+    run = _imagine("train-sr", "--out", out, "--preset", "tiny-sr", "--from", 16, "--to", 32)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def test_augmentation_levels_follow_the_schedule():
+    ac = torch.linspace(0.99, 0.1, 10)
+    up, noise = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
+    out = augment(up, torch.tensor([0, 1, 10]), noise, ac)
+    assert torch.equal(out[0], up[0])  # level 0: untouched
+    torch.testing.assert_close(out[1], ac[0].sqrt() * up[1] + (1 - ac[0]).sqrt() * noise[1])
+    torch.testing.assert_close(out[2], ac[9].sqrt() * up[2] + (1 - ac[9]).sqrt() * noise[2])
+    with pytest.raises(ValueError, match="noise levels must lie in 0..10"):
+        augment(up, torch.tensor([0, 1, 11]), noise, ac)
+    with pytest.raises(ValueError, match="outside this stage's trained range 0..19"):
+        check_noise_level(20, 20)
+    x = torch.rand(1, 3, 8, 12) * 2 - 1
+    assert degrade(x, 4).shape == (1, 3, 2, 3) and upsample(degrade(x, 4), (8, 12)).shape == x.shape
+    with pytest.raises(ValueError, match="does not shrink evenly by 3"):
+        degrade(x, 3)
+
+
+def test_stage_sees_the_low_resolution_image_and_its_level(sr_dir):
+    """The network's output moves with the low-resolution input (a zero image is not a real one) and with the
+    augmentation level; the pipeline records the level it used and refuses one outside the trained range."""
+    from imagine.io.model_folder import load_model_folder
+    from imagine.models.text_encoders import default_text_encoder
+    from imagine.pipelines.generate import Settings
+    from imagine.pipelines.upscale import sr_stage
+
+    model = load_model_folder(sr_dir)
+    assert model.spec.upscale == 2 and model.spec.noise_levels == 20
+    unet = model.unet.eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([500.0, 500.0])
+    text = default_text_encoder().encode(["a red circle", "a red circle"])
+    real = upsample(degrade(torch.rand(2, 3, 16, 16) * 2 - 1, 2), (16, 16))
+    levels = torch.tensor([0, 0])
+
+    def run(low, lv):
+        with torch.no_grad():
+            return unet(torch.cat([x, low], 1), t, text.context, class_labels=lv, encoder_attention_mask=text.mask)
+
+    assert (run(real, levels) - run(torch.zeros_like(real), levels)).abs().max() > 1e-4
+    assert (run(real, levels) - run(real, torch.tensor([15, 15]))).abs().max() > 1e-4
+    low = torch.rand(1, 3, 8, 8) * 2 - 1
+    s = Settings(prompt="a red circle", steps=2, cfg_scale=1.0, seed=4)
+    a = sr_stage(model, low, s, default_text_encoder(), noise_level=0)
+    b = sr_stage(model, low, s, default_text_encoder(), noise_level=19)
+    assert a.shape == (1, 3, 16, 16) and (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="trained range 0..19"):
+        sr_stage(model, low, s, default_text_encoder(), noise_level=20)
+
+
+def test_cascade_seeds_do_not_depend_on_the_batch(sr_dir, tiny_t2i_dir):
+    from imagine.io.model_folder import load_model_folder
+    from imagine.pipelines.generate import Settings, txt2img
+    from imagine.pipelines.request import load_text_model
+    from imagine.pipelines.upscale import cascade
+
+    base, encoder = load_text_model(tiny_t2i_dir)
+    stage = load_model_folder(sr_dir)
+    s = Settings(prompt="a blue square", steps=2, cfg_scale=3.0, seed=7, n=3)
+    batch = cascade([stage], txt2img(base, s, encoder), s, encoder, target=32)
+    assert batch.shape == (3, 3, 32, 32)
+    for i in (0, 2):
+        one = Settings(prompt="a blue square", steps=2, cfg_scale=3.0, seed=7 + i, n=1)
+        alone = cascade([stage], txt2img(base, one, encoder), one, encoder, target=32)
+        assert torch.equal(batch[i], alone[0]), f"image {i} of the cascade's batch differs from its seed alone"
+    with pytest.raises(ValueError, match="short of 64: add a stage"):
+        cascade([stage], txt2img(base, s, encoder), s, encoder, target=64)
+
+
+def test_sr_training_resumes_exactly_and_cascades_train_in_order(tmp_path):
+    whole = tmp_path / "whole"
+    run = _imagine("train-sr", "--out", whole, "--preset", "tiny-sr", "--from", 8, "--to", 32, "--stages", "8,16,32",
+                   "--steps", 4, "--checkpoint-every", 2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((whole / "cascade.json").read_text())
+    assert manifest["stages"] == ["stage-8-16", "stage-16-32"] and manifest["sizes"] == [[8, 16], [16, 32]]
+    cut = tmp_path / "cut"
+    run = _imagine("train-sr", "--out", cut, "--preset", "tiny-sr", "--from", 8, "--to", 32, "--stages", "8,16,32",
+                   "--steps", 2, "--checkpoint-every", 2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = _imagine("train-sr", "--out", cut, "--preset", "tiny-sr", "--from", 8, "--to", 32, "--stages", "8,16,32",
+                   "--steps", 4, "--checkpoint-every", 2, "--resume")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for stage in manifest["stages"]:
+        losses = [[r["loss"] for r in map(json.loads, (root / stage / "log.jsonl").read_text().splitlines())]
+                  for root in (whole, cut)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7), stage
+    run = _imagine("train-sr", "--out", cut, "--preset", "tiny-sr", "--from", 8, "--to", 32, "--steps", 2)
+    assert run.returncode != 0 and "pass --resume" in run.stderr
+    run = _imagine("train-sr", "--out", tmp_path / "bad", "--preset", "tiny-sr", "--from", 8, "--to", 20)
+    assert run.returncode != 0 and "not a whole factor" in run.stderr
