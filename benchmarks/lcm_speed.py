@@ -91,7 +91,7 @@ def int8_matmul_peak(n: int = 1024, reps: int = 20) -> float:
     graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "int8-gemm",
                               [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
                               [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = rng.integers(0, 255, (n, n), dtype=np.uint8)
     for _ in range(3):

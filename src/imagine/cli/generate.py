@@ -114,8 +114,10 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
          mask: Path | None = None, rerank: int = 1, clip: Path | None = None, vae: str | Path | None = None,
          allow_pickle: bool = False, models_dir: Path | None = None, weights_dtype: str = "fp32",
          lora: list[str] | None = None, embedding: list[str] | None = None, lora_strict: bool = True,
-         controls: list | None = None, image_prompts: list | None = None) -> None:
-    """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs."""
+         controls: list | None = None, image_prompts: list | None = None, size: int | None = None) -> None:
+    """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs.
+    size: txt2img's final longer side, reached by the SR upscaler in the settings (the scale is set from the
+    model's size here)."""
     from tqdm import tqdm
 
     from imagine.io import models_dir as md
@@ -129,6 +131,15 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         loaded, encoder = r.load_text_model(path, vae=vae_path, allow_pickle=allow_pickle,
                                             weights_dtype=weights_dtype)
         settings = settings.with_model_defaults(loaded.spec, settings.steps, settings.sampler, settings.cfg_scale)
+        if size is not None:
+            from dataclasses import replace
+
+            from imagine.pipelines.generate import output_size
+
+            base = max(output_size(loaded, settings))
+            if size <= base:
+                raise ValueError(f"--size {size} is not larger than the model's {base} px output")
+            settings = replace(settings, hires_scale=size / base)
         extra = {}
         if init is not None:
             extra["init_image"] = r.input_record(init)
@@ -143,7 +154,10 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
                             lora_strict=lora_strict, controls=tuple(controls or ()),
                             image_prompts=tuple(image_prompts or ())).check(loaded)
         scorer = r.load_scorer(clip) if rerank > 1 else None
-        bar = tqdm(total=request.settings.steps * request.settings.n * rerank, desc=kind, unit="step", leave=False)
+        from imagine.pipelines.upscale import hires_steps_total
+
+        per_image = request.settings.steps * rerank + hires_steps_total(request.settings, request.resolved_upscaler)
+        bar = tqdm(total=per_image * request.settings.n, desc=kind, unit="step", leave=False)
         results = r.run(request, loaded, encoder, scorer=scorer, callback=lambda info: bar.update(1))
         bar.close()
     except (ValueError, CheckpointError, FileNotFoundError) as err:
@@ -300,6 +314,20 @@ def generate(
                                  "faster steps; pays off for many images in one process."),
     rerank: int = typer.Option(1, help="Make K candidates per image and keep the one the CLIP scorer likes best."),
     clip: Path | None = typer.Option(None, help="CLIP scorer folder for --rerank (default: the shipped one)."),
+    size: int | None = typer.Option(None, help="Make the image this many pixels on its longer side by running "
+                                               "super-resolution stages after the model (the prompt goes to each): "
+                                               "the shipped 64 -> 256 stage, or --sr."),
+    sr: str | None = typer.Option(None, "--sr", help="The SR stage or cascade for --size: a folder from imagine "
+                                                     "train-sr, or a name in the models folder's SR/."),
+    hires: float | None = typer.Option(None, "--hires", help="A1111's hires fix: upscale by this factor, then "
+                                                            "img2img at --hires-strength with the same model."),
+    hires_strength: float = typer.Option(0.7, help="Denoising strength of the hires pass (0: upscale only)."),
+    hires_upscaler: str | None = typer.Option(None, help="How hires fix upscales: Lanczos (default), Bicubic, "
+                                                         "Bilinear, Nearest, Latent, shapes-sr (the shipped SR "
+                                                         "stage) or an SR stage's name or path."),
+    hires_steps: int = typer.Option(0, help="Steps of the hires pass (0: as many as the first)."),
+    noise_level: int | None = typer.Option(None, help="SR stages' noise-augmentation level (default: each "
+                                                      "stage's own; higher invents more detail)."),
 ) -> None:
     """Text to image. With --from IMAGE, regenerate an image from the settings it carries."""
     if from_image is not None:
@@ -307,10 +335,22 @@ def generate(
         return
     if not prompt and not image_prompt:
         fail("give a prompt or an --image-prompt, or --from IMAGE")
+    if size is not None and hires is not None:
+        fail("--size runs SR stages after the model and --hires is A1111's hires fix: choose one")
+    if sr is not None and size is None:
+        fail("--sr names the stages --size runs; add --size (or use --hires --hires-upscaler for hires fix)")
+    upscale = {}
+    if hires is not None:
+        upscale = dict(hires_scale=hires, hires_strength=hires_strength, hires_steps=hires_steps,
+                       hires_upscaler=hires_upscaler or "Lanczos")
+    elif size is not None:
+        from imagine.weights import SR_MODEL
+
+        upscale = dict(hires_strength=0.0, hires_upscaler=sr or SR_MODEL.name)
     settings = _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                          precision=precision, compile=compile, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta,
-                         backend=backend)
-    _run("txt2img", _model_option(model, fast), settings, out, rerank=rerank, clip=clip, vae=vae,
+                         backend=backend, sr_noise_level=noise_level, **upscale)
+    _run("txt2img", _model_option(model, fast), settings, out, rerank=rerank, clip=clip, vae=vae, size=size,
          allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora,
          embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode),
          image_prompts=_prompts(image_prompt))

@@ -1,6 +1,7 @@
 """A models folder laid out as AUTOMATIC1111's is: ``Stable-diffusion/`` (checkpoints: single files or
 diffusers and imagine folders), ``VAE/``, ``Lora/``, ``ControlNet/``, ``embeddings/``, and ComfyUI's
-``ipadapter/`` and ``clip_vision/`` for IP-Adapters and their image encoders. Models are named by
+``ipadapter/`` and ``clip_vision/`` for IP-Adapters and their image encoders, and ``SR/`` for super-resolution
+stages and cascades (``imagine train-sr``). Models are named by
 file stem (or folder name) and also found by A1111's title "name [hash]" or short hash (the first 10
 hex digits of the file's SHA-256); hashes are computed only when a lookup needs them, once per file."""
 
@@ -12,7 +13,8 @@ from pathlib import Path
 from imagine.io.png import file_hash
 
 SECTIONS = {"checkpoints": "Stable-diffusion", "vae": "VAE", "lora": "Lora", "controlnet": "ControlNet",
-            "embeddings": "embeddings", "ipadapter": "ipadapter", "clip_vision": "clip_vision"}
+            "embeddings": "embeddings", "ipadapter": "ipadapter", "clip_vision": "clip_vision",
+            "sr": "SR"}
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -74,7 +76,7 @@ def entries(models_dir: Path | None, section: str) -> list[Entry]:
             if child.is_file() and child.suffix in FILE_SUFFIXES:
                 found.append(Entry(str(child.relative_to(root).with_suffix("")), child))
             elif child.is_dir() and any((child / marker).exists() for marker in
-                                        ("model_index.json", "diffusion.json", "config.json")):
+                                        ("model_index.json", "diffusion.json", "config.json", "cascade.json")):
                 found.append(Entry(str(child.relative_to(root)), child))
             elif child.is_dir():
                 walk(child)

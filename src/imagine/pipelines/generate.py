@@ -95,6 +95,13 @@ class Settings:
     backend: str = "torch"  # torch, onnxruntime or onnxruntime-int8 (io/onnx.py: UNet, VAE decoder, text encoder)
     compile: bool = False  # torch.compile the UNet (inductor): a minute or so once per process and input
     # shape, then faster steps; its kernels round differently from eager ones (pixels may move by a level)
+    # txt2img, then larger (pipelines/upscale.py): A1111's hires fix (upscale, then img2img at hires_strength
+    # with the same model) or, with hires_strength 0, a plain upscale such as an SR cascade
+    hires_scale: float = 1.0  # 1: off
+    hires_upscaler: str = "Lanczos"  # a resampler (Lanczos, Bicubic, ...), Latent, or an SR stage or cascade
+    hires_strength: float = 0.7  # the second pass's denoising strength (A1111's); 0: no second pass
+    hires_steps: int = 0  # the second pass's steps (0: the first pass's)
+    sr_noise_level: int | None = None  # SR stages' augmentation level (None: each stage's default)
 
     @classmethod
     def from_record(cls, record: dict) -> Settings:
@@ -133,6 +140,16 @@ class Settings:
             raise ValueError(f"clip skip must be an integer >= 1 (1: the last layer), got {self.clip_skip!r}")
         if not isinstance(self.noise_seed_delta, int):
             raise ValueError(f"noise seed delta must be an integer, got {self.noise_seed_delta!r}")
+        if not isinstance(self.hires_scale, (int, float)) or not 1 <= self.hires_scale <= 8:
+            raise ValueError(f"hires scale must lie in [1, 8], got {self.hires_scale!r}")
+        if not isinstance(self.hires_strength, (int, float)) or not 0 <= self.hires_strength <= 1:
+            raise ValueError(f"hires strength (denoising strength of the second pass) must lie in [0, 1], got "
+                             f"{self.hires_strength!r}")
+        if not isinstance(self.hires_steps, int) or self.hires_steps < 0:
+            raise ValueError(f"hires steps must be an integer >= 0 (0: as many as the first pass), got "
+                             f"{self.hires_steps!r}")
+        if self.sr_noise_level is not None and (not isinstance(self.sr_noise_level, int) or self.sr_noise_level < 0):
+            raise ValueError(f"the SR noise level must be an integer >= 0, got {self.sr_noise_level!r}")
         from imagine.io.onnx import check_backend
 
         check_backend(self.backend)
@@ -595,6 +612,15 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields["VAE"] = model.vae_path.name
     if kind in ("img2img", "inpaint"):
         fields["Denoising strength"] = f"{s.strength:g}"
+    if kind == "txt2img" and s.hires_scale > 1:  # A1111's hires fix fields
+        if s.hires_strength > 0:
+            fields["Denoising strength"] = f"{s.hires_strength:g}"
+        fields["Hires upscale"] = f"{s.hires_scale:g}"
+        if s.hires_steps:
+            fields["Hires steps"] = s.hires_steps
+        fields["Hires upscaler"] = s.hires_upscaler
+        if s.sr_noise_level is not None:
+            fields["SR noise level"] = s.sr_noise_level
     if kind in ("img2img", "inpaint") and s.resize_mode != "just_resize":
         fields["Resize mode"] = RESIZE_LABELS[s.resize_mode]
     if kind == "inpaint":

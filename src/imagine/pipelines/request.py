@@ -42,6 +42,7 @@ class Request:
     resolved_controls: tuple = field(default=(), repr=False)  # ((Conditioner, record), ...), filled by check()
     image_prompts: tuple = ()  # ImagePromptUnits (adapters/image_prompt.py): IP-Adapter prompts, any number
     resolved_image_prompts: tuple = field(default=(), repr=False)  # ((Prompted, record), ...), filled by check()
+    resolved_upscaler: object = field(default=None, repr=False)  # hires fix's Upscaler (pipelines/upscale.py)
 
     def check(self, model: DiffusionModel) -> Request:
         """Everything that can be refused before any work, refused now: settings, inputs, sizes. Returns the
@@ -86,6 +87,17 @@ class Request:
             from imagine.adapters.image_prompt import resolve_prompts
 
             prompts = tuple(resolve_prompts(self.image_prompts, model, self.models_dir))
+        upscaler = None
+        if s.hires_scale > 1:
+            from imagine.pipelines.upscale import resolve_upscaler
+
+            if self.kind != "txt2img":
+                raise ValueError("hires fix upscales txt2img output; for an existing image use imagine upscale "
+                                 "(A1111's Extras) or img2img at the larger size")
+            if controls:
+                raise ValueError("hires fix with ControlNet or T2I-Adapter units is not supported: generate with "
+                                 "the units, then upscale the image (imagine upscale) or img2img it")
+            upscaler = resolve_upscaler(s.hires_upscaler, self.models_dir)
         texts = [s.prompt, s.negative_prompt]
         loras = self._resolve_loras()
         if s.backend != "torch" and (loras or controls or prompts):
@@ -93,7 +105,7 @@ class Request:
                              "and image prompts need --backend torch (or merge a LoRA into a model and export that)")
         return replace(self, settings=s, resolved_loras=loras,
                        resolved_embeddings=tuple(resolve_embeddings(texts, self.models_dir, self.embeddings)),
-                       resolved_controls=controls, resolved_image_prompts=prompts)
+                       resolved_controls=controls, resolved_image_prompts=prompts, resolved_upscaler=upscaler)
 
     def _resolve_loras(self) -> tuple[LoraUse, ...]:
         """The LoRAs asked for (options first, then the prompt's tags), each found as a file."""
@@ -196,6 +208,8 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
     prompts = [record for _, record in request.resolved_image_prompts] or None
     if prompts:
         kwargs = {**kwargs, "image_prompts": [p for p, _ in request.resolved_image_prompts]}
+    upscaler = request.resolved_upscaler
+    extra = {**request.extra, "upscaler": upscaler.record()} if upscaler is not None else request.extra
     if request.rerank > 1:
         if scorer is None:
             raise ValueError("rerank needs a CLIP scorer")
@@ -205,22 +219,31 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
         for r in txt2img_reranked(model, s, text_encoder, scorer, request.rerank, **kwargs):
             # the kept candidate stands alone: its own seed, n = 1, so --from regenerates it by itself
             alone = replace(s, seed=r.seed, n=1)
-            extra = {**request.extra, "rerank": {"k": request.rerank, "chosen": r.chosen, "scores": r.scores,
-                                                 "scorer": getattr(scorer, "identity", None)}}
-            parameters, record = g.describe(model, alone, kind, 0, text_encoder, extra, loras, embs)
-            out.append(Generated(to_uint8(r.image[None])[0], r.seed, parameters, record))
+            image = r.image[None]
+            if upscaler is not None:  # hires fix on the kept candidate
+                from imagine.pipelines.upscale import hires
+
+                with torch.no_grad():
+                    image = hires(model, alone, image, text_encoder, upscaler, **kwargs)
+            record_extra = {**extra, "rerank": {"k": request.rerank, "chosen": r.chosen, "scores": r.scores,
+                                                "scorer": getattr(scorer, "identity", None)}}
+            parameters, record = g.describe(model, alone, kind, 0, text_encoder, record_extra, loras, embs)
+            out.append(Generated(to_uint8(image)[0], r.seed, parameters, record))
         return out
     with torch.no_grad():
         if kind == "txt2img":
             images = g.txt2img(model, s, text_encoder, **kwargs)
+            if upscaler is not None:
+                from imagine.pipelines.upscale import hires
+
+                images = hires(model, s, images, text_encoder, upscaler, **kwargs)
         elif kind == "img2img":
             images = g.img2img(model, s, request.init_image, text_encoder, **kwargs)
         else:
             images = g.inpaint(model, s, request.init_image, request.mask, text_encoder, **kwargs)
     out = []
     for i, pixels in enumerate(to_uint8(images)):
-        parameters, record = g.describe(model, s, kind, i, text_encoder, request.extra, loras, embs, controls,
-                                        prompts)
+        parameters, record = g.describe(model, s, kind, i, text_encoder, extra, loras, embs, controls, prompts)
         out.append(Generated(pixels, s.seed + i, parameters, record))
     return out
 

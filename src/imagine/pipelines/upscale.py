@@ -8,7 +8,8 @@ seed and its augmentation noise from the seed's own second stream, so image i is
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,4 +107,207 @@ def cascade(stages: list[DiffusionModel], images: torch.Tensor, s, text_encoder,
         out = sr_stage(stage, out, stage_settings(stage, s), text_encoder, level, callback=callback, cancel=cancel)
     if target is not None and max(out.shape[-2:]) < target:
         raise ValueError(f"the stages reach {max(out.shape[-2:])} px, short of {target}: add a stage")
+    return out
+
+
+LATENT = "Latent"  # A1111's latent upscaler: the second pass starts from the first's latent, resized
+_STAGES: dict[tuple, list[DiffusionModel]] = {}  # loaded SR stages by (path, mtime): a server reuses them
+
+
+@dataclass(frozen=True)
+class Upscaler:
+    """A named way to make images larger: a resampler, Latent (hires fix only), or SR stages run in order."""
+
+    name: str
+    kind: str  # "resample", "latent" or "sr"
+    stages: tuple = ()  # the SR stages (DiffusionModels)
+    path: Path | None = None
+
+    def record(self) -> dict:
+        out = {"name": self.name, "kind": self.kind}
+        if self.kind == "sr":
+            from imagine.io.png import file_hash
+
+            out["path"] = str(self.path.resolve())
+            out["stages"] = [{"name": m.name, "upscale": m.spec.upscale, "unet_sha256_10": file_hash(m.weights_file)}
+                             for m in self.stages]
+        return out
+
+
+def sr_stage_folders(path: Path) -> list[Path]:
+    """An SR stage's folder, or a cascade folder's stages in order (its cascade.json)."""
+    import json
+
+    from imagine.train.recipe import CASCADE
+
+    path = Path(path)
+    if (path / CASCADE).exists():
+        return [path / name for name in json.loads((path / CASCADE).read_text())["stages"]]
+    if (path / "diffusion.json").exists():
+        return [path]
+    raise ValueError(f"{path} is neither a super-resolution stage (diffusion.json) nor a cascade (cascade.json)")
+
+
+def load_stages(path: Path) -> list[DiffusionModel]:
+    """The SR stages at ``path``, loaded once per process (and again when the files change)."""
+    from imagine.io.model_folder import load_model_folder
+
+    folders = sr_stage_folders(path)
+    key = tuple((str(f.resolve()), (f / "diffusion.json").stat().st_mtime_ns) for f in folders)
+    if key not in _STAGES:
+        stages = []
+        for folder in folders:
+            model = load_model_folder(folder)
+            if not is_sr_stage(model):
+                raise ValueError(f"{folder} is not a super-resolution stage (its diffusion.json has no upscale "
+                                 "factor): train one with imagine train-sr")
+            model.unet.eval()
+            stages.append(model)
+        if len(_STAGES) >= 4:
+            _STAGES.pop(next(iter(_STAGES)))
+        _STAGES[key] = stages
+    return _STAGES[key]
+
+
+def resolve_upscaler(name: str, models_dir: Path | None = None) -> Upscaler:
+    """An upscaler by name: a resampler (Lanczos, Bicubic, Bilinear, Nearest), Latent, the shipped SR stage
+    (its folder name, shapes-sr), an SR stage or cascade in the models folder's SR/, or a path to one."""
+    if name in RESAMPLERS:
+        return Upscaler(name, "resample")
+    if name == LATENT:
+        return Upscaler(name, "latent")
+    from imagine.io import models_dir as md
+    from imagine.weights import SR_MODEL
+
+    if name == SR_MODEL.name:
+        from imagine.weights import sr_model
+
+        path = sr_model()
+    else:
+        try:
+            path = md.resolve(name, models_dir, "sr")
+        except FileNotFoundError as err:
+            raise ValueError(f"upscaler {name!r} unknown: not one of {', '.join([*RESAMPLERS, LATENT, SR_MODEL.name])}"
+                             f", and {err}") from None
+    stages = load_stages(path)
+    return Upscaler(name, "sr", tuple(stages), Path(path))
+
+
+def upscaler_names(models_dir: Path | None = None) -> list[str]:
+    """Every upscaler a request may name (A1111's /sdapi/v1/upscalers): resamplers, the shipped SR stage
+    when installed, the models folder's SR/."""
+    from imagine.io import models_dir as md
+    from imagine.weights import SR_MODEL
+
+    names = list(RESAMPLERS)
+    if (SR_MODEL / "diffusion.json").exists():
+        names.append(SR_MODEL.name)
+    return names + [e.name for e in md.entries(models_dir, "sr")]
+
+
+def hires_size(model: DiffusionModel, s) -> tuple[int, int]:
+    """The second pass's (width, height): the first pass's times the scale, rounded to the latent factor."""
+    from imagine.pipelines.generate import latent_factor, output_size
+
+    w, h = output_size(model, s)
+    f = latent_factor(model)
+    return max(f, round(w * s.hires_scale / f) * f), max(f, round(h * s.hires_scale / f) * f)
+
+
+def enlarge(images: torch.Tensor, size: tuple[int, int], upscaler: Upscaler, s, text_encoder, **kwargs
+            ) -> torch.Tensor:
+    """(n, 3, h, w) in [-1, 1] -> (n, 3, H, W) for ``size`` = (W, H): resampled, or through the SR stages (the
+    prompt going to each, image i with seed s.seed + i) until they reach the size, then resampled to it exactly
+    (Lanczos) where they overshoot or the aspect differs."""
+    if upscaler.kind == "latent":
+        raise ValueError("the Latent upscaler works inside hires fix only (it needs a second pass)")
+    if upscaler.kind == "sr":
+        scale = max(size[0] / images.shape[-1], size[1] / images.shape[-2])
+        out, reached = images, 1
+        for stage in upscaler.stages:
+            if reached >= scale:
+                break
+            out = sr_stage(stage, out, stage_settings(stage, s), text_encoder, s.sr_noise_level, **kwargs)
+            reached *= stage.spec.upscale
+        if tuple(out.shape[-2:]) == (size[1], size[0]):
+            return out
+        images = out
+    return from_pil(resample(to_pil(images), size, "Lanczos" if upscaler.kind == "sr" else upscaler.name))
+
+
+def hires(model: DiffusionModel, s, images: torch.Tensor, text_encoder, upscaler: Upscaler, callback=None,
+          cancel=None, **kwargs) -> torch.Tensor:
+    """A1111's hires fix on txt2img output: each image upscaled to hires_scale x its size, then (hires_strength
+    > 0) img2img with the same model, prompt and seed at that strength for hires_steps (or the first pass's)
+    steps. Image i is handled alone with seed s.seed + i, so the batch does not matter."""
+    from imagine.pipelines.generate import img2img
+
+    size = hires_size(model, s)
+    if upscaler.kind == "latent":
+        if s.hires_strength == 0:
+            raise ValueError("the Latent upscaler needs a second pass: give hires strength > 0 (A1111: 0.5 or more)")
+        inits = to_pil(images)
+    else:
+        up = enlarge(images, size, upscaler, s, text_encoder, callback=callback, cancel=cancel)
+        if s.hires_strength == 0:
+            return up
+        inits = to_pil(up)
+    out = []
+    for i, init in enumerate(inits):
+        second = replace(s, seed=s.seed + i, n=1, width=size[0], height=size[1], strength=s.hires_strength,
+                         steps=s.hires_steps or s.steps, hires_scale=1.0,
+                         resize_mode="latent_upscale" if upscaler.kind == "latent" else "just_resize")
+        out.append(img2img(model, second, init, text_encoder, callback=callback, cancel=cancel, **kwargs))
+    return torch.cat(out)
+
+
+def hires_steps_total(s, upscaler: Upscaler | None) -> int:
+    """Sampler steps a hires fix adds per image (for progress bars)."""
+    if s.hires_scale <= 1 or upscaler is None:
+        return 0
+    extra = 0
+    if upscaler.kind == "sr":
+        extra += sum(stage_settings(m, s).steps for m in upscaler.stages)
+    if s.hires_strength > 0:
+        extra += max(1, round(s.hires_strength * (s.hires_steps or s.steps)))
+    return extra
+
+
+def upscale_pictures(pictures: list[Image.Image], scale: float, upscaler: Upscaler, s, text_encoder=None,
+                     inputs: list[dict | None] | None = None, callback=None, cancel=None) -> list:
+    """A1111's Extras upscale: each picture made ``scale`` times larger (rounded to whole pixels) by the upscaler,
+    picture i with seed s.seed + i (the SR stages' noise). Returns Generated results (pipelines/request.py) whose
+    PNG keeps the input's own A1111 parameters with the postprocessing fields added, and records the settings,
+    the input and the upscaler, so `imagine upscale --from` reproduces it."""
+    from imagine.io.png import a1111_parameters, environment
+    from imagine.pipelines.request import Generated
+    from imagine.pipelines.unconditional import to_uint8
+
+    if not isinstance(scale, (int, float)) or not 1 <= scale <= 16:
+        raise ValueError(f"the upscale factor must lie in [1, 16], got {scale!r}")
+    if upscaler.kind == "latent":
+        raise ValueError("Latent upscaling belongs to hires fix; upscale a picture with a resampler or an SR stage")
+    if upscaler.kind == "sr" and text_encoder is None:
+        raise ValueError("SR stages are text-conditioned: give their text encoder")
+    inputs = inputs or [None] * len(pictures)
+    out = []
+    for i, (picture, source) in enumerate(zip(pictures, inputs, strict=True)):
+        picture = picture.convert("RGB")
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        one = replace(s, seed=s.seed + i, n=1)
+        with torch.no_grad():
+            image = enlarge(from_pil([picture]), size, upscaler, one, text_encoder, callback=callback, cancel=cancel)
+        fields = {"Postprocess upscale by": f"{scale:g}", "Postprocess upscaler": upscaler.name}
+        if upscaler.kind == "sr":
+            fields.update({"Postprocess prompt": s.prompt or None, "Postprocess seed": one.seed,
+                           "Postprocess SR noise level": s.sr_noise_level})
+        own = picture.info.get("parameters") if isinstance(picture.info.get("parameters"), str) else None
+        extra = a1111_parameters("", "", fields).lstrip("\n")  # the fields line alone, quoted as A1111 does
+        parameters = f"{own.rstrip()}, {extra}" if own else extra
+        record = {"kind": "upscale", "settings": {**s.to_dict(), "seed": one.seed, "n": 1, "hires_scale": scale,
+                                                   "hires_upscaler": upscaler.name, "hires_strength": 0.0},
+                  "index": i, "input": source,
+                  "upscaler": upscaler.record(), "text_encoder": getattr(text_encoder, "identity", None),
+                  "versions": environment()}
+        out.append(Generated(to_uint8(image)[0], one.seed, parameters, record, stem=f"{one.seed:06d}-upscale"))
     return out

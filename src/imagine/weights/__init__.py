@@ -10,6 +10,7 @@ from pathlib import Path
 DEFAULT_MODEL = Path(__file__).parent / "shapes-default"
 DEFAULT_CLIP = Path(__file__).parent / "shapes-clip"
 FAST_MODEL = Path(__file__).parent / "shapes-lcm"  # the default model distilled: `imagine distill-lcm`
+SR_MODEL = Path(__file__).parent / "shapes-sr"  # 64 -> 256 super-resolution: `imagine train-sr`
 
 
 def default_model() -> Path:
@@ -26,6 +27,14 @@ def fast_model() -> Path:
         raise FileNotFoundError(f"the fast model is missing from this install ({FAST_MODEL}); reinstall imagine, "
                                 "or distil one: imagine distill-lcm --out DIR")
     return FAST_MODEL
+
+
+def sr_model() -> Path:
+    """The shipped super-resolution stage (64 -> 256 px, text-conditioned, for the default model)."""
+    if not (SR_MODEL / "diffusion.json").exists():
+        raise FileNotFoundError(f"the super-resolution stage is missing from this install ({SR_MODEL}); reinstall "
+                                "imagine, or train one: imagine train-sr --out DIR")
+    return SR_MODEL
 
 
 def default_clip() -> Path:
