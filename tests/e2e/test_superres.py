@@ -33,9 +33,9 @@ def test_augmentation_levels_follow_the_schedule():
     assert torch.equal(out[0], up[0])  # level 0: untouched
     torch.testing.assert_close(out[1], ac[0].sqrt() * up[1] + (1 - ac[0]).sqrt() * noise[1])
     torch.testing.assert_close(out[2], ac[9].sqrt() * up[2] + (1 - ac[9]).sqrt() * noise[2])
-    with pytest.raises(ValueError, match="noise levels must lie in 0..10"):
+    with pytest.raises(ValueError, match=r"noise levels must lie in 0\.\.10"):
         augment(up, torch.tensor([0, 1, 11]), noise, ac)
-    with pytest.raises(ValueError, match="outside this stage's trained range 0..19"):
+    with pytest.raises(ValueError, match=r"outside this stage's trained range 0\.\.19"):
         check_noise_level(20, 20)
     x = torch.rand(1, 3, 8, 12) * 2 - 1
     assert degrade(x, 4).shape == (1, 3, 2, 3) and upsample(degrade(x, 4), (8, 12)).shape == x.shape
@@ -70,27 +70,26 @@ def test_stage_sees_the_low_resolution_image_and_its_level(sr_dir):
     a = sr_stage(model, low, s, default_text_encoder(), noise_level=0)
     b = sr_stage(model, low, s, default_text_encoder(), noise_level=19)
     assert a.shape == (1, 3, 16, 16) and (a - b).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="trained range 0..19"):
+    with pytest.raises(ValueError, match=r"trained range 0\.\.19"):
         sr_stage(model, low, s, default_text_encoder(), noise_level=20)
 
 
 def test_cascade_seeds_do_not_depend_on_the_batch(sr_dir, tiny_t2i_dir):
-    from imagine.io.model_folder import load_model_folder
+    """The same seed gives the same upscaled picture whatever the batch, through a stage run twice (2x stage,
+    4x asked: the last stage repeats, as A1111 repeats an upscaler's passes)."""
     from imagine.pipelines.generate import Settings, txt2img
     from imagine.pipelines.request import load_text_model
-    from imagine.pipelines.upscale import cascade
+    from imagine.pipelines.upscale import enlarge, resolve_upscaler
 
     base, encoder = load_text_model(tiny_t2i_dir)
-    stage = load_model_folder(sr_dir)
+    upscaler = resolve_upscaler(str(sr_dir))
     s = Settings(prompt="a blue square", steps=2, cfg_scale=3.0, seed=7, n=3)
-    batch = cascade([stage], txt2img(base, s, encoder), s, encoder, target=32)
-    assert batch.shape == (3, 3, 32, 32)
+    batch = enlarge(txt2img(base, s, encoder), (64, 64), upscaler, s, encoder)
+    assert batch.shape == (3, 3, 64, 64)
     for i in (0, 2):
         one = Settings(prompt="a blue square", steps=2, cfg_scale=3.0, seed=7 + i, n=1)
-        alone = cascade([stage], txt2img(base, one, encoder), one, encoder, target=32)
+        alone = enlarge(txt2img(base, one, encoder), (64, 64), upscaler, one, encoder)
         assert torch.equal(batch[i], alone[0]), f"image {i} of the cascade's batch differs from its seed alone"
-    with pytest.raises(ValueError, match="short of 64: add a stage"):
-        cascade([stage], txt2img(base, s, encoder), s, encoder, target=64)
 
 
 def test_sr_training_resumes_exactly_and_cascades_train_in_order(tmp_path):
@@ -115,3 +114,94 @@ def test_sr_training_resumes_exactly_and_cascades_train_in_order(tmp_path):
     assert run.returncode != 0 and "pass --resume" in run.stderr
     run = _imagine("train-sr", "--out", tmp_path / "bad", "--preset", "tiny-sr", "--from", 8, "--to", 20)
     assert run.returncode != 0 and "not a whole factor" in run.stderr
+
+
+def test_generate_size_runs_the_cascade_and_from_reproduces_it(sr_dir, tiny_t2i_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from imagine.io.png import parse_a1111, read_png_metadata
+
+    common = ["--model", tiny_t2i_dir, "--steps", 2, "--seed", 3, "--n", 2]
+    run = _imagine("generate", "a red circle", *common, "--size", 32, "--sr", sr_dir, "--out", "a", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    first = tmp_path / "a" / "000004-txt2img.png"
+    assert Image.open(first).size == (32, 32)
+    text, record = read_png_metadata(first)
+    fields = parse_a1111(text)
+    assert fields["Size"] == "16x16" and fields["Hires upscale"] == "2" and fields["Hires upscaler"] == str(sr_dir)
+    assert "Denoising strength" not in fields  # a cascade has no second pass
+    assert record["upscaler"]["kind"] == "sr" and record["upscaler"]["stages"][0]["upscale"] == 2
+    run = _imagine("generate", "--from", first, "--out", "b", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / "000004-txt2img.png")), np.asarray(Image.open(first)))
+    run = _imagine("generate", "x", *common, "--size", 16, "--out", "c", cwd=tmp_path)
+    assert run.returncode != 0 and "not larger than the model's 16 px" in run.stderr
+    run = _imagine("generate", "x", *common, "--sr", sr_dir, "--out", "c", cwd=tmp_path)
+    assert run.returncode != 0 and "add --size" in run.stderr
+
+
+def test_hires_fix_upscales_then_denoises_and_is_recorded_as_a1111_does(tiny_t2i_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from imagine.io.png import parse_a1111, read_png_metadata
+
+    common = ["--model", tiny_t2i_dir, "--steps", 2, "--seed", 1]
+    for upscaler in ("Lanczos", "Latent"):
+        run = _imagine("generate", "a blue square", *common, "--hires", 2, "--hires-strength", 0.5,
+                       "--hires-upscaler", upscaler, "--hires-steps", 3, "--out", upscaler, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        out = tmp_path / upscaler / "000001-txt2img.png"
+        assert Image.open(out).size == (32, 32)
+        fields = parse_a1111(read_png_metadata(out)[0])
+        assert (fields["Hires upscale"], fields["Hires upscaler"], fields["Hires steps"],
+                fields["Denoising strength"]) == ("2", upscaler, "3", "0.5")
+        run = _imagine("generate", "--from", out, "--out", upscaler + "-again", cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        again = tmp_path / (upscaler + "-again") / "000001-txt2img.png"
+        assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    plain = _imagine("generate", "a blue square", *common, "--hires", 2, "--hires-strength", 0, "--out", "p",
+                     cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "p" / "000001-txt2img.png")),
+                              np.asarray(Image.open(tmp_path / "Lanczos" / "000001-txt2img.png")))
+    for bad, message in ((["--hires", 9], "hires scale must lie in [1, 8]"),
+                         (["--hires", 2, "--hires-upscaler", "ESRGAN_4x"], "upscaler 'ESRGAN_4x' unknown"),
+                         (["--hires", 2, "--hires-strength", 0, "--hires-upscaler", "Latent"], "needs a second pass")):
+        run = _imagine("generate", "x", *common, *bad, "--out", "bad", cwd=tmp_path)
+        assert run.returncode != 0 and message in run.stderr, run.stderr[-1000:]
+
+
+def test_upscale_command_keeps_the_parameters_and_redoes_itself(sr_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from imagine.io.png import parse_a1111, read_png_metadata
+
+    picture = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((12, 10, 3)) * 255).astype(np.uint8)).save(picture)
+    run = _imagine("upscale", picture, "--scale", 2, "--upscaler", sr_dir, "--prompt", "a red circle",
+                   "--noise-level", 3, "--out", "a", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / "a" / "000000-upscale.png"
+    assert Image.open(out).size == (20, 24)
+    text, record = read_png_metadata(out)
+    fields = parse_a1111("\nSteps: 0, " + text)  # no generation fields of its own: the postprocessing line alone
+    assert fields["Postprocess upscale by"] == "2" and fields["Postprocess SR noise level"] == "3"
+    assert record["kind"] == "upscale" and record["input"]["path"] == str(picture.resolve())
+    run = _imagine("upscale", "--from", out, "--out", "b", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / "000000-upscale.png")), np.asarray(Image.open(out)))
+    run = _imagine("upscale", out, "--scale", 1.5, "--upscaler", "Bicubic", "--out", "c", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    again = tmp_path / "c" / "000000-upscale.png"
+    assert Image.open(again).size == (30, 36)
+    assert read_png_metadata(again)[0].startswith(text + ", Postprocess upscale by: 1.5")  # A1111's text kept
+    for bad, message in ((["--scale", 20], "must lie in [1, 16]"), (["--upscaler", "Latent"], "belongs to hires fix"),
+                         (["--upscaler", sr_dir, "--noise-level", 99], "trained range")):
+        run = _imagine("upscale", picture, *bad, "--out", "bad", cwd=tmp_path)
+        assert run.returncode != 0 and message in run.stderr, run.stderr[-1000:]
+    Image.new("RGB", (4, 4)).save(picture)  # the input changed: --from refuses
+    run = _imagine("upscale", "--from", out, "--out", "d", cwd=tmp_path)
+    assert run.returncode != 0 and "has changed" in run.stderr

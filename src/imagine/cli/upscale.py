@@ -17,6 +17,13 @@ def upscale(
                                                    "or cascade (imagine train-sr: a path, or a name in the models "
                                                    "folder's SR/), or a resampler: Lanczos, Bicubic, Bilinear, "
                                                    "Nearest."),
+    to: str | None = typer.Option(None, "--to", help="A target size WxH instead of --scale: scaled to cover it, "
+                                                      "then cropped to it about the centre (A1111's 'Scale to')."),
+    crop: bool = typer.Option(True, "--crop/--no-crop", help="With --to: crop to the size (else keep the cover)."),
+    upscaler_2: str | None = typer.Option(None, "--upscaler-2", help="A second upscaler blended in (A1111's "
+                                                                      "'Upscaler 2')."),
+    visibility_2: float = typer.Option(0.5, "--upscaler-2-visibility", help="How much of the second upscaler's "
+                                                                              "result (0 to 1)."),
     prompt: str = typer.Option("", help="SR stages are text-conditioned: what the picture shows helps them."),
     seed: int = typer.Option(0, help="Seed of the first picture's SR noise; picture i uses seed + i."),
     noise_level: int | None = typer.Option(None, help="SR noise-augmentation level (default: each stage's own; "
@@ -35,24 +42,28 @@ def upscale(
     if from_image is not None:
         if images:
             fail("--from redoes one upscale from its PNG; leave out the pictures")
-        images, settings, scale, upscaler = _from_record(from_image)
+        images, settings, scale, upscaler, size, crop, second = _from_record(from_image)
     else:
         if not images:
             fail("give pictures to upscale, or --from PNG")
         settings = Settings(prompt=prompt, seed=seed, sr_noise_level=noise_level)
+        size = _size(to) if to is not None else None
+        second = (upscaler_2, visibility_2) if upscaler_2 is not None else None
     try:
         from imagine.pipelines.upscale import resolve_upscaler, upscale_pictures
 
         models_dir = models_dir if models_dir is not None else md.default_models_dir()
         chosen = resolve_upscaler(upscaler, models_dir)
+        other = (resolve_upscaler(second[0], models_dir), float(second[1])) if second is not None else None
         encoder = None
-        if chosen.kind == "sr":
+        sr = [u for u in (chosen, other[0] if other else None) if u is not None and u.kind == "sr"]
+        if sr:
             from imagine.models.text_encoders import load_text_encoder
 
-            encoder = load_text_encoder(chosen.stages[0].spec.text_encoder)
+            encoder = load_text_encoder(sr[0].stages[0].spec.text_encoder)
         pictures = [open_image(path, "picture") for path in images]
         results = upscale_pictures(pictures, scale, chosen, settings.validate(), encoder,
-                                   [input_record(path) for path in images])
+                                   [input_record(path) for path in images], size=size, crop=crop, second=other)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     for path in save(results, out):
@@ -81,4 +92,15 @@ def _from_record(png: Path):
              f"{source['sha256_10']})")
     known = {f.name for f in fields(Settings)}
     settings = Settings.from_record({k: v for k, v in record["settings"].items() if k in known})
-    return [path], settings, settings.hires_scale, settings.hires_upscaler
+    how = record.get("upscale") or {}
+    size = tuple(how["size"]) if how.get("size") else None
+    second = tuple(how["second"]) if how.get("second") else None
+    return [path], settings, settings.hires_scale, settings.hires_upscaler, size, how.get("crop", True), second
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        fail(f"--to {text!r}: write the size as WIDTHxHEIGHT, e.g. 512x512")
+    return w, h

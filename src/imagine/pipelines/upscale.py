@@ -1,5 +1,6 @@
-"""Making images larger: a super-resolution stage (Imagen's, diffusion/superres.py), a cascade of stages after
-a base model, and plain resamplers (Lanczos and friends) as A1111's upscaler list has them.
+"""Making images larger: super-resolution stages (Imagen's, diffusion/superres.py) run in a cascade after a base
+model, A1111's hires fix, Extras' upscaling of any picture, and plain resamplers (Lanczos and friends) as
+A1111's upscaler list has them.
 
 An SR stage is a text-conditioned pixel diffusion model whose input also carries the low-resolution image,
 upsampled and noise-augmented at a chosen level. Each image of a batch takes its sampling noise from its own
@@ -91,23 +92,6 @@ def stage_settings(model: DiffusionModel, s, steps: int | None = None, sampler: 
     base = Settings(prompt=s.prompt, negative_prompt=s.negative_prompt, seed=s.seed, n=s.n, precision=s.precision,
                     noise_seed_delta=s.noise_seed_delta)
     return base.with_model_defaults(model.spec, steps, sampler, cfg_scale)
-
-
-def cascade(stages: list[DiffusionModel], images: torch.Tensor, s, text_encoder, target: int | None = None,
-            noise_levels: list[int | None] | None = None, callback=None, cancel=None) -> torch.Tensor:
-    """A base model's images through SR stages in order, the text going to every stage, until each side
-    reaches ``target`` (None: through every stage). Returns (n, 3, H, W) in [-1, 1]."""
-    levels = list(noise_levels or [None] * len(stages))
-    if len(levels) != len(stages):
-        raise ValueError(f"{len(levels)} noise levels for {len(stages)} stages")
-    out = images
-    for stage, level in zip(stages, levels, strict=True):
-        if target is not None and max(out.shape[-2:]) >= target:
-            break
-        out = sr_stage(stage, out, stage_settings(stage, s), text_encoder, level, callback=callback, cancel=cancel)
-    if target is not None and max(out.shape[-2:]) < target:
-        raise ValueError(f"the stages reach {max(out.shape[-2:])} px, short of {target}: add a stage")
-    return out
 
 
 LATENT = "Latent"  # A1111's latent upscaler: the second pass starts from the first's latent, resized
@@ -216,19 +200,19 @@ def hires_size(model: DiffusionModel, s) -> tuple[int, int]:
 
 def enlarge(images: torch.Tensor, size: tuple[int, int], upscaler: Upscaler, s, text_encoder, **kwargs
             ) -> torch.Tensor:
-    """(n, 3, h, w) in [-1, 1] -> (n, 3, H, W) for ``size`` = (W, H): resampled, or through the SR stages (the
-    prompt going to each, image i with seed s.seed + i) until they reach the size, then resampled to it exactly
+    """(n, 3, h, w) in [-1, 1] -> (n, 3, H, W) for ``size`` = (W, H): resampled, or through the SR stages in
+    order (the prompt going to each, image i with seed s.seed + i) until they reach the size (the last stage
+    again where the stages fall short, as A1111 repeats an upscaler's passes), then resampled to it exactly
     (Lanczos) where they overshoot or the aspect differs."""
     if upscaler.kind == "latent":
         raise ValueError("the Latent upscaler works inside hires fix only (it needs a second pass)")
     if upscaler.kind == "sr":
         scale = max(size[0] / images.shape[-1], size[1] / images.shape[-2])
-        out, reached = images, 1
-        for stage in upscaler.stages:
-            if reached >= scale:
-                break
+        out, reached, i = images, 1, 0
+        while reached < scale - 1e-9:
+            stage = upscaler.stages[min(i, len(upscaler.stages) - 1)]
             out = sr_stage(stage, out, stage_settings(stage, s), text_encoder, s.sr_noise_level, **kwargs)
-            reached *= stage.spec.upscale
+            reached, i = reached * stage.spec.upscale, i + 1
         if tuple(out.shape[-2:]) == (size[1], size[0]):
             return out
         images = out
@@ -274,39 +258,67 @@ def hires_steps_total(s, upscaler: Upscaler | None) -> int:
 
 
 def upscale_pictures(pictures: list[Image.Image], scale: float, upscaler: Upscaler, s, text_encoder=None,
-                     inputs: list[dict | None] | None = None, callback=None, cancel=None) -> list:
-    """A1111's Extras upscale: each picture made ``scale`` times larger (rounded to whole pixels) by the upscaler,
-    picture i with seed s.seed + i (the SR stages' noise). Returns Generated results (pipelines/request.py) whose
-    PNG keeps the input's own A1111 parameters with the postprocessing fields added, and records the settings,
-    the input and the upscaler, so `imagine upscale --from` reproduces it."""
+                     inputs: list[dict | None] | None = None, *, size: tuple[int, int] | None = None,
+                     crop: bool = True, second: tuple[Upscaler, float] | None = None, callback=None,
+                     cancel=None) -> list:
+    """A1111's Extras upscale: each picture made ``scale`` times larger (rounded to whole pixels), or, with
+    ``size`` (W, H), by the factor that covers it and then (``crop``) cropped to it about the centre; ``second``
+    (upscaler, visibility) blends a second upscaler's result in, as A1111's "Upscaler 2". Picture i takes seed
+    s.seed + i (the SR stages' noise). Returns Generated results (pipelines/request.py) whose PNG keeps the
+    picture's own A1111 parameters with the postprocessing fields added and records the settings, the input and
+    the upscalers, so `imagine upscale --from` reproduces it."""
     from imagine.io.png import a1111_parameters, environment
     from imagine.pipelines.request import Generated
     from imagine.pipelines.unconditional import to_uint8
 
-    if not isinstance(scale, (int, float)) or not 1 <= scale <= 16:
+    if size is None and (not isinstance(scale, (int, float)) or not 1 <= scale <= 16):
         raise ValueError(f"the upscale factor must lie in [1, 16], got {scale!r}")
-    if upscaler.kind == "latent":
-        raise ValueError("Latent upscaling belongs to hires fix; upscale a picture with a resampler or an SR stage")
-    if upscaler.kind == "sr" and text_encoder is None:
-        raise ValueError("SR stages are text-conditioned: give their text encoder")
+    if size is not None and (min(size) < 1 or max(size) > 8192):
+        raise ValueError(f"the target size must lie in 1..8192 pixels a side, got {size}")
+    chosen = [upscaler] + ([second[0]] if second is not None else [])
+    for u in chosen:
+        if u.kind == "latent":
+            raise ValueError("Latent upscaling belongs to hires fix; upscale a picture with a resampler or an SR stage")
+        if u.kind == "sr" and text_encoder is None:
+            raise ValueError("SR stages are text-conditioned: give their text encoder")
+    if second is not None and not 0 <= second[1] <= 1:
+        raise ValueError(f"the second upscaler's visibility must lie in [0, 1], got {second[1]}")
     inputs = inputs or [None] * len(pictures)
     out = []
     for i, (picture, source) in enumerate(zip(pictures, inputs, strict=True)):
         picture = picture.convert("RGB")
-        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        factor = max(size[0] / picture.width, size[1] / picture.height) if size is not None else scale
+        if factor > 16:
+            raise ValueError(f"{picture.width}x{picture.height} to {size[0]}x{size[1]} is {factor:.1f}x, over 16x")
+        big = (max(1, round(picture.width * factor)), max(1, round(picture.height * factor)))
         one = replace(s, seed=s.seed + i, n=1)
         with torch.no_grad():
-            image = enlarge(from_pil([picture]), size, upscaler, one, text_encoder, callback=callback, cancel=cancel)
-        fields = {"Postprocess upscale by": f"{scale:g}", "Postprocess upscaler": upscaler.name}
-        if upscaler.kind == "sr":
+            image = enlarge(from_pil([picture]), big, upscaler, one, text_encoder, callback=callback, cancel=cancel)
+            if second is not None and second[1] > 0:
+                other = enlarge(from_pil([picture]), big, second[0], one, text_encoder, callback=callback,
+                                cancel=cancel)
+                image = torch.lerp(image, other, float(second[1]))
+        if size is not None and crop and big != size:
+            left, top = (big[0] - size[0]) // 2, (big[1] - size[1]) // 2
+            image = image[..., top: top + size[1], left: left + size[0]]
+        fields = {"Postprocess upscale by": f"{factor:g}" if size is None else None,
+                  "Postprocess upscale to": f"{size[0]}x{size[1]}" if size is not None else None,
+                  "Postprocess crop to": f"{size[0]}x{size[1]}" if size is not None and crop else None,
+                  "Postprocess upscaler": upscaler.name,
+                  "Postprocess upscaler 2": second[0].name if second is not None and second[1] > 0 else None,
+                  "Postprocess upscaler 2 visibility": f"{second[1]:g}" if second is not None and second[1] > 0
+                  else None}
+        if any(u.kind == "sr" for u in chosen):
             fields.update({"Postprocess prompt": s.prompt or None, "Postprocess seed": one.seed,
                            "Postprocess SR noise level": s.sr_noise_level})
         own = picture.info.get("parameters") if isinstance(picture.info.get("parameters"), str) else None
         extra = a1111_parameters("", "", fields).lstrip("\n")  # the fields line alone, quoted as A1111 does
         parameters = f"{own.rstrip()}, {extra}" if own else extra
-        record = {"kind": "upscale", "settings": {**s.to_dict(), "seed": one.seed, "n": 1, "hires_scale": scale,
-                                                   "hires_upscaler": upscaler.name, "hires_strength": 0.0},
-                  "index": i, "input": source,
+        settings = {**s.to_dict(), "seed": one.seed, "n": 1, "hires_scale": float(scale),
+                    "hires_upscaler": upscaler.name, "hires_strength": 0.0}
+        record = {"kind": "upscale", "settings": settings, "index": i, "input": source,
+                  "upscale": {"size": list(size) if size is not None else None, "crop": crop,
+                              "second": [second[0].name, second[1]] if second is not None else None},
                   "upscaler": upscaler.record(), "text_encoder": getattr(text_encoder, "identity", None),
                   "versions": environment()}
         out.append(Generated(to_uint8(image)[0], one.seed, parameters, record, stem=f"{one.seed:06d}-upscale"))

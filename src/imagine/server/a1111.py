@@ -19,6 +19,10 @@ from imagine.samplers import A1111_NAMES, SAMPLERS, a1111_name, resolve
 from imagine.server.jobs import Job
 from imagine.server.models import AUTOMATIC
 from imagine.server.schemas import (
+    A1111ExtrasBatch,
+    A1111ExtrasBatchResponse,
+    A1111ExtrasSingle,
+    A1111ExtrasSingleResponse,
     A1111ImageResponse,
     A1111Img2Img,
     A1111Txt2Img,
@@ -62,7 +66,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "s_min_uncond": ((0, 0.0, None), "negative guidance minimum sigma"),
     "initial_noise_multiplier": ((1, 1.0, None), "initial noise multiplier"),
     "refiner_checkpoint": ((None, "", "None"), "a refiner"),
-    "enable_hr": ((False, None), "hires fix"),
     "firstpass_image": ((None, ""), "a first-pass image"),
     "script_name": ((None, ""), "scripts"),
     "infotext": ((None, ""), "infotext parameters"),
@@ -74,6 +77,7 @@ NO_EFFECT = frozenset({
     "force_task_id", "override_settings_restore_afterwards", "subseed", "refiner_switch_at", "script_args",
     "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
     "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+    "enable_hr", "hr_cfg", "hr_distilled_cfg", "hr_additional_modules",
     "image_cfg_scale", "mask_round", "include_init_images", "sampler_index", "batch_size", "n_iter",
 })
 # override_settings keys (and /options) applied per request
@@ -200,6 +204,34 @@ def a1111_controls(script: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
     return out, prompts
 
 
+# what hires fix's second pass may be told apart from the first, and the values that mean "the same"
+_HR_SAME = {"hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_sampler_name": (None, "", "Use same sampler"),
+            "hr_scheduler": (None, "", "Use same scheduler"), "hr_prompt": (None, ""), "hr_negative_prompt": (None, ""),
+            "hr_cfg": (None,), "hr_distilled_cfg": (None,), "hr_additional_modules": (None, [])}
+
+
+def hires_request(body: A1111Txt2Img) -> dict[str, Any]:
+    """A1111's hires fix fields (enable_hr, hr_scale or hr_resize_x/y, hr_upscaler, denoising_strength,
+    hr_second_pass_steps) as our job API's; a second pass with another checkpoint, sampler or prompt is refused."""
+    extra = dict(body.model_extra or {})
+    if not extra.get("enable_hr"):
+        return {}
+    different = [f"{k}={json.dumps(extra[k])[:40]}" for k, same in _HR_SAME.items()
+                 if k in extra and extra[k] not in same and not (k == "hr_prompt" and extra[k] == body.prompt)
+                 and not (k == "hr_negative_prompt" and extra[k] == body.negative_prompt)]
+    if different:
+        raise RequestError("hires fix here runs its second pass with the first pass's checkpoint, sampler and "
+                           "prompts; refused rather than ignored: " + "; ".join(different))
+    scale = float(extra.get("hr_scale") or 2.0)
+    rx, ry = int(extra.get("hr_resize_x") or 0), int(extra.get("hr_resize_y") or 0)
+    if rx or ry:  # A1111: a target size instead of a scale (one side 0: kept in proportion)
+        width, height = body.width or 512, body.height or 512
+        scale = max(rx / width if rx else 0, ry / height if ry else 0)
+    strength = body.denoising_strength if body.denoising_strength is not None else 0.7
+    return {"hires_scale": scale, "hires_upscaler": extra.get("hr_upscaler") or "Latent",
+            "hires_strength": strength, "hires_steps": int(extra.get("hr_second_pass_steps") or 0)}
+
+
 def router(service: Service) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 
@@ -229,6 +261,8 @@ def router(service: Service) -> APIRouter:
                    "vae": None if options["sd_vae"] in AUTOMATIC else options["sd_vae"],
                    "clip_skip": clip_skip if clip_skip > 1 else None, "noise_seed_delta": ensd,
                    "backend": override.get("imagine_backend", "torch")}
+        if kind == "txt2img":
+            request.update(hires_request(body))
         if kind != "txt2img":
             request["strength"] = body.denoising_strength if body.denoising_strength is not None else 0.75
             request["init_image"] = body.init_images[0]
@@ -274,7 +308,8 @@ def router(service: Service) -> APIRouter:
             "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
             "sd_model_name": entry.name, "sd_model_hash": entry.short_hash, "sd_vae_name": None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": req.get("strength") if job.kind != "txt2img" else None,
+            "denoising_strength": req.get("strength") if job.kind != "txt2img" else (
+                req.get("hires_strength") if (req.get("hires_scale") or 1) > 1 else None),
             "extra_generation_params": {"Schedule type": "Karras" if schedule == "karras" else "Automatic"},
             "index_of_first_image": 0, "infotext": images[0].parameters if images else "",
             "infotexts": [im.parameters for im in images], "styles": [],
@@ -287,6 +322,54 @@ def router(service: Service) -> APIRouter:
     def response(job: Job, body: A1111Txt2Img, echo: dict[str, Any], warnings: list[str]) -> A1111ImageResponse:
         images = [png_base64(im.png) for im in job.images] if body.send_images else []
         return A1111ImageResponse(images=images, parameters=echo, info=info(job, body), warnings=warnings)
+
+    @api.get("/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        """A1111's upscaler list: "None", the resamplers, the shipped SR stage and the models folder's SR/."""
+        from imagine.pipelines.upscale import RESAMPLERS, upscaler_names
+
+        out = [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+        for name in upscaler_names(service.store.models_dir):
+            kind = "resampler" if name in RESAMPLERS else "super-resolution diffusion"
+            out.append({"name": name, "model_name": kind, "model_path": None, "model_url": None, "scale": 4})
+        return out
+
+    @api.get("/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, str]]:
+        return [{"name": "Latent"}]
+
+    def extras(body, pictures: list, names: list[str] | None = None) -> list:
+        from imagine.server.service import upscale_pictures
+
+        if body.gfpgan_visibility or body.codeformer_visibility:
+            raise RequestError("face restoration (GFPGAN, CodeFormer) needs their weights, which this server does "
+                               "not have: leave gfpgan_visibility and codeformer_visibility at 0")
+        if body.upscaler_1 in (None, "", "None"):
+            raise RequestError("upscaler_1 is None: name one from GET /sdapi/v1/upscalers")
+        extra = set(body.model_extra or {}) - {"upscaling_resize_w_h", "upscale_first"}
+        if extra:
+            raise RequestError(f"unknown Extras fields {sorted(extra)}: refused rather than ignored")
+        second = (body.upscaler_2, body.extras_upscaler_2_visibility) if body.upscaler_2 not in (None, "", "None") \
+            and body.extras_upscaler_2_visibility > 0 else None
+        size = (body.upscaling_resize_w, body.upscaling_resize_h) if body.resize_mode == 1 else None
+        return upscale_pictures(service, pictures, scale=body.upscaling_resize, size=size, crop=body.upscaling_crop,
+                                upscaler=body.upscaler_1, second=second, prompt=body.prompt, seed=body.seed,
+                                noise_level=None, names=names)
+
+    @api.post("/extra-single-image", response_model=A1111ExtrasSingleResponse)
+    def extra_single_image(body: A1111ExtrasSingle) -> A1111ExtrasSingleResponse:
+        """A1111's Extras on one picture: upscaled by upscaling_resize (resize_mode 0) or to upscaling_resize_w x
+        h (resize_mode 1, cropped with upscaling_crop), with upscaler_1 and upscaler_2 blended at its visibility."""
+        picture = decode_image(body.image, "the image", service.limits)
+        result = extras(body, [picture])[0]
+        return A1111ExtrasSingleResponse(html_info=f"<p>{result.parameters}</p>", image=png_base64(result.png()))
+
+    @api.post("/extra-batch-images", response_model=A1111ExtrasBatchResponse)
+    def extra_batch_images(body: A1111ExtrasBatch) -> A1111ExtrasBatchResponse:
+        pictures = [decode_image(f.data, f"imageList[{i}]", service.limits) for i, f in enumerate(body.imageList)]
+        results = extras(body, pictures, [f.name for f in body.imageList])
+        return A1111ExtrasBatchResponse(html_info="".join(f"<p>{r.parameters}</p>" for r in results),
+                                        images=[png_base64(r.png()) for r in results])
 
     @api.post("/txt2img", response_model=A1111ImageResponse)
     async def txt2img(body: A1111Txt2Img) -> A1111ImageResponse:

@@ -21,8 +21,16 @@ from imagine import __version__
 from imagine.server import a1111
 from imagine.server.jobs import Job, QueueFull
 from imagine.server.models import ModelStore
-from imagine.server.schemas import ImageOut, JobCreated, JobOut, JobRequest, MergeRequest, VariationsRequest
-from imagine.server.service import Limits, RequestError, Service, png_base64
+from imagine.server.schemas import (
+    ImageOut,
+    JobCreated,
+    JobOut,
+    JobRequest,
+    MergeRequest,
+    UpscaleRequest,
+    VariationsRequest,
+)
+from imagine.server.service import Limits, RequestError, Service, decode_image, png_base64
 
 STATIC = Path(str(resources.files("imagine.server") / "static"))
 
@@ -169,6 +177,26 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
         """Queue variations of an image: a txt2img job whose image prompt is the image (its PNGs record it)."""
         job = service.submit(body.job().model_dump(), "txt2img")
         return JobCreated(id=job.id, status=job.status, url=str(request.url_for("get_job", job_id=job.id)))
+
+    @app.get("/api/v1/upscalers", tags=["upscale"])
+    def upscalers() -> dict[str, list[str]]:
+        """What hires fix and upscaling can name: resamplers, Latent (hires fix only) and SR stages."""
+        from imagine.pipelines.upscale import LATENT, upscaler_names
+
+        return {"upscalers": upscaler_names(service.store.models_dir), "hires_only": [LATENT]}
+
+    @app.post("/api/v1/upscale", tags=["upscale"])
+    def upscale(body: UpscaleRequest) -> dict[str, list[dict]]:
+        """Make pictures larger (A1111's Extras): answered when done, with each PNG and its parameters."""
+        from imagine.server.service import upscale_pictures
+
+        pictures = [decode_image(data, f"images[{i}]", service.limits) for i, data in enumerate(body.images)]
+        second = (body.upscaler_2, body.upscaler_2_visibility) if body.upscaler_2 else None
+        results = upscale_pictures(service, pictures, scale=body.scale, size=tuple(body.to) if body.to else None,
+                                   crop=body.crop, upscaler=body.upscaler, second=second, prompt=body.prompt,
+                                   seed=body.seed, noise_level=body.sr_noise_level)
+        return {"images": [{"base64": png_base64(r.png()), "seed": r.seed, "parameters": r.parameters,
+                            "info": r.record} for r in results]}
 
     @app.get("/api/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
     def get_job(job_id: str, request: Request, base64: bool = True) -> JobOut:

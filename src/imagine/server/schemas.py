@@ -83,6 +83,15 @@ class JobRequest(BaseModel):
     noise_seed_delta: int = Field(0, description="stochastic samplers' noise from seed + delta (A1111's ENSD)")
     backend: Literal["torch", "onnxruntime", "onnxruntime-int8"] = Field(
         "torch", description="what runs the networks: torch, or an ONNX export under ONNX Runtime (fp32 or int8)")
+    hires_scale: float = Field(1.0, ge=1, le=8, description="txt2img: make the images this many times larger "
+                                                          "after the first pass (A1111's hires fix; 1: off)")
+    hires_upscaler: str = Field("Lanczos", description="how: a name from GET /sdapi/v1/upscalers (a resampler, "
+                                                       "an SR stage) or Latent")
+    hires_strength: float = Field(0.7, ge=0, le=1, description="denoising strength of the second pass at the "
+                                                               "larger size; 0: upscale only (an SR cascade)")
+    hires_steps: int = Field(0, ge=0, description="steps of the second pass; 0: the first pass's")
+    sr_noise_level: int | None = Field(None, ge=0, description="SR stages' noise-augmentation level; default: "
+                                                               "each stage's own")
     init_image: str | None = None
     mask: str | None = None
     model: str | None = Field(None, description="a name from GET /api/v1/models; default: the current model")
@@ -255,3 +264,66 @@ class SchedulerItem(BaseModel):
     aliases: list[str] | None
     default_rho: float
     need_inner_model: bool
+
+
+class A1111Extras(BaseModel):
+    """A1111's Extras (modules/api/models.py ExtrasBaseRequest): upscaling; face restoration is refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: to upscaling_resize_w x h")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0, ge=0, le=1)
+    codeformer_visibility: float = Field(0, ge=0, le=1)
+    codeformer_weight: float = Field(0, ge=0, le=1)
+    upscaling_resize: float = Field(2, ge=1, le=8)
+    upscaling_resize_w: int = Field(512, ge=1)
+    upscaling_resize_h: int = Field(512, ge=1)
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
+    upscale_first: bool = False
+    prompt: str = Field("", max_length=4000, description="imagine's addition: what the picture shows, for "
+                                                         "text-conditioned SR stages")
+    seed: int = Field(0, ge=0, lt=2**63, description="imagine's addition: the SR stages' noise seed")
+
+
+class A1111ExtrasSingle(A1111Extras):
+    image: str = Field(..., description="base64 PNG or JPEG")
+
+
+class A1111ExtrasFile(BaseModel):
+    data: str
+    name: str = ""
+
+
+class A1111ExtrasBatch(A1111Extras):
+    imageList: list[A1111ExtrasFile] = Field(..., min_length=1)  # A1111 spells it so
+
+
+class A1111ExtrasSingleResponse(BaseModel):
+    html_info: str
+    image: str
+
+
+class A1111ExtrasBatchResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
+class UpscaleRequest(BaseModel):
+    """Our Extras: pictures made larger by an upscaler (GET /api/v1/upscalers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(..., min_length=1, max_length=16, description="base64 PNG or JPEG pictures")
+    scale: float = Field(4.0, ge=1, le=16, description="how many times larger")
+    to: tuple[int, int] | None = Field(None, description="[width, height] instead of scale: cover it, then crop")
+    crop: bool = True
+    upscaler: str = Field("shapes-sr", description="a name from GET /api/v1/upscalers")
+    upscaler_2: str | None = Field(None, description="a second upscaler blended in")
+    upscaler_2_visibility: float = Field(0.5, ge=0, le=1)
+    prompt: str = Field("", max_length=4000, description="what the pictures show (SR stages are text-conditioned)")
+    seed: int = Field(0, ge=0, lt=2**63, description="picture i's SR noise comes from seed + i")
+    sr_noise_level: int | None = Field(None, ge=0, description="SR noise-augmentation level; default: the stage's")

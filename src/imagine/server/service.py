@@ -24,7 +24,8 @@ from imagine.server.models import ModelStore
 
 # request fields that pass straight into the pipeline Settings when given
 SETTINGS_FIELDS = ("strength", "mask_blur", "resize_mode", "inpaint_fill", "inpaint_only_masked", "inpaint_padding",
-                   "mask_invert", "clip_skip", "noise_seed_delta", "backend")
+                   "mask_invert", "clip_skip", "noise_seed_delta", "backend", "hires_scale", "hires_upscaler",
+                   "hires_strength", "hires_steps", "sr_noise_level")
 # A1111's /sdapi/v1/options that change results here, with their defaults
 A1111_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
                                   "sd_vae": "Automatic"}
@@ -138,6 +139,10 @@ class Service:
         except ValueError as err:
             raise RequestError(str(err)) from None
         w, h = g.output_size(model, checked.settings)
+        if checked.settings.hires_scale > 1:  # the limit is on what is made: the second pass's size
+            from imagine.pipelines.upscale import hires_size
+
+            w, h = hires_size(model, checked.settings)
         if w * h > lim.max_pixels:
             raise RequestError(f"{w}x{h} is {w * h} pixels, over the limit max_pixels={lim.max_pixels}")
         record = {k: v for k, v in request.items() if k not in ("init_image", "mask", "controls", "image_prompts")}
@@ -236,3 +241,34 @@ class Service:
         if model.vae is not None:
             denoised = model.vae.decode(model.vae.from_latent(denoised))
         return preview_png(to_uint8(denoised.clamp(-1, 1))[0])
+
+
+def upscale_pictures(service: Service, pictures: list[Image.Image], *, scale: float, size: tuple[int, int] | None,
+                     crop: bool, upscaler: str, second: tuple[str, float] | None, prompt: str, seed: int,
+                     noise_level: int | None, names: list[str] | None = None) -> list:
+    """Extras: each picture upscaled (pipelines/upscale.py) and, when the server saves images, written under
+    OUT/extras/. Runs to the end before answering; an output over max_input_pixels is refused first."""
+    from imagine.models.text_encoders import load_text_encoder
+    from imagine.pipelines.upscale import resolve_upscaler
+    from imagine.pipelines.upscale import upscale_pictures as run_upscale
+
+    lim = service.limits
+    for i, picture in enumerate(pictures):
+        factor = max(size[0] / picture.width, size[1] / picture.height) if size is not None else scale
+        w, h = round(picture.width * factor), round(picture.height * factor)
+        if w * h > lim.max_input_pixels:
+            raise RequestError(f"picture {i} would become {w}x{h}, over the limit max_input_pixels="
+                               f"{lim.max_input_pixels}", 413)
+    try:
+        first = resolve_upscaler(upscaler, service.store.models_dir)
+        other = (resolve_upscaler(second[0], service.store.models_dir), float(second[1])) if second else None
+        settings = g.Settings(prompt=prompt, seed=seed, sr_noise_level=noise_level).validate()
+        sr = [u for u in (first, other[0] if other else None) if u is not None and u.kind == "sr"]
+        encoder = load_text_encoder(sr[0].stages[0].spec.text_encoder) if sr else None
+        inputs = [{"name": n} for n in names] if names else None
+        results = run_upscale(pictures, scale, first, settings, encoder, inputs, size=size, crop=crop, second=other)
+    except ValueError as err:
+        raise RequestError(str(err)) from None
+    if service.out_dir is not None:
+        save(results, service.out_dir / "extras")
+    return results
