@@ -282,3 +282,63 @@ def test_openapi_docs_and_web_ui_are_served_offline(client):
         assert asset in page and client.get(asset).status_code == 200
     everything = page + client.get("/static/app.js").text + client.get("/static/style.css").text
     assert "http://" not in everything and "https://" not in everything, "the UI must load nothing from elsewhere"
+
+
+def test_a1111_hires_fix_and_its_refusals(client):
+    body = {"prompt": "a red circle", "seed": 2, "steps": 2, "cfg_scale": 3, "enable_hr": True, "hr_scale": 2,
+            "hr_upscaler": "Lanczos", "denoising_strength": 0.5, "hr_second_pass_steps": 2,
+            "hr_sampler_name": "Use same sampler", "hr_prompt": "a red circle"}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert _png(data["images"][0]).size == (32, 32)
+    info = json.loads(data["info"])
+    assert info["denoising_strength"] == 0.5 and "Hires upscale: 2" in info["infotext"]
+    assert "Hires upscaler: Lanczos" in info["infotext"] and "Hires steps: 2" in info["infotext"]
+    for bad, words in (({"hr_sampler_name": "Euler"}, "second pass"), ({"hr_prompt": "another"}, "second pass"),
+                       ({"hr_scale": 4}, "max_pixels"), ({"hr_upscaler": "ESRGAN_4x"}, "unknown")):
+        r = client.post("/sdapi/v1/txt2img", json={**body, **bad})
+        assert r.status_code in (413, 422) and words in r.json()["detail"], r.text
+    job = client.post("/api/v1/jobs", json={"kind": "txt2img", "prompt": "a red circle", "steps": 2, "seed": 1,
+                                            "hires_scale": 2, "hires_strength": 0.0, "hires_upscaler": "Bicubic"})
+    assert job.status_code == 202, job.text
+    done = _wait(client, job.json()["id"])
+    assert done["status"] == "succeeded" and _png(done["images"][0]["base64"]).size == (32, 32)
+
+
+def test_a1111_extras_and_our_upscale_endpoint(client):
+    r = client.get("/sdapi/v1/upscalers")
+    names = [u["name"] for u in r.json()]
+    assert names[:2] == ["None", "Lanczos"] and "Bicubic" in names
+    assert client.get("/api/v1/upscalers").json()["hires_only"] == ["Latent"]
+    made = client.post("/sdapi/v1/txt2img", json={"prompt": "a blue star", "steps": 2, "seed": 9}).json()
+    picture = made["images"][0]
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaling_resize": 2,
+                                                           "upscaler_1": "Lanczos"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert _png(out["image"]).size == (32, 32)
+    text, record = read_png_metadata(base64.b64decode(out["image"]))
+    assert text.startswith("a blue star") and text.endswith("Postprocess upscale by: 2, Postprocess upscaler: Lanczos")
+    assert record["kind"] == "upscale"
+    sized = {"image": picture, "resize_mode": 1, "upscaling_resize_w": 40, "upscaling_resize_h": 24,
+             "upscaler_1": "Bicubic", "upscaler_2": "Nearest", "extras_upscaler_2_visibility": 0.5}
+    r = client.post("/sdapi/v1/extra-single-image", json=sized)
+    assert r.status_code == 200, r.text
+    assert _png(r.json()["image"]).size == (40, 24) and "Postprocess upscaler 2: Nearest" in r.json()["html_info"]
+    r = client.post("/sdapi/v1/extra-batch-images", json={"imageList": [{"data": picture, "name": "a.png"}] * 2,
+                                                           "upscaling_resize": 1.5, "upscaler_1": "Lanczos"})
+    assert r.status_code == 200, r.text
+    assert [_png(im).size for im in r.json()["images"]] == [(24, 24)] * 2
+    for bad, words in (({"gfpgan_visibility": 1}, "face restoration"), ({"upscaler_1": "None"}, "upscaler_1 is None"),
+                       ({"upscaler_1": "SwinIR 4x"}, "unknown"), ({"upscaling_resize": 200}, "less than or equal"),
+                       ({"tile_overlap": 8}, "unknown Extras fields"),
+                       ({"image": "bm90IGFuIGltYWdl"}, "not a readable")):
+        r = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaler_1": "Lanczos", **bad})
+        assert r.status_code == 422 and words in r.json()["detail"], r.text
+    r = client.post("/api/v1/upscale", json={"images": [picture], "scale": 3, "upscaler": "Bicubic"})
+    assert r.status_code == 200, r.text
+    assert _png(r.json()["images"][0]["base64"]).size == (48, 48)
+    r = client.post("/api/v1/upscale", json={"images": [picture], "scale": 3, "upscaler": "Bicubic", "steps": 3})
+    assert r.status_code == 422 and "steps" in r.json()["detail"]
+    assert client.get("/api/v1/status").status_code == 200  # still serving

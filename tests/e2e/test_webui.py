@@ -343,3 +343,53 @@ def test_image_prompt_slot_and_variations_from_the_ui(server, tmp_path):
         expect(page.locator("figure.result")).to_have_count(before + 2, timeout=120_000)
         assert page.locator("#image-prompt-count").inner_text() == "1"
         assert errors == [], errors
+
+
+def test_hires_fix_and_the_extras_tab(server, tmp_path):
+    """Hires fix from the txt2img form doubles the image and records it; the Extras tab upscales uploaded
+    pictures with a resampler and a second one blended in, and says what is wrong with a bad request."""
+    _need_browser()
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    pictures = []
+    for i in range(2):
+        pictures.append(tmp_path / f"p{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(pictures[-1])
+    with _page(server) as (page, errors):
+        expect(page.locator("#hires")).to_be_visible()
+        page.fill("#prompt", "a blue star")
+        page.fill("#steps", "2")
+        page.fill("#seed", "3")
+        page.click("#hires summary")
+        page.check("#hires-enable")
+        expect(page.locator("#hires_upscaler option[value=Latent]")).to_have_count(1)
+        page.select_option("#hires_upscaler", "Bicubic")
+        page.fill("#hires_strength", "0.5")
+        page.click("#generate-button")
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        for text in ("Hires upscale: 2", "Hires upscaler: Bicubic", "Denoising strength: 0.5"):
+            expect(figure.locator("figcaption")).to_contain_text(text)
+        assert page.eval_on_selector("figure.result img", "img => img.complete && img.naturalWidth") == 32
+        page.click("button[data-tab=img2img]")
+        expect(page.locator("#hires")).to_be_hidden()
+
+        page.click("button[data-tab=extras]")
+        expect(page.locator("#extras-form")).to_be_visible()
+        expect(page.locator("#extras-upscaler option[value=Lanczos]")).to_have_count(1)
+        page.set_input_files("#extras-files", [str(p) for p in pictures])
+        page.fill("#extras-scale", "2")
+        page.select_option("#extras-upscaler", "Lanczos")
+        page.select_option("#extras-upscaler-2", "Nearest")
+        page.click("#extras-run")
+        expect(page.locator("#extras-status")).to_have_text("done", timeout=60_000)
+        results = page.locator("#extras-gallery figure.result")
+        expect(results).to_have_count(2)
+        expect(results.first.locator("figcaption")).to_contain_text("Postprocess upscaler 2: Nearest")
+        assert page.eval_on_selector("#extras-gallery img", "img => img.complete && img.naturalWidth") == 20
+        page.fill("#extras-scale", "40")
+        page.click("#extras-run")
+        expect(page.locator("#extras-status")).to_contain_text("less than or equal to 16")
+        assert errors == [], errors

@@ -36,6 +36,8 @@ _OPTS = dict(
     backend=typer.Option("torch", help="What runs the networks: torch, onnxruntime (an ONNX export, made once "
                                        "per model into ~/.cache/imagine/onnx) or onnxruntime-int8 (its UNet "
                                        "dynamically quantized)."),
+    tile=typer.Option(0, help="Sample in overlapping tiles of this many pixels a side (0: whole images): for "
+                              "sizes whose activations would not fit in memory; seams are feathered away."),
     fast=typer.Option(False, "--fast", help="Use the shipped latent consistency model (4 steps, LCM sampler): an "
                                             "image in a fraction of a second on a CPU."),
     negative=typer.Option("", "--negative", help="Negative prompt."),
@@ -299,7 +301,7 @@ def generate(
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
-    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"],
+    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int = _OPTS["tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -349,7 +351,7 @@ def generate(
         upscale = dict(hires_strength=0.0, hires_upscaler=sr or SR_MODEL.name)
     settings = _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                          precision=precision, compile=compile, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta,
-                         backend=backend, sr_noise_level=noise_level, **upscale)
+                         backend=backend, sr_noise_level=noise_level, tile=tile, **upscale)
     _run("txt2img", _model_option(model, fast), settings, out, rerank=rerank, clip=clip, vae=vae, size=size,
          allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora,
          embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode),
@@ -398,7 +400,7 @@ def img2img(
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
-    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"],
+    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int = _OPTS["tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -409,8 +411,8 @@ def img2img(
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt."""
     _run("img2img", _model_option(model, fast), _settings(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
-        resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend), out,
-        init=image, vae=vae,
+        resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend,
+        tile=tile), out, init=image, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 
@@ -435,7 +437,7 @@ def inpaint(
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
-    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"],
+    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int = _OPTS["tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -448,7 +450,7 @@ def inpaint(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
         mask_blur=mask_blur, inpaint_fill=masked_content, inpaint_only_masked=only_masked,
         inpaint_padding=only_masked_padding, mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
-        noise_seed_delta=noise_seed_delta, backend=backend), out, init=image, mask=mask, vae=vae,
+        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile), out, init=image, mask=mask, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 

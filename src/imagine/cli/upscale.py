@@ -26,6 +26,8 @@ def upscale(
                                                                               "result (0 to 1)."),
     prompt: str = typer.Option("", help="SR stages are text-conditioned: what the picture shows helps them."),
     seed: int = typer.Option(0, help="Seed of the first picture's SR noise; picture i uses seed + i."),
+    tile: int = typer.Option(0, help="SR stages sample in overlapping tiles of this many output pixels (0: whole "
+                                     "pictures): for large pictures; seams are feathered away."),
     noise_level: int | None = typer.Option(None, help="SR noise-augmentation level (default: each stage's own; "
                                                       "higher invents more detail, lower keeps closer to the input)."),
     models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
@@ -46,7 +48,7 @@ def upscale(
     else:
         if not images:
             fail("give pictures to upscale, or --from PNG")
-        settings = Settings(prompt=prompt, seed=seed, sr_noise_level=noise_level)
+        settings = Settings(prompt=prompt, seed=seed, sr_noise_level=noise_level, tile=tile)
         size = _size(to) if to is not None else None
         second = (upscaler_2, visibility_2) if upscaler_2 is not None else None
     try:

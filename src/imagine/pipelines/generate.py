@@ -102,6 +102,7 @@ class Settings:
     hires_strength: float = 0.7  # the second pass's denoising strength (A1111's); 0: no second pass
     hires_steps: int = 0  # the second pass's steps (0: the first pass's)
     sr_noise_level: int | None = None  # SR stages' augmentation level (None: each stage's default)
+    tile: int = 0  # sample in overlapping tiles of this many output pixels a side (pipelines/tiled.py); 0: whole
 
     @classmethod
     def from_record(cls, record: dict) -> Settings:
@@ -148,6 +149,8 @@ class Settings:
         if not isinstance(self.hires_steps, int) or self.hires_steps < 0:
             raise ValueError(f"hires steps must be an integer >= 0 (0: as many as the first pass), got "
                              f"{self.hires_steps!r}")
+        if not isinstance(self.tile, int) or (self.tile and self.tile < 32):
+            raise ValueError(f"tile must be 0 (no tiling) or at least 32 pixels, got {self.tile!r}")
         if self.sr_noise_level is not None and (not isinstance(self.sr_noise_level, int) or self.sr_noise_level < 0):
             raise ValueError(f"the SR noise level must be an integer >= 0, got {self.sr_noise_level!r}")
         from imagine.io.onnx import check_backend
@@ -249,7 +252,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
            cancel: Callable[[], bool] | None = None, precision: str = "fp32", backend: str = "torch",
            compile: bool = False, noise_seed_delta: int = 0, controls: Sequence = (),
-           image_prompts: Sequence = ()) -> torch.Tensor:
+           image_prompts: Sequence = (), tile: int = 0) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
@@ -258,7 +261,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     noise_seed_delta: as A1111's eta noise seed delta, a stochastic sampler's own noise comes from
     seed + delta while the starting noise stays seed's.
     controls: attached conditioners (adapters/control.py: ControlNets, T2I-Adapters), any number and kind.
-    image_prompts: attached IP-Adapter prompts (adapters/image_prompt.py); cond and uncond carry their tokens."""
+    image_prompts: attached IP-Adapter prompts (adapters/image_prompt.py); cond and uncond carry their tokens.
+    tile: > 0 evaluates the network on overlapping tiles of this many latent (or pixel) positions a side."""
     name, implied = resolve(sampler)
     schedule = check_schedule(schedule) if schedule is not None else implied
     spec, f = model.spec, latent_factor(model)
@@ -313,6 +317,13 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     denoiser = _TwoRowFloor(Denoiser(network, ac, spec.prediction, learned_variance=spec.learned_variance,
                                      consistency=spec.consistency or info.consistency,
                                      quantize=info.sigmas is not None))
+    if tile:
+        from imagine.pipelines.tiled import TiledDenoiser
+
+        if controls:
+            raise ValueError("tiled sampling does not take ControlNet or T2I-Adapter units (their maps cover the "
+                             "whole image); leave tile at 0 with them")
+        denoiser = TiledDenoiser(denoiser, tile, tile // 4)
     if uncond is not None:
         denoiser = ClassifierFreeGuidance(denoiser, uncond, cfg_scale, guidance_rescale)
     elif cfg_scale != 1.0:
@@ -392,7 +403,8 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
                   cond=cond, uncond=uncond, cfg_scale=cfg_scale, guidance_rescale=s.guidance_rescale,
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
                   callback=callback, cancel=cancel, precision=s.precision, backend=s.backend, compile=s.compile,
-                  noise_seed_delta=s.noise_seed_delta, controls=controls, image_prompts=image_prompts)
+                  noise_seed_delta=s.noise_seed_delta, controls=controls, image_prompts=image_prompts,
+                  tile=s.tile // f)
 
 
 def embeds_guidance(model: DiffusionModel) -> bool:
@@ -621,6 +633,8 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields["Hires upscaler"] = s.hires_upscaler
         if s.sr_noise_level is not None:
             fields["SR noise level"] = s.sr_noise_level
+    if s.tile:
+        fields["Tile size"] = s.tile
     if kind in ("img2img", "inpaint") and s.resize_mode != "just_resize":
         fields["Resize mode"] = RESIZE_LABELS[s.resize_mode]
     if kind == "inpaint":

@@ -90,7 +90,7 @@ def stage_settings(model: DiffusionModel, s, steps: int | None = None, sampler: 
     from imagine.pipelines.generate import Settings
 
     base = Settings(prompt=s.prompt, negative_prompt=s.negative_prompt, seed=s.seed, n=s.n, precision=s.precision,
-                    noise_seed_delta=s.noise_seed_delta)
+                    noise_seed_delta=s.noise_seed_delta, tile=s.tile)
     return base.with_model_defaults(model.spec, steps, sampler, cfg_scale)
 
 

@@ -82,7 +82,7 @@ NO_EFFECT = frozenset({
 })
 # override_settings keys (and /options) applied per request
 OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "samples_format",
-             "imagine_backend")  # imagine_backend: torch, onnxruntime or onnxruntime-int8 (ours)
+             "imagine_backend", "imagine_tile")  # ours: torch, onnxruntime or onnxruntime-int8; tile size in pixels
 RESIZE_MODES = g.RESIZE_MODES  # A1111's resize_mode 0..3
 INPAINT_FILLS = g.INPAINT_FILLS  # A1111's inpainting_fill 0..3
 
@@ -252,15 +252,17 @@ def router(service: Service) -> APIRouter:
                                "which carries the parameters that reproduce each image")
         try:
             clip_skip, ensd = int(options["CLIP_stop_at_last_layers"]), int(options["eta_noise_seed_delta"])
+            tile = int(override.get("imagine_tile") or 0)
         except (TypeError, ValueError):
-            raise RequestError("CLIP_stop_at_last_layers and eta_noise_seed_delta must be integers") from None
+            raise RequestError("CLIP_stop_at_last_layers, eta_noise_seed_delta and imagine_tile must be "
+                               "integers") from None
         request = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
                    "sampler": sampler, "schedule": _scheduler(body.scheduler), "cfg_scale": body.cfg_scale,
                    "seed": body.seed, "n": body.batch_size * body.n_iter, "width": body.width,
                    "height": body.height, "model": override.get("sd_model_checkpoint"), "previews": True,
                    "vae": None if options["sd_vae"] in AUTOMATIC else options["sd_vae"],
                    "clip_skip": clip_skip if clip_skip > 1 else None, "noise_seed_delta": ensd,
-                   "backend": override.get("imagine_backend", "torch")}
+                   "backend": override.get("imagine_backend", "torch"), "tile": tile}
         if kind == "txt2img":
             request.update(hires_request(body))
         if kind != "txt2img":

@@ -194,7 +194,7 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
         second = (body.upscaler_2, body.upscaler_2_visibility) if body.upscaler_2 else None
         results = upscale_pictures(service, pictures, scale=body.scale, size=tuple(body.to) if body.to else None,
                                    crop=body.crop, upscaler=body.upscaler, second=second, prompt=body.prompt,
-                                   seed=body.seed, noise_level=body.sr_noise_level)
+                                   seed=body.seed, noise_level=body.sr_noise_level, tile=body.tile)
         return {"images": [{"base64": png_base64(r.png()), "seed": r.seed, "parameters": r.parameters,
                             "info": r.record} for r in results]}
 

@@ -92,6 +92,7 @@ class JobRequest(BaseModel):
     hires_steps: int = Field(0, ge=0, description="steps of the second pass; 0: the first pass's")
     sr_noise_level: int | None = Field(None, ge=0, description="SR stages' noise-augmentation level; default: "
                                                                "each stage's own")
+    tile: int = Field(0, ge=0, description="sample in overlapping tiles of this many pixels a side; 0: whole")
     init_image: str | None = None
     mask: str | None = None
     model: str | None = Field(None, description="a name from GET /api/v1/models; default: the current model")
@@ -327,3 +328,4 @@ class UpscaleRequest(BaseModel):
     prompt: str = Field("", max_length=4000, description="what the pictures show (SR stages are text-conditioned)")
     seed: int = Field(0, ge=0, lt=2**63, description="picture i's SR noise comes from seed + i")
     sr_noise_level: int | None = Field(None, ge=0, description="SR noise-augmentation level; default: the stage's")
+    tile: int = Field(0, ge=0, description="SR stages sample in overlapping tiles of this many pixels; 0: whole")

@@ -25,7 +25,7 @@ from imagine.server.models import ModelStore
 # request fields that pass straight into the pipeline Settings when given
 SETTINGS_FIELDS = ("strength", "mask_blur", "resize_mode", "inpaint_fill", "inpaint_only_masked", "inpaint_padding",
                    "mask_invert", "clip_skip", "noise_seed_delta", "backend", "hires_scale", "hires_upscaler",
-                   "hires_strength", "hires_steps", "sr_noise_level")
+                   "hires_strength", "hires_steps", "sr_noise_level", "tile")
 # A1111's /sdapi/v1/options that change results here, with their defaults
 A1111_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
                                   "sd_vae": "Automatic"}
@@ -245,7 +245,7 @@ class Service:
 
 def upscale_pictures(service: Service, pictures: list[Image.Image], *, scale: float, size: tuple[int, int] | None,
                      crop: bool, upscaler: str, second: tuple[str, float] | None, prompt: str, seed: int,
-                     noise_level: int | None, names: list[str] | None = None) -> list:
+                     noise_level: int | None, names: list[str] | None = None, tile: int = 0) -> list:
     """Extras: each picture upscaled (pipelines/upscale.py) and, when the server saves images, written under
     OUT/extras/. Runs to the end before answering; an output over max_input_pixels is refused first."""
     from imagine.models.text_encoders import load_text_encoder
@@ -262,7 +262,7 @@ def upscale_pictures(service: Service, pictures: list[Image.Image], *, scale: fl
     try:
         first = resolve_upscaler(upscaler, service.store.models_dir)
         other = (resolve_upscaler(second[0], service.store.models_dir), float(second[1])) if second else None
-        settings = g.Settings(prompt=prompt, seed=seed, sr_noise_level=noise_level).validate()
+        settings = g.Settings(prompt=prompt, seed=seed, sr_noise_level=noise_level, tile=tile).validate()
         sr = [u for u in (first, other[0] if other else None) if u is not None and u.kind == "sr"]
         encoder = load_text_encoder(sr[0].stages[0].spec.text_encoder) if sr else None
         inputs = [{"name": n} for n in names] if names else None

@@ -16,12 +16,14 @@ function showTab(tab) {
   $("pnginfo").hidden = tab !== "pnginfo";
   $("models").hidden = tab !== "models";
   $("merger").hidden = tab !== "merger";
+  $("extras").hidden = tab !== "extras";
   if (generating) {
     mode = tab;
-    document.querySelectorAll(".only-img2img, .only-inpaint").forEach((el) => {
+    document.querySelectorAll(".only-txt2img, .only-img2img, .only-inpaint").forEach((el) => {
       el.hidden = !el.classList.contains("only-" + tab);
     });
   }
+  if (tab === "extras") loadUpscalers().catch((err) => showError(err.message));
   if (tab === "models") loadModels();
   if (tab === "merger") loadMerger().catch((err) => showError(err.message));
 }
@@ -159,9 +161,16 @@ function requestBody() {
     sampler: $("sampler").value, schedule: $("schedule").value || null, steps: number("steps"),
     cfg_scale: number("cfg_scale"), seed: number("seed"), n: number("n"), width: number("width"),
     height: number("height"), clip_skip: number("clip_skip"), noise_seed_delta: number("noise_seed_delta") || 0,
-    backend: $("backend").value,
+    backend: $("backend").value, tile: number("tile") || 0,
     vae: $("vae").value === "Automatic" ? null : $("vae").value,
   };
+  if (mode === "txt2img" && $("hires-enable").checked) {
+    body.hires_scale = number("hires_scale");
+    body.hires_upscaler = $("hires_upscaler").value;
+    body.hires_strength = number("hires_strength");
+    body.hires_steps = number("hires_steps") || 0;
+    body.sr_noise_level = number("sr_noise_level");
+  }
   if (mode !== "txt2img") {
     if (!initImage) throw new Error("choose an init image first");
     body.init_image = initImageData();
@@ -588,5 +597,71 @@ $("variations-button").addEventListener("click", async () => {
     }));
   } catch (err) {
     showError(err.message);
+  }
+});
+
+// ---- upscalers: hires fix's list (with Latent) and the Extras tab (POST /api/v1/upscale)
+let upscalersLoaded = false;
+async function loadUpscalers() {
+  if (upscalersLoaded) return;
+  const data = await api("GET", "/api/v1/upscalers");
+  const fill = (select, names, keep) => {
+    select.querySelectorAll("option:not([value=''])").forEach((o) => o.remove());
+    names.forEach((n) => select.appendChild(option(n, n)));
+    if (keep && names.includes(keep)) select.value = keep;
+  };
+  fill($("hires_upscaler"), [...data.hires_only, ...data.upscalers], "Lanczos");
+  const sr = data.upscalers.find((n) => !["Lanczos", "Bicubic", "Bilinear", "Nearest"].includes(n));
+  fill($("extras-upscaler"), data.upscalers, sr || "Lanczos");
+  fill($("extras-upscaler-2"), data.upscalers, null);
+  upscalersLoaded = true;
+}
+loadUpscalers().catch((err) => showError(err.message));
+
+$("extras-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  showError(null);
+  const files = [...$("extras-files").files];
+  const status = $("extras-status");
+  status.classList.remove("error");
+  try {
+    if (!files.length) throw new Error("choose one or more pictures to upscale");
+    const number = (id) => ($(id).value === "" ? null : Number($(id).value));
+    const images = await Promise.all(files.map(fileToDataURL));
+    const body = {
+      images, upscaler: $("extras-upscaler").value, prompt: $("extras-prompt").value, seed: number("extras-seed") || 0,
+      sr_noise_level: number("extras-noise"), crop: $("extras-crop").checked, tile: number("extras-tile") || 0,
+    };
+    if ($("extras-mode").value === "to") body.to = [number("extras-width"), number("extras-height")];
+    else body.scale = number("extras-scale");
+    if ($("extras-upscaler-2").value) {
+      body.upscaler_2 = $("extras-upscaler-2").value;
+      body.upscaler_2_visibility = number("extras-visibility");
+    }
+    $("extras-run").disabled = true;
+    status.textContent = "upscaling " + files.length + " picture" + (files.length > 1 ? "s" : "") + "...";
+    const data = await api("POST", "/api/v1/upscale", body);
+    const gallery = $("extras-gallery");
+    data.images.forEach((im, i) => {
+      const figure = document.createElement("figure");
+      figure.className = "result";
+      const img = document.createElement("img");
+      img.src = "data:image/png;base64," + im.base64;
+      img.alt = files[i] ? files[i].name : "upscaled";
+      const link = document.createElement("a");
+      link.href = img.src;
+      link.download = (files[i] ? files[i].name.replace(/\.[^.]*$/, "") : "picture") + "-upscaled.png";
+      link.textContent = "download";
+      const caption = document.createElement("figcaption");
+      caption.textContent = im.parameters;
+      figure.append(img, link, caption);
+      gallery.prepend(figure);
+    });
+    status.textContent = "done";
+  } catch (err) {
+    status.textContent = err.message;
+    status.classList.add("error");
+  } finally {
+    $("extras-run").disabled = false;
   }
 });
