@@ -198,7 +198,8 @@ def test_upscale_command_keeps_the_parameters_and_redoes_itself(sr_dir, tmp_path
     again = tmp_path / "c" / "000000-upscale.png"
     assert Image.open(again).size == (30, 36)
     assert read_png_metadata(again)[0].startswith(text + ", Postprocess upscale by: 1.5")  # A1111's text kept
-    for bad, message in ((["--scale", 20], "must lie in [1, 16]"), (["--upscaler", "Latent"], "belongs to hires fix"),
+    for bad, message in ((["--scale", 20, "--upscaler", "Lanczos"], "must lie in [1, 16]"),
+                         (["--upscaler", "Latent"], "belongs to hires fix"),
                          (["--upscaler", sr_dir, "--noise-level", 99], "trained range")):
         run = _imagine("upscale", picture, *bad, "--out", "bad", cwd=tmp_path)
         assert run.returncode != 0 and message in run.stderr, run.stderr[-1000:]
