@@ -2,8 +2,8 @@
 
 1. Cold start: `imagine generate PROMPT` in a fresh process (imports, model and text encoder loading,
    sampling, PNG), wall time and peak RSS.
-
-
+2. Steady state: images per second at batch 1 and 8 for each of our modes (fp32 eager, bf16 autocast,
+   compiled, ONNX Runtime), and the UNet's achieved GFLOP/s (its FLOPs per row
    counted by torch's FlopCounterMode) against the matmul peak measured here in the same precision.
 3. diffusers: its UNet2DConditionModel and AutoencoderKL holding our weights, its DPMSolverMultistep
    scheduler (DPM++ 2M, trailing spacing, v-prediction), the same prompt embeddings, noise, steps and
@@ -114,10 +114,11 @@ def diffusers_loop(model, encoder, steps: int, cfg: float, seeds: list[int], com
     return run
 
 
-MODES = {  # our modes, all batch invariant: (precision, compile)
-    "default": ("fp32", False),
-    "bf16": ("bf16", False),
-    "compiled": ("fp32", True),
+MODES = {  # our modes, all batch invariant: (precision, compile, backend)
+    "default": ("fp32", False, "torch"),
+    "bf16": ("bf16", False, "torch"),
+    "compiled": ("fp32", True, "torch"),
+    "onnxruntime": ("fp32", False, "onnxruntime"),  # the ONNX export (made on the warm-up call, cached)
 }
 
 
@@ -135,9 +136,9 @@ def side_by_side(model, encoder, steps: int, cfg: float, n: int, reps: int) -> t
     apart: steadier here than a ratio of medians, as this machine's speed wanders by 30% over minutes."""
     fns = {"diffusers fp32": diffusers_loop(model, encoder, steps, cfg, list(range(n))),
            "diffusers fp32 compiled": diffusers_loop(model, encoder, steps, cfg, list(range(n)), compile=True)}
-    for mode, (precision, compile) in MODES.items():
+    for mode, (precision, compile, backend) in MODES.items():
         s = Settings(prompt=PROMPT, steps=steps, seed=0, n=n, cfg_scale=cfg, sampler="dpmpp_2m",
-                     precision=precision, compile=compile)
+                     precision=precision, compile=compile, backend=backend)
         fns[f"imagine {mode}"] = lambda s=s: txt2img(model, s, encoder)
     first = {key: _timed(fn) for key, fn in fns.items()}  # warm-up; compiles where asked
     print(f"batch {n} first calls (s):", {k: round(v, 1) for k, v in first.items()}, flush=True)

@@ -21,7 +21,7 @@ from imagine.io.model_folder import DiffusionModel
 # The augmentation noise of the image with seed s comes from the generator seeded s + AUG_SEED: a stream of
 # its own, apart from the sampler's (seed s) and from the seeds of the images beside it.
 AUG_SEED = 0x5EED_0A06
-# Resamplers by A1111's names (/sdapi/v1/upscalers); "None" keeps the size.
+# Resamplers by the names A1111 lists them under (/sdapi/v1/upscalers)
 RESAMPLERS = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST, "Bicubic": Image.BICUBIC,
               "Bilinear": Image.BILINEAR}
 

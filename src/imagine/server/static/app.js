@@ -320,6 +320,20 @@ $("send-to-txt2img").addEventListener("click", () => {
     if (match) $("sampler").value = match.value;
   }
   $("schedule").value = p["Schedule type"] === "Karras" ? "karras" : "";
+  $("hires-enable").checked = Boolean(p["Hires upscale"]);  // A1111's hires fix fields
+  if (p["Hires upscale"]) {
+    $("hires").open = true;
+    $("hires_scale").value = p["Hires upscale"];
+    $("hires_strength").value = p["Denoising strength"] || 0;
+    $("hires_steps").value = p["Hires steps"] || 0;
+    $("sr_noise_level").value = p["SR noise level"] || "";
+    const upscaler = p["Hires upscaler"];
+    if (upscaler && ![...$("hires_upscaler").options].some((o) => o.value === upscaler)) {
+      $("hires_upscaler").add(new Option(upscaler, upscaler));  // a path: kept as the PNG names it
+    }
+    if (upscaler) $("hires_upscaler").value = upscaler;
+  }
+  $("tile").value = p["Tile size"] || 0;
   showTab("txt2img");
 });
 
