@@ -159,3 +159,37 @@ def test_job_api_controls(client, trained):
     r = client.post("/api/v1/jobs", json={"prompt": "x", "controls": [{"image": scene, "module": "canny",
                                                                        "mode": "loud"}]})
     assert r.status_code == 422 and "controls[0]" in r.text and "loud" in r.text
+
+
+def test_tile_controlnet_upscales_in_hires_fix(trained, tiny_t2i_dir, tmp_path):
+    """Hires fix with a tile ControlNet: the image upscaled with Lanczos steers its own second pass; listed
+    among the upscalers once a tile ControlNet is in the models folder, refused where no second pass runs."""
+    import shutil
+
+    from imagine.io.png import parse_a1111, read_png_metadata
+    from imagine.pipelines.upscale import upscaler_names
+
+    models = tmp_path / "models"
+    shutil.copytree(trained / "models", models)
+    assert "Tile ControlNet" not in upscaler_names(models)
+    run = imagine("train-controlnet", "--condition", "tile", "--out", models / "ControlNet" / "cn_tile", "--model",
+                  tiny_t2i_dir, "--data", "builtin:shapes", "--steps", 2, "--batch-size", 2)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Tile ControlNet" in upscaler_names(models)
+    common = ["--model", tiny_t2i_dir, "--steps", 2, "--seed", 4, "--models-dir", models]
+    run = imagine("generate", "a red circle", *common, "--hires", 2, "--hires-upscaler", "Tile ControlNet",
+                  "--hires-strength", 0.6, "--out", "a", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / "a" / "000004-txt2img.png"
+    assert Image.open(out).size == (32, 32)
+    text, record = read_png_metadata(out)
+    assert parse_a1111(text)["Hires upscaler"] == "Tile ControlNet"
+    assert record["upscaler"]["kind"] == "tile" and record["upscaler"]["path"].endswith("cn_tile")
+    run = imagine("generate", "--from", out, "--models-dir", models, "--out", "b", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / "000004-txt2img.png")), np.asarray(Image.open(out)))
+    run = imagine("generate", "x", *common, "--hires", 2, "--hires-upscaler", "Tile ControlNet", "--hires-strength", 0,
+                  "--out", "c", cwd=tmp_path)
+    assert run.returncode != 0 and "needs a second pass" in run.stderr
+    run = imagine("upscale", out, "--upscaler", "Tile ControlNet", "--models-dir", models, "--out", "d", cwd=tmp_path)
+    assert run.returncode != 0 and "second pass with the base model" in run.stderr

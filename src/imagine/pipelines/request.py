@@ -97,7 +97,7 @@ class Request:
             if controls:
                 raise ValueError("hires fix with ControlNet or T2I-Adapter units is not supported: generate with "
                                  "the units, then upscale the image (imagine upscale) or img2img it")
-            upscaler = resolve_upscaler(s.hires_upscaler, self.models_dir)
+            upscaler = resolve_upscaler(s.hires_upscaler, self.models_dir, model)
         texts = [s.prompt, s.negative_prompt]
         loras = self._resolve_loras()
         if s.backend != "torch" and (loras or controls or prompts):

@@ -95,6 +95,7 @@ def stage_settings(model: DiffusionModel, s, steps: int | None = None, sampler: 
 
 
 LATENT = "Latent"  # A1111's latent upscaler: the second pass starts from the first's latent, resized
+TILE = "Tile ControlNet"  # hires fix's second pass steered by a tile ControlNet on the Lanczos-upscaled image
 _STAGES: dict[tuple, list[DiffusionModel]] = {}  # loaded SR stages by (path, mtime): a server reuses them
 
 
@@ -109,6 +110,11 @@ class Upscaler:
 
     def record(self) -> dict:
         out = {"name": self.name, "kind": self.kind}
+        if self.kind == "tile":
+            from imagine.io.png import file_hash
+
+            weights = self.path if self.path.is_file() else self.path / "diffusion_pytorch_model.safetensors"
+            out.update(path=str(self.path.resolve()), sha256_10=file_hash(weights) if weights.is_file() else None)
         if self.kind == "sr":
             from imagine.io.png import file_hash
 
@@ -153,13 +159,28 @@ def load_stages(path: Path) -> list[DiffusionModel]:
     return _STAGES[key]
 
 
-def resolve_upscaler(name: str, models_dir: Path | None = None) -> Upscaler:
-    """An upscaler by name: a resampler (Lanczos, Bicubic, Bilinear, Nearest), Latent, the shipped SR stage
-    (its folder name, shapes-sr), an SR stage or cascade in the models folder's SR/, or a path to one."""
+def resolve_upscaler(name: str, models_dir: Path | None = None, model: DiffusionModel | None = None) -> Upscaler:
+    """An upscaler by name: a resampler (Lanczos, Bicubic, Bilinear, Nearest), Latent, Tile ControlNet[@NAME]
+    (hires fix for ``model``: the tile ControlNet that fits it, or the one named), the shipped SR stage (its
+    folder name, shapes-sr), an SR stage or cascade in the models folder's SR/, or a path to one."""
     if name in RESAMPLERS:
         return Upscaler(name, "resample")
     if name == LATENT:
         return Upscaler(name, "latent")
+    if name.split("@", 1)[0] == TILE:
+        if model is None:
+            raise ValueError(f"{TILE} steers hires fix's second pass with the base model; upscale a picture with "
+                             "a resampler or an SR stage")
+        from imagine.adapters.control import find_control
+        from imagine.io import models_dir as md
+
+        named = name.partition("@")[2]
+        try:
+            path = (md.resolve(named, models_dir, "controlnet") if named else
+                    find_control("tile", "controlnet", models_dir, model.unet))
+        except FileNotFoundError as err:
+            raise ValueError(f"upscaler {name!r}: {err}") from None
+        return Upscaler(name, "tile", path=Path(path))
     from imagine.io import models_dir as md
     from imagine.weights import SR_MODEL
 
@@ -171,8 +192,8 @@ def resolve_upscaler(name: str, models_dir: Path | None = None) -> Upscaler:
         try:
             path = md.resolve(name, models_dir, "sr")
         except FileNotFoundError as err:
-            raise ValueError(f"upscaler {name!r} unknown: not one of {', '.join([*RESAMPLERS, LATENT, SR_MODEL.name])}"
-                             f", and {err}") from None
+            known = ", ".join([*RESAMPLERS, LATENT, TILE, SR_MODEL.name])
+            raise ValueError(f"upscaler {name!r} unknown: not one of {known}, and {err}") from None
     stages = load_stages(path)
     return Upscaler(name, "sr", tuple(stages), Path(path))
 
@@ -184,9 +205,23 @@ def upscaler_names(models_dir: Path | None = None) -> list[str]:
     from imagine.weights import SR_MODEL
 
     names = list(RESAMPLERS)
+    if _has_tile_controlnet(models_dir):
+        names.append(TILE)
     if (SR_MODEL / "diffusion.json").exists():
         names.append(SR_MODEL.name)
     return names + [e.name for e in md.entries(models_dir, "sr")]
+
+
+def _has_tile_controlnet(models_dir: Path | None) -> bool:
+    from imagine.adapters.control import _peek, builtin_controls
+    from imagine.io.control_files import _condition_from_name
+    from imagine.io.models_dir import entries
+
+    for path in [e.path for e in entries(models_dir, "controlnet")] + builtin_controls():
+        raw = _peek(path)
+        if ((raw.get("_imagine") or {}).get("condition") or _condition_from_name(path.name)) == "tile":
+            return True
+    return False
 
 
 def hires_size(model: DiffusionModel, s) -> tuple[int, int]:
@@ -204,8 +239,8 @@ def enlarge(images: torch.Tensor, size: tuple[int, int], upscaler: Upscaler, s, 
     order (the prompt going to each, image i with seed s.seed + i) until they reach the size (the last stage
     again where the stages fall short, as A1111 repeats an upscaler's passes), then resampled to it exactly
     (Lanczos) where they overshoot or the aspect differs."""
-    if upscaler.kind == "latent":
-        raise ValueError("the Latent upscaler works inside hires fix only (it needs a second pass)")
+    if upscaler.kind in ("latent", "tile"):
+        raise ValueError(f"the {upscaler.name} upscaler works inside hires fix only (it needs a second pass)")
     if upscaler.kind == "sr":
         scale = max(size[0] / images.shape[-1], size[1] / images.shape[-2])
         out, reached, i = images, 1, 0
@@ -227,12 +262,14 @@ def hires(model: DiffusionModel, s, images: torch.Tensor, text_encoder, upscaler
     from imagine.pipelines.generate import img2img
 
     size = hires_size(model, s)
+    if upscaler.kind in ("latent", "tile") and s.hires_strength == 0:
+        raise ValueError(f"the {upscaler.name} upscaler needs a second pass: give hires strength > 0 (A1111: 0.5 "
+                         "or more)")
     if upscaler.kind == "latent":
-        if s.hires_strength == 0:
-            raise ValueError("the Latent upscaler needs a second pass: give hires strength > 0 (A1111: 0.5 or more)")
         inits = to_pil(images)
     else:
-        up = enlarge(images, size, upscaler, s, text_encoder, callback=callback, cancel=cancel)
+        resampler = Upscaler("Lanczos", "resample") if upscaler.kind == "tile" else upscaler
+        up = enlarge(images, size, resampler, s, text_encoder, callback=callback, cancel=cancel)
         if s.hires_strength == 0:
             return up
         inits = to_pil(up)
@@ -241,7 +278,13 @@ def hires(model: DiffusionModel, s, images: torch.Tensor, text_encoder, upscaler
         second = replace(s, seed=s.seed + i, n=1, width=size[0], height=size[1], strength=s.hires_strength,
                          steps=s.hires_steps or s.steps, hires_scale=1.0,
                          resize_mode="latent_upscale" if upscaler.kind == "latent" else "just_resize")
-        out.append(img2img(model, second, init, text_encoder, callback=callback, cancel=cancel, **kwargs))
+        extra = dict(kwargs)
+        if upscaler.kind == "tile":  # the upscaled image steers its own second pass (A1111's tile_resample)
+            from imagine.adapters.control import ControlUnit, resolve_units
+
+            unit = ControlUnit("tile", init, model=str(upscaler.path))
+            extra["controls"] = [c for c, _ in resolve_units([unit], model, size, None)]
+        out.append(img2img(model, second, init, text_encoder, callback=callback, cancel=cancel, **extra))
     return torch.cat(out)
 
 
