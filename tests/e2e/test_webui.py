@@ -368,8 +368,10 @@ def test_hires_fix_and_the_extras_tab(server, tmp_path):
         page.select_option("#hires_upscaler", "Bicubic")
         page.fill("#hires_strength", "0.5")
         page.click("#generate-button")
+        expect(page.locator("#status-text")).to_have_text("done", timeout=120_000)
+        assert page.inner_text("#error") == ""
         figure = page.locator("figure.result").first
-        expect(figure).to_be_visible(timeout=120_000)
+        expect(figure).to_be_visible()
         for text in ("Hires upscale: 2", "Hires upscaler: Bicubic", "Denoising strength: 0.5"):
             expect(figure.locator("figcaption")).to_contain_text(text)
         assert page.eval_on_selector("figure.result img", "img => img.complete && img.naturalWidth") == 32

@@ -131,6 +131,28 @@ def test_minilm_tokenizer_is_transformers_own_without_importing_it(minilm):
     assert lazy._model is not None
 
 
+def test_the_lazy_transformer_loads_once_when_threads_race_for_it():
+    """A server asks for the text encoder's transformer from request threads and its worker at once; in a
+    fresh process (transformers not yet imported) every thread gets the one model, and none an ImportError."""
+    code = (
+        "import threading\n"
+        "from imagine.models.text_encoders import MiniLMTextEncoder\n"
+        "enc = MiniLMTextEncoder()\n"
+        "got, errors = [], []\n"
+        "def ask():\n"
+        "    try:\n"
+        "        got.append(enc.model)\n"
+        "    except Exception as err:\n"
+        "        errors.append(repr(err))\n"
+        "threads = [threading.Thread(target=ask) for _ in range(4)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "assert not errors, errors\n"
+        "assert len(got) == 4 and all(m is got[0] for m in got)\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def _tiny_clip(folder):
     """A random CLIP text model and a character-level CLIP tokenizer, built offline."""
     from transformers import CLIPTextConfig, CLIPTextModel

@@ -170,6 +170,9 @@ def judge(p: EvalPrompt, image: np.ndarray) -> Verdict:
     return verdict("")
 
 
+ANALYZER_SIZE = 64  # the size the analyzer's thresholds were set at
+
+
 def ground_truth(p: EvalPrompt, size: int = 64) -> np.ndarray:
     """The dataset's renderer drawing exactly what ``p`` says (layout from p.seed): (size, size, 3) uint8."""
     rng = random.Random(p.seed)
@@ -220,11 +223,17 @@ class Report:
 
 def evaluate(prompts: Sequence[EvalPrompt], make_images: Callable[[list[EvalPrompt]], np.ndarray],
              batch: int = 8, progress: Callable[[int], None] | None = None) -> Report:
-    """Judge ``make_images(prompts) -> (N, H, W, 3) uint8`` over the set, ``batch`` prompts at a time."""
+    """Judge ``make_images(prompts) -> (N, H, W, 3) uint8`` over the set, ``batch`` prompts at a time. The
+    analyzer's areas are calibrated on 64 px scenes: larger images (a cascade's, hires fix's) are downsampled
+    to 64 px (Lanczos) first."""
+    from PIL import Image
+
     verdicts = []
     for start in range(0, len(prompts), batch):
         chunk = list(prompts[start:start + batch])
         for p, image in zip(chunk, make_images(chunk), strict=True):
+            if image.shape[:2] != (ANALYZER_SIZE, ANALYZER_SIZE) and image.shape[0] > ANALYZER_SIZE:
+                image = np.asarray(Image.fromarray(image).resize((ANALYZER_SIZE, ANALYZER_SIZE), Image.LANCZOS))
             verdicts.append(judge(p, image))
         if progress is not None:
             progress(len(chunk))

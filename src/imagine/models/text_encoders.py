@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Protocol
 
 import torch
 
+_LOAD_LOCK = threading.Lock()  # lazy transformer loads, one at a time
 CHUNK = 75  # content tokens per window; + start and end tokens = 77, CLIP's context length
 COMMA_BACKTRACK = 20
 BREAK = -1.0  # weight marking a BREAK in parsed prompts
@@ -358,13 +360,17 @@ class MiniLMTextEncoder(_ChunkedEncoder):
 
     @property
     def model(self):
-        """The transformers BertModel, frozen; loaded on first use."""
+        """The transformers BertModel, frozen; loaded on first use, once, whichever thread asks first (a server
+        asks from its request threads and its worker at once, and transformers' lazy imports are not safe to
+        run twice side by side)."""
         if self._model is None:
-            from transformers import AutoModel
+            with _LOAD_LOCK:
+                if self._model is None:
+                    from transformers import AutoModel
 
-            _quiet_transformers()
-            self._model = AutoModel.from_pretrained(str(self.path), local_files_only=True, use_safetensors=True)
-            self._model.eval().requires_grad_(False)
+                    _quiet_transformers()
+                    model = AutoModel.from_pretrained(str(self.path), local_files_only=True, use_safetensors=True)
+                    self._model = model.eval().requires_grad_(False)
         return self._model
 
     @model.setter
