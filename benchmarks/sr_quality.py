@@ -47,8 +47,8 @@ def scenes(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     big, small, captions = [], [], []
     for i in range(n):
         scene = make_scene(10**8 + i, 0)
-        big.append(torch.from_numpy(render(scene, size)).permute(2, 0, 1).float() / 127.5 - 1)
-        small.append(torch.from_numpy(render(scene, size // 4)).permute(2, 0, 1).float() / 127.5 - 1)
+        big.append(torch.from_numpy(render(scene, size).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+        small.append(torch.from_numpy(render(scene, size // 4).copy()).permute(2, 0, 1).float() / 127.5 - 1)
         captions.append(scene.caption)
     return torch.stack(big), torch.stack(small), captions
 
