@@ -220,7 +220,10 @@ def test_a1111_fields_are_honoured_or_refused(tiny_t2i_dir):
     mask.paste(255, (8, 8, 16, 16))
     base = {"prompt": "a red circle", "steps": 2, "seed": 4, "init_images": [_b64(img)]}
     with TestClient(app) as client:
-        for field, value in (("restore_faces", True), ("enable_hr", True), ("subseed_strength", 0.5),
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "enable_hr": True,
+                                                   "hr_checkpoint_name": "other.safetensors"})
+        assert r.status_code == 422 and "hr_checkpoint_name" in r.json()["detail"]  # hires fix itself is run
+        for field, value in (("restore_faces", True), ("subseed_strength", 0.5),
                              ("tiling", True), ("s_churn", 1.0), ("styles", ["cinematic"]),
                              ("alwayson_scripts", {"adetailer": {"args": []}})):  # ControlNet's are run
             r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, field: value})
