@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from imagine.pipelines.upscale import enlarge, resolve_upscaler
 size, tile = int(sys.argv[1]), int(sys.argv[2])
 up = resolve_upscaler(sys.argv[3])
 low = torch.rand(1, 3, size // 4, size // 4) * 2 - 1
-out = enlarge(low, (size, size), up, Settings(prompt="a red circle", tile=tile, steps=1), default_text_encoder())
+out = enlarge(low, (size, size), up, Settings(prompt="a red circle", tile=tile), default_text_encoder())
 print(out.shape[-1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
@@ -171,8 +172,9 @@ def _crop_grid(columns: list[torch.Tensor], path: Path) -> None:
 
 def markdown(r: dict, args) -> str:
     lines = ["# Super-resolution 64 -> 256", "",
-             f"Command: `python benchmarks/sr_quality.py` (torch {r['torch']}, {r['threads']} threads; SR stage "
-             f"`{r['sr']}`; {args.images} held-out builtin:shapes scenes).", "",
+             f"Command: `python benchmarks/sr_quality.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}` "
+             f"(torch {r['torch']}, {r['threads']} threads; SR stage `{r['sr']}`; {args.images} held-out "
+             f"builtin:shapes scenes; ShapesEval {args.per_category} prompts per category).", "",
              "## Against the true 256 px render", "", "| method | PSNR (dB) | SSIM |", "|---|---|---|"]
     lines += [f"| {k} | {v['psnr']:.2f} | {v['ssim']:.3f} |" for k, v in r["psnr_ssim"].items()]
     lines += ["", "Crops (centre 96 px, 2x): Lanczos | SR at its default level | truth, one scene per row: "
@@ -184,7 +186,8 @@ def markdown(r: dict, args) -> str:
                      + " | ".join(f"{x:.2f}" for x in v["categories"].values()) + " |")
     lines += ["", "## Cost on this CPU", "", "| job | seconds per image |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in r["seconds_per_image"].items()]
-    lines += ["", "| upscale (one step, fresh process) | peak RSS (MB) |", "|---|---|"]
+    lines += ["", "| upscale from a quarter of the size (the stage's steps, fresh process) | peak RSS (MB) |",
+              "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in r["peak_rss_mb"].items()]
     return "\n".join(lines) + "\n"
 
