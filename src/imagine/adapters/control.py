@@ -310,17 +310,26 @@ def _fits_config(raw: dict, unet_cfg) -> bool | None:
     return None  # unknown until loaded
 
 
+def control_models(models_dir: Path | None) -> list[tuple[Path, dict, str | None]]:
+    """Every control model a request may use, the models folder's ControlNet/ first, then the shipped ones:
+    (path, its config, the condition it reads, from its config or its name)."""
+    from imagine.io.control_files import _condition_from_name
+    from imagine.io.models_dir import entries
+
+    out = []
+    for path in [e.path for e in entries(models_dir, "controlnet")] + builtin_controls():
+        raw = _peek(path)
+        out.append((path, raw, (raw.get("_imagine") or {}).get("condition") or _condition_from_name(path.name)))
+    return out
+
+
 def find_control(module: str, kind: str | None, models_dir: Path | None, unet) -> Path:
     """The control model for ``module``'s condition: in the models folder's ControlNet/ first, then the
     shipped ones; one that fits the base model, of ``kind`` where asked."""
-    from imagine.io.control_files import KINDS, _condition_from_name
-    from imagine.io.models_dir import entries
+    from imagine.io.control_files import KINDS
 
-    candidates = [e.path for e in entries(models_dir, "controlnet")] + builtin_controls()
     seen = []
-    for path in candidates:
-        raw = _peek(path)
-        condition = (raw.get("_imagine") or {}).get("condition") or _condition_from_name(path.name)
+    for path, raw, condition in control_models(models_dir):
         found_kind = KINDS.get(raw.get("_class_name"))
         seen.append(f"{path.name} ({condition or '?'})")
         if condition != module or (kind is not None and found_kind not in (None, kind)):

@@ -57,14 +57,8 @@ def upscale(
         models_dir = models_dir if models_dir is not None else md.default_models_dir()
         chosen = resolve_upscaler(upscaler, models_dir)
         other = (resolve_upscaler(second[0], models_dir), float(second[1])) if second is not None else None
-        encoder = None
-        sr = [u for u in (chosen, other[0] if other else None) if u is not None and u.kind == "sr"]
-        if sr:
-            from imagine.models.text_encoders import load_text_encoder
-
-            encoder = load_text_encoder(sr[0].stages[0].spec.text_encoder)
         pictures = [open_image(path, "picture") for path in images]
-        results = upscale_pictures(pictures, scale, chosen, settings.validate(), encoder,
+        results = upscale_pictures(pictures, scale, chosen, settings.validate(), None,
                                    [input_record(path) for path in images], size=size, crop=crop, second=other)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))

@@ -232,7 +232,7 @@ def evaluate(prompts: Sequence[EvalPrompt], make_images: Callable[[list[EvalProm
     for start in range(0, len(prompts), batch):
         chunk = list(prompts[start:start + batch])
         for p, image in zip(chunk, make_images(chunk), strict=True):
-            if image.shape[:2] != (ANALYZER_SIZE, ANALYZER_SIZE) and image.shape[0] > ANALYZER_SIZE:
+            if max(image.shape[:2]) > ANALYZER_SIZE:
                 image = np.asarray(Image.fromarray(image).resize((ANALYZER_SIZE, ANALYZER_SIZE), Image.LANCZOS))
             verdicts.append(judge(p, image))
         if progress is not None:

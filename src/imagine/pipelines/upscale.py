@@ -27,7 +27,7 @@ RESAMPLERS = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST, "Bicubic": Ima
 
 
 def is_sr_stage(model: DiffusionModel) -> bool:
-    return getattr(model.spec, "upscale", 1) > 1
+    return model.spec.upscale > 1
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -213,15 +213,9 @@ def upscaler_names(models_dir: Path | None = None) -> list[str]:
 
 
 def _has_tile_controlnet(models_dir: Path | None) -> bool:
-    from imagine.adapters.control import _peek, builtin_controls
-    from imagine.io.control_files import _condition_from_name
-    from imagine.io.models_dir import entries
+    from imagine.adapters.control import control_models
 
-    for path in [e.path for e in entries(models_dir, "controlnet")] + builtin_controls():
-        raw = _peek(path)
-        if ((raw.get("_imagine") or {}).get("condition") or _condition_from_name(path.name)) == "tile":
-            return True
-    return False
+    return any(condition == "tile" for _, _, condition in control_models(models_dir))
 
 
 def hires_size(model: DiffusionModel, s) -> tuple[int, int]:
@@ -322,8 +316,11 @@ def upscale_pictures(pictures: list[Image.Image], scale: float, upscaler: Upscal
     for u in chosen:
         if u.kind == "latent":
             raise ValueError("Latent upscaling belongs to hires fix; upscale a picture with a resampler or an SR stage")
-        if u.kind == "sr" and text_encoder is None:
-            raise ValueError("SR stages are text-conditioned: give their text encoder")
+    sr = [u for u in chosen if u.kind == "sr"]
+    if sr and text_encoder is None:  # SR stages are text-conditioned: their own encoder (loaded once per process)
+        from imagine.models.text_encoders import load_text_encoder
+
+        text_encoder = load_text_encoder(sr[0].stages[0].spec.text_encoder)
     if second is not None and not 0 <= second[1] <= 1:
         raise ValueError(f"the second upscaler's visibility must lie in [0, 1], got {second[1]}")
     inputs = inputs or [None] * len(pictures)
@@ -351,7 +348,7 @@ def upscale_pictures(pictures: list[Image.Image], scale: float, upscaler: Upscal
                   "Postprocess upscaler 2": second[0].name if second is not None and second[1] > 0 else None,
                   "Postprocess upscaler 2 visibility": f"{second[1]:g}" if second is not None and second[1] > 0
                   else None}
-        if any(u.kind == "sr" for u in chosen):
+        if sr:
             fields.update({"Postprocess prompt": s.prompt or None, "Postprocess seed": one.seed,
                            "Postprocess SR noise level": s.sr_noise_level})
         own = picture.info.get("parameters") if isinstance(picture.info.get("parameters"), str) else None

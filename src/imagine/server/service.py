@@ -248,7 +248,6 @@ def upscale_pictures(service: Service, pictures: list[Image.Image], *, scale: fl
                      noise_level: int | None, names: list[str] | None = None, tile: int = 0) -> list:
     """Extras: each picture upscaled (pipelines/upscale.py) and, when the server saves images, written under
     OUT/extras/. Runs to the end before answering; an output over max_input_pixels is refused first."""
-    from imagine.models.text_encoders import load_text_encoder
     from imagine.pipelines.upscale import resolve_upscaler
     from imagine.pipelines.upscale import upscale_pictures as run_upscale
 
@@ -263,10 +262,8 @@ def upscale_pictures(service: Service, pictures: list[Image.Image], *, scale: fl
         first = resolve_upscaler(upscaler, service.store.models_dir)
         other = (resolve_upscaler(second[0], service.store.models_dir), float(second[1])) if second else None
         settings = g.Settings(prompt=prompt, seed=seed, sr_noise_level=noise_level, tile=tile).validate()
-        sr = [u for u in (first, other[0] if other else None) if u is not None and u.kind == "sr"]
-        encoder = load_text_encoder(sr[0].stages[0].spec.text_encoder) if sr else None
         inputs = [{"name": n} for n in names] if names else None
-        results = run_upscale(pictures, scale, first, settings, encoder, inputs, size=size, crop=crop, second=other)
+        results = run_upscale(pictures, scale, first, settings, None, inputs, size=size, crop=crop, second=other)
     except ValueError as err:
         raise RequestError(str(err)) from None
     if service.out_dir is not None:
