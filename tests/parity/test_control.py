@@ -34,6 +34,10 @@ CONFIGS = {
                       cross_attention_dim=12, attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 1, 2),
                       use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
                       projection_class_embeddings_input_dim=6 * 4 + 5),
+    # diffusers' from_unet leaves the pooling heads at their default (64), so the text is 64 wide here
+    "pooled_text": dict(block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                        attention_head_dim=2, addition_embed_type="text"),
 }
 
 
@@ -55,9 +59,9 @@ def _inputs(name: str, size: int = 8):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 4, size, size, generator=g)
     t = torch.tensor([3.0, 781.5])
-    context = torch.randn(2, 5, 12, generator=g)
+    context = torch.randn(2, 5, CONFIGS[name]["cross_attention_dim"], generator=g)
     added = {}
-    if "addition_embed_type" in CONFIGS[name]:
+    if CONFIGS[name].get("addition_embed_type") == "text_time":
         added = {"text_embeds": torch.randn(2, 5, generator=g),
                  "time_ids": torch.tensor([[64.0, 48, 0, 0, 64, 48], [96, 96, 8, 0, 96, 128]])}
     return x, t, context, added

@@ -48,6 +48,10 @@ UNET_CONFIGS = {
         block_out_channels=(8, 16, 16), down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=12,
         attention_head_dim=2, layers_per_block=(1, 2, 3), num_class_embeds=5),
+    "pooled_text_states": dict(  # diffusers' addition_embed_type "text": attention-pooled text joins the time
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2,
+        addition_embed_type="text", addition_embed_type_num_heads=3),
     "lcm_guidance_embedding": dict(
         block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2,

@@ -73,3 +73,26 @@ def test_shapes_language_dataset_is_builtin_shapes_in_more_words():
         for phrase in held:
             assert not re.search(rf"\b{re.escape(phrase)}\b", b.caption), (phrase, b.caption)
     assert 100 <= changed <= 200  # about half
+
+
+def test_prefetcher_hands_out_the_batches_the_loop_would_make():
+    """A GPU run renders builtin:shapes in worker processes ahead of the steps (train/loop.Prefetcher): the
+    batches must be the very ones the loop makes itself, in any order of asking, ahead or not."""
+    import torch
+
+    from imagine.data.shapes import ShapesDataset
+    from imagine.train.loop import Prefetcher
+
+    data = ShapesDataset(size=16, language=True)
+
+    def plan(key):
+        return [3 * key + i for i in range(3)], [False] * 3
+
+    prefetch = Prefetcher(data, 2, plan, depth=3)
+    try:
+        for key in (0, 1, 4, 2):
+            images, labels, captions = prefetch.get(key)
+            want = data.batch(plan(key)[0])
+            assert torch.equal(images, want[0]) and labels is None and captions == want[2]
+    finally:
+        prefetch.close()

@@ -98,7 +98,7 @@ def export_onnx(model, text_encoder, out: Path | str, *, int8: bool = True) -> P
     out = Path(out)
     unet = model.unet
     cfg = unet.config
-    if cfg.addition_embed_type is not None or cfg.num_class_embeds or not cfg.cross_attention_dim:
+    if cfg.addition_embed_type == "text_time" or cfg.num_class_embeds or not cfg.cross_attention_dim:
         raise ValueError("ONNX export covers text-conditioned UNets without SDXL's micro-conditioning or class "
                          "labels (imagine's own models, SD 1.x and 2.x); use --backend torch for this one")
     if next(unet.parameters()).dtype != torch.float32:

@@ -45,8 +45,7 @@ _UNET_FIXED = {
     "reverse_transformer_layers_per_block": None, "attention_type": "default", "attention_bias": False,
 }
 # keys that change nothing for imagine (bookkeeping, or fp16 upcasting that SDPA makes unnecessary)
-_UNET_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "upcast_attention", "_use_default_values",
-                 "addition_embed_type_num_heads"}
+_UNET_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "upcast_attention", "_use_default_values"}
 # a ControlNet's copy takes the UNet's settings; its condition is RGB (a BGR one is refused, not flipped)
 _CONTROLNET_FIXED = {**_UNET_FIXED, "controlnet_conditioning_channel_order": "rgb"}
 _CONTROL_IGNORED = {*_UNET_IGNORED, "_imagine"}

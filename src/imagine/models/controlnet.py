@@ -26,6 +26,7 @@ from imagine.models.unet import (
     MidBlockCrossAttn,
     UNet2DConditionModel,
     UNetConfig,
+    addition_embedding,
     embed_time,
 )
 from imagine.nn.config import config_from_dict
@@ -55,9 +56,10 @@ class ControlNetConfig:
     num_class_embeds: int | None = None
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    addition_embed_type: Literal["text_time"] | None = None
+    addition_embed_type: Literal["text_time", "text"] | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    addition_embed_type_num_heads: int = 64
     # one stride-2 convolution between consecutive entries: 2^(len - 1) must be the latent factor
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
     global_pool_conditions: bool = False  # shuffle-style ControlNets: residuals averaged over space
@@ -136,8 +138,7 @@ class ControlNetModel(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, ucfg.time_embed_dim)
         self.class_embedding = nn.Embedding(cfg.num_class_embeds, ucfg.time_embed_dim) if cfg.num_class_embeds else None
-        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, ucfg.time_embed_dim)
-                              if cfg.addition_embed_type == "text_time" else None)
+        self.add_embedding = addition_embedding(cfg, ucfg.time_embed_dim)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(c0, cfg.conditioning_channels,
                                                                          cfg.conditioning_embedding_out_channels)
         n = len(cfg.block_out_channels)
@@ -172,7 +173,8 @@ class ControlNetModel(nn.Module):
         if controlnet_cond.shape[-2:] != (sample.shape[-2] * f, sample.shape[-1] * f):
             raise ValueError(f"the condition is {tuple(controlnet_cond.shape[-2:])} but this ControlNet needs "
                              f"{f}x the sample's {tuple(sample.shape[-2:])}")
-        emb = embed_time(self, cfg, sample, timestep, class_labels, text_embeds, time_ids)
+        emb = embed_time(self, cfg, sample, timestep, class_labels, text_embeds, time_ids,
+                         context=encoder_hidden_states)
         context, mask = encoder_hidden_states, encoder_attention_mask
         x = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond.to(sample.dtype))
         skips = [x]

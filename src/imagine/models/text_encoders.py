@@ -391,11 +391,48 @@ class MiniLMTextEncoder(_ChunkedEncoder):
         # leave zeros beyond: 5-10x less work, and the result depends on the prompt alone
         n = int(mask.sum(1).max())
         z = torch.zeros((*ids.shape, self.dim))
-        out = self._forward(self.model, ids[:, :n], table, "emb_params", attention_mask=mask[:, :n].long(),
-                            output_hidden_states=skip > 1)
+        device = self.model.device  # a training run may have moved the transformer to its GPU
+        out = self._forward(self.model, ids[:, :n].to(device), table, "emb_params",
+                            attention_mask=mask[:, :n].long().to(device), output_hidden_states=skip > 1)
         # BERT normalises inside each layer, so an earlier layer's output is used as it is
-        z[:, :n] = (out.last_hidden_state if skip == 1 else out.hidden_states[-skip]).float()
+        z[:, :n] = (out.last_hidden_state if skip == 1 else out.hidden_states[-skip]).float().cpu()
         return z, mask, None
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[str], batch: int = 256) -> None:
+        """Encode the plain prompts (one window, no emphasis, no embeddings) that are not cached yet, in
+        batches, into the cache: a training run meets thousands of distinct captions, and one BERT call per
+        caption left its GPU idle. Each row is the prompt's own window (BERT's padding is masked, positions past
+        the prompt are zeroed), equal to encoding it alone up to float rounding. Other prompts are left to
+        ``encode``."""
+        todo = []
+        for prompt in dict.fromkeys(prompts):
+            if (prompt, self.clip_skip) in self._cache or self._names is not None:
+                continue
+            parsed = parse_prompt_attention(prompt)
+            if len(parsed) > 1 or (parsed and parsed[0][1] != 1.0):
+                continue
+            tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            if len(tokens) <= CHUNK:
+                todo.append((prompt, tokens))
+        t, device = self.tokenizer, self.model.device
+        for start in range(0, len(todo), batch):
+            part = todo[start: start + batch]
+            n = max(len(tokens) for _, tokens in part) + 2
+            ids = torch.full((len(part), n), t.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(part), CHUNK + 2), dtype=torch.bool)
+            for i, (_, tokens) in enumerate(part):
+                ids[i, : len(tokens) + 2] = torch.tensor([t.cls_token_id, *tokens, t.sep_token_id])
+                mask[i, : len(tokens) + 2] = True
+            states = self.model(input_ids=ids.to(device), attention_mask=mask[:, :n].long().to(device)
+                                ).last_hidden_state.float().cpu()
+            for i, (prompt, _) in enumerate(part):
+                z = torch.zeros((1, CHUNK + 2, self.dim))
+                k = int(mask[i].sum())
+                z[0, :k] = states[i, :k]
+                self._cache[(prompt, self.clip_skip)] = (z, mask[i: i + 1].clone(), None)
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
 
 
 def _quiet_transformers() -> None:

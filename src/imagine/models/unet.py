@@ -16,7 +16,7 @@ from torch import nn
 
 from imagine.nn.attention import SpatialSelfAttention
 from imagine.nn.config import config_from_dict
-from imagine.nn.embeddings import TimestepEmbedding, timestep_embedding
+from imagine.nn.embeddings import TextTimeEmbedding, TimestepEmbedding, timestep_embedding
 from imagine.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from imagine.nn.transformer import Transformer2D
 
@@ -62,9 +62,12 @@ class UNetConfig:
     # SDXL's micro-conditioning (Podell et al. 2023, section 2.2): the pooled text embedding and six size
     # numbers (original h, w; crop top, left; target h, w), each as addition_time_embed_dim sinusoidal
     # features, go through add_embedding and join the timestep embedding
-    addition_embed_type: Literal["text_time"] | None = None
+    addition_embed_type: Literal["text_time", "text"] | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    # addition_embed_type "text" (diffusers' TextTimeEmbedding): the text states themselves, attention-pooled
+    # into one sentence vector with this many heads, join the timestep embedding (no extra inputs)
+    addition_embed_type_num_heads: int = 64
     # Latent Consistency Models (Luo et al. 2023): the guidance scale, embedded (nn.embeddings.guidance_embedding)
     # to this many features, joins the timestep features through time_embedding.cond_proj
     time_cond_proj_dim: int | None = None
@@ -94,11 +97,15 @@ class UNetConfig:
             raise ValueError(f"layers_per_block must be >= 1 at every level, got {self.layers_per_block}")
         if not self.skip_scale > 0:
             raise ValueError(f"skip_scale must be positive, got {self.skip_scale}")
-        if self.addition_embed_type not in (None, "text_time"):
+        if self.addition_embed_type not in (None, "text_time", "text"):
             raise ValueError(f"addition_embed_type {self.addition_embed_type!r} unknown; imagine implements "
-                             "'text_time' (SDXL) or none")
+                             "'text_time' (SDXL), 'text' (pooled text states) or none")
+        if self.addition_embed_type == "text" and self.cross_attention_dim % self.addition_embed_type_num_heads:
+            raise ValueError(f"addition_embed_type 'text' pools {self.cross_attention_dim}-wide text states with "
+                             f"{self.addition_embed_type_num_heads} heads, which do not divide them: choose "
+                             "addition_embed_type_num_heads dividing cross_attention_dim")
         needs = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
-        if self.addition_embed_type and not all(needs):
+        if self.addition_embed_type == "text_time" and not all(needs):
             raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim and "
                              "projection_class_embeddings_input_dim")
 
@@ -258,8 +265,7 @@ class UNet2DConditionModel(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, cfg.time_cond_proj_dim)
         self.class_embedding = nn.Embedding(cfg.num_class_embeds, cfg.time_embed_dim) if cfg.num_class_embeds else None
-        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
-                              if cfg.addition_embed_type == "text_time" else None)
+        self.add_embedding = addition_embedding(cfg, cfg.time_embed_dim)
         n = len(cfg.block_out_channels)
         self.down_blocks = nn.ModuleList()
         c_out = c0
@@ -284,9 +290,11 @@ class UNet2DConditionModel(nn.Module):
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     def embed(self, sample: torch.Tensor, timestep: torch.Tensor | float, class_labels=None, text_embeds=None,
-              time_ids=None, timestep_cond=None) -> torch.Tensor:
-        """The timestep embedding (B, time_embed_dim), with the class or SDXL additions: shared with ControlNet."""
-        return embed_time(self, self.config, sample, timestep, class_labels, text_embeds, time_ids, timestep_cond)
+              time_ids=None, timestep_cond=None, context=None) -> torch.Tensor:
+        """The timestep embedding (B, time_embed_dim), with the class, pooled-text or SDXL additions: shared
+        with ControlNet."""
+        return embed_time(self, self.config, sample, timestep, class_labels, text_embeds, time_ids, timestep_cond,
+                          context)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states=None,
                 class_labels: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
@@ -305,7 +313,7 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError("this UNet embeds the guidance scale (an LCM): pass timestep_cond (B, "
                              f"{cfg.time_cond_proj_dim})" if timestep_cond is None else
                              "timestep_cond given to a UNet without time_cond_proj_dim")
-        emb = self.embed(sample, timestep, class_labels, text_embeds, time_ids, timestep_cond)
+        emb = self.embed(sample, timestep, class_labels, text_embeds, time_ids, timestep_cond, encoder_hidden_states)
         context, mask = encoder_hidden_states, encoder_attention_mask
         intrablock = list(down_intrablock_additional_residuals or ())
         x = self.conv_in(sample)
@@ -333,10 +341,20 @@ class UNet2DConditionModel(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
+def addition_embedding(cfg, time_embed_dim: int) -> nn.Module | None:
+    """The module behind ``addition_embed_type`` (a UNet's or a ControlNet's ``add_embedding``), or None."""
+    if cfg.addition_embed_type == "text_time":
+        return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, time_embed_dim)
+    if cfg.addition_embed_type == "text":
+        return TextTimeEmbedding(cfg.cross_attention_dim, time_embed_dim, cfg.addition_embed_type_num_heads)
+    return None
+
+
 def embed_time(net: nn.Module, cfg, sample: torch.Tensor, timestep, class_labels=None, text_embeds=None,
-               time_ids=None, timestep_cond=None) -> torch.Tensor:
-    """(B, time_embed_dim): the sinusoidal timestep through ``net.time_embedding``, plus the class embedding
-    or SDXL's micro-conditioning where ``net`` has them (a UNet, or a ControlNet copied from one)."""
+               time_ids=None, timestep_cond=None, context=None) -> torch.Tensor:
+    """(B, time_embed_dim): the sinusoidal timestep through ``net.time_embedding``, plus the class embedding,
+    the pooled text states (``context``) or SDXL's micro-conditioning where ``net`` has them (a UNet, or a
+    ControlNet copied from one)."""
     b = sample.shape[0]
     t = torch.as_tensor(timestep, device=sample.device)
     t = t.expand(b) if t.ndim == 0 else t
@@ -346,6 +364,11 @@ def embed_time(net: nn.Module, cfg, sample: torch.Tensor, timestep, class_labels
         if class_labels is None:
             raise ValueError("this UNet is class-conditional: pass class_labels (B,)")
         emb = emb + net.class_embedding(class_labels).to(emb.dtype)
+    if cfg.addition_embed_type == "text":
+        if context is None:
+            raise ValueError("this UNet pools the text states into its timestep embedding: pass "
+                             "encoder_hidden_states")
+        return emb + net.add_embedding(context.to(emb.dtype))
     if net.add_embedding is not None:
         if text_embeds is None or time_ids is None:
             raise ValueError("this UNet is SDXL-conditioned: pass text_embeds (B, pooled dim) and time_ids "

@@ -59,3 +59,49 @@ class TimestepEmbedding(nn.Module):
                 raise ValueError("this network takes no timestep condition (it has no cond_proj)")
             x = x + self.cond_proj(condition.to(x.dtype))
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class AttentionPooling(nn.Module):
+    """DeepFloyd IF's attention pooling (diffusers' AttentionPooling, same parameter names): a query made of
+    the tokens' mean plus a learned position attends, per head, over itself and every token; (B, L, D) ->
+    (B, D). The query's projection runs row by row (its row count is the batch, nn/linear.py)."""
+
+    def __init__(self, num_heads: int, embed_dim: int):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"pooling width {embed_dim} is not divisible by {num_heads} heads")
+        self.positional_embedding = nn.Parameter(torch.randn(1, embed_dim) / embed_dim**0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = RowwiseLinear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.num_heads = num_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, width = x.shape
+        d = width // self.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, heads, N, d)
+            return t.reshape(b, -1, self.num_heads, d).transpose(1, 2)
+
+        query = x.mean(dim=1) + self.positional_embedding.to(x.dtype)  # (B, D)
+        tokens = torch.cat([query[:, None], x], dim=1)  # (B, 1 + L, D)
+        q, k, v = heads(self.q_proj(query)[:, None]), heads(self.k_proj(tokens)), heads(self.v_proj(tokens))
+        scale = d ** -0.25  # on both sides, as IF does (steadier in fp16 than dividing afterwards)
+        weight = torch.softmax(((q * scale) @ (k * scale).transpose(-1, -2)).float(), dim=-1).to(q.dtype)
+        return (weight @ v).transpose(1, 2).reshape(b, width)
+
+
+class TextTimeEmbedding(nn.Module):
+    """diffusers' addition_embed_type "text": the text-encoder states, layer-normed and attention-pooled into
+    one sentence vector, projected to the timestep embedding's width and layer-normed, join the timestep
+    embedding (the pooled-text conditioning SDXL and IF add beside cross-attention). (B, L, D) -> (B, E)."""
+
+    def __init__(self, encoder_dim: int, time_embed_dim: int, num_heads: int = 64):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(encoder_dim)
+        self.pool = AttentionPooling(num_heads, encoder_dim)
+        self.proj = RowwiseLinear(encoder_dim, time_embed_dim)
+        self.norm2 = nn.LayerNorm(time_embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.proj(self.pool(self.norm1(hidden_states))))

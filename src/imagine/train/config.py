@@ -131,6 +131,18 @@ PRESETS["t2i"] = TrainConfig(
 # prompts CFG 1.5 and 2 gave 0.42, 3 gave 0.45, 4 0.35, 8 0.25.
 PRESETS["shapes-default"] = replace(PRESETS["t2i"], data="builtin:shapes", steps=6000, lr_decay_from=0.7,
                                     default_cfg=3.0)
+# the next default (issue 18): attention at every latent level (16x16 too, where a 64 px image's layout is
+# still spatial), wider, the pooled text states joining the timestep embedding (diffusers' addition_embed_type
+# "text"), trained on builtin:shapes-language (templates and the train half of the shapes language) with a
+# larger batch; 8.2M parameters, 16.3 MB in fp16. Made for a GPU: benchmarks/default_ablation.py measures
+# each of these choices, and the README gives what its training cost.
+_T2I_WIDE = dict(block_out_channels=(64, 128, 128), layers_per_block=1, norm_num_groups=16,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                 mid_block_type="UNetMidBlock2DCrossAttn", attention_head_dim=4, addition_embed_type="text",
+                 addition_embed_type_num_heads=8)
+PRESETS["shapes-wide"] = replace(PRESETS["t2i"], data="builtin:shapes-language", steps=20000, batch_size=128,
+                                 lr=4e-4, warmup_steps=500, lr_decay_from=0.7, checkpoint_every=1000,
+                                 sample_every=2000, default_cfg=3.0, unet=_T2I_WIDE)
 # seconds: for tests
 PRESETS["tiny-t2i"] = replace(
     PRESETS["t2i"], image_size=16, steps=20, batch_size=8, warmup_steps=5, checkpoint_every=10, sample_every=0,

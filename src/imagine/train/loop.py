@@ -61,8 +61,9 @@ def posterior_latents(vae, images: torch.Tensor, seed: int, counters, shape: tup
     of (seed, sample counter), so a resumed run draws the same latents. Without a VAE: the images."""
     if vae is None:
         return images
-    posterior = vae.encode(images)
-    eps = torch.stack([torch.randn(shape, generator=_sample_generator(seed, c)) for c in counters])
+    device = next(vae.parameters()).device
+    posterior = vae.encode(images.to(device))
+    eps = torch.stack([torch.randn(shape, generator=_sample_generator(seed, c)) for c in counters]).to(device)
     return vae.to_latent(posterior.mean + posterior.std * eps)
 
 
@@ -93,6 +94,32 @@ class DataOrder:
             self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
             self._epoch = epoch
         return int(self._order[counter % self.n])
+
+
+class Prefetcher:
+    """Renders the batches of the next steps in worker processes while the GPU trains on this one: a generated
+    dataset (builtin:shapes draws each scene with Pillow, ~1 ms an image) otherwise keeps a GPU waiting. The
+    batches are the ones the loop would make itself (same items, same flips), so results do not change."""
+
+    def __init__(self, data, workers: int, plan: Callable[[int], tuple[list[int], list[bool]]], depth: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.data, self.plan, self.depth = data, plan, depth
+        # spawned, not forked: the parent holds CUDA, which a forked child must not touch
+        self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                        initargs=(1,))
+        self.jobs: dict[int, Any] = {}
+
+    def get(self, key: int):
+        for k in range(key, key + self.depth):
+            if k not in self.jobs:
+                idx, flips = self.plan(k)
+                self.jobs[k] = self.pool.submit(self.data.batch, idx, torch.tensor(flips))
+        return self.jobs.pop(key).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -180,6 +207,11 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
         raise ValueError("super-resolution stages train in pixels: no VAE")
     channels = item_shape[0]
     context_dim = text_encoder.dim if cfg.text_conditional else None
+    if cuda:  # the frozen encoders run beside the UNet (on the CPU they kept a GPU waiting)
+        if vae is not None:
+            vae.to(device)
+        if cfg.text_conditional and hasattr(text_encoder, "prefill"):
+            text_encoder.model.to(device)
     unet = UNet2DConditionModel(make_unet_config(cfg, channels, data.num_classes, context_dim)).to(device)
     ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -218,97 +250,119 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
     local = cfg.batch_size // (world * cfg.grad_accum)  # samples per process per micro-batch
     position = DataOrder(n, cfg.seed, getattr(data, "infinite", False))
     sample_prompts = data.batch(list(range(min(6, n))))[2] if cfg.text_conditional else None
+    prefetch = None
+    workers = int(os.environ.get("IMAGINE_DATA_WORKERS", min(8, (os.cpu_count() or 1) - 2)))
+    if cuda and world == 1 and latents is None and getattr(data, "infinite", False) and workers >= 2:
+
+        def plan(key: int) -> tuple[list[int], list[bool]]:  # key: step * grad_accum + micro
+            first = (key // cfg.grad_accum) * cfg.batch_size + (key % cfg.grad_accum) * local
+            draws = [sample_draws(cfg.seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.label_dropout)
+                     for c in range(first, first + local)]
+            return [position(c) for c in range(first, first + local)], [d[2] for d in draws]
+
+        prefetch = Prefetcher(data, workers, plan, depth=2 * workers)
     step_time = time.perf_counter()
-    for step in range(start_step, cfg.steps):
-        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout inside the network
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            # global sample counters of this process's share of this micro-batch
-            first = step * cfg.batch_size + micro * world * local + rank * local
-            counters = range(first, first + local)
-            idx, t, noise, flips, drop = [], [], [], [], []
-            for c in counters:
-                idx.append(position(c))
-                draws = sample_draws(cfg.seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.label_dropout)
-                for values, value in zip((t, noise, flips, drop), draws, strict=True):
-                    values.append(value)
-            if latents is not None:
-                eps = torch.stack([torch.randn(item_shape, generator=_sample_generator(cfg.seed + 1, c))
-                                   for c in counters])
-                x0 = latents[0][idx] + latents[1][idx] * eps
-                labels, captions = data.labels[idx], getattr(data, "captions", None)
-                captions = [captions[i] for i in idx] if captions is not None else None
-            else:
-                x0, labels, captions = data.batch(idx, torch.tensor(flips))
-                x0 = posterior_latents(vae, x0, cfg.seed + 1, counters, item_shape)  # encoded as it comes
-            low = None
-            if cfg.sr_scale > 1:
-                x0, low, levels = sr_pairs(cfg, x0, counters, alphas_cumprod.cpu())
-            x0, noise_t = x0.to(device), torch.stack(noise).to(device)
-            if cfg.offset_noise:
-                g = _sample_generator(cfg.seed + 2, first)
-                noise_t = noise_t + cfg.offset_noise * torch.randn(local, channels, 1, 1, generator=g).to(device)
-            t_t = torch.tensor(t, device=device)
-            ab = alphas_cumprod[t_t].reshape(-1, 1, 1, 1)
-            x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise_t
-            kwargs = {}
-            if cfg.text_conditional:
-                if captions is None:
-                    raise ValueError(f"{data.source} has no captions: give each image a .txt (or a metadata.jsonl)")
-                g_drop = [_sample_generator(cfg.seed + 3, c) for c in counters]
-                prompts = ["" if float(torch.rand(1, generator=g)) < cfg.caption_dropout else cap
-                           for g, cap in zip(g_drop, captions, strict=True)]
-                text = text_encoder.encode(prompts)
-                kwargs["encoder_hidden_states"] = text.context.to(device)
-                kwargs["encoder_attention_mask"] = text.mask.to(device)
-            if cfg.class_conditional:
-                labels = labels.clone()
-                if cfg.label_dropout > 0:
-                    labels[torch.tensor(drop)] = data.num_classes  # the null class
-                kwargs["class_labels"] = labels.to(device)
-            inputs = x_t
-            if low is not None:
-                inputs = torch.cat([x_t, low.to(device)], dim=1)
-                if cfg.noise_levels:
-                    kwargs["class_labels"] = levels.to(device)
-            # DDP: all-reduce gradients only on the last micro-batch
-            sync = world == 1 or micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    output = model(inputs, t_t, **kwargs)
-                loss = diffusion_loss(output.float(), x0, noise_t, x_t, t_t, alphas_cumprod, cfg.prediction,
-                                      min_snr_gamma=cfg.min_snr_gamma, learned_variance=cfg.learned_variance)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach() / cfg.grad_accum
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"loss became {loss_sum.item()} at step {step + 1}; lower --lr or use fp32")
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        optimizer.step()
-        lr_scheduler.step()
-        ema.update(unet)
-        if world > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
-        done = step + 1
-        now = time.perf_counter()
-        info = StepInfo(done, cfg.steps, float(loss_sum), optimizer.param_groups[0]["lr"],
-                        cfg.batch_size / max(now - step_time, 1e-9), now - step_time)
-        if rank == 0:
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(asdict(info)) + "\n")
-            context = {"unet": unet, "ema": ema, "spec": spec, "out": out, "config": cfg, "vae_dir": vae_dir,
-                       "text_encoder": text_encoder, "sample_prompts": sample_prompts, "data": data}
-            for hook in hooks:
-                hook(info, context)
-            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-                save_checkpoint(out / "checkpoints", done, unet, ema, optimizer, lr_scheduler,
-                                {"unet_config": asdict(unet.config), "samples_seen": done * cfg.batch_size,
-                                 "train_config": json.loads(json.dumps(asdict(cfg), default=str))},
-                                keep=cfg.keep_checkpoints)
-        step_time = time.perf_counter()  # hooks and checkpoints do not count against images/s
+    try:
+        for step in range(start_step, cfg.steps):
+            torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout inside the network
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                # global sample counters of this process's share of this micro-batch
+                first = step * cfg.batch_size + micro * world * local + rank * local
+                counters = range(first, first + local)
+                idx, t, noise, flips, drop = [], [], [], [], []
+                for c in counters:
+                    idx.append(position(c))
+                    draws = sample_draws(cfg.seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.label_dropout)
+                    for values, value in zip((t, noise, flips, drop), draws, strict=True):
+                        values.append(value)
+                if latents is not None:
+                    eps = torch.stack([torch.randn(item_shape, generator=_sample_generator(cfg.seed + 1, c))
+                                       for c in counters])
+                    x0 = latents[0][idx] + latents[1][idx] * eps
+                    labels, captions = data.labels[idx], getattr(data, "captions", None)
+                    captions = [captions[i] for i in idx] if captions is not None else None
+                elif prefetch is not None:
+                    x0, labels, captions = prefetch.get(step * cfg.grad_accum + micro)
+                    x0 = posterior_latents(vae, x0, cfg.seed + 1, counters, item_shape)
+                else:
+                    x0, labels, captions = data.batch(idx, torch.tensor(flips))
+                    x0 = posterior_latents(vae, x0, cfg.seed + 1, counters, item_shape)  # encoded as it comes
+                low = None
+                if cfg.sr_scale > 1:
+                    x0, low, levels = sr_pairs(cfg, x0, counters, alphas_cumprod.cpu())
+                x0, noise_t = x0.to(device), torch.stack(noise).to(device)
+                if cfg.offset_noise:
+                    g = _sample_generator(cfg.seed + 2, first)
+                    noise_t = noise_t + cfg.offset_noise * torch.randn(local, channels, 1, 1, generator=g).to(device)
+                t_t = torch.tensor(t, device=device)
+                ab = alphas_cumprod[t_t].reshape(-1, 1, 1, 1)
+                x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise_t
+                kwargs = {}
+                if cfg.text_conditional:
+                    if captions is None:
+                        raise ValueError(f"{data.source} has no captions: give each image a .txt (or a metadata.jsonl)")
+                    g_drop = [_sample_generator(cfg.seed + 3, c) for c in counters]
+                    prompts = ["" if float(torch.rand(1, generator=g)) < cfg.caption_dropout else cap
+                               for g, cap in zip(g_drop, captions, strict=True)]
+                    if cuda and hasattr(text_encoder, "prefill"):
+                        # the new captions in one batch: a GPU run's speed (its windows round with the batch they
+                        # came in, so CPU runs, whose resume is bit-exact, encode each caption alone)
+                        text_encoder.prefill(prompts)
+                    text = text_encoder.encode(prompts)
+                    kwargs["encoder_hidden_states"] = text.context.to(device)
+                    kwargs["encoder_attention_mask"] = text.mask.to(device)
+                if cfg.class_conditional:
+                    labels = labels.clone()
+                    if cfg.label_dropout > 0:
+                        labels[torch.tensor(drop)] = data.num_classes  # the null class
+                    kwargs["class_labels"] = labels.to(device)
+                inputs = x_t
+                if low is not None:
+                    inputs = torch.cat([x_t, low.to(device)], dim=1)
+                    if cfg.noise_levels:
+                        kwargs["class_labels"] = levels.to(device)
+                # DDP: all-reduce gradients only on the last micro-batch
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                        output = model(inputs, t_t, **kwargs)
+                    loss = diffusion_loss(output.float(), x0, noise_t, x_t, t_t, alphas_cumprod, cfg.prediction,
+                                          min_snr_gamma=cfg.min_snr_gamma, learned_variance=cfg.learned_variance)
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach() / cfg.grad_accum
+            if not torch.isfinite(loss_sum):
+                raise FloatingPointError(f"loss became {loss_sum.item()} at step {step + 1}; lower --lr or use fp32")
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            optimizer.step()
+            lr_scheduler.step()
+            ema.update(unet)
+            if world > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            done = step + 1
+            now = time.perf_counter()
+            info = StepInfo(done, cfg.steps, float(loss_sum), optimizer.param_groups[0]["lr"],
+                            cfg.batch_size / max(now - step_time, 1e-9), now - step_time)
+            if rank == 0:
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(asdict(info)) + "\n")
+                context = {"unet": unet, "ema": ema, "spec": spec, "out": out, "config": cfg, "vae_dir": vae_dir,
+                           "text_encoder": text_encoder, "sample_prompts": sample_prompts, "data": data}
+                for hook in hooks:
+                    hook(info, context)
+                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+                    save_checkpoint(out / "checkpoints", done, unet, ema, optimizer, lr_scheduler,
+                                    {"unet_config": asdict(unet.config), "samples_seen": done * cfg.batch_size,
+                                     "train_config": json.loads(json.dumps(asdict(cfg), default=str))},
+                                    keep=cfg.keep_checkpoints)
+            step_time = time.perf_counter()  # hooks and checkpoints do not count against images/s
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     if rank == 0:
         save_unet(ema.model, out / "unet")
         if vae_dir is not None:
