@@ -87,6 +87,9 @@ def test_cli_control_units_detect_and_from(trained, tiny_t2i_dir):
     assert run.returncode != 0 and "no ControlNet for 'scribble'" in run.stderr
     run = imagine("generate", "x", *common, "--control", "canny@cn_seg:scene.png:1:0.9:0.1", "--out", "bad", cwd=cwd)
     assert run.returncode != 0 and "0 <= start <= end <= 1" in run.stderr
+    run = imagine("generate", "x", *common, "--control", "segmentation:scene.png", "--tile", 32, "--out", "bad",
+                  cwd=cwd)  # refused by the request's check, before any model work
+    assert run.returncode != 0 and "tiled sampling does not take ControlNet" in run.stderr
     run = imagine("img2img", "scene.png", "a blue square", *common, "--strength", 0.6, "--control",
                   "segmentation:scene.png", "--out", "i2i", cwd=cwd)
     assert run.returncode == 0, run.stderr[-2000:]

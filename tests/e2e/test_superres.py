@@ -43,6 +43,37 @@ def test_augmentation_levels_follow_the_schedule():
         degrade(x, 3)
 
 
+def test_native_share_mixes_the_scene_drawn_small_with_the_degraded_target():
+    """sr_native: that share of pairs takes the scene drawn small by the renderer, the rest the target degraded;
+    the choice is per sample and repeats (resume), and without it the old draws are unchanged."""
+    from imagine.data.shapes import ShapesDataset
+    from imagine.train.config import PRESETS
+    from imagine.train.loop import sr_pairs
+
+    data = ShapesDataset(size=32)
+    idx = list(range(40))
+    images, _, _ = data.batch(idx)
+    natives = data.render_at(idx, 8)
+    assert natives.shape == (40, 3, 8, 8) and not torch.equal(natives, degrade(images, 4))
+    cfg = PRESETS["tiny-sr"].with_overrides(image_size=32, sr_scale=4, sr_crop=0, noise_levels=1,
+                                            default_noise_level=0)  # level 0 only: inputs untouched
+    ac = torch.linspace(0.99, 0.1, 10)
+    degraded, native = upsample(degrade(images, 4), (32, 32)), upsample(natives, (32, 32))
+    _, lows, _ = sr_pairs(cfg, images, idx, ac)
+    assert torch.equal(lows, degraded)
+    _, lows, _ = sr_pairs(cfg.with_overrides(sr_native=1.0), images, idx, ac, natives)
+    assert torch.equal(lows, native)
+    mixed = cfg.with_overrides(sr_native=0.5)
+    _, lows, _ = sr_pairs(mixed, images, idx, ac, natives)
+    picked = [torch.equal(lows[i], native[i]) for i in idx]
+    assert all(picked[i] or torch.equal(lows[i], degraded[i]) for i in idx) and 10 < sum(picked) < 30
+    assert torch.equal(sr_pairs(mixed, images, idx, ac, natives)[1], lows)
+    with pytest.raises(ValueError, match="draw its scenes small"):
+        sr_pairs(mixed, images, idx, ac)
+    with pytest.raises(ValueError, match="sr_native is a share"):
+        cfg.with_overrides(sr_native=1.5)
+
+
 def test_stage_sees_the_low_resolution_image_and_its_level(sr_dir):
     """The network's output moves with the low-resolution input (a zero image is not a real one) and with the
     augmentation level; the pipeline records the level it used and refuses one outside the trained range."""

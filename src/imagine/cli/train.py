@@ -97,6 +97,8 @@ def train_sr_command(
     checkpoint_every: int | None = typer.Option(None, help="Save full training state every N steps."),
     sample_every: int | None = typer.Option(None, help="Write an input | output | truth grid every N steps."),
     seed: int | None = typer.Option(None, help="Seed of every random draw of the run."),
+    native: float | None = typer.Option(None, help="Share of pairs whose input is the scene drawn small by the "
+                                        "renderer (builtin:shapes), not the target degraded."),
     resume: bool = typer.Option(False, "--resume", help="Go on from the last checkpoint (finished stages are kept)."),
 ) -> None:
     """Train super-resolution diffusion stages (Imagen): text-conditioned, on the low-resolution image with
@@ -115,7 +117,7 @@ def train_sr_command(
         pairs = sr_stage_sizes(from_size, to_size, [int(v) for v in stages.split(",")] if stages else None)
         cfg = cfg.with_overrides(steps=steps, batch_size=batch_size, lr=lr, sr_crop=crop, noise_levels=noise_levels,
                                  default_noise_level=noise_level, precision=precision, seed=seed,
-                                 checkpoint_every=checkpoint_every, sample_every=sample_every)
+                                 checkpoint_every=checkpoint_every, sample_every=sample_every, sr_native=native)
         folders = train_sr(cfg, data, out, pairs, resume=resume, hooks=[progress, sample_grid_hook()],
                            log=typer.echo)
     except (ValueError, DataError, FileNotFoundError, FileExistsError, FloatingPointError) as err:

@@ -293,3 +293,9 @@ class ShapesDataset:
             images.append(torch.from_numpy(img.astype(np.float32) / 127.5 - 1).permute(2, 0, 1))
             captions.append(scene.caption)
         return torch.stack(images), None, captions
+
+    def render_at(self, indices, size: int) -> torch.Tensor:
+        """The same scenes drawn at another size (B, 3, size, size) in [-1, 1]: a super-resolution stage's
+        natively small inputs (train/loop.sr_pairs)."""
+        return torch.stack([torch.from_numpy(render(make_scene(int(i), self.seed), size).astype(np.float32)
+                                             / 127.5 - 1).permute(2, 0, 1) for i in indices])

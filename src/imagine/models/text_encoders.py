@@ -391,7 +391,8 @@ class MiniLMTextEncoder(_ChunkedEncoder):
         # leave zeros beyond: 5-10x less work, and the result depends on the prompt alone
         n = int(mask.sum(1).max())
         z = torch.zeros((*ids.shape, self.dim))
-        device = self.model.device  # a training run may have moved the transformer to its GPU
+        # a training run may have moved the transformer to its GPU (an ONNX stand-in has no device)
+        device = getattr(self.model, "device", "cpu")
         out = self._forward(self.model, ids[:, :n].to(device), table, "emb_params",
                             attention_mask=mask[:, :n].long().to(device), output_hidden_states=skip > 1)
         # BERT normalises inside each layer, so an earlier layer's output is used as it is

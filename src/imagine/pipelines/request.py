@@ -77,6 +77,9 @@ class Request:
             raise ValueError("rerank does not take control units; generate with controls, or rerank without")
         if self.image_prompts and self.rerank > 1:
             raise ValueError("rerank does not take image prompts; generate with them, or rerank without")
+        if self.controls and s.tile:
+            raise ValueError("tiled sampling does not take ControlNet or T2I-Adapter units (their maps cover the "
+                             "whole image); leave tile at 0 with them")
         controls = ()
         if self.controls:
             from imagine.adapters.control import resolve_units

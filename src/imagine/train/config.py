@@ -32,6 +32,9 @@ class TrainConfig:
     sr_crop: int = 0
     noise_levels: int = 0
     default_noise_level: int = 0  # written into diffusion.json: the augmentation generation uses unless told
+    # this share of pairs take as input the scene drawn small by the renderer (builtin:shapes), the rest the
+    # target degraded (antialiased bicubic): a base model's 64 px images look like the former
+    sr_native: float = 0.0
     # optimization
     steps: int = 1000  # the total: a resumed run with more steps trains on to it
     batch_size: int = 32  # global, over all processes and accumulation steps
@@ -84,6 +87,8 @@ class TrainConfig:
             if self.vae_preset is not None or self.class_conditional:
                 raise ValueError("super-resolution stages train in pixels, on captioned or plain images "
                                  "(no VAE, no classes)")
+            if not 0 <= self.sr_native <= 1:
+                raise ValueError(f"sr_native is a share of training pairs in [0, 1], got {self.sr_native}")
             if not 0 <= self.default_noise_level < max(1, self.noise_levels):
                 raise ValueError(f"default_noise_level {self.default_noise_level} is outside "
                                  f"0..{self.noise_levels - 1}")

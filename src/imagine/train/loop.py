@@ -145,16 +145,18 @@ def make_unet_config(cfg: TrainConfig, channels: int, num_classes: int, context_
                                  "learned_variance": cfg.learned_variance})
 
 
-def sr_pairs(cfg: TrainConfig, images: torch.Tensor, counters, alphas_cumprod: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sr_pairs(cfg: TrainConfig, images: torch.Tensor, counters, alphas_cumprod: torch.Tensor,
+             natives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A super-resolution stage's training inputs from full target images (B, C, S, S): each target (cropped to
     sr_crop), its low-resolution version upsampled back and noise-augmented (diffusion/superres.py), cropped the
-    same, and its augmentation level. The crop, level and augmentation noise of each sample come from the
-    generator of (seed + 4, sample counter), so a resumed run draws the same."""
+    same, and its augmentation level. The low-resolution version is the target degraded, or, for a share
+    cfg.sr_native of samples, ``natives[i]`` (the scene drawn small). The crop, level, augmentation noise and
+    that choice come from the generator of (seed + 4, sample counter), so a resumed run draws the same."""
     from imagine.diffusion.superres import augment, degrade, upsample
 
     size = images.shape[-1]
     up = upsample(degrade(images, cfg.sr_scale), tuple(images.shape[-2:]))
+    native_up = upsample(natives, tuple(images.shape[-2:])) if natives is not None else None
     crop = cfg.sr_crop or size
     targets, lows, levels, noises = [], [], [], []
     for i, c in enumerate(counters):
@@ -162,8 +164,13 @@ def sr_pairs(cfg: TrainConfig, images: torch.Tensor, counters, alphas_cumprod: t
         top, left = (int(v) for v in torch.randint(size - crop + 1, (2,), generator=g))
         levels.append(int(torch.randint(max(1, cfg.noise_levels), (1,), generator=g)))
         noises.append(torch.randn((images.shape[1], crop, crop), generator=g))
+        source = up
+        if cfg.sr_native > 0 and float(torch.rand(1, generator=g)) < cfg.sr_native:
+            if native_up is None:
+                raise ValueError("sr_native needs data that can draw its scenes small (builtin:shapes)")
+            source = native_up
         targets.append(images[i, :, top: top + crop, left: left + crop])
-        lows.append(up[i, :, top: top + crop, left: left + crop])
+        lows.append(source[i, :, top: top + crop, left: left + crop])
     levels_t = torch.tensor(levels)
     return torch.stack(targets), augment(torch.stack(lows), levels_t, torch.stack(noises), alphas_cumprod), levels_t
 
@@ -291,7 +298,13 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                     x0 = posterior_latents(vae, x0, cfg.seed + 1, counters, item_shape)  # encoded as it comes
                 low = None
                 if cfg.sr_scale > 1:
-                    x0, low, levels = sr_pairs(cfg, x0, counters, alphas_cumprod.cpu())
+                    natives = None
+                    if cfg.sr_native > 0:
+                        if not hasattr(data, "render_at"):
+                            raise ValueError("sr_native needs data that can draw its scenes small (builtin:shapes), "
+                                             f"not {data.source}")
+                        natives = data.render_at(idx, cfg.image_size // cfg.sr_scale)
+                    x0, low, levels = sr_pairs(cfg, x0, counters, alphas_cumprod.cpu(), natives)
                 x0, noise_t = x0.to(device), torch.stack(noise).to(device)
                 if cfg.offset_noise:
                     g = _sample_generator(cfg.seed + 2, first)
