@@ -224,3 +224,39 @@ def test_efficient_unet_options_are_checked_and_kept_out_of_diffusers_layouts():
     config = diffusers_config(_efficient(layers_per_block=(1, 1, 2)))
     assert "skip_scale" not in config and "downsample_first" not in config and config["layers_per_block"] == [1, 1, 2]
     assert UNetConfig.from_dict(dict(UNetConfig().__dict__)).skip_scale == 1.0
+
+
+def test_pooled_text_conditioning_acts_and_keeps_rows_batch_invariant():
+    """addition_embed_type "text": the pooled text states change the output beyond cross-attention's reach
+    (a UNet without cross-attention layers still hears the prompt), a text width the heads do not divide is
+    refused, and under generation (no gradient, CPU) the shapes-wide network (the next default) computes a row
+    the same in any batch of two or more, at any position (a lone row runs beside a copy of itself,
+    pipelines/generate._TwoRowFloor)."""
+    from imagine.models import UNet2DConditionModel, UNetConfig
+    from imagine.train.config import PRESETS
+    from imagine.train.loop import make_unet_config
+
+    cfg = UNetConfig(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                     down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                     mid_block_type=None, norm_num_groups=4, cross_attention_dim=12, addition_embed_type="text",
+                     addition_embed_type_num_heads=3)
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(cfg).eval()
+    x, t, text = torch.randn(3, 4, 8, 8), torch.tensor([3, 500, 999]), torch.randn(3, 7, 12)
+    with torch.no_grad():
+        assert (net(x, t, text.roll(1, 0)) - net(x, t, text)).abs().max() > 1e-4  # another prompt, another picture
+        with pytest.raises(ValueError, match="pass encoder_hidden_states"):
+            net(x, t)
+    with pytest.raises(ValueError, match="heads, which do not divide them"):
+        UNetConfig(cross_attention_dim=10, addition_embed_type="text", addition_embed_type_num_heads=3)
+    wide = UNet2DConditionModel(make_unet_config(PRESETS["shapes-wide"], 4, 0, 384)).eval()
+    assert wide.config.addition_embed_type == "text"
+    x, t = torch.randn(3, 4, 16, 16), torch.tensor([3.0, 500.0, 999.0])
+    text, mask = torch.randn(3, 77, 384), torch.arange(77)[None] < torch.tensor([[9], [20], [77]])
+    text = text * mask[..., None]  # MiniLM's windows: zeros past the prompt
+    with torch.no_grad():
+        out = wide(x, t, text, encoder_attention_mask=mask)
+        for i, j in ((0, 1), (1, 2), (2, 0)):
+            pair = [j, i]  # row i second, beside another
+            got = wide(x[pair], t[pair], text[pair], encoder_attention_mask=mask[pair])
+            assert torch.equal(got[1], out[i]) and torch.equal(got[0], out[j])

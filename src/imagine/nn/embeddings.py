@@ -87,8 +87,11 @@ class AttentionPooling(nn.Module):
         tokens = torch.cat([query[:, None], x], dim=1)  # (B, 1 + L, D)
         q, k, v = heads(self.q_proj(query)[:, None]), heads(self.k_proj(tokens)), heads(self.v_proj(tokens))
         scale = d ** -0.25  # on both sides, as IF does (steadier in fp16 than dividing afterwards)
-        weight = torch.softmax(((q * scale) @ (k * scale).transpose(-1, -2)).float(), dim=-1).to(q.dtype)
-        return (weight @ v).transpose(1, 2).reshape(b, width)
+        # one query: products summed elementwise rather than a batched matmul, whose CPU kernel rounds a row
+        # differently with the batch size (generation is batch-invariant, tests/unit/test_models.py)
+        logits = ((q * scale) * (k * scale)).sum(-1)  # (B, heads, 1 + L)
+        weight = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+        return (weight[..., None] * v).sum(-2).reshape(b, width)
 
 
 class TextTimeEmbedding(nn.Module):
