@@ -260,3 +260,18 @@ def test_pooled_text_conditioning_acts_and_keeps_rows_batch_invariant():
             pair = [j, i]  # row i second, beside another
             got = wide(x[pair], t[pair], text[pair], encoder_attention_mask=mask[pair])
             assert torch.equal(got[1], out[i]) and torch.equal(got[0], out[j])
+
+
+def test_saved_weights_are_ordinary_files(tmp_path):
+    """Weights are written under a temporary name (mkstemp: mode 0600) and renamed into place; the file must
+    end up readable as any file the user makes (the umask's mode), or a shipped model is unreadable to others."""
+    import os
+
+    from imagine.io.checkpoint import atomic_save_safetensors, atomic_write_bytes
+
+    umask = os.umask(0)
+    os.umask(umask)
+    atomic_save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors", {})
+    atomic_write_bytes(tmp_path / "c.json", b"{}")
+    for name in ("w.safetensors", "c.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask

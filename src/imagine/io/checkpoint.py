@@ -83,10 +83,11 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, met
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; a saved model is an ordinary file
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        # mkstemp makes 0600 and safetensors keeps it: a saved model is an ordinary file (set after writing)
+        os.chmod(tmp, _FILE_MODE)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

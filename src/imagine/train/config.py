@@ -167,7 +167,7 @@ _SR_UNET = dict(block_out_channels=(32, 48, 64, 64), layers_per_block=(1, 1, 2, 
                 mid_block_type="UNetMidBlock2DCrossAttn", attention_head_dim=4, skip_scale=2 ** -0.5,
                 downsample_first=True)
 PRESETS["sr"] = TrainConfig(
-    data="builtin:shapes", image_size=256, sr_scale=4, sr_crop=64, noise_levels=250, default_noise_level=25,
+    data="builtin:shapes", image_size=256, sr_scale=4, sr_crop=64, noise_levels=250, default_noise_level=0,
     text_conditional=True, steps=2000, batch_size=16, lr=3e-4, warmup_steps=100, lr_decay_from=0.7,
     checkpoint_every=250, sample_every=500, schedule="cosine", prediction="v", min_snr_gamma=5.0,
     precision="bf16", default_cfg=1.0, unet=_SR_UNET)
