@@ -47,7 +47,9 @@ def _unet(name):
                                  **CONFIGS[name]), 1)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+# diffusers' pooled-text embedding (addition_embed_type "text") reads encoder_hidden_states, which its IP-Adapter
+# path turns into a (text, image) tuple, so diffusers cannot run that pair: no oracle for it
+@pytest.mark.parametrize("name", [n for n in CONFIGS if CONFIGS[n].get("addition_embed_type") != "text"])
 def test_imagine_ip_adapter_loads_in_diffusers_and_matches(name, tmp_path):
     reference_unet = _unet(name)
     reference_unet.save_pretrained(tmp_path / "unet")
