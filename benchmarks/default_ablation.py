@@ -99,6 +99,7 @@ def _side_by_side(commands: list[list[str]], log_dir: Path) -> None:
 
 def report(runs: Path, out: Path) -> None:
     from imagine.evaluation.shapes_eval import CATEGORIES
+    from imagine.models import load_unet
 
     configs = _configs()
     rows = []
@@ -107,8 +108,6 @@ def report(runs: Path, out: Path) -> None:
         if not (folder / "eval.json").exists():
             continue
         meta = json.loads((folder / "ablation.json").read_text()) if (folder / "ablation.json").exists() else {}
-        from imagine.models import load_unet
-
         params = sum(p.numel() for p in load_unet(folder / "unet").parameters())
         rows.append({"name": name, "what": what, "params": params, **meta,
                      **json.loads((folder / "eval.json").read_text())})

@@ -202,3 +202,18 @@ def test_a_text_encoder_folder_with_only_a_pickle_is_refused(tmp_path):
         CLIPTextEncoder.from_folder(folder)
     (folder / "model.safetensors").write_bytes(b"")
     assert require_safetensors(folder) == folder
+
+
+def test_prefill_batches_plain_prompts_as_one_by_one_encoding_would(minilm):
+    """A GPU training run encodes new captions in one batch (MiniLMTextEncoder.prefill): each cached window
+    equals the prompt encoded alone up to float rounding, with the same mask; emphasised prompts are left to
+    encode()."""
+    prompts = ["a red circle", "please draw two jade pyramids above a cobalt ball", ""]
+    alone = [minilm._encode_one(p, 1) for p in prompts]
+    minilm._cache.clear()
+    minilm.prefill([*prompts, "a (red:1.2) box", prompts[0]])
+    for prompt, (z, mask, _) in zip(prompts, alone, strict=True):
+        cached_z, cached_mask, _ = minilm._cache[(prompt, 1)]
+        torch.testing.assert_close(cached_z, z, atol=1e-5, rtol=0)
+        assert torch.equal(cached_mask, mask)
+    assert ("a (red:1.2) box", 1) not in minilm._cache

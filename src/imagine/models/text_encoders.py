@@ -262,11 +262,14 @@ class _ChunkedEncoder:
     def _cached(self, prompt: str, skip: int) -> Window:
         key = (prompt, skip)
         if key not in self._cache:
-            self._cache[key] = self._encode_one(prompt, skip)
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            self._remember(key, self._encode_one(prompt, skip))
         self._cache.move_to_end(key)
         return self._cache[key]
+
+    def _remember(self, key: tuple[str, int], window: Window) -> None:
+        self._cache[key] = window
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
     def encode(self, prompts: list[str], clip_skip: int | None = None, *, grad: bool = False) -> TextEmbeddings:
         """clip_skip: take the states of the N-th last layer (A1111's "Clip skip"; 1: the last); None:
@@ -419,21 +422,16 @@ class MiniLMTextEncoder(_ChunkedEncoder):
         t, device = self.tokenizer, self.model.device
         for start in range(0, len(todo), batch):
             part = todo[start: start + batch]
-            n = max(len(tokens) for _, tokens in part) + 2
-            ids = torch.full((len(part), n), t.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(part), CHUNK + 2), dtype=torch.bool)
-            for i, (_, tokens) in enumerate(part):
-                ids[i, : len(tokens) + 2] = torch.tensor([t.cls_token_id, *tokens, t.sep_token_id])
-                mask[i, : len(tokens) + 2] = True
-            states = self.model(input_ids=ids.to(device), attention_mask=mask[:, :n].long().to(device)
+            ids = self._ids([Chunk(tuple(tokens), ()) for _, tokens in part], t, t.cls_token_id, t.sep_token_id)
+            lengths = [len(tokens) + 2 for _, tokens in part]
+            mask = torch.arange(CHUNK + 2)[None] < torch.tensor(lengths)[:, None]
+            n = max(lengths)
+            states = self.model(input_ids=ids[:, :n].to(device), attention_mask=mask[:, :n].long().to(device)
                                 ).last_hidden_state.float().cpu()
-            for i, (prompt, _) in enumerate(part):
+            for i, ((prompt, _), k) in enumerate(zip(part, lengths, strict=True)):
                 z = torch.zeros((1, CHUNK + 2, self.dim))
-                k = int(mask[i].sum())
                 z[0, :k] = states[i, :k]
-                self._cache[(prompt, self.clip_skip)] = (z, mask[i: i + 1].clone(), None)
-                if len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                self._remember((prompt, self.clip_skip), (z, mask[i: i + 1].clone(), None))
 
 
 def _quiet_transformers() -> None:

@@ -263,9 +263,11 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
 
         def plan(key: int) -> tuple[list[int], list[bool]]:  # key: step * grad_accum + micro
             first = (key // cfg.grad_accum) * cfg.batch_size + (key % cfg.grad_accum) * local
-            draws = [sample_draws(cfg.seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.label_dropout)
-                     for c in range(first, first + local)]
-            return [position(c) for c in range(first, first + local)], [d[2] for d in draws]
+            counters = range(first, first + local)
+            # the flips are the only draw the data needs; the loop draws the rest itself
+            flips = [sample_draws(cfg.seed, c, len(alphas_cumprod), item_shape, True, 0.0)[2] for c in counters
+                     ] if cfg.flip else [False] * local
+            return [position(c) for c in counters], flips
 
         prefetch = Prefetcher(data, workers, plan, depth=2 * workers)
     step_time = time.perf_counter()
