@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -157,3 +158,49 @@ def test_vae_then_latent_diffusion(tmp_path):
     assert np.asarray(Image.open(tmp_path / "s" / "000000_class1.png")).shape == (16, 16)
     bad = _run([*TRAIN, "--out", str(tmp_path / "bad"), "--vae", str(vae), "--image-size", "15"])
     assert bad.returncode == 2 and "multiple of the VAE's factor" in bad.stderr
+
+
+def test_init_fine_tunes_a_trained_model_keeping_what_it_was_trained_as(tiny_t2i_dir, tmp_path):
+    """--init starts from the model's weights (a vanishing learning rate leaves them where they were), keeps its
+    parametrization and VAE whatever the preset says, and records where it started; foreign starts are refused."""
+    from dataclasses import replace
+
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.io.model_folder import load_model_folder
+    from imagine.models import load_unet
+    from imagine.train.config import preset
+    from imagine.train.recipe import train_model
+
+    cfg = replace(preset("tiny-t2i"), steps=2, lr=1e-12, prediction="eps", schedule="linear", checkpoint_every=1,
+                  sample_every=0)
+    out = tmp_path / "tuned"
+    train_model(cfg, "builtin:shapes-language", out, init=tiny_t2i_dir, log=lambda _: None)
+    base, tuned = load_model_folder(tiny_t2i_dir), load_model_folder(out)
+    assert tuned.spec == base.spec  # v-prediction and its schedule, though the preset said eps and linear
+    for (name, a), b in zip(base.unet.state_dict().items(), tuned.unet.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+    assert (out / "vae" / "model.safetensors").read_bytes() == (tiny_t2i_dir / "vae" / "model.safetensors").read_bytes()
+    from safetensors import safe_open
+
+    from imagine.train.checkpoint import latest_checkpoint
+
+    with safe_open(latest_checkpoint(out / "checkpoints") / "training_state.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["state"])["init"] == str(tiny_t2i_dir)
+    # without --init the same settings start from scratch: far from the model
+    scratch = tmp_path / "scratch"
+    train_model(cfg, "builtin:shapes", scratch, vae=tiny_t2i_dir / "vae", log=lambda _: None)
+    first = next(iter(base.unet.state_dict()))
+    assert not torch.allclose(load_unet(scratch / "unet").state_dict()[first], base.unet.state_dict()[first])
+
+    with pytest.raises(CheckpointError, match="not a model folder"):
+        train_model(cfg, "builtin:shapes", tmp_path / "x", init=tmp_path / "missing", log=lambda _: None)
+    with pytest.raises(ValueError, match="pixel-space model"):
+        pixel = tmp_path / "pixel"
+        _run([*TRAIN, "--out", str(pixel), "--steps", "1"]).check_returncode()
+        train_model(preset("tiny"), "builtin:digits", tmp_path / "y", init=pixel, vae=tiny_t2i_dir / "vae",
+                    log=lambda _: None)
+    bad = _run([sys.executable, "-m", "imagine", "train", "--preset", "tiny-t2i", "--data", "builtin:shapes", "--out",
+                str(tmp_path / "z"),
+                "--init", str(tmp_path / "missing")])
+    assert bad.returncode != 0 and "not a model folder" in bad.stderr
+    assert not (tmp_path / "z").exists()

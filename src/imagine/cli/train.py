@@ -39,9 +39,13 @@ def train(
     seed: int | None = typer.Option(None, help="Seed of every random draw of the run."),
     vae: Path | None = typer.Option(None, help="A VAE folder (from train-vae, or diffusers'): train in its latents."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    init: Path | None = typer.Option(None, help="Start from this trained model folder (a full fine-tune): its "
+                                                "network, weights, noise schedule and VAE; the preset and flags "
+                                                "set the data and the optimization."),
 ) -> None:
     """Train a diffusion model on a folder of images or a built-in dataset (in pixels, or in a VAE's latents)."""
     from imagine.data.images import DataError
+    from imagine.io.checkpoint import CheckpointError
     from imagine.train.config import preset as get_preset
     from imagine.train.hooks import sample_grid_hook
     from imagine.train.loop import _distributed, loss_curve, read_log
@@ -64,8 +68,9 @@ def train(
             class_conditional=classes if classes is not None else (data == "builtin:digits" or None),
             caption_dropout=caption_dropout)
         train_model(cfg, data, out, channels=channels, vae=vae, resume=resume, hooks=hooks,
-                    vae_hooks=[] if rank else [vae_progress], log=typer.echo if rank == 0 else lambda _: None)
-    except (ValueError, DataError, FileNotFoundError, FloatingPointError) as err:
+                    vae_hooks=[] if rank else [vae_progress], log=typer.echo if rank == 0 else lambda _: None,
+                    init=init)
+    except (ValueError, DataError, FileNotFoundError, FloatingPointError, CheckpointError) as err:
         fail(str(err))
     finally:
         vae_progress(None, {})

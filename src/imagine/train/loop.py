@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from imagine.data.images import ImageDataset
 from imagine.diffusion.losses import diffusion_loss
-from imagine.io.model_folder import DiffusionSpec, save_spec
+from imagine.io.model_folder import DiffusionModel, DiffusionSpec, save_spec
 from imagine.models import UNet2DConditionModel, UNetConfig, save_unet
 from imagine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from imagine.train.config import TrainConfig
@@ -177,7 +177,7 @@ def sr_pairs(cfg: TrainConfig, images: torch.Tensor, counters, alphas_cumprod: t
 
 def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool = False,
           latents: tuple[torch.Tensor, torch.Tensor] | None = None, vae=None, vae_dir: Path | None = None,
-          text_encoder=None, hooks: tuple[Hook, ...] = ()) -> Path:
+          text_encoder=None, hooks: tuple[Hook, ...] = (), init: DiffusionModel | None = None) -> Path:
     """Train a diffusion UNet on ``data`` and write a model folder to ``out``; returns ``out``.
 
     data: anything with ``batch(indices, flips) -> (images, labels or None, captions or None)``, ``len``,
@@ -185,7 +185,10 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
     latents: (mean, std) of the VAE posterior for every image, (N, c, h, w) each, for latent diffusion
     (scaled already); a latent is drawn from them per step. For data too large to cache, pass ``vae``
     instead and each batch is encoded as it comes. vae_dir is copied beside the UNet.
-    text_encoder: for text-conditional training (see imagine.models.text_encoders)."""
+    text_encoder: for text-conditional training (see imagine.models.text_encoders).
+    init: a trained model to start from (a full fine-tune): its network, weights and noise schedule replace the
+    preset's (cfg must already agree with it on what it was trained as; see recipe.fine_tune_config). The EMA
+    starts from its weights too; a resumed run takes everything from its checkpoint."""
     out = Path(out)
     rank, world = _distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -219,7 +222,18 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
             vae.to(device)
         if cfg.text_conditional and hasattr(text_encoder, "prefill"):
             text_encoder.model.to(device)
-    unet = UNet2DConditionModel(make_unet_config(cfg, channels, data.num_classes, context_dim)).to(device)
+    unet_config = make_unet_config(cfg, channels, data.num_classes, context_dim)
+    if init is not None:
+        unet_config = init.unet.config
+        if (unet_config.in_channels, unet_config.cross_attention_dim if context_dim else None) != (
+                channels, context_dim):
+            raise ValueError(f"--init {init.path}: its network takes {unet_config.in_channels} channels and "
+                             f"{unet_config.cross_attention_dim}-wide text states; this run has {channels} and "
+                             f"{context_dim}")
+    unet = UNet2DConditionModel(unet_config)
+    if init is not None:
+        unet.load_state_dict(init.unet.state_dict())
+    unet = unet.to(device)
     ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
@@ -231,6 +245,8 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                          default_cfg=cfg.default_cfg, upscale=cfg.sr_scale,
                          noise_levels=cfg.noise_levels if cfg.sr_scale > 1 else 0,
                          default_noise_level=cfg.default_noise_level if cfg.sr_scale > 1 else 0)
+    if init is not None:  # its noise schedule (and its own generation defaults) as it was trained
+        spec = init.spec
     alphas_cumprod = spec.alphas_cumprod().float().to(device)
     start_step = 0
     if resume:
@@ -372,7 +388,8 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                 if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
                     save_checkpoint(out / "checkpoints", done, unet, ema, optimizer, lr_scheduler,
                                     {"unet_config": asdict(unet.config), "samples_seen": done * cfg.batch_size,
-                                     "train_config": json.loads(json.dumps(asdict(cfg), default=str))},
+                                     "train_config": json.loads(json.dumps(asdict(cfg), default=str)),
+                                     "init": str(init.path) if init is not None else None},
                                     keep=cfg.keep_checkpoints)
             step_time = time.perf_counter()  # hooks and checkpoints do not count against images/s
     finally:

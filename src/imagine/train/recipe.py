@@ -4,6 +4,7 @@ latents encoded once, and then the one training loop. The CLI only parses and pr
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,14 +31,40 @@ def ensure_vae(cfg: TrainConfig, dataset, out: Path, hooks: Sequence = (), log: 
     return folder
 
 
+def fine_tune_config(cfg: TrainConfig, spec) -> TrainConfig:
+    """The settings of a run that starts from a trained model (``--init``): what the model was trained as
+    (parametrization, variance, image size, text or classes) is the model's, whatever the preset says; the
+    optimization (steps, batch, learning rate, data) is the preset's and the flags'."""
+    if spec.upscale > 1 or spec.consistency:
+        raise ValueError("--init takes a text-to-image or unconditional model; super-resolution stages and LCMs "
+                         "have their own trainers (train-sr, distill-lcm)")
+    return replace(cfg, schedule=spec.schedule, prediction=spec.prediction, learned_variance=spec.learned_variance,
+                   image_size=spec.image_size, text_conditional=spec.text_encoder is not None,
+                   text_encoder=spec.text_encoder or cfg.text_encoder, class_conditional=bool(spec.class_names),
+                   vae_preset=None, default_cfg=spec.default_cfg)
+
+
 def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, vae: Path | None = None,
                 resume: bool = False, hooks: Sequence = (), vae_hooks: Sequence = (),
-                log: Callable[[str], None] = print) -> None:
+                log: Callable[[str], None] = print, init: Path | None = None) -> None:
     """Train a diffusion model on ``data`` (a folder, builtin:digits or builtin:shapes) into ``out``: in
-    pixels, or in the latents of ``vae`` (trained first when the preset names one and none is given)."""
+    pixels, or in the latents of ``vae`` (trained first when the preset names one and none is given).
+    ``init``: an imagine model folder to start from (a full fine-tune; its VAE too unless ``vae`` is given)."""
     from imagine.data.images import load_dataset
     from imagine.train.loop import train
 
+    base = None
+    if init is not None:
+        from imagine.io.model_folder import load_model_folder
+
+        base = load_model_folder(init)
+        cfg = fine_tune_config(cfg, base.spec)
+        if base.spec.latent and vae is None:
+            vae = Path(init) / "vae"
+        if not base.spec.latent and vae is not None:
+            raise ValueError(f"--init {init} is a pixel-space model: it takes no --vae")
+        log(f"starting from {init} ({sum(p.numel() for p in base.unet.parameters()) / 1e6:.1f}M parameters, "
+            f"{base.spec.prediction}-prediction, {base.spec.image_size} px)")
     is_digits = data == "builtin:digits"
     dataset = load_dataset(data, cfg.image_size, channels, class_from_subfolders=cfg.class_conditional
                            and not is_digits, captions=cfg.text_conditional)
@@ -62,8 +89,11 @@ def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, va
                              f"{dataset.channels}: pass --channels {autoencoder.config.in_channels}")
         if not getattr(dataset, "infinite", False):
             latents = encode_dataset(autoencoder, dataset)
+    if base is not None and cfg.class_conditional and tuple(dataset.class_names) != tuple(base.spec.class_names):
+        raise ValueError(f"--init {init} knows the classes {list(base.spec.class_names)}, the data has "
+                         f"{list(dataset.class_names)}: fine-tune on data with the same classes")
     train(cfg, dataset, out, resume=resume, latents=latents, vae_dir=vae, text_encoder=text_encoder,
-          vae=autoencoder if (vae is not None and latents is None) else None, hooks=tuple(hooks))
+          vae=autoencoder if (vae is not None and latents is None) else None, hooks=tuple(hooks), init=base)
 
 
 CASCADE = "cascade.json"
