@@ -4,8 +4,8 @@ latents encoded once, and then the one training loop. The CLI only parses and pr
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from imagine.train.config import TrainConfig
