@@ -179,13 +179,28 @@ def test_init_fine_tunes_a_trained_model_keeping_what_it_was_trained_as(tiny_t2i
     assert tuned.spec == base.spec  # v-prediction and its schedule, though the preset said eps and linear
     for (name, a), b in zip(base.unet.state_dict().items(), tuned.unet.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
-    assert (out / "vae" / "model.safetensors").read_bytes() == (tiny_t2i_dir / "vae" / "model.safetensors").read_bytes()
+    for a, b in zip(base.vae.state_dict().values(), tuned.vae.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # its own VAE
     from safetensors import safe_open
 
     from imagine.train.checkpoint import latest_checkpoint
 
     with safe_open(latest_checkpoint(out / "checkpoints") / "training_state.safetensors", "pt") as f:
         assert json.loads(f.metadata()["state"])["init"] == str(tiny_t2i_dir)
+    # imagine export: the final model, or the EMA of any checkpoint kept (the VAE is beside them from the start)
+    assert (out / "vae").is_dir()
+    for step, source in ((None, out / "unet"), (1, out / "checkpoints" / "step_0000001" / "ema")):
+        dest = tmp_path / f"export-{step}"
+        run = _run([sys.executable, "-m", "imagine", "export", str(out), str(dest),
+                    *(["--step", str(step)] if step else [])])
+        assert run.returncode == 0, run.stderr[-2000:]
+        exported, want = load_model_folder(dest), load_unet(source)
+        assert exported.spec == base.spec and exported.vae is not None
+        for (name, a), b in zip(want.state_dict().items(), exported.unet.state_dict().values(), strict=True):
+            torch.testing.assert_close(b, a.half().float(), atol=0, rtol=0, msg=name)  # fp16 by default
+    missing = _run([sys.executable, "-m", "imagine", "export", str(out), str(tmp_path / "e7"), "--step", "7"])
+    assert missing.returncode == 2 and "no checkpoint at step 7; it keeps 1, 2" in missing.stderr
+    assert not (tmp_path / "e7").exists()
     # without --init the same settings start from scratch: far from the model
     scratch = tmp_path / "scratch"
     train_model(cfg, "builtin:shapes", scratch, vae=tiny_t2i_dir / "vae", log=lambda _: None)

@@ -41,6 +41,9 @@ def export(
     model: Path = typer.Argument(..., help="A model folder written by `imagine train`."),
     out: Path = typer.Argument(..., help="Where the exported folder goes (must not exist)."),
     dtype: str = typer.Option("fp16", help="Weights precision: fp16, bf16 or fp32."),
+    step: int | None = typer.Option(None, help="Export the run's checkpoint at this step (its EMA weights) "
+                                               "instead of its final model: a run still going, or an earlier "
+                                               "point of a finished one."),
 ) -> None:
     """Copy a model folder for distribution: UNet (its EMA weights), VAE and spec only, in fp16 by default.
     Training state, checkpoints, samples and logs are left behind."""
@@ -48,10 +51,11 @@ def export(
     from imagine.io.model_folder import export_model
 
     try:
-        size = export_model(model, out, dtype)
+        size = export_model(model, out, dtype, step=step)
     except (ValueError, CheckpointError) as err:
         fail(str(err))
-    typer.echo(f"exported {model} -> {out} ({dtype}, {size / 1e6:.1f} MB)")
+    typer.echo(f"exported {model}{f' at step {step}' if step is not None else ''} -> {out} ({dtype}, "
+               f"{size / 1e6:.1f} MB)")
 
 
 @app.command("export-onnx")

@@ -106,16 +106,39 @@ def load_model_folder(path: Path | str, dtype=None) -> DiffusionModel:
     return DiffusionModel(unet, vae, spec, path)
 
 
-def export_model(model: Path | str, out: Path | str, dtype: str = "fp16") -> int:
+def checkpoint_model(run: Path | str, step: int) -> DiffusionModel:
+    """The model a training run held at checkpoint ``step``: that checkpoint's EMA weights, with the run's
+    spec and VAE (both written when the run starts)."""
+    from imagine.models import load_unet, load_vae
+
+    run = Path(run)
+    if not (run / SPEC_NAME).exists():
+        raise CheckpointError(f"{run} is not a training run (no {SPEC_NAME})")
+    folder = run / "checkpoints" / f"step_{step:07d}"
+    if not (folder / "ema").is_dir():
+        have = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*") if p.name[5:].isdigit()) \
+            if (run / "checkpoints").is_dir() else []
+        raise CheckpointError(f"{run} has no checkpoint at step {step}; it keeps "
+                              f"{', '.join(map(str, have)) or 'none'}")
+    spec = DiffusionSpec.from_dict(read_json(run / SPEC_NAME))
+    if spec.latent and not (run / "vae").is_dir():
+        raise CheckpointError(f"{run} has no vae/ beside its checkpoints (earlier versions wrote it only at the "
+                              f"end): copy the VAE folder it trained with to {run / 'vae'}")
+    return DiffusionModel(load_unet(folder / "ema"), load_vae(run / "vae") if spec.latent else None, spec, run)
+
+
+def export_model(model: Path | str, out: Path | str, dtype: str = "fp16", step: int | None = None) -> int:
     """Copy a model folder for distribution: UNet (its EMA weights), VAE and spec only, in ``dtype``
-    (fp16, bf16 or fp32); training state, checkpoints, samples and logs stay behind. The folder appears
-    whole or not at all. Returns its size in bytes."""
+    (fp16, bf16 or fp32); training state, checkpoints, samples and logs stay behind. ``step``: a training
+    run's checkpoint at that step instead of its final weights (a run still going, or an earlier point of
+    one). The folder appears whole or not at all. Returns its size in bytes."""
     model, out = Path(model), Path(out)
     if dtype not in ("fp16", "bf16", "fp32"):
         raise ValueError(f"dtype {dtype!r} unknown; choose fp16, bf16 or fp32")
     if out.exists():
         raise ValueError(f"{out} exists; export writes a fresh folder")
-    save_model_folder(load_model_folder(model), out, None if dtype == "fp32" else dtype)
+    loaded = checkpoint_model(model, step) if step is not None else load_model_folder(model)
+    save_model_folder(loaded, out, None if dtype == "fp32" else dtype)
     atomic_write_bytes(out / SPEC_NAME, (model / SPEC_NAME).read_bytes())  # as written, version stamp too
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 

@@ -268,6 +268,10 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
         out.mkdir(parents=True, exist_ok=True)
         save_spec(spec, out)
         _truncate_log(log_path, start_step)
+        if vae_dir is not None and not (out / "vae").is_dir():  # beside the checkpoints: each one exports whole
+            from imagine.models import load_vae, save_vae
+
+            save_vae(load_vae(vae_dir), out / "vae")
 
     n = len(data)
     local = cfg.batch_size // (world * cfg.grad_accum)  # samples per process per micro-batch
@@ -397,10 +401,6 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
             prefetch.close()
     if rank == 0:
         save_unet(ema.model, out / "unet")
-        if vae_dir is not None:
-            from imagine.models import load_vae, save_vae
-
-            save_vae(load_vae(vae_dir), out / "vae")
     if world > 1:
         dist.barrier()
     return out
