@@ -187,9 +187,12 @@ def test_init_fine_tunes_a_trained_model_keeping_what_it_was_trained_as(tiny_t2i
 
     with safe_open(latest_checkpoint(out / "checkpoints") / "training_state.safetensors", "pt") as f:
         assert json.loads(f.metadata()["state"])["init"] == str(tiny_t2i_dir)
+    # resumed without --init, it goes on from the model it started from (not the preset's eps and a new VAE)
+    train_model(replace(cfg, steps=3), "builtin:shapes-language", out, resume=True, log=lambda _: None)
+    assert load_model_folder(out).spec == base.spec and not (out / "vae_training").exists()
     # imagine export: the final model, or the EMA of any checkpoint kept (the VAE is beside them from the start)
     assert (out / "vae").is_dir()
-    for step, source in ((None, out / "unet"), (1, out / "checkpoints" / "step_0000001" / "ema")):
+    for step, source in ((None, out / "unet"), (2, out / "checkpoints" / "step_0000002" / "ema")):
         dest = tmp_path / f"export-{step}"
         run = _run([sys.executable, "-m", "imagine", "export", str(out), str(dest),
                     *(["--step", str(step)] if step else [])])
@@ -199,7 +202,7 @@ def test_init_fine_tunes_a_trained_model_keeping_what_it_was_trained_as(tiny_t2i
         for (name, a), b in zip(want.state_dict().items(), exported.unet.state_dict().values(), strict=True):
             torch.testing.assert_close(b, a.half().float(), atol=0, rtol=0, msg=name)  # fp16 by default
     missing = _run([sys.executable, "-m", "imagine", "export", str(out), str(tmp_path / "e7"), "--step", "7"])
-    assert missing.returncode == 2 and "no checkpoint at step 7; it keeps 1, 2" in missing.stderr
+    assert missing.returncode == 2 and "no checkpoint at step 7; it keeps 2, 3" in missing.stderr
     assert not (tmp_path / "e7").exists()
     # without --init the same settings start from scratch: far from the model
     scratch = tmp_path / "scratch"

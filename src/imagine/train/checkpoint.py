@@ -98,6 +98,14 @@ def checkpoint_step(path: Path) -> int:
     return int(name[5:])
 
 
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata (step, configs, where the run started) without loading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / STATE_NAME), "pt") as f:
+        return json.loads(f.metadata()["state"])
+
+
 def load_checkpoint(path: Path, unet, ema: EMA | None, optimizer, lr_scheduler) -> dict[str, Any]:
     """Restore everything in place; returns the metadata (step, data position, config...)."""
     path = Path(path)

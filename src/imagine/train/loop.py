@@ -393,7 +393,7 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                     save_checkpoint(out / "checkpoints", done, unet, ema, optimizer, lr_scheduler,
                                     {"unet_config": asdict(unet.config), "samples_seen": done * cfg.batch_size,
                                      "train_config": json.loads(json.dumps(asdict(cfg), default=str)),
-                                     "init": str(init.path) if init is not None else None},
+                                     "init": str(init.path.absolute()) if init is not None else None},
                                     keep=cfg.keep_checkpoints)
             step_time = time.perf_counter()  # hooks and checkpoints do not count against images/s
     finally:

@@ -54,6 +54,16 @@ def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, va
     from imagine.train.loop import train
 
     base = None
+    if resume and init is None:  # a fine-tune resumed goes on from the model it started from
+        from imagine.train.checkpoint import checkpoint_meta, latest_checkpoint
+
+        last = latest_checkpoint(Path(out) / "checkpoints")
+        started = checkpoint_meta(last).get("init") if last is not None else None
+        if started is not None:
+            if not Path(started).is_dir():
+                raise FileNotFoundError(f"{out} is a fine-tune of {started}, which is gone: pass --init with that "
+                                        "model (its network and VAE) to resume it")
+            init = Path(started)
     if init is not None:
         from imagine.io.model_folder import load_model_folder
 
