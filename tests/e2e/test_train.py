@@ -166,10 +166,10 @@ def test_init_fine_tunes_a_trained_model_keeping_what_it_was_trained_as(tiny_t2i
     from dataclasses import replace
 
     from imagine.io.checkpoint import CheckpointError
-    from imagine.io.model_folder import load_model_folder
+    from imagine.io.model_folder import export_model, load_model_folder
     from imagine.models import load_unet
     from imagine.train.config import preset
-    from imagine.train.recipe import train_model
+    from imagine.train.recipe import fine_tune_config, train_model
 
     cfg = replace(preset("tiny-t2i"), steps=2, lr=1e-12, prediction="eps", schedule="linear", checkpoint_every=1,
                   sample_every=0)
@@ -194,15 +194,17 @@ def test_init_fine_tunes_a_trained_model_keeping_what_it_was_trained_as(tiny_t2i
     assert (out / "vae").is_dir()
     for step, source in ((None, out / "unet"), (2, out / "checkpoints" / "step_0000002" / "ema")):
         dest = tmp_path / f"export-{step}"
-        run = _run([sys.executable, "-m", "imagine", "export", str(out), str(dest),
-                    *(["--step", str(step)] if step else [])])
-        assert run.returncode == 0, run.stderr[-2000:]
+        if step is None:
+            export_model(out, dest)
+        else:
+            run = _run([sys.executable, "-m", "imagine", "export", str(out), str(dest), "--step", str(step)])
+            assert run.returncode == 0, run.stderr[-2000:]
         exported, want = load_model_folder(dest), load_unet(source)
         assert exported.spec == base.spec and exported.vae is not None
         for (name, a), b in zip(want.state_dict().items(), exported.unet.state_dict().values(), strict=True):
             torch.testing.assert_close(b, a.half().float(), atol=0, rtol=0, msg=name)  # fp16 by default
-    missing = _run([sys.executable, "-m", "imagine", "export", str(out), str(tmp_path / "e7"), "--step", "7"])
-    assert missing.returncode == 2 and "no checkpoint at step 7; it keeps 2, 3" in missing.stderr
+    with pytest.raises(CheckpointError, match="no checkpoint at step 7; it keeps 2, 3"):
+        export_model(out, tmp_path / "e7", step=7)
     assert not (tmp_path / "e7").exists()
     # without --init the same settings start from scratch: far from the model
     scratch = tmp_path / "scratch"
@@ -212,9 +214,12 @@ def test_init_fine_tunes_a_trained_model_keeping_what_it_was_trained_as(tiny_t2i
 
     with pytest.raises(CheckpointError, match="not a model folder"):
         train_model(cfg, "builtin:shapes", tmp_path / "x", init=tmp_path / "missing", log=lambda _: None)
+    for other in (replace(base.spec, upscale=4, noise_levels=10), replace(base.spec, consistency=True)):
+        with pytest.raises(ValueError, match="have their own trainers"):
+            fine_tune_config(cfg, other)
     with pytest.raises(ValueError, match="pixel-space model"):
         pixel = tmp_path / "pixel"
-        _run([*TRAIN, "--out", str(pixel), "--steps", "1"]).check_returncode()
+        train_model(replace(preset("tiny"), steps=1), "builtin:digits", pixel, log=lambda _: None)
         train_model(preset("tiny"), "builtin:digits", tmp_path / "y", init=pixel, vae=tiny_t2i_dir / "vae",
                     log=lambda _: None)
     bad = _run([sys.executable, "-m", "imagine", "train", "--preset", "tiny-t2i", "--data", "builtin:shapes", "--out",

@@ -131,25 +131,32 @@ def test_minilm_tokenizer_is_transformers_own_without_importing_it(minilm):
     assert lazy._model is not None
 
 
-def test_the_lazy_transformer_loads_once_when_threads_race_for_it():
-    """A server asks for the text encoder's transformer from request threads and its worker at once; in a
-    fresh process (transformers not yet imported) every thread gets the one model, and none an ImportError."""
+def test_the_lazy_transformer_loads_once_when_threads_race_for_it(tmp_path):
+    """A server asks for the text encoder's transformer from request threads and its worker at once, and may
+    load another model's CLIP at the same moment; in a fresh process (transformers not yet imported) every
+    thread gets its model, the MiniLM threads the one model, and none an ImportError."""
+    clip = _tiny_clip(tmp_path)
     code = (
-        "import threading\n"
-        "from imagine.models.text_encoders import MiniLMTextEncoder\n"
+        "import sys, threading\n"
+        "from imagine.models.text_encoders import CLIPTextEncoder, MiniLMTextEncoder\n"
         "enc = MiniLMTextEncoder()\n"
-        "got, errors = [], []\n"
+        "got, clips, errors = [], [], []\n"
         "def ask():\n"
         "    try:\n"
         "        got.append(enc.model)\n"
         "    except Exception as err:\n"
         "        errors.append(repr(err))\n"
-        "threads = [threading.Thread(target=ask) for _ in range(4)]\n"
+        "def load():\n"
+        "    try:\n"
+        "        clips.append(CLIPTextEncoder.from_folder(sys.argv[1]))\n"
+        "    except Exception as err:\n"
+        "        errors.append(repr(err))\n"
+        "threads = [threading.Thread(target=f) for f in (ask, load, ask, load, ask, ask)]\n"
         "[t.start() for t in threads]; [t.join() for t in threads]\n"
         "assert not errors, errors\n"
-        "assert len(got) == 4 and all(m is got[0] for m in got)\n"
+        "assert len(got) == 4 and all(m is got[0] for m in got) and len(clips) == 2\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, str(clip)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 

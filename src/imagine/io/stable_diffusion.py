@@ -35,6 +35,7 @@ from imagine.io.checkpoint import (
 )
 from imagine.io.ldm_keys import clip_map, open_clip_map, read_mapped, unet_map, vae_map, write_mapped
 from imagine.io.model_folder import SPEC_NAME, DiffusionModel, DiffusionSpec
+from imagine.models.text_encoders import transformers_locked
 
 Arch = Literal["sd1", "sd2", "sdxl"]
 ARCH_LABELS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
@@ -92,6 +93,7 @@ BPE_FILE = Path(__file__).resolve().parent.parent / "weights" / "clip-bpe" / "bp
 
 
 @lru_cache(maxsize=2)
+@transformers_locked
 def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     """CLIP's tokenizer (49408 tokens) from the BPE merges imagine ships: single files carry no tokenizer,
     and SD 1.x, 2.x and SDXL all use this one (SD 2's and SDXL's second pad with "!", the others with
@@ -109,6 +111,7 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
 
 # --- text encoders from tensors ----------------------------------------------------------------------
 
+@transformers_locked
 def _text_config(weights: Weights, *, act: str, projection: bool):
     from transformers import CLIPTextConfig
 
@@ -131,6 +134,7 @@ def _restore_position_ids(model) -> None:
     embeddings.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)
 
 
+@transformers_locked
 def _text_model(weights: Weights, config, projection: bool, source: str):
     """A transformers CLIP text model filled from ``weights`` (keys without ``text_model.``)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -295,6 +299,7 @@ def inspect_single_file(weights: Weights, metadata: dict[str, str], source: str)
     return SingleFile(arch, unet, vae, prediction, (ours or {}).get("text"), (ours or {}).get("clip_skip"))
 
 
+@transformers_locked
 def _text_encoder_from_file(weights: Weights, arch: Arch, source: str, clip_skip: int | None,
                             configs: list[dict] | None = None, stored_skip: int | None = None):
     """The checkpoint's text encoder(s); ``configs``: transformers configs imagine wrote in the metadata

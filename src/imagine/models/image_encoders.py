@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imagine.models.text_encoders import TRANSFORMERS_LOCK
+
 BUILTIN = ("shapes-clip", "palette", "intensity")
 
 # Composer's palette bins
@@ -113,12 +115,13 @@ class CLIPVisionEncoder:
     (shortest side resized to the crop size, bicubic; centre crop; CLIP's mean and std)."""
 
     def __init__(self, path: Path):
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
         self.path = Path(path)
         try:
-            config = CLIPVisionConfig.from_pretrained(str(self.path))
-            self.model = CLIPVisionModelWithProjection.from_pretrained(str(self.path), use_safetensors=True)
+            with TRANSFORMERS_LOCK:
+                from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+                config = CLIPVisionConfig.from_pretrained(str(self.path))
+                self.model = CLIPVisionModelWithProjection.from_pretrained(str(self.path), use_safetensors=True)
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot load a CLIP vision encoder from {self.path}: {err}") from None
         self.model.eval().requires_grad_(False)

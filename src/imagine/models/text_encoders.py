@@ -19,6 +19,7 @@ chunk's mean is restored. Embeddings of repeated prompts come from a cache.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -29,7 +30,20 @@ from typing import Protocol
 
 import torch
 
-_LOAD_LOCK = threading.Lock()  # lazy transformer loads, one at a time
+# every transformers load, one at a time: its lazy imports are not safe to run twice side by side, and a
+# server loads from its request threads and its worker at once (re-entrant: a load may start another)
+TRANSFORMERS_LOCK = threading.RLock()
+
+
+def transformers_locked(fn):
+    """``fn`` (which imports or builds transformers models) runs holding TRANSFORMERS_LOCK."""
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with TRANSFORMERS_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
 CHUNK = 75  # content tokens per window; + start and end tokens = 77, CLIP's context length
 COMMA_BACKTRACK = 20
 BREAK = -1.0  # weight marking a BREAK in parsed prompts
@@ -367,7 +381,7 @@ class MiniLMTextEncoder(_ChunkedEncoder):
         asks from its request threads and its worker at once, and transformers' lazy imports are not safe to
         run twice side by side)."""
         if self._model is None:
-            with _LOAD_LOCK:
+            with TRANSFORMERS_LOCK:
                 if self._model is None:
                     from transformers import AutoModel
 
@@ -460,17 +474,18 @@ class CLIPTextEncoder(_ChunkedEncoder):
 
     @classmethod
     def from_folder(cls, path: Path | str, clip_skip: int = 1) -> CLIPTextEncoder:
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        _quiet_transformers()
         path = Path(path)
         tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
         model_dir = path / "text_encoder" if (path / "text_encoder").is_dir() else path
         if clip_skip < 1:
             raise ValueError(f"clip skip must be >= 1, got {clip_skip}")
-        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        model = CLIPTextModel.from_pretrained(str(require_safetensors(model_dir)), local_files_only=True,
-                                              use_safetensors=True).float()  # fp16 files compute in fp32
+        with TRANSFORMERS_LOCK:
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            _quiet_transformers()
+            tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+            model = CLIPTextModel.from_pretrained(str(require_safetensors(model_dir)), local_files_only=True,
+                                                  use_safetensors=True).float()  # fp16 files compute in fp32
         return cls(tokenizer, model, f"CLIP:{path.name}", clip_skip)
 
     def _window(self, chunks, skip, table):
@@ -504,16 +519,18 @@ class SDXLTextEncoder(_ChunkedEncoder):
     @classmethod
     def from_folder(cls, path: Path | str, clip_skip: int = 2) -> SDXLTextEncoder:
         """An SDXL pipeline folder: tokenizer/, tokenizer_2/, text_encoder/, text_encoder_2/."""
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        _quiet_transformers()
         path = Path(path)
-        toks = tuple(CLIPTokenizer.from_pretrained(str(path / name), local_files_only=True)
-                     for name in ("tokenizer", "tokenizer_2"))
-        models = (CLIPTextModel.from_pretrained(str(require_safetensors(path / "text_encoder")),
-                                                local_files_only=True, use_safetensors=True).float(),
-                  CLIPTextModelWithProjection.from_pretrained(str(require_safetensors(path / "text_encoder_2")),
-                                                              local_files_only=True, use_safetensors=True).float())
+        with TRANSFORMERS_LOCK:
+            from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+            _quiet_transformers()
+            toks = tuple(CLIPTokenizer.from_pretrained(str(path / name), local_files_only=True)
+                         for name in ("tokenizer", "tokenizer_2"))
+            models = (CLIPTextModel.from_pretrained(str(require_safetensors(path / "text_encoder")),
+                                                    local_files_only=True, use_safetensors=True).float(),
+                      CLIPTextModelWithProjection.from_pretrained(
+                          str(require_safetensors(path / "text_encoder_2")), local_files_only=True,
+                          use_safetensors=True).float())
         return cls(toks, models, f"SDXL-CLIP:{path.name}", clip_skip)
 
     def embedding_widths(self) -> dict[str, int]:  # A1111's SDXL embeddings: clip_l and clip_g
