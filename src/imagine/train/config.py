@@ -136,7 +136,7 @@ PRESETS["t2i"] = TrainConfig(
 # prompts CFG 1.5 and 2 gave 0.42, 3 gave 0.45, 4 0.35, 8 0.25.
 PRESETS["shapes-default"] = replace(PRESETS["t2i"], data="builtin:shapes", steps=6000, lr_decay_from=0.7,
                                     default_cfg=3.0)
-# the shipped model taught the shapes language: shapes-default's network and weights (--init) trained on on
+# the shipped model taught the shapes language: shapes-default's network and weights (--init) trained on
 # builtin:shapes-language (its templates half the time, the train half of data/shapes_language.py otherwise)
 PRESETS["shapes-language"] = replace(PRESETS["shapes-default"], data="builtin:shapes-language", steps=6000,
                                      lr=3e-4, warmup_steps=100, lr_decay_from=0.6, checkpoint_every=250)

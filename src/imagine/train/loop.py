@@ -184,7 +184,8 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
     ``channels``, ``class_names`` and ``infinite`` (read in order, never permuted: builtin:shapes).
     latents: (mean, std) of the VAE posterior for every image, (N, c, h, w) each, for latent diffusion
     (scaled already); a latent is drawn from them per step. For data too large to cache, pass ``vae``
-    instead and each batch is encoded as it comes. vae_dir is copied beside the UNet.
+    instead and each batch is encoded as it comes. vae_dir is copied into the run when it starts (beside the
+    checkpoints, so each one exports whole).
     text_encoder: for text-conditional training (see imagine.models.text_encoders).
     init: a trained model to start from (a full fine-tune): its network, weights and noise schedule replace the
     preset's (cfg must already agree with it on what it was trained as; see recipe.fine_tune_config). The EMA
