@@ -16,7 +16,8 @@ def train(
                                                "preset's, e.g. shapes-default trains on builtin:shapes)."),
     out: Path = typer.Option(..., help="Where the model folder (and checkpoints, samples, logs) goes."),
     preset: str = typer.Option("small", help="Settings to start from: tiny (seconds), small, digits, t2i, "
-                                             "shapes-default (the shipped model), tiny-t2i."),
+                                             "shapes-default then shapes-language --init (the shipped model's "
+                                             "two stages), shapes-wide (a GPU job), tiny-t2i."),
     steps: int | None = typer.Option(None, help="Total steps; a resumed run trains on to this count."),
     batch_size: int | None = typer.Option(None, help="Global batch size, over all processes."),
     lr: float | None = typer.Option(None, help="Peak learning rate (AdamW)."),
