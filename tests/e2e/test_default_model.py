@@ -76,7 +76,8 @@ def test_the_shipped_weights_are_all_there():
 
 def test_shipped_model_regression_floor():
     """ShapesEval of the shipped model at its defaults on a fixed set (4 prompts per category, seed 0):
-    11 of 24 (0.458) when measured; a change that costs more than two prompts fails here."""
+    16 of 24 (0.667) when measured (11 before its language stage); a change that costs more than two prompts
+    fails here."""
     from imagine.evaluation.shapes_eval import evaluate_model, prompt_set
     from imagine.pipelines.generate import Settings
     from imagine.pipelines.request import load_text_model
@@ -84,7 +85,7 @@ def test_shipped_model_regression_floor():
     model, encoder = load_text_model(DEFAULT_MODEL)
     report = evaluate_model(model, encoder, prompt_set(4, 0), Settings().with_model_defaults(model.spec, None, None,
                                                                                           None))
-    assert report.overall >= 9 / 24, report.table()
+    assert report.overall >= 14 / 24, report.table()
     assert report.categories()["single_object"] >= 0.75, report.table()
 
 
