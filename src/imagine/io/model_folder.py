@@ -110,16 +110,15 @@ def checkpoint_model(run: Path | str, step: int) -> DiffusionModel:
     """The model a training run held at checkpoint ``step``: that checkpoint's EMA weights, with the run's
     spec and VAE (both written when the run starts)."""
     from imagine.models import load_unet, load_vae
+    from imagine.train.checkpoint import checkpoint_folder, checkpoint_steps
 
     run = Path(run)
     if not (run / SPEC_NAME).exists():
         raise CheckpointError(f"{run} is not a training run (no {SPEC_NAME})")
-    folder = run / "checkpoints" / f"step_{step:07d}"
-    if not (folder / "ema").is_dir():
-        have = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*") if p.name[5:].isdigit()) \
-            if (run / "checkpoints").is_dir() else []
+    folder = checkpoint_folder(run / "checkpoints", step)
+    if step not in checkpoint_steps(run / "checkpoints"):
         raise CheckpointError(f"{run} has no checkpoint at step {step}; it keeps "
-                              f"{', '.join(map(str, have)) or 'none'}")
+                              f"{', '.join(map(str, checkpoint_steps(run / 'checkpoints'))) or 'none'}")
     spec = DiffusionSpec.from_dict(read_json(run / SPEC_NAME))
     if spec.latent and not (run / "vae").is_dir():
         raise CheckpointError(f"{run} has no vae/ beside its checkpoints (earlier versions wrote it only at the "

@@ -44,6 +44,8 @@ def transformers_locked(fn):
             return fn(*args, **kwargs)
 
     return locked
+
+
 CHUNK = 75  # content tokens per window; + start and end tokens = 77, CLIP's context length
 COMMA_BACKTRACK = 20
 BREAK = -1.0  # weight marking a BREAK in parsed prompts

@@ -57,8 +57,8 @@ def save_checkpoint(root: Path, step: int, unet, ema: EMA | None, optimizer, lr_
                     keep: int = 2) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
-    final = root / name
+    final = checkpoint_folder(root, step)
+    name = final.name
     tmp = root / f".tmp_{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     save, _ = _io(unet)
@@ -78,6 +78,18 @@ def save_checkpoint(root: Path, step: int, unet, ema: EMA | None, optimizer, lr_
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_folder(root: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives under ``root`` (written or not)."""
+    return Path(root) / f"step_{step:07d}"
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+    """The steps of the complete checkpoints kept under ``root``, in order."""
+    root = Path(root)
+    return sorted(checkpoint_step(p) for p in root.glob("step_*") if (p / STATE_NAME).exists()) \
+        if root.is_dir() else []
 
 
 def latest_checkpoint(root: Path) -> Path | None:

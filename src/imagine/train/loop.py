@@ -223,31 +223,28 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
             vae.to(device)
         if cfg.text_conditional and hasattr(text_encoder, "prefill"):
             text_encoder.model.to(device)
-    unet_config = make_unet_config(cfg, channels, data.num_classes, context_dim)
-    if init is not None:
-        unet_config = init.unet.config
-        if (unet_config.in_channels, unet_config.cross_attention_dim if context_dim else None) != (
-                channels, context_dim):
-            raise ValueError(f"--init {init.path}: its network takes {unet_config.in_channels} channels and "
-                             f"{unet_config.cross_attention_dim}-wide text states; this run has {channels} and "
+    if init is None:
+        unet = UNet2DConditionModel(make_unet_config(cfg, channels, data.num_classes, context_dim))
+    else:
+        have = init.unet.config
+        if (have.in_channels, have.cross_attention_dim if context_dim else None) != (channels, context_dim):
+            raise ValueError(f"--init {init.path}: its network takes {have.in_channels} channels and "
+                             f"{have.cross_attention_dim}-wide text states; this run has {channels} and "
                              f"{context_dim}")
-    unet = UNet2DConditionModel(unet_config)
-    if init is not None:
+        unet = UNet2DConditionModel(have)
         unet.load_state_dict(init.unet.state_dict())
     unet = unet.to(device)
     ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
-    spec = DiffusionSpec(schedule=cfg.schedule, prediction=cfg.prediction, learned_variance=cfg.learned_variance,
-                         image_size=cfg.image_size, image_channels=data.channels,
-                         latent=latents is not None or vae is not None,
-                         class_names=data.class_names if cfg.class_conditional else (),
-                         text_encoder=cfg.text_encoder if cfg.text_conditional else None,
-                         default_cfg=cfg.default_cfg, upscale=cfg.sr_scale,
-                         noise_levels=cfg.noise_levels if cfg.sr_scale > 1 else 0,
-                         default_noise_level=cfg.default_noise_level if cfg.sr_scale > 1 else 0)
-    if init is not None:  # its noise schedule (and its own generation defaults) as it was trained
-        spec = init.spec
+    # a fine-tune keeps its model's noise schedule (and its own generation defaults) as it was trained
+    spec = init.spec if init is not None else DiffusionSpec(
+        schedule=cfg.schedule, prediction=cfg.prediction, learned_variance=cfg.learned_variance,
+        image_size=cfg.image_size, image_channels=data.channels, latent=latents is not None or vae is not None,
+        class_names=data.class_names if cfg.class_conditional else (),
+        text_encoder=cfg.text_encoder if cfg.text_conditional else None, default_cfg=cfg.default_cfg,
+        upscale=cfg.sr_scale, noise_levels=cfg.noise_levels if cfg.sr_scale > 1 else 0,
+        default_noise_level=cfg.default_noise_level if cfg.sr_scale > 1 else 0)
     alphas_cumprod = spec.alphas_cumprod().float().to(device)
     start_step = 0
     if resume:
