@@ -101,6 +101,23 @@ def test_job_lifecycle_events_images_and_parameters(client, tiny_t2i_dir):
     assert len(list(client.out_dir.glob("*.png"))) >= 2
 
 
+def test_words_the_model_never_saw_are_named_in_warnings_on_both_apis(client, tiny_t2i_dir):
+    """A model trained here records its captions' words; a prompt outside them is served with a warning
+    naming them (the job API when the job is made and while it is read; A1111's warnings), and a prompt
+    in the vocabulary gets none."""
+    assert (tiny_t2i_dir / "vocabulary.json").is_file()
+    created = client.post("/api/v1/jobs", json={"prompt": "draw a (red:1.2) cat", "negative_prompt": "a blurry dog",
+                                                "steps": 2})
+    assert created.status_code == 202, created.text
+    warnings = created.json()["warnings"]
+    assert len(warnings) == 2 and "draw, cat" in warnings[0] and "prompt" in warnings[0]
+    assert "negative prompt" in warnings[1] and "blurry, dog" in warnings[1] and "red" not in " ".join(warnings)
+    assert _wait(client, created.json()["id"])["warnings"] == warnings
+    assert client.post("/api/v1/jobs", json={"prompt": "two red circles", "steps": 2}).json()["warnings"] == []
+    data = client.post("/sdapi/v1/txt2img", json={"prompt": "a green giraffe", "steps": 2}).json()
+    assert len(data["warnings"]) == 1 and "giraffe" in data["warnings"][0] and "green" not in data["warnings"][0]
+
+
 def test_a_request_without_steps_or_cfg_gets_the_models_defaults(client):
     listed = {m["name"]: m["defaults"] for m in client.get("/api/v1/models").json()["models"]}
     assert listed["other-model"] == {"steps": 3, "sampler": "dpmpp_2m", "cfg_scale": 2.0}

@@ -4,8 +4,12 @@ One module per command family registers its commands on the one app: train (trai
 train-clip), generate (generate, img2img, inpaint, sample, info), evaluate (eval shapes, eval fid),
 serve, models (export, samplers, version), control (detect) and upscale."""
 
-from imagine.cli import control, evaluate, generate, models, serve, train, upscale  # noqa: F401  (they register)
-from imagine.cli.app import app
+# the order of registration is the order of --help's panels: Generate, Edit, Train, Models, Serve, Evaluate
+from imagine.cli import generate, upscale, control, train, models, serve, evaluate  # noqa: F401, I001  (they register)
+from imagine.cli.app import EVALUATE, app, escape_help_markup, eval_app
+
+app.add_typer(eval_app, name="eval", rich_help_panel=EVALUATE)
+escape_help_markup(app)
 
 
 def main() -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from imagine.cli.app import app, fail
+from imagine.cli.app import EDIT, app, fail
 
 
-@app.command()
+@app.command(rich_help_panel=EDIT)
 def detect(
     module: str = typer.Argument(..., help="The preprocessor: canny, scribble, segmentation, keypoints, tile."),
     image: Path = typer.Argument(..., help="The image to read."),

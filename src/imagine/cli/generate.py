@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from imagine.cli.app import app, default_model, fail
+from imagine.cli.app import EDIT, GENERATE, app, default_model, fail
 
 
 class ResizeMode(str, Enum):
@@ -159,9 +159,10 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         from imagine.pipelines.upscale import hires_steps_total
 
         per_image = request.settings.steps * rerank + hires_steps_total(request.settings, request.resolved_upscaler)
-        bar = tqdm(total=per_image * request.settings.n, desc=kind, unit="step", leave=False)
-        results = r.run(request, loaded, encoder, scorer=scorer, callback=lambda info: bar.update(1))
-        bar.close()
+        for warning in request.warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        with tqdm(total=per_image * request.settings.n, desc=kind, unit="step", leave=False) as bar:
+            results = r.run(request, loaded, encoder, scorer=scorer, callback=lambda info: bar.update(1))
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     for path in r.save(results, out):
@@ -293,7 +294,7 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
          image_prompts=prompts, **options)
 
 
-@app.command()
+@app.command(rich_help_panel=GENERATE)
 def generate(
     prompt: str = typer.Argument("", help="What to draw. A1111 emphasis works: (word:1.3), [word]."),
     negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
@@ -358,7 +359,7 @@ def generate(
          image_prompts=_prompts(image_prompt))
 
 
-@app.command()
+@app.command(rich_help_panel=GENERATE)
 def variations(
     image: Path = typer.Argument(..., help="The image to make variations of."),
     n: int = typer.Option(4, help="How many variations; variation i uses seed + i."),
@@ -389,7 +390,7 @@ def variations(
          out, allow_pickle=allow_pickle, models_dir=models_dir, image_prompts=[unit])
 
 
-@app.command()
+@app.command(rich_help_panel=EDIT)
 def img2img(
     image: Path = typer.Argument(..., help="The init image."),
     prompt: str = typer.Argument(..., help="What it should become."),
@@ -417,7 +418,7 @@ def img2img(
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 
 
-@app.command()
+@app.command(rich_help_panel=EDIT)
 def inpaint(
     image: Path = typer.Argument(..., help="The image to edit."),
     mask: Path = typer.Argument(..., help="Same size; white = regenerate, black = keep."),
@@ -455,7 +456,7 @@ def inpaint(
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 
 
-@app.command()
+@app.command(rich_help_panel=GENERATE)
 def sample(
     model: Path = typer.Option(..., help="A model folder written by `imagine train`."),
     n: int = typer.Option(1, help="How many images; image i uses seed + i."),
@@ -485,7 +486,7 @@ def sample(
         fail(str(err))
 
 
-@app.command()
+@app.command(rich_help_panel=GENERATE)
 def info(image: Path = typer.Argument(..., help="A PNG made by imagine or AUTOMATIC1111.")) -> None:
     """Print an image's generation parameters (A1111's text, parsed) and imagine's full JSON record."""
     from imagine.io.png import parse_a1111, read_png_metadata

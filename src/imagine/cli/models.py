@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from imagine import __version__
-from imagine.cli.app import app, fail
+from imagine.cli.app import GENERATE, MODELS, app, fail
 
 
 class ConvertTo(str, Enum):
@@ -17,7 +17,7 @@ class ConvertTo(str, Enum):
     single_file = "single-file"
 
 
-@app.command()
+@app.command(rich_help_panel=GENERATE)
 def samplers(
     as_json: bool = typer.Option(False, "--json", help="Print JSON with each sampler's A1111 aliases."),
 ) -> None:
@@ -36,7 +36,7 @@ def samplers(
         typer.echo(name)
 
 
-@app.command()
+@app.command(rich_help_panel=MODELS)
 def export(
     model: Path = typer.Argument(..., help="A model folder written by `imagine train`."),
     out: Path = typer.Argument(..., help="Where the exported folder goes (must not exist)."),
@@ -58,7 +58,7 @@ def export(
                f"{size / 1e6:.1f} MB)")
 
 
-@app.command("export-onnx")
+@app.command("export-onnx", rich_help_panel=MODELS)
 def export_onnx_cmd(
     out: Path | None = typer.Option(None, help="The folder to write (default: where --backend onnxruntime looks, "
                                                "~/.cache/imagine/onnx/NAME-HASH; must not exist)."),
@@ -91,7 +91,7 @@ def export_onnx_cmd(
                + ("" if out is None else f" after copying it to {path}/onnx (or the default cache folder)"))
 
 
-@app.command()
+@app.command(rich_help_panel=MODELS)
 def convert(
     source: Path = typer.Argument(..., help="A Stable Diffusion checkpoint: .safetensors file or diffusers folder."),
     out: Path = typer.Argument(..., help="Where the converted model goes (must not exist)."),
@@ -120,7 +120,7 @@ def convert(
     typer.echo(f"{source} ({sd.ARCH_LABELS.get(model.arch, model.arch)}) -> {out} ({target})")
 
 
-@app.command("merge-lora")
+@app.command("merge-lora", rich_help_panel=MODELS)
 def merge_lora(
     model: str = typer.Option(..., help="The base model: a folder, a checkpoint file or a name in the models folder."),
     lora: list[str] = typer.Option(..., "--lora", help="NAME_OR_FILE[:WEIGHT]; repeat to fold in several."),
@@ -161,7 +161,7 @@ def merge_lora(
     typer.echo(f"{base} + {', '.join(lora)} -> {out}")
 
 
-@app.command()
+@app.command(rich_help_panel=MODELS)
 def merge(
     a: str = typer.Argument(..., help="Model A (folder, checkpoint file or name in the models folder)."),
     b: str = typer.Argument(..., help="Model B."),
@@ -187,7 +187,7 @@ def merge(
     typer.echo(f"{mode} of {', '.join(str(p) for p in paths)} (M = {multiplier:g}) -> {out}")
 
 
-@app.command("models")
+@app.command("models", rich_help_panel=MODELS)
 def list_models(
     models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -221,7 +221,7 @@ def list_models(
         typer.echo(f"{row['section']:<12} {row['name']}  [{row['hash']}]  {row['bytes'] / 1e6:.1f} MB{arch}")
 
 
-@app.command()
+@app.command(rich_help_panel=MODELS)
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from imagine.cli.app import app, default_model, fail
+from imagine.cli.app import SERVE, app, default_model, fail
 
 
-@app.command()
+@app.command(rich_help_panel=SERVE)
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind; 0.0.0.0 exposes the server to your network."),
     port: int = typer.Option(7860, help="Port (A1111's default)."),

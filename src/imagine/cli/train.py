@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 
-from imagine.cli.app import app, fail, training_progress
+from imagine.cli.app import TRAIN, app, fail, training_progress
 
 
-@app.command()
+@app.command(rich_help_panel=TRAIN)
 def train(
     data: str | None = typer.Option(None, help="A folder of images, builtin:digits or builtin:shapes (default: the "
                                                "preset's, e.g. shapes-default trains on builtin:shapes)."),
@@ -81,7 +81,7 @@ def train(
         typer.echo(f"model written to {out} (loss curve: {out / 'loss.png'})")
 
 
-@app.command("train-sr")
+@app.command("train-sr", rich_help_panel=TRAIN)
 def train_sr_command(
     out: Path = typer.Option(..., help="The stage's model folder; with --stages, a folder of stage-FROM-TO folders "
                                        "and cascade.json (use it whole with --sr)."),
@@ -137,7 +137,7 @@ def train_sr_command(
                f"generate PROMPT --sr {out}")
 
 
-@app.command("train-vae")
+@app.command("train-vae", rich_help_panel=TRAIN)
 def train_vae_command(
     data: str = typer.Option(..., help="A folder of images, or builtin:digits."),
     out: Path = typer.Option(..., help="Where the VAE folder goes."),
@@ -167,7 +167,7 @@ def train_vae_command(
     typer.echo(f"VAE written to {out}")
 
 
-@app.command("train-clip")
+@app.command("train-clip", rich_help_panel=TRAIN)
 def train_clip_command(
     out: Path = typer.Option(..., help="Where the CLIP model folder goes (config.json, model.safetensors, eval.json)."),
     preset: str = typer.Option("shapes-clip", help="shapes-clip (the shipped scorer) or tiny (seconds)."),
@@ -222,7 +222,7 @@ def _adapter_written(out: Path, path: Path, what: str) -> None:
     typer.echo(f"wrote {path} ({size / 1e6:.2f} MB); {what} in {root}")
 
 
-@app.command("train-lora")
+@app.command("train-lora", rich_help_panel=TRAIN)
 def train_lora(
     model: str = typer.Option(..., help="The base model: an imagine or diffusers folder, an SD .safetensors or a "
                                         "name in the models folder (the shipped one: pass its path)."),
@@ -272,7 +272,7 @@ def train_lora(
     _adapter_written(out, path, "log, loss plot and samples")
 
 
-@app.command()
+@app.command(rich_help_panel=TRAIN)
 def dreambooth(
     model: str = typer.Option(..., help="The base model: a folder, an SD .safetensors or a name in the models folder."),
     instance_data: Path = typer.Option(..., help="A few images of the subject (3 to 5 is typical); a same-name "
@@ -344,7 +344,7 @@ def dreambooth(
     _adapter_written(out, path, "class images, log, loss plot and samples")
 
 
-@app.command("textual-inversion")
+@app.command("textual-inversion", rich_help_panel=TRAIN)
 def textual_inversion(
     model: str = typer.Option(..., help="The base model: a folder, an SD .safetensors or a name in the models folder."),
     data: str = typer.Option(..., help="A few images of the concept (a folder; captions only for {caption})."),
@@ -446,7 +446,7 @@ _CONTROL = dict(
 )
 
 
-@app.command("train-controlnet")
+@app.command("train-controlnet", rich_help_panel=TRAIN)
 def train_controlnet(
     out: Path = typer.Option(..., help="The ControlNet folder to write (diffusers' layout; put it in "
                                        "models/ControlNet/). Checkpoints, log, samples: OUT-training/."),
@@ -464,7 +464,7 @@ def train_controlnet(
                    checkpoint_every, sample_every, models_dir, resume)
 
 
-@app.command("train-adapter")
+@app.command("train-adapter", rich_help_panel=TRAIN)
 def train_adapter(
     out: Path = typer.Option(..., help="The T2I-Adapter folder to write (diffusers' layout; put it in "
                                        "models/ControlNet/). Checkpoints, log, samples: OUT-training/."),
@@ -482,7 +482,7 @@ def train_adapter(
                    precision, checkpoint_every, sample_every, models_dir, resume, num_res_blocks)
 
 
-@app.command("train-ip-adapter")
+@app.command("train-ip-adapter", rich_help_panel=TRAIN)
 def train_ip_adapter_cmd(
     out: Path = typer.Option(..., help="The IP-Adapter file to write (.safetensors, the original layout; put it "
                                        "in models/ipadapter/). Checkpoints, log, samples: OUT-training/."),
@@ -532,7 +532,7 @@ def train_ip_adapter_cmd(
                "to find it by its kind)")
 
 
-@app.command("distill-lcm")
+@app.command("distill-lcm", rich_help_panel=TRAIN)
 def distill_lcm_cmd(
     out: Path = typer.Option(..., help="The LCM to write: a model folder, or with --lora an LCM-LoRA .safetensors "
                                        "(kohya's layout). Checkpoints, log, samples: OUT-training/."),

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from imagine.cli.app import app, fail
+from imagine.cli.app import EDIT, app, fail
 
 
-@app.command()
+@app.command(rich_help_panel=EDIT)
 def upscale(
     images: list[Path] = typer.Argument(None, help="Pictures to make larger (any size; each on its own)."),
     scale: float = typer.Option(4.0, help="How many times larger (A1111's 'Resize')."),

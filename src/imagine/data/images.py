@@ -58,6 +58,12 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def vocabulary(self) -> frozenset[str] | None:
+        """The words of the captions (None without captions)."""
+        from imagine.data.vocabulary import caption_vocabulary
+
+        return caption_vocabulary(self.captions) if self.captions is not None else None
+
     def batch(self, indices: Sequence[int], flips: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
         """(images, labels, captions or None) of these items, flipped where ``flips`` says."""

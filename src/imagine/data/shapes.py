@@ -294,6 +294,24 @@ class ShapesDataset:
             captions.append(scene.caption)
         return torch.stack(images), None, captions
 
+    def vocabulary(self) -> frozenset[str]:
+        """Every word a caption of this dataset can hold: the templates' (make_scene) and, for
+        builtin:shapes-language, the train half of its language (never the held-out half)."""
+        from imagine.data.vocabulary import caption_vocabulary
+
+        # a black background is never named, and counts start at two
+        phrases = [*COLORS, *(b for b in BACKGROUNDS if b != "black"), *(NUMBERS[n] for n in NUMBERS if n > 1),
+                   *REGION_PHRASES.values(), *RELATIONS, "a an and on background"]
+        for key, names in SYNONYMS.items():
+            phrases += names
+            if key in SHAPES:
+                phrases += [n + ("es" if n == "box" else "s") for n in names]
+        if self.language:
+            from imagine.data import shapes_language as lang
+
+            phrases += [*lang.vocabulary("train"), "there are"]
+        return caption_vocabulary(phrases)
+
     def render_at(self, indices, size: int) -> torch.Tensor:
         """The same scenes drawn at another size (B, 3, size, size) in [-1, 1]: a super-resolution stage's
         natively small inputs (train/loop.sr_pairs)."""

@@ -31,6 +31,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked: missing, corrupt, foreign or mismatched."""
 
 
+# torch's CPU allocator aligns every tensor to 64 bytes; its vectorised kernels (oneDNN, the BLAS) take other
+# code paths, which round differently, for data at other addresses. A tensor that is a view of a mapped file
+# sits wherever the file put it (safetensors aligns offsets to 8 bytes at most), so the same weights read from
+# a diffusers folder and from a single file would give images that differ in the last bits.
+ALIGNMENT = 64
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when its data is 64-byte aligned, else a copy in memory that is: the same weights
+    give the same pixels whichever file (and offset in it) they came from."""
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
+
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
@@ -119,7 +132,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
+        return {k: aligned(v) for k, v in load_file(str(path)).items()}, metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated or "
                               "corrupt: re-download or re-save it") from err
@@ -198,9 +211,10 @@ def open_weights(path: Path, allow_pickle: bool = False) -> tuple[Weights, dict[
 
 class _MappedReader:
     """Tensors of a safetensors file, memory-mapped. A tensor read in the dtype it is stored in stays a
-    view of the file (no copy); one that is converted (fp16 to fp32, say) leaves its file pages behind,
-    and those are let go by re-opening the mapping every few tensors: without that, a converted fp16
-    checkpoint would sit in memory beside the fp32 model built from it."""
+    view of the file (no copy) where the file aligns it (see ``aligned``); one that is converted (fp16 to
+    fp32, say) or copied to alignment leaves its file pages behind, and those are let go by re-opening the
+    mapping every few tensors: without that, a converted fp16 checkpoint would sit in memory beside the fp32
+    model built from it."""
 
     REOPEN = 16
 
@@ -213,7 +227,7 @@ class _MappedReader:
         if self.handle is None or self.reads >= self.REOPEN:
             self.handle, self.reads = safe_open(str(self.path), framework="pt"), 0
         self.reads += 1
-        return self.handle.get_tensor(key)
+        return aligned(self.handle.get_tensor(key))
 
 
 def check_keys(own: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], source: str) -> None:
@@ -247,7 +261,7 @@ def build_and_fill(factory: Callable[[], nn.Module], weights: Weights, source: s
         prefix, _, name = key.rpartition(".")
         module = model.get_submodule(prefix)
         tensor = weights[key].read()
-        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        tensor = aligned(tensor.to(dtype) if tensor.is_floating_point() else tensor)
         if name in module._parameters:
             module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
         else:

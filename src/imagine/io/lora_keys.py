@@ -53,6 +53,20 @@ def _ldm_names(unet) -> dict[str, str]:
             for ours, src in mapped.items()}
 
 
+def lora_metadata(path: Path | str) -> dict[str, str]:
+    """A LoRA file's safetensors metadata (kohya's ss_* fields, imagine's record); {} for other files."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # a broken file is refused when it is loaded
+        return {}
+
+
 def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bool = False):
     """A kohya or PEFT LoRA file as imagine's LoRA, its keys resolved against ``parts``' modules."""
     from imagine.adapters.lora import LoRA, find_module

@@ -14,6 +14,8 @@ from imagine.io.checkpoint import CheckpointError, atomic_write_bytes, fresh_fol
 from imagine.nn.config import config_from_dict
 
 SPEC_NAME = "diffusion.json"
+# the words of the training captions (data/vocabulary.py), when the model was trained on text here
+VOCABULARY_NAME = "vocabulary.json"
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class DiffusionModel:
     arch: str | None = None  # "sd1", "sd2", "sdxl" for Stable Diffusion checkpoints
     hash_file: Path | None = None  # the file whose SHA-256 is the "Model hash" (A1111: the checkpoint)
     vae_path: Path | None = None  # a separate VAE that replaced the model's own (--vae)
+    # the words its training captions held (None: not recorded, as for Stable Diffusion checkpoints)
+    vocabulary: frozenset[str] | None = None
 
     @property
     def name(self) -> str:
@@ -86,6 +90,24 @@ class DiffusionModel:
     @property
     def weights_file(self) -> Path:
         return self.hash_file or self.path / "unet" / "model.safetensors"
+
+
+def save_vocabulary(folder: Path | str, vocabulary: frozenset[str] | None, source: str = "") -> None:
+    """Record the training captions' words beside the model (nothing when there are none)."""
+    if vocabulary is not None:
+        data = {"words": sorted(vocabulary), "source": source}
+        atomic_write_bytes(Path(folder) / VOCABULARY_NAME, json.dumps(data, indent=1).encode())
+
+
+def load_vocabulary(folder: Path | str) -> frozenset[str] | None:
+    """The words a model folder records, or None when it records none."""
+    path = Path(folder) / VOCABULARY_NAME
+    if not path.is_file():
+        return None
+    words = read_json(path).get("words")
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise CheckpointError(f"{path} has no list of words under 'words'")
+    return frozenset(words)
 
 
 def load_model_folder(path: Path | str, dtype=None) -> DiffusionModel:
@@ -103,7 +125,7 @@ def load_model_folder(path: Path | str, dtype=None) -> DiffusionModel:
     spec = DiffusionSpec.from_dict(read_json(path / SPEC_NAME))
     unet = load_unet(path / "unet", dtype=dtype or torch.float32)
     vae = load_vae(path / "vae") if spec.latent else None
-    return DiffusionModel(unet, vae, spec, path)
+    return DiffusionModel(unet, vae, spec, path, vocabulary=load_vocabulary(path))
 
 
 def checkpoint_model(run: Path | str, step: int) -> DiffusionModel:
@@ -123,7 +145,8 @@ def checkpoint_model(run: Path | str, step: int) -> DiffusionModel:
     if spec.latent and not (run / "vae").is_dir():
         raise CheckpointError(f"{run} has no vae/ beside its checkpoints (earlier versions wrote it only at the "
                               f"end): copy the VAE folder it trained with to {run / 'vae'}")
-    return DiffusionModel(load_unet(folder / "ema"), load_vae(run / "vae") if spec.latent else None, spec, run)
+    return DiffusionModel(load_unet(folder / "ema"), load_vae(run / "vae") if spec.latent else None, spec, run,
+                          vocabulary=load_vocabulary(run))
 
 
 def export_model(model: Path | str, out: Path | str, dtype: str = "fp16", step: int | None = None) -> int:
@@ -139,6 +162,8 @@ def export_model(model: Path | str, out: Path | str, dtype: str = "fp16", step: 
     loaded = checkpoint_model(model, step) if step is not None else load_model_folder(model)
     save_model_folder(loaded, out, None if dtype == "fp32" else dtype)
     atomic_write_bytes(out / SPEC_NAME, (model / SPEC_NAME).read_bytes())  # as written, version stamp too
+    if (model / VOCABULARY_NAME).is_file():  # with where the words came from
+        atomic_write_bytes(out / VOCABULARY_NAME, (model / VOCABULARY_NAME).read_bytes())
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 
 
@@ -153,4 +178,5 @@ def save_model_folder(model: DiffusionModel, out: Path | str, dtype: str | None 
         if model.vae is not None:
             save_vae(model.vae, tmp / "vae", dtype)
         save_spec(model.spec, tmp)
+        save_vocabulary(tmp, model.vocabulary)
     return Path(out)

@@ -43,6 +43,7 @@ class Request:
     image_prompts: tuple = ()  # ImagePromptUnits (adapters/image_prompt.py): IP-Adapter prompts, any number
     resolved_image_prompts: tuple = field(default=(), repr=False)  # ((Prompted, record), ...), filled by check()
     resolved_upscaler: object = field(default=None, repr=False)  # hires fix's Upscaler (pipelines/upscale.py)
+    warnings: tuple[str, ...] = ()  # what the user should know before trusting the images; filled by check()
 
     def check(self, model: DiffusionModel) -> Request:
         """Everything that can be refused before any work, refused now: settings, inputs, sizes. Returns the
@@ -106,9 +107,10 @@ class Request:
         if s.backend != "torch" and (loras or controls or prompts):
             raise ValueError(f"the {s.backend} backend runs the exported UNet alone: LoRAs, ControlNets, T2I-Adapters "
                              "and image prompts need --backend torch (or merge a LoRA into a model and export that)")
-        return replace(self, settings=s, resolved_loras=loras,
-                       resolved_embeddings=tuple(resolve_embeddings(texts, self.models_dir, self.embeddings)),
-                       resolved_controls=controls, resolved_image_prompts=prompts, resolved_upscaler=upscaler)
+        embeddings = tuple(resolve_embeddings(texts, self.models_dir, self.embeddings))
+        return replace(self, settings=s, resolved_loras=loras, resolved_embeddings=embeddings,
+                       resolved_controls=controls, resolved_image_prompts=prompts, resolved_upscaler=upscaler,
+                       warnings=vocabulary_warnings(model, s.prompt, s.negative_prompt, loras, embeddings))
 
     def _resolve_loras(self) -> tuple[LoraUse, ...]:
         """The LoRAs asked for (options first, then the prompt's tags), each found as a file."""
@@ -137,6 +139,34 @@ class Request:
         object.__setattr__(self, "resolved_controls", ())
         object.__setattr__(self, "image_prompts", ())
         object.__setattr__(self, "resolved_image_prompts", ())
+
+
+def vocabulary_warnings(model: DiffusionModel, prompt: str, negative: str, loras=(), embeddings=()
+                        ) -> tuple[str, ...]:
+    """A warning per prompt naming its words that no training caption of ``model`` held (none for a model
+    that records no vocabulary, such as a Stable Diffusion checkpoint). Embedding names and the words of an
+    attached LoRA's metadata (its training prompts or tags) count as known; A1111's syntax is not words."""
+    if model.vocabulary is None:
+        return ()
+    from imagine.adapters.lora import prompt_loras
+    from imagine.data.vocabulary import caption_vocabulary, unknown_words
+    from imagine.io.lora_keys import lora_metadata
+    from imagine.models.text_encoders import parse_prompt_attention
+
+    known = set(model.vocabulary)
+    for embedding, _ in embeddings:
+        known |= caption_vocabulary(embedding.names)
+    for use in loras:
+        known |= caption_vocabulary(lora_metadata(use.path).values())
+    out = []
+    for label, text in (("prompt", prompt), ("negative prompt", negative)):
+        plain = " ".join(piece for piece, weight in parse_prompt_attention(prompt_loras(text)[0]) if weight >= 0)
+        unknown = unknown_words(plain, known)
+        if unknown:
+            out.append(f"the {label} has words {model.name} never saw in a training caption: {', '.join(unknown)}. "
+                       "It can only draw what its captions taught it, and may draw something else for these "
+                       f"(its words: {model.path / 'vocabulary.json'})")
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -289,7 +289,7 @@ def router(service: Service) -> APIRouter:
             await asyncio.sleep(0.02)
         if job.status == "failed":
             raise RequestError(f"generation failed: {job.error}", 422 if job.bad_request else 500)
-        return job, warnings
+        return job, [*warnings, *job.warnings]
 
     def info(job: Job, body: A1111Txt2Img) -> str:
         req, entry = job.request, service.store.lookup(job.model)

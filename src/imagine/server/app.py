@@ -153,14 +153,15 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
                            base64=png_base64(im.png) if with_base64 else None, seed=im.seed,
                            parameters=im.parameters, info=im.record) for i, im in enumerate(job.images)]
         return JobOut(id=job.id, kind=job.kind, model=job.model, status=job.status, progress=job.progress,
-                      step=job.step, total=job.total, eta_seconds=job.eta(), error=job.error, images=images,
-                      request=job.request)
+                      step=job.step, total=job.total, eta_seconds=job.eta(), error=job.error,
+                      warnings=job.warnings, images=images, request=job.request)
 
     @app.post("/api/v1/jobs", response_model=JobCreated, status_code=202, tags=["jobs"])
     def create_job(body: JobRequest, request: Request) -> JobCreated:
         """Queue a txt2img, img2img or inpaint job; 429 with Retry-After when the queue is full."""
         job = service.submit(body.model_dump(), body.kind)
-        return JobCreated(id=job.id, status=job.status, url=str(request.url_for("get_job", job_id=job.id)))
+        return JobCreated(id=job.id, status=job.status, url=str(request.url_for("get_job", job_id=job.id)),
+                          warnings=job.warnings)
 
     @app.get("/api/v1/ip-adapters", tags=["jobs"])
     def ip_adapters() -> dict[str, list[dict[str, str]]]:
@@ -176,7 +177,8 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     def create_variations(body: VariationsRequest, request: Request) -> JobCreated:
         """Queue variations of an image: a txt2img job whose image prompt is the image (its PNGs record it)."""
         job = service.submit(body.job().model_dump(), "txt2img")
-        return JobCreated(id=job.id, status=job.status, url=str(request.url_for("get_job", job_id=job.id)))
+        return JobCreated(id=job.id, status=job.status, url=str(request.url_for("get_job", job_id=job.id)),
+                          warnings=job.warnings)
 
     @app.get("/api/v1/upscalers", tags=["upscale"])
     def upscalers() -> dict[str, list[str]]:

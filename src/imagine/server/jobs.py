@@ -47,6 +47,7 @@ class Job:
     total: int = 0
     error: str | None = None
     bad_request: bool = False  # failed on what the request asked (a ValueError), not on the server
+    warnings: list[str] = field(default_factory=list)  # what the client should know (words the model never saw)
     images: list[ImageResult] = field(default_factory=list, repr=False)
     preview: bytes | None = field(default=None, repr=False)
     created: float = field(default_factory=time.time)

@@ -156,6 +156,8 @@ class JobCreated(BaseModel):
     id: str
     status: str
     url: str
+    warnings: list[str] = Field(default_factory=list, description="what to know before trusting the images "
+                                                                   "(words the model never saw in a caption)")
 
 
 class ImageOut(BaseModel):
@@ -176,6 +178,8 @@ class JobOut(BaseModel):
     total: int
     eta_seconds: float | None
     error: str | None
+    warnings: list[str] = Field(default_factory=list, description="what to know before trusting the images "
+                                                                   "(words the model never saw in a caption)")
     images: list[ImageOut]
     request: dict[str, Any]
 

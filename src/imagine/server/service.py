@@ -150,7 +150,7 @@ class Service:
             if request.get(key):
                 record[key] = [{k: v for k, v in unit.items() if k != "image"} for unit in request[key]]
         job = Job(kind=kind, request={**record, "seed": seed}, model=entry.name, inputs={"request": checked},
-                  save=save)
+                  save=save, warnings=list(checked.warnings))
         if job_id is not None:
             job.id = job_id
         if created is not None:

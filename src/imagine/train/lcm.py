@@ -232,7 +232,10 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
                   metadata={"imagine_lora": json.dumps(record)})
         return out
     lcm = _as_model(model, target, cfg)
-    save_model_folder(DiffusionModel(lcm.unet.eval(), vae, lcm.spec, out), out, replace=True)
+    # the student learns only what the teacher draws for the data's captions
+    words = data.vocabulary() if hasattr(data, "vocabulary") else None
+    vocabulary = words | model.vocabulary if words is not None and model.vocabulary is not None else None
+    save_model_folder(DiffusionModel(lcm.unet.eval(), vae, lcm.spec, out, vocabulary=vocabulary), out, replace=True)
     return out
 
 

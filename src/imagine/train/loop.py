@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from imagine.data.images import ImageDataset
 from imagine.diffusion.losses import diffusion_loss
-from imagine.io.model_folder import DiffusionModel, DiffusionSpec, save_spec
+from imagine.io.model_folder import DiffusionModel, DiffusionSpec, save_spec, save_vocabulary
 from imagine.models import UNet2DConditionModel, UNetConfig, save_unet
 from imagine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from imagine.train.config import TrainConfig
@@ -175,6 +175,18 @@ def sr_pairs(cfg: TrainConfig, images: torch.Tensor, counters, alphas_cumprod: t
     return torch.stack(targets), augment(torch.stack(lows), levels_t, torch.stack(noises), alphas_cumprod), levels_t
 
 
+def training_vocabulary(data, init: DiffusionModel | None) -> tuple[frozenset[str] | None, str]:
+    """The words a text-conditioned run's model will have seen in captions, and where they came from: the
+    data's, with those of the model it starts from (a fine-tune of a model with no recorded words has
+    none either: what it knew is unknown)."""
+    words = data.vocabulary() if hasattr(data, "vocabulary") else None
+    source = data.source
+    if init is not None:
+        words = None if (words is None or init.vocabulary is None) else words | init.vocabulary
+        source = f"{data.source} (from {init.path.name})"
+    return words, source
+
+
 def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool = False,
           latents: tuple[torch.Tensor, torch.Tensor] | None = None, vae=None, vae_dir: Path | None = None,
           text_encoder=None, hooks: tuple[Hook, ...] = (), init: DiffusionModel | None = None) -> Path:
@@ -265,6 +277,9 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_spec(spec, out)
+        if cfg.text_conditional:
+            words, source = training_vocabulary(data, init)
+            save_vocabulary(out, words, source)
         _truncate_log(log_path, start_step)
         if vae_dir is not None and not (out / "vae").is_dir():  # beside the checkpoints: each one exports whole
             from imagine.models import load_vae, save_vae

@@ -47,6 +47,12 @@ function showError(message) {
   $("error").textContent = message || "";
   $("error").hidden = !message;
 }
+// what the server says to know before trusting the images (words the model never saw in a caption)
+function showWarnings(warnings) {
+  const text = (warnings || []).join("\n");
+  $("warnings").textContent = text;
+  $("warnings").hidden = !text;
+}
 function fileToDataURL(file) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
@@ -211,6 +217,7 @@ $("cancel-button").addEventListener("click", async () => {
 });
 
 function started(job) {
+  showWarnings(job.warnings);
   currentJob = job.id;
   setBusy(true);
   $("status-text").textContent = "queued";
