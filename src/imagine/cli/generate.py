@@ -136,12 +136,18 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         if size is not None:
             from dataclasses import replace
 
-            from imagine.pipelines.generate import output_size
+            from imagine.pipelines.generate import MAX_HIRES_SCALE, output_size
 
             base = max(output_size(loaded, settings))
             if size <= base:
                 raise ValueError(f"--size {size} is not larger than the model's {base} px output")
+            if size > MAX_HIRES_SCALE * base:
+                raise ValueError(f"--size {size} is {size / base:g} times the model's {base} px output; super-"
+                                 f"resolution goes up to {MAX_HIRES_SCALE:g} times: at most --size "
+                                 f"{int(MAX_HIRES_SCALE * base)}")
             settings = replace(settings, hires_scale=size / base)
+        init_image = r.open_image(init, "image") if init is not None else None  # a clear error first
+        mask_image = r.open_image(mask, "mask") if mask is not None else None
         extra = {}
         if init is not None:
             extra["init_image"] = r.input_record(init)
@@ -150,8 +156,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         loras = tuple(_lora_option(item) for item in lora or [])
         if not lora_strict:
             extra["lora_strict"] = False
-        request = r.Request(kind, settings, init_image=r.open_image(init, "image") if init is not None else None,
-                            mask=r.open_image(mask, "mask") if mask is not None else None, rerank=rerank,
+        request = r.Request(kind, settings, init_image=init_image, mask=mask_image, rerank=rerank,
                             extra=extra, loras=loras, models_dir=models_dir, embeddings=tuple(embedding or ()),
                             lora_strict=lora_strict, controls=tuple(controls or ()),
                             image_prompts=tuple(image_prompts or ())).check(loaded)

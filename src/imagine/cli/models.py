@@ -192,18 +192,27 @@ def list_models(
     models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List the models folder: checkpoints with architecture, size and A1111 hash; VAEs, LoRAs, ControlNets
-    and embeddings by name."""
+    """List the models shipped inside imagine, then the models folder (when there is one): checkpoints with
+    architecture, size and A1111 hash; VAEs, LoRAs, ControlNets and embeddings by name."""
     from imagine.io import models_dir as md
     from imagine.io import stable_diffusion as sd
     from imagine.io.checkpoint import CheckpointError
+    from imagine.io.png import file_hash
+    from imagine.weights import shipped
 
+    def size(path: Path) -> int:
+        return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+    def weights(path: Path) -> Path:
+        return path if path.is_file() else next(iter(sorted(path.rglob("*.safetensors"))))
+
+    rows = [{"section": "shipped", "name": name, "kind": kind, "path": str(path), "bytes": size(path),
+             "hash": file_hash(weights(path))} for kind, name, path in shipped()]
     folder = models_dir if models_dir is not None else md.default_models_dir()
-    if folder is None or not folder.is_dir():
-        fail(f"no models folder at {folder or 'models/'}: pass --models-dir DIR (with Stable-diffusion/, VAE/, "
-             "Lora/, ControlNet/, embeddings/)")
-    rows = []
-    for section in md.SECTIONS:
+    if models_dir is not None and not models_dir.is_dir():
+        fail(f"no models folder at {models_dir}: pass --models-dir DIR (with Stable-diffusion/, VAE/, Lora/, "
+             "ControlNet/, embeddings/)")
+    for section in md.SECTIONS if folder is not None and folder.is_dir() else ():
         for entry in md.entries(folder, section):
             row = {"section": section, "name": entry.name, "path": str(entry.path), "bytes": entry.bytes,
                    "hash": entry.short_hash}
@@ -218,7 +227,11 @@ def list_models(
         return
     for row in rows:
         arch = f"  {sd.ARCH_LABELS.get(row.get('arch'), row.get('arch') or '')}" if "arch" in row else ""
-        typer.echo(f"{row['section']:<12} {row['name']}  [{row['hash']}]  {row['bytes'] / 1e6:.1f} MB{arch}")
+        kind = f"  {row['kind']}" if "kind" in row else ""
+        typer.echo(f"{row['section']:<12} {row['name']}  [{row['hash']}]  {row['bytes'] / 1e6:.1f} MB{arch}{kind}")
+    if folder is None or not folder.is_dir():
+        typer.echo("(no models folder: put Stable Diffusion checkpoints, LoRAs, ... under ./models, or pass "
+                   "--models-dir DIR)", err=True)
 
 
 @app.command(rich_help_panel=MODELS)

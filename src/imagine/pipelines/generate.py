@@ -65,6 +65,7 @@ RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 # What the masked region starts from before inpainting: A1111's "Masked content" 0 to 3, in order.
 InpaintFill = Literal["fill", "original", "latent_noise", "latent_nothing"]
 INPAINT_FILLS: tuple[str, ...] = get_args(InpaintFill)
+MAX_HIRES_SCALE = 8.0  # hires fix and SR upscaling make images at most this many times larger
 RESIZE_LABELS = {"just_resize": "Just resize", "crop_and_resize": "Crop and resize",
                  "resize_and_fill": "Resize and fill", "latent_upscale": "Just resize (latent upscale)"}
 
@@ -141,8 +142,8 @@ class Settings:
             raise ValueError(f"clip skip must be an integer >= 1 (1: the last layer), got {self.clip_skip!r}")
         if not isinstance(self.noise_seed_delta, int):
             raise ValueError(f"noise seed delta must be an integer, got {self.noise_seed_delta!r}")
-        if not isinstance(self.hires_scale, (int, float)) or not 1 <= self.hires_scale <= 8:
-            raise ValueError(f"hires scale must lie in [1, 8], got {self.hires_scale!r}")
+        if not isinstance(self.hires_scale, (int, float)) or not 1 <= self.hires_scale <= MAX_HIRES_SCALE:
+            raise ValueError(f"hires scale must lie in [1, {MAX_HIRES_SCALE:g}], got {self.hires_scale!r}")
         if not isinstance(self.hires_strength, (int, float)) or not 0 <= self.hires_strength <= 1:
             raise ValueError(f"hires strength (denoising strength of the second pass) must lie in [0, 1], got "
                              f"{self.hires_strength!r}")
@@ -166,6 +167,47 @@ class Settings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def activation_bytes(model: DiffusionModel, width: int, height: int, n: int, tile: int = 0) -> int:
+    """About how much memory sampling and decoding ``n`` images of this size take beyond the weights: the
+    UNet's widest full-resolution activations (both CFG branches, about 24 live at once) and the VAE
+    decoder's (about 12 at full resolution). Fitted on the shipped model (a 512 px image: +550 MB measured,
+    +553 MB estimated); linear in pixels because attention runs through SDPA's memory-efficient kernels."""
+    f = latent_factor(model)
+    if tile:
+        width, height = min(width, tile), min(height, tile)
+    unet = 2 * n * 4 * 24 * model.unet.config.block_out_channels[0] * (width // f) * (height // f)
+    vae = n * 4 * 12 * model.vae.config.block_out_channels[0] * width * height if model.vae is not None else 0
+    return unet + vae
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give (Linux's MemAvailable), or None where it is not known."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(model: DiffusionModel, width: int, height: int, n: int, tile: int = 0,
+                 available: int | None = None) -> None:
+    """Refuse, before anything is allocated, a size whose activations would not fit in the memory this
+    machine has free, saying what would fit."""
+    available = available_memory() if available is None else available
+    need = activation_bytes(model, width, height, n, tile)
+    if available is None or need <= 0.9 * available:
+        return
+    per_pixel = need / (width * height if not tile else min(width, tile) * min(height, tile))
+    f = latent_factor(model)
+    side = max(f, int((0.9 * available / per_pixel) ** 0.5) // f * f)
+    raise ValueError(f"{width}x{height}{f' x {n} images' if n > 1 else ''} would need about {need / 2**30:.1f} GB "
+                     f"for its activations, and this machine has {available / 2**30:.1f} GB free: at most about "
+                     f"{side}x{side} fits" + ("" if tile else "; or sample in tiles (--tile 512, the APIs' tile)"
+                     " to bound memory"))
 
 
 def latent_factor(model: DiffusionModel) -> int:

@@ -72,6 +72,7 @@ class Request:
         if self.init_image is not None and s.width is None and s.height is None:
             s = replace(s, width=self.init_image.width, height=self.init_image.height)
         size = g.output_size(model, s)
+        g.check_memory(model, *size, s.n, s.tile)
         from imagine.adapters.embeddings import resolve_embeddings
 
         if self.controls and self.rerank > 1:
@@ -102,6 +103,9 @@ class Request:
                 raise ValueError("hires fix with ControlNet or T2I-Adapter units is not supported: generate with "
                                  "the units, then upscale the image (imagine upscale) or img2img it")
             upscaler = resolve_upscaler(s.hires_upscaler, self.models_dir, model)
+            from imagine.pipelines.upscale import hires_size
+
+            g.check_memory(model, *hires_size(model, s), s.n, s.tile)
         texts = [s.prompt, s.negative_prompt]
         loras = self._resolve_loras()
         if s.backend != "torch" and (loras or controls or prompts):
@@ -325,14 +329,22 @@ def load_scorer(path: Path | str | None = None):
 
 
 def open_image(path: Path, what: str) -> Image.Image:
-    """An image file read whole, or a ValueError that names the file and the problem."""
+    """An image file read whole, or a ValueError that names the file and the problem in one line."""
     from PIL import UnidentifiedImageError
 
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"the {what} {path} {'is not a file' if path.exists() else 'does not exist'}")
     try:
         with Image.open(path) as img:
             img.load()
             return img.copy()
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+    except Image.DecompressionBombError:
+        raise ValueError(f"the {what} {path} is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS} "
+                         "pixels): scale it down first") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"the {what} {path} is not an image imagine can read (PNG, JPEG, WebP, ...)") from None
+    except (OSError, ValueError) as err:  # truncated data, a text chunk that inflates past Pillow's limit
         raise ValueError(f"cannot read the {what} {path}: {err}") from None
 
 

@@ -43,3 +43,11 @@ def default_clip() -> Path:
         raise FileNotFoundError(f"the default CLIP scorer is missing from this install ({DEFAULT_CLIP}); pass --clip "
                                 "DIR (from `imagine train-clip`)")
     return DEFAULT_CLIP
+
+
+def shipped() -> list[tuple[str, str, Path]]:
+    """What ships inside the package, as (kind, name, path): the models `imagine models` lists first."""
+    rows = [("text-to-image", "shapes-default", DEFAULT_MODEL), ("fast (LCM)", "shapes-lcm", FAST_MODEL),
+            ("super-resolution", "shapes-sr", SR_MODEL), ("CLIP scorer", "shapes-clip", DEFAULT_CLIP)]
+    rows += [("IP-Adapter", p.stem, p) for p in sorted((Path(__file__).parent / "ip-adapter").glob("*.safetensors"))]
+    return [row for row in rows if row[2].exists()]

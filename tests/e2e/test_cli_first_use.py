@@ -1,0 +1,100 @@
+"""What a newcomer meets first, through the CLI in-process: help that reads as written, a version, the shipped
+models listed without a models folder, and one clear line (exit 2, no traceback, nothing allocated) for sizes
+that cannot fit, a --size out of reach, missing or broken input images, and words the model never saw."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from imagine import __version__
+from imagine.cli import app
+from imagine.pipelines import generate as g
+
+runner = CliRunner()
+
+
+def _invoke(*args: str, columns: int = 400):
+    return runner.invoke(app, list(args), env={"COLUMNS": str(columns), "NO_COLOR": "1"})
+
+
+def test_help_keeps_bracketed_text_and_groups_the_commands():
+    top = _invoke("--help").output
+    panels = [p for p in ("Generate", "Edit", "Train", "Models", "Serve", "Evaluate") if f"─ {p} " in top]
+    assert panels == ["Generate", "Edit", "Train", "Models", "Serve", "Evaluate"]
+    assert top.index("─ Generate ") < top.index(" generate ") < top.index("─ Edit ") < top.index(" img2img ")
+    assert "(word:1.3), [word]." in _invoke("generate", "--help").output
+    for command in ("generate", "img2img", "inpaint"):
+        text = _invoke(command, "--help").output
+        assert "TYPE[@MODEL]:IMAGE[:WEIGHT[:START:END]]" in text and "[TYPE[@MODEL]:]IMAGE" in text
+        assert "\\[" not in text
+
+
+def test_version():
+    result = _invoke("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"imagine {__version__}"
+
+
+def test_models_lists_the_shipped_models_without_a_models_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _invoke("models", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {r["name"] for r in rows} >= {"shapes-default", "shapes-lcm", "shapes-sr", "shapes-clip"}
+    assert all(r["section"] == "shipped" and len(r["hash"]) == 10 and r["bytes"] > 0 for r in rows)
+    assert _invoke("models", "--models-dir", str(tmp_path / "nope")).exit_code == 2
+
+
+def _one_line_error(result, *words: str) -> str:
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line and "Traceback" not in line, line
+    for word in words:
+        assert word in line, line
+    return line
+
+
+def test_a_size_that_cannot_fit_is_refused_before_allocating_with_what_fits(tmp_path, monkeypatch):
+    monkeypatch.setattr(g, "available_memory", lambda: 8 * 2**30)
+    line = _one_line_error(_invoke("generate", "a red circle", "--width", "100000", "--height", "100000",
+                                   "--out", str(tmp_path)), "100000x100000", "GB", "fits", "--tile")
+    side = int(line.split("at most about ")[1].split("x")[0])
+    assert side % 4 == 0 and side >= 256  # a multiple of the latent factor, and not absurdly small
+    assert not list(tmp_path.iterdir())
+
+
+def test_what_fits_does_fit():
+    from imagine.io.model_folder import load_model_folder
+    from imagine.weights import DEFAULT_MODEL
+
+    model = load_model_folder(DEFAULT_MODEL)
+    with pytest.raises(ValueError, match="at most about") as err:
+        g.check_memory(model, 100_000, 100_000, 2, available=4 * 2**30)
+    side = int(str(err.value).split("at most about ")[1].split("x")[0])
+    g.check_memory(model, side, side, 2, available=4 * 2**30)  # no error
+    g.check_memory(model, 100_000, 100_000, 1, tile=512, available=4 * 2**30)  # tiles bound it
+
+
+def test_size_beyond_the_upscalers_reach_names_the_largest(tmp_path):
+    _one_line_error(_invoke("generate", "a red circle", "--size", "100000", "--out", str(tmp_path)),
+                    "--size 100000", "at most --size 512")
+
+
+def test_missing_and_broken_input_images_are_one_line(tmp_path):
+    _one_line_error(_invoke("img2img", str(tmp_path / "gone.png"), "a red circle"), "does not exist", "gone.png")
+    (tmp_path / "text.png").write_text("not a picture")
+    _one_line_error(_invoke("img2img", str(tmp_path / "text.png"), "a red circle"), "not an image")
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    _one_line_error(_invoke("inpaint", str(tmp_path / "ok.png"), str(tmp_path / "nomask.png"), "x"), "mask")
+
+
+def test_words_the_model_never_saw_are_warned_about_on_stderr(tmp_path):
+    result = _invoke("generate", "draw a cat", "--steps", "2", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "warning: the prompt has words shapes-default never saw" in result.stderr and "draw, cat" in result.stderr
+    quiet = _invoke("generate", "a red circle above a blue square", "--steps", "2", "--out", str(tmp_path))
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr
