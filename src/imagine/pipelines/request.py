@@ -169,7 +169,7 @@ def vocabulary_warnings(model: DiffusionModel, prompt: str, negative: str, loras
         if unknown:
             out.append(f"the {label} has words {model.name} never saw in a training caption: {', '.join(unknown)}. "
                        "It can only draw what its captions taught it, and may draw something else for these "
-                       f"(its words: {model.path / 'vocabulary.json'})")
+                       f"(the words it knows: vocabulary.json in {model.name})")
     return tuple(out)
 
 
