@@ -27,7 +27,8 @@ from imagine.pipelines.unconditional import to_uint8
 from imagine.weights import default_model
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SETTINGS = "original:0.75,original:1,fill:0.75,fill:1,latent_noise:0.75,latent_noise:1"
+DEFAULT_SETTINGS = ("original:0.75,original:1,fill:0.75,fill:1,latent_noise:0.6,latent_noise:0.75,latent_noise:0.9,"
+                    "latent_noise:1,original:0.75:only-masked:8,latent_noise:0.75:only-masked:8")
 
 
 def cases(n: int, seed: int = 0, size: int = 64) -> list[dict]:

@@ -141,7 +141,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(model_dir, tmp_path):
         (["inpaint", str(img), str(small_mask), "x", "--model", str(model_dir)], "must be the same size"),
         (["img2img", str(img), "x", "--strength", "1.5", "--model", str(model_dir)], "strength must lie in (0, 1]"),
         (["img2img", str(img), "x", "--strength", "0", "--model", str(model_dir)], "strength must lie in (0, 1]"),
-        (["img2img", str(tmp_path / "junk.png"), "x", "--model", str(model_dir)], "cannot read the image"),
+        (["img2img", str(tmp_path / "junk.png"), "x", "--model", str(model_dir)], "is not an image"),
         (["generate", "x", "--model", str(tmp_path / "empty")], "neither an imagine model folder (diffusion.json) nor "
                                                                 "a diffusers pipeline folder"),
         (["generate", "x", "--model", str(model_dir), "--sampler", "eulr"], "sampler 'eulr' unknown"),

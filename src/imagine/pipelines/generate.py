@@ -86,7 +86,9 @@ class Settings:
     strength: float = 0.75  # img2img and inpaint: how much of the schedule runs
     mask_blur: int = 4  # inpaint: Gaussian blur radius of the mask, pixels
     resize_mode: ResizeMode = "just_resize"  # img2img and inpaint: how the init image meets the output size
-    inpaint_fill: InpaintFill = "original"  # inpaint: what the masked region starts from
+    # inpaint: what the masked region starts from. Latent noise, because it draws a new object where asked
+    # 2.5x as often as the original (0.62 against 0.25 at strength 0.75: benchmarks/inpaint_eval.py)
+    inpaint_fill: InpaintFill = "latent_noise"
     inpaint_only_masked: bool = False  # inpaint at full resolution on the mask's bounding box, pasted back
     inpaint_padding: int = 32  # pixels around the mask's box, with inpaint_only_masked
     mask_invert: bool = False  # inpaint: regenerate where the mask is black instead

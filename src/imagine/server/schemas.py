@@ -74,7 +74,8 @@ class JobRequest(BaseModel):
     resize_mode: Literal["just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale"] = Field(
         "just_resize", description="img2img/inpaint: how the init image meets the output size")
     inpaint_fill: Literal["fill", "original", "latent_noise", "latent_nothing"] = Field(
-        "original", description="inpaint: what the masked region starts from")
+        "latent_noise", description="inpaint: what the masked region starts from (latent noise draws a new object "
+                                    "most often; original keeps the region's composition)")
     inpaint_only_masked: bool = Field(False, description="inpaint the mask's box at full size, paste it back")
     inpaint_padding: int = Field(32, ge=0, le=1024, description="pixels around the mask's box (only masked)")
     mask_invert: bool = Field(False, description="inpaint where the mask is black")
