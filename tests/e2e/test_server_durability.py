@@ -228,8 +228,8 @@ def test_a1111_fields_are_honoured_or_refused(tiny_t2i_dir):
                              ("alwayson_scripts", {"adetailer": {"args": []}})):  # ControlNet's are run
             r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, field: value})
             assert r.status_code == 422 and field in r.json()["detail"], (field, r.text)
-        r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "restore_faces": False, "tiling": False,
-                                                   "eta": 0, "s_noise": 1.0, "my_extension_flag": 3})
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2, "restore_faces": False,
+                                                   "tiling": False, "eta": 0, "s_noise": 1.0, "my_extension_flag": 3})
         assert r.status_code == 200 and r.json()["warnings"] == ["unknown field 'my_extension_flag' ignored"]
         for override in ({"samples_format": "jpg"}, {"sd_hypernetwork": "x.pt"}):
             r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "override_settings": override})

@@ -360,8 +360,9 @@ def prepare_condition(unit: ControlUnit, size: tuple[int, int]) -> Image.Image:
 
 
 def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], models_dir: Path | None,
-                  allow_pickle: bool = False) -> list[tuple[Conditioner, dict]]:
-    """Each unit as a Conditioner and its record (for the PNG), every refusal made now."""
+                  allow_pickle: bool = False, confined: bool = False) -> list[tuple[Conditioner, dict]]:
+    """Each unit as a Conditioner and its record (for the PNG), every refusal made now. ``confined``: models
+    by name in the models folder (or shipped) only, never by path."""
     from imagine.io.models_dir import resolve
     from imagine.io.png import file_hash
     from imagine.pipelines.generate import latent_factor
@@ -372,7 +373,7 @@ def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], mo
         if unit.model is not None:
             shipped = {p.name: p for p in builtin_controls()}
             try:
-                path = shipped.get(unit.model) or resolve(unit.model, models_dir, "controlnet")
+                path = shipped.get(unit.model) or resolve(unit.model, models_dir, "controlnet", confined=confined)
             except FileNotFoundError as err:
                 raise ValueError(f"control unit {i}: {err}") from None
         else:

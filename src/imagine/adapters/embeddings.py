@@ -125,8 +125,8 @@ def _calls(name: str, path: Path) -> tuple[str, ...]:
     return (name, *header_aliases(path))
 
 
-def resolve_embeddings(texts: Iterable[str], models_dir: Path | None, asked: Iterable[str] = ()) \
-        -> list[tuple[Embedding, str]]:
+def resolve_embeddings(texts: Iterable[str], models_dir: Path | None, asked: Iterable[str] = (),
+                       confined: bool = False) -> list[tuple[Embedding, str]]:
     """The embeddings a request uses, each with its source: ``asked`` (files or names in the models folder,
     always used: "option"), then every folder embedding whose name the prompts write ("prompt")."""
     from imagine.io.embeddings import load_embedding
@@ -136,7 +136,7 @@ def resolve_embeddings(texts: Iterable[str], models_dir: Path | None, asked: Ite
     seen: set[Path] = set()
     for item in asked:
         try:
-            path = resolve(item, models_dir, "embeddings")
+            path = resolve(item, models_dir, "embeddings", confined=confined)
         except FileNotFoundError as err:
             raise ValueError(f"embedding {err}") from None
         out.append((load_embedding(path), "option"))

@@ -246,8 +246,9 @@ def encode_reference(file: IPAdapterFile, image: Image.Image, image_encoder: str
 
 
 def resolve_prompts(units: Sequence[ImagePromptUnit], model, models_dir: Path | None,
-                    allow_pickle: bool = False) -> list[tuple[Prompted, dict]]:
-    """Each unit as a Prompted and its record (for the PNG), every refusal made now."""
+                    allow_pickle: bool = False, confined: bool = False) -> list[tuple[Prompted, dict]]:
+    """Each unit as a Prompted and its record (for the PNG), every refusal made now. ``confined``: models by
+    name in the models folder (or shipped) only, never by path."""
     from imagine.adapters.control import png_b64
     from imagine.io.models_dir import resolve
     from imagine.io.png import file_hash
@@ -261,10 +262,10 @@ def resolve_prompts(units: Sequence[ImagePromptUnit], model, models_dir: Path | 
             path = shipped.get(unit.model)
             if path is None:
                 try:
-                    path = resolve(unit.model, models_dir, "ipadapter")
+                    path = resolve(unit.model, models_dir, "ipadapter", confined=confined)
                 except FileNotFoundError:
                     try:
-                        path = resolve(unit.model, models_dir, "controlnet")
+                        path = resolve(unit.model, models_dir, "controlnet", confined=confined)
                     except FileNotFoundError as err:
                         raise ValueError(f"image prompt {i}: IP-Adapter {err}") from None
         else:

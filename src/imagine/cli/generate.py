@@ -46,7 +46,7 @@ _OPTS = dict(
     schedule=typer.Option(None, help="Sigma schedule: default or karras (default: what the sampler name implies)."),
     cfg=typer.Option(None, help="Classifier-free guidance scale (default: the model's; 3 for the shipped one)."),
     rescale=typer.Option(0.0, help="Guidance rescale phi in [0, 1] (Lin et al. 2023)."),
-    seed=typer.Option(0, help="Seed of the first image; image i uses seed + i."),
+    seed=typer.Option(0, help="Seed of the first image; image i uses seed + i. -1: a random one (printed)."),
     n=typer.Option(1, help="How many images."),
     width=typer.Option(None, help="Width in pixels (a multiple of the latent factor)."),
     height=typer.Option(None, help="Height in pixels (a multiple of the latent factor)."),
@@ -106,6 +106,12 @@ def _model_option(model: str | None, fast: bool) -> str | None:
 
 def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, **more):
     from imagine.pipelines.generate import Settings
+
+    if seed == -1:  # A1111's "random": drawn here, printed, and recorded in every PNG like any seed
+        import secrets
+
+        seed = secrets.randbelow(2**31)
+        typer.echo(f"seed: {seed}", err=True)
 
     more = {k: (v.value if isinstance(v, Enum) else v) for k, v in more.items()}
     return Settings(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler, schedule=schedule,

@@ -22,7 +22,14 @@ def serve(
                                                                    "only)."),
     out: Path = typer.Option(Path("outputs"), help="Where generated PNGs are saved, and the job store "
                                                    "(jobs.sqlite) that survives restarts."),
-    api_auth: str | None = typer.Option(None, help="USER:PASS: basic auth on every route (A1111's --api-auth)."),
+    api_auth: str | None = typer.Option(None, envvar="IMAGINE_API_AUTH",
+                                        help="USER:PASS: basic auth on every route (A1111's --api-auth); also read "
+                                             "from IMAGINE_API_AUTH, which, unlike a flag, does not show in ps."),
+    api_auth_file: Path | None = typer.Option(None, help="A file whose first line is USER:PASS (kept out of the "
+                                                         "process list and shell history)."),
+    allow_paths: bool = typer.Option(False, "--allow-paths", help="Let requests name LoRAs, ControlNets, "
+                                     "IP-Adapters, embeddings and upscalers by path on this machine; by default "
+                                     "only by name in the models folder."),
     max_queue: int = typer.Option(16, help="Jobs that may wait; more are answered 429 with Retry-After."),
     max_steps: int = typer.Option(150, help="Most sampling steps per request."),
     max_batch: int = typer.Option(8, help="Most images per request."),
@@ -39,6 +46,11 @@ def serve(
     from imagine.server import Limits, create_app
 
     try:
+        if api_auth_file is not None:
+            try:
+                api_auth = api_auth_file.read_text().splitlines()[0].strip()
+            except (OSError, IndexError):
+                raise ValueError(f"--api-auth-file {api_auth_file}: cannot read a USER:PASS line from it") from None
         folder = models_dir if models_dir is not None else md.default_models_dir()
         listed = [e.path for e in md.entries(folder, "checkpoints")
                   if allow_pickle or e.path.is_dir() or e.path.suffix == ".safetensors"]
@@ -48,7 +60,10 @@ def serve(
                         max_request_bytes=int(max_request_mb * 1024 * 1024),
                         max_kept_bytes=int(max_kept_mb * 1024 * 1024))
         server_app = create_app(paths, out_dir=out, limits=limits, max_queue=max_queue, api_auth=api_auth,
-                                vaes=vaes, allow_pickle=allow_pickle, models_dir=folder)
+                                vaes=vaes, allow_pickle=allow_pickle, models_dir=folder, allow_paths=allow_paths,
+                                skip_broken=not model)  # the folder's broken files are listed; a named one stops
+        for path, error in server_app.state.service.store.broken.items():
+            typer.echo(f"warning: not serving {path}: {error}", err=True)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 WEIGHTS_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # read only with allow_pickle, and then weights_only
 CONFIG_NAME = "config.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -189,6 +190,9 @@ def open_weights(path: Path, allow_pickle: bool = False) -> tuple[Weights, dict[
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
     if path.suffix != ".safetensors":
+        if path.suffix not in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{path.name} is not a checkpoint imagine reads: weights come as .safetensors "
+                                  f"(or, with --allow-pickle, {'/'.join(PICKLE_SUFFIXES)} pickles)")
         if not allow_pickle:
             raise CheckpointError(
                 f"{path} is a pickle ({path.suffix}); imagine reads .safetensors only, because unpickling a "

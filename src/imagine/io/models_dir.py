@@ -100,8 +100,18 @@ def find(models_dir: Path | None, section: str, name: str) -> Entry:
                    f"there are: {choices}")
 
 
-def resolve(value: str | Path, models_dir: Path | None, section: str = "checkpoints") -> Path:
-    """A path as given when it exists, else a model of ``section`` in the models folder."""
+def resolve(value: str | Path, models_dir: Path | None, section: str = "checkpoints", *,
+            confined: bool = False) -> Path:
+    """A path as given when it exists, else a model of ``section`` in the models folder. ``confined`` (a
+    server's requests): names in the models folder only, and the error says nothing of any other path."""
+    if confined:
+        try:
+            return find(models_dir, section, str(value)).path
+        except KeyError:
+            choices = ", ".join(e.name for e in entries(models_dir, section)) or "none"
+            raise FileNotFoundError(f"no {section} named {str(value)!r} in the models folder's "
+                                    f"{SECTIONS[section]}/ (this server takes names, not paths); there are: "
+                                    f"{choices}") from None
     path = Path(value)
     if path.exists():
         return path

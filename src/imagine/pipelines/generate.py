@@ -66,6 +66,7 @@ RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 InpaintFill = Literal["fill", "original", "latent_noise", "latent_nothing"]
 INPAINT_FILLS: tuple[str, ...] = get_args(InpaintFill)
 MAX_HIRES_SCALE = 8.0  # hires fix and SR upscaling make images at most this many times larger
+MAX_CFG = 100.0  # classifier-free guidance past this only saturates (1e308 made black images)
 RESIZE_LABELS = {"just_resize": "Just resize", "crop_and_resize": "Crop and resize",
                  "resize_and_fill": "Resize and fill", "latent_upscale": "Just resize (latent upscale)"}
 
@@ -128,6 +129,25 @@ class Settings:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not 0 <= self.cfg_scale <= MAX_CFG:
+            raise ValueError(f"cfg_scale must lie in [0, {MAX_CFG:g}] (3 to 12 is usual), got {self.cfg_scale:g}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0 (image i uses seed + i), got {self.seed!r}")
+        if not isinstance(self.noise_seed_delta, int):
+            raise ValueError(f"noise seed delta must be an integer, got {self.noise_seed_delta!r}")
+        last = self.seed + self.n - 1 + max(0, self.noise_seed_delta)
+        if last >= 2**63 or self.seed + min(0, self.noise_seed_delta) < 0:
+            raise ValueError(f"seed {self.seed} with {self.n} images and noise seed delta {self.noise_seed_delta} "
+                             f"leaves the seeds' range [0, 2**63): choose a seed below {2**63 - self.n}")
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(self, name)
+            if "\x00" in text:
+                raise ValueError(f"the {name.replace('_', ' ')} holds a NUL character: remove it")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"the {name.replace('_', ' ')} is not valid Unicode (a lone surrogate): "
+                                 "send UTF-8 text") from None
         if not 0 < self.strength <= 1:
             raise ValueError(f"strength must lie in (0, 1], got {self.strength}")
         if self.precision not in ("fp32", "bf16"):
@@ -142,8 +162,6 @@ class Settings:
             raise ValueError(f"inpaint padding must be >= 0 pixels, got {self.inpaint_padding}")
         if self.clip_skip is not None and (not isinstance(self.clip_skip, int) or self.clip_skip < 1):
             raise ValueError(f"clip skip must be an integer >= 1 (1: the last layer), got {self.clip_skip!r}")
-        if not isinstance(self.noise_seed_delta, int):
-            raise ValueError(f"noise seed delta must be an integer, got {self.noise_seed_delta!r}")
         if not isinstance(self.hires_scale, (int, float)) or not 1 <= self.hires_scale <= MAX_HIRES_SCALE:
             raise ValueError(f"hires scale must lie in [1, {MAX_HIRES_SCALE:g}], got {self.hires_scale!r}")
         if not isinstance(self.hires_strength, (int, float)) or not 0 <= self.hires_strength <= 1:

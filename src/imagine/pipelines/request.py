@@ -44,6 +44,8 @@ class Request:
     resolved_image_prompts: tuple = field(default=(), repr=False)  # ((Prompted, record), ...), filled by check()
     resolved_upscaler: object = field(default=None, repr=False)  # hires fix's Upscaler (pipelines/upscale.py)
     warnings: tuple[str, ...] = ()  # what the user should know before trusting the images; filled by check()
+    confined: bool = False  # a server's request: LoRAs, control and IP-Adapter models, embeddings and upscalers
+    # by name in models_dir only, never by path (io/models_dir.resolve)
 
     def check(self, model: DiffusionModel) -> Request:
         """Everything that can be refused before any work, refused now: settings, inputs, sizes. Returns the
@@ -86,12 +88,12 @@ class Request:
         if self.controls:
             from imagine.adapters.control import resolve_units
 
-            controls = tuple(resolve_units(self.controls, model, size, self.models_dir))
+            controls = tuple(resolve_units(self.controls, model, size, self.models_dir, confined=self.confined))
         prompts = ()
         if self.image_prompts:
             from imagine.adapters.image_prompt import resolve_prompts
 
-            prompts = tuple(resolve_prompts(self.image_prompts, model, self.models_dir))
+            prompts = tuple(resolve_prompts(self.image_prompts, model, self.models_dir, confined=self.confined))
         upscaler = None
         if s.hires_scale > 1:
             from imagine.pipelines.upscale import resolve_upscaler
@@ -102,7 +104,7 @@ class Request:
             if controls:
                 raise ValueError("hires fix with ControlNet or T2I-Adapter units is not supported: generate with "
                                  "the units, then upscale the image (imagine upscale) or img2img it")
-            upscaler = resolve_upscaler(s.hires_upscaler, self.models_dir, model)
+            upscaler = resolve_upscaler(s.hires_upscaler, self.models_dir, model, confined=self.confined)
             from imagine.pipelines.upscale import hires_size
 
             g.check_memory(model, *hires_size(model, s), s.n, s.tile)
@@ -111,7 +113,7 @@ class Request:
         if s.backend != "torch" and (loras or controls or prompts):
             raise ValueError(f"the {s.backend} backend runs the exported UNet alone: LoRAs, ControlNets, T2I-Adapters "
                              "and image prompts need --backend torch (or merge a LoRA into a model and export that)")
-        embeddings = tuple(resolve_embeddings(texts, self.models_dir, self.embeddings))
+        embeddings = tuple(resolve_embeddings(texts, self.models_dir, self.embeddings, self.confined))
         return replace(self, settings=s, resolved_loras=loras, resolved_embeddings=embeddings,
                        resolved_controls=controls, resolved_image_prompts=prompts, resolved_upscaler=upscaler,
                        warnings=vocabulary_warnings(model, s.prompt, s.negative_prompt, loras, embeddings))
@@ -129,7 +131,7 @@ class Request:
             if not isinstance(weight, float) or weight != weight:
                 raise ValueError(f"LoRA {name!r}: the weight must be a number")
             try:
-                path = resolve(name, self.models_dir, "lora")
+                path = resolve(name, self.models_dir, "lora", confined=self.confined)
             except FileNotFoundError as err:
                 raise ValueError(f"LoRA {err}") from None
             out.append(LoraUse(name, path, weight, source))

@@ -159,7 +159,8 @@ def load_stages(path: Path) -> list[DiffusionModel]:
     return _STAGES[key]
 
 
-def resolve_upscaler(name: str, models_dir: Path | None = None, model: DiffusionModel | None = None) -> Upscaler:
+def resolve_upscaler(name: str, models_dir: Path | None = None, model: DiffusionModel | None = None, *,
+                     confined: bool = False) -> Upscaler:
     """An upscaler by name: a resampler (Lanczos, Bicubic, Bilinear, Nearest), Latent, Tile ControlNet[@NAME]
     (hires fix for ``model``: the tile ControlNet that fits it, or the one named), the shipped SR stage (its
     folder name, shapes-sr), an SR stage or cascade in the models folder's SR/, or a path to one."""
@@ -176,7 +177,7 @@ def resolve_upscaler(name: str, models_dir: Path | None = None, model: Diffusion
 
         named = name.partition("@")[2]
         try:
-            path = (md.resolve(named, models_dir, "controlnet") if named else
+            path = (md.resolve(named, models_dir, "controlnet", confined=confined) if named else
                     find_control("tile", "controlnet", models_dir, model.unet))
         except FileNotFoundError as err:
             raise ValueError(f"upscaler {name!r}: {err}") from None
@@ -190,7 +191,7 @@ def resolve_upscaler(name: str, models_dir: Path | None = None, model: Diffusion
         path = sr_model()
     else:
         try:
-            path = md.resolve(name, models_dir, "sr")
+            path = md.resolve(name, models_dir, "sr", confined=confined)
         except FileNotFoundError as err:
             known = ", ".join([*RESAMPLERS, LATENT, TILE, SR_MODEL.name])
             raise ValueError(f"upscaler {name!r} unknown: not one of {known}, and {err}") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from imagine.samplers import A1111_NAMES, SAMPLERS, a1111_name, resolve
 from imagine.server.jobs import Job
 from imagine.server.models import AUTOMATIC
 from imagine.server.schemas import (
+    MAX_PROCESSOR_RES,
     A1111ExtrasBatch,
     A1111ExtrasBatchResponse,
     A1111ExtrasSingle,
@@ -100,6 +102,7 @@ def _check_fields(body: A1111Txt2Img, sampler: str) -> list[str]:
                 refused.append(f"{name}={json.dumps(value)[:40]} ({what})")
         elif name == "eta":
             stochastic = SAMPLERS[resolve(sampler)[0]].stochastic
+            value = _number(extra, "eta", float)
             if value is not None and stochastic and float(value) != 1.0:
                 refused.append(f"eta={value} (this server's stochastic samplers run at eta 1)")
             elif value is not None and resolve(sampler)[0] == "ddim" and float(value) != 0.0:
@@ -222,14 +225,27 @@ def hires_request(body: A1111Txt2Img) -> dict[str, Any]:
     if different:
         raise RequestError("hires fix here runs its second pass with the first pass's checkpoint, sampler and "
                            "prompts; refused rather than ignored: " + "; ".join(different))
-    scale = float(extra.get("hr_scale") or 2.0)
-    rx, ry = int(extra.get("hr_resize_x") or 0), int(extra.get("hr_resize_y") or 0)
+    scale = _number(extra, "hr_scale", float) or 2.0
+    rx, ry = _number(extra, "hr_resize_x", int) or 0, _number(extra, "hr_resize_y", int) or 0
     if rx or ry:  # A1111: a target size instead of a scale (one side 0: kept in proportion)
         width, height = body.width or 512, body.height or 512
         scale = max(rx / width if rx else 0, ry / height if ry else 0)
     strength = body.denoising_strength if body.denoising_strength is not None else 0.7
     return {"hires_scale": scale, "hires_upscaler": extra.get("hr_upscaler") or "Latent",
-            "hires_strength": strength, "hires_steps": int(extra.get("hr_second_pass_steps") or 0)}
+            "hires_strength": strength, "hires_steps": _number(extra, "hr_second_pass_steps", int) or 0}
+
+
+def _number(fields: dict[str, Any], name: str, kind: type) -> float | int | None:
+    """An A1111 field that is not in the typed body, checked: a finite number (an integer for ``int``) or
+    None; anything else is a 422 naming it."""
+    value = fields.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (kind is int and value != int(value)):
+        raise RequestError(f"{name} must be {'an integer' if kind is int else 'a number'}, got "
+                           f"{json.dumps(value)[:40]}")
+    return kind(value)
 
 
 def router(service: Service) -> APIRouter:
@@ -425,27 +441,36 @@ def router(service: Service) -> APIRouter:
 
     @api.post("/options")
     def set_options(body: dict[str, Any] = Body(...)) -> None:
-        """Switch the model with {"sd_model_checkpoint": name or title}; other known options are stored."""
-        if "sd_model_checkpoint" in body:
-            try:
-                service.store.select(str(body["sd_model_checkpoint"]))
-            except KeyError as err:
-                raise RequestError(err.args[0], 400) from None
+        """Switch the model with {"sd_model_checkpoint": name or title}; other known options are stored. Every
+        option is checked first, with the bounds of the request field it stands for (an option applies to every
+        later request of every client), and nothing is changed unless all pass."""
+        from imagine.server.service import checked_fields
+
         unknown = sorted(set(body) - set(service.options) - {"sd_model_checkpoint", "sd_checkpoint_hash"})
         if unknown:
             raise RequestError(f"options {unknown} are not supported here; supported: "
                                f"{sorted(['sd_model_checkpoint', *service.options])}", 400)
-        if "sd_vae" in body:
-            try:
+        try:
+            if "sd_model_checkpoint" in body:
+                service.store.lookup(str(body["sd_model_checkpoint"]))
+            if "sd_vae" in body:
                 service.store.vae(str(body["sd_vae"]))
-            except KeyError as err:
-                raise RequestError(err.args[0], 400) from None
+        except KeyError as err:
+            raise RequestError(err.args[0], 400) from None
         if "samples_format" in body and str(body["samples_format"]).lower() != "png":
             raise RequestError("samples_format: imagine writes PNG only (it carries the parameters that reproduce "
                                "each image)", 400)
-        for key, low in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", None)):
-            if key in body and (not isinstance(body[key], int) or (low is not None and body[key] < low)):
-                raise RequestError(f"{key} must be an integer" + (f" >= {low}" if low is not None else ""), 400)
+        for key, field in (("CLIP_stop_at_last_layers", "clip_skip"), ("eta_noise_seed_delta", "noise_seed_delta")):
+            if key in body:
+                value = body[key]
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise RequestError(f"{key} must be an integer, got {json.dumps(value)[:40]}", 400)
+                try:
+                    checked_fields({field: value}, "txt2img")
+                except RequestError as err:
+                    raise RequestError(f"{key} (the request field {field}): {err}", 400) from None
+        if "sd_model_checkpoint" in body:
+            service.store.select(str(body["sd_model_checkpoint"]))
         service.options.update({k: v for k, v in body.items() if k in service.options})
         return None
 
@@ -560,20 +585,35 @@ def controlnet_router(service: Service) -> APIRouter:
         except ValueError as err:
             raise RequestError(f"controlnet_module: {err}") from None
         res = body.get("controlnet_processor_res", -1)
+        if res not in (None, -1) and (not isinstance(res, int) or isinstance(res, bool)
+                                      or not 8 <= res <= MAX_PROCESSOR_RES):
+            raise RequestError(f"controlnet_processor_res must be -1 (the image's own) or an integer in "
+                               f"[8, {MAX_PROCESSOR_RES}], got {json.dumps(res)[:40]}")
+        args = {}
+        for key, name in (("controlnet_threshold_a", "threshold_a"), ("controlnet_threshold_b", "threshold_b")):
+            value = body.get(key)
+            if value not in (None, -1):
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    raise RequestError(f"{key} must be a number, got {json.dumps(value)[:40]}")
+                args[name] = float(value)
+        if len(images) > service.limits.max_batch:
+            raise RequestError(f"{len(images)} images per request is over the limit max_batch="
+                               f"{service.limits.max_batch}")
+        pictures = [decode_image(data, f"controlnet_input_images[{i}]", service.limits)
+                    for i, data in enumerate(images)]
         out = []
-        for i, data in enumerate(images):
-            image = decode_image(data, f"controlnet_input_images[{i}]", service.limits)
-            args = {}
-            for key, name in (("controlnet_threshold_a", "threshold_a"), ("controlnet_threshold_b", "threshold_b")):
-                if body.get(key) not in (None, -1):
-                    args[name] = float(body[key])
-            try:
-                result = detect(module, image, None if res in (None, -1) else int(res), **args)
-            except (TypeError, ValueError) as err:
-                raise RequestError(f"controlnet_module {module!r}: {err}") from None
-            buffer = io.BytesIO()
-            Image.fromarray(result).save(buffer, format="PNG")
-            out.append(png_base64(buffer.getvalue()))
+
+        def work(job: Job) -> None:
+            for image in pictures:
+                try:
+                    result = detect(module, image, None if res in (None, -1) else int(res), **args)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"controlnet_module {module!r}: {err}") from None
+                buffer = io.BytesIO()
+                Image.fromarray(result).save(buffer, format="PNG")
+                out.append(png_base64(buffer.getvalue()))
+
+        service.run_queued("detect", module, {"module": module, "images": len(pictures)}, work)
         return {"images": out, "info": "Success"}
 
     return api

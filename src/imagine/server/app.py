@@ -30,21 +30,9 @@ from imagine.server.schemas import (
     UpscaleRequest,
     VariationsRequest,
 )
-from imagine.server.service import Limits, RequestError, Service, decode_image, png_base64
+from imagine.server.service import Limits, RequestError, Service, decode_image, describe_validation, png_base64
 
 STATIC = Path(str(resources.files("imagine.server") / "static"))
-
-
-def _describe_validation(errors: list[dict]) -> str:
-    """Pydantic's errors as one line a person can act on."""
-    parts = []
-    for e in errors[:5]:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        if e.get("type") == "json_invalid":
-            parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})")
-        else:
-            parts.append(f"{where}: {e.get('msg')}")
-    return "; ".join(parts)
 
 
 class _Guard:
@@ -100,19 +88,32 @@ class _Guard:
         return secrets.compare_digest(user, self.auth[0]) & secrets.compare_digest(password, self.auth[1])
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a client's lone surrogate echoed in an error message
+    ("red \\ud800") cannot be encoded as UTF-8, and must not turn a 422 into a 500."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), limits: Limits = Limits(),
                max_queue: int = 16, api_auth: str | None = None, vaes: list[Path] = (),
-               allow_pickle: bool = False, models_dir: Path | None = None) -> FastAPI:
+               allow_pickle: bool = False, models_dir: Path | None = None, allow_paths: bool = False,
+               skip_broken: bool = False) -> FastAPI:
     """models: imagine or diffusers folders or SD single files, looked up by name afterwards (the first
     is current); vaes: separate VAEs a request may pick. out_dir: where images are saved (None: kept in
-    memory only). api_auth: "USER:PASS" for basic auth on every route."""
+    memory only). api_auth: "USER:PASS" for basic auth on every route. allow_paths: requests may name
+    LoRAs, ControlNets, IP-Adapters, embeddings and upscalers by path too (by default: names in the models
+    folder only, and no error says anything about a path outside it). skip_broken: models that cannot be
+    read are listed as broken (GET /api/v1/models) and the rest served."""
     auth = None
     if api_auth is not None:
         user, sep, password = api_auth.partition(":")
         if not sep or not user or not password:
             raise ValueError("--api-auth takes USER:PASS")
         auth = (user, password)
-    service = Service(ModelStore(models, vaes, allow_pickle, models_dir), out_dir, limits, max_queue)
+    service = Service(ModelStore(models, vaes, allow_pickle, models_dir, skip_broken), out_dir, limits, max_queue,
+                      allow_paths)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -129,12 +130,14 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        errors = json.loads(json.dumps(exc.errors(), default=str))
-        return JSONResponse({"detail": _describe_validation(errors), "errors": errors}, 422)
+        # what was wrong, where; not the input itself (it may be a megabyte of base64)
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        errors = json.loads(json.dumps(errors, default=str))
+        return AsciiJSONResponse({"detail": describe_validation(errors), "errors": errors}, 422)
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError):
-        return JSONResponse({"detail": str(exc)}, exc.status)
+        return AsciiJSONResponse({"detail": str(exc)}, exc.status)
 
     @app.exception_handler(QueueFull)
     async def full(request: Request, exc: QueueFull):
@@ -255,7 +258,8 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
                 "models": [{"name": e.name, "title": e.title, "sha256": e.sha256, "path": str(e.path),
                             "defaults": {"steps": e.spec.default_steps, "sampler": e.spec.default_sampler,
                                          "cfg_scale": e.spec.default_cfg}}
-                           for e in service.store.entries()]}
+                           for e in service.store.entries()],
+                "broken": [{"path": path, "error": error} for path, error in service.store.broken.items()]}
 
     @app.post("/api/v1/merge", tags=["models"])
     def merge(body: MergeRequest) -> dict:
@@ -275,14 +279,17 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
         fmt = body.format or ("safetensors" if chosen[0].path.is_file() else "folder")
         out = Path(store.models_dir) / SECTIONS["checkpoints"] / (body.name + (".safetensors" if fmt == "safetensors"
                                                                                else ""))
-        if body.name in store.names() or out.exists():
-            raise RequestError(f"a model named {body.name!r} exists; choose another name", 409)
-        try:
-            merge_files([e.path for e in chosen], out, mode=body.mode, multiplier=body.multiplier, dtype=body.dtype,
-                        allow_pickle=store.allow_pickle)
-        except (ValueError, CheckpointError) as err:
-            raise RequestError(str(err), 400) from None
-        entry = store.add(out)
+        if body.name.endswith("-training"):  # the models folder's listing skips such names (a run's checkpoints)
+            raise RequestError(f"a model name may not end in -training (those are training runs): {body.name!r}")
+        with service.merge_lock:  # one merge at a time: two of the same name must not race for one path
+            if body.name in store.names() or out.exists():
+                raise RequestError(f"a model named {body.name!r} exists; choose another name", 409)
+            try:
+                merge_files([e.path for e in chosen], out, mode=body.mode, multiplier=body.multiplier,
+                            dtype=body.dtype, allow_pickle=store.allow_pickle)
+            except (ValueError, CheckpointError) as err:
+                raise RequestError(str(err), 400) from None
+            entry = store.add(out)
         return {"name": entry.name, "title": entry.title, "path": str(out), "mode": body.mode,
                 "multiplier": body.multiplier, "models": [e.name for e in chosen]}
 

@@ -79,6 +79,7 @@ class Job:
                   for im in row["images"]]
         return cls(kind=row["kind"], request=row["request"], model=row["model"], save=row["save"], id=row["id"],
                    status=row["status"], error=row["error"], bad_request=row["bad_request"], images=images,
+                   warnings=row.get("warnings", []),
                    created=row["created"], started=row["started"], finished=row["finished"],
                    progress=1.0 if row["status"] == "done" else 0.0)
 

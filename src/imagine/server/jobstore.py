@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     request TEXT NOT NULL,             -- JSON: the settings as GET shows them (no images)
     payload TEXT,                      -- JSON: the request as received, images included; only while queued
     save INTEGER NOT NULL DEFAULT 1,
+    warnings TEXT,                     -- JSON list: what the client was told to know (words never trained on)
     created REAL NOT NULL,
     started REAL,
     finished REAL
@@ -60,6 +61,9 @@ class JobStore:
                 self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "warnings" not in columns:  # a store written before jobs had warnings
+                self._db.execute("ALTER TABLE jobs ADD COLUMN warnings TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -75,10 +79,10 @@ class JobStore:
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             self._db.execute(
-                "INSERT INTO jobs (id, seq, kind, model, status, request, payload, save, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, seq, kind, model, status, request, payload, save, warnings, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, seq, job.kind, job.model, job.status, json.dumps(job.request), json.dumps(payload),
-                 int(job.save), job.created))
+                 int(job.save), json.dumps(job.warnings), job.created))
 
     def started(self, job) -> None:
         """Running now: the received images are no longer needed (a restart fails a running job)."""
@@ -144,14 +148,15 @@ class JobStore:
         """A job row with its images, or None."""
         with self._lock:
             row = self._db.execute("SELECT id, kind, model, status, error, bad_request, request, save, created, "
-                                   "started, finished FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                                   "started, finished, warnings FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
             images = self._db.execute("SELECT seed, parameters, record, png, path FROM images WHERE job_id = ? "
                                       "ORDER BY idx", (job_id,)).fetchall()
         keys = ("id", "kind", "model", "status", "error", "bad_request", "request", "save", "created", "started",
-                "finished")
+                "finished", "warnings")
         out = dict(zip(keys, row, strict=True))
+        out["warnings"] = json.loads(out["warnings"]) if out["warnings"] else []
         out["request"], out["bad_request"], out["save"] = json.loads(out["request"]), bool(out["bad_request"]), \
             bool(out["save"])
         out["images"] = [{"seed": s, "parameters": p, "record": json.loads(r), "png": png, "path": path}

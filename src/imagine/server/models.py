@@ -31,13 +31,25 @@ class ModelStore:
     """Text-to-image model folders by name. The first is current until a client switches."""
 
     def __init__(self, folders: list[Path], vaes: list[Path] = (), allow_pickle: bool = False,
-                 models_dir: Path | None = None):
+                 models_dir: Path | None = None, skip_broken: bool = False):
+        """``skip_broken``: a model that cannot be read (a truncated file in the models folder) is listed in
+        ``broken`` with the reason and the rest are served; otherwise it stops the start, as a model the
+        user named should."""
         if not folders:
             raise ValueError("no model to serve: pass --model PATH (an imagine or diffusers folder, or a "
                              "Stable Diffusion .safetensors) or --models-dir DIR")
         self._entries: dict[str, ModelEntry] = {}
+        self.broken: dict[str, str] = {}  # path -> why it is not served
         for folder in folders:
-            self.add(Path(folder), allow_pickle)  # a wrong model fails at start-up, not at the first request
+            try:
+                self.add(Path(folder), allow_pickle)  # a wrong model fails at start-up, not at the first request
+            except (ValueError, OSError) as err:
+                if not skip_broken:
+                    raise
+                self.broken[str(folder)] = str(err)
+        if not self._entries:
+            raise ValueError("no model to serve: every one is broken (" + "; ".join(self.broken.values())[:2000]
+                             + ")")
         self.vaes = {Path(v).stem if Path(v).is_file() else Path(v).name: Path(v) for v in vaes}
         self.current = next(iter(self._entries))
         self.allow_pickle = allow_pickle  # .ckpt files: read with torch.load(weights_only=True)

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_PROCESSOR_RES = 2048  # a preprocessor's working size: its memory grows with the square
+
 
 class LoraIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -28,8 +30,8 @@ class ControlIn(BaseModel):
     mode: str = Field("balanced", description="balanced, prompt (My prompt is more important) or control "
                                               "(ControlNet is more important)")
     resize_mode: Literal["just_resize", "crop_and_resize", "resize_and_fill"] = "crop_and_resize"
-    processor_res: int | None = Field(None, ge=8, le=2048, description="the preprocessor's short side; default: "
-                                                                       "the output's")
+    processor_res: int | None = Field(None, ge=8, le=MAX_PROCESSOR_RES,
+                                      description="the preprocessor's short side; default: the output's")
     threshold_a: float | None = None
     threshold_b: float | None = None
     pixel_perfect: bool = False
@@ -63,7 +65,7 @@ class JobRequest(BaseModel):
     steps: int | None = Field(None, ge=1, description="default: the model's")
     sampler: str | None = Field(None, description="default: the model's")
     schedule: str | None = None
-    cfg_scale: float | None = Field(None, description="default: the model's")
+    cfg_scale: float | None = Field(None, ge=0, le=100, description="default: the model's")
     guidance_rescale: float = Field(0.0, ge=0, le=1)
     seed: int | None = Field(None, ge=-1, lt=2**63, description="None or -1: a random seed")
     n: int = Field(1, ge=1, description="images; image i uses seed + i")
@@ -81,7 +83,8 @@ class JobRequest(BaseModel):
     mask_invert: bool = Field(False, description="inpaint where the mask is black")
     clip_skip: int | None = Field(None, ge=1, le=48, description="text states from the N-th last layer; "
                                                                "default: the model's")
-    noise_seed_delta: int = Field(0, description="stochastic samplers' noise from seed + delta (A1111's ENSD)")
+    noise_seed_delta: int = Field(0, ge=-(2**31), lt=2**31, description="stochastic samplers' noise from seed + "
+                                                                         "delta (A1111's ENSD)")
     backend: Literal["torch", "onnxruntime", "onnxruntime-int8"] = Field(
         "torch", description="what runs the networks: torch, or an ONNX export under ONNX Runtime (fp32 or int8)")
     hires_scale: float = Field(1.0, ge=1, le=8, description="txt2img: make the images this many times larger "

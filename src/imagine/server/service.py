@@ -6,7 +6,9 @@ import base64
 import binascii
 import io
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,8 @@ class Limits:
 
 
 def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
-    """A base64 (or data: URL) image, checked: readable, and not a decompression bomb."""
+    """A base64 (or data: URL) image, checked: readable, within max_input_pixels (one status, 413, for every
+    image over it, decompression bombs included), and with text chunks that inflate within Pillow's limit."""
     if not isinstance(data, str) or not data:
         raise RequestError(f"{what} is empty: send a base64-encoded PNG or JPEG")
     if data.startswith("data:"):
@@ -59,14 +62,17 @@ def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{what} is not valid base64") from None
+    too_large = RequestError(f"{what} is larger than this server takes (max_input_pixels={limits.max_input_pixels}"
+                             "): send a smaller image", 413)
     try:
         with Image.open(io.BytesIO(raw)) as img:
             if img.width * img.height > limits.max_input_pixels:
-                raise RequestError(f"{what} is {img.width}x{img.height}, over the limit max_input_pixels="
-                                   f"{limits.max_input_pixels}", 413)
+                raise too_large
             img.load()
             return img.copy()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:
+        raise too_large from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:  # ValueError: a text chunk bomb
         raise RequestError(f"{what} is not a readable image ({type(err).__name__}): send a PNG or JPEG") from None
 
 
@@ -80,9 +86,39 @@ def preview_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def checked_fields(request: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A request built by any door (the job API, A1111's endpoints, a restart's payload) as the job API's
+    JobRequest validates it: the same types and bounds for all, one 422 naming the fields."""
+    from pydantic import ValidationError
+
+    from imagine.server.schemas import JobRequest
+
+    try:
+        return JobRequest.model_validate({**request, "kind": kind}).model_dump()
+    except ValidationError as err:
+        raise RequestError(describe_validation(err.errors())) from None
+
+
+def describe_validation(errors: list[dict]) -> str:
+    """Pydantic's errors as one line a person can act on."""
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        if e.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})")
+        else:
+            parts.append(f"{where}: {e.get('msg')}")
+    return "; ".join(parts)
+
+
 class Service:
-    def __init__(self, store: ModelStore, out_dir: Path | None, limits: Limits, max_queue: int):
+    def __init__(self, store: ModelStore, out_dir: Path | None, limits: Limits, max_queue: int,
+                 allow_paths: bool = False):
         self.store, self.out_dir, self.limits = store, out_dir, limits
+        # names in requests (LoRAs, ControlNets, IP-Adapters, embeddings, upscalers) resolve inside the models
+        # folder only, unless the server was started to take paths too
+        self.allow_paths = allow_paths
+        self.merge_lock = threading.Lock()
         jobs = JobStore(out_dir / "jobs.sqlite" if out_dir is not None else None, limits.max_kept_bytes)
         self.queue = JobQueue(self.run, jobs, max_queue=max_queue, cancelled_error=g.Cancelled)
         self.options: dict[str, Any] = dict(A1111_OPTIONS)
@@ -93,6 +129,7 @@ class Service:
         """Check a request (our job API's fields, as a dict) against the model and the limits and decode its
         images: a Job ready to queue. Raises RequestError naming what is wrong. Runs model loading and image
         decoding: call it off the event loop."""
+        request = checked_fields(request, kind)  # every door's request passes the job API's bounds
         try:
             entry = self.store.lookup(request.get("model"))
             vae = self.store.vae(request.get("vae"))
@@ -113,6 +150,9 @@ class Service:
             raise RequestError(str(err)) from None
         if settings.steps > lim.max_steps:
             raise RequestError(f"steps {settings.steps} is over the limit max_steps={lim.max_steps}")
+        if settings.hires_scale > 1 and (settings.hires_steps or settings.steps) > lim.max_steps:
+            raise RequestError(f"hires_steps {settings.hires_steps} (the second pass's steps) is over the limit "
+                               f"max_steps={lim.max_steps}")
         if request["n"] > lim.max_batch:
             raise RequestError(f"{request['n']} images per request is over the limit max_batch={lim.max_batch}")
         try:
@@ -128,6 +168,10 @@ class Service:
             if not request.get("mask"):
                 raise RequestError("inpaint needs a mask (white = regenerate, black = keep)")
             mask = decode_image(request["mask"], "the mask", lim)
+        asked = (settings.width or entry.spec.image_size) * (settings.height or entry.spec.image_size)
+        if asked > lim.max_pixels:  # the server's limit first: it is what this client can change
+            raise RequestError(f"{settings.width}x{settings.height} is {asked} pixels, over the limit max_pixels="
+                               f"{lim.max_pixels}")
         model, _ = self.store.get(entry.name, vae)
         controls = self._control_units(request.get("controls") or [], init)
         prompts = self._image_prompt_units(request.get("image_prompts") or [])
@@ -135,8 +179,8 @@ class Service:
             loras = tuple((lo["name"], lo.get("weight", 1.0)) for lo in request.get("loras") or [])
             checked = Request(kind, settings, init_image=init, mask=mask, loras=loras,
                               models_dir=self.store.models_dir, lora_strict=request.get("lora_strict", True),
-                              controls=controls, image_prompts=prompts).check(model)
-        except ValueError as err:
+                              controls=controls, image_prompts=prompts, confined=not self.allow_paths).check(model)
+        except (ValueError, OSError) as err:  # a name that is no model, a folder that is not one
             raise RequestError(str(err)) from None
         w, h = g.output_size(model, checked.settings)
         if checked.settings.hires_scale > 1:  # the limit is on what is made: the second pass's size
@@ -204,6 +248,12 @@ class Service:
         self.queue.store.fail_interrupted()
         for row in self.queue.store.queued():
             payload = row["payload"] or {}
+            if row["kind"] in ("upscale", "detect"):  # answered in the request that asked, which a restart ended
+                job = Job(kind=row["kind"], request={}, model=row["model"], id=row["id"], created=row["created"])
+                job.update(status="failed", finished=time.time(), error=f"the server stopped before this "
+                           f"{row['kind']} ran; its request was answered with an error: ask again")
+                self.queue.store.finished(job)
+                continue
             try:
                 job = self.make_job(payload, row["kind"], save=row["save"], job_id=row["id"], created=row["created"])
             except (RequestError, KeyError) as err:
@@ -214,8 +264,22 @@ class Service:
                 continue
             self.queue.submit(job, payload, restored=True)
 
+    def run_queued(self, kind: str, label: str, request: dict[str, Any], work: Callable[[Job], None]) -> Job:
+        """Heavy work that is not a generation (an upscale, a preprocessor) queued like one, so the queue's
+        bound holds for every request: ``work(job)`` runs on the worker; this waits for it (call it off the
+        event loop) and raises RequestError when it failed."""
+        job = Job(kind=kind, request=request, model=label, inputs={"work": work}, save=False)
+        self.queue.submit(job, {})
+        while not job.done:
+            time.sleep(0.02)
+        if job.status != "done":
+            raise RequestError(f"the {kind} {job.status}: {job.error or 'cancelled'}", 422 if job.bad_request else 500)
+        return job
+
     # -- running them (the worker thread)
     def run(self, job: Job) -> None:
+        if "work" in job.inputs:  # queued work of another kind (an upscale): it runs itself
+            return job.inputs["work"](job)
         model, encoder = self.store.get(job.model, job.request.get("vae"))
         request: Request = job.inputs["request"]
         every = 1
@@ -247,25 +311,54 @@ def upscale_pictures(service: Service, pictures: list[Image.Image], *, scale: fl
                      crop: bool, upscaler: str, second: tuple[str, float] | None, prompt: str, seed: int,
                      noise_level: int | None, names: list[str] | None = None, tile: int = 0) -> list:
     """Extras: each picture upscaled (pipelines/upscale.py) and, when the server saves images, written under
-    OUT/extras/. Runs to the end before answering; an output over max_input_pixels is refused first."""
+    OUT/extras/. Everything is checked first (sizes against the limits: an SR stage's output against
+    max_pixels, as generation's, a resampler's against max_input_pixels; the count against max_batch), then the
+    work waits its turn in the job queue like any generation (a full queue answers 429), and this returns
+    when it is done."""
     from imagine.pipelines.upscale import resolve_upscaler
     from imagine.pipelines.upscale import upscale_pictures as run_upscale
 
     lim = service.limits
+    if len(pictures) > lim.max_batch:
+        raise RequestError(f"{len(pictures)} pictures per request is over the limit max_batch={lim.max_batch}")
+    try:
+        confined = not service.allow_paths
+        first = resolve_upscaler(upscaler, service.store.models_dir, confined=confined)
+        other = (resolve_upscaler(second[0], service.store.models_dir, confined=confined), float(second[1])) \
+            if second else None
+        settings = g.Settings(prompt=prompt, seed=seed, sr_noise_level=noise_level, tile=tile).validate()
+    except ValueError as err:
+        raise RequestError(str(err)) from None
+    sr = any(u.kind == "sr" for u in [first] + ([other[0]] if other else []))
     for i, picture in enumerate(pictures):
+        if size is None and (not isinstance(scale, (int, float)) or not 1 <= scale <= 16):
+            raise RequestError(f"the upscale factor must lie in [1, 16], got {scale!r}")
         factor = max(size[0] / picture.width, size[1] / picture.height) if size is not None else scale
         w, h = round(picture.width * factor), round(picture.height * factor)
+        if sr:  # a diffusion model at the output size: per pixel it costs what generation does
+            made = min(w, tile) * min(h, tile) if tile else w * h
+            if made > lim.max_pixels:
+                raise RequestError(f"picture {i} would become {w}x{h}: an SR stage samples {made} pixels at once, "
+                                   f"over the limit max_pixels={lim.max_pixels}" + ("" if tile else
+                                   "; sample it in tiles (tile) or upscale less"), 413)
         if w * h > lim.max_input_pixels:
             raise RequestError(f"picture {i} would become {w}x{h}, over the limit max_input_pixels="
                                f"{lim.max_input_pixels}", 413)
-    try:
-        first = resolve_upscaler(upscaler, service.store.models_dir)
-        other = (resolve_upscaler(second[0], service.store.models_dir), float(second[1])) if second else None
-        settings = g.Settings(prompt=prompt, seed=seed, sr_noise_level=noise_level, tile=tile).validate()
-        inputs = [{"name": n} for n in names] if names else None
-        results = run_upscale(pictures, scale, first, settings, None, inputs, size=size, crop=crop, second=other)
-    except ValueError as err:
-        raise RequestError(str(err)) from None
-    if service.out_dir is not None:
-        save(results, service.out_dir / "extras")
-    return results
+    inputs = [{"name": n} for n in names] if names else None
+    done: list = []
+
+    def work(job: Job) -> None:
+        def progress(info: dict) -> None:
+            i, total = info.get("i", 0) + 1, info.get("total", 1)
+            job.update(step=i, total=total, progress=min(0.99, i / max(total, 1)))
+
+        results = run_upscale(pictures, scale, first, settings, None, inputs, size=size, crop=crop, second=other,
+                              callback=progress, cancel=job.cancel_event.is_set)
+        if service.out_dir is not None:
+            save(results, service.out_dir / "extras")
+        done.extend(results)
+        job.update(images=[ImageResult(r.png(), r.seed, r.parameters, r.record) for r in results])
+
+    service.run_queued("upscale", first.name, {"upscaler": upscaler, "scale": scale, "size": size,
+                                               "pictures": len(pictures)}, work)
+    return done
