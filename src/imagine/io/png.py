@@ -163,8 +163,9 @@ def read_png_metadata(source: Path | bytes) -> tuple[str | None, dict[str, Any] 
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             img.load()
             text = dict(img.info)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read {name} as an image ({err})") from err
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        # ValueError: a text chunk that inflates past Pillow's limit
+        raise ValueError(f"cannot read {name} as an image ({err})") from None
     record = None
     if "imagine" in text:
         try:

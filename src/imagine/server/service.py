@@ -70,6 +70,8 @@ def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
                 raise too_large
             img.load()
             return img.copy()
+    except RequestError:
+        raise
     except Image.DecompressionBombError:
         raise too_large from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:  # ValueError: a text chunk bomb
@@ -154,7 +156,7 @@ class Service:
             raise RequestError(f"hires_steps {settings.hires_steps} (the second pass's steps) is over the limit "
                                f"max_steps={lim.max_steps}")
         if request["n"] > lim.max_batch:
-            raise RequestError(f"{request['n']} images per request is over the limit max_batch={lim.max_batch}")
+            raise RequestError(f"n={request['n']} images per request is over the limit max_batch={lim.max_batch}")
         try:
             settings.validate()
         except ValueError as err:
@@ -168,9 +170,9 @@ class Service:
             if not request.get("mask"):
                 raise RequestError("inpaint needs a mask (white = regenerate, black = keep)")
             mask = decode_image(request["mask"], "the mask", lim)
-        asked = (settings.width or entry.spec.image_size) * (settings.height or entry.spec.image_size)
-        if asked > lim.max_pixels:  # the server's limit first: it is what this client can change
-            raise RequestError(f"{settings.width}x{settings.height} is {asked} pixels, over the limit max_pixels="
+        w, h = settings.width or entry.spec.image_size, settings.height or entry.spec.image_size
+        if w * h > lim.max_pixels:  # the server's limit first: it is what this client can change
+            raise RequestError(f"width x height = {w}x{h} is {w * h} pixels, over the limit max_pixels="
                                f"{lim.max_pixels}")
         model, _ = self.store.get(entry.name, vae)
         controls = self._control_units(request.get("controls") or [], init)
