@@ -151,6 +151,13 @@ def test_generate_progress_image_and_png_info_in_chromium(server):
         expect(page.locator("#prompt")).to_be_visible()
         expect(page.locator("#prompt")).to_have_value("a red circle above a blue square")
         expect(page.locator("#seed")).to_have_value("42")
+        assert page.locator("#warnings").is_hidden()  # every word of that prompt was in its captions
+        # words the model never saw: the page says so above the result
+        page.fill("#prompt", "draw a cat")
+        page.fill("#steps", "2")
+        page.click("#generate-button")
+        expect(page.locator("#warnings")).to_contain_text("never saw in a training caption: draw, cat")
+        expect(page.locator("figure.result")).to_have_count(2, timeout=60_000)
         # a bad request shows the server's message instead of failing silently
         page.fill("#steps", "5000")
         page.click("#generate-button")
