@@ -24,12 +24,14 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from serving import png_base64, rss_mb, start_server
+from serving import png_base64, run_clients, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bomb(width: int, height: int) -> str:
+def decompression_bomb(width: int, height: int) -> str:
+    """A PNG (base64) that claims to be ``width`` x ``height``; its data is one pixel's, so it never needs
+    decoding to be refused."""
     buffer = io.BytesIO()
     Image.new("L", (1, 1)).save(buffer, format="PNG")
     data = bytearray(buffer.getvalue())
@@ -39,7 +41,8 @@ def _bomb(width: int, height: int) -> str:
     return base64.b64encode(bytes(data)).decode()
 
 
-def _ztxt_bomb() -> str:
+def ztxt_bomb() -> str:
+    """A 16x16 PNG (base64, about 50 KB) whose zTXt chunk inflates to 50 MB."""
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buffer, format="PNG")
     data = buffer.getvalue()
@@ -51,7 +54,7 @@ def _ztxt_bomb() -> str:
 
 def hostile_requests() -> list[tuple[str, str, dict | bytes]]:
     small = png_base64(Image.new("RGB", (64, 64), "red"))
-    ztxt, bomb = _ztxt_bomb(), _bomb(100_000, 100_000)
+    ztxt, bomb = ztxt_bomb(), decompression_bomb(100_000, 100_000)
     return [
         ("detect 8192", "/controlnet/detect", {"controlnet_module": "canny", "controlnet_input_images": [small],
                                                "controlnet_processor_res": 8192}),
@@ -92,7 +95,6 @@ def main() -> None:
     ordinary: collections.Counter[int] = collections.Counter()
     lock = threading.Lock()
     stop = time.time() + args.seconds
-    memory = []
 
     def client(k: int) -> None:
         with httpx.Client(base_url=url, timeout=300) as c:
@@ -113,12 +115,7 @@ def main() -> None:
                 if r.status_code == 429:
                     time.sleep(min(2.0, float(r.headers.get("Retry-After", "1"))))
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        memory.append(rss_mb(server.pid))
-        time.sleep(1)
+    memory = run_clients(client, args.clients, server.pid)
     with httpx.Client(base_url=url, timeout=60) as c:  # still serving, options untouched
         alive = c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2}).status_code
     server.terminate()

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from serving import png_base64, rss_mb, start_server
+from serving import png_base64, run_clients, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,6 @@ def main() -> None:
     images = [0]
     lock = threading.Lock()
     stop = time.time() + args.seconds
-    memory = []
 
     def record(status: int, seconds: float | None = None, n: int = 0) -> None:
         with lock:
@@ -86,12 +85,7 @@ def main() -> None:
                 if r.status_code == 429:
                     time.sleep(min(2.0, float(r.headers.get("Retry-After", "1"))))
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        memory.append(rss_mb(server.pid))
-        time.sleep(1)
+    memory = run_clients(client, args.clients, server.pid)
     server.terminate()
     server.wait(timeout=30)
     fivexx = sum(v for k, v in statuses.items() if k >= 500)

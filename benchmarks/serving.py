@@ -37,6 +37,21 @@ def start_server(out: Path, *args: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the server did not start: {server.stderr.read()[-2000:]}")
 
 
+def run_clients(client, clients: int, server_pid: int) -> list[float]:
+    """``client(k)`` in ``clients`` threads until they all return; the server's RSS (MB) sampled every second
+    meanwhile, returned."""
+    import threading
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    memory = []
+    while any(t.is_alive() for t in threads):
+        memory.append(rss_mb(server_pid))
+        time.sleep(1)
+    return memory
+
+
 def png_base64(image) -> str:
     import base64
     import io

@@ -10,8 +10,9 @@ import base64
 import io
 import os
 import shutil
+import sys
 import threading
-import zlib
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,35 +22,14 @@ from typer.testing import CliRunner
 from imagine.cli import app as cli_app
 from imagine.server import Limits, create_app
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from serve_hostile import decompression_bomb, ztxt_bomb
+
 
 def _b64(img: Image.Image, **save) -> str:
     buffer = io.BytesIO()
     img.save(buffer, format="PNG", **save)
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _ztxt_bomb() -> str:
-    """A small PNG whose zTXt chunk inflates to 50 MB (the file is about 50 KB)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16)).save(buffer, format="PNG")
-    data = buffer.getvalue()
-    payload = b"parameters\x00\x00" + zlib.compress(b"a" * 50_000_000, 9)
-    chunk = len(payload).to_bytes(4, "big") + b"zTXt" + payload
-    chunk += zlib.crc32(b"zTXt" + payload).to_bytes(4, "big")
-    end = data.rindex(b"IEND") - 4
-    return base64.b64encode(data[:end] + chunk + data[end:]).decode()
-
-
-def _bomb_header(width: int, height: int) -> str:
-    """A PNG that claims a huge size (its IDAT is one empty row's worth: it never needs to decode)."""
-    buffer = io.BytesIO()
-    Image.new("L", (1, 1)).save(buffer, format="PNG")
-    data = bytearray(buffer.getvalue())
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4: ihdr + 12] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17])).to_bytes(4, "big")
-    data[ihdr + 17: ihdr + 21] = crc
-    return base64.b64encode(bytes(data)).decode()
 
 
 def _rss() -> int:
@@ -146,7 +126,7 @@ def test_a1111_controlnet_units_and_detect_are_bounded(served):
 
 @pytest.mark.parametrize("image", ["bomb", "ztxt", "garbage", "notbase64"])
 def test_hostile_images_are_4xx_everywhere(served, image):
-    data = {"bomb": _bomb_header(100_000, 100_000), "ztxt": _ztxt_bomb(),
+    data = {"bomb": decompression_bomb(100_000, 100_000), "ztxt": ztxt_bomb(),
             "garbage": base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode(), "notbase64": "%%%"}[image]
     status = {"bomb": (413,)}.get(image, (422,))
     for r in (served.post("/sdapi/v1/png-info", json={"image": data}),
@@ -158,9 +138,9 @@ def test_hostile_images_are_4xx_everywhere(served, image):
 
 
 def test_two_sizes_of_bomb_get_one_status_and_one_message(served):
-    small = served.post("/sdapi/v1/png-info", json={"image": _bomb_header(20_000, 20_000)})  # 400 Mpx: Pillow's error
-    large = served.post("/sdapi/v1/png-info", json={"image": _bomb_header(1000, 1000)})  # over this server's limit
-    assert small.status_code == large.status_code == 413 and small.json() == large.json()
+    pillows = served.post("/sdapi/v1/png-info", json={"image": decompression_bomb(20_000, 20_000)})  # 400 Mpx
+    ours = served.post("/sdapi/v1/png-info", json={"image": decompression_bomb(1000, 1000)})  # over max_input_pixels
+    assert pillows.status_code == ours.status_code == 413 and pillows.json() == ours.json()
 
 
 def test_a_lone_surrogate_is_a_422_in_valid_json(served):
@@ -236,7 +216,7 @@ def test_merges_of_one_name_at_once_give_one_model_and_409s(served):
 def test_after_all_that_the_server_serves_and_its_memory_is_bounded(served):
     before = _rss()
     for _ in range(3):
-        served.post("/sdapi/v1/png-info", json={"image": _ztxt_bomb()})
+        served.post("/sdapi/v1/png-info", json={"image": ztxt_bomb()})
         served.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": [PNG16],
                                                 "controlnet_processor_res": 8192})
         served.post("/api/v1/jobs", json={"prompt": "x", "steps": 2, "hires_scale": 2, "hires_steps": 999})
@@ -248,7 +228,7 @@ def test_after_all_that_the_server_serves_and_its_memory_is_bounded(served):
 # ---- the CLI
 def test_cli_refuses_hostile_input_in_one_line(tmp_path):
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(base64.b64decode(_bomb_header(100_000, 100_000)))
+    bomb.write_bytes(base64.b64decode(decompression_bomb(100_000, 100_000)))
     out = tmp_path / "out"
     runner = CliRunner()
     for args, word in ((["img2img", str(bomb), "x"], "too large"),
