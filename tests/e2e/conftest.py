@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+
+from tests.e2e.inprocess import imagine
 
 
 @pytest.fixture(scope="session")
 def tiny_t2i_dir(tmp_path_factory):
     """A text-to-image model folder trained for seconds (tiny-t2i preset): for serving tests."""
     out = tmp_path_factory.mktemp("served") / "tiny-shapes"
-    run = subprocess.run([sys.executable, "-m", "imagine", "train", "--data", "builtin:shapes", "--preset", "tiny-t2i",
-                          "--out", str(out), "--steps", "10"], capture_output=True, text=True, timeout=600)
+    run = imagine("train", "--data", "builtin:shapes", "--preset", "tiny-t2i", "--out", str(out), "--steps", "10")
     assert run.returncode == 0, run.stderr[-3000:]
     return out

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,11 +14,7 @@ from safetensors.torch import load_file
 
 from imagine.data.shapes import make_scene, render
 from imagine.server import Limits, create_app
-
-
-def imagine(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "imagine", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+from tests.e2e.inprocess import imagine
 
 
 def _b64(img: Image.Image) -> str:

@@ -3,7 +3,6 @@ Also reranking with a CLIP scorer, through the CLI."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,11 +12,9 @@ from safetensors import safe_open
 
 from imagine.io.png import read_png_metadata
 from imagine.weights import DEFAULT_CLIP, DEFAULT_MODEL
+from tests.e2e.inprocess import imagine
 
-
-def _cli(*args, cwd=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "imagine", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd)
+_cli = imagine  # in-process (tests/e2e/inprocess.py)
 
 
 def test_shipped_model_is_fp16_and_under_40_mb():

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,10 +11,9 @@ from PIL import Image
 
 from imagine.data.shapes import ShapesDataset
 from imagine.models import FIDInceptionV3
+from tests.e2e.inprocess import imagine
 
-
-def _cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "imagine", *args], capture_output=True, text=True, timeout=timeout)
+_cli = imagine  # in-process (tests/e2e/inprocess.py)
 
 
 @pytest.fixture(scope="module")

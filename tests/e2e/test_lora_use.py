@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,11 +17,9 @@ from imagine.adapters.lora import create
 from imagine.io.lora_keys import save_lora
 from imagine.io.png import read_png_metadata
 from imagine.models import load_unet
+from tests.e2e.inprocess import imagine
 
-
-def _imagine(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "imagine", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+_imagine = imagine  # in-process (tests/e2e/inprocess.py)
 
 
 def _pixels(path) -> np.ndarray:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -17,12 +15,10 @@ pytest.importorskip("diffusers")
 from safetensors.torch import load_file, save_file
 
 from imagine.io.png import read_png_metadata
+from tests.e2e.inprocess import imagine
 from tests.tiny_sd import write_pipeline
 
-
-def _imagine(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "imagine", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+_imagine = imagine  # in-process (tests/e2e/inprocess.py)
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,14 @@ exactly, and the seeds of a cascade give the same picture at any batch size."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from imagine.diffusion.superres import augment, check_noise_level, degrade, upsample
+from tests.e2e.inprocess import imagine
 
-
-def _imagine(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "imagine", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+_imagine = imagine  # in-process (tests/e2e/inprocess.py)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -16,10 +13,9 @@ from imagine.models.text_encoders import default_text_encoder
 from imagine.pipelines.generate import Cancelled, Settings, img2img, inpaint, txt2img
 from imagine.pipelines.unconditional import to_uint8
 from imagine.samplers import SAMPLERS
+from tests.e2e.inprocess import imagine
 
-
-def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "imagine", *args], capture_output=True, text=True, timeout=timeout)
+_cli = imagine  # in-process (tests/e2e/inprocess.py)
 
 
 @pytest.fixture(scope="module")

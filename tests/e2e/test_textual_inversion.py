@@ -4,9 +4,6 @@ hashes`) so `--from` draws the same image; a wrong-width embedding is refused th
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import torch
 from PIL import Image
@@ -17,11 +14,9 @@ from imagine.io.embeddings import load_embedding, save_embedding
 from imagine.io.png import read_png_metadata
 from imagine.pipelines.request import load_text_model
 from imagine.train.textual_inversion import TextualInversionConfig, train_textual_inversion
+from tests.e2e.inprocess import imagine
 
-
-def _imagine(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "imagine", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+_imagine = imagine  # in-process (tests/e2e/inprocess.py)
 
 
 def _pixels(path) -> np.ndarray:

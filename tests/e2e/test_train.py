@@ -16,12 +16,17 @@ import torch
 from PIL import Image
 
 from imagine.train.loop import read_log
+from tests.e2e.inprocess import imagine
 
 TRAIN = [sys.executable, "-m", "imagine", "train", "--data", "builtin:digits", "--preset", "tiny",
          "--sample-every", "0"]
 
 
 def _run(args, **kwargs):
+    """`python -m imagine ...` in-process (tests/e2e/inprocess.py); anything else (torchrun, a set environment)
+    as a real process."""
+    if args[:3] == [sys.executable, "-m", "imagine"] and not kwargs:
+        return imagine(*args[3:])
     return subprocess.run(args, capture_output=True, text=True, timeout=300, **kwargs)
 
 

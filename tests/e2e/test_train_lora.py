@@ -3,7 +3,6 @@ and the file it writes is used by `imagine generate --lora`."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import torch
@@ -12,6 +11,13 @@ from safetensors.torch import load_file
 from imagine.data.images import load_dataset
 from imagine.pipelines.request import load_text_model
 from imagine.train.lora import LoraTrainConfig, train_lora
+from tests.e2e.inprocess import imagine
+
+
+def _run(argv, **_):
+    """`python -m imagine ...` (as subprocess.run takes it) in-process: tests/e2e/inprocess.py."""
+    assert argv[:3] == [sys.executable, "-m", "imagine"], argv
+    return imagine(*argv[3:])
 
 
 def _train(model_dir, out, steps, resume=False):
@@ -38,18 +44,18 @@ def test_lora_training_learns_on_a_frozen_model_and_resumes_exactly(tiny_t2i_dir
 
 def test_train_lora_cli_writes_a_file_generate_uses(tiny_t2i_dir, tmp_path):
     out = tmp_path / "style.safetensors"
-    run = subprocess.run([sys.executable, "-m", "imagine", "train-lora", "--model", str(tiny_t2i_dir), "--data",
+    run = _run([sys.executable, "-m", "imagine", "train-lora", "--model", str(tiny_t2i_dir), "--data",
                           "builtin:shapes", "--out", str(out), "--steps", "3", "--batch-size", "2", "--rank", "2",
                           "--sample-prompt", "a red circle"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     root = tmp_path / "style-training"
     assert out.exists() and (root / "loss.png").exists() and (root / "samples" / "step_0000003.png").exists()
     assert any(k.startswith("lora_unet_") for k in load_file(out))
-    gen = subprocess.run([sys.executable, "-m", "imagine", "generate", "a red circle", "--model", str(tiny_t2i_dir),
+    gen = _run([sys.executable, "-m", "imagine", "generate", "a red circle", "--model", str(tiny_t2i_dir),
                           "--lora", f"{out}:0.8", "--steps", "3", "--out", str(tmp_path / "img")],
                          capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
-    bad = subprocess.run([sys.executable, "-m", "imagine", "train-lora", "--model", str(tiny_t2i_dir), "--data",
+    bad = _run([sys.executable, "-m", "imagine", "train-lora", "--model", str(tiny_t2i_dir), "--data",
                           "builtin:shapes", "--out", str(tmp_path / "x.safetensors"), "--targets", "every"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "LoRA targets 'every' unknown" in bad.stderr
@@ -85,7 +91,7 @@ def test_dreambooth_adds_the_prior_loss_on_cached_class_images(tiny_t2i_dir, tmp
     args = [sys.executable, "-m", "imagine", "dreambooth", "--model", str(tiny_t2i_dir), "--instance-data",
             str(instances), "--instance-prompt", "a sks shape", "--class-prompt", "a shape", "--num-class-images", "3",
             "--out", str(out), "--steps", "2", "--lora", "2"]
-    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    run = _run(args, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     cached = sorted((tmp_path / "sks-training" / "class_images").glob("*.png"))
     assert [p.name for p in cached] == ["000000.png", "000001.png", "000002.png"]
@@ -105,7 +111,7 @@ def test_dreambooth_adds_the_prior_loss_on_cached_class_images(tiny_t2i_dir, tmp
     with_prior = load_file(train_lora(model, encoder, data, cfg, tmp_path / "p.safetensors", prior=prior))
     without = load_file(train_lora(model, encoder, data, cfg, tmp_path / "n.safetensors"))
     assert any(not torch.equal(with_prior[k], without[k]) for k in with_prior)
-    no_class = subprocess.run(args[:10] + args[12:], capture_output=True, text=True, timeout=300)  # no --class-prompt
+    no_class = _run(args[:10] + args[12:], capture_output=True, text=True, timeout=300)  # no --class-prompt
     assert no_class.returncode == 2 and "prior preservation needs --class-prompt" in no_class.stderr
 
 
@@ -130,7 +136,7 @@ def test_dreambooth_full_fine_tunes_the_unet_and_writes_a_model(tiny_t2i_dir, tm
     data = load_folder(instances, 16, captions=True, default_caption="a sks shape")
     assert data.captions == ("a sks shape", "an orange sks shape")
     out = tmp_path / "sks-model"
-    run = subprocess.run([sys.executable, "-m", "imagine", "dreambooth", "--model", str(tiny_t2i_dir),
+    run = _run([sys.executable, "-m", "imagine", "dreambooth", "--model", str(tiny_t2i_dir),
                           "--instance-data", str(instances), "--instance-prompt", "a sks shape", "--class-prompt",
                           "a shape", "--num-class-images", "2", "--out", str(out), "--steps", "2", "--full",
                           "--lr", "1e-3"], capture_output=True, text=True, timeout=300)
@@ -140,10 +146,10 @@ def test_dreambooth_full_fine_tunes_the_unet_and_writes_a_model(tiny_t2i_dir, tm
     tuned, _ = load_text_model(out)
     before, after = base.unet.state_dict(), tuned.unet.state_dict()
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
-    gen = subprocess.run([sys.executable, "-m", "imagine", "generate", "a sks shape", "--model", str(out), "--steps",
+    gen = _run([sys.executable, "-m", "imagine", "generate", "a sks shape", "--model", str(out), "--steps",
                           "2", "--out", str(tmp_path / "img")], capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
-    mixed = subprocess.run([sys.executable, "-m", "imagine", "dreambooth", "--model", str(tiny_t2i_dir),
+    mixed = _run([sys.executable, "-m", "imagine", "dreambooth", "--model", str(tiny_t2i_dir),
                             "--instance-data", str(instances), "--instance-prompt", "a sks shape", "--prior-weight",
                             "0", "--out", str(out), "--full", "--text-encoder"], capture_output=True, text=True)
     assert mixed.returncode == 2 and "--text-encoder and --targets are LoRA options" in mixed.stderr

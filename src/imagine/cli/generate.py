@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from enum import Enum
 from pathlib import Path
 
@@ -172,8 +173,15 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         per_image = request.settings.steps * rerank + hires_steps_total(request.settings, request.resolved_upscaler)
         for warning in request.warnings:
             typer.echo(f"warning: {warning}", err=True)
-        with tqdm(total=per_image * request.settings.n, desc=kind, unit="step", leave=False) as bar:
+        # what the library warns about while it runs (a LoRA with --lora-strict false leaving layers out) is
+        # said as the CLI says everything: one "warning:" line each, every time
+        with warnings.catch_warnings(record=True) as caught, \
+                tqdm(total=per_image * request.settings.n, desc=kind, unit="step", leave=False) as bar:
+            warnings.simplefilter("always")
             results = r.run(request, loaded, encoder, scorer=scorer, callback=lambda info: bar.update(1))
+        ours = [w for w in caught if issubclass(w.category, UserWarning) and "imagine" in Path(w.filename).parts]
+        for warning in dict.fromkeys(str(w.message) for w in ours):
+            typer.echo(f"warning: {warning}", err=True)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     for path in r.save(results, out):
