@@ -5,6 +5,7 @@ that cannot fit, a --size out of reach, missing or broken input images, and word
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -98,3 +99,32 @@ def test_words_the_model_never_saw_are_warned_about_on_stderr(tmp_path):
     assert "warning: the prompt has words shapes-default never saw" in result.stderr and "draw, cat" in result.stderr
     quiet = _invoke("generate", "a red circle above a blue square", "--steps", "2", "--out", str(tmp_path))
     assert quiet.exit_code == 0 and "warning" not in quiet.stderr
+
+
+def test_from_regenerates_img2img_and_inpaint_and_checks_inputs_and_weights(tmp_path):
+    """--from takes every kind: img2img and inpaint come back pixel for pixel from their recorded inputs; a
+    changed input or other weights are refused, named, instead of quietly making other pixels."""
+    import numpy as np
+
+    out = tmp_path / "out"
+    assert _invoke("generate", "a red circle", "--steps", "3", "--out", str(out)).exit_code == 0
+    init = out / "000000-txt2img.png"
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.where(np.arange(64)[None, :] >= 32, 255, 0).astype(np.uint8).repeat(64, 0)).save(mask)
+    made = {}
+    for kind, extra in (("img2img", []), ("inpaint", [str(mask)])):
+        result = _invoke(kind, str(init), *extra, "a blue square", "--steps", "3", "--seed", "4", "--out", str(out))
+        assert result.exit_code == 0, result.output
+        made[kind] = Path(result.stdout.strip().splitlines()[-1])
+        again = _invoke("generate", "--from", str(made[kind]), "--out", str(tmp_path / "again"))
+        assert again.exit_code == 0, again.output
+        redone = Path(again.stdout.strip().splitlines()[-1])
+        assert "-" + kind in redone.name
+        assert np.array_equal(np.asarray(Image.open(redone)), np.asarray(Image.open(made[kind])))
+    Image.new("L", (64, 64), 255).save(mask)  # the mask changes: refused, with both hashes
+    _one_line_error(_invoke("generate", "--from", str(made["inpaint"]), "--out", str(tmp_path)), "has changed",
+                    "mask.png")
+    from imagine.weights import FAST_MODEL
+
+    _one_line_error(_invoke("generate", "--from", str(made["img2img"]), "--model", str(FAST_MODEL), "--out",
+                            str(tmp_path)), "shapes-default", "other pixels")

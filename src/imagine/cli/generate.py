@@ -123,10 +123,11 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
          mask: Path | None = None, rerank: int = 1, clip: Path | None = None, vae: str | Path | None = None,
          allow_pickle: bool = False, models_dir: Path | None = None, weights_dtype: str = "fp32",
          lora: list[str] | None = None, embedding: list[str] | None = None, lora_strict: bool = True,
-         controls: list | None = None, image_prompts: list | None = None, size: int | None = None) -> None:
+         controls: list | None = None, image_prompts: list | None = None, size: int | None = None,
+         expect_model: dict | None = None) -> None:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs.
     size: txt2img's final longer side, reached by the SR upscaler in the settings (the scale is set from the
-    model's size here)."""
+    model's size here). expect_model: --from's record of the model; other weights are refused, named."""
     from tqdm import tqdm
 
     from imagine.io import models_dir as md
@@ -140,6 +141,14 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         loaded, encoder = r.load_text_model(path, vae=vae_path, allow_pickle=allow_pickle,
                                             weights_dtype=weights_dtype)
         settings = settings.with_model_defaults(loaded.spec, settings.steps, settings.sampler, settings.cfg_scale)
+        if expect_model and expect_model.get("unet_sha256_10") and loaded.weights_file.exists():
+            from imagine.io.png import file_hash
+
+            have = file_hash(loaded.weights_file)
+            if have != expect_model["unet_sha256_10"]:
+                raise ValueError(f"the image was made with {expect_model.get('name')!r} (weights sha256 "
+                                 f"{expect_model['unet_sha256_10']}); {loaded.name} has {have}: pass --model with "
+                                 "those weights, or --from would make other pixels")
         if size is not None:
             from dataclasses import replace
 
@@ -272,10 +281,11 @@ def _units(control, adapter, mode) -> list:
 
 
 def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
-    """Regenerate a txt2img image from the settings it carries."""
+    """Regenerate a txt2img, img2img or inpaint image from the settings it carries: the same model (its
+    weights' hash checked), and for img2img and inpaint the same input files (their hashes checked)."""
     from dataclasses import fields
 
-    from imagine.io.png import read_png_metadata
+    from imagine.io.png import file_hash, read_png_metadata
     from imagine.pipelines.generate import Settings
 
     try:
@@ -284,8 +294,25 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
         fail(str(err))
     if record is None:
         fail(f"{image} carries no imagine metadata (A1111's text alone does not pin the model)")
-    if record.get("kind") != "txt2img":
-        fail(f"{image} was made by {record.get('kind')}; --from regenerates txt2img images")
+    kind = record.get("kind")
+    if kind not in ("txt2img", "img2img", "inpaint"):
+        fail(f"{image} was made by {kind}; --from regenerates txt2img, img2img and inpaint images (imagine "
+             "upscale --from redoes upscales)")
+    inputs: dict[str, Path] = {}
+    for key, what in (("init_image", "image"), ("mask", "mask")):
+        if kind == "txt2img" or (key == "mask" and kind != "inpaint"):
+            continue
+        where = record.get(key) or {}
+        if "path" not in where:
+            fail(f"{image} was made by {kind} from a {what} it does not locate (a server's request carries it "
+                 f"inline): run imagine {kind} with that {what}, and these settings, yourself")
+        path = Path(where["path"])
+        if not path.is_file():
+            fail(f"{image} was made from the {what} at {path}, which no longer exists: put it back there")
+        if where.get("sha256_10") and file_hash(path) != where["sha256_10"]:
+            fail(f"the {what} at {path} has changed since {image} was made (sha256 {file_hash(path)}, the image "
+                 f"needs {where['sha256_10']}): --from would make other pixels")
+        inputs[key] = path
     known = {f.name for f in fields(Settings)} | {"batched"}  # batched: older records (Settings.from_record)
     unknown = sorted(set(record["settings"]) - known)
     if unknown:
@@ -308,9 +335,10 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
 
     controls = [unit_from_record(unit) for unit in record.get("controls", [])]  # the condition maps as stored
     prompts = [image_prompt.unit_from_record(unit) for unit in record.get("image_prompts", [])]
-    _run("txt2img", model, Settings.from_record(record["settings"]), out, vae=vae, weights_dtype=weights, lora=loras,
+    _run(kind, model, Settings.from_record(record["settings"]), out, vae=vae, weights_dtype=weights, lora=loras,
          embedding=embeddings, lora_strict=record.get("lora_strict", True), controls=controls,
-         image_prompts=prompts, **options)
+         image_prompts=prompts, init=inputs.get("init_image"), mask=inputs.get("mask"),
+         expect_model=record["model"], **options)
 
 
 @app.command(rich_help_panel=GENERATE)
