@@ -197,17 +197,13 @@ def list_models(
     from imagine.io import models_dir as md
     from imagine.io import stable_diffusion as sd
     from imagine.io.checkpoint import CheckpointError
-    from imagine.io.png import file_hash
     from imagine.weights import shipped
 
-    def size(path: Path) -> int:
-        return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-    def weights(path: Path) -> Path:
-        return path if path.is_file() else next(iter(sorted(path.rglob("*.safetensors"))))
-
-    rows = [{"section": "shipped", "name": name, "kind": kind, "path": str(path), "bytes": size(path),
-             "hash": file_hash(weights(path))} for kind, name, path in shipped()]
+    rows = []
+    for kind, name, path in shipped():  # hashed and sized as the models folder's entries are
+        entry = md.Entry(name, path)
+        rows.append({"section": "shipped", "name": name, "kind": kind, "path": str(path), "bytes": entry.bytes,
+                     "hash": entry.short_hash})
     folder = models_dir if models_dir is not None else md.default_models_dir()
     if models_dir is not None and not models_dir.is_dir():
         fail(f"no models folder at {models_dir}: pass --models-dir DIR (with Stable-diffusion/, VAE/, Lora/, "

@@ -584,18 +584,14 @@ def controlnet_router(service: Service) -> APIRouter:
             module = module_name(str(body.get("controlnet_module", "none")))
         except ValueError as err:
             raise RequestError(f"controlnet_module: {err}") from None
-        res = body.get("controlnet_processor_res", -1)
-        if res not in (None, -1) and (not isinstance(res, int) or isinstance(res, bool)
-                                      or not 8 <= res <= MAX_PROCESSOR_RES):
+        res = _number(body, "controlnet_processor_res", int)  # -1: the image's own size
+        res = None if res == -1 else res
+        if res is not None and not 8 <= res <= MAX_PROCESSOR_RES:
             raise RequestError(f"controlnet_processor_res must be -1 (the image's own) or an integer in "
-                               f"[8, {MAX_PROCESSOR_RES}], got {json.dumps(res)[:40]}")
-        args = {}
-        for key, name in (("controlnet_threshold_a", "threshold_a"), ("controlnet_threshold_b", "threshold_b")):
-            value = body.get(key)
-            if value not in (None, -1):
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                    raise RequestError(f"{key} must be a number, got {json.dumps(value)[:40]}")
-                args[name] = float(value)
+                               f"[8, {MAX_PROCESSOR_RES}], got {res}")
+        args = {name: value for key, name in (("controlnet_threshold_a", "threshold_a"),
+                                              ("controlnet_threshold_b", "threshold_b"))
+                if (value := _number(body, key, float)) not in (None, -1)}
         if len(images) > service.limits.max_batch:
             raise RequestError(f"{len(images)} images per request is over the limit max_batch="
                                f"{service.limits.max_batch}")
@@ -606,7 +602,7 @@ def controlnet_router(service: Service) -> APIRouter:
         def work(job: Job) -> None:
             for image in pictures:
                 try:
-                    result = detect(module, image, None if res in (None, -1) else int(res), **args)
+                    result = detect(module, image, res, **args)
                 except (TypeError, ValueError) as err:
                     raise ValueError(f"controlnet_module {module!r}: {err}") from None
                 buffer = io.BytesIO()
