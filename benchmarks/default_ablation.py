@@ -99,7 +99,7 @@ def _side_by_side(commands: list[list[str]], log_dir: Path) -> None:
 
 def report(runs: Path, out: Path) -> None:
     from imagine.evaluation.shapes_eval import CATEGORIES
-    from imagine.models import load_unet
+    from imagine.io.networks import load_unet
 
     configs = _configs()
     rows = []

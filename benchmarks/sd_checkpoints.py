@@ -3,7 +3,7 @@ same weights.
 
 With full-size random weights (SD 1.5's UNet, 860M parameters; SDXL's, 2.6B, with --sdxl):
 
-- loading: peak RSS of a fresh process while ``imagine.models.load_unet`` reads the UNet (fp32 file to
+- loading: peak RSS of a fresh process while ``imagine.io.networks.load_unet`` reads the UNet (fp32 file to
   fp32, fp16 file to fp32 and to bf16), against the bytes of the weights it ends up holding; diffusers'
   ``UNet2DConditionModel.from_pretrained`` on the same folder for comparison;
 - speed: seconds per sampling step at batch 1 with CFG (the UNet on a batch of 2: prompt and negative) at
@@ -57,7 +57,8 @@ def write_weights(arch: str, work: Path) -> dict[str, Path]:
 import json, torch
 from pathlib import Path
 from imagine.io.checkpoint import atomic_save_safetensors, atomic_write_bytes
-from imagine.models import UNet2DConditionModel, UNetConfig, diffusers_config
+from imagine.models import UNet2DConditionModel, UNetConfig
+from imagine.io.networks import diffusers_config
 torch.manual_seed(0)
 unet = UNet2DConditionModel(UNetConfig(**{(SD15 if arch == 'sd15' else SDXL)!r}))
 config = {{"_class_name": "UNet2DConditionModel", **diffusers_config(unet)}}
@@ -82,13 +83,13 @@ def rss_now_mb():
 
 def load_memory(folder: Path, impl: str, dtype: str) -> dict:
     """Peak RSS of loading one UNet in a fresh process, against the bytes of the weights it holds."""
-    load = (f"from imagine.models import load_unet; unet = load_unet({str(folder)!r}, dtype=torch.{dtype})"
+    load = (f"from imagine.io.networks import load_unet; unet = load_unet({str(folder)!r}, dtype=torch.{dtype})"
             if impl == "imagine" else
             f"from diffusers import UNet2DConditionModel as U; unet = U.from_pretrained({str(folder)!r}, "
             f"torch_dtype=torch.{dtype})")
     code = _RSS + f"""
 import torch
-import imagine.models, diffusers  # imports before the baseline
+import imagine.io.networks, diffusers  # imports before the baseline
 base = rss_now_mb()
 start = time.perf_counter()
 {load}
@@ -112,7 +113,7 @@ def speed(folder: Path, arch: str, rounds: int, weights: str = "float32", precis
 import statistics, torch
 from torch.utils.flop_counter import FlopCounterMode
 from diffusers import UNet2DConditionModel as U
-from imagine.models import load_unet
+from imagine.io.networks import load_unet
 ours = load_unet({str(folder)!r}, dtype=torch.{weights})
 theirs = U.from_pretrained({str(folder)!r}, torch_dtype=torch.{weights}).eval()
 dt = torch.{weights}

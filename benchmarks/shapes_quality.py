@@ -22,7 +22,7 @@ import torch
 from imagine.evaluation.fid import cached_reference, extract, kid, shapes_reference_batches
 from imagine.evaluation.shapes_eval import evaluate, prompt_set
 from imagine.io.model_folder import load_model_folder
-from imagine.models import load_clip
+from imagine.io.networks import load_clip
 from imagine.models.text_encoders import load_text_encoder
 from imagine.pipelines.generate import Settings, txt2img
 from imagine.pipelines.unconditional import to_uint8

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from imagine.io.model_folder import load_model_folder
-from imagine.models import diffusers_config
+from imagine.io.networks import diffusers_config
 from imagine.models.text_encoders import load_text_encoder
 from imagine.pipelines.generate import Settings, txt2img
 from imagine.pipelines.unconditional import to_uint8

@@ -29,7 +29,7 @@ import torch
 from imagine.data.images import load_dataset
 from imagine.evaluation.shapes_eval import evaluate_model, ground_truth, judge, prompt_set
 from imagine.io.model_folder import DiffusionModel
-from imagine.models import load_vae
+from imagine.io.networks import load_vae
 from imagine.pipelines.generate import Settings
 from imagine.pipelines.request import load_text_model
 from imagine.train.checkpoint import checkpoint_step, latest_checkpoint

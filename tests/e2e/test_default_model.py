@@ -93,7 +93,7 @@ def test_shipped_clip_scorer_retrieval_floor():
     import torch
 
     from imagine.data.shapes import ShapesDataset
-    from imagine.models import load_clip
+    from imagine.io.networks import load_clip
     from imagine.models.clip import CLIPScorer
     from imagine.models.text_encoders import default_text_encoder
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from imagine.data.transforms import fit_image
 from imagine.io.model_folder import load_model_folder
 from imagine.models.text_encoders import default_text_encoder
-from imagine.pipelines.generate import Settings, describe, fill_masked, fit_image, inpaint, mask_box, txt2img
+from imagine.pipelines.generate import Settings, describe, fill_masked, inpaint, mask_box, txt2img
 from imagine.pipelines.unconditional import to_uint8
 
 S = Settings(prompt="a red circle", steps=3, cfg_scale=3.0, seed=3)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from imagine.adapters.lora import create
 from imagine.io.lora_keys import save_lora
+from imagine.io.networks import load_unet
 from imagine.io.png import read_png_metadata
-from imagine.models import load_unet
 from tests.e2e.inprocess import imagine
 
 _imagine = imagine  # in-process (tests/e2e/inprocess.py)

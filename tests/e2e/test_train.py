@@ -149,7 +149,7 @@ def test_vae_then_latent_diffusion(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     losses = [r["loss"] for r in read_log(vae / "log.jsonl")]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
-    from imagine.models import load_vae
+    from imagine.io.networks import load_vae
 
     cfg = load_vae(vae).config
     assert cfg.scaling_factor != 0.18215  # measured from the data, not SD's constant
@@ -171,8 +171,9 @@ def test_init_fine_tunes_a_trained_model_keeping_what_it_was_trained_as(tiny_t2i
     from dataclasses import replace
 
     from imagine.io.checkpoint import CheckpointError
-    from imagine.io.model_folder import export_model, load_model_folder
-    from imagine.models import load_unet
+    from imagine.io.model_folder import load_model_folder
+    from imagine.io.networks import load_unet
+    from imagine.train.checkpoint import export_model
     from imagine.train.config import preset
     from imagine.train.recipe import fine_tune_config, train_model
 

@@ -66,7 +66,7 @@ def server(tiny_t2i_dir, tmp_path_factory):
     shutil.copytree(tiny_t2i_dir / "vae", models / "VAE" / "tiny-vae")
     from imagine.adapters.lora import create
     from imagine.io.lora_keys import save_lora
-    from imagine.models import load_unet
+    from imagine.io.networks import load_unet
 
     (models / "Lora").mkdir()
     save_lora(create({"unet": load_unet(tiny_t2i_dir / "unet")}, rank=2), models / "Lora" / "tiny-style.safetensors")
@@ -76,7 +76,8 @@ def server(tiny_t2i_dir, tmp_path_factory):
     from imagine.io.embeddings import save_embedding
 
     save_embedding(Embedding("e", {"emb_params": torch.randn(1, 384)}), models / "embeddings" / "my-thing.safetensors")
-    from imagine.models import ControlNetModel, save_diffusers_model
+    from imagine.io.networks import save_diffusers_model
+    from imagine.models import ControlNetModel
 
     unet = load_unet(tiny_t2i_dir / "unet")
     save_diffusers_model(ControlNetModel.from_unet(unet, latent_factor=2), models / "ControlNet" / "cn-scribble",

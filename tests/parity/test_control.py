@@ -11,15 +11,8 @@ from diffusers import ControlNetModel as DiffusersControlNet
 from diffusers import T2IAdapter as DiffusersAdapter
 from diffusers import UNet2DConditionModel as DiffusersUNet
 
-from imagine.models import (
-    ControlNetModel,
-    T2IAdapter,
-    T2IAdapterConfig,
-    load_controlnet,
-    load_t2i_adapter,
-    load_unet,
-    save_diffusers_model,
-)
+from imagine.io.networks import load_controlnet, load_t2i_adapter, load_unet, save_diffusers_model
+from imagine.models import ControlNetModel, T2IAdapter, T2IAdapterConfig
 
 TOL = 1e-4
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from imagine.io.checkpoint import CheckpointError
-from imagine.models import FIDInceptionV3, load_fid_inception
+from imagine.io.networks import load_fid_inception
+from imagine.models import FIDInceptionV3
 
 
 def _fidelity_inception():

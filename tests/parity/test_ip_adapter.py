@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel as DiffusersUNet
 from diffusers.loaders import IPAdapterMixin
 
 from imagine.io.ip_adapter_files import load_ip_adapter, save_ip_adapter
-from imagine.models import load_unet
+from imagine.io.networks import load_unet
 from imagine.models.ip_adapter import IPAdapter, cross_attention_layers
 
 from .test_control import CONFIGS, _inputs, _jitter

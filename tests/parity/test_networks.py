@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel as DiffusersUNet
 
-from imagine.models import load_unet, load_vae
+from imagine.io.networks import load_unet, load_vae
 
 TOL = 1e-4
 

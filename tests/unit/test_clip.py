@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from imagine.io.checkpoint import CheckpointError
-from imagine.models import load_clip, save_clip, save_unet
+from imagine.io.networks import load_clip, save_clip, save_unet
 from imagine.models.clip import CLIPConfig, CLIPScorer, ShapesCLIP, contrastive_loss
 from imagine.models.unet import UNet2DConditionModel, UNetConfig
 

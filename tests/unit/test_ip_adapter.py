@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 from imagine.adapters.image_prompt import ImagePromptUnit, Prompted, encode_reference
 from imagine.io.checkpoint import CheckpointError
 from imagine.io.ip_adapter_files import IPAdapterFile, load_ip_adapter, save_ip_adapter
+from imagine.io.networks import load_image_encoder
 from imagine.models import UNet2DConditionModel
-from imagine.models.image_encoders import intensity, load_image_encoder, palette, palette_distance
+from imagine.models.image_encoders import intensity, palette, palette_distance
 from imagine.models.ip_adapter import IPAdapter, check_fits
 from imagine.models.unet import UNetConfig
 

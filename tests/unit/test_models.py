@@ -8,16 +8,8 @@ import pytest
 import torch
 
 from imagine.io.checkpoint import CheckpointError
-from imagine.models import (
-    AutoencoderKL,
-    UNet2DConditionModel,
-    UNetConfig,
-    VAEConfig,
-    load_unet,
-    load_vae,
-    save_unet,
-    save_vae,
-)
+from imagine.io.networks import load_unet, load_vae, save_unet, save_vae
+from imagine.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
 
 TINY_UNET = UNetConfig(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -208,7 +200,8 @@ def test_efficient_unet_scales_every_skip_by_the_factor():
 
 
 def test_efficient_unet_options_are_checked_and_kept_out_of_diffusers_layouts():
-    from imagine.models import ControlNetModel, UNetConfig, diffusers_config
+    from imagine.io.networks import diffusers_config
+    from imagine.models import ControlNetModel, UNetConfig
 
     with pytest.raises(ValueError, match="layers_per_block has 2 entries for 3 blocks"):
         _efficient(layers_per_block=(1, 2))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from imagine.data.shapes import ShapesDataset
-from imagine.models import load_vae
+from imagine.io.networks import load_vae
 from imagine.train.checkpoint import checkpoint_step, latest_checkpoint
 from imagine.train.vae import VAE_PRESETS, train_vae
 

@@ -348,7 +348,7 @@ def prepare_condition(unit: ControlUnit, size: tuple[int, int]) -> Image.Image:
     """The unit's condition map at ``size`` (width, height): its preprocessor run at the processor
     resolution (skipped when the image already is such a condition), fitted by its resize mode."""
     from imagine.data.conditions import detect
-    from imagine.pipelines.generate import fit_image
+    from imagine.data.transforms import fit_image
 
     if unit.image is None:
         raise ValueError(f"control unit {unit.module!r} has no image")
@@ -365,7 +365,6 @@ def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], mo
     by name in the models folder (or shipped) only, never by path."""
     from imagine.io.models_dir import resolve
     from imagine.io.png import file_hash
-    from imagine.pipelines.generate import latent_factor
 
     out = []
     for i, unit in enumerate(units):
@@ -379,7 +378,7 @@ def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], mo
         else:
             path = find_control(unit.module, unit.kind, models_dir, model.unet)
         file = cached_control(path, allow_pickle=allow_pickle)
-        check_fits(file, model.unet, latent_factor(model))
+        check_fits(file, model.unet, model.latent_factor)
         condition = prepare_condition(unit, size)
         weights = path if path.is_file() else path / "diffusion_pytorch_model.safetensors"
         from imagine.data.conditions import PREPROCESSORS

@@ -12,44 +12,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from imagine.io.checkpoint import CheckpointError
+from imagine.io.embeddings import Embedding
 
 # what a width usually means, for error messages
 WIDTH_NAMES = {384: "imagine's all-MiniLM-L6-v2", 768: "SD 1.x's CLIP ViT-L", 1024: "SD 2.x's OpenCLIP ViT-H",
                1280: "SDXL's OpenCLIP ViT-bigG"}
-
-
-@dataclass(eq=False)
-class Embedding:
-    name: str  # the word written in the prompt (A1111: the file's stem)
-    vectors: dict[str, torch.Tensor]  # "emb_params" (or "clip_l" and "clip_g") -> (K, width)
-    path: Path | None = None
-    aliases: tuple[str, ...] = ()  # other words that call it (the token it was trained under)
-    step: int | None = None
-    checkpoint: str | None = None  # hash of the model it was trained on
-    checkpoint_name: str | None = None
-
-    @property
-    def count(self) -> int:
-        return next(iter(self.vectors.values())).shape[0]
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return (self.name, *self.aliases)
-
-    def shape_text(self) -> str:
-        return " + ".join(f"{k} {tuple(v.shape)}" for k, v in self.vectors.items())
-
-    def record(self, source: str) -> dict:
-        from imagine.io.png import file_hash
-
-        return {"name": self.name, "path": str(self.path.resolve()) if self.path else None, "vectors": self.count,
-                "sha256_10": file_hash(self.path) if self.path and self.path.is_file() else None, "source": source}
 
 
 def _made_for(vectors: dict[str, torch.Tensor]) -> str:

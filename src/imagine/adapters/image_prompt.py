@@ -230,7 +230,7 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 
 def encode_reference(file: IPAdapterFile, image: Image.Image, image_encoder: str | None = None) -> torch.Tensor:
     """The adapter's encoder's embedding of the image (1, D); a clear error when the widths differ."""
-    from imagine.models.image_encoders import cached_image_encoder
+    from imagine.io.networks import cached_image_encoder
 
     spec = image_encoder or file.encoder
     if spec is None:

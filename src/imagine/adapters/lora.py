@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from imagine.io.checkpoint import CheckpointError
-from imagine.nn.lora import LoRALayer
+from imagine.nn.lora import LoRA, LoRALayer, find_module
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 # A1111's extra-network syntax in a prompt: <lora:NAME> or <lora:NAME:WEIGHT> (also <lyco:...>)
@@ -48,28 +48,6 @@ TARGETS = {
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-@dataclass
-class LoRA:
-    layers: dict[str, LoRALayer] = field(default_factory=dict)  # "PART.MODULE" -> its update
-    name: str = "lora"
-
-    def parts(self) -> set[str]:
-        return {key.split(".", 1)[0] for key in self.layers}
-
-    def parameters(self):
-        for layer in self.layers.values():
-            yield from layer.parameters()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Ours: "PART.MODULE.down.weight", ".up.weight", ".alpha" (io/lora_keys.py writes kohya's and PEFT's)."""
-        out = {}
-        for key, layer in self.layers.items():
-            out[f"{key}.down.weight"] = layer.down.weight.detach()
-            out[f"{key}.up.weight"] = layer.up.weight.detach()
-            out[f"{key}.alpha"] = torch.tensor(layer.alpha)
-        return out
-
-
 def parts_of(model, text_encoder=None) -> dict[str, nn.Module]:
     """The modules a LoRA may attach to: the UNet and the text encoder's transformer(s)."""
     parts = {"unet": model.unet}
@@ -79,19 +57,6 @@ def parts_of(model, text_encoder=None) -> dict[str, nn.Module]:
         elif hasattr(text_encoder, "model"):
             parts["text_encoder"] = text_encoder.model
     return parts
-
-
-def find_module(part: nn.Module, name: str) -> nn.Module | None:
-    """A module by name, with or without transformers' ``text_model.`` prefix (transformers 5 dropped it
-    on CLIPTextModel; files keep it)."""
-    for candidate in (name, name.removeprefix("text_model."), "text_model." + name):
-        try:
-            module = part.get_submodule(candidate)
-        except AttributeError:
-            continue
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            return module
-    return None
 
 
 def _chosen(part: str, name: str, targets: str) -> bool:

@@ -48,7 +48,7 @@ def export(
     """Copy a model folder for distribution: UNet (its EMA weights), VAE and spec only, in fp16 by default.
     Training state, checkpoints, samples and logs are left behind."""
     from imagine.io.checkpoint import CheckpointError
-    from imagine.io.model_folder import export_model
+    from imagine.train.checkpoint import export_model
 
     try:
         size = export_model(model, out, dtype, step=step)

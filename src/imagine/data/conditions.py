@@ -25,10 +25,34 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 SEGMENT_COLORS = {"circle": (255, 60, 60), "square": (60, 200, 60), "triangle": (60, 100, 255),
                   "star": (255, 220, 40), "other": (200, 200, 200)}
 MIN_AREA = 4  # pixels: smaller components are noise, not objects
+
+# between the measured ranges (0.5th to 99.5th percentile on 1,200 ground-truth scenes):
+# star solidity 0.66-0.95 vs others >= 1.05; triangle fill 0.44-0.55 vs circle/square >= 0.63
+STAR_SOLIDITY, TRIANGLE_FILL, SQUARE_CORNERS = 1.0, 0.59, 0.35
+
+
+def classify(solidity: float, fill: float, corners: float) -> str:
+    """A region's shape from its measurements (the ShapesEval analyzer's thresholds)."""
+    if solidity < STAR_SOLIDITY:
+        return "star"
+    if fill < TRIANGLE_FILL:
+        return "triangle"
+    return "square" if corners > SQUARE_CORNERS else "circle"
+
+
+def solidity_of(core: np.ndarray) -> float:
+    """A region's area over its convex hull's (pixel centres, so a filled convex shape scores above 1)."""
+    ys, xs = np.nonzero(core)
+    try:
+        hull = ConvexHull(np.stack([xs, ys], 1).astype(float)).volume
+    except (QhullError, ValueError):  # a line of pixels: no area
+        return 2.0
+    return float(core.sum() / max(hull, 1e-9))
 
 
 @dataclass(frozen=True)
@@ -86,15 +110,13 @@ def regions(image, tolerance: float = 40.0) -> tuple[np.ndarray, int]:
 
 def shape_of(mask: np.ndarray) -> str:
     """circle, square, triangle or star from a region's mask, by the ShapesEval analyzer's measurements."""
-    from imagine.evaluation.shapes_analyzer import _solidity, classify
-
     ys, xs = np.nonzero(mask)
     if len(xs) < MIN_AREA:
         return "other"
     x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
     fill = mask.sum() / ((x1 - x0 + 1) * (y1 - y0 + 1))
     corners = float(np.mean([mask[y, x] for y in (y0, y0 + 1, y1 - 1, y1) for x in (x0, x0 + 1, x1 - 1, x1)]))
-    return classify(_solidity(mask), fill, corners)
+    return classify(solidity_of(mask), fill, corners)
 
 
 def segmentation(image, tolerance: float = 40.0) -> np.ndarray:

@@ -199,8 +199,8 @@ def feature_extractor(features: str, clip: Path | None = None, inception: Path |
                       ) -> tuple[Extractor, str]:
     """(extractor, its identity for the cache) for ``features`` = "clip" (a CLIP-style model folder,
     default the shipped shapes scorer) or "inception" (pytorch-fid's weight file, which the user has)."""
+    from imagine.io.networks import load_clip, load_fid_inception
     from imagine.io.png import file_hash
-    from imagine.models import load_clip, load_fid_inception
 
     if features == "inception":
         if inception is None:

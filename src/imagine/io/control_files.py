@@ -48,7 +48,7 @@ def _condition_from_name(name: str) -> str | None:
 
 def load_control(path: Path | str, *, allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> ControlFile:
     """A ControlNet or T2I-Adapter from a folder or file; anything else is refused, saying what it found."""
-    from imagine.models import load_controlnet, load_t2i_adapter
+    from imagine.io.networks import load_controlnet, load_t2i_adapter
 
     path = Path(path)
     if not path.exists():

@@ -13,14 +13,42 @@ Written files are A1111's safetensors layout with the name, step and base model 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, read_safetensors
+from imagine.io.png import file_hash
 
 SDXL_KEYS = ("clip_l", "clip_g")
+
+
+@dataclass(eq=False)
+class Embedding:
+    name: str  # the word written in the prompt (A1111: the file's stem)
+    vectors: dict[str, torch.Tensor]  # "emb_params" (or "clip_l" and "clip_g") -> (K, width)
+    path: Path | None = None
+    aliases: tuple[str, ...] = ()  # other words that call it (the token it was trained under)
+    step: int | None = None
+    checkpoint: str | None = None  # hash of the model it was trained on
+    checkpoint_name: str | None = None
+
+    @property
+    def count(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    def shape_text(self) -> str:
+        return " + ".join(f"{k} {tuple(v.shape)}" for k, v in self.vectors.items())
+
+    def record(self, source: str) -> dict:
+        return {"name": self.name, "path": str(self.path.resolve()) if self.path else None, "vectors": self.count,
+                "sha256_10": file_hash(self.path) if self.path and self.path.is_file() else None, "source": source}
 
 
 def _vectors(value, path: Path, key: str) -> torch.Tensor:
@@ -93,8 +121,6 @@ def _header_aliases(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
 def load_embedding(path: Path | str, name: str | None = None):
     """An embedding file as an ``Embedding`` named ``name`` (default: the file's stem, as A1111 names
     them); the token it was trained under (imagine's or diffusers' files) becomes an alias."""
-    from imagine.adapters.embeddings import Embedding
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embedding {path} does not exist")

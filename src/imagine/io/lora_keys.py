@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, open_weights
-from imagine.nn.lora import LoRALayer
+from imagine.nn.lora import LoRA, LoRALayer, find_module
 
 Format = Literal["kohya", "peft"]
 KOHYA_PARTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
@@ -69,8 +69,6 @@ def lora_metadata(path: Path | str) -> dict[str, str]:
 
 def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bool = False):
     """A kohya or PEFT LoRA file as imagine's LoRA, its keys resolved against ``parts``' modules."""
-    from imagine.adapters.lora import LoRA, find_module
-
     path = Path(path)
     weights, metadata = open_weights(path, allow_pickle)
     lora = LoRA(name=path.stem)

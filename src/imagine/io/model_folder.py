@@ -14,6 +14,7 @@ from imagine.io.checkpoint import CheckpointError, atomic_write_bytes, fresh_fol
 from imagine.nn.config import config_from_dict
 
 SPEC_NAME = "diffusion.json"
+CASCADE = "cascade.json"  # a cascade folder: its stages in order (imagine train-cascade)
 # the words of the training captions (data/vocabulary.py), when the model was trained on text here
 VOCABULARY_NAME = "vocabulary.json"
 
@@ -88,6 +89,11 @@ class DiffusionModel:
         return self.path.stem if self.path.is_file() else self.path.name
 
     @property
+    def latent_factor(self) -> int:
+        """How many pixels a latent position spans a side (1: a pixel-space model)."""
+        return self.vae.config.downscale if self.vae is not None else 1
+
+    @property
     def weights_file(self) -> Path:
         return self.hash_file or self.path / "unet" / "model.safetensors"
 
@@ -114,7 +120,7 @@ def load_model_folder(path: Path | str, dtype=None) -> DiffusionModel:
     """``dtype``: what the UNet holds (default float32)."""
     import torch
 
-    from imagine.models import load_unet, load_vae
+    from imagine.io.networks import load_unet, load_vae
 
     path = Path(path)
     if not path.is_dir():
@@ -128,50 +134,11 @@ def load_model_folder(path: Path | str, dtype=None) -> DiffusionModel:
     return DiffusionModel(unet, vae, spec, path, vocabulary=load_vocabulary(path))
 
 
-def checkpoint_model(run: Path | str, step: int) -> DiffusionModel:
-    """The model a training run held at checkpoint ``step``: that checkpoint's EMA weights, with the run's
-    spec and VAE (both written when the run starts)."""
-    from imagine.models import load_unet, load_vae
-    from imagine.train.checkpoint import checkpoint_folder, checkpoint_steps
-
-    run = Path(run)
-    if not (run / SPEC_NAME).exists():
-        raise CheckpointError(f"{run} is not a training run (no {SPEC_NAME})")
-    folder = checkpoint_folder(run / "checkpoints", step)
-    if step not in checkpoint_steps(run / "checkpoints"):
-        raise CheckpointError(f"{run} has no checkpoint at step {step}; it keeps "
-                              f"{', '.join(map(str, checkpoint_steps(run / 'checkpoints'))) or 'none'}")
-    spec = DiffusionSpec.from_dict(read_json(run / SPEC_NAME))
-    if spec.latent and not (run / "vae").is_dir():
-        raise CheckpointError(f"{run} has no vae/ beside its checkpoints (earlier versions wrote it only at the "
-                              f"end): copy the VAE folder it trained with to {run / 'vae'}")
-    return DiffusionModel(load_unet(folder / "ema"), load_vae(run / "vae") if spec.latent else None, spec, run,
-                          vocabulary=load_vocabulary(run))
-
-
-def export_model(model: Path | str, out: Path | str, dtype: str = "fp16", step: int | None = None) -> int:
-    """Copy a model folder for distribution: UNet (its EMA weights), VAE and spec only, in ``dtype``
-    (fp16, bf16 or fp32); training state, checkpoints, samples and logs stay behind. ``step``: a training
-    run's checkpoint at that step instead of its final weights (a run still going, or an earlier point of
-    one). The folder appears whole or not at all. Returns its size in bytes."""
-    model, out = Path(model), Path(out)
-    if dtype not in ("fp16", "bf16", "fp32"):
-        raise ValueError(f"dtype {dtype!r} unknown; choose fp16, bf16 or fp32")
-    if out.exists():
-        raise ValueError(f"{out} exists; export writes a fresh folder")
-    loaded = checkpoint_model(model, step) if step is not None else load_model_folder(model)
-    save_model_folder(loaded, out, None if dtype == "fp32" else dtype)
-    atomic_write_bytes(out / SPEC_NAME, (model / SPEC_NAME).read_bytes())  # as written, version stamp too
-    if (model / VOCABULARY_NAME).is_file():  # with where the words came from
-        atomic_write_bytes(out / VOCABULARY_NAME, (model / VOCABULARY_NAME).read_bytes())
-    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-
-
 def save_model_folder(model: DiffusionModel, out: Path | str, dtype: str | None = None, replace: bool = False
                       ) -> Path:
     """An imagine model folder from a loaded model (UNet, VAE, spec), written whole or not at all; ``replace``:
     an existing folder at ``out`` gives way once the new one is complete."""
-    from imagine.models import save_unet, save_vae
+    from imagine.io.networks import save_unet, save_vae
 
     with fresh_folder(Path(out), replace=replace) as tmp:
         save_unet(model.unet, tmp / "unet", dtype)
@@ -180,3 +147,13 @@ def save_model_folder(model: DiffusionModel, out: Path | str, dtype: str | None 
         save_spec(model.spec, tmp)
         save_vocabulary(tmp, model.vocabulary)
     return Path(out)
+
+
+def sr_stage_folders(path: Path) -> list[Path]:
+    """An SR stage's folder, or a cascade folder's stages in order (its cascade.json)."""
+    path = Path(path)
+    if (path / CASCADE).exists():
+        return [path / name for name in json.loads((path / CASCADE).read_text())["stages"]]
+    if (path / "diffusion.json").exists():
+        return [path]
+    raise ValueError(f"{path} is neither a super-resolution stage (diffusion.json) nor a cascade (cascade.json)")

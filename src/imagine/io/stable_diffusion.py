@@ -424,7 +424,7 @@ def _sd1_or_sd2(text_config) -> Arch:
 def load_diffusers_pipeline(path: Path, *, clip_skip: int | None = None,
                             dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """A diffusers StableDiffusionPipeline or StableDiffusionXLPipeline folder."""
-    from imagine.models import load_unet, load_vae
+    from imagine.io.networks import load_unet, load_vae
     from imagine.models.text_encoders import CLIPTextEncoder, SDXLTextEncoder
 
     path = Path(path)
@@ -482,7 +482,7 @@ def single_file_state(model: DiffusionModel) -> dict[str, torch.Tensor]:
 
 def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:
     """One .safetensors in the original layout, with imagine's configs and modelspec in its metadata."""
-    from imagine.models import _config_of
+    from imagine.io.networks import _config_of
 
     if model.arch is None or model.text_encoder is None:
         raise CheckpointError("only Stable Diffusion models (SD 1.x, 2.x, SDXL) have a single-file layout; an "
@@ -513,7 +513,7 @@ def save_diffusers_pipeline(model: DiffusionModel, out: Path, dtype: str | None 
 
 def _write_pipeline(model: DiffusionModel, tmp: Path, dtype: str | None) -> None:
     from imagine import __version__
-    from imagine.models import diffusers_config
+    from imagine.io.networks import diffusers_config
 
     for part, module, cls in (("unet", model.unet, "UNet2DConditionModel"), ("vae", model.vae, "AutoencoderKL")):
         config = {"_class_name": cls, "_diffusers_version": "0.30.0", **diffusers_config(module)}
@@ -570,7 +570,8 @@ def _write_pipeline(model: DiffusionModel, tmp: Path, dtype: str | None) -> None
 def load_vae_override(path: Path, like, allow_pickle: bool = False):
     """A separate VAE (A1111's --vae / "SD VAE"): an imagine or diffusers VAE folder, or a single file in
     the original layout with or without ``first_stage_model.``. It keeps ``like``'s latent scaling."""
-    from imagine.models import AutoencoderKL, load_vae
+    from imagine.io.networks import load_vae
+    from imagine.models import AutoencoderKL
 
     path = Path(path)
     if path.is_dir():

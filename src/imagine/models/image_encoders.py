@@ -92,14 +92,9 @@ class FunctionEncoder:
 class ShapesTowerEncoder:
     """A ShapesCLIP's image tower: its unit image embedding."""
 
-    def __init__(self, path: Path | None = None):
-        from imagine.models import load_clip
-        from imagine.weights import DEFAULT_CLIP, default_clip
-
-        self.path = Path(path) if path is not None else default_clip()
-        self.model = load_clip(self.path).requires_grad_(False)
-        self.name = "shapes-clip" if self.path.resolve() == DEFAULT_CLIP.resolve() else str(self.path)
-        self.dim = self.model.config.embed_dim
+    def __init__(self, model, name: str):
+        self.model, self.name = model.requires_grad_(False), name  # a ShapesCLIP; "shapes-clip" or its folder
+        self.dim = model.config.embed_dim
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -148,37 +143,3 @@ class CLIPVisionEncoder:
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=self.preprocess(images)).image_embeds.float()
-
-
-def load_image_encoder(spec: str | Path | None):
-    """An encoder by name (shapes-clip, palette, intensity) or folder (a ShapesCLIP from ``imagine train-clip``
-    or a transformers CLIPVisionModelWithProjection). None: the shipped scorer's tower."""
-    if spec is None or str(spec) == "shapes-clip":
-        return ShapesTowerEncoder()
-    if str(spec) in ("palette", "intensity"):
-        return FunctionEncoder(str(spec))
-    path = Path(spec)
-    if not path.exists():
-        raise ValueError(f"image encoder {spec!r} is neither one of {', '.join(BUILTIN)} nor a folder")
-    config = path / "config.json" if path.is_dir() else None
-    raw = json.loads(config.read_text()) if config is not None and config.is_file() else {}
-    if raw.get("_class") == "ShapesCLIP" or (path.is_file() and path.suffix == ".safetensors"):
-        return ShapesTowerEncoder(path)
-    if "CLIPVisionModelWithProjection" in raw.get("architectures", ()) or raw.get("model_type") in (
-            "clip_vision_model", "clip"):
-        return CLIPVisionEncoder(path)
-    raise ValueError(f"{path} is not an image encoder imagine reads: expected a ShapesCLIP folder (imagine "
-                     "train-clip) or a transformers CLIPVisionModelWithProjection folder (config.json with "
-                     f"that architecture); found {raw.get('architectures') or raw.get('_class') or 'no config'}")
-
-
-_ENCODERS: dict[str, object] = {}
-
-
-def cached_image_encoder(spec: str | Path | None):
-    key = str(spec)
-    if key not in _ENCODERS:
-        if len(_ENCODERS) >= 4:
-            _ENCODERS.pop(next(iter(_ENCODERS)))
-        _ENCODERS[key] = load_image_encoder(spec)
-    return _ENCODERS[key]

@@ -4,7 +4,7 @@ This is the network FID is defined on (Heusel et al. 2017) as pytorch-fid ports 
 Inception3 with the four blocks patched to match TensorFlow (average pools that ignore padding; a max pool
 in the last block). Module names are pytorch-fid's and torch-fidelity's, so their weight file
 ``pt_inception-2015-12-05-6726825d.pth`` (torch-fidelity: ``weights-inception-2015-12-05-6726825d.pth``)
-loads unchanged with :func:`imagine.models.load_fid_inception`. Nothing is downloaded: a user who has
+loads unchanged with :func:`imagine.io.networks.load_fid_inception`. Nothing is downloaded: a user who has
 the file points at it.
 
 Input: (N, 3, H, W) in [-1, 1]. Like pytorch-fid it resizes to 299 x 299 (bilinear, align_corners=False)

@@ -6,6 +6,7 @@ and padding into r channels and B a 1x1 convolution back (kohya's LoRA for conv 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -69,3 +70,38 @@ class LoRALayer(nn.Module):
             return up @ down * self.scale
         # conv: B is 1x1, so the update is B's (out, r) matrix applied to each tap of A's kernel
         return torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * self.scale
+
+
+@dataclass
+class LoRA:
+    layers: dict[str, LoRALayer] = field(default_factory=dict)  # "PART.MODULE" -> its update
+    name: str = "lora"
+
+    def parts(self) -> set[str]:
+        return {key.split(".", 1)[0] for key in self.layers}
+
+    def parameters(self):
+        for layer in self.layers.values():
+            yield from layer.parameters()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Ours: "PART.MODULE.down.weight", ".up.weight", ".alpha" (io/lora_keys.py writes kohya's and PEFT's)."""
+        out = {}
+        for key, layer in self.layers.items():
+            out[f"{key}.down.weight"] = layer.down.weight.detach()
+            out[f"{key}.up.weight"] = layer.up.weight.detach()
+            out[f"{key}.alpha"] = torch.tensor(layer.alpha)
+        return out
+
+
+def find_module(part: nn.Module, name: str) -> nn.Module | None:
+    """A module by name, with or without transformers' ``text_model.`` prefix (transformers 5 dropped it
+    on CLIPTextModel; files keep it)."""
+    for candidate in (name, name.removeprefix("text_model."), "text_model." + name):
+        try:
+            module = part.get_submodule(candidate)
+        except AttributeError:
+            continue
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            return module
+    return None

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from imagine.data.transforms import RESIZE_MODES, ResizeMode, fit_image
 from imagine.diffusion.denoiser import Denoiser, broadcast_sigma
 from imagine.diffusion.schedules import sampling_sigmas
 from imagine.guidance import ClassifierFreeGuidance
@@ -59,9 +60,6 @@ def _network(unet: torch.nn.Module, compile: bool) -> torch.nn.Module:
     return _COMPILED[unet]
 
 
-# How an init image (and its mask) becomes the output size: A1111's resize modes 0 to 3, in order.
-ResizeMode = Literal["just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale"]
-RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 # What the masked region starts from before inpainting: A1111's "Masked content" 0 to 3, in order.
 InpaintFill = Literal["fill", "original", "latent_noise", "latent_nothing"]
 INPAINT_FILLS: tuple[str, ...] = get_args(InpaintFill)
@@ -194,7 +192,7 @@ def activation_bytes(model: DiffusionModel, width: int, height: int, n: int, til
     UNet's widest full-resolution activations (both CFG branches, about 24 live at once) and the VAE
     decoder's (about 12 at full resolution). Fitted on the shipped model (a 512 px image: +550 MB measured,
     +553 MB estimated); linear in pixels because attention runs through SDPA's memory-efficient kernels."""
-    f = latent_factor(model)
+    f = model.latent_factor
     if tile:
         width, height = min(width, tile), min(height, tile)
     unet = 2 * n * 4 * 24 * model.unet.config.block_out_channels[0] * (width // f) * (height // f)
@@ -222,7 +220,7 @@ def check_memory(model: DiffusionModel, width: int, height: int, n: int, tile: i
     if available is None or need <= 0.9 * available:
         return
     per_pixel = need / (width * height if not tile else min(width, tile) * min(height, tile))
-    f = latent_factor(model)
+    f = model.latent_factor
     side = max(f, int((0.9 * available / per_pixel) ** 0.5) // f * f)
     raise ValueError(f"{width}x{height}{f' x {n} images' if n > 1 else ''} would need about {need / 2**30:.1f} GB "
                      f"for its activations, and this machine has {available / 2**30:.1f} GB free: at most about "
@@ -230,14 +228,10 @@ def check_memory(model: DiffusionModel, width: int, height: int, n: int, tile: i
                      " to bound memory"))
 
 
-def latent_factor(model: DiffusionModel) -> int:
-    return model.vae.config.downscale if model.vae is not None else 1
-
-
 def output_size(model: DiffusionModel, s: Settings) -> tuple[int, int]:
     """(width, height), checked to be multiples of the latent factor."""
     w, h = s.width or model.spec.image_size, s.height or model.spec.image_size
-    f = latent_factor(model)
+    f = model.latent_factor
     for name, v in (("width", w), ("height", h)):
         if v < f or v % f:
             raise ValueError(f"{name} {v} is not a positive multiple of {f}, this model's latent factor; "
@@ -327,7 +321,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     tile: > 0 evaluates the network on overlapping tiles of this many latent (or pixel) positions a side."""
     name, implied = resolve(sampler)
     schedule = check_schedule(schedule) if schedule is not None else implied
-    spec, f = model.spec, latent_factor(model)
+    spec, f = model.spec, model.latent_factor
     ac = spec.alphas_cumprod()
     info = SAMPLERS[name]
     if info.sigmas is not None:  # LCM: its own timesteps, a subset of its distillation grid
@@ -418,7 +412,7 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
         raise ValueError("a super-resolution stage upscales an image: use imagine upscale (or a cascade) with it"
                          if low_res is None else "low-resolution input given to a model that is not an SR stage")
     w, h = output_size(model, s)
-    f = latent_factor(model)
+    f = model.latent_factor
     from imagine.adapters.lora import prompt_loras
 
     # A1111's <lora:NAME:WEIGHT> tags are taken out of the text (the request attached those LoRAs)
@@ -499,38 +493,6 @@ def _image_tensor(image: Image.Image, size: tuple[int, int], channels: int) -> t
     return torch.from_numpy(np.ascontiguousarray(arr))[None]
 
 
-def fit_image(image: Image.Image, size: tuple[int, int], mode: ResizeMode) -> Image.Image:
-    """An init image (or its mask) brought to ``size`` = (width, height) as A1111's resize modes do:
-    just_resize stretches; crop_and_resize scales to cover and crops the centre; resize_and_fill scales
-    to fit inside and fills the borders by stretching the image's edge rows or columns outwards;
-    latent_upscale stretches here (the latent is what gets resized, see img2img)."""
-    w, h = size
-    if image.size == size:
-        return image
-    if mode in ("just_resize", "latent_upscale"):
-        return image.resize(size, Image.LANCZOS)
-    iw, ih = image.size
-    if mode == "crop_and_resize":
-        scale = max(w / iw, h / ih)
-        sw, sh = max(w, round(iw * scale)), max(h, round(ih * scale))
-        resized = image.resize((sw, sh), Image.LANCZOS)
-        left, top = (sw - w) // 2, (sh - h) // 2
-        return resized.crop((left, top, left + w, top + h))
-    scale = min(w / iw, h / ih)  # resize_and_fill
-    sw, sh = max(1, min(w, round(iw * scale))), max(1, min(h, round(ih * scale)))
-    resized = image.resize((sw, sh), Image.LANCZOS)
-    out = Image.new(image.mode, size)
-    left, top = (w - sw) // 2, (h - sh) // 2
-    out.paste(resized, (left, top))
-    if top > 0:  # fill above and below with the first and last rows, stretched
-        out.paste(resized.crop((0, 0, sw, 1)).resize((sw, top)), (left, 0))
-        out.paste(resized.crop((0, sh - 1, sw, sh)).resize((sw, h - top - sh)), (left, top + sh))
-    if left > 0:
-        out.paste(resized.crop((0, 0, 1, sh)).resize((left, sh)), (0, top))
-        out.paste(resized.crop((sw - 1, 0, sw, sh)).resize((w - left - sw, sh)), (left + sw, top))
-    return out
-
-
 def fill_masked(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A1111's "fill" masked content: the masked region (mask 1) painted with the colours around it, by
     normalised convolution (Gaussian blurs of the kept pixels divided by blurs of the kept weight) from
@@ -562,7 +524,7 @@ def _init_latent(model: DiffusionModel, s: Settings, init: Image.Image, size: tu
     channels = model.spec.image_channels
     if s.resize_mode != "latent_upscale":
         return _encode(model, _image_tensor(fit_image(init, size, s.resize_mode), size, channels))
-    f = latent_factor(model)  # encode at the image's own size (to the factor), then resize the latent
+    f = model.latent_factor  # encode at the image's own size (to the factor), then resize the latent
     own = (max(f, round(init.width / f) * f), max(f, round(init.height / f) * f))
     latent = _encode(model, _image_tensor(init, own, channels))
     return torch.nn.functional.interpolate(latent, size=(size[1] // f, size[0] // f), mode="bilinear",
@@ -650,7 +612,7 @@ def _inpaint_region(model: DiffusionModel, s: Settings, init: Image.Image, mask:
                     size: tuple[int, int], **kwargs) -> torch.Tensor:
     """Inpaint an image already at the output size."""
     m_px = _blurred(mask, size, s.mask_blur)
-    f = latent_factor(model)
+    f = model.latent_factor
     m_lat = torch.nn.functional.interpolate(m_px, scale_factor=1 / f, mode="area") if f > 1 else m_px
     original = _image_tensor(init, size, model.spec.image_channels)
     start = fill_masked(original, _blurred(mask, size, 0)) if s.inpaint_fill == "fill" else original

@@ -11,13 +11,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import numpy as np
 import torch
 from PIL import Image
 
 from imagine.io.model_folder import DiffusionModel
-from imagine.io.png import encode_png, write_new
 from imagine.pipelines import generate as g
+from imagine.pipelines.output import Generated
 from imagine.pipelines.unconditional import to_uint8
 
 Kind = Literal["txt2img", "img2img", "inpaint"]
@@ -212,23 +211,6 @@ def attached(request: Request, model: DiffusionModel, text_encoder, allow_pickle
             handle.detach()
 
 
-@dataclass
-class Generated:
-    """One finished image: pixels and the settings that made it."""
-
-    pixels: np.ndarray  # (H, W, C) uint8
-    seed: int
-    parameters: str  # A1111's text
-    record: dict[str, Any]  # our JSON record
-    stem: str = ""  # the file name it is saved under, before .png (default: SEED-KIND)
-
-    def __post_init__(self):
-        self.stem = self.stem or f"{self.seed:06d}-{self.record['kind']}"
-
-    def png(self) -> bytes:
-        return encode_png(self.pixels, self.parameters, self.record)
-
-
 def run(request: Request, model: DiffusionModel, text_encoder, *, scorer=None,
         callback: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> list[Generated]:
     """Generate every image of a request and describe each; ``scorer`` (a CLIPScorer) is needed for rerank."""
@@ -287,11 +269,6 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
     return out
 
 
-def save(results: list[Generated], folder: Path) -> list[Path]:
-    """Write each image as folder/SEED-KIND.png (the next free name if taken; never over a file)."""
-    return [write_new(Path(folder), r.stem, r.png()) for r in results]
-
-
 def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pickle: bool = False,
                     weights_dtype: str = "fp32") -> tuple[DiffusionModel, object]:
     """A text-to-image model and its text encoder, ready for ``run``: an imagine model folder, a diffusers
@@ -318,7 +295,7 @@ def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pi
 
 def load_scorer(path: Path | str | None = None):
     """The CLIP scorer for rerank: a folder from `imagine train-clip`, or the one shipped with imagine."""
-    from imagine.models import load_clip
+    from imagine.io.networks import load_clip
     from imagine.models.clip import CLIPScorer
     from imagine.models.text_encoders import load_text_encoder
     from imagine.weights import default_clip

@@ -100,7 +100,7 @@ def sample_images(model: DiffusionModel, seeds: list[int], steps: int | None = N
     """What `imagine sample` writes: one described image (a request.Generated) per seed, at the model's
     default steps and sampler where None is given."""
     from imagine.pipelines.generate import Settings, describe
-    from imagine.pipelines.request import Generated
+    from imagine.pipelines.output import Generated
 
     label = class_index(model, class_label)
     steps = steps or model.spec.default_steps

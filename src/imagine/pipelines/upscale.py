@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagine.io.model_folder import DiffusionModel
+from imagine.io.model_folder import DiffusionModel, sr_stage_folders
 
 # The augmentation noise of the image with seed s comes from the generator seeded s + AUG_SEED: a stream of
 # its own, apart from the sampler's (seed s) and from the seeds of the images beside it.
@@ -124,20 +124,6 @@ class Upscaler:
         return out
 
 
-def sr_stage_folders(path: Path) -> list[Path]:
-    """An SR stage's folder, or a cascade folder's stages in order (its cascade.json)."""
-    import json
-
-    from imagine.train.recipe import CASCADE
-
-    path = Path(path)
-    if (path / CASCADE).exists():
-        return [path / name for name in json.loads((path / CASCADE).read_text())["stages"]]
-    if (path / "diffusion.json").exists():
-        return [path]
-    raise ValueError(f"{path} is neither a super-resolution stage (diffusion.json) nor a cascade (cascade.json)")
-
-
 def load_stages(path: Path) -> list[DiffusionModel]:
     """The SR stages at ``path``, loaded once per process (and again when the files change)."""
     from imagine.io.model_folder import load_model_folder
@@ -221,10 +207,10 @@ def _has_tile_controlnet(models_dir: Path | None) -> bool:
 
 def hires_size(model: DiffusionModel, s) -> tuple[int, int]:
     """The second pass's (width, height): the first pass's times the scale, rounded to the latent factor."""
-    from imagine.pipelines.generate import latent_factor, output_size
+    from imagine.pipelines.generate import output_size
 
     w, h = output_size(model, s)
-    f = latent_factor(model)
+    f = model.latent_factor
     return max(f, round(w * s.hires_scale / f) * f), max(f, round(h * s.hires_scale / f) * f)
 
 
@@ -306,7 +292,7 @@ def upscale_pictures(pictures: list[Image.Image], scale: float, upscaler: Upscal
     picture's own A1111 parameters with the postprocessing fields added and records the settings, the input and
     the upscalers, so `imagine upscale --from` reproduces it."""
     from imagine.io.png import a1111_parameters, environment
-    from imagine.pipelines.request import Generated
+    from imagine.pipelines.output import Generated
     from imagine.pipelines.unconditional import to_uint8
 
     if size is None and (not isinstance(scale, (int, float)) or not 1 <= scale <= 16):

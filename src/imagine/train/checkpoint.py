@@ -16,8 +16,23 @@ from typing import Any
 
 import torch
 
-from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_bytes, read_safetensors
-from imagine.models import load_unet, load_vae, save_unet, save_vae
+from imagine.io.checkpoint import (
+    CheckpointError,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    read_json,
+    read_safetensors,
+)
+from imagine.io.model_folder import (
+    SPEC_NAME,
+    VOCABULARY_NAME,
+    DiffusionModel,
+    DiffusionSpec,
+    load_model_folder,
+    load_vocabulary,
+    save_model_folder,
+)
+from imagine.io.networks import load_unet, load_vae, save_unet, save_vae
 from imagine.train.ema import EMA
 
 STATE_NAME = "training_state.safetensors"
@@ -132,3 +147,39 @@ def load_checkpoint(path: Path, unet, ema: EMA | None, optimizer, lr_scheduler) 
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     return meta
+
+
+def checkpoint_model(run: Path | str, step: int) -> DiffusionModel:
+    """The model a training run held at checkpoint ``step``: that checkpoint's EMA weights, with the run's
+    spec and VAE (both written when the run starts)."""
+    run = Path(run)
+    if not (run / SPEC_NAME).exists():
+        raise CheckpointError(f"{run} is not a training run (no {SPEC_NAME})")
+    folder = checkpoint_folder(run / "checkpoints", step)
+    if step not in checkpoint_steps(run / "checkpoints"):
+        raise CheckpointError(f"{run} has no checkpoint at step {step}; it keeps "
+                              f"{', '.join(map(str, checkpoint_steps(run / 'checkpoints'))) or 'none'}")
+    spec = DiffusionSpec.from_dict(read_json(run / SPEC_NAME))
+    if spec.latent and not (run / "vae").is_dir():
+        raise CheckpointError(f"{run} has no vae/ beside its checkpoints (earlier versions wrote it only at the "
+                              f"end): copy the VAE folder it trained with to {run / 'vae'}")
+    return DiffusionModel(load_unet(folder / "ema"), load_vae(run / "vae") if spec.latent else None, spec, run,
+                          vocabulary=load_vocabulary(run))
+
+
+def export_model(model: Path | str, out: Path | str, dtype: str = "fp16", step: int | None = None) -> int:
+    """Copy a model folder for distribution: UNet (its EMA weights), VAE and spec only, in ``dtype``
+    (fp16, bf16 or fp32); training state, checkpoints, samples and logs stay behind. ``step``: a training
+    run's checkpoint at that step instead of its final weights (a run still going, or an earlier point of
+    one). The folder appears whole or not at all. Returns its size in bytes."""
+    model, out = Path(model), Path(out)
+    if dtype not in ("fp16", "bf16", "fp32"):
+        raise ValueError(f"dtype {dtype!r} unknown; choose fp16, bf16 or fp32")
+    if out.exists():
+        raise ValueError(f"{out} exists; export writes a fresh folder")
+    loaded = checkpoint_model(model, step) if step is not None else load_model_folder(model)
+    save_model_folder(loaded, out, None if dtype == "fp32" else dtype)
+    atomic_write_bytes(out / SPEC_NAME, (model / SPEC_NAME).read_bytes())  # as written, version stamp too
+    if (model / VOCABULARY_NAME).is_file():  # with where the words came from
+        atomic_write_bytes(out / VOCABULARY_NAME, (model / VOCABULARY_NAME).read_bytes())
+    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from imagine.data.shapes import COLORS, SHAPES, ShapesDataset, make_scene
-from imagine.models import save_clip
+from imagine.io.networks import save_clip
 from imagine.models.clip import CLIPConfig, ShapesCLIP, contrastive_loss
 
 HELD_OUT_START = 50_000_000  # scene indices of the evaluation set; training uses 0 .. pool - 1

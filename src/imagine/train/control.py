@@ -52,12 +52,11 @@ def conditions(images: torch.Tensor, module: str) -> torch.Tensor:
 def new_network(model, kind: str, seed: int = 0, num_res_blocks: int = 2) -> torch.nn.Module:
     """A fresh ControlNet (the UNet's encoder copied, zero convolutions at zero) or T2I-Adapter for ``model``."""
     from imagine.models import ControlNetModel, T2IAdapter, T2IAdapterConfig
-    from imagine.pipelines.generate import latent_factor
 
     torch.manual_seed(seed)  # the condition embedding's (and the adapter's) random start
     if kind == "controlnet":
-        return ControlNetModel.from_unet(model.unet, latent_factor(model)).float()
-    return T2IAdapter(T2IAdapterConfig.for_unet(model.unet.config, latent_factor(model), num_res_blocks))
+        return ControlNetModel.from_unet(model.unet, model.latent_factor).float()
+    return T2IAdapter(T2IAdapterConfig.for_unet(model.unet.config, model.latent_factor, num_res_blocks))
 
 
 def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path | str, *, resume: bool = False,
@@ -65,7 +64,7 @@ def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path 
     """Train a control network for ``model`` on ``data`` (captioned images at the model's size) and write it
     to the folder ``out`` in diffusers' layout (it loads in diffusers too). Checkpoints, the log and sample
     grids (condition | outputs) go to OUT-training/ beside it."""
-    from imagine.models import save_diffusers_model
+    from imagine.io.networks import save_diffusers_model
 
     out = Path(out)
     if model.spec.text_encoder is None or text_encoder is None:

@@ -22,7 +22,7 @@ def sample_grid_hook():
         spec = context["spec"]
         vae = None
         if spec.latent:
-            from imagine.models import load_vae
+            from imagine.io.networks import load_vae
 
             vae = state.setdefault("vae", load_vae(context["vae_dir"]))
         model = DiffusionModel(context["ema"].model, vae, spec, context["out"])

@@ -77,7 +77,7 @@ def train_ip_adapter(model, text_encoder, data, cfg: IPAdapterTrainConfig, out: 
     """Train an IP-Adapter for ``model`` on ``data`` and write it to ``out`` (.safetensors, the original
     layout, which diffusers loads). Checkpoints, the log and sample grids go to OUT-training/ beside it."""
     from imagine.io.ip_adapter_files import save_ip_adapter
-    from imagine.models.image_encoders import load_image_encoder
+    from imagine.io.networks import load_image_encoder
     from imagine.models.ip_adapter import IPAdapter
 
     out = Path(out)
@@ -117,7 +117,7 @@ def ip_sample_hook(items: list[tuple[np.ndarray, str]], every: int, steps: int =
 
     from imagine.adapters.image_prompt import Prompted, image_tensor
     from imagine.io.ip_adapter_files import IPAdapterFile
-    from imagine.models.image_encoders import cached_image_encoder
+    from imagine.io.networks import cached_image_encoder
     from imagine.pipelines.generate import Settings, txt2img
     from imagine.pipelines.unconditional import grid, to_uint8
 

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from imagine.data.images import ImageDataset
 from imagine.diffusion.losses import diffusion_loss
 from imagine.io.model_folder import DiffusionModel, DiffusionSpec, save_spec, save_vocabulary
-from imagine.models import UNet2DConditionModel, UNetConfig, save_unet
+from imagine.io.networks import save_unet
+from imagine.models import UNet2DConditionModel, UNetConfig
 from imagine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from imagine.train.config import TrainConfig
 from imagine.train.ema import EMA
@@ -282,7 +283,7 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
             save_vocabulary(out, words, source)
         _truncate_log(log_path, start_step)
         if vae_dir is not None and not (out / "vae").is_dir():  # beside the checkpoints: each one exports whole
-            from imagine.models import load_vae, save_vae
+            from imagine.io.networks import load_vae, save_vae
 
             save_vae(load_vae(vae_dir), out / "vae")
 

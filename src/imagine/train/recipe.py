@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from imagine.io.model_folder import CASCADE
 from imagine.train.config import TrainConfig
 
 
@@ -87,7 +88,7 @@ def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, va
         vae = ensure_vae(cfg, dataset, out, vae_hooks, log)
     latents, autoencoder = None, None
     if vae is not None:
-        from imagine.models import load_vae
+        from imagine.io.networks import load_vae
         from imagine.train.vae import encode_dataset
 
         autoencoder = load_vae(vae)
@@ -106,7 +107,6 @@ def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, va
           vae=autoencoder if (vae is not None and latents is None) else None, hooks=tuple(hooks), init=base)
 
 
-CASCADE = "cascade.json"
 
 
 def sr_stage_sizes(start: int, end: int, stages: Sequence[int] | None = None) -> list[tuple[int, int]]:

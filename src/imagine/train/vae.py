@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from imagine.data.images import ImageDataset
-from imagine.models import AutoencoderKL, VAEConfig, save_vae
+from imagine.io.networks import save_vae
+from imagine.models import AutoencoderKL, VAEConfig
 from imagine.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from imagine.train.loop import DataOrder, StepInfo, _truncate_log
 

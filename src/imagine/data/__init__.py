@@ -1,0 +1,1 @@
+"""Datasets and transforms: images, shapes and their captions, control conditions; never imports models."""

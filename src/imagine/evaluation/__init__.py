@@ -1,0 +1,1 @@
+"""Metrics: FID/KID over pluggable features, CLIP score, ShapesEval and its analyzer."""

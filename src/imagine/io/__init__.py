@@ -1,0 +1,1 @@
+"""Files at the edge: safetensors and config.json, PNG metadata, key maps for foreign checkpoints and adapters."""

@@ -1,0 +1,1 @@
+"""Training: one readable loop with hooks, its checkpoints, and the trainers built on it."""
