@@ -16,17 +16,24 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 
-from imagine.io.control_files import ControlFile, load_control
+from imagine.data.conditions import PREPROCESSORS, check_module, detect
+from imagine.data.transforms import fit_image
+from imagine.io.control_files import KINDS, ControlFile, _condition_from_name, load_control
+from imagine.io.models_dir import Entry, entries, resolve
+from imagine.io.png import file_hash
+from imagine.models.t2i_adapter import T2IAdapterConfig
 
 ControlMode = Literal["balanced", "prompt", "control"]
 CONTROL_MODES: tuple[str, ...] = get_args(ControlMode)
@@ -45,15 +52,11 @@ MODULE_ALIASES = {"canny": "canny", "scribble_hed": "scribble", "scribble_pidine
 
 def module_name(name: str) -> str:
     """Ours, or A1111's name for the same preprocessor, as ours; anything else refused with the list."""
-    from imagine.data.conditions import check_module
-
     return check_module(MODULE_ALIASES.get(name.lower(), name.lower()))
 
 
 def available(models_dir: Path | None) -> list[tuple[str, Path]]:
     """("name [hash]", path) of every control model: the models folder's ControlNet/, then the shipped ones."""
-    from imagine.io.models_dir import Entry, entries
-
     found = entries(models_dir, "controlnet") + [Entry(p.name, p) for p in builtin_controls()]
     return [(e.title, e.path) for e in found]
 
@@ -191,8 +194,6 @@ def check_fits(file: ControlFile, unet, latent_factor: int) -> None:
         mine = (tuple(c.block_out_channels), c.cross_attention_dim, c.layers_per_block, c.downscale)
         theirs = (tuple(cfg.block_out_channels), cfg.cross_attention_dim, cfg.layers_per_block, latent_factor)
     else:
-        from imagine.models.t2i_adapter import T2IAdapterConfig
-
         try:
             want = T2IAdapterConfig.for_unet(cfg, latent_factor)
         except ValueError as err:
@@ -256,8 +257,6 @@ class ControlUnit:
     input: dict | None = None  # where the image came from (path and hash), for the record
 
     def check(self) -> ControlUnit:
-        from dataclasses import replace
-
         for name in ("weight", "start", "end"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
@@ -286,14 +285,10 @@ def builtin_controls() -> list[Path]:
 
 def _peek(path: Path) -> dict:
     """A control model's config without loading its weights (folders, or files imagine wrote)."""
-    import json
-
     try:
         if path.is_dir():
             return json.loads((path / "config.json").read_text())
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 return json.loads((f.metadata() or {}).get("config", "{}"))
     except (OSError, ValueError):
@@ -313,9 +308,6 @@ def _fits_config(raw: dict, unet_cfg) -> bool | None:
 def control_models(models_dir: Path | None) -> list[tuple[Path, dict, str | None]]:
     """Every control model a request may use, the models folder's ControlNet/ first, then the shipped ones:
     (path, its config, the condition it reads, from its config or its name)."""
-    from imagine.io.control_files import _condition_from_name
-    from imagine.io.models_dir import entries
-
     out = []
     for path in [e.path for e in entries(models_dir, "controlnet")] + builtin_controls():
         raw = _peek(path)
@@ -326,8 +318,6 @@ def control_models(models_dir: Path | None) -> list[tuple[Path, dict, str | None
 def find_control(module: str, kind: str | None, models_dir: Path | None, unet) -> Path:
     """The control model for ``module``'s condition: in the models folder's ControlNet/ first, then the
     shipped ones; one that fits the base model, of ``kind`` where asked."""
-    from imagine.io.control_files import KINDS
-
     seen = []
     for path, raw, condition in control_models(models_dir):
         found_kind = KINDS.get(raw.get("_class_name"))
@@ -347,9 +337,6 @@ def find_control(module: str, kind: str | None, models_dir: Path | None, unet) -
 def prepare_condition(unit: ControlUnit, size: tuple[int, int]) -> Image.Image:
     """The unit's condition map at ``size`` (width, height): its preprocessor run at the processor
     resolution (skipped when the image already is such a condition), fitted by its resize mode."""
-    from imagine.data.conditions import detect
-    from imagine.data.transforms import fit_image
-
     if unit.image is None:
         raise ValueError(f"control unit {unit.module!r} has no image")
     image = unit.image.convert("RGB")
@@ -363,9 +350,6 @@ def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], mo
                   allow_pickle: bool = False, confined: bool = False) -> list[tuple[Conditioner, dict]]:
     """Each unit as a Conditioner and its record (for the PNG), every refusal made now. ``confined``: models
     by name in the models folder (or shipped) only, never by path."""
-    from imagine.io.models_dir import resolve
-    from imagine.io.png import file_hash
-
     out = []
     for i, unit in enumerate(units):
         unit = unit.check()
@@ -381,7 +365,6 @@ def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], mo
         check_fits(file, model.unet, model.latent_factor)
         condition = prepare_condition(unit, size)
         weights = path if path.is_file() else path / "diffusion_pytorch_model.safetensors"
-        from imagine.data.conditions import PREPROCESSORS
 
         pre = PREPROCESSORS[unit.module]
         defaults = [d[1] if d is not None else None for d in (pre.threshold_a, pre.threshold_b)]

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from imagine.io.checkpoint import CheckpointError
-from imagine.io.embeddings import Embedding
+from imagine.io.embeddings import Embedding, header_aliases, load_embedding
+from imagine.io.models_dir import entries, resolve
+from imagine.models.text_encoders import NAME_AFTER, NAME_BEFORE
 
 # what a width usually means, for error messages
 WIDTH_NAMES = {384: "imagine's all-MiniLM-L6-v2", 768: "SD 1.x's CLIP ViT-L", 1024: "SD 2.x's OpenCLIP ViT-H",
@@ -72,8 +74,6 @@ def using(encoder, embeddings: Iterable[Embedding]):
 
 
 def _pattern(name: str) -> re.Pattern:
-    from imagine.models.text_encoders import NAME_AFTER, NAME_BEFORE
-
     return re.compile(NAME_BEFORE + re.escape(name) + NAME_AFTER, re.IGNORECASE)
 
 
@@ -84,16 +84,12 @@ def named_in(text: str, name: str) -> bool:
 
 def folder_embeddings(models_dir: Path | None) -> dict[str, Path]:
     """Name -> file for every embedding in the models folder's ``embeddings/`` (names as A1111's: stems)."""
-    from imagine.io.models_dir import entries
-
     return {Path(e.name).name: e.path for e in entries(models_dir, "embeddings") if e.path.is_file()}
 
 
 def _calls(name: str, path: Path) -> tuple[str, ...]:
     """The words that call a folder embedding: its stem, and the token a safetensors file was trained as
     (read from the header alone)."""
-    from imagine.io.embeddings import header_aliases
-
     return (name, *header_aliases(path))
 
 
@@ -101,9 +97,6 @@ def resolve_embeddings(texts: Iterable[str], models_dir: Path | None, asked: Ite
                        confined: bool = False) -> list[tuple[Embedding, str]]:
     """The embeddings a request uses, each with its source: ``asked`` (files or names in the models folder,
     always used: "option"), then every folder embedding whose name the prompts write ("prompt")."""
-    from imagine.io.embeddings import load_embedding
-    from imagine.io.models_dir import resolve
-
     out: list[tuple[Embedding, str]] = []
     seen: set[Path] = set()
     for item in asked:
@@ -124,8 +117,6 @@ def resolve_embeddings(texts: Iterable[str], models_dir: Path | None, asked: Ite
 def listing(models_dir: Path | None, encoder) -> tuple[dict, dict]:
     """A1111's /sdapi/v1/embeddings: (loaded, skipped), name -> {step, sd_checkpoint, sd_checkpoint_name,
     shape, vectors}; embeddings that do not fit ``encoder`` (or cannot be read) are skipped."""
-    from imagine.io.embeddings import load_embedding
-
     loaded, skipped = {}, {}
     for name, path in folder_embeddings(models_dir).items():
         try:

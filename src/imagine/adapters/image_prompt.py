@@ -16,6 +16,7 @@ embedding), palette and intensity (Composer's global conditions, models/image_en
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -24,8 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 
-from imagine.io.ip_adapter_files import IPAdapterFile, is_ip_adapter, load_ip_adapter, peek
+from imagine.adapters.control import from_b64, png_b64, step_progress
+from imagine.io.ip_adapter_files import IPAdapterFile, is_ip_adapter, load_ip_adapter, peek, weights_file
+from imagine.io.models_dir import Entry, entries, resolve
+from imagine.io.networks import cached_image_encoder
+from imagine.io.png import file_hash
+from imagine.models.ip_adapter import IPAdapterConfig, check_fits, cross_attention_layers
 
 TYPES = ("content", "palette", "intensity")
 TOKENS = "image_prompt_tokens"  # the conditioning key: each row's image tokens, every prompt's side by side
@@ -51,8 +58,6 @@ def module_for(encoder: str | None) -> str:
 
 
 def candidates(models_dir: Path | None) -> list[Path]:
-    from imagine.io.models_dir import entries
-
     found = [e.path for e in entries(models_dir, "ipadapter")]
     found += [e.path for e in entries(models_dir, "controlnet") if is_ip_adapter(e.path)]
     return found + builtin_ip_adapters()
@@ -60,16 +65,10 @@ def candidates(models_dir: Path | None) -> list[Path]:
 
 def available(models_dir: Path | None) -> list[tuple[str, Path]]:
     """("name [hash]", path) of every IP-Adapter: ipadapter/, ControlNet/'s, then the shipped ones."""
-    from imagine.io.models_dir import Entry
-
     return [(Entry(p.stem if p.is_file() else p.name, p).title, p) for p in candidates(models_dir)]
 
 
 def _fits(path: Path, unet) -> bool | None:
-    import json
-
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = json.loads((f.metadata() or {}).get("config", "null"))
@@ -77,7 +76,6 @@ def _fits(path: Path, unet) -> bool | None:
         return None
     if not raw:
         return None
-    from imagine.models.ip_adapter import IPAdapterConfig
 
     want = IPAdapterConfig.for_unet(unet, 1)
     return (raw.get("cross_attention_dim"), tuple(raw.get("layer_widths", ()))) == (want.cross_attention_dim,
@@ -102,8 +100,6 @@ _CACHE: OrderedDict[tuple, IPAdapterFile] = OrderedDict()
 
 
 def cached_ip_adapter(path: Path, models_dir: Path | None = None, allow_pickle: bool = False) -> IPAdapterFile:
-    from imagine.io.ip_adapter_files import weights_file
-
     weights = weights_file(path)
     stat = weights.stat()
     key = (str(weights.resolve()), stat.st_mtime_ns, stat.st_size, str(models_dir))
@@ -180,8 +176,6 @@ class ImagePrompted:
     it); timesteps: the network timestep of each sampling step, for the prompts' start and end."""
 
     def __init__(self, network, base, prompts: Sequence[Prompted], timesteps: torch.Tensor | None = None):
-        from imagine.models.ip_adapter import check_fits, cross_attention_layers
-
         self.network, self.base, self.prompts = network, base, list(prompts)
         self.timesteps = timesteps.double() if timesteps is not None else None
         for p in self.prompts:
@@ -189,8 +183,6 @@ class ImagePrompted:
         self.layers = cross_attention_layers(base)  # found once, not at every call
 
     def progress(self, t: torch.Tensor) -> float:
-        from imagine.adapters.control import step_progress
-
         return 0.0 if self.timesteps is None else step_progress(self.timesteps, t)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -230,8 +222,6 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 
 def encode_reference(file: IPAdapterFile, image: Image.Image, image_encoder: str | None = None) -> torch.Tensor:
     """The adapter's encoder's embedding of the image (1, D); a clear error when the widths differ."""
-    from imagine.io.networks import cached_image_encoder
-
     spec = image_encoder or file.encoder
     if spec is None:
         raise ValueError(f"IP-Adapter {file.name!r} does not say which image encoder it reads: put the CLIP vision "
@@ -249,11 +239,6 @@ def resolve_prompts(units: Sequence[ImagePromptUnit], model, models_dir: Path | 
                     allow_pickle: bool = False, confined: bool = False) -> list[tuple[Prompted, dict]]:
     """Each unit as a Prompted and its record (for the PNG), every refusal made now. ``confined``: models by
     name in the models folder (or shipped) only, never by path."""
-    from imagine.adapters.control import png_b64
-    from imagine.io.models_dir import resolve
-    from imagine.io.png import file_hash
-    from imagine.models.ip_adapter import check_fits
-
     out = []
     for i, unit in enumerate(units):
         unit = unit.check()
@@ -291,8 +276,6 @@ def a1111_field(record: dict) -> str:
 
 def unit_from_record(record: dict) -> ImagePromptUnit:
     """A recorded image prompt as a unit again: its reference as stored, its adapter by path (for --from)."""
-    from imagine.adapters.control import from_b64
-
     return ImagePromptUnit(from_b64(record["image_png"]), record["scale"], model=record["path"],
                            type=record.get("type", "content"), start=record.get("start", 0.0),
                            end=record.get("end", 1.0), input=record.get("input"))

@@ -177,6 +177,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
                             lora_strict=lora_strict, controls=tuple(controls or ()),
                             image_prompts=tuple(image_prompts or ())).check(loaded)
         scorer = r.load_scorer(clip) if rerank > 1 else None
+        from imagine.pipelines.output import save
         from imagine.pipelines.upscale import hires_steps_total
 
         per_image = request.settings.steps * rerank + hires_steps_total(request.settings, request.resolved_upscaler)
@@ -193,7 +194,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
             typer.echo(f"warning: {warning}", err=True)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
-    for path in r.save(results, out):
+    for path in save(results, out):
         typer.echo(str(path))
 
 
@@ -520,7 +521,7 @@ def sample(
     """Generate images from a trained class-conditional or unconditional model: image i from seed S + i."""
     from imagine.io.checkpoint import CheckpointError
     from imagine.io.model_folder import load_model_folder
-    from imagine.pipelines.request import save
+    from imagine.pipelines.output import save
     from imagine.pipelines.unconditional import sample_images
 
     try:

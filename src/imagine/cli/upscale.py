@@ -39,7 +39,8 @@ def upscale(
     from imagine.io import models_dir as md
     from imagine.io.checkpoint import CheckpointError
     from imagine.pipelines.generate import Settings
-    from imagine.pipelines.request import input_record, open_image, save
+    from imagine.pipelines.output import save
+    from imagine.pipelines.request import input_record, open_image
 
     if from_image is not None:
         if images:

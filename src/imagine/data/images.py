@@ -7,6 +7,7 @@ training run can reproduce item i's exact pixels on resume.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from imagine.data.shapes import ShapesDataset
+from imagine.data.vocabulary import caption_vocabulary
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -60,8 +64,6 @@ class ImageDataset:
 
     def vocabulary(self) -> frozenset[str] | None:
         """The words of the captions (None without captions)."""
-        from imagine.data.vocabulary import caption_vocabulary
-
         return caption_vocabulary(self.captions) if self.captions is not None else None
 
     def batch(self, indices: Sequence[int], flips: torch.Tensor | None = None
@@ -79,8 +81,6 @@ def read_captions(root: Path, files: list[Path], default: str | None = None) -> 
     """Each image's caption: a same-name .txt beside it (kohya's convention), else a ``metadata.jsonl`` in
     ``root`` with {"file_name": ..., "text": ...} lines (Hugging Face imagefolder's), else ``default``;
     without a default every image needs one."""
-    import json
-
     meta: dict[str, str] = {}
     jsonl = root / "metadata.jsonl"
     if jsonl.exists():
@@ -156,14 +156,10 @@ def load_digits(size: int = 16) -> ImageDataset:
 
 
 def _shapes(size: int):
-    from imagine.data.shapes import ShapesDataset
-
     return ShapesDataset(size=size)
 
 
 def _shapes_language(size: int):
-    from imagine.data.shapes import ShapesDataset
-
     return ShapesDataset(size=size, language=True, source="builtin:shapes-language")
 
 

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from imagine.data import shapes_language as lang
+from imagine.data.vocabulary import caption_vocabulary
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (245, 215, 40),
@@ -213,8 +216,6 @@ def language_caption(scene: Scene, i: int, seed: int = 0) -> str:
     """builtin:shapes-language's caption of scene i: the template caption half the time, otherwise the same
     scene said in the train half of data.shapes_language (synonyms, digits never, frames, word orders).
     Its own random stream, so the scene itself is exactly builtin:shapes' item i."""
-    from imagine.data import shapes_language as lang
-
     rng = random.Random(f"language:{seed}:{i}")
     if rng.random() < 0.5:
         return scene.caption
@@ -297,8 +298,6 @@ class ShapesDataset:
     def vocabulary(self) -> frozenset[str]:
         """Every word a caption of this dataset can hold: the templates' (make_scene) and, for
         builtin:shapes-language, the train half of its language (never the held-out half)."""
-        from imagine.data.vocabulary import caption_vocabulary
-
         # a black background is never named, and counts start at two
         phrases = [*COLORS, *(b for b in BACKGROUNDS if b != "black"), *(NUMBERS[n] for n in NUMBERS if n > 1),
                    *REGION_PHRASES.values(), *RELATIONS, "a an and on background"]
@@ -307,8 +306,6 @@ class ShapesDataset:
             if key in SHAPES:
                 phrases += [n + ("es" if n == "box" else "s") for n in names]
         if self.language:
-            from imagine.data import shapes_language as lang
-
             phrases += [*lang.vocabulary("train"), "there are"]
         return caption_vocabulary(phrases)
 

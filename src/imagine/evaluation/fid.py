@@ -16,9 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save
 from scipy import linalg
 
+from imagine.data.shapes import ShapesDataset
 from imagine.io.checkpoint import atomic_write_bytes
+from imagine.io.networks import load_clip, load_fid_inception
+from imagine.io.png import file_hash
+from imagine.weights import default_clip
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 HELD_OUT_START = 10_000_000  # builtin:shapes scene indices from here on are never drawn in training
@@ -39,15 +45,11 @@ class Features:
         return np.cov(self.features, rowvar=False)
 
     def save(self, path: Path, meta: dict) -> None:
-        from safetensors.torch import save
-
         data = save({"features": torch.from_numpy(self.features)}, metadata={"imagine": json.dumps(meta)})
         atomic_write_bytes(Path(path), data)
 
     @classmethod
     def load(cls, path: Path) -> Features:
-        from safetensors.torch import load_file
-
         return cls(load_file(str(path))["features"].double().numpy())
 
 
@@ -129,8 +131,6 @@ def folder_images(folder: Path) -> list[Path]:
 def folder_batches(folder: Path, size: int | None, batch: int = 64) -> Iterable[np.ndarray]:
     """A folder's images as RGB uint8 batches (N, H, W, 3): resized to size x size (bicubic), or at their
     own size when ``size`` is None (the extractor resizes, as pytorch-fid does; the sizes must then agree)."""
-    from PIL import Image
-
     files = folder_images(folder)
     for start in range(0, len(files), batch):
         arrays = []
@@ -167,8 +167,6 @@ def cached_reference(extractor: Extractor, extractor_id: str, source_id: str,
 
 def shapes_reference_batches(size: int, n: int, batch: int = 64) -> Iterable[np.ndarray]:
     """``n`` builtin:shapes scenes the training run never drew (indices from 10,000,000 on), as uint8 batches."""
-    from imagine.data.shapes import ShapesDataset
-
     dataset = ShapesDataset(size)
     for start in range(0, n, batch):
         yield np.stack([dataset.scene(HELD_OUT_START + i)[1] for i in range(start, min(n, start + batch))])
@@ -199,9 +197,6 @@ def feature_extractor(features: str, clip: Path | None = None, inception: Path |
                       ) -> tuple[Extractor, str]:
     """(extractor, its identity for the cache) for ``features`` = "clip" (a CLIP-style model folder,
     default the shipped shapes scorer) or "inception" (pytorch-fid's weight file, which the user has)."""
-    from imagine.io.networks import load_clip, load_fid_inception
-    from imagine.io.png import file_hash
-
     if features == "inception":
         if inception is None:
             raise ValueError("Inception features need pytorch-fid's weight file, and imagine downloads nothing: "
@@ -210,7 +205,6 @@ def feature_extractor(features: str, clip: Path | None = None, inception: Path |
         return load_fid_inception(inception), f"inception:{file_hash(inception, 16)}"
     if features != "clip":
         raise ValueError(f"feature space {features!r} unknown; choose clip or inception")
-    from imagine.weights import default_clip
 
     clip_dir = Path(clip) if clip is not None else default_clip()
     return load_clip(clip_dir).fid_features, f"clip:{file_hash(clip_dir / 'model.safetensors', 16)}"
@@ -220,8 +214,6 @@ def reference_source(reference: str, generated: Path, size: int | None, count: i
                      ) -> tuple[str, Callable[[], Iterable[np.ndarray]]]:
     """(source identity for the cache, a function giving its image batches) for a reference folder or
     builtin:shapes (held-out scenes rendered at the generated images' size, or ``size``)."""
-    from PIL import Image
-
     first_image = folder_images(generated)[0]  # a missing or empty folder fails before any work
     if reference == "builtin:shapes":
         with Image.open(first_image) as first:

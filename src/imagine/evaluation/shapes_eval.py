@@ -24,9 +24,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
 import numpy as np
+from PIL import Image
 
+from imagine.data import shapes_language as lang
 from imagine.data.shapes import COLORS, NUMBERS, RELATIONS, SHAPES, compose, render, with_article
 from imagine.evaluation.shapes_analyzer import Detected, analyze
+from imagine.pipelines.request import Request, run
 
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 
@@ -89,8 +92,6 @@ def prompt_set(per_category: int = 25, seed: int = 0, phrasing: Phrasing = "temp
 
 def rephrase(p: EvalPrompt, half: str) -> str:
     """The prompt's scene in words of one half of the shapes language, chosen by its seed."""
-    from imagine.data import shapes_language as lang
-
     rng = random.Random(f"{half}:{p.category}:{p.seed}")
     if p.category == "single_object":
         text = lang.phrase_object(rng, half, p.wants[0].shape, p.wants[0].color, p.wants[0].size)
@@ -226,8 +227,6 @@ def evaluate(prompts: Sequence[EvalPrompt], make_images: Callable[[list[EvalProm
     """Judge ``make_images(prompts) -> (N, H, W, 3) uint8`` over the set, ``batch`` prompts at a time. The
     analyzer's areas are calibrated on 64 px scenes: larger images (a cascade's, hires fix's) are downsampled
     to 64 px (Lanczos) first."""
-    from PIL import Image
-
     verdicts = []
     for start in range(0, len(prompts), batch):
         chunk = list(prompts[start:start + batch])
@@ -244,10 +243,6 @@ def evaluate_model(model, text_encoder, prompts: Sequence[EvalPrompt], settings,
                    progress: Callable[[int], None] | None = None) -> Report:
     """ShapesEval of a text-to-image model: one image per prompt, made with ``settings`` (a pipelines
     Settings; its prompt and seed are each prompt's), or the best of ``rerank`` candidates by ``scorer``."""
-    from dataclasses import replace
-
-    from imagine.pipelines.request import Request, run
-
     def make_images(chunk):
         images = []
         for p in chunk:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from imagine import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # read only with allow_pickle, and then weights_only
@@ -73,8 +76,6 @@ def fresh_folder(out: Path, what: str = "write", replace: bool = False):
     """Yield a temporary sibling of ``out`` to fill; on success it becomes ``out`` in one rename, so a folder
     appears whole or not at all. ``out`` must not exist (a stale partial one is cleared first), unless
     ``replace``: then the old folder is moved aside and removed only once the new one is in place."""
-    import shutil
-
     out = Path(out)
     if out.exists() and not replace:
         raise ValueError(f"{out} exists; {what} writes a fresh folder")
@@ -118,7 +119,6 @@ def save_model(model: nn.Module, config: dict[str, Any], folder: Path, kind: str
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} unknown; choose one of: {', '.join(DTYPES)}")
         state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
-    from imagine import __version__
 
     full = {"_class": kind, "_imagine_version": __version__, **config}
     text = json.dumps(full, indent=2)
@@ -128,8 +128,6 @@ def save_model(model: nn.Module, config: dict[str, Any], folder: Path, kind: str
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -200,7 +198,6 @@ def open_weights(path: Path, allow_pickle: bool = False) -> tuple[Weights, dict[
                 "torch.load(weights_only=True), which loads tensors and nothing else")
         state = read_pickle_weights_only(path)
         return {k: Ref(tuple(v.shape), lambda v=v: v) for k, v in state.items()}, {}
-    from safetensors import safe_open
 
     try:
         handle = safe_open(str(path), framework="pt")
@@ -226,8 +223,6 @@ class _MappedReader:
         self.path, self.handle, self.reads = path, None, 0
 
     def read(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         if self.handle is None or self.reads >= self.REOPEN:
             self.handle, self.reads = safe_open(str(self.path), framework="pt"), 0
         self.reads += 1

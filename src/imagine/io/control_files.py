@@ -19,6 +19,9 @@ import torch
 
 from imagine.io.checkpoint import CONFIG_NAME, CheckpointError, Weights, build_and_fill, open_weights, read_json
 from imagine.io.ldm_keys import KeyMap, Src, read_mapped, unet_map
+from imagine.io.networks import load_controlnet, load_t2i_adapter
+from imagine.io.stable_diffusion import unet_config_from_ldm
+from imagine.models import ControlNetConfig, ControlNetModel
 
 KINDS = {"ControlNetModel": "controlnet", "T2IAdapter": "t2i_adapter"}
 # words in a file name that say which condition a foreign model reads (imagine's own files record it)
@@ -48,8 +51,6 @@ def _condition_from_name(name: str) -> str | None:
 
 def load_control(path: Path | str, *, allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> ControlFile:
     """A ControlNet or T2I-Adapter from a folder or file; anything else is refused, saying what it found."""
-    from imagine.io.networks import load_controlnet, load_t2i_adapter
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no ControlNet or T2I-Adapter at {path}")
@@ -95,9 +96,6 @@ def controlnet_map(keys: Iterable[str], config, prefix: str = "") -> KeyMap:
 
 
 def _load_original(weights: Weights, path: Path, dtype: torch.dtype) -> ControlFile:
-    from imagine.io.stable_diffusion import unet_config_from_ldm
-    from imagine.models import ControlNetConfig, ControlNetModel
-
     prefix = "control_model." if any(k.startswith("control_model.") for k in weights) else ""
     w = {k[len(prefix):]: r for k, r in weights.items() if k.startswith(prefix)}
     if "input_hint_block.0.weight" not in w:

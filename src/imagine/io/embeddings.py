@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, read_safetensors
 from imagine.io.png import file_hash
@@ -102,8 +103,6 @@ def header_aliases(path: Path) -> tuple[str, ...]:
 
 @lru_cache(maxsize=4096)
 def _header_aliases(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta, keys = f.metadata() or {}, list(f.keys())

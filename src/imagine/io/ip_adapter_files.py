@@ -13,10 +13,11 @@ recognised and refused by name."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, load_state_strict, read_safetensors
 from imagine.models.ip_adapter import IPAdapter, IPAdapterConfig
@@ -104,7 +105,6 @@ def is_ip_adapter(path: Path) -> bool:
         return False
     if weights.suffix != ".safetensors":
         return "ip" in weights.name.lower() and "adapter" in weights.name.lower()
-    from safetensors import safe_open
 
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -119,8 +119,6 @@ def peek(path: Path) -> dict:
         weights = weights_file(path)
         if weights.suffix != ".safetensors":
             return {}
-        from safetensors import safe_open
-
         with safe_open(str(weights), framework="pt") as f:
             return json.loads((f.metadata() or {}).get("imagine", "{}"))
     except Exception:
@@ -174,8 +172,6 @@ def load_ip_adapter(path: Path | str, *, image_encoder: str | Path | None = None
 def save_ip_adapter(model: IPAdapter, path: Path, image_encoder: str, info: dict | None = None,
                     dtype: torch.dtype = torch.float32) -> Path:
     """One .safetensors in the original layout (diffusers loads it), config and encoder in the metadata."""
-    from dataclasses import asdict
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"an IP-Adapter is written as a .safetensors file, not {path.name}")

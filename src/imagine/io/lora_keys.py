@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, open_weights
+from imagine.io.ldm_keys import unet_map
 from imagine.nn.lora import LoRA, LoRALayer, find_module
 
 Format = Literal["kohya", "peft"]
@@ -42,8 +44,6 @@ def _modules(part: nn.Module, text: bool) -> dict[str, str]:
 
 def _ldm_names(unet) -> dict[str, str]:
     """Underscored original-layout name -> our module name, for kohya's SDXL files."""
-    from imagine.io.ldm_keys import unet_map
-
     try:
         keys = [f"{name}.weight" for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         mapped = unet_map(keys, unet.config, prefix="")
@@ -55,8 +55,6 @@ def _ldm_names(unet) -> dict[str, str]:
 
 def lora_metadata(path: Path | str) -> dict[str, str]:
     """A LoRA file's safetensors metadata (kohya's ss_* fields, imagine's record); {} for other files."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}

@@ -8,9 +8,14 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
+from imagine import __version__
 from imagine.diffusion.parametrization import Prediction, check_prediction
 from imagine.diffusion.schedules import BetaSchedule, make_alphas_cumprod
+from imagine.families import IMAGINE, SDXL, Family, family
 from imagine.io.checkpoint import CheckpointError, atomic_write_bytes, fresh_folder, read_json
+from imagine.io.networks import load_unet, load_vae, save_unet, save_vae
 from imagine.nn.config import config_from_dict
 
 SPEC_NAME = "diffusion.json"
@@ -62,8 +67,6 @@ class DiffusionSpec:
 
 
 def save_spec(spec: DiffusionSpec, folder: Path) -> None:
-    from imagine import __version__
-
     atomic_write_bytes(Path(folder) / SPEC_NAME,
                        json.dumps({"_imagine_version": __version__, **asdict(spec)}, indent=2).encode())
 
@@ -87,6 +90,14 @@ class DiffusionModel:
     @property
     def name(self) -> str:
         return self.path.stem if self.path.is_file() else self.path.name
+
+    @property
+    def family(self) -> Family:
+        """What this model is (families/): its checkpoint's family, else imagine's own, or SDXL's where the
+        UNet takes SDXL's micro-conditioning (a folder saved from an SDXL checkpoint)."""
+        if self.arch is not None:
+            return family(self.arch)
+        return SDXL if getattr(self.unet.config, "addition_embed_type", None) == "text_time" else IMAGINE
 
     @property
     def latent_factor(self) -> int:
@@ -118,10 +129,6 @@ def load_vocabulary(folder: Path | str) -> frozenset[str] | None:
 
 def load_model_folder(path: Path | str, dtype=None) -> DiffusionModel:
     """``dtype``: what the UNet holds (default float32)."""
-    import torch
-
-    from imagine.io.networks import load_unet, load_vae
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a model folder (expected {SPEC_NAME}, unet/ and maybe vae/)")
@@ -138,8 +145,6 @@ def save_model_folder(model: DiffusionModel, out: Path | str, dtype: str | None 
                       ) -> Path:
     """An imagine model folder from a loaded model (UNet, VAE, spec), written whole or not at all; ``replace``:
     an existing folder at ``out`` gives way once the new one is complete."""
-    from imagine.io.networks import save_unet, save_vae
-
     with fresh_folder(Path(out), replace=replace) as tmp:
         save_unet(model.unet, tmp / "unet", dtype)
         if model.vae is not None:

@@ -11,11 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from imagine import __version__
 from imagine.io.checkpoint import (
     CONFIG_NAME,
+    DTYPES,
     WEIGHTS_NAME,
     CheckpointError,
+    atomic_save_safetensors,
     build_and_fill,
+    fresh_folder,
     load_state_strict,
     open_weights,
     read_json,
@@ -185,9 +189,6 @@ def save_diffusers_model(model: nn.Module, folder: Path, class_name: str, imagin
     the config also in the file's metadata so the file alone describes itself), written whole or not at
     all; ``imagine``: what diffusers does not know (the condition, the base model), kept under "_imagine",
     a key diffusers ignores."""
-    from imagine import __version__
-    from imagine.io.checkpoint import DTYPES, atomic_save_safetensors, fresh_folder
-
     config = {"_class_name": class_name, "_diffusers_version": "0.30.0",
               "_imagine": {"version": __version__, **(imagine or {})}, **_config_of(model)}
     state = model.state_dict()

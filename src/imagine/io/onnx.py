@@ -11,8 +11,12 @@ replace: ``OnnxUNet(x, t, **cond)``, ``OnnxVAEDecoder.decode(z)``, ``OnnxTextMod
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
 import os
+import warnings
+from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
@@ -21,6 +25,8 @@ import numpy as np
 import torch
 
 from imagine.io.checkpoint import CheckpointError, atomic_write_bytes, fresh_folder
+from imagine.io.png import file_hash
+from imagine.models.text_encoders import MiniLMTextEncoder
 
 Backend = Literal["torch", "onnxruntime", "onnxruntime-int8"]
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "onnxruntime-int8")
@@ -32,8 +38,6 @@ INT8_OPS = ["MatMul", "Gemm"]  # dynamic int8: the linear layers (int8 convoluti
 
 def _require_onnx(export: bool = True) -> None:
     """The packages ONNX needs: onnxruntime to run, and onnx and onnxscript to export (``export``)."""
-    import importlib
-
     try:
         for name in ("onnxruntime", "onnx", "onnxscript") if export else ("onnxruntime",):
             importlib.import_module(name)
@@ -79,8 +83,6 @@ class _TextModel(torch.nn.Module):
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, names: list[str], dynamic: dict) -> None:
-    import warnings
-
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic, input_names=names,
@@ -91,9 +93,6 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, names: list[str], 
 def export_onnx(model, text_encoder, out: Path | str, *, int8: bool = True) -> Path:
     """Export ``model`` (a loaded text-to-image DiffusionModel) and its MiniLM ``text_encoder`` to ``out``,
     a fresh folder written whole or not at all. Returns ``out``."""
-    from imagine.io.png import file_hash
-    from imagine.models.text_encoders import MiniLMTextEncoder
-
     _require_onnx()
     out = Path(out)
     unet = model.unet
@@ -166,16 +165,12 @@ def export_onnx(model, text_encoder, out: Path | str, *, int8: bool = True) -> P
 def default_onnx_folder(model) -> Path:
     """Where a model's ONNX export lives when the user names none: IMAGINE_CACHE (default ~/.cache/imagine)
     / onnx / NAME-HASH, so an export is made once per model and reused."""
-    from imagine.io.png import file_hash
-
     root = Path(os.environ.get("IMAGINE_CACHE", Path.home() / ".cache" / "imagine"))
     return root / "onnx" / f"{model.name}-{file_hash(model.weights_file)[:10]}"
 
 
 def read_manifest(folder: Path, model) -> dict:
     """The folder's onnx.json, checked against ``model`` (an export of another model is refused)."""
-    from imagine.io.png import file_hash
-
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise CheckpointError(f"{folder} is not an ONNX export (no {MANIFEST}); make one with imagine export-onnx")
@@ -269,14 +264,9 @@ class OnnxModel(SimpleNamespace):
     def text_encoder_for(self, encoder):
         """``encoder`` (the model's torch text encoder) with its transformer run by ONNX Runtime: a copy with its
         own prompt cache; the encoder itself when the export has no text encoder (CLIP stays in torch)."""
-        from imagine.models.text_encoders import MiniLMTextEncoder
-
         if self.text is None or not isinstance(encoder, MiniLMTextEncoder):
             return encoder
         if getattr(self, "_encoder", None) is None or self._encoder[0] is not encoder:
-            import copy
-            from collections import OrderedDict
-
             twin = copy.copy(encoder)
             twin.model, twin._cache = self.text, OrderedDict()
             self._encoder = (encoder, twin)

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from imagine import __version__
 from imagine.io.checkpoint import _FILE_MODE
 
 FORMAT = "imagine/1"
@@ -177,9 +179,5 @@ def read_png_metadata(source: Path | bytes) -> tuple[str | None, dict[str, Any] 
 
 
 def environment() -> dict[str, str]:
-    import torch
-
-    from imagine import __version__
-
     return {"imagine": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "numpy": np.__version__, "machine": platform.machine()}

@@ -22,6 +22,17 @@ from typing import Literal
 
 import torch
 
+from imagine import __version__
+from imagine.families import (
+    CHECKPOINT_FAMILIES,
+    SD1,
+    SD2,
+    SDXL,
+    diffusers_pipelines,
+    family,
+    from_diffusers,
+    from_single_file,
+)
 from imagine.io.checkpoint import (
     DTYPES,
     CheckpointError,
@@ -34,17 +45,18 @@ from imagine.io.checkpoint import (
     read_json,
 )
 from imagine.io.ldm_keys import clip_map, open_clip_map, read_mapped, unet_map, vae_map, write_mapped
-from imagine.io.model_folder import SPEC_NAME, DiffusionModel, DiffusionSpec
-from imagine.models.text_encoders import transformers_locked
+from imagine.io.model_folder import SPEC_NAME, DiffusionModel, DiffusionSpec, load_model_folder, save_model_folder
+from imagine.io.networks import _config_of, diffusers_config, load_unet, load_vae
+from imagine.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
+from imagine.models.text_encoders import CLIPTextEncoder, SDXLTextEncoder, transformers_locked
 
 Arch = Literal["sd1", "sd2", "sdxl"]
-ARCH_LABELS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
-MODELSPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl-v1-base"}
-PIPELINES = {"StableDiffusionPipeline": ("sd1", "sd2"), "StableDiffusionXLPipeline": ("sdxl",)}
+ARCH_LABELS = {f.name: f.label for f in CHECKPOINT_FAMILIES}
+PIPELINES = diffusers_pipelines()
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
-TE_SD1, TE_SD2 = "cond_stage_model.transformer.", "cond_stage_model.model."
-TE_XL1, TE_XL2 = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+TE_SD1, TE_SD2 = SD1.text_encoders[0].single_file_prefix, SD2.text_encoders[0].single_file_prefix
+TE_XL1, TE_XL2 = (slot.single_file_prefix for slot in SDXL.text_encoders)
 # tensors a single file may carry that no model here uses: ldm's schedule buffers (top-level names),
 # EMA copies, markers, OpenCLIP's logit scale and transformers' position ids
 _SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "logvar",
@@ -54,8 +66,6 @@ _SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alp
 
 # The training schedule every Stable Diffusion release uses (ldm's "scaled linear", beta 0.00085 to 0.012).
 SD_SCHEDULE = {"schedule": "scaled_linear", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
-SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
-IMAGE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 BOS, EOS = 49406, 49407  # CLIP's start and end of text in its BPE vocabulary
@@ -63,9 +73,9 @@ BOS, EOS = 49406, 49407  # CLIP's start and end of text in its BPE vocabulary
 
 def _defaults(arch: Arch, prediction: str) -> dict:
     """How a checkpoint is sampled when the user says nothing: A1111's defaults (20 steps, CFG 7)."""
-    return {**SD_SCHEDULE, "prediction": prediction, "image_size": IMAGE_SIZE[arch], "latent": True,
+    return {**SD_SCHEDULE, "prediction": prediction, "image_size": family(arch).image_size, "latent": True,
             "default_sampler": "dpmpp_2m", "default_steps": 20, "default_cfg": 7.0,
-            "zero_empty_negative": arch == "sdxl"}
+            "zero_empty_negative": family(arch).zero_empty_negative}
 
 
 def kind_of(path: Path) -> Literal["imagine", "diffusers", "single-file"]:
@@ -188,8 +198,6 @@ def unet_config_from_ldm(w: Weights, arch: Arch):
     """The UNet's config from the shapes of ``model.diffusion_model.*`` (keys without that prefix).
     Head counts are not in any tensor: SD 1.x uses 8 heads, SD 2.x and SDXL 64-wide heads, as their
     reference configs say."""
-    from imagine.models import UNetConfig
-
     if "input_blocks.0.0.weight" not in w:
         raise CheckpointError("no UNet input convolution (model.diffusion_model.input_blocks.0.0.weight)")
     in_channels = w["input_blocks.0.0.weight"].shape[1]
@@ -221,14 +229,15 @@ def unet_config_from_ldm(w: Weights, arch: Arch):
     if mid and _count(w, "middle_block.1.transformer_blocks.") != depth[-1]:
         raise CheckpointError("the middle block's transformer depth differs from the last level's, which "
                               "imagine's UNet does not implement")
-    heads = 8 if arch == "sd1" else tuple(max(1, c // 64) for c in channels)
+    heads = family(arch).attention_heads or tuple(max(1, c // 64) for c in channels)
     extra = {}
     if "label_emb.0.0.weight" in w:
         adm = w["label_emb.0.0.weight"].shape[1]
         pooled = 1280
         extra = dict(addition_embed_type="text_time", addition_time_embed_dim=(adm - pooled) // 6,
                      projection_class_embeddings_input_dim=adm)
-    return UNetConfig(sample_size=IMAGE_SIZE[arch] // 8, in_channels=in_channels,
+    fam = family(arch)
+    return UNetConfig(sample_size=fam.image_size // fam.latent.downscale, in_channels=in_channels,
                       out_channels=w["out.2.weight"].shape[0] if "out.2.weight" in w else in_channels,
                       block_out_channels=tuple(channels),
                       down_block_types=tuple(down), up_block_types=tuple(up),
@@ -240,8 +249,6 @@ def unet_config_from_ldm(w: Weights, arch: Arch):
 
 def vae_config_from_ldm(w: Weights, arch: Arch, norm_num_groups: int = 32):
     """The VAE's config from the shapes of ``first_stage_model.*`` (keys without that prefix)."""
-    from imagine.models import VAEConfig
-
     if "encoder.conv_in.weight" not in w:
         raise CheckpointError("no VAE encoder (first_stage_model.encoder.conv_in.weight)")
     levels = _count(w, "encoder.down.")
@@ -249,8 +256,8 @@ def vae_config_from_ldm(w: Weights, arch: Arch, norm_num_groups: int = 32):
     return VAEConfig(in_channels=w["encoder.conv_in.weight"].shape[1],
                      out_channels=w["decoder.conv_out.weight"].shape[0],
                      block_out_channels=channels, layers_per_block=_count(w, "encoder.down.0.block."),
-                     latent_channels=w["decoder.conv_in.weight"].shape[1], sample_size=IMAGE_SIZE[arch],
-                     scaling_factor=SCALING[arch], use_quant_conv="quant_conv.weight" in w,
+                     latent_channels=w["decoder.conv_in.weight"].shape[1], sample_size=family(arch).image_size,
+                     scaling_factor=family(arch).latent.scaling_factor, use_quant_conv="quant_conv.weight" in w,
                      norm_num_groups=norm_num_groups,
                      use_post_quant_conv="post_quant_conv.weight" in w)
 
@@ -258,8 +265,6 @@ def vae_config_from_ldm(w: Weights, arch: Arch, norm_num_groups: int = 32):
 def inspect_single_file(weights: Weights, metadata: dict[str, str], source: str) -> SingleFile:
     """Which Stable Diffusion a single file holds, from its keys and shapes (and its metadata where it
     has imagine's or modelspec's), or a CheckpointError naming what was expected and what was found."""
-    from imagine.models import UNetConfig, VAEConfig
-
     keys = list(weights)
     if not any(k.startswith(UNET) for k in keys):
         sample = ", ".join(keys[:4]) or "no tensors"
@@ -273,15 +278,11 @@ def inspect_single_file(weights: Weights, metadata: dict[str, str], source: str)
         raise CheckpointError(f"{source} is not a Stable Diffusion checkpoint: expected model.diffusion_model.*, "
                               f"first_stage_model.* and cond_stage_model.* (or conditioner.embedders.*) keys; "
                               f"found {sample}.{hint}")
-    if any(k.startswith(TE_XL2) for k in keys):
-        arch: Arch = "sdxl"
-    elif any(k.startswith(TE_SD2) for k in keys):
-        arch = "sd2"
-    elif any(k.startswith(TE_SD1) for k in keys):
-        arch = "sd1"
-    else:
+    found = from_single_file(keys)
+    if found is None:
         raise CheckpointError(f"{source} has a UNet but no text encoder this reader knows: expected "
                               f"{TE_SD1}* (SD 1.x), {TE_SD2}* (SD 2.x) or {TE_XL2}* (SDXL)")
+    arch: Arch = found.name
     ours = json.loads(metadata["imagine"]) if "imagine" in metadata else None
     if ours is not None:  # written by imagine: its configs say what shapes cannot (head counts, groups)
         unet, vae = UNetConfig.from_dict(ours["unet"]), VAEConfig.from_dict(ours["vae"])
@@ -290,7 +291,7 @@ def inspect_single_file(weights: Weights, metadata: dict[str, str], source: str)
     if unet.in_channels != 4:
         raise CheckpointError(f"{source} is a {unet.in_channels}-channel UNet (an inpainting or instruct model); "
                               "imagine runs 4-channel text-to-image checkpoints")
-    prediction = "v" if arch == "sd2" else "eps"
+    prediction = found.prediction
     if "v_pred" in weights:  # the marker key v-prediction SDXL finetunes carry
         prediction = "v"
     declared = (ours or {}).get("prediction") or metadata.get("modelspec.prediction_type")
@@ -306,7 +307,6 @@ def _text_encoder_from_file(weights: Weights, arch: Arch, source: str, clip_skip
     (head counts are in no tensor; without them SD's 64-wide heads are assumed)."""
     from transformers import CLIPTextConfig
 
-    from imagine.models.text_encoders import CLIPTextEncoder, SDXLTextEncoder
 
     def config(i: int, w: Weights, act: str, projection: bool):
         if configs:
@@ -357,8 +357,6 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, clip_skip: int |
                      dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """A single-file SD 1.x, 2.x or SDXL checkpoint: UNet, VAE and text encoder(s), every tensor accounted
     for (an unknown key is an error, never silently dropped)."""
-    from imagine.models import AutoencoderKL, UNet2DConditionModel
-
     path = Path(path)
     weights, metadata = open_weights(path, allow_pickle)
     info = inspect_single_file(weights, metadata, str(path))
@@ -368,7 +366,7 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, clip_skip: int |
     maps = unet_map(unet_keys, info.unet), vae_map(vae_keys, info.vae)
     unet_refs, vae_refs = (read_mapped(weights, key_map, str(path)) for key_map in maps)
     used = {src.key for key_map in maps for src in key_map.values()}
-    text_prefixes = {"sd1": (TE_SD1,), "sd2": (TE_SD2,), "sdxl": (TE_XL1, TE_XL2)}[info.arch]
+    text_prefixes = tuple(slot.single_file_prefix for slot in family(info.arch).text_encoders)
     unknown = [k for k in weights if k not in used and not k.startswith(text_prefixes) and not _ignorable(k)]
     if unknown:
         raise CheckpointError(f"{path} holds {len(unknown)} tensors no part of {ARCH_LABELS[info.arch]} uses: "
@@ -412,38 +410,40 @@ def _pipeline_spec(path: Path, index: dict, arch: Arch) -> dict:
     spec = spec_from_scheduler(read_json(scheduler) if scheduler.exists() else {}, arch, size)
     if spec.get("consistency"):  # an LCM embeds its guidance scale (LCM-Dreamshaper's 8) or runs without CFG
         spec["default_cfg"] = 8.0 if unet.get("time_cond_proj_dim") else 1.0
-    return {**spec, "zero_empty_negative": bool(index.get("force_zeros_for_empty_prompt", arch == "sdxl"))}
+    return {**spec, "zero_empty_negative": bool(index.get("force_zeros_for_empty_prompt",
+                                                            family(arch).zero_empty_negative))}
 
 
-def _sd1_or_sd2(text_config) -> Arch:
-    """SD 2.x's text encoder is OpenCLIP (GELU); SD 1.x's is OpenAI's CLIP ViT-L (quick GELU)."""
-    act = text_config.get("hidden_act") if isinstance(text_config, dict) else text_config.hidden_act
-    return "sd2" if act == "gelu" else "sd1"
+def _pipeline_family(path: Path, index: dict):
+    """The family of a diffusers pipeline folder whose model_index.json imagine reads."""
+    config = path / "text_encoder" / "config.json"
+    found = from_diffusers(index.get("_class_name"), read_json(config) if config.exists() else {})
+    if found is None:
+        raise CheckpointError(f"{path} holds a diffusers {index.get('_class_name')}; imagine reads "
+                              f"{' and '.join(PIPELINES)} folders")
+    return found
 
 
 def load_diffusers_pipeline(path: Path, *, clip_skip: int | None = None,
                             dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """A diffusers StableDiffusionPipeline or StableDiffusionXLPipeline folder."""
-    from imagine.io.networks import load_unet, load_vae
-    from imagine.models.text_encoders import CLIPTextEncoder, SDXLTextEncoder
-
     path = Path(path)
     index = read_json(path / "model_index.json")
     cls = index.get("_class_name")
     if cls not in PIPELINES:
         raise CheckpointError(f"{path} holds a diffusers {cls}; imagine reads {' and '.join(PIPELINES)} folders")
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (
-            ("text_encoder_2", "tokenizer_2") if cls == "StableDiffusionXLPipeline" else ()):
+    fam = _pipeline_family(path, index)
+    texts = [slot.part for slot in fam.text_encoders]
+    for part in ("unet", "vae", "tokenizer", "scheduler", *texts, *(t.replace("text_encoder", "tokenizer")
+                                                                    for t in texts[1:])):
         if not (path / part).is_dir():
             raise CheckpointError(f"{path} is a {cls} folder without {part}/")
     unet = load_unet(path / "unet", dtype=dtype)
     vae = load_vae(path / "vae")
-    if cls == "StableDiffusionXLPipeline":
-        arch: Arch = "sdxl"
-        text_encoder = SDXLTextEncoder.from_folder(path, clip_skip or 2)
-    else:
-        text_encoder = CLIPTextEncoder.from_folder(path, clip_skip or 1)
-        arch = _sd1_or_sd2(text_encoder.model.config)
+    encoder = SDXLTextEncoder if len(texts) == 2 else CLIPTextEncoder
+    # a diffusers SD 2.x folder holds OpenCLIP already cut at the layer SD 2 reads: its last (clip skip 1)
+    text_encoder = encoder.from_folder(path, clip_skip or (fam.clip_skip if len(texts) == 2 else 1))
+    arch: Arch = fam.name
     spec = DiffusionSpec(**_pipeline_spec(path, index, arch), text_encoder=text_encoder.identity)
     weights = path / "unet" / "diffusion_pytorch_model.safetensors"
     return DiffusionModel(unet, vae, spec, path, text_encoder=text_encoder, arch=arch,
@@ -462,7 +462,7 @@ def _cast(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.
 
 def _text_models(model: DiffusionModel) -> list:
     te = model.text_encoder
-    return [te.model_1, te.model_2] if model.arch == "sdxl" else [te.model]
+    return [te.model_1, te.model_2] if len(model.family.text_encoders) == 2 else [te.model]
 
 
 def single_file_state(model: DiffusionModel) -> dict[str, torch.Tensor]:
@@ -470,20 +470,14 @@ def single_file_state(model: DiffusionModel) -> dict[str, torch.Tensor]:
     unet, vae = model.unet.state_dict(), model.vae.state_dict()
     out = {**write_mapped(unet, unet_map(unet, model.unet.config)), **write_mapped(vae, vae_map(vae, model.vae.config))}
     texts = [_canonical(m) for m in _text_models(model)]
-    if model.arch == "sd1":
-        out.update(write_mapped(texts[0], clip_map(texts[0], TE_SD1)))
-    elif model.arch == "sd2":
-        out.update(write_mapped(texts[0], open_clip_map(texts[0], TE_SD2)))
-    else:
-        out.update(write_mapped(texts[0], clip_map(texts[0], TE_XL1)))
-        out.update(write_mapped(texts[1], open_clip_map(texts[1], TE_XL2)))
+    for slot, text in zip(model.family.text_encoders, texts, strict=True):  # each in its own layout
+        key_map = clip_map if slot.layout == "clip" else open_clip_map
+        out.update(write_mapped(text, key_map(text, slot.single_file_prefix)))
     return out
 
 
 def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:
     """One .safetensors in the original layout, with imagine's configs and modelspec in its metadata."""
-    from imagine.io.networks import _config_of
-
     if model.arch is None or model.text_encoder is None:
         raise CheckpointError("only Stable Diffusion models (SD 1.x, 2.x, SDXL) have a single-file layout; an "
                               "imagine model folder stays a folder")
@@ -494,7 +488,7 @@ def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None)
     meta = {"imagine": json.dumps({"unet": _config_of(model.unet), "vae": _config_of(model.vae),
                                    "prediction": model.spec.prediction, "text": text,
                                    "clip_skip": model.text_encoder.clip_skip}),
-            "modelspec.architecture": MODELSPEC[model.arch],
+            "modelspec.architecture": model.family.modelspec,
             "modelspec.prediction_type": {v: k for k, v in PREDICTIONS.items()}[model.spec.prediction],
             "format": "pt"}
     atomic_save_safetensors(_cast(single_file_state(model), dtype), out, meta)
@@ -512,9 +506,6 @@ def save_diffusers_pipeline(model: DiffusionModel, out: Path, dtype: str | None 
 
 
 def _write_pipeline(model: DiffusionModel, tmp: Path, dtype: str | None) -> None:
-    from imagine import __version__
-    from imagine.io.networks import diffusers_config
-
     for part, module, cls in (("unet", model.unet, "UNet2DConditionModel"), ("vae", model.vae, "AutoencoderKL")):
         config = {"_class_name": cls, "_diffusers_version": "0.30.0", **diffusers_config(module)}
         atomic_write_bytes(tmp / part / "config.json", json.dumps(config, indent=2).encode())
@@ -570,9 +561,6 @@ def _write_pipeline(model: DiffusionModel, tmp: Path, dtype: str | None) -> None
 def load_vae_override(path: Path, like, allow_pickle: bool = False):
     """A separate VAE (A1111's --vae / "SD VAE"): an imagine or diffusers VAE folder, or a single file in
     the original layout with or without ``first_stage_model.``. It keeps ``like``'s latent scaling."""
-    from imagine.io.networks import load_vae
-    from imagine.models import AutoencoderKL
-
     path = Path(path)
     if path.is_dir():
         vae = load_vae(path)
@@ -599,8 +587,6 @@ def load_any(path: Path | str, *, vae: Path | str | None = None, allow_pickle: b
              clip_skip: int | None = None, dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """An imagine model folder, a diffusers pipeline folder or a single-file checkpoint, by what it is.
     ``dtype``: what the UNet holds (bfloat16 halves its memory; run it under bf16 autocast)."""
-    from imagine.io.model_folder import load_model_folder
-
     path = Path(path)
     kind = kind_of(path)
     if kind == "imagine":
@@ -620,8 +606,6 @@ def load_any(path: Path | str, *, vae: Path | str | None = None, allow_pickle: b
 def save_like(model: DiffusionModel, base: Path, out: Path, dtype: str | None = None) -> Path:
     """Write a (merged) model: a .safetensors ``out`` is a single file (Stable Diffusion models); otherwise a
     folder of ``base``'s kind (an imagine model folder or a diffusers pipeline)."""
-    from imagine.io.model_folder import save_model_folder
-
     if Path(out).suffix == ".safetensors":
         return save_single_file(model, out, dtype)
     if kind_of(base) == "imagine":
@@ -642,11 +626,7 @@ def probe_spec(path: Path | str, allow_pickle: bool = False) -> DiffusionSpec:
         return spec
     if kind == "diffusers":
         index = read_json(path / "model_index.json")
-        if index.get("_class_name") not in PIPELINES:
-            raise CheckpointError(f"{path} holds a diffusers {index.get('_class_name')}; imagine reads "
-                                  f"{' and '.join(PIPELINES)} folders")
-        xl = index["_class_name"] == "StableDiffusionXLPipeline"
-        arch: Arch = "sdxl" if xl else _sd1_or_sd2(read_json(path / "text_encoder" / "config.json"))
+        arch: Arch = _pipeline_family(path, index).name
         return DiffusionSpec(**_pipeline_spec(path, index, arch), text_encoder=ARCH_LABELS[arch])
     weights, metadata = open_weights(path, allow_pickle)
     info = inspect_single_file(weights, metadata, str(path))
@@ -662,9 +642,9 @@ def describe_file(path: Path) -> dict:
         size = path.stat().st_size
     elif kind == "diffusers":
         index = read_json(path / "model_index.json")
-        arch = "sdxl" if index.get("_class_name") == "StableDiffusionXLPipeline" else None
-        if arch is None and (path / "text_encoder" / "config.json").exists():
-            arch = _sd1_or_sd2(read_json(path / "text_encoder" / "config.json"))
+        config = path / "text_encoder" / "config.json"
+        found = from_diffusers(index.get("_class_name"), read_json(config) if config.exists() else {})
+        arch = found.name if found is not None else None
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     else:
         arch, size = "imagine", sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

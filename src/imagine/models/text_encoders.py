@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from tokenizers import Tokenizer
 
 # every transformers load, one at a time: its lazy imports are not safe to run twice side by side, and a
 # server loads from its request threads and its worker at once (re-entrant: a load may start another)
@@ -340,8 +341,6 @@ class WordPieceTokenizer:
     (sentence-transformers ships 128 tokens) are switched off: prompts are split into windows, never cut."""
 
     def __init__(self, path: Path | str):
-        from tokenizers import Tokenizer
-
         file = Path(path) / "tokenizer.json"
         if not file.exists():
             raise FileNotFoundError(f"{path} has no tokenizer.json")

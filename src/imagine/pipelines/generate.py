@@ -16,13 +16,24 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
+from scipy.ndimage import gaussian_filter
 
+from imagine import __version__
+from imagine.adapters import image_prompt
+from imagine.adapters.control import ROWS, Controlled, a1111_field
+from imagine.adapters.image_prompt import TOKENS, ImagePrompted, prompt_tokens
+from imagine.adapters.lora import prompt_loras
 from imagine.data.transforms import RESIZE_MODES, ResizeMode, fit_image
 from imagine.diffusion.denoiser import Denoiser, broadcast_sigma
-from imagine.diffusion.schedules import sampling_sigmas
+from imagine.diffusion.schedules import sampling_sigmas, sigma_to_t
+from imagine.diffusion.superres import LowResConditioned
 from imagine.guidance import ClassifierFreeGuidance
 from imagine.io.model_folder import DiffusionModel
-from imagine.samplers import SAMPLERS, check_schedule, resolve
+from imagine.io.onnx import MANIFEST, check_backend, default_onnx_folder, export_onnx, load_onnx
+from imagine.io.png import a1111_parameters, environment, file_hash
+from imagine.nn.embeddings import guidance_embedding
+from imagine.pipelines.tiled import TiledDenoiser
+from imagine.samplers import SAMPLERS, a1111_name, check_schedule, resolve
 
 
 class Cancelled(Exception):
@@ -39,8 +50,6 @@ def onnx_runtime(model: DiffusionModel, backend: str, text_encoder=None):
     """ONNX Runtime sessions for ``model`` (io/onnx.py), made once per model, backend and process: from the
     model folder's onnx/ export, else the user cache's, which is exported there on first use (a minute or so;
     ``imagine export-onnx`` makes it ahead of time)."""
-    from imagine.io.onnx import MANIFEST, default_onnx_folder, export_onnx, load_onnx
-
     cached = _ONNX.setdefault(model.unet, {})
     if backend not in cached:
         folder = model.path / "onnx" if (model.path / "onnx" / MANIFEST).exists() else default_onnx_folder(model)
@@ -172,7 +181,6 @@ class Settings:
             raise ValueError(f"tile must be 0 (no tiling) or at least 32 pixels, got {self.tile!r}")
         if self.sr_noise_level is not None and (not isinstance(self.sr_noise_level, int) or self.sr_noise_level < 0):
             raise ValueError(f"the SR noise level must be an integer >= 0, got {self.sr_noise_level!r}")
-        from imagine.io.onnx import check_backend
 
         check_backend(self.backend)
         if self.backend != "torch" and (self.precision != "fp32" or self.compile):
@@ -353,19 +361,13 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     else:
         network = _network(model.unet, compile)
     if image_prompts or controls:  # both act on a share of the steps, found from each call's timestep
-        from imagine.diffusion.schedules import sigma_to_t
 
         timesteps = sigma_to_t(sigmas[:-1], ac)
     if image_prompts:
-        from imagine.adapters.image_prompt import ImagePrompted
-
         network = ImagePrompted(network, model.unet, image_prompts, timesteps)
     if controls:
-        from imagine.adapters.control import Controlled
-
         network = Controlled(network, controls, timesteps)
     if spec.upscale > 1:  # a super-resolution stage: cond carries the low-resolution rows
-        from imagine.diffusion.superres import LowResConditioned
 
         if runtime is not None:
             raise ValueError(f"super-resolution stages run on --backend torch, not {backend}")
@@ -374,8 +376,6 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
                                      consistency=spec.consistency or info.consistency,
                                      quantize=info.sigmas is not None))
     if tile:
-        from imagine.pipelines.tiled import TiledDenoiser
-
         if controls:
             raise ValueError("tiled sampling does not take ControlNet or T2I-Adapter units (their maps cover the "
                              "whole image); leave tile at 0 with them")
@@ -413,7 +413,6 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
                          if low_res is None else "low-resolution input given to a model that is not an SR stage")
     w, h = output_size(model, s)
     f = model.latent_factor
-    from imagine.adapters.lora import prompt_loras
 
     # A1111's <lora:NAME:WEIGHT> tags are taken out of the text (the request attached those LoRAs)
     prompts = [prompt_loras(s.prompt)[0]] * s.n + [prompt_loras(s.negative_prompt)[0]] * s.n
@@ -425,18 +424,17 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     uncond = {"encoder_hidden_states": text.context[s.n:], "encoder_attention_mask": text.mask[s.n:]}
     if model.spec.zero_empty_negative and s.negative_prompt == "":  # SDXL (and A1111 for it): zeros, not ""
         uncond["encoder_hidden_states"] = torch.zeros_like(uncond["encoder_hidden_states"])
-    if model.unet.config.addition_embed_type == "text_time":
-        cond.update(_micro_conditioning(text.pooled[: s.n], w, h))
-        pooled = text.pooled[s.n:]
-        if model.spec.zero_empty_negative and s.negative_prompt == "":
-            pooled = torch.zeros_like(pooled)
-        uncond.update(_micro_conditioning(pooled, w, h))
+    family = model.family  # its extra inputs (SDXL: pooled text and size ids), on both branches
+    pooled = text.pooled[: s.n] if text.pooled is not None else None
+    cond.update(family.conditioning(pooled, w, h))
+    pooled = text.pooled[s.n:] if text.pooled is not None else None
+    if pooled is not None and model.spec.zero_empty_negative and s.negative_prompt == "":
+        pooled = torch.zeros_like(pooled)
+    uncond.update(family.conditioning(pooled, w, h))
     if controls:  # which rows are conditional: "ControlNet is more important" controls those alone
-        from imagine.adapters.control import ROWS
 
         cond[ROWS], uncond[ROWS] = torch.ones(s.n), torch.zeros(s.n)
     if image_prompts:  # the image's tokens on the conditional rows, the zero embedding's on the others
-        from imagine.adapters.image_prompt import TOKENS, prompt_tokens
 
         cond[TOKENS], uncond[TOKENS] = prompt_tokens(image_prompts, s.n)
     if low_res is not None:  # the same low-resolution rows (and levels) on both branches of guidance
@@ -450,7 +448,6 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
         if s.negative_prompt.strip():
             raise ValueError("this model embeds its guidance scale (a latent consistency model) and has no "
                              "unconditional branch, so a negative prompt cannot act; leave it empty")
-        from imagine.nn.embeddings import guidance_embedding
 
         weight = torch.full((s.n,), s.cfg_scale - 1.0)  # LCM's convention: w = cfg scale - 1
         cond["timestep_cond"] = guidance_embedding(weight, model.unet.config.time_cond_proj_dim)
@@ -466,16 +463,6 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
 def embeds_guidance(model: DiffusionModel) -> bool:
     """Whether the UNet takes its guidance scale as an input (an LCM distilled with w-conditioning)."""
     return getattr(model.unet.config, "time_cond_proj_dim", None) is not None
-
-
-def _micro_conditioning(pooled: torch.Tensor | None, width: int, height: int) -> dict[str, torch.Tensor]:
-    """SDXL's extra inputs: the pooled text and (original h, w, crop top, left, target h, w), with the
-    original and target both the output size and no crop, as A1111 and diffusers default to."""
-    if pooled is None:
-        raise ValueError("this UNet is SDXL-conditioned and needs a pooled text embedding; its text encoder "
-                         "gives none (use the checkpoint's own text encoders)")
-    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(len(pooled), -1)
-    return {"text_embeds": pooled, "time_ids": ids}
 
 
 def txt2img(model: DiffusionModel, s: Settings, text_encoder, **kwargs) -> torch.Tensor:
@@ -497,8 +484,6 @@ def fill_masked(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A1111's "fill" masked content: the masked region (mask 1) painted with the colours around it, by
     normalised convolution (Gaussian blurs of the kept pixels divided by blurs of the kept weight) from
     coarse to fine, so each pixel takes the nearest kept colours. image (1, C, H, W), mask (1, 1, H, W)."""
-    from scipy.ndimage import gaussian_filter
-
     keep = (mask[0, 0] < 0.5).numpy().astype(np.float64)
     if keep.sum() == 0:  # nothing to take colours from
         return torch.zeros_like(image)
@@ -631,10 +616,6 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
              loras: list[dict] | None = None, embeddings: list[dict] | None = None,
              controls: list[dict] | None = None, image_prompts: list[dict] | None = None) -> tuple[str, dict]:
     """(A1111 parameters text, JSON record) for image ``index`` of a request (its seed is seed + index)."""
-    from imagine import __version__
-    from imagine.io.png import a1111_parameters, environment, file_hash
-    from imagine.samplers import a1111_name
-
     name, implied = resolve(s.sampler)
     schedule = check_schedule(s.schedule) if s.schedule is not None else implied
     w, h = output_size(model, s)
@@ -680,12 +661,10 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
     if embeddings:  # A1111's "TI hashes" in the same form
         fields["TI hashes"] = ", ".join(f"{e['name']}: {e['sha256_10']}" for e in embeddings)
     if controls:  # as sd-webui-controlnet writes its units: ControlNet 0: "Module: ..., Model: ..., ..."
-        from imagine.adapters.control import a1111_field
 
         for i, unit in enumerate(controls):
             fields[f"ControlNet {i}"] = a1111_field(unit)
     if image_prompts:  # sd-webui-controlnet writes IP-Adapter units as more ControlNet units
-        from imagine.adapters import image_prompt
 
         for i, unit in enumerate(image_prompts, start=len(controls or ())):
             fields[f"ControlNet {i}"] = image_prompt.a1111_field(unit)

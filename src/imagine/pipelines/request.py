@@ -12,12 +12,28 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from imagine.adapters import embeddings
+from imagine.adapters.control import resolve_units
+from imagine.adapters.embeddings import resolve_embeddings
+from imagine.adapters.image_prompt import resolve_prompts
+from imagine.adapters.lora import attach, parts_of, prompt_loras
+from imagine.data.vocabulary import caption_vocabulary, unknown_words
+from imagine.io.lora_keys import load_lora, lora_metadata
 from imagine.io.model_folder import DiffusionModel
+from imagine.io.models_dir import resolve
+from imagine.io.networks import load_clip
+from imagine.io.png import file_hash
+from imagine.io.stable_diffusion import load_any
+from imagine.models.clip import CLIPScorer
+from imagine.models.text_encoders import load_text_encoder, parse_prompt_attention
 from imagine.pipelines import generate as g
 from imagine.pipelines.output import Generated
+from imagine.pipelines.rerank import txt2img_reranked
 from imagine.pipelines.unconditional import to_uint8
+from imagine.pipelines.upscale import hires, hires_size, resolve_upscaler
+from imagine.weights import default_clip
 
 Kind = Literal["txt2img", "img2img", "inpaint"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -74,7 +90,6 @@ class Request:
             s = replace(s, width=self.init_image.width, height=self.init_image.height)
         size = g.output_size(model, s)
         g.check_memory(model, *size, s.n, s.tile)
-        from imagine.adapters.embeddings import resolve_embeddings
 
         if self.controls and self.rerank > 1:
             raise ValueError("rerank does not take control units; generate with controls, or rerank without")
@@ -85,18 +100,12 @@ class Request:
                              "whole image); leave tile at 0 with them")
         controls = ()
         if self.controls:
-            from imagine.adapters.control import resolve_units
-
             controls = tuple(resolve_units(self.controls, model, size, self.models_dir, confined=self.confined))
         prompts = ()
         if self.image_prompts:
-            from imagine.adapters.image_prompt import resolve_prompts
-
             prompts = tuple(resolve_prompts(self.image_prompts, model, self.models_dir, confined=self.confined))
         upscaler = None
         if s.hires_scale > 1:
-            from imagine.pipelines.upscale import resolve_upscaler
-
             if self.kind != "txt2img":
                 raise ValueError("hires fix upscales txt2img output; for an existing image use imagine upscale "
                                  "(A1111's Extras) or img2img at the larger size")
@@ -104,7 +113,6 @@ class Request:
                 raise ValueError("hires fix with ControlNet or T2I-Adapter units is not supported: generate with "
                                  "the units, then upscale the image (imagine upscale) or img2img it")
             upscaler = resolve_upscaler(s.hires_upscaler, self.models_dir, model, confined=self.confined)
-            from imagine.pipelines.upscale import hires_size
 
             g.check_memory(model, *hires_size(model, s), s.n, s.tile)
         texts = [s.prompt, s.negative_prompt]
@@ -119,9 +127,6 @@ class Request:
 
     def _resolve_loras(self) -> tuple[LoraUse, ...]:
         """The LoRAs asked for (options first, then the prompt's tags), each found as a file."""
-        from imagine.adapters.lora import prompt_loras
-        from imagine.io.models_dir import resolve
-
         asked = [(name, float(w), "option") for name, w in self.loras]
         for text in (self.settings.prompt, self.settings.negative_prompt):
             asked += [(name, w, "prompt") for name, w in prompt_loras(text)[1]]
@@ -153,11 +158,6 @@ def vocabulary_warnings(model: DiffusionModel, prompt: str, negative: str, loras
     attached LoRA's metadata (its training prompts or tags) count as known; A1111's syntax is not words."""
     if model.vocabulary is None:
         return ()
-    from imagine.adapters.lora import prompt_loras
-    from imagine.data.vocabulary import caption_vocabulary, unknown_words
-    from imagine.io.lora_keys import lora_metadata
-    from imagine.models.text_encoders import parse_prompt_attention
-
     known = set(model.vocabulary)
     for embedding, _ in embeddings:
         known |= caption_vocabulary(embedding.names)
@@ -182,8 +182,6 @@ class LoraUse:
     source: str  # "option" (--lora, the job API) or "prompt" (a <lora:NAME:W> tag)
 
     def record(self) -> dict[str, Any]:
-        from imagine.io.png import file_hash
-
         stem = self.path.stem if self.path.is_file() else self.path.name
         return {"name": stem, "path": str(self.path.resolve()), "weight": self.weight, "source": self.source,
                 "sha256_10": file_hash(self.path) if self.path.is_file() else None}
@@ -193,10 +191,6 @@ class LoraUse:
 def attached(request: Request, model: DiffusionModel, text_encoder, allow_pickle: bool = False):
     """The request's LoRAs attached and its embeddings added for the duration of the block, then taken
     away (the model and the text encoder are shared between requests)."""
-    from imagine.adapters import embeddings
-    from imagine.adapters.lora import attach, parts_of
-    from imagine.io.lora_keys import load_lora
-
     loaded = []
     if request.resolved_loras:  # (the parts are asked for only then: a text encoder loads its model on first use)
         parts = parts_of(model, text_encoder)
@@ -234,7 +228,6 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
     if request.rerank > 1:
         if scorer is None:
             raise ValueError("rerank needs a CLIP scorer")
-        from imagine.pipelines.rerank import txt2img_reranked
 
         out = []
         for r in txt2img_reranked(model, s, text_encoder, scorer, request.rerank, **kwargs):
@@ -242,7 +235,6 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
             alone = replace(s, seed=r.seed, n=1)
             image = r.image[None]
             if upscaler is not None:  # hires fix on the kept candidate
-                from imagine.pipelines.upscale import hires
 
                 with torch.no_grad():
                     image = hires(model, alone, image, text_encoder, upscaler, **kwargs)
@@ -255,8 +247,6 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
         if kind == "txt2img":
             images = g.txt2img(model, s, text_encoder, **kwargs)
             if upscaler is not None:
-                from imagine.pipelines.upscale import hires
-
                 images = hires(model, s, images, text_encoder, upscaler, **kwargs)
         elif kind == "img2img":
             images = g.img2img(model, s, request.init_image, text_encoder, **kwargs)
@@ -278,9 +268,6 @@ def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pi
     requests only."""
     if weights_dtype not in ("fp32", "bf16"):
         raise ValueError(f"weights dtype {weights_dtype!r} unknown; choose fp32 or bf16")
-    from imagine.io.stable_diffusion import load_any
-    from imagine.models.text_encoders import load_text_encoder
-
     model = load_any(path, vae=vae, allow_pickle=allow_pickle,
                      dtype=torch.bfloat16 if weights_dtype == "bf16" else torch.float32)
     if model.spec.text_encoder is None:
@@ -295,11 +282,6 @@ def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pi
 
 def load_scorer(path: Path | str | None = None):
     """The CLIP scorer for rerank: a folder from `imagine train-clip`, or the one shipped with imagine."""
-    from imagine.io.networks import load_clip
-    from imagine.models.clip import CLIPScorer
-    from imagine.models.text_encoders import load_text_encoder
-    from imagine.weights import default_clip
-
     path = Path(path) if path is not None else default_clip()
     model = load_clip(path)
     scorer = CLIPScorer(model, load_text_encoder(model.config.text_encoder))
@@ -309,8 +291,6 @@ def load_scorer(path: Path | str | None = None):
 
 def open_image(path: Path, what: str) -> Image.Image:
     """An image file read whole, or a ValueError that names the file and the problem in one line."""
-    from PIL import UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"the {what} {path} {'is not a file' if path.exists() else 'does not exist'}")
@@ -329,6 +309,4 @@ def open_image(path: Path, what: str) -> Image.Image:
 
 def input_record(path: Path) -> dict[str, str]:
     """How an input file is recorded in an image's JSON: where it was and its hash."""
-    from imagine.io.png import file_hash
-
     return {"path": str(Path(path).resolve()), "sha256_10": file_hash(path)}

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from imagine.io.model_folder import DiffusionModel
+from imagine.pipelines.generate import Settings, describe, sample
+from imagine.pipelines.output import Generated
 
 
 def _check_cfg(cfg: float) -> float:
@@ -54,8 +56,6 @@ def generate(
     class_label: a class index (see ``class_index``) for class-conditional models; None draws each image's
     class at random from its seed. cfg: classifier-free guidance scale (1 = off; needs a model trained with
     label dropout, whose "null" class is the extra last embedding)."""
-    from imagine.pipelines.generate import sample
-
     cfg = _check_cfg(cfg)
     cond = uncond = None
     num_classes = model.unet.config.num_class_embeds
@@ -99,9 +99,6 @@ def sample_images(model: DiffusionModel, seeds: list[int], steps: int | None = N
                   class_label: int | str | None = None, cfg: float = 1.0) -> list:
     """What `imagine sample` writes: one described image (a request.Generated) per seed, at the model's
     default steps and sampler where None is given."""
-    from imagine.pipelines.generate import Settings, describe
-    from imagine.pipelines.output import Generated
-
     label = class_index(model, class_label)
     steps = steps or model.spec.default_steps
     sampler = sampler or model.spec.default_sampler

@@ -16,7 +16,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagine.io.model_folder import DiffusionModel, sr_stage_folders
+from imagine.adapters.control import ControlUnit, control_models, find_control, resolve_units
+from imagine.diffusion.superres import augment, check_noise_level, upsample
+from imagine.io import models_dir as md
+from imagine.io.model_folder import DiffusionModel, load_model_folder, sr_stage_folders
+from imagine.io.png import a1111_parameters, environment, file_hash
+from imagine.models.text_encoders import load_text_encoder
+from imagine.pipelines.generate import Settings, _sample, img2img, output_size
+from imagine.pipelines.output import Generated
+from imagine.pipelines.unconditional import to_uint8
+from imagine.weights import SR_MODEL, sr_model
 
 # The augmentation noise of the image with seed s comes from the generator seeded s + AUG_SEED: a stream of
 # its own, apart from the sampler's (seed s) and from the seeds of the images beside it.
@@ -31,8 +40,6 @@ def is_sr_stage(model: DiffusionModel) -> bool:
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    from imagine.pipelines.unconditional import to_uint8
-
     return [Image.fromarray(a.squeeze()) for a in to_uint8(images)]
 
 
@@ -58,9 +65,6 @@ def sr_stage(model: DiffusionModel, images: torch.Tensor, s, text_encoder, noise
     """One super-resolution stage: ``images`` (n, 3, h, w) in [-1, 1], image i with seed s.seed + i, made
     ``model.spec.upscale`` times larger under the settings ``s`` (prompt, steps, sampler, CFG). noise_level:
     the augmentation level (None: the stage's default)."""
-    from imagine.diffusion.superres import augment, check_noise_level, upsample
-    from imagine.pipelines.generate import _sample
-
     spec = model.spec
     if not is_sr_stage(model):
         raise ValueError(f"{model.name} is not a super-resolution stage (it has no upscale factor)")
@@ -87,8 +91,6 @@ def stage_settings(model: DiffusionModel, s, steps: int | None = None, sampler: 
                    cfg_scale: float | None = None):
     """The settings a stage runs with: the request's prompt, seed and count, the stage's own defaults (its
     diffusion.json) for steps, sampler and guidance unless given, and none of the base's size or image options."""
-    from imagine.pipelines.generate import Settings
-
     base = Settings(prompt=s.prompt, negative_prompt=s.negative_prompt, seed=s.seed, n=s.n, precision=s.precision,
                     noise_seed_delta=s.noise_seed_delta, tile=s.tile)
     return base.with_model_defaults(model.spec, steps, sampler, cfg_scale)
@@ -111,13 +113,9 @@ class Upscaler:
     def record(self) -> dict:
         out = {"name": self.name, "kind": self.kind}
         if self.kind == "tile":
-            from imagine.io.png import file_hash
-
             weights = self.path if self.path.is_file() else self.path / "diffusion_pytorch_model.safetensors"
             out.update(path=str(self.path.resolve()), sha256_10=file_hash(weights) if weights.is_file() else None)
         if self.kind == "sr":
-            from imagine.io.png import file_hash
-
             out["path"] = str(self.path.resolve())
             out["stages"] = [{"name": m.name, "upscale": m.spec.upscale, "unet_sha256_10": file_hash(m.weights_file)}
                              for m in self.stages]
@@ -126,8 +124,6 @@ class Upscaler:
 
 def load_stages(path: Path) -> list[DiffusionModel]:
     """The SR stages at ``path``, loaded once per process (and again when the files change)."""
-    from imagine.io.model_folder import load_model_folder
-
     folders = sr_stage_folders(path)
     key = tuple((str(f.resolve()), (f / "diffusion.json").stat().st_mtime_ns) for f in folders)
     if key not in _STAGES:
@@ -158,9 +154,6 @@ def resolve_upscaler(name: str, models_dir: Path | None = None, model: Diffusion
         if model is None:
             raise ValueError(f"{TILE} steers hires fix's second pass with the base model; upscale a picture with "
                              "a resampler or an SR stage")
-        from imagine.adapters.control import find_control
-        from imagine.io import models_dir as md
-
         named = name.partition("@")[2]
         try:
             path = (md.resolve(named, models_dir, "controlnet", confined=confined) if named else
@@ -168,12 +161,7 @@ def resolve_upscaler(name: str, models_dir: Path | None = None, model: Diffusion
         except FileNotFoundError as err:
             raise ValueError(f"upscaler {name!r}: {err}") from None
         return Upscaler(name, "tile", path=Path(path))
-    from imagine.io import models_dir as md
-    from imagine.weights import SR_MODEL
-
     if name == SR_MODEL.name:
-        from imagine.weights import sr_model
-
         path = sr_model()
     else:
         try:
@@ -188,9 +176,6 @@ def resolve_upscaler(name: str, models_dir: Path | None = None, model: Diffusion
 def upscaler_names(models_dir: Path | None = None) -> list[str]:
     """Every upscaler a request may name (A1111's /sdapi/v1/upscalers): resamplers, the shipped SR stage
     when installed, the models folder's SR/."""
-    from imagine.io import models_dir as md
-    from imagine.weights import SR_MODEL
-
     names = list(RESAMPLERS)
     if _has_tile_controlnet(models_dir):
         names.append(TILE)
@@ -200,15 +185,11 @@ def upscaler_names(models_dir: Path | None = None) -> list[str]:
 
 
 def _has_tile_controlnet(models_dir: Path | None) -> bool:
-    from imagine.adapters.control import control_models
-
     return any(condition == "tile" for _, _, condition in control_models(models_dir))
 
 
 def hires_size(model: DiffusionModel, s) -> tuple[int, int]:
     """The second pass's (width, height): the first pass's times the scale, rounded to the latent factor."""
-    from imagine.pipelines.generate import output_size
-
     w, h = output_size(model, s)
     f = model.latent_factor
     return max(f, round(w * s.hires_scale / f) * f), max(f, round(h * s.hires_scale / f) * f)
@@ -240,8 +221,6 @@ def hires(model: DiffusionModel, s, images: torch.Tensor, text_encoder, upscaler
     """A1111's hires fix on txt2img output: each image upscaled to hires_scale x its size, then (hires_strength
     > 0) img2img with the same model, prompt and seed at that strength for hires_steps (or the first pass's)
     steps. Image i is handled alone with seed s.seed + i, so the batch does not matter."""
-    from imagine.pipelines.generate import img2img
-
     size = hires_size(model, s)
     if upscaler.kind in ("latent", "tile") and s.hires_strength == 0:
         raise ValueError(f"the {upscaler.name} upscaler needs a second pass: give hires strength > 0 (A1111: 0.5 "
@@ -261,7 +240,6 @@ def hires(model: DiffusionModel, s, images: torch.Tensor, text_encoder, upscaler
                          resize_mode="latent_upscale" if upscaler.kind == "latent" else "just_resize")
         extra = dict(kwargs)
         if upscaler.kind == "tile":  # the upscaled image steers its own second pass (A1111's tile_resample)
-            from imagine.adapters.control import ControlUnit, resolve_units
 
             unit = ControlUnit("tile", init, model=str(upscaler.path))
             extra["controls"] = [c for c, _ in resolve_units([unit], model, size, None)]
@@ -291,10 +269,6 @@ def upscale_pictures(pictures: list[Image.Image], scale: float, upscaler: Upscal
     s.seed + i (the SR stages' noise). Returns Generated results (pipelines/request.py) whose PNG keeps the
     picture's own A1111 parameters with the postprocessing fields added and records the settings, the input and
     the upscalers, so `imagine upscale --from` reproduces it."""
-    from imagine.io.png import a1111_parameters, environment
-    from imagine.pipelines.output import Generated
-    from imagine.pipelines.unconditional import to_uint8
-
     if size is None and (not isinstance(scale, (int, float)) or not 1 <= scale <= 16):
         raise ValueError(f"the upscale factor must lie in [1, 16], got {scale!r}")
     if size is not None and (min(size) < 1 or max(size) > 8192):
@@ -305,7 +279,6 @@ def upscale_pictures(pictures: list[Image.Image], scale: float, upscaler: Upscal
             raise ValueError("Latent upscaling belongs to hires fix; upscale a picture with a resampler or an SR stage")
     sr = [u for u in chosen if u.kind == "sr"]
     if sr and text_encoder is None:  # SR stages are text-conditioned: their own encoder (loaded once per process)
-        from imagine.models.text_encoders import load_text_encoder
 
         text_encoder = load_text_encoder(sr[0].stages[0].spec.text_encoder)
     if second is not None and not 0 <= second[1] <= 1:

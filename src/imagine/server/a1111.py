@@ -5,6 +5,7 @@ the same queue as the job API (a full queue answers 429); the call returns when 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import time
@@ -12,10 +13,17 @@ from typing import Any
 
 from fastapi import APIRouter, Body
 from fastapi.concurrency import run_in_threadpool
+from PIL import Image
 
 from imagine import __version__
+from imagine.adapters import image_prompt
+from imagine.adapters.control import RESIZE_NAMES, available, module_name
+from imagine.adapters.embeddings import listing
+from imagine.data.conditions import PREPROCESSORS, detect
+from imagine.io.models_dir import entries
 from imagine.io.png import parse_a1111
 from imagine.pipelines import generate as g
+from imagine.pipelines.upscale import RESAMPLERS, upscaler_names
 from imagine.samplers import A1111_NAMES, SAMPLERS, a1111_name, resolve
 from imagine.server.jobs import Job
 from imagine.server.models import AUTOMATIC
@@ -35,7 +43,7 @@ from imagine.server.schemas import (
     SchedulerItem,
     SDModelItem,
 )
-from imagine.server.service import RequestError, Service, decode_image, png_base64
+from imagine.server.service import RequestError, Service, checked_fields, decode_image, png_base64, upscale_pictures
 
 # A1111's schedulers (modules/sd_schedulers.py) that we implement: name -> (label, our schedule or None for
 # "the sampler's own", default rho)
@@ -143,8 +151,6 @@ def a1111_controls(script: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
     """alwayson_scripts.controlnet.args (sd-webui-controlnet's units) as our job API's controls and image
     prompts (units whose module is an ip-adapter one); a field that would change results and that we do
     not implement is refused, naming it."""
-    from imagine.adapters.control import module_name
-
     args = script.get("args") if isinstance(script, dict) else script
     if not isinstance(args, list):
         raise RequestError("alwayson_scripts.controlnet.args must be a list of units")
@@ -187,8 +193,6 @@ def a1111_controls(script: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
         mode = _CONTROL_MODES.get(mode, mode) if isinstance(mode, int) else mode
         resize = unit.get("resize_mode", "Crop and Resize")
         try:
-            from imagine.adapters.control import RESIZE_NAMES
-
             resize = RESIZE_NAMES.get(str(resize).lower(), resize)
             entry = {"image": image, "module": module_name(str(unit.get("module") or "none")), "model": model,
                      "weight": float(unit.get("weight", 1.0)), "start": float(unit.get("guidance_start", 0.0)),
@@ -344,8 +348,6 @@ def router(service: Service) -> APIRouter:
     @api.get("/upscalers")
     def upscalers() -> list[dict[str, Any]]:
         """A1111's upscaler list: "None", the resamplers, the shipped SR stage and the models folder's SR/."""
-        from imagine.pipelines.upscale import RESAMPLERS, upscaler_names
-
         out = [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
         for name in upscaler_names(service.store.models_dir):
             kind = "resampler" if name in RESAMPLERS else "super-resolution diffusion"
@@ -357,8 +359,6 @@ def router(service: Service) -> APIRouter:
         return [{"name": "Latent"}]
 
     def extras(body, pictures: list, names: list[str] | None = None) -> list:
-        from imagine.server.service import upscale_pictures
-
         if body.gfpgan_visibility or body.codeformer_visibility:
             raise RequestError("face restoration (GFPGAN, CodeFormer) needs their weights, which this server does "
                                "not have: leave gfpgan_visibility and codeformer_visibility at 0")
@@ -444,8 +444,6 @@ def router(service: Service) -> APIRouter:
         """Switch the model with {"sd_model_checkpoint": name or title}; other known options are stored. Every
         option is checked first, with the bounds of the request field it stands for (an option applies to every
         later request of every client), and nothing is changed unless all pass."""
-        from imagine.server.service import checked_fields
-
         unknown = sorted(set(body) - set(service.options) - {"sd_model_checkpoint", "sd_checkpoint_hash"})
         if unknown:
             raise RequestError(f"options {unknown} are not supported here; supported: "
@@ -482,8 +480,6 @@ def router(service: Service) -> APIRouter:
     @api.get("/loras")
     def loras() -> list[dict[str, Any]]:
         """The models folder's Lora/, as A1111 lists it; <lora:NAME:WEIGHT> in a prompt applies one."""
-        from imagine.io.models_dir import entries
-
         return [{"name": e.name, "alias": e.name, "path": str(e.path.resolve()), "metadata": {}}
                 for e in entries(service.store.models_dir, "lora")]
 
@@ -496,8 +492,6 @@ def router(service: Service) -> APIRouter:
     def embeddings() -> dict[str, dict]:
         """The models folder's embeddings/, as A1111 lists them: those that fit the current model's text
         encoder are "loaded" (used where their name is written in a prompt), the others "skipped"."""
-        from imagine.adapters.embeddings import listing
-
         _, encoder = service.store.get(service.store.current)
         loaded, skipped = listing(service.store.models_dir, encoder)
         return {"loaded": loaded, "skipped": skipped}
@@ -540,17 +534,12 @@ def controlnet_router(service: Service) -> APIRouter:
     @api.get("/model_list")
     def model_list() -> dict[str, list[str]]:
         """The models folder's ControlNet/ (ControlNets and T2I-Adapters) and the shipped ones, as "name [hash]"."""
-        from imagine.adapters import image_prompt
-        from imagine.adapters.control import available
-
         folder = service.store.models_dir
         titles = [title for title, _ in available(folder)]
         return {"model_list": titles + [t for t, _ in image_prompt.available(folder) if t not in titles]}
 
     @api.get("/module_list")
     def module_list(alias_names: bool = False) -> dict[str, Any]:
-        from imagine.data.conditions import PREPROCESSORS
-
         detail = {}
         for name, pre in PREPROCESSORS.items():
             sliders = [{"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048}]
@@ -570,13 +559,6 @@ def controlnet_router(service: Service) -> APIRouter:
     def detect_endpoint(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
         """Run a preprocessor: {"controlnet_module", "controlnet_input_images": [base64], "controlnet_processor_res",
         "controlnet_threshold_a", "controlnet_threshold_b"} -> {"images": [base64 PNG], "info"}."""
-        import io
-
-        from PIL import Image
-
-        from imagine.adapters.control import module_name
-        from imagine.data.conditions import detect
-
         images = body.get("controlnet_input_images")
         if not isinstance(images, list) or not images:
             raise RequestError("controlnet_input_images must be a non-empty list of base64 images")

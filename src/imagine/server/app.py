@@ -18,6 +18,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from imagine import __version__
+from imagine.adapters.image_prompt import adapter_type, available
+from imagine.io.checkpoint import CheckpointError
+from imagine.io.ip_adapter_files import peek
+from imagine.io.models_dir import SECTIONS
+from imagine.pipelines.upscale import LATENT, upscaler_names
 from imagine.server import a1111
 from imagine.server.jobs import Job, QueueFull
 from imagine.server.models import ModelStore
@@ -30,7 +35,16 @@ from imagine.server.schemas import (
     UpscaleRequest,
     VariationsRequest,
 )
-from imagine.server.service import Limits, RequestError, Service, decode_image, describe_validation, png_base64
+from imagine.server.service import (
+    Limits,
+    RequestError,
+    Service,
+    decode_image,
+    describe_validation,
+    png_base64,
+    upscale_pictures,
+)
+from imagine.train.merge import merge_files
 
 STATIC = Path(str(resources.files("imagine.server") / "static"))
 
@@ -170,9 +184,6 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     def ip_adapters() -> dict[str, list[dict[str, str]]]:
         """The IP-Adapters image prompts can name: the models folder's ipadapter/ and ControlNet/, then the
         shipped ones, each with its type (content, palette, intensity)."""
-        from imagine.adapters.image_prompt import adapter_type, available
-        from imagine.io.ip_adapter_files import peek
-
         return {"ip_adapters": [{"title": title, "type": adapter_type(peek(path).get("image_encoder"))}
                                 for title, path in available(service.store.models_dir)]}
 
@@ -186,15 +197,11 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     @app.get("/api/v1/upscalers", tags=["upscale"])
     def upscalers() -> dict[str, list[str]]:
         """What hires fix and upscaling can name: resamplers, Latent (hires fix only) and SR stages."""
-        from imagine.pipelines.upscale import LATENT, upscaler_names
-
         return {"upscalers": upscaler_names(service.store.models_dir), "hires_only": [LATENT]}
 
     @app.post("/api/v1/upscale", tags=["upscale"])
     def upscale(body: UpscaleRequest) -> dict[str, list[dict]]:
         """Make pictures larger (A1111's Extras): answered when done, with each PNG and its parameters."""
-        from imagine.server.service import upscale_pictures
-
         pictures = [decode_image(data, f"images[{i}]", service.limits) for i, data in enumerate(body.images)]
         second = (body.upscaler_2, body.upscaler_2_visibility) if body.upscaler_2 else None
         results = upscale_pictures(service, pictures, scale=body.scale, size=tuple(body.to) if body.to else None,
@@ -265,10 +272,6 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     def merge(body: MergeRequest) -> dict:
         """A1111's checkpoint merger: served models A, B (and C) merged into a new model in the models
         folder's Stable-diffusion/, served at once under its name. Runs to the end before answering."""
-        from imagine.io.checkpoint import CheckpointError
-        from imagine.io.models_dir import SECTIONS
-        from imagine.train.merge import merge_files
-
         store = service.store
         if store.models_dir is None:
             raise RequestError("merging writes into the models folder: start the server with --models-dir DIR", 409)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from imagine.io.model_folder import DiffusionModel, DiffusionSpec
 from imagine.io.models_dir import Entry
+from imagine.io.stable_diffusion import probe_spec
+from imagine.pipelines.request import load_text_model
 
 AUTOMATIC = ("Automatic", "None", "")  # A1111's sd_vae values meaning "the model's own VAE"
 
@@ -101,8 +103,6 @@ class ModelStore:
 
     def get(self, name: str, vae: str | None = None) -> tuple[DiffusionModel, object]:
         """(model, text encoder), loaded on first use and kept: each model (with each VAE) is read once."""
-        from imagine.pipelines.request import load_text_model
-
         entry, vae = self.lookup(name), self.vae(vae)
         key = (entry.name, vae)
         with self._lock:
@@ -118,8 +118,6 @@ class ModelStore:
 
 def _probe(path: Path, allow_pickle: bool = False) -> DiffusionSpec:
     """A model's spec, and a check that its parts are there, without reading the weights."""
-    from imagine.io.stable_diffusion import probe_spec
-
     spec = probe_spec(path, allow_pickle)
     if spec.text_encoder is None:
         raise ValueError(f"{path} is not a text-to-image model (it has no text encoder); "

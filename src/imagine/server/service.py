@@ -16,13 +16,20 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
 
+from imagine.adapters.control import ControlUnit
+from imagine.adapters.image_prompt import ImagePromptUnit
 from imagine.pipelines import generate as g
-from imagine.pipelines.request import Request, run, save
+from imagine.pipelines.output import save
+from imagine.pipelines.request import Request, run
 from imagine.pipelines.unconditional import to_uint8
+from imagine.pipelines.upscale import hires_size, resolve_upscaler
+from imagine.pipelines.upscale import upscale_pictures as run_upscale
 from imagine.server.jobs import ImageResult, Job, JobQueue
 from imagine.server.jobstore import JobStore
 from imagine.server.models import ModelStore
+from imagine.server.schemas import JobRequest
 
 # request fields that pass straight into the pipeline Settings when given
 SETTINGS_FIELDS = ("strength", "mask_blur", "resize_mode", "inpaint_fill", "inpaint_only_masked", "inpaint_padding",
@@ -91,10 +98,6 @@ def preview_png(pixels: np.ndarray) -> bytes:
 def checked_fields(request: dict[str, Any], kind: str) -> dict[str, Any]:
     """A request built by any door (the job API, A1111's endpoints, a restart's payload) as the job API's
     JobRequest validates it: the same types and bounds for all, one 422 naming the fields."""
-    from pydantic import ValidationError
-
-    from imagine.server.schemas import JobRequest
-
     try:
         return JobRequest.model_validate({**request, "kind": kind}).model_dump()
     except ValidationError as err:
@@ -186,7 +189,6 @@ class Service:
             raise RequestError(str(err)) from None
         w, h = g.output_size(model, checked.settings)
         if checked.settings.hires_scale > 1:  # the limit is on what is made: the second pass's size
-            from imagine.pipelines.upscale import hires_size
 
             w, h = hires_size(model, checked.settings)
         if w * h > lim.max_pixels:
@@ -206,8 +208,6 @@ class Service:
     def _control_units(self, units: list[dict[str, Any]], init: Image.Image | None) -> tuple:
         """The request's control units, each image decoded and checked (a unit without one reads the init
         image, as A1111's extension does); a bad unit is refused naming its index and field."""
-        from imagine.adapters.control import ControlUnit
-
         out = []
         for i, unit in enumerate(units):
             image = init
@@ -224,8 +224,6 @@ class Service:
 
     def _image_prompt_units(self, units: list[dict[str, Any]]) -> tuple:
         """The request's image prompts, each image decoded and checked; a bad one is refused naming its index."""
-        from imagine.adapters.image_prompt import ImagePromptUnit
-
         out = []
         for i, unit in enumerate(units):
             if not unit.get("image"):
@@ -317,9 +315,6 @@ def upscale_pictures(service: Service, pictures: list[Image.Image], *, scale: fl
     max_pixels, as generation's, a resampler's against max_input_pixels; the count against max_batch), then the
     work waits its turn in the job queue like any generation (a full queue answers 429), and this returns
     when it is done."""
-    from imagine.pipelines.upscale import resolve_upscaler
-    from imagine.pipelines.upscale import upscale_pictures as run_upscale
-
     lim = service.limits
     if len(pictures) > lim.max_batch:
         raise RequestError(f"{len(pictures)} pictures per request is over the limit max_batch={lim.max_batch}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from imagine.io.checkpoint import (
     CheckpointError,
@@ -33,6 +34,7 @@ from imagine.io.model_folder import (
     save_model_folder,
 )
 from imagine.io.networks import load_unet, load_vae, save_unet, save_vae
+from imagine.models import AutoencoderKL
 from imagine.train.ema import EMA
 
 STATE_NAME = "training_state.safetensors"
@@ -40,8 +42,6 @@ STATE_NAME = "training_state.safetensors"
 
 def _io(model) -> tuple:
     """(save, load) for the model's kind: checkpoints hold UNets or VAEs in their own formats."""
-    from imagine.models import AutoencoderKL
-
     return (save_vae, load_vae) if isinstance(model, AutoencoderKL) else (save_unet, load_unet)
 
 
@@ -127,8 +127,6 @@ def checkpoint_step(path: Path) -> int:
 
 def checkpoint_meta(path: Path) -> dict[str, Any]:
     """A checkpoint's metadata (step, configs, where the run started) without loading its tensors."""
-    from safetensors import safe_open
-
     with safe_open(str(Path(path) / STATE_NAME), "pt") as f:
         return json.loads(f.metadata()["state"])
 

@@ -9,13 +9,23 @@ A fresh ControlNet is the base model exactly (its zero convolutions start at zer
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from imagine.adapters.control import Conditioner, condition_tensor
 from imagine.data.conditions import check_module, detect
+from imagine.data.images import load_dataset
+from imagine.data.shapes import ShapesDataset
+from imagine.io.control_files import ControlFile
+from imagine.io.networks import save_diffusers_model
+from imagine.models import ControlNetModel, T2IAdapter, T2IAdapterConfig
+from imagine.pipelines.generate import Settings, txt2img
+from imagine.pipelines.unconditional import grid, to_uint8
 from imagine.train.loop import Hook
 from imagine.train.lora import AdapterTrainConfig, base_record, checkpoint_dir, fit
 
@@ -51,8 +61,6 @@ def conditions(images: torch.Tensor, module: str) -> torch.Tensor:
 
 def new_network(model, kind: str, seed: int = 0, num_res_blocks: int = 2) -> torch.nn.Module:
     """A fresh ControlNet (the UNet's encoder copied, zero convolutions at zero) or T2I-Adapter for ``model``."""
-    from imagine.models import ControlNetModel, T2IAdapter, T2IAdapterConfig
-
     torch.manual_seed(seed)  # the condition embedding's (and the adapter's) random start
     if kind == "controlnet":
         return ControlNetModel.from_unet(model.unet, model.latent_factor).float()
@@ -64,8 +72,6 @@ def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path 
     """Train a control network for ``model`` on ``data`` (captioned images at the model's size) and write it
     to the folder ``out`` in diffusers' layout (it loads in diffusers too). Checkpoints, the log and sample
     grids (condition | outputs) go to OUT-training/ beside it."""
-    from imagine.io.networks import save_diffusers_model
-
     out = Path(out)
     if model.spec.text_encoder is None or text_encoder is None:
         raise ValueError("control training needs a text-to-image model and its text encoder")
@@ -90,7 +96,6 @@ def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path 
         context={"control": net, "condition": cfg.condition, "kind": cfg.kind})
     net.eval().requires_grad_(False)
     if out.exists():  # a resumed run finishing again: the new weights replace the old folder
-        import shutil
 
         shutil.rmtree(out)
     info = {"condition": cfg.condition, "kind": cfg.kind, "training": asdict(cfg), **base_record(model)}
@@ -100,13 +105,6 @@ def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path 
 def control_sample_hook(items: list[tuple[np.ndarray, str]], every: int, steps: int = 20, seeds: int = 3):
     """Every ``every`` steps (and at the last): one row per held-out item: its condition, then the
     network's output for its caption at ``seeds`` seeds, under OUT-training/samples/."""
-    from PIL import Image
-
-    from imagine.adapters.control import Conditioner, condition_tensor
-    from imagine.io.control_files import ControlFile
-    from imagine.pipelines.generate import Settings, txt2img
-    from imagine.pipelines.unconditional import grid, to_uint8
-
     def hook(info, context):
         if info is None or not every or not items or (info.step % every and info.step != info.total):
             return
@@ -137,11 +135,8 @@ def held_out_items(data: str, size: int, count: int = 3) -> list[tuple[np.ndarra
     """Scenes the training never draws, for sample grids: builtin:shapes under another seed; for a folder,
     its first images (there is nothing held out of a user's folder)."""
     if data.startswith("builtin:shapes"):
-        from imagine.data.shapes import ShapesDataset
-
         shapes = ShapesDataset(size=size, seed=7919)
         return [(img, scene.caption) for scene, img in (shapes.scene(i) for i in range(count))]
-    from imagine.data.images import load_dataset
 
     dataset = load_dataset(data, size, 3, captions=True)
     images, _, captions = dataset.batch(list(range(min(count, len(dataset)))))

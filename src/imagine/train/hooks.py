@@ -3,16 +3,20 @@ train/loop.py); a caller may call hook(None, {}) when training ends, which these
 
 from __future__ import annotations
 
+import torch
+from PIL import Image
+
+from imagine.diffusion.superres import degrade, upsample
+from imagine.io.model_folder import DiffusionModel
+from imagine.io.networks import load_vae
+from imagine.pipelines.generate import Settings, txt2img
+from imagine.pipelines.unconditional import generate, grid, to_uint8
+from imagine.pipelines.upscale import sr_stage
+
 
 def sample_grid_hook():
     """Every sample_every steps (and at the last): a grid from the EMA weights under out/samples/ (rows:
     classes, or one prompt per row for text-to-image models, listed beside it in a .txt)."""
-    import torch
-    from PIL import Image
-
-    from imagine.io.model_folder import DiffusionModel
-    from imagine.pipelines.unconditional import generate, grid, to_uint8
-
     state: dict = {}
 
     def hook(info, context):
@@ -22,8 +26,6 @@ def sample_grid_hook():
         spec = context["spec"]
         vae = None
         if spec.latent:
-            from imagine.io.networks import load_vae
-
             vae = state.setdefault("vae", load_vae(context["vae_dir"]))
         model = DiffusionModel(context["ema"].model, vae, spec, context["out"])
         path = context["out"] / "samples" / f"step_{info.step:07d}.png"
@@ -32,8 +34,6 @@ def sample_grid_hook():
             _sr_grid(model, context, path)
             return
         if spec.text_encoder is not None:
-            from imagine.pipelines.generate import Settings, txt2img
-
             prompts = context["sample_prompts"]
             encoder = context["text_encoder"]
             images = torch.cat([txt2img(model, Settings(prompt=p, steps=20, cfg_scale=5.0, n=4), encoder)
@@ -57,14 +57,6 @@ def _sr_grid(model, context, path) -> None:
     """A super-resolution stage's samples: for four images the stage did not train on (scenes far past the
     training stream of builtin:shapes; a folder's first images), one row each of the low-resolution input
     (upsampled bilinearly), the stage's output and the truth. The prompts go beside it in a .txt."""
-    import torch
-    from PIL import Image
-
-    from imagine.diffusion.superres import degrade, upsample
-    from imagine.pipelines.generate import Settings
-    from imagine.pipelines.unconditional import grid, to_uint8
-    from imagine.pipelines.upscale import sr_stage
-
     data, spec = context["data"], model.spec
     first = 10**8 if getattr(data, "infinite", False) else 0
     indices = [first + i for i in range(min(4, len(data)))]

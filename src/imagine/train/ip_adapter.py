@@ -20,7 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from imagine.adapters.image_prompt import Prompted, image_tensor
+from imagine.data.shapes import ShapesDataset, compose, render
+from imagine.io.ip_adapter_files import IPAdapterFile, save_ip_adapter
+from imagine.io.networks import cached_image_encoder, load_image_encoder
+from imagine.models.ip_adapter import IPAdapter
+from imagine.pipelines.generate import Settings, txt2img
+from imagine.pipelines.unconditional import grid, to_uint8
 from imagine.train.loop import Hook
 from imagine.train.lora import AdapterTrainConfig, base_record, checkpoint_dir, fit
 
@@ -43,8 +51,6 @@ class IPAdapterTrainConfig(AdapterTrainConfig):
 def references(data, images: torch.Tensor, indices, cfg: IPAdapterTrainConfig, t) -> torch.Tensor:
     """The reference image of each training sample, (B, 3, H, W) in [-1, 1]; every draw from (seed, item, t),
     so a resumed run sees the same references."""
-    from imagine.data.shapes import ShapesDataset, compose, render
-
     out = []
     for image, index, step_t in zip(images, indices, t, strict=True):
         rng = random.Random(f"ip-reference:{cfg.seed}:{int(index)}:{int(step_t)}")
@@ -76,10 +82,6 @@ def train_ip_adapter(model, text_encoder, data, cfg: IPAdapterTrainConfig, out: 
                      hooks: tuple[Hook, ...] = ()) -> Path:
     """Train an IP-Adapter for ``model`` on ``data`` and write it to ``out`` (.safetensors, the original
     layout, which diffusers loads). Checkpoints, the log and sample grids go to OUT-training/ beside it."""
-    from imagine.io.ip_adapter_files import save_ip_adapter
-    from imagine.io.networks import load_image_encoder
-    from imagine.models.ip_adapter import IPAdapter
-
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: an IP-Adapter is written as .safetensors")
@@ -113,14 +115,6 @@ def ip_sample_hook(items: list[tuple[np.ndarray, str]], every: int, steps: int =
                    text: str = ""):
     """Every ``every`` steps (and at the last): one row per held-out item: the reference, then the model's
     output for the image prompt alone (with ``text``) at ``seeds`` seeds, under OUT-training/samples/."""
-    from PIL import Image
-
-    from imagine.adapters.image_prompt import Prompted, image_tensor
-    from imagine.io.ip_adapter_files import IPAdapterFile
-    from imagine.io.networks import cached_image_encoder
-    from imagine.pipelines.generate import Settings, txt2img
-    from imagine.pipelines.unconditional import grid, to_uint8
-
     def hook(info, context):
         if info is None or not every or not items or (info.step % every and info.step != info.total):
             return

@@ -22,12 +22,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from PIL import Image
 
+from imagine.adapters.lora import attach, create
 from imagine.diffusion import parametrization as P
 from imagine.diffusion.schedules import lcm_grid
+from imagine.io.lora_keys import save_lora
+from imagine.io.model_folder import DiffusionModel, save_model_folder
+from imagine.models.unet import UNet2DConditionModel
 from imagine.nn.embeddings import guidance_embedding
+from imagine.pipelines.generate import Settings, txt2img
+from imagine.pipelines.unconditional import grid, to_uint8
 from imagine.train.loop import DataOrder, Hook, StepInfo, _sample_generator, posterior_latents
-from imagine.train.lora import AdapterTrainConfig, _load_state, _save_state, checkpoint_dir
+from imagine.train.lora import AdapterTrainConfig, _load_state, _save_state, base_record, checkpoint_dir
 
 LCMLoss = Literal["huber", "l2"]
 
@@ -58,8 +65,6 @@ class LCMDistillConfig(AdapterTrainConfig):
 
 def student_unet(teacher: torch.nn.Module, w_embed_dim: int) -> torch.nn.Module:
     """The teacher's UNet with a guidance-scale input whose projection starts at zero (the teacher exactly)."""
-    from imagine.models.unet import UNet2DConditionModel
-
     if teacher.config.time_cond_proj_dim is not None:
         raise ValueError("the teacher already embeds its guidance scale (it is an LCM); distil from its base model")
     student = UNet2DConditionModel(replace(teacher.config, time_cond_proj_dim=w_embed_dim))
@@ -89,12 +94,6 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
     its size) into a latent consistency model folder at ``out`` (UNet with a guidance input, the teacher's VAE,
     a diffusion.json that selects the lcm sampler at 4 steps), or with ``cfg.lora_rank`` into an LCM-LoRA
     file (.safetensors, kohya's layout). Checkpoints, log and sample grids go to OUT-training/."""
-    from imagine.adapters.lora import attach, create
-    from imagine.io.lora_keys import save_lora
-    from imagine.io.model_folder import DiffusionModel, save_model_folder
-    from imagine.pipelines.generate import _micro_conditioning
-    from imagine.train.lora import base_record
-
     out = Path(out)
     spec, teacher, vae = model.spec, model.unet, model.vae
     if spec.text_encoder is None or text_encoder is None:
@@ -151,9 +150,9 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
             cond = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask}
             uncond = {"encoder_hidden_states": empty.context.expand(b, -1, -1),
                       "encoder_attention_mask": empty.mask.expand(b, -1)}
-            if teacher.config.addition_embed_type == "text_time":
-                cond.update(_micro_conditioning(text.pooled, size, size))
-                uncond.update(_micro_conditioning(empty.pooled.expand(b, -1), size, size))
+            if model.family.micro_conditioning:  # SDXL's extra inputs, on both branches
+                cond.update(model.family.conditioning(text.pooled, size, size))
+                uncond.update(model.family.conditioning(empty.pooled.expand(b, -1), size, size))
             return cond, uncond
 
         def f_of(network, x_t, t, cond, w_emb):
@@ -228,7 +227,7 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
             handle.detach()
     if cfg.lora_rank:
         record = {**asdict(cfg), **base_record(model), "lcm": True}
-        save_lora(lora, out, "kohya", ldm_names_for=teacher if model.arch == "sdxl" else None,
+        save_lora(lora, out, "kohya", ldm_names_for=teacher if model.family.kohya_unet_names == "ldm" else None,
                   metadata={"imagine_lora": json.dumps(record)})
         return out
     lcm = _as_model(model, target, cfg)
@@ -241,8 +240,6 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
 
 def _as_model(teacher_model, unet: torch.nn.Module, cfg: LCMDistillConfig):
     """The LCM as a DiffusionModel: ``unet``, the teacher's VAE and text encoder, a spec for the lcm sampler."""
-    from imagine.io.model_folder import DiffusionModel
-
     spec = replace(teacher_model.spec, consistency=True, default_sampler="lcm", default_steps=4)
     return DiffusionModel(unet, teacher_model.vae, spec, teacher_model.path, text_encoder=teacher_model.text_encoder,
                           arch=teacher_model.arch)
@@ -251,11 +248,6 @@ def _as_model(teacher_model, unet: torch.nn.Module, cfg: LCMDistillConfig):
 def lcm_sample_hook(prompts: list[str], every: int, steps: tuple[int, ...] = (1, 2, 4), seeds: int = 3):
     """Every ``every`` steps (and at the last): a grid with a row per prompt and step count and ``seeds``
     columns, drawn by the student as its target stands (the LCM sampler), under OUT-training/samples/."""
-    from PIL import Image
-
-    from imagine.pipelines.generate import Settings, txt2img
-    from imagine.pipelines.unconditional import grid, to_uint8
-
     def hook(info, context):
         if info is None or not every or not prompts or (info.step % every and info.step != info.total):
             return

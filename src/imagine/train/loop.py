@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -23,8 +25,10 @@ import torch.distributed as dist
 
 from imagine.data.images import ImageDataset
 from imagine.diffusion.losses import diffusion_loss
+from imagine.diffusion.superres import augment, degrade, upsample
+from imagine.io.checkpoint import atomic_write_bytes
 from imagine.io.model_folder import DiffusionModel, DiffusionSpec, save_spec, save_vocabulary
-from imagine.io.networks import save_unet
+from imagine.io.networks import load_vae, save_unet, save_vae
 from imagine.models import UNet2DConditionModel, UNetConfig
 from imagine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from imagine.train.config import TrainConfig
@@ -103,9 +107,6 @@ class Prefetcher:
     batches are the ones the loop would make itself (same items, same flips), so results do not change."""
 
     def __init__(self, data, workers: int, plan: Callable[[int], tuple[list[int], list[bool]]], depth: int):
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
         self.data, self.plan, self.depth = data, plan, depth
         # spawned, not forked: the parent holds CUDA, which a forked child must not touch
         self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
@@ -153,8 +154,6 @@ def sr_pairs(cfg: TrainConfig, images: torch.Tensor, counters, alphas_cumprod: t
     same, and its augmentation level. The low-resolution version is the target degraded, or, for a share
     cfg.sr_native of samples, ``natives[i]`` (the scene drawn small). The crop, level, augmentation noise and
     that choice come from the generator of (seed + 4, sample counter), so a resumed run draws the same."""
-    from imagine.diffusion.superres import augment, degrade, upsample
-
     size = images.shape[-1]
     up = upsample(degrade(images, cfg.sr_scale), tuple(images.shape[-2:]))
     native_up = upsample(natives, tuple(images.shape[-2:])) if natives is not None else None
@@ -283,7 +282,6 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
             save_vocabulary(out, words, source)
         _truncate_log(log_path, start_step)
         if vae_dir is not None and not (out / "vae").is_dir():  # beside the checkpoints: each one exports whole
-            from imagine.io.networks import load_vae, save_vae
 
             save_vae(load_vae(vae_dir), out / "vae")
 
@@ -425,7 +423,6 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    from imagine.io.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 

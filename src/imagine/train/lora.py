@@ -14,12 +14,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image, PngImagePlugin
 
 from imagine.adapters.lora import attach, create, forget_text_cache, parts_of
+from imagine.data.images import ImageDataset
 from imagine.diffusion.losses import diffusion_loss
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from imagine.io.lora_keys import save_lora
+from imagine.io.png import file_hash
+from imagine.io.stable_diffusion import save_like
+from imagine.pipelines.generate import Settings, txt2img
+from imagine.pipelines.unconditional import grid, to_uint8
 from imagine.train.checkpoint import _flatten_optimizer, _unflatten_optimizer
 from imagine.train.loop import DataOrder, Hook, StepInfo, posterior_latents, sample_draws
 
@@ -108,8 +115,6 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
     control: (images (B, C, H, W) in [-1, 1], x_t, t, cond, indices=the items' indices) -> UNet inputs to add
     or replace (a ControlNet's or T2I-Adapter's residuals from each image's condition; an IP-Adapter's context
     pair from each item's reference image)."""
-    from imagine.pipelines.generate import _micro_conditioning
-
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
     spec, unet, vae = model.spec, model.unet, model.vae
     alphas_cumprod = spec.alphas_cumprod().float()
@@ -145,8 +150,7 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
         prompts = ["" if drop else cap for drop, cap in zip(prompts_drop, captions, strict=True)]
         text = text_encoder.encode(prompts, grad=text_grad)
         cond = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask}
-        if unet.config.addition_embed_type == "text_time":
-            cond.update(_micro_conditioning(text.pooled, size, size))
+        cond.update(model.family.conditioning(text.pooled, size, size))  # SDXL's extra inputs
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             if control is not None:
                 cond.update(control(images, x_t, t_t, cond, indices=idx))
@@ -180,8 +184,6 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
 
 def base_record(model) -> dict[str, Any]:
     """The base model an adapter was trained on, as its file records it."""
-    from imagine.io.png import file_hash
-
     weights = model.weights_file
     return {"base_model": model.name, "base_model_hash": file_hash(weights) if weights.exists() else None}
 
@@ -213,7 +215,8 @@ def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str,
     finally:
         handle.detach()
     metadata = {"imagine_lora": json.dumps({**asdict(cfg), **base_record(model)})}
-    save_lora(lora, out, "kohya", ldm_names_for=model.unet if model.arch == "sdxl" else None, metadata=metadata)
+    ldm_names = model.unet if model.family.kohya_unet_names == "ldm" else None
+    save_lora(lora, out, "kohya", ldm_names_for=ldm_names, metadata=metadata)
     return out
 
 
@@ -222,8 +225,6 @@ def train_full(model, text_encoder, data, cfg: AdapterTrainConfig, out: Path | s
     """DreamBooth as the paper does it: fine-tune every UNet weight (the text encoder stays frozen), with
     the prior-preservation loss when ``prior`` is given (see ``fit``), and write the whole model to ``out``
     (a .safetensors single file, or a folder of the base's kind). The model is changed in place."""
-    from imagine.io.stable_diffusion import save_like
-
     out = Path(out)
     if model.spec.text_encoder is None or text_encoder is None:
         raise ValueError("DreamBooth needs a text-to-image model and its text encoder")
@@ -244,11 +245,6 @@ def train_full(model, text_encoder, data, cfg: AdapterTrainConfig, out: Path | s
 def lora_sample_hook(prompts: list[str], every: int, steps: int = 20):
     """Every ``every`` steps (and at the last): a grid of ``prompts`` (rows) by 4 seeds, drawn with the LoRA
     as it stands (it is attached while training), under OUT-training/samples/."""
-    from PIL import Image
-
-    from imagine.pipelines.generate import Settings, txt2img
-    from imagine.pipelines.unconditional import grid, to_uint8
-
     def hook(info, context):
         if info is None or not every or not prompts or (info.step % every and info.step != info.total):
             return
@@ -272,13 +268,6 @@ def class_images(model, text_encoder, prompts: str | list[str], count: int, fold
     with seed + i (one class prompt, as the paper; several, as kohya's captioned regularisation images),
     cached as PNGs in ``folder`` with the prompt written in each, reused when the prompt and seed match and
     drawn again when they do not. Returns a captioned ImageDataset."""
-    import numpy as np
-    from PIL import Image, PngImagePlugin
-
-    from imagine.data.images import ImageDataset
-    from imagine.pipelines.generate import Settings, txt2img
-    from imagine.pipelines.unconditional import to_uint8
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("class images need a class prompt")

@@ -10,14 +10,15 @@ from typing import Literal
 import torch
 from torch import nn
 
+from imagine.adapters.lora import parts_of
 from imagine.io.checkpoint import CheckpointError
+from imagine.io.stable_diffusion import save_like
+from imagine.pipelines.request import load_text_model
 
 Mode = Literal["weighted-sum", "add-difference"]
 
 
 def _parts(model) -> dict[str, nn.Module]:
-    from imagine.adapters.lora import parts_of
-
     parts = parts_of(model, model.text_encoder)
     if model.vae is not None:
         parts["vae"] = model.vae
@@ -60,9 +61,6 @@ def merge_files(paths: list[Path], out: Path, *, mode: Mode = "weighted-sum", mu
                 dtype: str | None = None, allow_pickle: bool = False) -> Path:
     """Load models A, B (and C), merge them and write the result to ``out`` (a .safetensors single file, or a
     folder of A's kind); ``out`` must not exist. Each model is loaded afresh (the merge changes A in place)."""
-    from imagine.io.stable_diffusion import save_like
-    from imagine.pipelines.request import load_text_model
-
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} exists; a merge writes a new file or folder")

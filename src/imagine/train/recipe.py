@@ -4,20 +4,25 @@ latents encoded once, and then the one training loop. The CLI only parses and pr
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from imagine.io.model_folder import CASCADE
+from imagine.data.images import load_dataset
+from imagine.io.checkpoint import atomic_write_bytes
+from imagine.io.model_folder import CASCADE, load_model_folder
+from imagine.io.networks import load_vae
+from imagine.models.text_encoders import load_text_encoder
+from imagine.train.checkpoint import checkpoint_meta, checkpoint_step, latest_checkpoint
 from imagine.train.config import TrainConfig
+from imagine.train.loop import train
+from imagine.train.vae import encode_dataset, train_vae, vae_preset
 
 
 def ensure_vae(cfg: TrainConfig, dataset, out: Path, hooks: Sequence = (), log: Callable[[str], None] = print) -> Path:
     """A latent preset with no VAE given: train one into OUT/vae_training, resuming a run that was cut
     short or that the preset now trains further (e.g. a decoder stage added after it finished)."""
-    from imagine.train.checkpoint import checkpoint_step, latest_checkpoint
-    from imagine.train.vae import train_vae, vae_preset
-
     folder = Path(out) / "vae_training"
     vcfg = vae_preset(cfg.vae_preset).with_overrides(image_size=cfg.image_size, seed=cfg.seed)
     total = vcfg.steps + vcfg.decoder_steps
@@ -51,12 +56,8 @@ def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, va
     """Train a diffusion model on ``data`` (a folder, builtin:digits or builtin:shapes) into ``out``: in
     pixels, or in the latents of ``vae`` (trained first when the preset names one and none is given).
     ``init``: an imagine model folder to start from (a full fine-tune; its VAE too unless ``vae`` is given)."""
-    from imagine.data.images import load_dataset
-    from imagine.train.loop import train
-
     base = None
     if resume and init is None:  # a fine-tune resumed goes on from the model it started from
-        from imagine.train.checkpoint import checkpoint_meta, latest_checkpoint
 
         last = latest_checkpoint(Path(out) / "checkpoints")
         started = checkpoint_meta(last).get("init") if last is not None else None
@@ -66,8 +67,6 @@ def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, va
                                         "model (its network and VAE) to resume it")
             init = Path(started)
     if init is not None:
-        from imagine.io.model_folder import load_model_folder
-
         base = load_model_folder(init)
         cfg = fine_tune_config(cfg, base.spec)
         if base.spec.latent and vae is None:
@@ -81,16 +80,11 @@ def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, va
                            and not is_digits, captions=cfg.text_conditional)
     text_encoder = None
     if cfg.text_conditional:
-        from imagine.models.text_encoders import load_text_encoder
-
         text_encoder = load_text_encoder(cfg.text_encoder)
     if vae is None and cfg.vae_preset is not None:
         vae = ensure_vae(cfg, dataset, out, vae_hooks, log)
     latents, autoencoder = None, None
     if vae is not None:
-        from imagine.io.networks import load_vae
-        from imagine.train.vae import encode_dataset
-
         autoencoder = load_vae(vae)
         if cfg.image_size % autoencoder.config.downscale:
             raise ValueError(f"image size {cfg.image_size} is not a multiple of the VAE's factor "
@@ -128,11 +122,6 @@ def train_sr(cfg: TrainConfig, data: str, out: Path, pairs: list[tuple[int, int]
     target size: OUT itself for one stage, else OUT/stage-FROM-TO per stage and OUT/cascade.json naming them
     in order (``--sr OUT`` then runs the whole cascade). On --resume a finished stage is kept and the first
     unfinished one goes on from its last checkpoint."""
-    import json
-
-    from imagine.io.checkpoint import atomic_write_bytes
-    from imagine.train.checkpoint import latest_checkpoint
-
     out = Path(out)
     folders = [out] if len(pairs) == 1 else [out / f"stage-{a}-{b}" for a, b in pairs]
     if not resume and any(f.exists() and any(f.iterdir()) for f in folders):
@@ -153,7 +142,5 @@ def train_sr(cfg: TrainConfig, data: str, out: Path, pairs: list[tuple[int, int]
 
 
 def _finished(folder: Path, steps: int) -> bool:
-    from imagine.train.checkpoint import checkpoint_step, latest_checkpoint
-
     last = latest_checkpoint(folder / "checkpoints")
     return last is not None and checkpoint_step(last) >= steps

@@ -1,0 +1,147 @@
+"""What a model family is, as data (STYLE rule 16): the denoiser network and how it is called, the latent
+format, the parametrization it was trained with, the conditioning it takes, how a checkpoint of it is
+recognised, and which attachments fit it. The loaders (io/) and the pipeline read a family; they never test
+for one. imagine's own models, Stable Diffusion 1.x, 2.x and XL are the four entries; a new family is one
+more entry here (ComfyUI's supported_models.py, latent_formats.py and model_sampling.py hold the same idea).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from imagine.diffusion.parametrization import Prediction
+
+# Everything that can attach to a denoiser (adapters/): the kinds a family lists as fitting it.
+AttachmentKind = Literal["lora", "embedding", "controlnet", "t2i_adapter", "ip_adapter"]
+UNET_ATTACHMENTS: frozenset[str] = frozenset({"lora", "embedding", "controlnet", "t2i_adapter", "ip_adapter"})
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How a VAE's latents are scaled into the space diffusion runs in: z' = (z - shift_factor) * scaling_factor."""
+
+    channels: int = 4
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    downscale: int = 8  # pixels per latent position, a side
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder of a family: where its weights sit in each layout and what it is."""
+
+    part: str  # the part's name for LoRA keys and diffusers folders: text_encoder, text_encoder_2
+    architecture: str  # what transformers builds: "CLIPTextModel" or "CLIPTextModelWithProjection"
+    activation: str  # its MLP's activation (OpenAI's CLIP: quick_gelu; OpenCLIP: gelu): tells SD 1 from SD 2
+    single_file_prefix: str  # where its tensors sit in an original single-file checkpoint
+    layout: Literal["clip", "open_clip"]  # the single file's key layout (io/ldm_keys.py)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # what a record and `imagine models` call it: imagine, sd1, sd2, sdxl
+    label: str  # for people
+    network: Literal["unet"]  # the denoiser architecture (models/unet.py); the transformers come next
+    latent: LatentFormat | None  # fixed by the family; None: the model's own VAE says (imagine's models)
+    image_size: int  # the side it was trained at, what generation uses when the user gives no size
+    prediction: Prediction  # what its denoiser predicts where the checkpoint does not say
+    text_encoders: tuple[TextEncoderSlot, ...] = ()
+    attention_heads: int | None = None  # a UNet's heads where no tensor says (SD 1.x: 8); None: 64 wide
+    clip_skip: int = 1  # the text layer its denoiser was trained on (1: the last), where the file does not say
+    # SDXL's extra inputs: the pooled text and the size/crop ids ("micro-conditioning", Podell et al. 2023)
+    micro_conditioning: bool = False
+    zero_empty_negative: bool = False  # an empty negative prompt is a zero context, not the encoded ""
+    attachments: frozenset[str] = UNET_ATTACHMENTS
+    # how kohya's LoRA files name its UNet's modules: diffusers' names (SD 1.x, 2.x) or the original layout's
+    # (kohya's SDXL files: lora_unet_input_blocks_...)
+    kohya_unet_names: Literal["diffusers", "ldm"] = "diffusers"
+    modelspec: str | None = None  # the modelspec.architecture a single file declares (kohya, A1111)
+    diffusers_pipeline: str | None = None  # the model_index.json class of its diffusers folders
+
+    def conditioning(self, pooled: torch.Tensor | None, width: int, height: int) -> dict[str, torch.Tensor]:
+        """The denoiser's inputs beyond the text states, for rows of ``pooled`` text at this output size."""
+        if not self.micro_conditioning:
+            return {}
+        if pooled is None:
+            raise ValueError(f"a {self.label} UNet needs a pooled text embedding; its text encoder gives none "
+                             "(use the checkpoint's own text encoders)")
+        # (original h, w, crop top, left, target h, w): original and target the output size, no crop, as
+        # A1111 and diffusers default to
+        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(len(pooled), -1)
+        return {"text_embeds": pooled, "time_ids": ids}
+
+    def check_attachment(self, kind: str, what: str) -> None:
+        """Refuse, naming the family, an attachment kind that does not fit it."""
+        if kind not in self.attachments:
+            raise ValueError(f"{what} is a {kind.replace('_', '-')}, which does not fit a {self.label} model; it "
+                             f"takes: {', '.join(sorted(self.attachments)) or 'no attachments'}")
+
+
+_CLIP_L = dict(architecture="CLIPTextModel", activation="quick_gelu", layout="clip")
+SD_LATENT = LatentFormat(channels=4, scaling_factor=0.18215)
+
+IMAGINE = Family("imagine", "imagine", "unet", None, image_size=32, prediction="eps")
+SD1 = Family("sd1", "Stable Diffusion 1.x", "unet", SD_LATENT, image_size=512, prediction="eps", attention_heads=8,
+             text_encoders=(TextEncoderSlot("text_encoder", single_file_prefix="cond_stage_model.transformer.",
+                                            **_CLIP_L),),
+             modelspec="stable-diffusion-v1", diffusers_pipeline="StableDiffusionPipeline")
+# SD 2.x reads OpenCLIP ViT-H's penultimate layer; its 768 px releases predict v
+SD2 = Family("sd2", "Stable Diffusion 2.x", "unet", SD_LATENT, image_size=768, prediction="v",
+             text_encoders=(TextEncoderSlot("text_encoder", "CLIPTextModel", "gelu", "cond_stage_model.model.",
+                                            "open_clip"),),
+             clip_skip=2, modelspec="stable-diffusion-v2", diffusers_pipeline="StableDiffusionPipeline")
+SDXL = Family("sdxl", "Stable Diffusion XL", "unet", LatentFormat(channels=4, scaling_factor=0.13025),
+              image_size=1024, prediction="eps",
+              text_encoders=(TextEncoderSlot("text_encoder", single_file_prefix="conditioner.embedders.0.transformer.",
+                                             **_CLIP_L),
+                             TextEncoderSlot("text_encoder_2", "CLIPTextModelWithProjection", "gelu",
+                                             "conditioner.embedders.1.model.", "open_clip")),
+              clip_skip=2, micro_conditioning=True, zero_empty_negative=True, kohya_unet_names="ldm",
+              modelspec="stable-diffusion-xl-v1-base", diffusers_pipeline="StableDiffusionXLPipeline")
+
+FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL)}
+# the Stable Diffusion families, in the order a checkpoint is tested against them (most specific first)
+CHECKPOINT_FAMILIES: tuple[Family, ...] = (SDXL, SD2, SD1)
+
+
+def family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"model family {name!r} unknown; imagine knows: {', '.join(FAMILIES)}") from None
+
+
+def of_unet_config(config) -> Family:
+    """The family a UNet belongs to by what it takes: SDXL's micro-conditioning marks SDXL; the context
+    width tells SD 2.x's OpenCLIP (1024) from SD 1.x's CLIP (768); anything else is imagine's own."""
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        return SDXL
+    return {1024: SD2, 768: SD1}.get(getattr(config, "cross_attention_dim", None), IMAGINE)
+
+
+def from_single_file(keys) -> Family | None:
+    """The Stable Diffusion family whose last text encoder's tensors an original single file carries."""
+    keys = list(keys)
+    for fam in CHECKPOINT_FAMILIES:
+        if any(k.startswith(fam.text_encoders[-1].single_file_prefix) for k in keys):
+            return fam
+    return None
+
+
+def from_diffusers(pipeline_class: str, text_encoder_config) -> Family | None:
+    """The family of a diffusers pipeline folder: its model_index.json class, then (SD 1.x and 2.x share
+    one class) its text encoder's activation."""
+    candidates = [f for f in CHECKPOINT_FAMILIES if f.diffusers_pipeline == pipeline_class]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    cfg = text_encoder_config
+    act = cfg.get("hidden_act") if isinstance(cfg, dict) else getattr(cfg, "hidden_act", None)
+    return next((f for f in candidates if f.text_encoders[0].activation == act), candidates[-1])
+
+
+def diffusers_pipelines() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(f.diffusers_pipeline for f in CHECKPOINT_FAMILIES if f.diffusers_pipeline))
