@@ -75,8 +75,8 @@ def _generate(model, encoder, prompt: str, seed: int, units=(), steps: int = 20,
                  cfg_scale=model.spec.default_cfg, width=size, height=size, strength=strength)
     with torch.no_grad():
         if init is None:
-            return to_uint8(txt2img(model, s, encoder, controls=list(units)))[0]
-        return to_uint8(img2img(model, s, Image.fromarray(init), encoder, controls=list(units)))[0]
+            return to_uint8(txt2img(model, s, encoder, attachments=list(units)))[0]
+        return to_uint8(img2img(model, s, Image.fromarray(init), encoder, attachments=list(units)))[0]
 
 
 def _unit(model_dir: Path, condition_map: np.ndarray, weight: float = 1.0):

@@ -75,7 +75,7 @@ def _generate(model, encoder, prompt: str, seed: int, prompts=(), controls=(), s
     s = Settings(prompt=prompt, seed=seed, steps=steps, sampler=model.spec.default_sampler,
                  cfg_scale=model.spec.default_cfg)
     with torch.no_grad():
-        return to_uint8(txt2img(model, s, encoder, image_prompts=list(prompts), controls=list(controls)))[0]
+        return to_uint8(txt2img(model, s, encoder, attachments=[*controls, *prompts]))[0]
 
 
 def train_keypoints(work: Path, steps: int, results: dict, save) -> Path:

@@ -107,18 +107,18 @@ def live_server(tiny_t2i_dir, tmp_path_factory, monkeypatch):
 
     import uvicorn
 
-    import imagine.pipelines.request as request_module
+    import imagine.server.models as store_module  # the model store calls the loader it imported
 
     slow = tmp_path_factory.mktemp("slow") / "slow-model"
     shutil.copytree(tiny_t2i_dir, slow)
-    real = request_module.load_text_model
+    real = store_module.load_text_model
 
     def load(path, **options):
         if "slow-model" in str(path):
             time.sleep(2.0)
         return real(path, **options)
 
-    monkeypatch.setattr(request_module, "load_text_model", load)
+    monkeypatch.setattr(store_module, "load_text_model", load)
     app = create_app([tiny_t2i_dir, slow], out_dir=None, limits=Limits(max_steps=1000))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

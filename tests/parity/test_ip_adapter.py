@@ -73,7 +73,7 @@ def test_imagine_ip_adapter_loads_in_diffusers_and_matches(name, tmp_path):
     with torch.no_grad():
         expected = pipe.unet(x, t, context, added_cond_kwargs={**added, "image_embeds": [embeds[:, None]]}).sample
         streams = ours.model.streams(unet, ours.model.tokens(embeds), 0.6)
-        got = unet(x, t, (context, streams), **added)
+        got = unet(x, t, context, attention_streams=streams, **added)
     assert (got - expected).abs().max() < TOL
     assert (got - unet(x, t, context, **added)).abs().max() > 1e-3  # the image tokens do matter
 
@@ -87,7 +87,7 @@ def test_scale_zero_is_the_base_model_bit_for_bit(tmp_path):
     tokens = adapter.tokens(torch.randn(2, EMBED))
     with torch.no_grad():
         base = unet(x, t, context)
-        zero = unet(x, t, (context, adapter.streams(unet, tokens, 0.0)))
+        zero = unet(x, t, context, attention_streams=adapter.streams(unet, tokens, 0.0))
     assert torch.equal(base, zero)
 
 

@@ -157,10 +157,10 @@ def test_the_models_folder_finds_embeddings_by_the_name_the_prompt_writes(tmp_pa
     save_embedding(Embedding("b", {"emb_params": torch.randn(2, 32)}), folder / "styles" / "inky.safetensors")
     save_embedding(Embedding("c", {"emb_params": torch.randn(1, 768)}), folder / "big.safetensors")
     found = resolve_embeddings(["a sks-dog, in Inky style", ""], tmp_path / "models")
-    assert sorted((e.name, src) for e, src in found) == [("inky", "prompt"), ("sks-dog", "prompt")]
+    assert sorted((u.embedding.name, u.source) for u in found) == [("inky", "prompt"), ("sks-dog", "prompt")]
     assert resolve_embeddings(["a dog"], tmp_path / "models") == []  # nothing named, nothing loaded
     by_file = resolve_embeddings(["a dog"], tmp_path / "models", [str(folder / "big.safetensors")])
-    assert [(e.name, src) for e, src in by_file] == [("big", "option")]
+    assert [(u.embedding.name, u.source) for u in by_file] == [("big", "option")]
     with pytest.raises(ValueError, match="no embeddings named 'nope'"):
         resolve_embeddings([""], tmp_path / "models", ["nope"])
     loaded, skipped = listing(tmp_path / "models", enc)

@@ -68,8 +68,8 @@ def test_warnings_name_unknown_words_outside_a1111_syntax_and_only_for_models_th
 
 
 def test_an_embeddings_name_is_a_known_word():
-    from imagine.adapters.embeddings import Embedding
+    from imagine.adapters.embeddings import Embedding, EmbeddingUse
 
     model = _model(frozenset({"a", "red", "circle"}))
     embedding = Embedding("my-style", {"emb_params": torch.zeros(1, 4)}, aliases=("sks",))
-    assert vocabulary_warnings(model, "a my-style sks circle", "", embeddings=[(embedding, "prompt")]) == ()
+    assert vocabulary_warnings(model, "a my-style sks circle", "", embeddings=[EmbeddingUse(embedding, "prompt")]) == ()

@@ -21,13 +21,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
 
+from imagine.adapters.attachment import Attachment
 from imagine.data.conditions import PREPROCESSORS, check_module, detect
 from imagine.data.transforms import fit_image
 from imagine.io.control_files import KINDS, ControlFile, _condition_from_name, load_control
@@ -70,9 +71,14 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-@dataclass
-class Conditioner:
+@dataclass(eq=False)
+class Conditioner(Attachment):
     """One attached unit. condition: (1, C, H, W) in [0, 1] at the output's pixel size."""
+
+    kind: ClassVar[str] = "controlnet"  # ControlNets and T2I-Adapters, one mechanism (file.kind tells them apart)
+    record_key: ClassVar[str] = "controls"
+    per_step: ClassVar[bool] = True
+    whole_image: ClassVar[bool] = True  # its map covers the whole image: no tiled sampling
 
     file: ControlFile
     condition: torch.Tensor
@@ -80,7 +86,23 @@ class Conditioner:
     start: float = 0.0
     end: float = 1.0
     mode: str = "balanced"
+    info: dict = field(default_factory=dict, repr=False)  # its record (module, model, hash, settings, map)
     _features: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    def record(self) -> dict:
+        return self.info
+
+    @classmethod
+    def inputs(cls, units, n):  # which rows are conditional: "ControlNet is more important" controls those alone
+        return {ROWS: torch.ones(n)}, {ROWS: torch.zeros(n)}
+
+    @classmethod
+    def around(cls, units, network, model, timesteps):
+        return Controlled(network, units, timesteps)
+
+    @classmethod
+    def a1111(cls, records, first_unit):  # as sd-webui-controlnet writes its units: "ControlNet 0"
+        return {f"ControlNet {first_unit + i}": a1111_field(r) for i, r in enumerate(records)}
 
     def active(self, progress: float) -> bool:
         return self.weight != 0 and self.start <= progress <= self.end
@@ -347,8 +369,8 @@ def prepare_condition(unit: ControlUnit, size: tuple[int, int]) -> Image.Image:
 
 
 def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], models_dir: Path | None,
-                  allow_pickle: bool = False, confined: bool = False) -> list[tuple[Conditioner, dict]]:
-    """Each unit as a Conditioner and its record (for the PNG), every refusal made now. ``confined``: models
+                  allow_pickle: bool = False, confined: bool = False) -> list[Conditioner]:
+    """Each unit as a Conditioner carrying its record (for the PNG), every refusal made now. ``confined``: models
     by name in the models folder (or shipped) only, never by path."""
     out = []
     for i, unit in enumerate(units):
@@ -376,8 +398,8 @@ def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], mo
                   "processor_res": unit.processor_res or min(size), "threshold_a": threshold_a,
                   "threshold_b": threshold_b, "pixel_perfect": unit.pixel_perfect, "input": unit.input,
                   "condition_png": png_b64(condition)}
-        out.append((Conditioner(file, condition_tensor(condition), unit.weight, unit.start, unit.end, unit.mode),
-                    record))
+        out.append(Conditioner(file, condition_tensor(condition), unit.weight, unit.start, unit.end, unit.mode,
+                               record))
     return out
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from imagine.adapters.attachment import Attachment
 from imagine.io.checkpoint import CheckpointError
 from imagine.io.embeddings import Embedding, header_aliases, load_embedding
 from imagine.io.models_dir import entries, resolve
@@ -93,23 +96,47 @@ def _calls(name: str, path: Path) -> tuple[str, ...]:
     return (name, *header_aliases(path))
 
 
+@dataclass(frozen=True)
+class EmbeddingUse(Attachment):
+    """An embedding a request uses: its words are added to the text encoder for the request."""
+
+    kind: ClassVar[str] = "embedding"
+    record_key: ClassVar[str] = "embeddings"
+
+    embedding: Embedding
+    source: str  # "option" (asked for by file or name: always in use) or "prompt" (its name is written there)
+
+    def record(self) -> dict:
+        return self.embedding.record(self.source)
+
+    @classmethod
+    def attach(cls, units, model, text_encoder):
+        block = using(text_encoder, [u.embedding for u in units])
+        block.__enter__()
+        return lambda: block.__exit__(None, None, None)
+
+    @classmethod
+    def a1111(cls, records, first_unit):
+        return {"TI hashes": ", ".join(f"{e['name']}: {e['sha256_10']}" for e in records)}  # as A1111 writes
+
+
 def resolve_embeddings(texts: Iterable[str], models_dir: Path | None, asked: Iterable[str] = (),
-                       confined: bool = False) -> list[tuple[Embedding, str]]:
+                       confined: bool = False) -> list[EmbeddingUse]:
     """The embeddings a request uses, each with its source: ``asked`` (files or names in the models folder,
     always used: "option"), then every folder embedding whose name the prompts write ("prompt")."""
-    out: list[tuple[Embedding, str]] = []
+    out: list[EmbeddingUse] = []
     seen: set[Path] = set()
     for item in asked:
         try:
             path = resolve(item, models_dir, "embeddings", confined=confined)
         except FileNotFoundError as err:
             raise ValueError(f"embedding {err}") from None
-        out.append((load_embedding(path), "option"))
+        out.append(EmbeddingUse(load_embedding(path), "option"))
         seen.add(path.resolve())
     texts = [t for t in texts if t]
     for name, path in folder_embeddings(models_dir).items():
         if path.resolve() not in seen and any(named_in(t, word) for t in texts for word in _calls(name, path)):
-            out.append((load_embedding(path, name), "prompt"))
+            out.append(EmbeddingUse(load_embedding(path, name), "prompt"))
             seen.add(path.resolve())
     return out
 

@@ -21,12 +21,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
 
+from imagine.adapters.attachment import Attachment
 from imagine.adapters.control import from_b64, png_b64, step_progress
 from imagine.io.ip_adapter_files import IPAdapterFile, is_ip_adapter, load_ip_adapter, peek, weights_file
 from imagine.io.models_dir import Entry, entries, resolve
@@ -139,15 +141,36 @@ class ImagePromptUnit:
         return replace(self, scale=float(self.scale), start=float(self.start), end=float(self.end))
 
 
-@dataclass
-class Prompted:
+@dataclass(eq=False)
+class Prompted(Attachment):
     """One attached image prompt: the adapter, the embedding of its image (1, D), its scale and range."""
+
+    kind: ClassVar[str] = "ip_adapter"
+    record_key: ClassVar[str] = "image_prompts"
+    per_step: ClassVar[bool] = True
 
     file: IPAdapterFile
     embedding: torch.Tensor
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    info: dict = field(default_factory=dict, repr=False)  # its record (adapter, hash, settings, reference)
+
+    def record(self) -> dict:
+        return self.info
+
+    @classmethod
+    def inputs(cls, units, n):  # the image's tokens on the conditional rows, the zero embedding's on the others
+        cond, uncond = prompt_tokens(units, n)
+        return {TOKENS: cond}, {TOKENS: uncond}
+
+    @classmethod
+    def around(cls, units, network, model, timesteps):
+        return ImagePrompted(network, model.unet, units, timesteps)
+
+    @classmethod
+    def a1111(cls, records, first_unit):  # sd-webui-controlnet writes IP-Adapter units as more ControlNet units
+        return {f"ControlNet {first_unit + i}": a1111_field(r) for i, r in enumerate(records)}
 
     @property
     def num_tokens(self) -> int:
@@ -200,7 +223,7 @@ class ImagePrompted:
                     streams.setdefault(attn, []).extend(items)
             offset += k
         if streams:
-            cond["encoder_hidden_states"] = (cond["encoder_hidden_states"], streams)
+            cond["attention_streams"] = streams
         return self.network(x, t, **cond)
 
 
@@ -236,8 +259,8 @@ def encode_reference(file: IPAdapterFile, image: Image.Image, image_encoder: str
 
 
 def resolve_prompts(units: Sequence[ImagePromptUnit], model, models_dir: Path | None,
-                    allow_pickle: bool = False, confined: bool = False) -> list[tuple[Prompted, dict]]:
-    """Each unit as a Prompted and its record (for the PNG), every refusal made now. ``confined``: models by
+                    allow_pickle: bool = False, confined: bool = False) -> list[Prompted]:
+    """Each unit as a Prompted carrying its record (for the PNG), every refusal made now. ``confined``: models by
     name in the models folder (or shipped) only, never by path."""
     out = []
     for i, unit in enumerate(units):
@@ -262,7 +285,7 @@ def resolve_prompts(units: Sequence[ImagePromptUnit], model, models_dir: Path | 
         record = {"model": file.name, "path": str(Path(path).resolve()), "sha256_10": file_hash(file.weights),
                   "encoder": file.encoder, "type": adapter_type(file.encoder), "scale": unit.scale,
                   "start": unit.start, "end": unit.end, "input": unit.input, "image_png": png_b64(image)}
-        out.append((Prompted(file, embedding, unit.scale, unit.start, unit.end), record))
+        out.append(Prompted(file, embedding, unit.scale, unit.start, unit.end, record))
     return out
 
 

@@ -13,11 +13,16 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from imagine.adapters.attachment import Attachment
 from imagine.io.checkpoint import CheckpointError
+from imagine.io.lora_keys import load_lora
+from imagine.io.png import file_hash
 from imagine.nn.lora import LoRA, LoRALayer, find_module
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
@@ -175,3 +180,33 @@ def merge(parts: dict[str, nn.Module], loras: list[tuple[LoRA, float]], *, stric
                 delta = lora.layers[key].delta_weight().to(torch.float32) * weight
                 module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
     forget_text_cache(text_encoder)
+
+
+@dataclass(frozen=True)
+class LoraUse(Attachment):
+    """A LoRA a request attached: found as a file, loaded and checked against the model when attached."""
+
+    kind: ClassVar[str] = "lora"
+    record_key: ClassVar[str] = "loras"
+
+    name: str  # as asked (a name in Lora/ or a path)
+    path: Path
+    weight: float
+    source: str  # "option" (--lora, the job API) or "prompt" (a <lora:NAME:W> tag)
+    strict: bool = True  # False: keys that match no module are a warning, not an error
+
+    def record(self) -> dict[str, Any]:
+        stem = self.path.stem if self.path.is_file() else self.path.name
+        return {"name": stem, "path": str(self.path.resolve()), "weight": self.weight, "source": self.source,
+                "sha256_10": file_hash(self.path) if self.path.is_file() else None}
+
+    @classmethod
+    def attach(cls, units, model, text_encoder):
+        parts = parts_of(model, text_encoder)  # (asked for only now: a text encoder loads its model on first use)
+        loaded = [(load_lora(use.path, parts), use.weight) for use in units]
+        return attach(parts, loaded, text_encoder=text_encoder, strict=all(use.strict for use in units)).detach
+
+    @classmethod
+    def a1111(cls, records, first_unit):
+        # A1111's form: "name: hash, name: hash" (the weights are in the prompt's tags or the record)
+        return {"Lora hashes": ", ".join(f"{lo['name']}: {lo['sha256_10']}" for lo in records)}

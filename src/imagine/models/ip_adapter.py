@@ -99,8 +99,8 @@ class IPAdapter(nn.Module):
 
     def streams(self, unet, tokens: torch.Tensor, scale: float, layers: list[nn.Module] | None = None
                 ) -> dict[nn.Module, list]:
-        """{attention layer: [(to_k_ip, to_v_ip, tokens, scale)]}: what the UNet's attention reads from its
-        context pair (nn/attention.py). layers: ``cross_attention_layers(unet)``, when the caller holds them."""
+        """{attention layer: [(to_k_ip, to_v_ip, tokens, scale)]}: the UNet's ``attention_streams`` input
+        (nn/attention.py). layers: ``cross_attention_layers(unet)``, when the caller holds them."""
         layers = cross_attention_layers(unet) if layers is None else layers
         return {attn: [(layer.to_k_ip, layer.to_v_ip, tokens, scale)]
                 for attn, layer in zip(layers, self.layers, strict=True)}

@@ -8,13 +8,14 @@ its legacy meaning of ``attention_head_dim``: for cross-attention blocks it is t
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from imagine.nn.attention import SpatialSelfAttention
+from imagine.nn.attention import SpatialSelfAttention, swapped_streams
 from imagine.nn.config import config_from_dict
 from imagine.nn.embeddings import TextTimeEmbedding, TimestepEmbedding, timestep_embedding
 from imagine.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -302,10 +303,21 @@ class UNet2DConditionModel(nn.Module):
                 timestep_cond: torch.Tensor | None = None,
                 down_block_additional_residuals: list[torch.Tensor] | None = None,
                 mid_block_additional_residual: torch.Tensor | None = None,
-                down_intrablock_additional_residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
+                down_intrablock_additional_residuals: list[torch.Tensor] | None = None,
+                attention_streams: Mapping[nn.Module, Sequence] | None = None) -> torch.Tensor:
         """The residual inputs are diffusers' (STYLE rule 13: every spatial conditioner speaks through them):
         a ControlNet's one per skip plus the mid block's, added to the skips and to the mid output; a
-        T2I-Adapter's one per down block (and one for the mid block where its shape fits), added inside."""
+        T2I-Adapter's one per down block (and one for the mid block where its shape fits), added inside.
+        attention_streams: extra key/value streams for cross-attention layers during this call (an
+        IP-Adapter's decoupled cross-attention, nn/attention.py), {layer: [(to_k, to_v, tokens, scale)]}."""
+        with swapped_streams(attention_streams):
+            return self._forward(sample, timestep, encoder_hidden_states, class_labels, encoder_attention_mask,
+                                 text_embeds, time_ids, timestep_cond, down_block_additional_residuals,
+                                 mid_block_additional_residual, down_intrablock_additional_residuals)
+
+    def _forward(self, sample, timestep, encoder_hidden_states, class_labels, encoder_attention_mask, text_embeds,
+                 time_ids, timestep_cond, down_block_additional_residuals, mid_block_additional_residual,
+                 down_intrablock_additional_residuals) -> torch.Tensor:
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"expected a (B, {cfg.in_channels}, H, W) sample, got {tuple(sample.shape)}")

@@ -6,6 +6,9 @@ Diffusion checkpoints load unchanged (STYLE rule 11).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,11 +20,10 @@ class Attention(nn.Module):
     Self-attention when ``context`` is None, cross-attention (Q from x, K and V from context) otherwise.
     x: (B, N, query_dim); context: (B, M, cross_attention_dim); mask: (B, M) True where a token counts.
 
-    context may also be a pair (text, streams), as diffusers passes IP-Adapter states: ``streams`` maps
-    attention layers to extra key/value streams [(to_k_ip, to_v_ip, tokens (B, K, D), scale), ...], and
-    this layer's are added as decoupled cross-attention (Ye et al. 2023, eq. 5):
+    ``streams``: extra key/value streams swapped in for a call (``swapped_streams``; IP-Adapter), each
+    (to_k_ip, to_v_ip, tokens (B, K, D), scale), added as decoupled cross-attention (Ye et al. 2023, eq. 5):
     Z = Attn(Q, K_text, V_text) + sum_i scale_i Attn(Q, to_k_ip_i(tokens_i), to_v_ip_i(tokens_i)).
-    A layer the mapping leaves out, or a scale of 0, runs exactly as without it.
+    With none, or a scale of 0, the layer runs exactly as without them.
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
@@ -33,13 +35,10 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.streams: tuple = ()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        streams = ()
-        if isinstance(context, tuple):
-            context, by_layer = context
-            streams = by_layer.get(self, ())
         context = x if context is None else context
         b = x.shape[0]
 
@@ -50,13 +49,26 @@ class Attention(nn.Module):
         attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(b, x.shape[1], -1)
-        for to_k_ip, to_v_ip, tokens, scale in streams:
+        for to_k_ip, to_v_ip, tokens, scale in self.streams:
             if scale == 0:
                 continue
             tokens = tokens.to(x.dtype)
             extra = F.scaled_dot_product_attention(q, heads(to_k_ip(tokens)), heads(to_v_ip(tokens)))
             out = out + scale * extra.transpose(1, 2).reshape(b, x.shape[1], -1)
         return self.to_out[1](self.to_out[0](out))
+
+
+@contextmanager
+def swapped_streams(streams: Mapping[Attention, Sequence] | None):
+    """Each attention layer of ``streams`` reads its extra key/value streams for the block; none after it."""
+    layers = list(streams or ())
+    for attn in layers:
+        attn.streams = tuple(streams[attn])
+    try:
+        yield
+    finally:
+        for attn in layers:
+            attn.streams = ()
 
 
 class SpatialSelfAttention(nn.Module):

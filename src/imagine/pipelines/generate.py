@@ -19,9 +19,7 @@ from PIL import Image, ImageFilter, ImageOps
 from scipy.ndimage import gaussian_filter
 
 from imagine import __version__
-from imagine.adapters import image_prompt
-from imagine.adapters.control import ROWS, Controlled, a1111_field
-from imagine.adapters.image_prompt import TOKENS, ImagePrompted, prompt_tokens
+from imagine.adapters.attachment import Attachment, by_kind
 from imagine.adapters.lora import prompt_loras
 from imagine.data.transforms import RESIZE_MODES, ResizeMode, fit_image
 from imagine.diffusion.denoiser import Denoiser, broadcast_sigma
@@ -315,8 +313,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            latent_hw: tuple[int, int] | None = None, init_latent: torch.Tensor | None = None,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
            cancel: Callable[[], bool] | None = None, precision: str = "fp32", backend: str = "torch",
-           compile: bool = False, noise_seed_delta: int = 0, controls: Sequence = (),
-           image_prompts: Sequence = (), tile: int = 0) -> torch.Tensor:
+           compile: bool = False, noise_seed_delta: int = 0, attachments: Sequence[Attachment] = (),
+           tile: int = 0) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
@@ -324,8 +322,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     resolution, 1 = regenerate) the unmasked latent is blended in at every step (inpaint).
     noise_seed_delta: as A1111's eta noise seed delta, a stochastic sampler's own noise comes from
     seed + delta while the starting noise stays seed's.
-    controls: attached conditioners (adapters/control.py: ControlNets, T2I-Adapters), any number and kind.
-    image_prompts: attached IP-Adapter prompts (adapters/image_prompt.py); cond and uncond carry their tokens.
+    attachments: what acts on the network at each step (adapters/: ControlNets, T2I-Adapters, image prompts),
+    any number and kind; cond and uncond carry their per-row inputs (Attachment.inputs).
     tile: > 0 evaluates the network on overlapping tiles of this many latent (or pixel) positions a side."""
     name, implied = resolve(sampler)
     schedule = check_schedule(schedule) if schedule is not None else implied
@@ -351,24 +349,22 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         x = noise * float((1 + sigmas[0] ** 2).sqrt())  # the VP prior at the top of the schedule
     else:
         x = init_latent + noise * float(sigmas[0])
+    groups = by_kind(attachments)
+    stepwise = [kind for kind in groups if kind.per_step]
     runtime = None
     if backend != "torch":
-        if controls or image_prompts:
-            raise ValueError(f"the {backend} backend runs the UNet alone: ControlNets, T2I-Adapters and image "
-                             "prompts need --backend torch")
+        if stepwise:
+            raise ValueError(f"the {backend} backend runs the UNet alone: "
+                             f"{', '.join(k.kind.replace('_', '-') for k in stepwise)} units need --backend torch")
         runtime = onnx_runtime(model, backend)
         network = runtime.unet
     else:
         network = _network(model.unet, compile)
-    if image_prompts or controls:  # both act on a share of the steps, found from each call's timestep
-
+    if stepwise:  # each acts on its share of the steps, found from each call's timestep
         timesteps = sigma_to_t(sigmas[:-1], ac)
-    if image_prompts:
-        network = ImagePrompted(network, model.unet, image_prompts, timesteps)
-    if controls:
-        network = Controlled(network, controls, timesteps)
+        for kind in stepwise:
+            network = kind.around(groups[kind], network, model, timesteps)
     if spec.upscale > 1:  # a super-resolution stage: cond carries the low-resolution rows
-
         if runtime is not None:
             raise ValueError(f"super-resolution stages run on --backend torch, not {backend}")
         network = LowResConditioned(network)
@@ -376,7 +372,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
                                      consistency=spec.consistency or info.consistency,
                                      quantize=info.sigmas is not None))
     if tile:
-        if controls:
+        if any(kind.whole_image for kind in groups):
             raise ValueError("tiled sampling does not take ControlNet or T2I-Adapter units (their maps cover the "
                              "whole image); leave tile at 0 with them")
         denoiser = TiledDenoiser(denoiser, tile, tile // 4)
@@ -403,8 +399,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
 
 def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: torch.Tensor | None = None,
             mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
-            cancel: Callable[[], bool] | None = None, controls: Sequence = (),
-            image_prompts: Sequence = (), low_res: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            cancel: Callable[[], bool] | None = None, attachments: Sequence[Attachment] = (),
+            low_res: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Text-conditioned sampling: prompt and negative prompt encoded in one call, so their windows line up.
     low_res: a super-resolution stage's (augmented low-resolution rows at the output size, their levels)."""
     _check_text_model(model, text_encoder)
@@ -431,12 +427,10 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     if pooled is not None and model.spec.zero_empty_negative and s.negative_prompt == "":
         pooled = torch.zeros_like(pooled)
     uncond.update(family.conditioning(pooled, w, h))
-    if controls:  # which rows are conditional: "ControlNet is more important" controls those alone
-
-        cond[ROWS], uncond[ROWS] = torch.ones(s.n), torch.zeros(s.n)
-    if image_prompts:  # the image's tokens on the conditional rows, the zero embedding's on the others
-
-        cond[TOKENS], uncond[TOKENS] = prompt_tokens(image_prompts, s.n)
+    for kind, units in by_kind(attachments).items():  # their per-row inputs on each branch of guidance
+        extra_cond, extra_uncond = kind.inputs(units, s.n)
+        cond.update(extra_cond)
+        uncond.update(extra_uncond)
     if low_res is not None:  # the same low-resolution rows (and levels) on both branches of guidance
         rows, levels = low_res
         for branch in (cond, uncond):
@@ -456,7 +450,7 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
                   cond=cond, uncond=uncond, cfg_scale=cfg_scale, guidance_rescale=s.guidance_rescale,
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
                   callback=callback, cancel=cancel, precision=s.precision, backend=s.backend, compile=s.compile,
-                  noise_seed_delta=s.noise_seed_delta, controls=controls, image_prompts=image_prompts,
+                  noise_seed_delta=s.noise_seed_delta, attachments=attachments,
                   tile=s.tile // f)
 
 
@@ -613,8 +607,7 @@ def _inpaint_region(model: DiffusionModel, s: Settings, init: Image.Image, mask:
 
 
 def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_encoder, extra: dict | None = None,
-             loras: list[dict] | None = None, embeddings: list[dict] | None = None,
-             controls: list[dict] | None = None, image_prompts: list[dict] | None = None) -> tuple[str, dict]:
+             attachments: Sequence[Attachment] = ()) -> tuple[str, dict]:
     """(A1111 parameters text, JSON record) for image ``index`` of a request (its seed is seed + index)."""
     name, implied = resolve(s.sampler)
     schedule = check_schedule(s.schedule) if s.schedule is not None else implied
@@ -656,18 +649,9 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields["ENSD"] = s.noise_seed_delta
     if s.guidance_rescale:
         fields["Guidance rescale"] = f"{s.guidance_rescale:g}"
-    if loras:  # A1111's form: "name: hash, name: hash" (the weights are in the prompt's tags or the record)
-        fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo['sha256_10']}" for lo in loras)
-    if embeddings:  # A1111's "TI hashes" in the same form
-        fields["TI hashes"] = ", ".join(f"{e['name']}: {e['sha256_10']}" for e in embeddings)
-    if controls:  # as sd-webui-controlnet writes its units: ControlNet 0: "Module: ..., Model: ..., ..."
-
-        for i, unit in enumerate(controls):
-            fields[f"ControlNet {i}"] = a1111_field(unit)
-    if image_prompts:  # sd-webui-controlnet writes IP-Adapter units as more ControlNet units
-
-        for i, unit in enumerate(image_prompts, start=len(controls or ())):
-            fields[f"ControlNet {i}"] = image_prompt.a1111_field(unit)
+    records = {unit_kind: [u.record() for u in units] for unit_kind, units in by_kind(attachments).items()}
+    for unit_kind, kind_records in records.items():  # "Lora hashes", "TI hashes", "ControlNet N", ...
+        fields.update(unit_kind.a1111(kind_records, sum(k.startswith("ControlNet ") for k in fields)))
     fields["Version"] = f"imagine {__version__}"
     record = {
         "kind": kind, "settings": {**s.to_dict(), "seed": s.seed + index, "n": 1}, "index": index,
@@ -678,12 +662,6 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         "precision": s.precision, "weights_dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.unet.parameters()).device), "versions": environment(), **(extra or {}),
     }
-    if loras:
-        record["loras"] = loras
-    if embeddings:
-        record["embeddings"] = embeddings
-    if controls:
-        record["controls"] = controls
-    if image_prompts:
-        record["image_prompts"] = image_prompts
+    for unit_kind, kind_records in records.items():
+        record[unit_kind.record_key] = kind_records
     return a1111_parameters(s.prompt, s.negative_prompt, fields), record

@@ -14,13 +14,13 @@ from typing import Any, Literal, get_args
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from imagine.adapters import embeddings
+from imagine.adapters.attachment import Attachment, by_kind
 from imagine.adapters.control import resolve_units
 from imagine.adapters.embeddings import resolve_embeddings
 from imagine.adapters.image_prompt import resolve_prompts
-from imagine.adapters.lora import attach, parts_of, prompt_loras
+from imagine.adapters.lora import LoraUse, prompt_loras
 from imagine.data.vocabulary import caption_vocabulary, unknown_words
-from imagine.io.lora_keys import load_lora, lora_metadata
+from imagine.io.lora_keys import lora_metadata
 from imagine.io.model_folder import DiffusionModel
 from imagine.io.models_dir import resolve
 from imagine.io.networks import load_clip
@@ -51,12 +51,11 @@ class Request:
     models_dir: Path | None = None  # where LoRA names (and <lora:NAME:W> tags in the prompt) are looked up
     embeddings: tuple[str, ...] = ()  # textual-inversion files or names always in use (besides the folder's)
     lora_strict: bool = True  # False: a LoRA's unmatched keys are a warning, not an error
-    resolved_loras: tuple[LoraUse, ...] = field(default=(), repr=False)  # filled by check()
-    resolved_embeddings: tuple = field(default=(), repr=False)  # ((Embedding, source), ...), filled by check()
     controls: tuple = ()  # ControlUnits (adapters/control.py): ControlNets and T2I-Adapters, any number
-    resolved_controls: tuple = field(default=(), repr=False)  # ((Conditioner, record), ...), filled by check()
     image_prompts: tuple = ()  # ImagePromptUnits (adapters/image_prompt.py): IP-Adapter prompts, any number
-    resolved_image_prompts: tuple = field(default=(), repr=False)  # ((Prompted, record), ...), filled by check()
+    # what check() resolved the LoRAs, embeddings, control units and image prompts to: one list of
+    # attachments (adapters/attachment.py), loaded and checked against the model, in that order
+    attached: tuple[Attachment, ...] = field(default=(), repr=False)
     resolved_upscaler: object = field(default=None, repr=False)  # hires fix's Upscaler (pipelines/upscale.py)
     warnings: tuple[str, ...] = ()  # what the user should know before trusting the images; filled by check()
     confined: bool = False  # a server's request: LoRAs, control and IP-Adapter models, embeddings and upscalers
@@ -98,12 +97,8 @@ class Request:
         if self.controls and s.tile:
             raise ValueError("tiled sampling does not take ControlNet or T2I-Adapter units (their maps cover the "
                              "whole image); leave tile at 0 with them")
-        controls = ()
-        if self.controls:
-            controls = tuple(resolve_units(self.controls, model, size, self.models_dir, confined=self.confined))
-        prompts = ()
-        if self.image_prompts:
-            prompts = tuple(resolve_prompts(self.image_prompts, model, self.models_dir, confined=self.confined))
+        controls = tuple(resolve_units(self.controls, model, size, self.models_dir, confined=self.confined))
+        prompts = tuple(resolve_prompts(self.image_prompts, model, self.models_dir, confined=self.confined))
         upscaler = None
         if s.hires_scale > 1:
             if self.kind != "txt2img":
@@ -121,8 +116,10 @@ class Request:
             raise ValueError(f"the {s.backend} backend runs the exported UNet alone: LoRAs, ControlNets, T2I-Adapters "
                              "and image prompts need --backend torch (or merge a LoRA into a model and export that)")
         embeddings = tuple(resolve_embeddings(texts, self.models_dir, self.embeddings, self.confined))
-        return replace(self, settings=s, resolved_loras=loras, resolved_embeddings=embeddings,
-                       resolved_controls=controls, resolved_image_prompts=prompts, resolved_upscaler=upscaler,
+        attached = (*loras, *embeddings, *controls, *prompts)
+        for unit in attached:
+            model.family.check_attachment(unit.kind, type(unit).__name__)
+        return replace(self, settings=s, attached=attached, resolved_upscaler=upscaler,
                        warnings=vocabulary_warnings(model, s.prompt, s.negative_prompt, loras, embeddings))
 
     def _resolve_loras(self) -> tuple[LoraUse, ...]:
@@ -138,17 +135,8 @@ class Request:
                 path = resolve(name, self.models_dir, "lora", confined=self.confined)
             except FileNotFoundError as err:
                 raise ValueError(f"LoRA {err}") from None
-            out.append(LoraUse(name, path, weight, source))
+            out.append(LoraUse(name, path, weight, source, self.lora_strict))
         return tuple(out)
-
-    def release(self) -> None:
-        """Let go of the decoded input images (a job keeps its request after it ends)."""
-        object.__setattr__(self, "init_image", None)
-        object.__setattr__(self, "mask", None)
-        object.__setattr__(self, "controls", ())
-        object.__setattr__(self, "resolved_controls", ())
-        object.__setattr__(self, "image_prompts", ())
-        object.__setattr__(self, "resolved_image_prompts", ())
 
 
 def vocabulary_warnings(model: DiffusionModel, prompt: str, negative: str, loras=(), embeddings=()
@@ -159,8 +147,8 @@ def vocabulary_warnings(model: DiffusionModel, prompt: str, negative: str, loras
     if model.vocabulary is None:
         return ()
     known = set(model.vocabulary)
-    for embedding, _ in embeddings:
-        known |= caption_vocabulary(embedding.names)
+    for use in embeddings:
+        known |= caption_vocabulary(use.embedding.names)
     for use in loras:
         known |= caption_vocabulary(lora_metadata(use.path).values())
     out = []
@@ -174,35 +162,18 @@ def vocabulary_warnings(model: DiffusionModel, prompt: str, negative: str, loras
     return tuple(out)
 
 
-@dataclass(frozen=True)
-class LoraUse:
-    name: str  # as asked (a name in Lora/ or a path)
-    path: Path
-    weight: float
-    source: str  # "option" (--lora, the job API) or "prompt" (a <lora:NAME:W> tag)
-
-    def record(self) -> dict[str, Any]:
-        stem = self.path.stem if self.path.is_file() else self.path.name
-        return {"name": stem, "path": str(self.path.resolve()), "weight": self.weight, "source": self.source,
-                "sha256_10": file_hash(self.path) if self.path.is_file() else None}
-
-
 @contextmanager
-def attached(request: Request, model: DiffusionModel, text_encoder, allow_pickle: bool = False):
-    """The request's LoRAs attached and its embeddings added for the duration of the block, then taken
-    away (the model and the text encoder are shared between requests)."""
-    loaded = []
-    if request.resolved_loras:  # (the parts are asked for only then: a text encoder loads its model on first use)
-        parts = parts_of(model, text_encoder)
-        loaded = [(load_lora(use.path, parts, allow_pickle=allow_pickle), use.weight)
-                  for use in request.resolved_loras]
-    handle = attach(parts, loaded, text_encoder=text_encoder, strict=request.lora_strict) if loaded else None
+def attached(request: Request, model: DiffusionModel, text_encoder):
+    """The request's attachments attached (LoRAs' hooks, embeddings' words) for the duration of the block,
+    then detached, the last first (the model and the text encoder are shared between requests)."""
+    detach = []
     try:
-        with embeddings.using(text_encoder, [emb for emb, _ in request.resolved_embeddings]):
-            yield
+        for kind, units in by_kind(request.attached).items():
+            detach.append(kind.attach(units, model, text_encoder))
+        yield
     finally:
-        if handle is not None:
-            handle.detach()
+        for undo in reversed(detach):
+            undo()
 
 
 def run(request: Request, model: DiffusionModel, text_encoder, *, scorer=None,
@@ -214,15 +185,8 @@ def run(request: Request, model: DiffusionModel, text_encoder, *, scorer=None,
 
 
 def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) -> list[Generated]:
-    s, kind = request.settings, request.kind
-    loras = [use.record() for use in request.resolved_loras] or None
-    embs = [emb.record(source) for emb, source in request.resolved_embeddings] or None
-    controls = [record for _, record in request.resolved_controls] or None
-    if controls:
-        kwargs = {**kwargs, "controls": [c for c, _ in request.resolved_controls]}
-    prompts = [record for _, record in request.resolved_image_prompts] or None
-    if prompts:
-        kwargs = {**kwargs, "image_prompts": [p for p, _ in request.resolved_image_prompts]}
+    s, kind, attachments = request.settings, request.kind, request.attached
+    kwargs = {**kwargs, "attachments": attachments}
     upscaler = request.resolved_upscaler
     extra = {**request.extra, "upscaler": upscaler.record()} if upscaler is not None else request.extra
     if request.rerank > 1:
@@ -235,12 +199,11 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
             alone = replace(s, seed=r.seed, n=1)
             image = r.image[None]
             if upscaler is not None:  # hires fix on the kept candidate
-
                 with torch.no_grad():
                     image = hires(model, alone, image, text_encoder, upscaler, **kwargs)
             record_extra = {**extra, "rerank": {"k": request.rerank, "chosen": r.chosen, "scores": r.scores,
                                                 "scorer": getattr(scorer, "identity", None)}}
-            parameters, record = g.describe(model, alone, kind, 0, text_encoder, record_extra, loras, embs)
+            parameters, record = g.describe(model, alone, kind, 0, text_encoder, record_extra, attachments)
             out.append(Generated(to_uint8(image)[0], r.seed, parameters, record))
         return out
     with torch.no_grad():
@@ -254,7 +217,7 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
             images = g.inpaint(model, s, request.init_image, request.mask, text_encoder, **kwargs)
     out = []
     for i, pixels in enumerate(to_uint8(images)):
-        parameters, record = g.describe(model, s, kind, i, text_encoder, extra, loras, embs, controls, prompts)
+        parameters, record = g.describe(model, s, kind, i, text_encoder, extra, attachments)
         out.append(Generated(pixels, s.seed + i, parameters, record))
     return out
 

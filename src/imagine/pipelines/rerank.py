@@ -5,7 +5,7 @@ regenerated alone (pipelines are batch-invariant)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,14 +24,15 @@ class Reranked:
 
 def txt2img_reranked(model: DiffusionModel, s: Settings, text_encoder, scorer, k: int,
                      callback: Callable[[dict], None] | None = None,
-                     cancel: Callable[[], bool] | None = None) -> list[Reranked]:
+                     cancel: Callable[[], bool] | None = None, attachments: Sequence = ()) -> list[Reranked]:
     """``s.n`` images, each the best of ``k`` candidates by ``scorer.score(images, prompts)``."""
     if k < 1:
         raise ValueError(f"rerank needs K >= 1 candidates, got {k}")
     out = []
     for i in range(s.n):
         first = s.seed + i * k
-        candidates = txt2img(model, replace(s, seed=first, n=k), text_encoder, callback=callback, cancel=cancel)
+        candidates = txt2img(model, replace(s, seed=first, n=k), text_encoder, callback=callback, cancel=cancel,
+                             attachments=attachments)
         scores = scorer.score(candidates, [s.prompt] * k)
         best = int(scores.argmax())
         out.append(Reranked(candidates[best], first + best, [float(v) for v in scores], best))

@@ -240,9 +240,8 @@ def hires(model: DiffusionModel, s, images: torch.Tensor, text_encoder, upscaler
                          resize_mode="latent_upscale" if upscaler.kind == "latent" else "just_resize")
         extra = dict(kwargs)
         if upscaler.kind == "tile":  # the upscaled image steers its own second pass (A1111's tile_resample)
-
             unit = ControlUnit("tile", init, model=str(upscaler.path))
-            extra["controls"] = [c for c, _ in resolve_units([unit], model, size, None)]
+            extra["attachments"] = [*kwargs.get("attachments", ()), *resolve_units([unit], model, size, None)]
         out.append(img2img(model, second, init, text_encoder, callback=callback, cancel=cancel, **extra))
     return torch.cat(out)
 
@@ -279,7 +278,6 @@ def upscale_pictures(pictures: list[Image.Image], scale: float, upscaler: Upscal
             raise ValueError("Latent upscaling belongs to hires fix; upscale a picture with a resampler or an SR stage")
     sr = [u for u in chosen if u.kind == "sr"]
     if sr and text_encoder is None:  # SR stages are text-conditioned: their own encoder (loaded once per process)
-
         text_encoder = load_text_encoder(sr[0].stages[0].spec.text_encoder)
     if second is not None and not 0 <= second[1] <= 1:
         raise ValueError(f"the second upscaler's visibility must lie in [0, 1], got {second[1]}")

@@ -157,10 +157,8 @@ class JobQueue:
 
     # -- worker side
     def _end(self, job: Job) -> None:
-        """A job reached a terminal status: record it, let go of its inputs and of it."""
-        request = job.inputs.get("request")
-        if request is not None:
-            request.release()
+        """A job reached a terminal status: record it, let go of its inputs (the request and its decoded
+        images) and of it."""
         job.inputs.clear()
         self.store.finished(job)
         self._live.pop(job.id, None)

@@ -189,7 +189,6 @@ class Service:
             raise RequestError(str(err)) from None
         w, h = g.output_size(model, checked.settings)
         if checked.settings.hires_scale > 1:  # the limit is on what is made: the second pass's size
-
             w, h = hires_size(model, checked.settings)
         if w * h > lim.max_pixels:
             raise RequestError(f"{w}x{h} is {w * h} pixels, over the limit max_pixels={lim.max_pixels}")

@@ -96,7 +96,6 @@ def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path 
         context={"control": net, "condition": cfg.condition, "kind": cfg.kind})
     net.eval().requires_grad_(False)
     if out.exists():  # a resumed run finishing again: the new weights replace the old folder
-
         shutil.rmtree(out)
     info = {"condition": cfg.condition, "kind": cfg.kind, "training": asdict(cfg), **base_record(model)}
     return save_diffusers_model(net, out, CLASS_NAMES[cfg.kind], info)
@@ -119,7 +118,7 @@ def control_sample_hook(items: list[tuple[np.ndarray, str]], every: int, steps: 
                 s = Settings(prompt=caption, steps=steps, cfg_scale=model.spec.default_cfg, n=seeds,
                              sampler=model.spec.default_sampler)
                 with torch.no_grad():
-                    out = to_uint8(txt2img(model, s, encoder, controls=[unit]))
+                    out = to_uint8(txt2img(model, s, encoder, attachments=[unit]))
                 rows.append(np.concatenate([np.asarray(condition)[None], out]))
         finally:
             net.train()

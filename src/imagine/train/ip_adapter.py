@@ -101,7 +101,7 @@ def train_ip_adapter(model, text_encoder, data, cfg: IPAdapterTrainConfig, out: 
         keep = torch.tensor([random.Random(f"ip-drop:{cfg.seed}:{int(i)}:{int(s)}").random() >= cfg.image_dropout
                              for i, s in zip(indices, t, strict=True)], dtype=embeds.dtype)
         tokens = adapter.tokens(embeds * keep[:, None])
-        return {"encoder_hidden_states": (cond["encoder_hidden_states"], adapter.streams(model.unet, tokens, 1.0))}
+        return {"attention_streams": adapter.streams(model.unet, tokens, 1.0)}
 
     fit(model, text_encoder, data, cfg, root, params, text_grad=False, resume=resume, hooks=hooks,
         must_match={"image_encoder": cfg.image_encoder}, control=control,
@@ -129,7 +129,7 @@ def ip_sample_hook(items: list[tuple[np.ndarray, str]], every: int, steps: int =
                 s = Settings(prompt=text, steps=steps, cfg_scale=model.spec.default_cfg, n=seeds,
                              sampler=model.spec.default_sampler)
                 with torch.no_grad():
-                    out = to_uint8(txt2img(model, s, encoder, image_prompts=[prompt]))
+                    out = to_uint8(txt2img(model, s, encoder, attachments=[prompt]))
                 rows.append(np.concatenate([image[None], out]))
         finally:
             adapter.train()

@@ -282,7 +282,6 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
             save_vocabulary(out, words, source)
         _truncate_log(log_path, start_step)
         if vae_dir is not None and not (out / "vae").is_dir():  # beside the checkpoints: each one exports whole
-
             save_vae(load_vae(vae_dir), out / "vae")
 
     n = len(data)
@@ -292,7 +291,6 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
     prefetch = None
     workers = int(os.environ.get("IMAGINE_DATA_WORKERS", min(8, (os.cpu_count() or 1) - 2)))
     if cuda and world == 1 and latents is None and getattr(data, "infinite", False) and workers >= 2:
-
         def plan(key: int) -> tuple[list[int], list[bool]]:  # key: step * grad_accum + micro
             first = (key // cfg.grad_accum) * cfg.batch_size + (key % cfg.grad_accum) * local
             counters = range(first, first + local)

@@ -58,7 +58,6 @@ def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, va
     ``init``: an imagine model folder to start from (a full fine-tune; its VAE too unless ``vae`` is given)."""
     base = None
     if resume and init is None:  # a fine-tune resumed goes on from the model it started from
-
         last = latest_checkpoint(Path(out) / "checkpoints")
         started = checkpoint_meta(last).get("init") if last is not None else None
         if started is not None:
