@@ -71,5 +71,5 @@ def test_bad_tiles_are_refused():
         TiledDenoiser(lambda *a: a[0], 16, 16)
     from imagine.pipelines.generate import Settings
 
-    with pytest.raises(ValueError, match="tile must be 0"):
+    with pytest.raises(ValueError, match="tile must be at least 32"):
         Settings(tile=16).validate()

@@ -43,8 +43,8 @@ def eval_shapes(
 
     from imagine.evaluation.shapes_eval import evaluate_model, prompt_set
     from imagine.io.checkpoint import CheckpointError
-    from imagine.pipelines.generate import Settings
     from imagine.pipelines.request import load_scorer, load_text_model
+    from imagine.pipelines.settings import Settings
 
     try:
         if fast and model is not None:

@@ -12,6 +12,24 @@ import typer
 from imagine.cli.app import EDIT, GENERATE, app, default_model, fail
 
 
+# The request's Literal options as the CLI's choices (pipelines/settings.py is the schema; importing it would
+# cost `imagine --help` torch's seconds, so tests/e2e/test_request_schema.py checks these against it)
+class Schedule(str, Enum):
+    default = "default"
+    karras = "karras"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    onnxruntime_int8 = "onnxruntime-int8"
+
+
 class ResizeMode(str, Enum):
     just_resize = "just_resize"
     crop_and_resize = "crop_and_resize"
@@ -34,17 +52,18 @@ def _bool(value: str | bool) -> bool:
 
 
 _OPTS = dict(
-    backend=typer.Option("torch", help="What runs the networks: torch, onnxruntime (an ONNX export, made once "
+    backend=typer.Option(Backend.torch, help="What runs the networks: torch, onnxruntime (an ONNX export, made once "
                                        "per model into ~/.cache/imagine/onnx) or onnxruntime-int8 (its UNet "
                                        "dynamically quantized)."),
-    tile=typer.Option(0, help="Sample in overlapping tiles of this many pixels a side (0: whole images): for "
-                              "sizes whose activations would not fit in memory; seams are feathered away."),
+    tile=typer.Option(None, help="Sample in overlapping tiles of this many pixels a side (default: whole images): "
+                                 "for sizes whose activations would not fit in memory; seams are feathered away."),
     fast=typer.Option(False, "--fast", help="Use the shipped latent consistency model (4 steps, LCM sampler): an "
                                             "image in a fraction of a second on a CPU."),
     negative=typer.Option("", "--negative", help="Negative prompt."),
     steps=typer.Option(None, help="Sampling steps (default: the model's; 25 for the shipped one)."),
     sampler=typer.Option(None, help="Sampler: ours or A1111's name ('DPM++ 2M Karras'; default: the model's)."),
-    schedule=typer.Option(None, help="Sigma schedule: default or karras (default: what the sampler name implies)."),
+    schedule=typer.Option(None, case_sensitive=False, help="Sigma schedule: default or karras (default: what the "
+                                                              "sampler name implies)."),
     cfg=typer.Option(None, help="Classifier-free guidance scale (default: the model's; 3 for the shipped one)."),
     rescale=typer.Option(0.0, help="Guidance rescale phi in [0, 1] (Lin et al. 2023)."),
     seed=typer.Option(0, help="Seed of the first image; image i uses seed + i. -1: a random one (printed)."),
@@ -106,7 +125,7 @@ def _model_option(model: str | None, fast: bool) -> str | None:
 
 
 def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, **more):
-    from imagine.pipelines.generate import Settings
+    from imagine.pipelines.settings import Settings
 
     if seed == -1:  # A1111's "random": drawn here, printed, and recorded in every PNG like any seed
         import secrets
@@ -115,6 +134,7 @@ def _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n,
         typer.echo(f"seed: {seed}", err=True)
 
     more = {k: (v.value if isinstance(v, Enum) else v) for k, v in more.items()}
+    schedule = schedule.value if isinstance(schedule, Enum) else schedule
     return Settings(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler, schedule=schedule,
                     cfg_scale=cfg, guidance_rescale=rescale, seed=seed, n=n, width=width, height=height, **more)
 
@@ -152,7 +172,8 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         if size is not None:
             from dataclasses import replace
 
-            from imagine.pipelines.generate import MAX_HIRES_SCALE, output_size
+            from imagine.pipelines.generate import output_size
+            from imagine.pipelines.settings import MAX_HIRES_SCALE
 
             base = max(output_size(loaded, settings))
             if size <= base:
@@ -287,7 +308,7 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
     from dataclasses import fields
 
     from imagine.io.png import file_hash, read_png_metadata
-    from imagine.pipelines.generate import Settings
+    from imagine.pipelines.settings import Settings
 
     try:
         _, record = read_png_metadata(image)
@@ -346,11 +367,11 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
 def generate(
     prompt: str = typer.Argument("", help="What to draw. A1111 emphasis works: (word:1.3), [word]."),
     negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
-    sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
+    sampler: str | None = _OPTS["sampler"], schedule: Schedule | None = _OPTS["schedule"],
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
-    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int = _OPTS["tile"],
+    backend: Backend = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int | None = _OPTS["tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -358,7 +379,8 @@ def generate(
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for the network (faster on CPUs with bf16)."),
+    precision: Precision = typer.Option(Precision.fp32, help="fp32, or bf16 autocast for the network (faster on CPUs "
+                                                            "with bf16)."),
     weights_dtype: str = typer.Option("fp32", help="What the UNet holds: fp32, or bf16 (half the memory and "
                                       "faster under --precision bf16; its pixels differ from fp32 weights)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet: about a minute first, then "
@@ -376,7 +398,7 @@ def generate(
     hires_upscaler: str | None = typer.Option(None, help="How hires fix upscales: Lanczos (default), Bicubic, "
                                                          "Bilinear, Nearest, Latent, shapes-sr (the shipped SR "
                                                          "stage) or an SR stage's name or path."),
-    hires_steps: int = typer.Option(0, help="Steps of the hires pass (0: as many as the first)."),
+    hires_steps: int | None = typer.Option(None, help="Steps of the hires pass (default: as many as the first)."),
     noise_level: int | None = typer.Option(None, help="SR stages' noise-augmentation level (default: each "
                                                       "stage's own; higher invents more detail)."),
 ) -> None:
@@ -418,7 +440,7 @@ def variations(
     kind: str = typer.Option("content", "--type", help="Which kind of adapter to look for when none is named: "
                                                      "content, palette or intensity."),
     negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
-    sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
+    sampler: str | None = _OPTS["sampler"], schedule: Schedule | None = _OPTS["schedule"],
     cfg: float | None = _OPTS["cfg"], seed: int = _OPTS["seed"],
     width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"],
@@ -445,11 +467,11 @@ def img2img(
     strength: float = typer.Option(0.75, help="In (0, 1]: how much of the schedule to run (1 ignores the image)."),
     resize_mode: ResizeMode = _OPTS["resize_mode"],
     negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
-    sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
+    sampler: str | None = _OPTS["sampler"], schedule: Schedule | None = _OPTS["schedule"],
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
-    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int = _OPTS["tile"],
+    backend: Backend = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int | None = _OPTS["tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -484,11 +506,11 @@ def inpaint(
     invert_mask: bool = typer.Option(False, "--invert-mask", help="Regenerate where the mask is black."),
     resize_mode: ResizeMode = _OPTS["resize_mode"],
     negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
-    sampler: str | None = _OPTS["sampler"], schedule: str | None = _OPTS["schedule"],
+    sampler: str | None = _OPTS["sampler"], schedule: Schedule | None = _OPTS["schedule"],
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
-    backend: str = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int = _OPTS["tile"],
+    backend: Backend = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int | None = _OPTS["tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool

@@ -26,8 +26,9 @@ def upscale(
                                                                               "result (0 to 1)."),
     prompt: str = typer.Option("", help="SR stages are text-conditioned: what the picture shows helps them."),
     seed: int = typer.Option(0, help="Seed of the first picture's SR noise; picture i uses seed + i."),
-    tile: int = typer.Option(0, help="SR stages sample in overlapping tiles of this many output pixels (0: whole "
-                                     "pictures): for large pictures; seams are feathered away."),
+    tile: int | None = typer.Option(None, help="SR stages sample in overlapping tiles of this many output pixels "
+                                               "(default: whole pictures): for large pictures; seams are feathered "
+                                               "away."),
     noise_level: int | None = typer.Option(None, help="SR noise-augmentation level (default: each stage's own; "
                                                       "higher invents more detail, lower keeps closer to the input)."),
     models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
@@ -38,9 +39,9 @@ def upscale(
     picture's own A1111 parameters, adds A1111's postprocessing fields, and records how to redo it (--from)."""
     from imagine.io import models_dir as md
     from imagine.io.checkpoint import CheckpointError
-    from imagine.pipelines.generate import Settings
     from imagine.pipelines.output import save
     from imagine.pipelines.request import input_record, open_image
+    from imagine.pipelines.settings import Settings
 
     if from_image is not None:
         if images:
@@ -72,7 +73,7 @@ def _from_record(png: Path):
     from dataclasses import fields
 
     from imagine.io.png import file_hash, read_png_metadata
-    from imagine.pipelines.generate import Settings
+    from imagine.pipelines.settings import Settings
 
     try:
         _, record = read_png_metadata(png)

@@ -7,11 +7,9 @@ device. The prompt and negative prompt are encoded in one call, so their windows
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
-from typing import Literal, get_args
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -21,15 +19,16 @@ from scipy.ndimage import gaussian_filter
 from imagine import __version__
 from imagine.adapters.attachment import Attachment, by_kind
 from imagine.adapters.lora import prompt_loras
-from imagine.data.transforms import RESIZE_MODES, ResizeMode, fit_image
+from imagine.data.transforms import fit_image
 from imagine.diffusion.denoiser import Denoiser, broadcast_sigma
 from imagine.diffusion.schedules import sampling_sigmas, sigma_to_t
 from imagine.diffusion.superres import LowResConditioned
 from imagine.guidance import ClassifierFreeGuidance
 from imagine.io.model_folder import DiffusionModel
-from imagine.io.onnx import MANIFEST, check_backend, default_onnx_folder, export_onnx, load_onnx
+from imagine.io.onnx import MANIFEST, default_onnx_folder, export_onnx, load_onnx
 from imagine.io.png import a1111_parameters, environment, file_hash
 from imagine.nn.embeddings import guidance_embedding
+from imagine.pipelines.settings import Settings
 from imagine.pipelines.tiled import TiledDenoiser
 from imagine.samplers import SAMPLERS, a1111_name, check_schedule, resolve
 
@@ -67,133 +66,11 @@ def _network(unet: torch.nn.Module, compile: bool) -> torch.nn.Module:
     return _COMPILED[unet]
 
 
-# What the masked region starts from before inpainting: A1111's "Masked content" 0 to 3, in order.
-InpaintFill = Literal["fill", "original", "latent_noise", "latent_nothing"]
-INPAINT_FILLS: tuple[str, ...] = get_args(InpaintFill)
-MAX_HIRES_SCALE = 8.0  # hires fix and SR upscaling make images at most this many times larger
-MAX_CFG = 100.0  # classifier-free guidance past this only saturates (1e308 made black images)
 RESIZE_LABELS = {"just_resize": "Just resize", "crop_and_resize": "Crop and resize",
                  "resize_and_fill": "Resize and fill", "latent_upscale": "Just resize (latent upscale)"}
 
 
-@dataclass(frozen=True)
-class Settings:
-    prompt: str = ""
-    negative_prompt: str = ""
-    steps: int = 20
-    sampler: str = "dpmpp_2m"  # ours or A1111's display name
-    schedule: str | None = None  # default or karras; None: what the sampler name implies
-    cfg_scale: float = 5.0
-    guidance_rescale: float = 0.0
-    seed: int = 0
-    n: int = 1
-    width: int | None = None  # None: the model's training size
-    height: int | None = None
-    strength: float = 0.75  # img2img and inpaint: how much of the schedule runs
-    mask_blur: int = 4  # inpaint: Gaussian blur radius of the mask, pixels
-    resize_mode: ResizeMode = "just_resize"  # img2img and inpaint: how the init image meets the output size
-    # inpaint: what the masked region starts from. Latent noise, because it draws a new object where asked
-    # 2.5x as often as the original (0.62 against 0.25 at strength 0.75: benchmarks/inpaint_eval.py)
-    inpaint_fill: InpaintFill = "latent_noise"
-    inpaint_only_masked: bool = False  # inpaint at full resolution on the mask's bounding box, pasted back
-    inpaint_padding: int = 32  # pixels around the mask's box, with inpaint_only_masked
-    mask_invert: bool = False  # inpaint: regenerate where the mask is black instead
-    clip_skip: int | None = None  # text states from the N-th last layer (1: the last); None: the model's own
-    noise_seed_delta: int = 0  # A1111's eta noise seed delta: stochastic samplers' noise from seed + delta
-    precision: str = "fp32"  # fp32, or bf16 autocast for the network (about 2x faster on CPUs with AMX/AVX512-BF16)
-    backend: str = "torch"  # torch, onnxruntime or onnxruntime-int8 (io/onnx.py: UNet, VAE decoder, text encoder)
-    compile: bool = False  # torch.compile the UNet (inductor): a minute or so once per process and input
-    # shape, then faster steps; its kernels round differently from eager ones (pixels may move by a level)
-    # txt2img, then larger (pipelines/upscale.py): A1111's hires fix (upscale, then img2img at hires_strength
-    # with the same model) or, with hires_strength 0, a plain upscale such as an SR cascade
-    hires_scale: float = 1.0  # 1: off
-    hires_upscaler: str = "Lanczos"  # a resampler (Lanczos, Bicubic, ...), Latent, or an SR stage or cascade
-    hires_strength: float = 0.7  # the second pass's denoising strength (A1111's); 0: no second pass
-    hires_steps: int = 0  # the second pass's steps (0: the first pass's)
-    sr_noise_level: int | None = None  # SR stages' augmentation level (None: each stage's default)
-    tile: int = 0  # sample in overlapping tiles of this many output pixels a side (pipelines/tiled.py); 0: whole
-
-    @classmethod
-    def from_record(cls, record: dict) -> Settings:
-        """Settings as a PNG's JSON record stores them. Records before 0.2 carry "batched" (a one-call mode
-        that gave up batch invariance); every run is now batched and batch invariant, so it is dropped."""
-        return cls(**{k: v for k, v in record.items() if k != "batched"})
-
-    def with_model_defaults(self, spec, steps: int | None, sampler: str | None, cfg_scale: float | None) -> Settings:
-        """These settings with the model's own defaults (its diffusion.json) where the user gave None."""
-        return replace(self, steps=spec.default_steps if steps is None else steps,
-                       sampler=spec.default_sampler if sampler is None else sampler,
-                       cfg_scale=spec.default_cfg if cfg_scale is None else cfg_scale)
-
-    def validate(self) -> Settings:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if self.n < 1:
-            raise ValueError(f"the number of images must be >= 1, got {self.n}")
-        for name in ("cfg_scale", "guidance_rescale", "strength"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if not 0 <= self.cfg_scale <= MAX_CFG:
-            raise ValueError(f"cfg_scale must lie in [0, {MAX_CFG:g}] (3 to 12 is usual), got {self.cfg_scale:g}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0 (image i uses seed + i), got {self.seed!r}")
-        if not isinstance(self.noise_seed_delta, int):
-            raise ValueError(f"noise seed delta must be an integer, got {self.noise_seed_delta!r}")
-        last = self.seed + self.n - 1 + max(0, self.noise_seed_delta)
-        if last >= 2**63 or self.seed + min(0, self.noise_seed_delta) < 0:
-            raise ValueError(f"seed {self.seed} with {self.n} images and noise seed delta {self.noise_seed_delta} "
-                             f"leaves the seeds' range [0, 2**63): choose a seed below {2**63 - self.n}")
-        for name in ("prompt", "negative_prompt"):
-            text = getattr(self, name)
-            if "\x00" in text:
-                raise ValueError(f"the {name.replace('_', ' ')} holds a NUL character: remove it")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError(f"the {name.replace('_', ' ')} is not valid Unicode (a lone surrogate): "
-                                 "send UTF-8 text") from None
-        if not 0 < self.strength <= 1:
-            raise ValueError(f"strength must lie in (0, 1], got {self.strength}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision {self.precision!r} unknown; choose fp32 or bf16")
-        if self.mask_blur < 0:
-            raise ValueError(f"mask blur must be >= 0, got {self.mask_blur}")
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize mode {self.resize_mode!r} unknown; choose one of: {', '.join(RESIZE_MODES)}")
-        if self.inpaint_fill not in INPAINT_FILLS:
-            raise ValueError(f"inpaint fill {self.inpaint_fill!r} unknown; choose one of: {', '.join(INPAINT_FILLS)}")
-        if self.inpaint_padding < 0:
-            raise ValueError(f"inpaint padding must be >= 0 pixels, got {self.inpaint_padding}")
-        if self.clip_skip is not None and (not isinstance(self.clip_skip, int) or self.clip_skip < 1):
-            raise ValueError(f"clip skip must be an integer >= 1 (1: the last layer), got {self.clip_skip!r}")
-        if not isinstance(self.hires_scale, (int, float)) or not 1 <= self.hires_scale <= MAX_HIRES_SCALE:
-            raise ValueError(f"hires scale must lie in [1, {MAX_HIRES_SCALE:g}], got {self.hires_scale!r}")
-        if not isinstance(self.hires_strength, (int, float)) or not 0 <= self.hires_strength <= 1:
-            raise ValueError(f"hires strength (denoising strength of the second pass) must lie in [0, 1], got "
-                             f"{self.hires_strength!r}")
-        if not isinstance(self.hires_steps, int) or self.hires_steps < 0:
-            raise ValueError(f"hires steps must be an integer >= 0 (0: as many as the first pass), got "
-                             f"{self.hires_steps!r}")
-        if not isinstance(self.tile, int) or (self.tile and self.tile < 32):
-            raise ValueError(f"tile must be 0 (no tiling) or at least 32 pixels, got {self.tile!r}")
-        if self.sr_noise_level is not None and (not isinstance(self.sr_noise_level, int) or self.sr_noise_level < 0):
-            raise ValueError(f"the SR noise level must be an integer >= 0, got {self.sr_noise_level!r}")
-
-        check_backend(self.backend)
-        if self.backend != "torch" and (self.precision != "fp32" or self.compile):
-            raise ValueError(f"the {self.backend} backend runs its own kernels: bf16 autocast and --compile are "
-                             "torch's; use precision fp32 without compile, or --backend torch")
-        resolve(self.sampler)
-        if self.schedule is not None:
-            check_schedule(self.schedule)
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def activation_bytes(model: DiffusionModel, width: int, height: int, n: int, tile: int = 0) -> int:
+def activation_bytes(model: DiffusionModel, width: int, height: int, n: int, tile: int | None = None) -> int:
     """About how much memory sampling and decoding ``n`` images of this size take beyond the weights: the
     UNet's widest full-resolution activations (both CFG branches, about 24 live at once) and the VAE
     decoder's (about 12 at full resolution). Fitted on the shipped model (a 512 px image: +550 MB measured,
@@ -217,7 +94,7 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(model: DiffusionModel, width: int, height: int, n: int, tile: int = 0,
+def check_memory(model: DiffusionModel, width: int, height: int, n: int, tile: int | None = None,
                  available: int | None = None) -> None:
     """Refuse, before anything is allocated, a size whose activations would not fit in the memory this
     machine has free, saying what would fit."""
@@ -314,7 +191,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
            cancel: Callable[[], bool] | None = None, precision: str = "fp32", backend: str = "torch",
            compile: bool = False, noise_seed_delta: int = 0, attachments: Sequence[Attachment] = (),
-           tile: int = 0) -> torch.Tensor:
+           tile: int | None = None) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
@@ -324,7 +201,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     seed + delta while the starting noise stays seed's.
     attachments: what acts on the network at each step (adapters/: ControlNets, T2I-Adapters, image prompts),
     any number and kind; cond and uncond carry their per-row inputs (Attachment.inputs).
-    tile: > 0 evaluates the network on overlapping tiles of this many latent (or pixel) positions a side."""
+    tile: evaluate the network on overlapping tiles of this many latent (or pixel) positions a side."""
     name, implied = resolve(sampler)
     schedule = check_schedule(schedule) if schedule is not None else implied
     spec, f = model.spec, model.latent_factor
@@ -374,7 +251,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     if tile:
         if any(kind.whole_image for kind in groups):
             raise ValueError("tiled sampling does not take ControlNet or T2I-Adapter units (their maps cover the "
-                             "whole image); leave tile at 0 with them")
+                             "whole image); leave tile unset with them")
         denoiser = TiledDenoiser(denoiser, tile, tile // 4)
     if uncond is not None:
         denoiser = ClassifierFreeGuidance(denoiser, uncond, cfg_scale, guidance_rescale)
@@ -451,7 +328,7 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
                   latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
                   callback=callback, cancel=cancel, precision=s.precision, backend=s.backend, compile=s.compile,
                   noise_seed_delta=s.noise_seed_delta, attachments=attachments,
-                  tile=s.tile // f)
+                  tile=s.tile // f if s.tile else None)
 
 
 def embeds_guidance(model: DiffusionModel) -> bool:

@@ -31,6 +31,7 @@ from imagine.models.text_encoders import load_text_encoder, parse_prompt_attenti
 from imagine.pipelines import generate as g
 from imagine.pipelines.output import Generated
 from imagine.pipelines.rerank import txt2img_reranked
+from imagine.pipelines.settings import Settings
 from imagine.pipelines.unconditional import to_uint8
 from imagine.pipelines.upscale import hires, hires_size, resolve_upscaler
 from imagine.weights import default_clip
@@ -42,7 +43,7 @@ KINDS: tuple[str, ...] = get_args(Kind)
 @dataclass(frozen=True)
 class Request:
     kind: Kind
-    settings: g.Settings
+    settings: Settings
     init_image: Image.Image | None = field(default=None, repr=False)  # img2img and inpaint
     mask: Image.Image | None = field(default=None, repr=False)  # inpaint: white = regenerate
     rerank: int = 1  # txt2img: keep the best of K candidates per image by CLIP score
@@ -96,7 +97,7 @@ class Request:
             raise ValueError("rerank does not take image prompts; generate with them, or rerank without")
         if self.controls and s.tile:
             raise ValueError("tiled sampling does not take ControlNet or T2I-Adapter units (their maps cover the "
-                             "whole image); leave tile at 0 with them")
+                             "whole image); leave tile unset with them")
         controls = tuple(resolve_units(self.controls, model, size, self.models_dir, confined=self.confined))
         prompts = tuple(resolve_prompts(self.image_prompts, model, self.models_dir, confined=self.confined))
         upscaler = None

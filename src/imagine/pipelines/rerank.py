@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from imagine.io.model_folder import DiffusionModel
-from imagine.pipelines.generate import Settings, txt2img
+from imagine.pipelines.generate import txt2img
+from imagine.pipelines.settings import Settings
 
 
 @dataclass

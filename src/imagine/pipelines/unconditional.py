@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from imagine.io.model_folder import DiffusionModel
-from imagine.pipelines.generate import Settings, describe, sample
+from imagine.pipelines.generate import describe, sample
 from imagine.pipelines.output import Generated
+from imagine.pipelines.settings import Settings
 
 
 def _check_cfg(cfg: float) -> float:

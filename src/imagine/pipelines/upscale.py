@@ -22,8 +22,9 @@ from imagine.io import models_dir as md
 from imagine.io.model_folder import DiffusionModel, load_model_folder, sr_stage_folders
 from imagine.io.png import a1111_parameters, environment, file_hash
 from imagine.models.text_encoders import load_text_encoder
-from imagine.pipelines.generate import Settings, _sample, img2img, output_size
+from imagine.pipelines.generate import _sample, img2img, output_size
 from imagine.pipelines.output import Generated
+from imagine.pipelines.settings import Settings
 from imagine.pipelines.unconditional import to_uint8
 from imagine.weights import SR_MODEL, sr_model
 

@@ -20,9 +20,10 @@ from imagine.adapters import image_prompt
 from imagine.adapters.control import RESIZE_NAMES, available, module_name
 from imagine.adapters.embeddings import listing
 from imagine.data.conditions import PREPROCESSORS, detect
+from imagine.data.transforms import RESIZE_MODES  # A1111's resize_mode 0..3, in order
 from imagine.io.models_dir import entries
 from imagine.io.png import parse_a1111
-from imagine.pipelines import generate as g
+from imagine.pipelines.settings import INPAINT_FILLS  # A1111's inpainting_fill 0..3, in order
 from imagine.pipelines.upscale import RESAMPLERS, upscaler_names
 from imagine.samplers import A1111_NAMES, SAMPLERS, a1111_name, resolve
 from imagine.server.jobs import Job
@@ -36,6 +37,7 @@ from imagine.server.schemas import (
     A1111ImageResponse,
     A1111Img2Img,
     A1111Txt2Img,
+    JobRequest,
     PngInfoRequest,
     PngInfoResponse,
     ProgressResponse,
@@ -43,7 +45,15 @@ from imagine.server.schemas import (
     SchedulerItem,
     SDModelItem,
 )
-from imagine.server.service import RequestError, Service, checked_fields, decode_image, png_base64, upscale_pictures
+from imagine.server.service import (
+    RequestError,
+    Service,
+    checked_fields,
+    decode_image,
+    png_base64,
+    typed_request,
+    upscale_pictures,
+)
 
 # A1111's schedulers (modules/sd_schedulers.py) that we implement: name -> (label, our schedule or None for
 # "the sampler's own", default rho)
@@ -93,8 +103,6 @@ NO_EFFECT = frozenset({
 # override_settings keys (and /options) applied per request
 OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "samples_format",
              "imagine_backend", "imagine_tile")  # ours: torch, onnxruntime or onnxruntime-int8; tile size in pixels
-RESIZE_MODES = g.RESIZE_MODES  # A1111's resize_mode 0..3
-INPAINT_FILLS = g.INPAINT_FILLS  # A1111's inpainting_fill 0..3
 
 
 def _check_fields(body: A1111Txt2Img, sampler: str) -> list[str]:
@@ -235,8 +243,9 @@ def hires_request(body: A1111Txt2Img) -> dict[str, Any]:
         width, height = body.width or 512, body.height or 512
         scale = max(rx / width if rx else 0, ry / height if ry else 0)
     strength = body.denoising_strength if body.denoising_strength is not None else 0.7
+    steps = _number(extra, "hr_second_pass_steps", int) or None  # A1111's 0: as many as the first pass
     return {"hires_scale": scale, "hires_upscaler": extra.get("hr_upscaler") or "Latent",
-            "hires_strength": strength, "hires_steps": _number(extra, "hr_second_pass_steps", int) or 0}
+            "hires_strength": strength, "hires_steps": steps}
 
 
 def _number(fields: dict[str, Any], name: str, kind: type) -> float | int | None:
@@ -255,7 +264,8 @@ def _number(fields: dict[str, Any], name: str, kind: type) -> float | int | None
 def router(service: Service) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 
-    def job_request(body: A1111Txt2Img, kind: str) -> tuple[dict[str, Any], list[str]]:
+    def job_request(body: A1111Txt2Img, kind: str) -> tuple[JobRequest, list[str]]:
+        """An A1111 payload translated into the one typed request (its fields refused or warned about)."""
         sampler = body.sampler_name or body.sampler_index or "DPM++ 2M"
         try:
             resolve(sampler)
@@ -272,7 +282,7 @@ def router(service: Service) -> APIRouter:
                                "which carries the parameters that reproduce each image")
         try:
             clip_skip, ensd = int(options["CLIP_stop_at_last_layers"]), int(options["eta_noise_seed_delta"])
-            tile = int(override.get("imagine_tile") or 0)
+            tile = int(override.get("imagine_tile") or 0) or None  # 0: whole images
         except (TypeError, ValueError):
             raise RequestError("CLIP_stop_at_last_layers, eta_noise_seed_delta and imagine_tile must be "
                                "integers") from None
@@ -298,7 +308,7 @@ def router(service: Service) -> APIRouter:
             request.update(mask=body.mask, mask_blur=body.mask_blur, inpaint_fill=INPAINT_FILLS[body.inpainting_fill],
                            inpaint_only_masked=body.inpaint_full_res, inpaint_padding=body.inpaint_full_res_padding,
                            mask_invert=bool(body.inpainting_mask_invert))
-        return request, warnings
+        return typed_request(request, kind), warnings
 
     async def submit(body: A1111Txt2Img, kind: str) -> tuple[Job, list[str]]:
         """Build and queue the job off the event loop: decoding a large image and loading a model on first

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from imagine.pipelines.settings import Settings, schemas
 
 MAX_PROCESSOR_RES = 2048  # a preprocessor's working size: its memory grows with the square
 
@@ -54,49 +56,28 @@ class ImagePromptIn(BaseModel):
     end: float = Field(1.0, ge=0, le=1, description="fraction of the steps where it stops")
 
 
-class JobRequest(BaseModel):
-    """The CLI's parameters, as JSON. Images are base64 (a data: URL works too)."""
+def settings_fields() -> dict[str, Any]:
+    """The job API's settings fields, derived from the request's one schema (pipelines/settings.py): each
+    Settings field the API takes, with its type, the API's default (None: the model's own, or a random seed),
+    its help as the description and its bounds."""
+    hints = get_type_hints(Settings)
+    out = {}
+    for s in schemas():
+        if not s["api"]:
+            continue
+        annotation = hints[s["name"]]
+        if s["api_default"] is None:
+            annotation = annotation | None
+        out[s["name"]] = (annotation, Field(s["api_default"], description=s["help"], **s["bounds"]))
+    return out
+
+
+class _JobFields(BaseModel):
+    """What a job is besides its settings: its kind, its images, the model and what attaches to it."""
 
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
-    prompt: str = Field("", max_length=4000)
-    negative_prompt: str = Field("", max_length=4000)
-    steps: int | None = Field(None, ge=1, description="default: the model's")
-    sampler: str | None = Field(None, description="default: the model's")
-    schedule: str | None = None
-    cfg_scale: float | None = Field(None, ge=0, le=100, description="default: the model's")
-    guidance_rescale: float = Field(0.0, ge=0, le=1)
-    seed: int | None = Field(None, ge=-1, lt=2**63, description="None or -1: a random seed")
-    n: int = Field(1, ge=1, description="images; image i uses seed + i")
-    width: int | None = Field(None, ge=8)
-    height: int | None = Field(None, ge=8)
-    strength: float = Field(0.75, gt=0, le=1)
-    mask_blur: int = Field(4, ge=0, le=64)
-    resize_mode: Literal["just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale"] = Field(
-        "just_resize", description="img2img/inpaint: how the init image meets the output size")
-    inpaint_fill: Literal["fill", "original", "latent_noise", "latent_nothing"] = Field(
-        "latent_noise", description="inpaint: what the masked region starts from (latent noise draws a new object "
-                                    "most often; original keeps the region's composition)")
-    inpaint_only_masked: bool = Field(False, description="inpaint the mask's box at full size, paste it back")
-    inpaint_padding: int = Field(32, ge=0, le=1024, description="pixels around the mask's box (only masked)")
-    mask_invert: bool = Field(False, description="inpaint where the mask is black")
-    clip_skip: int | None = Field(None, ge=1, le=48, description="text states from the N-th last layer; "
-                                                               "default: the model's")
-    noise_seed_delta: int = Field(0, ge=-(2**31), lt=2**31, description="stochastic samplers' noise from seed + "
-                                                                         "delta (A1111's ENSD)")
-    backend: Literal["torch", "onnxruntime", "onnxruntime-int8"] = Field(
-        "torch", description="what runs the networks: torch, or an ONNX export under ONNX Runtime (fp32 or int8)")
-    hires_scale: float = Field(1.0, ge=1, le=8, description="txt2img: make the images this many times larger "
-                                                          "after the first pass (A1111's hires fix; 1: off)")
-    hires_upscaler: str = Field("Lanczos", description="how: a name from GET /sdapi/v1/upscalers (a resampler, "
-                                                       "an SR stage) or Latent")
-    hires_strength: float = Field(0.7, ge=0, le=1, description="denoising strength of the second pass at the "
-                                                               "larger size; 0: upscale only (an SR cascade)")
-    hires_steps: int = Field(0, ge=0, description="steps of the second pass; 0: the first pass's")
-    sr_noise_level: int | None = Field(None, ge=0, description="SR stages' noise-augmentation level; default: "
-                                                               "each stage's own")
-    tile: int = Field(0, ge=0, description="sample in overlapping tiles of this many pixels a side; 0: whole")
     init_image: str | None = None
     mask: str | None = None
     model: str | None = Field(None, description="a name from GET /api/v1/models; default: the current model")
@@ -111,6 +92,12 @@ class JobRequest(BaseModel):
     image_prompts: list[ImagePromptIn] = Field(default_factory=list, description="image prompts (IP-Adapter), "
                                                                              "with or without text; several add up")
     previews: bool = True
+
+
+# The CLI's parameters, as JSON; images are base64 (a data: URL works too). The settings fields come from the
+# request's schema, so the job API cannot drift from the pipeline.
+JobRequest = create_model("JobRequest", __base__=_JobFields, __doc__="The CLI's parameters, as JSON. Images are "
+                          "base64 (a data: URL works too).", **settings_fields())
 
 
 class VariationsRequest(BaseModel):
@@ -336,4 +323,5 @@ class UpscaleRequest(BaseModel):
     prompt: str = Field("", max_length=4000, description="what the pictures show (SR stages are text-conditioned)")
     seed: int = Field(0, ge=0, lt=2**63, description="picture i's SR noise comes from seed + i")
     sr_noise_level: int | None = Field(None, ge=0, description="SR noise-augmentation level; default: the stage's")
-    tile: int = Field(0, ge=0, description="SR stages sample in overlapping tiles of this many pixels; 0: whole")
+    tile: int | None = Field(None, ge=32, description="SR stages sample in overlapping tiles of this many pixels; "
+                                                     "default: whole pictures")

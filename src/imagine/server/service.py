@@ -23,6 +23,7 @@ from imagine.adapters.image_prompt import ImagePromptUnit
 from imagine.pipelines import generate as g
 from imagine.pipelines.output import save
 from imagine.pipelines.request import Request, run
+from imagine.pipelines.settings import Settings, schemas
 from imagine.pipelines.unconditional import to_uint8
 from imagine.pipelines.upscale import hires_size, resolve_upscaler
 from imagine.pipelines.upscale import upscale_pictures as run_upscale
@@ -31,10 +32,8 @@ from imagine.server.jobstore import JobStore
 from imagine.server.models import ModelStore
 from imagine.server.schemas import JobRequest
 
-# request fields that pass straight into the pipeline Settings when given
-SETTINGS_FIELDS = ("strength", "mask_blur", "resize_mode", "inpaint_fill", "inpaint_only_masked", "inpaint_padding",
-                   "mask_invert", "clip_skip", "noise_seed_delta", "backend", "hires_scale", "hires_upscaler",
-                   "hires_strength", "hires_steps", "sr_noise_level", "tile")
+# request fields that pass into the pipeline Settings when given: every setting the job API takes
+SETTINGS_FIELDS = tuple(s["name"] for s in schemas() if s["api"])
 # A1111's /sdapi/v1/options that change results here, with their defaults
 A1111_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
                                   "sd_vae": "Automatic"}
@@ -95,13 +94,20 @@ def preview_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def checked_fields(request: dict[str, Any], kind: str) -> dict[str, Any]:
-    """A request built by any door (the job API, A1111's endpoints, a restart's payload) as the job API's
-    JobRequest validates it: the same types and bounds for all, one 422 naming the fields."""
+def typed_request(request: dict[str, Any] | JobRequest, kind: str) -> JobRequest:
+    """A request from any door (the job API, A1111's endpoints, a restart's payload) as the one typed
+    JobRequest: the same types and bounds for all, one 422 naming the fields."""
+    if isinstance(request, JobRequest):
+        request = request.model_dump()
     try:
-        return JobRequest.model_validate({**request, "kind": kind}).model_dump()
+        return JobRequest.model_validate({**request, "kind": kind})
     except ValidationError as err:
         raise RequestError(describe_validation(err.errors())) from None
+
+
+def checked_fields(request: dict[str, Any] | JobRequest, kind: str) -> dict[str, Any]:
+    """The typed request's fields, as the job's record keeps them."""
+    return typed_request(request, kind).model_dump()
 
 
 def describe_validation(errors: list[dict]) -> str:
@@ -129,7 +135,7 @@ class Service:
         self.options: dict[str, Any] = dict(A1111_OPTIONS)
 
     # -- building jobs
-    def make_job(self, request: dict[str, Any], kind: str, *, save: bool = True, job_id: str | None = None,
+    def make_job(self, request: dict[str, Any] | JobRequest, kind: str, *, save: bool = True, job_id: str | None = None,
                  created: float | None = None) -> Job:
         """Check a request (our job API's fields, as a dict) against the model and the limits and decode its
         images: a Job ready to queue. Raises RequestError naming what is wrong. Runs model loading and image
@@ -145,12 +151,9 @@ class Service:
         if seed is None or seed == -1:
             seed = secrets.randbelow(2**31)
         try:
-            settings = g.Settings(
-                prompt=request["prompt"], negative_prompt=request["negative_prompt"],
-                schedule=request.get("schedule"), guidance_rescale=request.get("guidance_rescale", 0.0), seed=seed,
-                n=request["n"], width=request.get("width"), height=request.get("height"),
-                **{k: request[k] for k in SETTINGS_FIELDS if request.get(k) is not None},
-            ).with_model_defaults(entry.spec, request.get("steps"), request.get("sampler"), request.get("cfg_scale"))
+            given = {k: request[k] for k in SETTINGS_FIELDS if request.get(k) is not None}
+            settings = Settings(**{**given, "seed": seed}).with_model_defaults(
+                entry.spec, request.get("steps"), request.get("sampler"), request.get("cfg_scale"))
         except TypeError as err:
             raise RequestError(str(err)) from None
         if settings.steps > lim.max_steps:
@@ -235,8 +238,10 @@ class Service:
                 raise RequestError(f"image_prompts[{i}]: {err}") from None
         return tuple(out)
 
-    def submit(self, request: dict[str, Any], kind: str, *, save: bool = True) -> Job:
+    def submit(self, request: dict[str, Any] | JobRequest, kind: str, *, save: bool = True) -> Job:
         """make_job, then queue it; the request is kept as received until the job starts."""
+        if isinstance(request, JobRequest):
+            request = request.model_dump(exclude_defaults=True)  # the payload kept for a restart, as a client sends
         job = self.make_job(request, kind, save=save)
         return self.queue.submit(job, {**request, "seed": job.request["seed"]})  # a restart keeps the seed drawn
 
@@ -308,7 +313,7 @@ class Service:
 
 def upscale_pictures(service: Service, pictures: list[Image.Image], *, scale: float, size: tuple[int, int] | None,
                      crop: bool, upscaler: str, second: tuple[str, float] | None, prompt: str, seed: int,
-                     noise_level: int | None, names: list[str] | None = None, tile: int = 0) -> list:
+                     noise_level: int | None, names: list[str] | None = None, tile: int | None = None) -> list:
     """Extras: each picture upscaled (pipelines/upscale.py) and, when the server saves images, written under
     OUT/extras/. Everything is checked first (sizes against the limits: an SR stage's output against
     max_pixels, as generation's, a resampler's against max_input_pixels; the count against max_batch), then the
@@ -322,7 +327,7 @@ def upscale_pictures(service: Service, pictures: list[Image.Image], *, scale: fl
         first = resolve_upscaler(upscaler, service.store.models_dir, confined=confined)
         other = (resolve_upscaler(second[0], service.store.models_dir, confined=confined), float(second[1])) \
             if second else None
-        settings = g.Settings(prompt=prompt, seed=seed, sr_noise_level=noise_level, tile=tile).validate()
+        settings = Settings(prompt=prompt, seed=seed, sr_noise_level=noise_level, tile=tile).validate()
     except ValueError as err:
         raise RequestError(str(err)) from None
     sr = any(u.kind == "sr" for u in [first] + ([other[0]] if other else []))

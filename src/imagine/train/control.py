@@ -24,7 +24,8 @@ from imagine.data.shapes import ShapesDataset
 from imagine.io.control_files import ControlFile
 from imagine.io.networks import save_diffusers_model
 from imagine.models import ControlNetModel, T2IAdapter, T2IAdapterConfig
-from imagine.pipelines.generate import Settings, txt2img
+from imagine.pipelines.generate import txt2img
+from imagine.pipelines.settings import Settings
 from imagine.pipelines.unconditional import grid, to_uint8
 from imagine.train.loop import Hook
 from imagine.train.lora import AdapterTrainConfig, base_record, checkpoint_dir, fit

@@ -9,7 +9,8 @@ from PIL import Image
 from imagine.diffusion.superres import degrade, upsample
 from imagine.io.model_folder import DiffusionModel
 from imagine.io.networks import load_vae
-from imagine.pipelines.generate import Settings, txt2img
+from imagine.pipelines.generate import txt2img
+from imagine.pipelines.settings import Settings
 from imagine.pipelines.unconditional import generate, grid, to_uint8
 from imagine.pipelines.upscale import sr_stage
 

@@ -27,7 +27,8 @@ from imagine.data.shapes import ShapesDataset, compose, render
 from imagine.io.ip_adapter_files import IPAdapterFile, save_ip_adapter
 from imagine.io.networks import cached_image_encoder, load_image_encoder
 from imagine.models.ip_adapter import IPAdapter
-from imagine.pipelines.generate import Settings, txt2img
+from imagine.pipelines.generate import txt2img
+from imagine.pipelines.settings import Settings
 from imagine.pipelines.unconditional import grid, to_uint8
 from imagine.train.loop import Hook
 from imagine.train.lora import AdapterTrainConfig, base_record, checkpoint_dir, fit

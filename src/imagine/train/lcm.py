@@ -31,7 +31,8 @@ from imagine.io.lora_keys import save_lora
 from imagine.io.model_folder import DiffusionModel, save_model_folder
 from imagine.models.unet import UNet2DConditionModel
 from imagine.nn.embeddings import guidance_embedding
-from imagine.pipelines.generate import Settings, txt2img
+from imagine.pipelines.generate import txt2img
+from imagine.pipelines.settings import Settings
 from imagine.pipelines.unconditional import grid, to_uint8
 from imagine.train.loop import DataOrder, Hook, StepInfo, _sample_generator, posterior_latents
 from imagine.train.lora import AdapterTrainConfig, _load_state, _save_state, base_record, checkpoint_dir

@@ -25,7 +25,8 @@ from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, atom
 from imagine.io.lora_keys import save_lora
 from imagine.io.png import file_hash
 from imagine.io.stable_diffusion import save_like
-from imagine.pipelines.generate import Settings, txt2img
+from imagine.pipelines.generate import txt2img
+from imagine.pipelines.settings import Settings
 from imagine.pipelines.unconditional import grid, to_uint8
 from imagine.train.checkpoint import _flatten_optimizer, _unflatten_optimizer
 from imagine.train.loop import DataOrder, Hook, StepInfo, posterior_latents, sample_draws

@@ -165,16 +165,17 @@ function requestBody() {
   const body = {
     kind: mode, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
     sampler: $("sampler").value, schedule: $("schedule").value || null, steps: number("steps"),
-    cfg_scale: number("cfg_scale"), seed: number("seed"), n: number("n"), width: number("width"),
+    cfg_scale: number("cfg_scale"), guidance_rescale: number("guidance_rescale") || 0, seed: number("seed"),
+    n: number("n"), width: number("width"),
     height: number("height"), clip_skip: number("clip_skip"), noise_seed_delta: number("noise_seed_delta") || 0,
-    backend: $("backend").value, tile: number("tile") || 0,
+    backend: $("backend").value, tile: number("tile") || null,
     vae: $("vae").value === "Automatic" ? null : $("vae").value,
   };
   if (mode === "txt2img" && $("hires-enable").checked) {
     body.hires_scale = number("hires_scale");
     body.hires_upscaler = $("hires_upscaler").value;
     body.hires_strength = number("hires_strength");
-    body.hires_steps = number("hires_steps") || 0;
+    body.hires_steps = number("hires_steps") || null;
     body.sr_noise_level = number("sr_noise_level");
   }
   if (mode !== "txt2img") {
@@ -315,6 +316,7 @@ $("send-to-txt2img").addEventListener("click", () => {
   if (p["Seed"]) $("seed").value = p["Seed"];
   $("clip_skip").value = p["Clip skip"] || "";
   $("noise_seed_delta").value = p["ENSD"] || 0;
+  $("guidance_rescale").value = p["Guidance rescale"] || 0;
   const vae = (p["VAE"] || "").replace(/\.[^.]+$/, "");
   $("vae").value = [...$("vae").options].some((o) => o.value === vae) ? vae : "Automatic";
   if (p["Size"]) {
@@ -332,7 +334,7 @@ $("send-to-txt2img").addEventListener("click", () => {
     $("hires").open = true;
     $("hires_scale").value = p["Hires upscale"];
     $("hires_strength").value = p["Denoising strength"] || 0;
-    $("hires_steps").value = p["Hires steps"] || 0;
+    $("hires_steps").value = p["Hires steps"] || "";
     $("sr_noise_level").value = p["SR noise level"] || "";
     const upscaler = p["Hires upscaler"];
     if (upscaler && ![...$("hires_upscaler").options].some((o) => o.value === upscaler)) {
@@ -340,7 +342,7 @@ $("send-to-txt2img").addEventListener("click", () => {
     }
     if (upscaler) $("hires_upscaler").value = upscaler;
   }
-  $("tile").value = p["Tile size"] || 0;
+  $("tile").value = p["Tile size"] || "";
   showTab("txt2img");
 });
 
