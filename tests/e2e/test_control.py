@@ -163,7 +163,8 @@ def test_tile_controlnet_upscales_in_hires_fix(trained, tiny_t2i_dir, tmp_path):
     among the upscalers once a tile ControlNet is in the models folder, refused where no second pass runs."""
     import shutil
 
-    from imagine.io.png import parse_a1111, read_png_metadata
+    from imagine.a1111 import parse_a1111
+    from imagine.io.png import read_png_metadata
     from imagine.pipelines.upscale import upscaler_names
 
     models = tmp_path / "models"

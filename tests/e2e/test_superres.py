@@ -147,7 +147,8 @@ def test_generate_size_runs_the_cascade_and_from_reproduces_it(sr_dir, tiny_t2i_
     import numpy as np
     from PIL import Image
 
-    from imagine.io.png import parse_a1111, read_png_metadata
+    from imagine.a1111 import parse_a1111
+    from imagine.io.png import read_png_metadata
 
     common = ["--model", tiny_t2i_dir, "--steps", 2, "--seed", 3, "--n", 2]
     run = _imagine("generate", "a red circle", *common, "--size", 32, "--sr", sr_dir, "--out", "a", cwd=tmp_path)
@@ -172,7 +173,8 @@ def test_hires_fix_upscales_then_denoises_and_is_recorded_as_a1111_does(tiny_t2i
     import numpy as np
     from PIL import Image
 
-    from imagine.io.png import parse_a1111, read_png_metadata
+    from imagine.a1111 import parse_a1111
+    from imagine.io.png import read_png_metadata
 
     common = ["--model", tiny_t2i_dir, "--steps", 2, "--seed", 1]
     for upscaler in ("Lanczos", "Latent"):
@@ -204,7 +206,8 @@ def test_upscale_command_keeps_the_parameters_and_redoes_itself(sr_dir, tmp_path
     import numpy as np
     from PIL import Image
 
-    from imagine.io.png import parse_a1111, read_png_metadata
+    from imagine.a1111 import parse_a1111
+    from imagine.io.png import read_png_metadata
 
     picture = tmp_path / "in.png"
     Image.fromarray((np.random.default_rng(0).random((12, 10, 3)) * 255).astype(np.uint8)).save(picture)

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from imagine.a1111 import parse_a1111
 from imagine.io.model_folder import load_model_folder
-from imagine.io.png import parse_a1111, read_png_metadata
+from imagine.io.png import read_png_metadata
 from imagine.models.text_encoders import default_text_encoder
 from imagine.pipelines.generate import Cancelled, Settings, img2img, inpaint, txt2img
 from imagine.pipelines.unconditional import to_uint8

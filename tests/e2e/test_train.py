@@ -122,7 +122,8 @@ def test_sample_image_i_equals_a_single_run_with_seed_plus_i(tmp_path):
     again = _run([sys.executable, "-m", "imagine", "sample", *common, "--n", "1", "--seed", "11",
                   "--out", str(tmp_path / "alone")])
     assert "000011_class7-1.png" in again.stdout  # never overwrites
-    from imagine.io.png import parse_a1111, read_png_metadata
+    from imagine.a1111 import parse_a1111
+    from imagine.io.png import read_png_metadata
 
     text, record = read_png_metadata(tmp_path / "batch" / "000011_class7.png")
     p = parse_a1111(text)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imagine.adapters.control import Conditioner, Controlled, ControlUnit, a1111_field, module_name
+from imagine.a1111 import a1111_field
+from imagine.adapters.control import Conditioner, Controlled, ControlUnit, module_name
 from imagine.data import conditions as C
 from imagine.io.control_files import ControlFile
 from imagine.models import ControlNetModel, T2IAdapter, T2IAdapterConfig, UNet2DConditionModel, UNetConfig

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from imagine.io.png import a1111_parameters, file_hash, parse_a1111, read_png_metadata, save_png, write_new
+from imagine.a1111 import a1111_parameters, parse_a1111
+from imagine.io.png import file_hash, read_png_metadata, save_png, write_new
 
 A1111_SAMPLE = (
     "masterpiece, a (red:1.2) fox, forest\n"

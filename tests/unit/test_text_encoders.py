@@ -10,14 +10,8 @@ import sys
 import pytest
 import torch
 
-from imagine.models.text_encoders import (
-    BREAK,
-    CHUNK,
-    CLIPTextEncoder,
-    chunk_tokens,
-    default_text_encoder,
-    parse_prompt_attention,
-)
+from imagine.a1111 import BREAK, parse_prompt_attention
+from imagine.models.text_encoders import CHUNK, CLIPTextEncoder, chunk_tokens, default_text_encoder
 
 
 @pytest.mark.parametrize("text,expected", [

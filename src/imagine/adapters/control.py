@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from imagine.a1111 import MODE_LABELS, MODULE_ALIASES, RESIZE_NAMES, a1111_field
 from imagine.adapters.attachment import Attachment
 from imagine.data.conditions import PREPROCESSORS, check_module, detect
 from imagine.data.transforms import fit_image
@@ -38,17 +39,12 @@ from imagine.models.t2i_adapter import T2IAdapterConfig
 
 ControlMode = Literal["balanced", "prompt", "control"]
 CONTROL_MODES: tuple[str, ...] = get_args(ControlMode)
-MODE_LABELS = {"balanced": "Balanced", "prompt": "My prompt is more important",
-               "control": "ControlNet is more important"}
 SOFT_DECAY = 0.825  # sd-webui-controlnet's per-layer factor for the unbalanced modes
 ROWS = "control_rows"  # the conditioning key that marks conditional (1) and unconditional (0) rows
 CONDITION_KEY = "imagine-condition"  # PNG text chunk: this image already is a condition of that type
 
 
-# sd-webui-controlnet's preprocessor names that mean one of ours
-MODULE_ALIASES = {"canny": "canny", "scribble_hed": "scribble", "scribble_pidinet": "scribble",
-                  "scribble_xdog": "scribble", "seg_ofade20k": "segmentation", "seg_ufade20k": "segmentation",
-                  "seg_ofcoco": "segmentation", "openpose": "keypoints", "tile_resample": "tile", "none": "none"}
+
 
 
 def module_name(name: str) -> str:
@@ -248,10 +244,6 @@ def from_b64(data: str) -> Image.Image:
 # --- what a request asks for, and how it becomes conditioners -------------------------------------------
 
 CONTROL_RESIZE = ("just_resize", "crop_and_resize", "resize_and_fill")
-RESIZE_NAMES = {"just resize": "just_resize", "crop and resize": "crop_and_resize", "resize and fill":
-                "resize_and_fill", "inner fit (scale to fit)": "crop_and_resize",
-                "outer fit (shrink to fit)": "resize_and_fill", "0": "just_resize", "1": "crop_and_resize",
-                "2": "resize_and_fill", "envelope (outer fit)": "resize_and_fill"}
 KIND_NAMES = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter"}
 
 
@@ -403,23 +395,7 @@ def resolve_units(units: Sequence[ControlUnit], model, size: tuple[int, int], mo
     return out
 
 
-def a1111_field(record: dict) -> str:
-    """A unit as A1111's ControlNet extension writes it in the parameters text."""
-    def num(v):
-        return f"{v:g}" if isinstance(v, float) else v
 
-    resize = {"just_resize": "Just Resize", "crop_and_resize": "Crop and Resize",
-              "resize_and_fill": "Resize and Fill"}[record["resize_mode"]]
-    parts = [f"Module: {record['module']}", f"Model: {record['model']} [{record['sha256_10'] or ''}]",
-             f"Weight: {num(record['weight'])}", f"Resize Mode: {resize}",
-             f"Processor Res: {record['processor_res']}"]
-    if record.get("threshold_a") is not None:
-        parts.append(f"Threshold A: {num(record['threshold_a'])}")
-    if record.get("threshold_b") is not None:
-        parts.append(f"Threshold B: {num(record['threshold_b'])}")
-    parts += [f"Guidance Start: {num(record['start'])}", f"Guidance End: {num(record['end'])}",
-              f"Pixel Perfect: {record['pixel_perfect']}", f"Control Mode: {MODE_LABELS[record['mode']]}"]
-    return ", ".join(parts)  # the PNG writer quotes it, as A1111 does
 
 
 def unit_from_record(record: dict) -> ControlUnit:

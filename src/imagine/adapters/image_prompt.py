@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from imagine.a1111 import ip_adapter_field
 from imagine.adapters.attachment import Attachment
 from imagine.adapters.control import from_b64, png_b64, step_progress
 from imagine.io.ip_adapter_files import IPAdapterFile, is_ip_adapter, load_ip_adapter, peek, weights_file
@@ -50,13 +51,7 @@ def adapter_type(encoder: str | None) -> str:
     return encoder if encoder in ("palette", "intensity") else "content"
 
 
-def module_for(encoder: str | None) -> str:
-    """sd-webui-controlnet's preprocessor name for an encoder (it names IP-Adapter units by it)."""
-    if encoder in ("palette", "intensity"):
-        return f"ip-adapter_{encoder}"
-    if encoder == "shapes-clip":
-        return "ip-adapter_shapes_clip"
-    return "ip-adapter_clip"
+
 
 
 def candidates(models_dir: Path | None) -> list[Path]:
@@ -170,7 +165,7 @@ class Prompted(Attachment):
 
     @classmethod
     def a1111(cls, records, first_unit):  # sd-webui-controlnet writes IP-Adapter units as more ControlNet units
-        return {f"ControlNet {first_unit + i}": a1111_field(r) for i, r in enumerate(records)}
+        return {f"ControlNet {first_unit + i}": ip_adapter_field(r) for i, r in enumerate(records)}
 
     @property
     def num_tokens(self) -> int:
@@ -289,12 +284,7 @@ def resolve_prompts(units: Sequence[ImagePromptUnit], model, models_dir: Path | 
     return out
 
 
-def a1111_field(record: dict) -> str:
-    """An image prompt as sd-webui-controlnet writes an IP-Adapter unit in the parameters text."""
-    return (f"Module: {module_for(record['encoder'])}, Model: {record['model']} [{record['sha256_10'] or ''}], "
-            f"Weight: {record['scale']:g}, Resize Mode: Crop and Resize, Processor Res: 512, "
-            f"Guidance Start: {record['start']:g}, Guidance End: {record['end']:g}, Pixel Perfect: False, "
-            "Control Mode: Balanced")
+
 
 
 def unit_from_record(record: dict) -> ImagePromptUnit:

@@ -10,7 +10,6 @@ fit, is an error listing what did not match (a LoRA must never silently do nothi
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,24 +25,6 @@ from imagine.io.png import file_hash
 from imagine.nn.lora import LoRA, LoRALayer, find_module
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
-# A1111's extra-network syntax in a prompt: <lora:NAME> or <lora:NAME:WEIGHT> (also <lyco:...>)
-_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
-
-
-def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """(the prompt without its <lora:NAME:WEIGHT> tags, [(NAME, WEIGHT)]), as A1111 reads them: the weight
-    defaults to 1, and the tags are taken out of the text before it is encoded.
-
-    >>> prompt_loras("a <lora:sks-style:0.8> cat, <lora:other>")
-    ('a  cat, ', [('sks-style', 0.8), ('other', 1.0)])"""
-    found = []
-    for match in _TAG.finditer(prompt):
-        weight = match.group(2)
-        try:
-            found.append((match.group(1).strip(), float(weight) if weight not in (None, "") else 1.0))
-        except ValueError:
-            raise ValueError(f"LoRA tag {match.group(0)!r}: the weight must be a number") from None
-    return _TAG.sub("", prompt), found
 # which UNet layers a LoRA trains: attention projections (the paper's choice), plus the feed-forward, or
 # every linear and conv layer of the transformer blocks and resnets (kohya's "LoCon")
 TARGETS = {

@@ -561,7 +561,8 @@ def sample(
 @app.command(rich_help_panel=GENERATE)
 def info(image: Path = typer.Argument(..., help="A PNG made by imagine or AUTOMATIC1111.")) -> None:
     """Print an image's generation parameters (A1111's text, parsed) and imagine's full JSON record."""
-    from imagine.io.png import parse_a1111, read_png_metadata
+    from imagine.a1111 import parse_a1111
+    from imagine.io.png import read_png_metadata
 
     try:
         parameters, record = read_png_metadata(image)

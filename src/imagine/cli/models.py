@@ -22,7 +22,8 @@ def samplers(
     as_json: bool = typer.Option(False, "--json", help="Print JSON with each sampler's A1111 aliases."),
 ) -> None:
     """List the sampler names, one per line (or as JSON with their A1111 aliases)."""
-    from imagine.samplers import SAMPLERS, a1111_aliases
+    from imagine.a1111 import a1111_aliases
+    from imagine.samplers import SAMPLERS
 
     if as_json:
         rows = [

@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import tempfile
 import threading
 from pathlib import Path
@@ -30,7 +29,7 @@ from imagine import __version__
 from imagine.io.checkpoint import _FILE_MODE
 
 FORMAT = "imagine/1"
-_KV = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}
@@ -55,46 +54,6 @@ def file_hash(path: Path, length: int = 10) -> str:
         with _HASHES_LOCK:
             _HASHES[key] = known
     return known[:length]
-
-
-def _quote(value: str) -> str:
-    """Quote a value that holds the separators, as A1111 does."""
-    return json.dumps(value) if ("," in value or ":" in value or "\n" in value) else value
-
-
-def a1111_parameters(prompt: str, negative: str, fields: dict[str, Any]) -> str:
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields.items() if v is not None))
-    return "\n".join(lines)
-
-
-def parse_a1111(text: str) -> dict[str, Any]:
-    """A1111's ``parameters`` text -> {"Prompt": ..., "Negative prompt": ..., "Steps": "20", ...}.
-
-    The last line holding ``Steps:`` starts the key-value list; lines before it are the prompt, up to a
-    line starting ``Negative prompt:``. Quoted values are unquoted."""
-    lines = text.strip().split("\n")
-    kv_line = ""
-    if lines and re.match(r"^\s*Steps:", lines[-1]):
-        kv_line = lines.pop()
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
-    out: dict[str, Any] = {"Prompt": "\n".join(prompt).strip(), "Negative prompt": "\n".join(negative).strip()}
-    for key, value in _KV.findall(kv_line):
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                value = value[1:-1]
-        out[key.strip()] = value
-    return out
 
 
 def encode_png(pixels: np.ndarray, parameters: str, record: dict[str, Any]) -> bytes:

@@ -31,6 +31,8 @@ from typing import Protocol
 import torch
 from tokenizers import Tokenizer
 
+from imagine.a1111 import BREAK, parse_prompt_attention
+
 # every transformers load, one at a time: its lazy imports are not safe to run twice side by side, and a
 # server loads from its request threads and its worker at once (re-entrant: a load may start another)
 TRANSFORMERS_LOCK = threading.RLock()
@@ -49,62 +51,11 @@ def transformers_locked(fn):
 
 CHUNK = 75  # content tokens per window; + start and end tokens = 77, CLIP's context length
 COMMA_BACKTRACK = 20
-BREAK = -1.0  # weight marking a BREAK in parsed prompts
+
 # an embedding's name counts where it stands as a word of its own (not inside "my-name2" or "<name>s")
 NAME_BEFORE, NAME_AFTER = r"(?<![\w<>-])", r"(?![\w<>-])"
 
-_TOKEN = re.compile(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:")
 
-
-def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
-    """A1111's emphasis syntax -> [(text, weight)], adjacent equal weights merged.
-
-    >>> parse_prompt_attention("a (red:1.5) [circle] (big)")
-    [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('circle', 0.9090909090909091), (' ', 1.0), ('big', 1.1)]
-    Unclosed brackets apply to the end; ``BREAK`` yields ("BREAK", -1)."""
-    res: list[list] = []
-    round_open: list[int] = []
-    square_open: list[int] = []
-
-    def scale(start: int, factor: float) -> None:
-        for item in res[start:]:
-            item[1] *= factor
-
-    for match in _TOKEN.finditer(text):
-        token, weight = match.group(0), match.group(1)
-        if token.startswith("\\") and len(token) == 2:
-            res.append([token[1], 1.0])
-        elif token == "\\":
-            res.append(["\\", 1.0])
-        elif token == "(":
-            round_open.append(len(res))
-        elif token == "[":
-            square_open.append(len(res))
-        elif weight is not None and round_open:
-            scale(round_open.pop(), float(weight))
-        elif token == ")" and round_open:
-            scale(round_open.pop(), 1.1)
-        elif token == "]" and square_open:
-            scale(square_open.pop(), 1 / 1.1)
-        else:
-            for i, part in enumerate(re.split(r"\s*\bBREAK\b\s*", token)):
-                if i > 0:
-                    res.append(["BREAK", BREAK])
-                if part:
-                    res.append([part, 1.0])
-    for start in round_open:
-        scale(start, 1.1)
-    for start in square_open:
-        scale(start, 1 / 1.1)
-    if not res:
-        return [("", 1.0)]
-    merged = [res[0]]
-    for text_, w in res[1:]:
-        if w == merged[-1][1] and w != BREAK:
-            merged[-1][0] += text_
-        else:
-            merged.append([text_, w])
-    return [(t, w) for t, w in merged]
 
 
 @dataclass(frozen=True)

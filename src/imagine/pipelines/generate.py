@@ -17,8 +17,8 @@ from PIL import Image, ImageFilter, ImageOps
 from scipy.ndimage import gaussian_filter
 
 from imagine import __version__
+from imagine.a1111 import RESIZE_LABELS, a1111_name, a1111_parameters, prompt_loras
 from imagine.adapters.attachment import Attachment, by_kind
-from imagine.adapters.lora import prompt_loras
 from imagine.data.transforms import fit_image
 from imagine.diffusion.denoiser import Denoiser, broadcast_sigma
 from imagine.diffusion.schedules import sampling_sigmas, sigma_to_t
@@ -26,11 +26,11 @@ from imagine.diffusion.superres import LowResConditioned
 from imagine.guidance import ClassifierFreeGuidance
 from imagine.io.model_folder import DiffusionModel
 from imagine.io.onnx import MANIFEST, default_onnx_folder, export_onnx, load_onnx
-from imagine.io.png import a1111_parameters, environment, file_hash
+from imagine.io.png import environment, file_hash
 from imagine.nn.embeddings import guidance_embedding
 from imagine.pipelines.settings import Settings
 from imagine.pipelines.tiled import TiledDenoiser
-from imagine.samplers import SAMPLERS, a1111_name, check_schedule, resolve
+from imagine.samplers import SAMPLERS, check_schedule, resolve
 
 
 class Cancelled(Exception):
@@ -66,8 +66,7 @@ def _network(unet: torch.nn.Module, compile: bool) -> torch.nn.Module:
     return _COMPILED[unet]
 
 
-RESIZE_LABELS = {"just_resize": "Just resize", "crop_and_resize": "Crop and resize",
-                 "resize_and_fill": "Resize and fill", "latent_upscale": "Just resize (latent upscale)"}
+
 
 
 def activation_bytes(model: DiffusionModel, width: int, height: int, n: int, tile: int | None = None) -> int:

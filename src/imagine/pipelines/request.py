@@ -14,11 +14,13 @@ from typing import Any, Literal, get_args
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from imagine.a1111 import parse_prompt_attention, prompt_loras
+from imagine.adapters import ATTACHMENTS
 from imagine.adapters.attachment import Attachment, by_kind
 from imagine.adapters.control import resolve_units
 from imagine.adapters.embeddings import resolve_embeddings
 from imagine.adapters.image_prompt import resolve_prompts
-from imagine.adapters.lora import LoraUse, prompt_loras
+from imagine.adapters.lora import LoraUse
 from imagine.data.vocabulary import caption_vocabulary, unknown_words
 from imagine.io.lora_keys import lora_metadata
 from imagine.io.model_folder import DiffusionModel
@@ -27,7 +29,7 @@ from imagine.io.networks import load_clip
 from imagine.io.png import file_hash
 from imagine.io.stable_diffusion import load_any
 from imagine.models.clip import CLIPScorer
-from imagine.models.text_encoders import load_text_encoder, parse_prompt_attention
+from imagine.models.text_encoders import load_text_encoder
 from imagine.pipelines import generate as g
 from imagine.pipelines.output import Generated
 from imagine.pipelines.rerank import txt2img_reranked
@@ -117,7 +119,8 @@ class Request:
             raise ValueError(f"the {s.backend} backend runs the exported UNet alone: LoRAs, ControlNets, T2I-Adapters "
                              "and image prompts need --backend torch (or merge a LoRA into a model and export that)")
         embeddings = tuple(resolve_embeddings(texts, self.models_dir, self.embeddings, self.confined))
-        attached = (*loras, *embeddings, *controls, *prompts)
+        asked = (*loras, *embeddings, *controls, *prompts)
+        attached = tuple(sorted(asked, key=lambda unit: ATTACHMENTS.index(type(unit))))  # stable: each kind in order
         for unit in attached:
             model.family.check_attachment(unit.kind, type(unit).__name__)
         return replace(self, settings=s, attached=attached, resolved_upscaler=upscaler,

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imagine.a1111 import a1111_parameters
 from imagine.adapters.control import ControlUnit, control_models, find_control, resolve_units
 from imagine.diffusion.superres import augment, check_noise_level, upsample
 from imagine.io import models_dir as md
 from imagine.io.model_folder import DiffusionModel, load_model_folder, sr_stage_folders
-from imagine.io.png import a1111_parameters, environment, file_hash
+from imagine.io.png import environment, file_hash
 from imagine.models.text_encoders import load_text_encoder
 from imagine.pipelines.generate import _sample, img2img, output_size
 from imagine.pipelines.output import Generated

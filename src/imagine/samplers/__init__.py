@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from imagine.a1111 import A1111_NAMES, A1111_SCHEDULE_TYPES
 from imagine.diffusion.schedules import lcm_sigmas
 from imagine.samplers.multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_lms, sample_unipc
 from imagine.samplers.single_step import (
@@ -51,38 +52,6 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "lcm": SamplerInfo(sample_lcm, True, 1, "Multistep consistency sampling for LCMs, 1 to 8 steps (Luo et al. 2023)",
                        sigmas=lcm_sigmas, consistency=True),
 }
-
-# AUTOMATIC1111's names -> (our sampler, sigma schedule). Older A1111 versions fold the schedule
-# into the name ("DPM++ 2M Karras"); newer ones write it separately as "Schedule type: Karras".
-A1111_NAMES: dict[str, tuple[str, SigmaSchedule]] = {
-    "DDPM": ("ddpm", "default"),
-    "DDIM": ("ddim", "default"),
-    "Euler": ("euler", "default"),
-    "Euler a": ("euler_a", "default"),
-    "Heun": ("heun", "default"),
-    "LMS": ("lms", "default"),
-    "LMS Karras": ("lms", "karras"),
-    "DPM++ 2M": ("dpmpp_2m", "default"),
-    "DPM++ 2M Karras": ("dpmpp_2m", "karras"),
-    "DPM++ 2M SDE": ("dpmpp_2m_sde", "default"),
-    "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"),
-    "UniPC": ("unipc", "default"),
-    "LCM": ("lcm", "default"),
-}
-
-# A1111's "Schedule type" values we implement.
-A1111_SCHEDULE_TYPES: dict[str, SigmaSchedule] = {"Automatic": "default", "Uniform": "default", "Karras": "karras"}
-
-
-def a1111_aliases(name: str) -> list[str]:
-    """A1111 display names that select sampler ``name``."""
-    return [alias for alias, (sampler, _) in A1111_NAMES.items() if sampler == name]
-
-
-def a1111_name(sampler: str) -> str:
-    """The A1111 display name for a sampler (without the schedule, as A1111 1.9+ writes it)."""
-    return next(alias for alias, (s, sched) in A1111_NAMES.items() if s == sampler and sched == "default")
-
 
 def resolve(name: str) -> tuple[str, SigmaSchedule]:
     """Our name or an A1111 display name (case-insensitive) -> (sampler, sigma schedule).

@@ -16,16 +16,28 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from imagine import __version__
+from imagine.a1111 import (
+    A1111_NAMES,
+    CONTROL_MODE_INDEX,
+    HIRES_SAME,
+    NO_EFFECT,
+    OVERRIDES,
+    RESIZE_NAMES,
+    SCHEDULERS,
+    UNIT_FIELDS,
+    UNSUPPORTED,
+    a1111_name,
+    parse_a1111,
+)
 from imagine.adapters import image_prompt
-from imagine.adapters.control import RESIZE_NAMES, available, module_name
+from imagine.adapters.control import available, module_name
 from imagine.adapters.embeddings import listing
 from imagine.data.conditions import PREPROCESSORS, detect
 from imagine.data.transforms import RESIZE_MODES  # A1111's resize_mode 0..3, in order
 from imagine.io.models_dir import entries
-from imagine.io.png import parse_a1111
 from imagine.pipelines.settings import INPAINT_FILLS  # A1111's inpainting_fill 0..3, in order
 from imagine.pipelines.upscale import RESAMPLERS, upscaler_names
-from imagine.samplers import A1111_NAMES, SAMPLERS, a1111_name, resolve
+from imagine.samplers import SAMPLERS, resolve
 from imagine.server.jobs import Job
 from imagine.server.models import AUTOMATIC
 from imagine.server.schemas import (
@@ -55,11 +67,6 @@ from imagine.server.service import (
     upscale_pictures,
 )
 
-# A1111's schedulers (modules/sd_schedulers.py) that we implement: name -> (label, our schedule or None for
-# "the sampler's own", default rho)
-SCHEDULERS = {"automatic": ("Automatic", None, -1.0), "uniform": ("Uniform", "default", -1.0),
-              "karras": ("Karras", "karras", 7.0)}
-
 
 def _scheduler(value: str | None) -> str | None:
     if value is None:
@@ -71,38 +78,7 @@ def _scheduler(value: str | None) -> str | None:
                        f"{', '.join(label for label, _, _ in SCHEDULERS.values())}")
 
 
-# A1111 request fields that change results and that imagine does not implement: accepted only at a value
-# that does nothing (their defaults), refused otherwise with a 422 that names them.
-UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "subseed_strength": ((0, 0.0, None), "variation seeds"),
-    "seed_resize_from_h": ((-1, 0, None), "seed resize"),
-    "seed_resize_from_w": ((-1, 0, None), "seed resize"),
-    "restore_faces": ((False, None), "face restoration (it needs GFPGAN/CodeFormer weights)"),
-    "tiling": ((False, None), "tiling"),
-    "s_churn": ((0, 0.0, None), "sampler churn"),
-    "s_tmin": ((0, 0.0, None), "sampler churn range"),
-    "s_tmax": ((None, 0, 0.0), "sampler churn range"),
-    "s_noise": ((1, 1.0, None), "sampler noise multiplier"),
-    "s_min_uncond": ((0, 0.0, None), "negative guidance minimum sigma"),
-    "initial_noise_multiplier": ((1, 1.0, None), "initial noise multiplier"),
-    "refiner_checkpoint": ((None, "", "None"), "a refiner"),
-    "firstpass_image": ((None, ""), "a first-pass image"),
-    "script_name": ((None, ""), "scripts"),
-    "infotext": ((None, ""), "infotext parameters"),
-    "latent_mask": ((None, ""), "a separate latent mask"),
-}
-# Fields that change nothing here (or only alongside a refused one above): accepted quietly.
-NO_EFFECT = frozenset({
-    "send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "disable_extra_networks", "comments",
-    "force_task_id", "override_settings_restore_afterwards", "subseed", "refiner_switch_at", "script_args",
-    "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
-    "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
-    "enable_hr", "hr_cfg", "hr_distilled_cfg", "hr_additional_modules",
-    "image_cfg_scale", "mask_round", "include_init_images", "sampler_index", "batch_size", "n_iter",
-})
-# override_settings keys (and /options) applied per request
-OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "samples_format",
-             "imagine_backend", "imagine_tile")  # ours: torch, onnxruntime or onnxruntime-int8; tile size in pixels
+
 
 
 def _check_fields(body: A1111Txt2Img, sampler: str) -> list[str]:
@@ -142,12 +118,7 @@ def _check_fields(body: A1111Txt2Img, sampler: str) -> list[str]:
     return warnings
 
 
-# sd-webui-controlnet's unit fields (external_code.ControlNetUnit) and what they become in our units
-_UNIT_FIELDS = {"enabled", "image", "input_image", "mask", "module", "model", "weight", "guidance_start",
-                "guidance_end", "control_mode", "resize_mode", "processor_res", "threshold_a", "threshold_b",
-                "pixel_perfect", "low_vram", "guess_mode", "lowvram", "save_detected_map", "hr_option",
-                "effective_region_mask", "input_mode", "batch_images", "output_dir", "loopback", "is_ui"}
-_CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "control"}
+
 
 
 def is_ip_module(module: Any) -> bool:
@@ -169,7 +140,7 @@ def a1111_controls(script: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
             raise RequestError(f"{where} must be an object (a ControlNet unit)")
         if not unit.get("enabled", True):
             continue
-        unknown = sorted(set(unit) - _UNIT_FIELDS)
+        unknown = sorted(set(unit) - UNIT_FIELDS)
         if unknown:
             raise RequestError(f"{where}: unknown fields {unknown}")
         for field, harmless in (("mask", (None, "")), ("effective_region_mask", (None, "")),
@@ -198,7 +169,7 @@ def a1111_controls(script: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
         mode = unit.get("control_mode", 0)
         if unit.get("guess_mode"):
             mode = 2
-        mode = _CONTROL_MODES.get(mode, mode) if isinstance(mode, int) else mode
+        mode = CONTROL_MODE_INDEX.get(mode, mode) if isinstance(mode, int) else mode
         resize = unit.get("resize_mode", "Crop and Resize")
         try:
             resize = RESIZE_NAMES.get(str(resize).lower(), resize)
@@ -219,10 +190,7 @@ def a1111_controls(script: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
     return out, prompts
 
 
-# what hires fix's second pass may be told apart from the first, and the values that mean "the same"
-_HR_SAME = {"hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_sampler_name": (None, "", "Use same sampler"),
-            "hr_scheduler": (None, "", "Use same scheduler"), "hr_prompt": (None, ""), "hr_negative_prompt": (None, ""),
-            "hr_cfg": (None,), "hr_distilled_cfg": (None,), "hr_additional_modules": (None, [])}
+
 
 
 def hires_request(body: A1111Txt2Img) -> dict[str, Any]:
@@ -231,7 +199,7 @@ def hires_request(body: A1111Txt2Img) -> dict[str, Any]:
     extra = dict(body.model_extra or {})
     if not extra.get("enable_hr"):
         return {}
-    different = [f"{k}={json.dumps(extra[k])[:40]}" for k, same in _HR_SAME.items()
+    different = [f"{k}={json.dumps(extra[k])[:40]}" for k, same in HIRES_SAME.items()
                  if k in extra and extra[k] not in same and not (k == "hr_prompt" and extra[k] == body.prompt)
                  and not (k == "hr_negative_prompt" and extra[k] == body.negative_prompt)]
     if different:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
+from imagine.a1111 import A1111_OPTIONS
 from imagine.adapters.control import ControlUnit
 from imagine.adapters.image_prompt import ImagePromptUnit
 from imagine.pipelines import generate as g
@@ -34,9 +35,7 @@ from imagine.server.schemas import JobRequest
 
 # request fields that pass into the pipeline Settings when given: every setting the job API takes
 SETTINGS_FIELDS = tuple(s["name"] for s in schemas() if s["api"])
-# A1111's /sdapi/v1/options that change results here, with their defaults
-A1111_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
-                                  "sd_vae": "Automatic"}
+
 
 
 class RequestError(ValueError):

@@ -1,0 +1,72 @@
+"""Families are data: each entry says what the loaders and the pipeline need, and a checkpoint is recognised
+by asking the entries."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from imagine.adapters import ATTACHMENTS
+from imagine.adapters.attachment import Attachment
+from imagine.families import (
+    FAMILIES,
+    IMAGINE,
+    SD1,
+    SD2,
+    SDXL,
+    UNET_ATTACHMENTS,
+    family,
+    from_diffusers,
+    from_single_file,
+)
+
+
+def test_the_four_entries_hold_what_stable_diffusion_releases_use():
+    assert set(FAMILIES) == {"imagine", "sd1", "sd2", "sdxl"}
+    assert (SD1.latent.scaling_factor, SD2.latent.scaling_factor, SDXL.latent.scaling_factor) == (0.18215, 0.18215,
+                                                                                                  0.13025)
+    assert (SD1.image_size, SD2.image_size, SDXL.image_size) == (512, 768, 1024)
+    assert (SD1.prediction, SD2.prediction, SDXL.prediction) == ("eps", "v", "eps")
+    assert [len(f.text_encoders) for f in (SD1, SD2, SDXL)] == [1, 1, 2]
+    assert SDXL.zero_empty_negative and not SD1.zero_empty_negative
+    assert IMAGINE.latent is None  # its own VAE says
+    with pytest.raises(ValueError, match="unknown; imagine knows: imagine, sd1, sd2, sdxl"):
+        family("flux")
+
+
+def test_a_checkpoint_is_recognised_by_the_families():
+    assert from_single_file(["model.diffusion_model.x", "cond_stage_model.transformer.text_model.a"]) is SD1
+    assert from_single_file(["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]) is SD2
+    assert from_single_file(["conditioner.embedders.0.transformer.a", "conditioner.embedders.1.model.b"]) is SDXL
+    assert from_single_file(["model.diffusion_model.x"]) is None
+    assert from_diffusers("StableDiffusionXLPipeline", {}) is SDXL
+    assert from_diffusers("StableDiffusionPipeline", {"hidden_act": "gelu"}) is SD2
+    assert from_diffusers("StableDiffusionPipeline", {"hidden_act": "quick_gelu"}) is SD1
+    assert from_diffusers("FluxPipeline", {}) is None
+
+
+def test_only_sdxl_takes_micro_conditioning():
+    pooled = torch.randn(3, 8)
+    extra = SDXL.conditioning(pooled, width=96, height=64)
+    assert extra["text_embeds"] is pooled and extra["time_ids"].tolist() == [[64, 96, 0, 0, 64, 96]] * 3
+    assert SD1.conditioning(pooled, 96, 64) == {} and IMAGINE.conditioning(None, 96, 64) == {}
+    with pytest.raises(ValueError, match="pooled text embedding"):
+        SDXL.conditioning(None, 64, 64)
+
+
+def test_every_attachment_kind_is_registered_and_fits_the_unet_families():
+    kinds = {cls.kind for cls in ATTACHMENTS}
+    assert kinds <= UNET_ATTACHMENTS
+    assert len({cls.record_key for cls in ATTACHMENTS}) == len(ATTACHMENTS)
+    subclasses = set(Attachment.__subclasses__())
+    assert subclasses == set(ATTACHMENTS), "an Attachment kind is missing from adapters.ATTACHMENTS"
+    for f in FAMILIES.values():
+        assert kinds <= f.attachments
+
+
+def test_a_family_refuses_an_attachment_that_does_not_fit_it():
+    no_control = replace(SD1, attachments=UNET_ATTACHMENTS - {"controlnet"})
+    no_control.check_attachment("lora", "x")
+    with pytest.raises(ValueError, match="does not fit a Stable Diffusion 1.x model; it takes: embedding, "
+                                         "ip_adapter, lora, t2i_adapter"):
+        no_control.check_attachment("controlnet", "cn.safetensors")
