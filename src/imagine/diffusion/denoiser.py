@@ -63,6 +63,8 @@ class Denoiser:
         self.network = network
         self.alphas_cumprod = alphas_cumprod.double()
         self.prediction = P.check_prediction(prediction)
+        if self.prediction == "flow":
+            raise ValueError("a flow model has no VP schedule: present it with FlowDenoiser")
         self.quantize = quantize
         self.interpolation = interpolation
         self.learned_variance = learned_variance
@@ -101,3 +103,24 @@ class Denoiser:
         x0, var = self._run(x, sigma, cond)
         assert var is not None
         return x0, var
+
+
+class FlowDenoiser:
+    """A rectified-flow network ``network(x_t, 1000 t, **cond) -> v`` presented as D(x, sigma, cond) -> x0 with
+    sigma = t in [0, 1] and x = x_t = (1 - t) x0 + t eps (ComfyUI's "CONST" model sampling; what diffusers'
+    flow-matching schedulers walk). x0 = x_t - t v. The flow ODE dx/dt = v = (x - x0) / t has the form of the VE
+    ODE dx/dsigma = (x - D) / sigma, so every deterministic sampler integrates it as it is; samplers that
+    inject noise read ``signal`` (the data's scale in x_t, 1 - t: samplers/common.py)."""
+
+    def __init__(self, network: Callable[..., torch.Tensor], num_train_timesteps: int = 1000):
+        self.network = network
+        self.num_train_timesteps = num_train_timesteps  # the network's timestep is t times this (diffusers')
+
+    @staticmethod
+    def signal(sigma: float) -> float:
+        return 1.0 - sigma
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        t = broadcast_sigma(sigma, x)
+        v = self.network(x, (t * self.num_train_timesteps).float(), **(cond or {}))
+        return x - append_dims(t, x.ndim) * v.to(x.dtype)

@@ -13,7 +13,8 @@ from typing import Literal, get_args
 
 import torch
 
-Prediction = Literal["eps", "v", "x0"]
+# eps, v and x0 on a VP schedule; flow: the velocity eps - x0 of rectified flow (diffusion/flow.py)
+Prediction = Literal["eps", "v", "x0", "flow"]
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 
 

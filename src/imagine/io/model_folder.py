@@ -44,6 +44,7 @@ class DiffusionSpec:
     default_cfg: float = 5.0  # what generation uses when the user names no guidance scale
     zero_empty_negative: bool = False  # SDXL: an empty negative prompt is a zero context, not encoded ""
     consistency: bool = False  # a latent consistency model (LCM): its denoiser applies the boundary scalings
+    flow_shift: float = 1.0  # a flow model (prediction "flow"): the shift of its sampling times (SD3 uses 3)
     # a super-resolution stage (diffusion/superres.py): it makes images `upscale` times larger, its UNet
     # taking the upsampled low-resolution image as extra input channels and its augmentation level (0 to
     # noise_levels - 1) as a class label; default_noise_level is the level generation uses unless told

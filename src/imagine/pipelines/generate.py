@@ -20,8 +20,8 @@ from imagine import __version__
 from imagine.a1111 import RESIZE_LABELS, a1111_name, a1111_parameters, prompt_loras
 from imagine.adapters.attachment import Attachment, by_kind
 from imagine.data.transforms import fit_image
-from imagine.diffusion.denoiser import Denoiser, broadcast_sigma
-from imagine.diffusion.schedules import sampling_sigmas, sigma_to_t
+from imagine.diffusion.denoiser import broadcast_sigma
+from imagine.diffusion.model_sampling import model_sampling
 from imagine.diffusion.superres import LowResConditioned
 from imagine.guidance import ClassifierFreeGuidance
 from imagine.io.model_folder import DiffusionModel
@@ -204,14 +204,11 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     name, implied = resolve(sampler)
     schedule = check_schedule(schedule) if schedule is not None else implied
     spec, f = model.spec, model.latent_factor
-    ac = spec.alphas_cumprod()
+    plan = model_sampling(spec)  # its noise levels, denoiser and prior, by its parametrization
     info = SAMPLERS[name]
-    if info.sigmas is not None:  # LCM: its own timesteps, a subset of its distillation grid
-        if schedule == "karras":
-            raise ValueError(f"the {name} sampler walks its own timesteps; leave the schedule at default")
-        sigmas = info.sigmas(ac, steps)
-    else:
-        sigmas = sampling_sigmas(ac, steps, "trailing", karras=schedule == "karras")
+    if info.sigmas is not None and schedule == "karras":  # LCM: its own timesteps, of its distillation grid
+        raise ValueError(f"the {name} sampler walks its own timesteps; leave the schedule at default")
+    sigmas = plan.sigmas(steps, karras=schedule == "karras", own=info.sigmas)
     if init_latent is not None:  # SDEdit: run the last strength * steps steps from the noised init
         run = max(1, round(strength * steps))
         sigmas = sigmas[steps - run:]
@@ -221,10 +218,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     noise = torch.stack([torch.randn((channels, h, w), generator=g) for g in generators])
     if noise_seed_delta:
         generators = [torch.Generator().manual_seed(int(seed) + noise_seed_delta) for seed in seeds]
-    if init_latent is None:
-        x = noise * float((1 + sigmas[0] ** 2).sqrt())  # the VP prior at the top of the schedule
-    else:
-        x = init_latent + noise * float(sigmas[0])
+    x = plan.prior(noise, sigmas[0]) if init_latent is None else plan.noised(init_latent, noise, sigmas[0])
     groups = by_kind(attachments)
     stepwise = [kind for kind in groups if kind.per_step]
     runtime = None
@@ -237,16 +231,14 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     else:
         network = _network(model.unet, compile)
     if stepwise:  # each acts on its share of the steps, found from each call's timestep
-        timesteps = sigma_to_t(sigmas[:-1], ac)
+        timesteps = plan.timesteps(sigmas[:-1])
         for kind in stepwise:
             network = kind.around(groups[kind], network, model, timesteps)
     if spec.upscale > 1:  # a super-resolution stage: cond carries the low-resolution rows
         if runtime is not None:
             raise ValueError(f"super-resolution stages run on --backend torch, not {backend}")
         network = LowResConditioned(network)
-    denoiser = _TwoRowFloor(Denoiser(network, ac, spec.prediction, learned_variance=spec.learned_variance,
-                                     consistency=spec.consistency or info.consistency,
-                                     quantize=info.sigmas is not None))
+    denoiser = _TwoRowFloor(plan.denoiser(network, consistency=info.consistency, quantize=info.sigmas is not None))
     if tile:
         if any(kind.whole_image for kind in groups):
             raise ValueError("tiled sampling does not take ControlNet or T2I-Adapter units (their maps cover the "
@@ -267,7 +259,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
 
     options = {"variance": "learned"} if name == "ddpm" and spec.learned_variance else {}
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        latent = info.fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, **options)
+        latent = info.fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, signal=plan.signal,
+                         **options)
     with torch.no_grad():
         images = decode(model, latent.float(), runtime)
     return images.clamp(-1, 1)

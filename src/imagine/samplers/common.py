@@ -1,5 +1,11 @@
 """What every sampler shares: input checks, seeded noise, the ancestral split and the step loop's
-callback. Samplers work in the VE view (x = x0 + sigma eps) over a denoiser D(x, sigma, cond) -> x0."""
+callback. Samplers work in the VE view (x = x0 + sigma eps) over a denoiser D(x, sigma, cond) -> x0.
+
+A flow model's samples are x_t = (1 - t) x0 + t eps, walked with sigma = t (diffusion/denoiser.py's
+FlowDenoiser): its ODE dx/dt = (x - D) / t has the VE ODE's form, so the deterministic samplers integrate it
+unchanged. Where a sampler injects noise, it needs the data's scale in x, ``signal(sigma)`` (1 - t for a flow
+model; None: 1, the VE view): it takes its stochastic step on the VE sample x / signal at sigma / signal and
+scales the result back (``to_ve`` and ``from_ve``), which leaves VE models' arithmetic exactly as it was."""
 
 from __future__ import annotations
 
@@ -11,6 +17,24 @@ import torch
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 Callback = Callable[[dict[str, Any]], None] | None
+Signal = Callable[[float], float] | None  # the data's scale in x at noise level sigma; None: 1 (VE)
+
+
+def to_ve(x: torch.Tensor, sigma: float, signal: Signal) -> tuple[torch.Tensor, float]:
+    """(x / a, sigma / a) with a = signal(sigma): the VE sample and noise level of the same point (exactly x
+    and sigma when a = 1)."""
+    a = 1.0 if signal is None else signal(sigma)
+    return x / a, sigma / a
+
+
+def ve_sigmas(sigmas: list[float], signal: Signal) -> list[float]:
+    """Each noise level as the VE one of the same point, sigma / signal(sigma) (the same list when signal is None)."""
+    return [s / (1.0 if signal is None else signal(s)) for s in sigmas]
+
+
+def from_ve(x_ve: torch.Tensor, sigma: float, signal: Signal) -> torch.Tensor:
+    """The model's sample at noise level sigma from the VE one: x_ve * signal(sigma)."""
+    return x_ve * (1.0 if signal is None else signal(sigma))
 
 
 def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,18 @@ import numpy as np
 import torch
 
 from imagine.diffusion.denoiser import Cond, DenoiserFn, broadcast_sigma
-from imagine.samplers.common import Callback, Generator, check_sigmas, randn_like, report, to_d
+from imagine.samplers.common import (
+    Callback,
+    Generator,
+    Signal,
+    check_sigmas,
+    from_ve,
+    randn_like,
+    report,
+    to_d,
+    to_ve,
+    ve_sigmas,
+)
 
 
 def lms_coefficient(sigmas: list[float], i: int, j: int, order: int) -> float:
@@ -31,7 +42,7 @@ def lms_coefficient(sigmas: list[float], i: int, j: int, order: int) -> float:
 @torch.no_grad()
 def sample_lms(
     denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Cond = None,
-    generator: Generator = None, callback: Callback = None, order: int = 4,
+    generator: Generator = None, callback: Callback = None, signal: Signal = None, order: int = 4,
 ) -> torch.Tensor:
     """Linear multistep method of ``order`` on the probability-flow ODE in sigma (Karras et al. 2022's
     k-diffusion sample_lms; diffusers' LMSDiscreteScheduler)."""
@@ -52,17 +63,21 @@ def sample_lms(
 @torch.no_grad()
 def sample_dpmpp_2m(
     denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Cond = None,
-    generator: Generator = None, callback: Callback = None,
+    generator: Generator = None, callback: Callback = None, signal: Signal = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022b (arXiv 2211.01095), data prediction:
     x_next = (s_next / s) x - expm1(-h) D, with D the second-order (midpoint) combination
-    D0 + (D0 - D_prev) / (2 r), r = h_prev / h."""
-    sigmas_list = check_sigmas(sigmas).tolist()
+    D0 + (D0 - D_prev) / (2 r), r = h_prev / h. An exponential integrator in the log noise-to-signal ratio:
+    it walks the VE sample (samplers/common.py), whatever the model's own time."""
+    model_sigmas = check_sigmas(sigmas).tolist()
+    sigmas_list = ve_sigmas(model_sigmas, signal)
+    x, _ = to_ve(x, model_sigmas[0], signal)
     old_denoised, h_last = None, None
     for i in range(len(sigmas_list) - 1):
         sigma, sigma_next = sigmas_list[i], sigmas_list[i + 1]
-        denoised = denoiser(x, broadcast_sigma(sigma, x), cond)
-        report(callback, i, x, sigma, denoised, len(sigmas_list) - 1)
+        x_model = from_ve(x, model_sigmas[i], signal)
+        denoised = denoiser(x_model, broadcast_sigma(model_sigmas[i], x), cond)
+        report(callback, i, x_model, model_sigmas[i], denoised, len(sigmas_list) - 1)
         if sigma_next == 0:
             x = denoised
             break
@@ -73,13 +88,13 @@ def sample_dpmpp_2m(
             d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
         x = (sigma_next / sigma) * x - math.expm1(-h) * d
         old_denoised, h_last = denoised, h
-    return x
+    return from_ve(x, model_sigmas[-1], signal)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(
     denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Cond = None,
-    generator: Generator = None, callback: Callback = None,
+    generator: Generator = None, callback: Callback = None, signal: Signal = None,
 ) -> torch.Tensor:
     """SDE-DPM-Solver++(2M), midpoint variant (Lu et al. 2022b, eq. 18 and Appendix), VE form:
     x_next = (s_next/s) e^-h x + (1 - e^-2h)(D0 + D1/2) + s_next sqrt(1 - e^-2h) z, D1 = (D0 - D_prev)/r.
@@ -94,6 +109,9 @@ def sample_dpmpp_2m_sde(
         if sigma_next == 0:
             x = denoised
             break
+        sigma_model_next = sigma_next
+        x, sigma = to_ve(x, sigma, signal)  # the step is taken on the VE sample (samplers/common.py)
+        sigma_next = sigma_next / (1.0 if signal is None else signal(sigma_next))
         h = math.log(sigma / sigma_next)
         d = denoised
         if old_denoised is not None:
@@ -101,6 +119,7 @@ def sample_dpmpp_2m_sde(
             d = denoised + 0.5 * (denoised - old_denoised) / r
         x = (sigma_next / sigma) * math.exp(-h) * x + (-math.expm1(-2 * h)) * d
         x = x + sigma_next * math.sqrt(-math.expm1(-2 * h)) * noise
+        x = from_ve(x, sigma_model_next, signal)
         old_denoised, h_last = denoised, h
     return x
 
@@ -122,28 +141,31 @@ def _unipc_b(h: float, order: int) -> list[float]:
 @torch.no_grad()
 def sample_unipc(
     denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Cond = None,
-    generator: Generator = None, callback: Callback = None, order: int = 2,
+    generator: Generator = None, callback: Callback = None, signal: Signal = None, order: int = 2,
 ) -> torch.Tensor:
     """UniPC (Zhao et al. 2023, arXiv 2302.04867): the UniP predictor of ``order`` (bh2, data prediction)
     and the UniC corrector, which reuses the denoiser call at the new point, so one call per step.
     Warm-up from first order, first order on the last step (diffusers' lower_order_final)."""
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
-    sigmas_list = check_sigmas(sigmas).tolist()
+    model_sigmas = check_sigmas(sigmas).tolist()
+    sigmas_list = ve_sigmas(model_sigmas, signal)  # an exponential integrator: it walks the VE sample
+    x, _ = to_ve(x, model_sigmas[0], signal)
     n = len(sigmas_list) - 1
     lambdas = [-math.log(s) if s > 0 else math.inf for s in sigmas_list]
     history: list[torch.Tensor] = []  # denoised outputs, most recent last
     last_x, last_order = None, 0
     for i in range(n):
-        denoised = denoiser(x, broadcast_sigma(sigmas_list[i], x), cond)
-        report(callback, i, x, sigmas_list[i], denoised, n)
+        x_model = from_ve(x, model_sigmas[i], signal)
+        denoised = denoiser(x_model, broadcast_sigma(model_sigmas[i], x), cond)
+        report(callback, i, x_model, model_sigmas[i], denoised, n)
         if last_x is not None:  # UniC: correct x at sigma_i using the new evaluation
             x = _unipc_update(last_x, history, sigmas_list, lambdas, i - 1, last_order, corrector=denoised)
         history = [*history, denoised][-order:]
         this_order = min(order, n - i, len(history))
         last_x, last_order = x, this_order
         x = _unipc_update(x, history, sigmas_list, lambdas, i, this_order, corrector=None)
-    return x
+    return from_ve(x, model_sigmas[-1], signal)
 
 
 def _unipc_update(
