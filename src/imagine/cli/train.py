@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -28,7 +29,12 @@ def train(
     caption_dropout: float | None = typer.Option(None, help="Text models: train on the empty prompt this often."),
     flip: bool | None = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips."),
     precision: str | None = typer.Option(None, help="fp32, or bf16 autocast with fp32 master weights."),
-    prediction: str | None = typer.Option(None, help="eps, v or x0."),
+    prediction: str | None = typer.Option(None, help="eps, v or x0 on the VP schedule, or flow (rectified flow: "
+                                                   "the network predicts eps - x0 on x_t = (1 - t) x0 + t eps)."),
+    flow_density: str | None = typer.Option(None, help="prediction flow: where training times fall: logit_normal "
+                                                       "(SD3's choice, the default), uniform or mode."),
+    flow_shift: float | None = typer.Option(None, help="prediction flow: the sampling shift the model records "
+                                                       "(1: none; SD3 uses 3 for 1024 px)."),
     schedule: str | None = typer.Option(None, help="linear, scaled_linear, cosine or sigmoid."),
     min_snr_gamma: float | None = typer.Option(None, help="Min-SNR-gamma loss weighting (e.g. 5)."),
     offset_noise: float | None = typer.Option(None, help="Offset-noise strength (e.g. 0.1)."),
@@ -65,9 +71,12 @@ def train(
             steps=steps, batch_size=batch_size, lr=lr, image_size=image_size, precision=precision,
             prediction=prediction, schedule=schedule, grad_accum=grad_accum, checkpoint_every=checkpoint_every,
             min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, learned_variance=learned_variance,
+            flow_density=flow_density, flow_shift=flow_shift,
             sample_every=sample_every, seed=seed, flip=flip,
             class_conditional=classes if classes is not None else (data == "builtin:digits" or None),
             caption_dropout=caption_dropout)
+        if cfg.prediction == "flow" and min_snr_gamma is None:  # a preset's min-SNR weighting is VP's
+            cfg = replace(cfg, min_snr_gamma=None)
         train_model(cfg, data, out, channels=channels, vae=vae, resume=resume, hooks=hooks,
                     vae_hooks=[] if rank else [vae_progress], log=typer.echo if rank == 0 else lambda _: None,
                     init=init)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+from imagine.diffusion.flow import DENSITIES, Density
 from imagine.diffusion.parametrization import Prediction
 from imagine.diffusion.schedules import BetaSchedule
 
@@ -51,6 +52,8 @@ class TrainConfig:
     schedule: BetaSchedule = "linear"
     prediction: Prediction = "eps"
     min_snr_gamma: float | None = None
+    flow_density: Density = "logit_normal"  # prediction flow: where training times fall (diffusion/flow.py)
+    flow_shift: float = 1.0  # prediction flow: the model's sampling shift, recorded in its spec (SD3: 3)
     offset_noise: float = 0.0
     learned_variance: bool = False
     # network: UNetConfig fields (channels and classes are filled from the data)
@@ -70,6 +73,10 @@ class TrainConfig:
             raise ValueError(f"batch size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
+        if self.flow_density not in DENSITIES:
+            raise ValueError(f"flow density {self.flow_density!r} unknown; choose one of: {', '.join(DENSITIES)}")
+        if not self.flow_shift > 0:
+            raise ValueError(f"flow_shift must be > 0, got {self.flow_shift}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision {self.precision!r} unknown; choose fp32 or bf16")
         if not 0 < self.lr_decay_from <= 1:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from imagine.data.images import ImageDataset
-from imagine.diffusion.losses import diffusion_loss
+from imagine.diffusion.objectives import objective
 from imagine.diffusion.superres import augment, degrade, upsample
 from imagine.io.checkpoint import atomic_write_bytes
 from imagine.io.model_folder import DiffusionModel, DiffusionSpec, save_spec, save_vocabulary
@@ -72,12 +72,13 @@ def posterior_latents(vae, images: torch.Tensor, seed: int, counters, shape: tup
     return vae.to_latent(posterior.mean + posterior.std * eps)
 
 
-def sample_draws(seed: int, counter: int, timesteps: int, shape: tuple[int, ...], flip: bool, drop_p: float
-                 ) -> tuple[int, torch.Tensor, bool, bool]:
+def sample_draws(seed: int, counter: int, timesteps: int, shape: tuple[int, ...], flip: bool, drop_p: float,
+                 draw_t=None) -> tuple[int | float, torch.Tensor, bool, bool]:
     """One sample's draws, in this order from its own generator: timestep, noise, flip (drawn only when
-    flipping is on), and whether its label or caption is dropped (probability ``drop_p``)."""
+    flipping is on), and whether its label or caption is dropped (probability ``drop_p``). ``draw_t``: the
+    objective's own timestep draw (a flow model's t in (0, 1)); default uniform over ``timesteps``."""
     g = _sample_generator(seed, counter)
-    t = int(torch.randint(timesteps, (1,), generator=g))
+    t = int(torch.randint(timesteps, (1,), generator=g)) if draw_t is None else draw_t(g)
     noise = torch.randn(shape, generator=g)
     flipped = flip and bool(torch.rand(1, generator=g) < 0.5)
     return t, noise, flipped, bool(torch.rand(1, generator=g) < drop_p)
@@ -252,12 +253,19 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
     # a fine-tune keeps its model's noise schedule (and its own generation defaults) as it was trained
     spec = init.spec if init is not None else DiffusionSpec(
         schedule=cfg.schedule, prediction=cfg.prediction, learned_variance=cfg.learned_variance,
+        flow_shift=cfg.flow_shift,
         image_size=cfg.image_size, image_channels=data.channels, latent=latents is not None or vae is not None,
         class_names=data.class_names if cfg.class_conditional else (),
         text_encoder=cfg.text_encoder if cfg.text_conditional else None, default_cfg=cfg.default_cfg,
         upscale=cfg.sr_scale, noise_levels=cfg.noise_levels if cfg.sr_scale > 1 else 0,
         default_noise_level=cfg.default_noise_level if cfg.sr_scale > 1 else 0)
     alphas_cumprod = spec.alphas_cumprod().float().to(device)
+    # what a step draws and regresses (diffusion/objectives.py): VP timesteps and losses, or flow matching
+    goal = objective(spec.prediction, alphas_cumprod, min_snr_gamma=cfg.min_snr_gamma,
+                     learned_variance=spec.learned_variance, flow_density=cfg.flow_density)
+    if cfg.sr_scale > 1 and spec.prediction == "flow":
+        raise ValueError("super-resolution stages train on a VP schedule (their noise augmentation is VP's): "
+                         "use prediction eps or v for them")
     start_step = 0
     if resume:
         ckpt = latest_checkpoint(out / "checkpoints")
@@ -313,7 +321,8 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                 idx, t, noise, flips, drop = [], [], [], [], []
                 for c in counters:
                     idx.append(position(c))
-                    draws = sample_draws(cfg.seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.label_dropout)
+                    draws = sample_draws(cfg.seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.label_dropout,
+                                         goal.draw_t)
                     for values, value in zip((t, noise, flips, drop), draws, strict=True):
                         values.append(value)
                 if latents is not None:
@@ -341,9 +350,8 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                 if cfg.offset_noise:
                     g = _sample_generator(cfg.seed + 2, first)
                     noise_t = noise_t + cfg.offset_noise * torch.randn(local, channels, 1, 1, generator=g).to(device)
-                t_t = torch.tensor(t, device=device)
-                ab = alphas_cumprod[t_t].reshape(-1, 1, 1, 1)
-                x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise_t
+                t_t = goal.timesteps(t, device)
+                x_t, network_t = goal.noisy(x0, noise_t, t_t)
                 kwargs = {}
                 if cfg.text_conditional:
                     if captions is None:
@@ -372,9 +380,8 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if sync else model.no_sync():
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                        output = model(inputs, t_t, **kwargs)
-                    loss = diffusion_loss(output.float(), x0, noise_t, x_t, t_t, alphas_cumprod, cfg.prediction,
-                                          min_snr_gamma=cfg.min_snr_gamma, learned_variance=cfg.learned_variance)
+                        output = model(inputs, network_t, **kwargs)
+                    loss = goal.loss(output.float(), x0, noise_t, x_t, t_t)
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach() / cfg.grad_accum
             if not torch.isfinite(loss_sum):
