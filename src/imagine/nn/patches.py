@@ -1,0 +1,133 @@
+"""Latents as tokens for the diffusion transformers (Peebles & Xie 2023): patch embedding with fixed 2-D
+sine-cosine positions, the unpatchify back to a latent, and the adaLN modulation of their blocks. Module and
+parameter names follow diffusers' PatchEmbed, AdaLayerNormZero and CombinedTimestepLabelEmbeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagine.nn.embeddings import TimestepEmbedding, timestep_embedding
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, dim) features [sin, cos] at frequencies 10000^(-i / (dim/2)) (MAE's), float64."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = torch.outer(positions.reshape(-1).double(), omega)
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+def sincos_2d(dim: int, height: int, width: int, base_size: int, interpolation_scale: float = 1.0) -> torch.Tensor:
+    """(height * width, dim) fixed positions of a height x width token grid, rows first: half the features
+    encode the column, half the row, each scaled so that a grid of base_size spans the same range whatever
+    its size (PixArt's and SD3's resolution-aware positions)."""
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine positions need a width divisible by 4, got {dim}")
+    rows = torch.arange(height, dtype=torch.float32) / (height / base_size) / interpolation_scale
+    cols = torch.arange(width, dtype=torch.float32) / (width / base_size) / interpolation_scale
+    grid_w, grid_h = torch.meshgrid(cols, rows, indexing="xy")  # (height, width) each
+    return torch.cat([sincos_1d(dim // 2, grid_w), sincos_1d(dim // 2, grid_h)], dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, H/p * W/p, dim): a p x p stride-p convolution, plus the fixed 2-D positions of the
+    grid (recomputed for a grid other than the training one, as diffusers does)."""
+
+    def __init__(self, sample_size: int, patch_size: int, in_channels: int, dim: int,
+                 interpolation_scale: float = 1.0):
+        super().__init__()
+        self.patch_size, self.interpolation_scale = patch_size, interpolation_scale
+        self.base_size = sample_size // patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        grid = sample_size // patch_size
+        self.register_buffer("pos_embed", sincos_2d(dim, grid, grid, self.base_size, interpolation_scale)[None],
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, N, dim)
+        pos = self.pos_embed
+        if pos.shape[1] != h * w:
+            pos = sincos_2d(tokens.shape[-1], h, w, self.base_size, self.interpolation_scale)[None].to(x.device)
+        return (tokens + pos).to(tokens.dtype)
+
+
+def unpatchify(tokens: torch.Tensor, height: int, width: int, patch_size: int, channels: int) -> torch.Tensor:
+    """(B, h * w, p * p * C) -> (B, C, h * p, w * p), the inverse of the patch embedding's layout."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, height, width, patch_size, patch_size, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, height * patch_size, width * patch_size)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x (B, N, D) * (1 + scale) + shift, shift and scale (B, D) per sample."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class LabelEmbedding(nn.Module):
+    """Class labels -> vectors, with one extra row for the dropped label of classifier-free guidance."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)
+
+
+class TimestepLabelEmbedding(nn.Module):
+    """DiT's conditioning vector: the timestep's 256 sinusoidal features through an MLP, plus the class's
+    embedding (diffusers' CombinedTimestepLabelEmbeddings)."""
+
+    FREQUENCIES = 256
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(self.FREQUENCIES, dim)
+        self.class_embedder = LabelEmbedding(num_classes, dim)
+
+    def forward(self, timestep: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        features = timestep_embedding(timestep, self.FREQUENCIES, flip_sin_to_cos=True, freq_shift=1)
+        return self.timestep_embedder(features.to(dtype)) + self.class_embedder(labels)
+
+
+class AdaLayerNormZero(nn.Module):
+    """adaLN-Zero (Peebles & Xie 2023, section 3.2): from the conditioning vector, six per-sample vectors:
+    shift, scale and gate of the attention and of the MLP. The block starts as the identity when ``linear``
+    is zero-initialized (the gates are zero)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.emb = TimestepLabelEmbedding(num_classes, dim)
+        self.linear = nn.Linear(dim, 6 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        """(modulated x, gate_msa, shift_mlp, scale_mlp, gate_mlp)."""
+        emb = self.linear(F.silu(self.emb(timestep, labels, x.dtype)))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+        return modulate(self.norm(x), shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Zero a module's weights and biases (adaLN-Zero's init; the block starts as the identity)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def xavier_(module: nn.Linear | nn.Conv2d) -> None:
+    """DiT's initialization of projections: Xavier-uniform over the flattened weight, zero bias."""
+    w = module.weight.data
+    bound = math.sqrt(6.0 / (w[0].numel() + w.shape[0]))
+    nn.init.uniform_(w, -bound, bound)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
