@@ -653,7 +653,7 @@ $("extras-form").addEventListener("submit", async (e) => {
     const images = await Promise.all(files.map(fileToDataURL));
     const body = {
       images, upscaler: $("extras-upscaler").value, prompt: $("extras-prompt").value, seed: number("extras-seed") || 0,
-      sr_noise_level: number("extras-noise"), crop: $("extras-crop").checked, tile: number("extras-tile") || 0,
+      sr_noise_level: number("extras-noise"), crop: $("extras-crop").checked, tile: number("extras-tile") || null,
     };
     if ($("extras-mode").value === "to") body.to = [number("extras-width"), number("extras-height")];
     else body.scale = number("extras-scale");
