@@ -29,6 +29,8 @@ def train(
     caption_dropout: float | None = typer.Option(None, help="Text models: train on the empty prompt this often."),
     flip: bool | None = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips."),
     precision: str | None = typer.Option(None, help="fp32, or bf16 autocast with fp32 master weights."),
+    arch: str | None = typer.Option(None, help="The denoiser: unet, or dit (a diffusion transformer with adaLN-Zero, "
+                                               "class-conditional; preset tiny-dit)."),
     prediction: str | None = typer.Option(None, help="eps, v or x0 on the VP schedule, or flow (rectified flow: "
                                                    "the network predicts eps - x0 on x_t = (1 - t) x0 + t eps)."),
     flow_density: str | None = typer.Option(None, help="prediction flow: where training times fall: logit_normal "
@@ -71,7 +73,7 @@ def train(
             steps=steps, batch_size=batch_size, lr=lr, image_size=image_size, precision=precision,
             prediction=prediction, schedule=schedule, grad_accum=grad_accum, checkpoint_every=checkpoint_every,
             min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, learned_variance=learned_variance,
-            flow_density=flow_density, flow_shift=flow_shift,
+            flow_density=flow_density, flow_shift=flow_shift, arch=arch,
             sample_every=sample_every, seed=seed, flip=flip,
             class_conditional=classes if classes is not None else (data == "builtin:digits" or None),
             caption_dropout=caption_dropout)

@@ -30,6 +30,7 @@ from imagine.io.checkpoint import (
 from imagine.models.autoencoder import AutoencoderKL, VAEConfig
 from imagine.models.clip import CLIPConfig, ShapesCLIP
 from imagine.models.controlnet import ControlNetConfig, ControlNetModel
+from imagine.models.dit import DiTConfig, DiTTransformer2DModel
 from imagine.models.image_encoders import BUILTIN, CLIPVisionEncoder, FunctionEncoder, ShapesTowerEncoder
 from imagine.models.inception import FIDInceptionV3
 from imagine.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
@@ -104,8 +105,9 @@ def _config_of(model: nn.Module) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()}
 
 
-def save_unet(unet: UNet2DConditionModel, folder: Path, dtype: str | None = None) -> Path:
-    return save_model(unet, _config_of(unet), folder, "UNet2DConditionModel", dtype)
+def save_unet(unet: nn.Module, folder: Path, dtype: str | None = None) -> Path:
+    """A model's denoiser network (a UNet or a diffusion transformer), under its class name."""
+    return save_model(unet, _config_of(unet), folder, type(unet).__name__, dtype)
 
 
 def save_vae(vae: AutoencoderKL, folder: Path, dtype: str | None = None) -> Path:
@@ -164,11 +166,37 @@ def load_clip(path: Path | str) -> ShapesCLIP:
     return model.eval()
 
 
-def load_unet(path: Path | str, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    """A UNet from our folder or file, or a diffusers UNet folder; missing or unexpected keys fail. Weights
-    are read one tensor at a time into ``dtype`` (memory: the model, never a second copy)."""
-    return _load(Path(path), "UNet2DConditionModel", UNet2DConditionModel, UNetConfig, _UNET_FIXED, _UNET_IGNORED,
-                 "UNet", dtype)
+# The denoiser networks a model folder may hold: class name -> (class, config, fixed diffusers keys, ignored keys)
+_DIT_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+DENOISERS: dict[str, tuple] = {
+    "UNet2DConditionModel": (UNet2DConditionModel, UNetConfig, _UNET_FIXED, _UNET_IGNORED),
+    "DiTTransformer2DModel": (DiTTransformer2DModel, DiTConfig, {}, _DIT_IGNORED),
+}
+
+
+def denoiser_class(path: Path | str) -> str:
+    """The class name a network folder (or weights file) declares: ours (_class) or diffusers' (_class_name);
+    a config that names neither is a UNet (diffusers' older files)."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    raw = {}
+    if path.is_file() and path.suffix == ".safetensors":
+        raw = json.loads(open_weights(path, allow_pickle=False)[1].get("config", "{}"))
+    elif (folder / CONFIG_NAME).exists():
+        raw = read_json(folder / CONFIG_NAME)
+    return raw.get("_class") or raw.get("_class_name") or "UNet2DConditionModel"
+
+
+def load_unet(path: Path | str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A model's denoiser network, a UNet or a diffusion transformer (DiT), from our folder or file or a
+    diffusers folder; missing or unexpected keys fail. Weights are read one tensor at a time into ``dtype``
+    (memory: the model, never a second copy)."""
+    kind = denoiser_class(path) if Path(path).exists() else "UNet2DConditionModel"
+    if kind not in DENOISERS:
+        raise CheckpointError(f"{path} holds a {kind}; imagine's model folders hold one of: {', '.join(DENOISERS)}")
+    cls, config_cls, fixed, ignored = DENOISERS[kind]
+    return _load(Path(path), kind, cls, config_cls, fixed, ignored, "UNet" if kind.startswith("UNet") else kind,
+                 dtype)
 
 
 def load_controlnet(path: Path | str, dtype: torch.dtype = torch.float32) -> ControlNetModel:

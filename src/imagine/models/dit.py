@@ -51,6 +51,11 @@ class DiTConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     @property
+    def num_class_embeds(self) -> int:
+        """Rows of the class table: the classes and the dropped label (as a UNet's num_class_embeds counts)."""
+        return self.num_embeds_ada_norm + 1
+
+    @property
     def output_channels(self) -> int:
         return self.out_channels or self.in_channels
 

@@ -4,6 +4,7 @@ parameter names follow diffusers' PatchEmbed, AdaLayerNormZero and CombinedTimes
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,6 +21,7 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([out.sin(), out.cos()], dim=1)
 
 
+@functools.lru_cache(maxsize=16)
 def sincos_2d(dim: int, height: int, width: int, base_size: int, interpolation_scale: float = 1.0) -> torch.Tensor:
     """(height * width, dim) fixed positions of a height x width token grid, rows first: half the features
     encode the column, half the row, each scaled so that a grid of base_size spans the same range whatever
@@ -34,7 +36,7 @@ def sincos_2d(dim: int, height: int, width: int, base_size: int, interpolation_s
 
 class PatchEmbed(nn.Module):
     """(B, C, H, W) -> (B, H/p * W/p, dim): a p x p stride-p convolution, plus the fixed 2-D positions of the
-    grid (recomputed for a grid other than the training one, as diffusers does)."""
+    grid, scaled to the training grid's (sincos_2d, cached; never in a checkpoint)."""
 
     def __init__(self, sample_size: int, patch_size: int, in_channels: int, dim: int,
                  interpolation_scale: float = 1.0):
@@ -42,17 +44,12 @@ class PatchEmbed(nn.Module):
         self.patch_size, self.interpolation_scale = patch_size, interpolation_scale
         self.base_size = sample_size // patch_size
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        grid = sample_size // patch_size
-        self.register_buffer("pos_embed", sincos_2d(dim, grid, grid, self.base_size, interpolation_scale)[None],
-                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, N, dim)
-        pos = self.pos_embed
-        if pos.shape[1] != h * w:
-            pos = sincos_2d(tokens.shape[-1], h, w, self.base_size, self.interpolation_scale)[None].to(x.device)
-        return (tokens + pos).to(tokens.dtype)
+        pos = sincos_2d(tokens.shape[-1], h, w, self.base_size, self.interpolation_scale)
+        return (tokens + pos[None].to(tokens.device)).to(tokens.dtype)
 
 
 def unpatchify(tokens: torch.Tensor, height: int, width: int, patch_size: int, channels: int) -> torch.Tensor:

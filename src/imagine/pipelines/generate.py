@@ -77,7 +77,10 @@ def activation_bytes(model: DiffusionModel, width: int, height: int, n: int, til
     f = model.latent_factor
     if tile:
         width, height = min(width, tile), min(height, tile)
-    unet = 2 * n * 4 * 24 * model.unet.config.block_out_channels[0] * (width // f) * (height // f)
+    net = model.unet.config  # its widest activations per latent position: a UNet's first level, a DiT's tokens
+    width_per_position = net.block_out_channels[0] if hasattr(net, "block_out_channels") else \
+        net.inner_dim * 4 // net.patch_size**2  # attention and the 4x MLP, per token
+    unet = 2 * n * 4 * 24 * width_per_position * (width // f) * (height // f)
     vae = n * 4 * 12 * model.vae.config.block_out_channels[0] * width * height if model.vae is not None else 0
     return unet + vae
 

@@ -56,8 +56,10 @@ class TrainConfig:
     flow_shift: float = 1.0  # prediction flow: the model's sampling shift, recorded in its spec (SD3: 3)
     offset_noise: float = 0.0
     learned_variance: bool = False
-    # network: UNetConfig fields (channels and classes are filled from the data)
-    unet: dict[str, Any] = field(default_factory=dict)
+    # network: the denoiser's architecture and its config fields (channels and classes are filled from the data)
+    arch: Literal["unet", "dit"] = "unet"
+    unet: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields (arch unet)
+    dit: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields (arch dit)
     # bookkeeping
     seed: int = 0
     checkpoint_every: int = 500
@@ -73,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"batch size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
+        if self.arch not in ("unet", "dit"):
+            raise ValueError(f"architecture {self.arch!r} unknown; choose unet or dit")
         if self.flow_density not in DENSITIES:
             raise ValueError(f"flow density {self.flow_density!r} unknown; choose one of: {', '.join(DENSITIES)}")
         if not self.flow_shift > 0:
@@ -126,6 +130,9 @@ PRESETS: dict[str, TrainConfig] = {
         schedule="cosine", prediction="v", min_snr_gamma=5.0, precision="bf16", unet=_PIXEL_SMALL),
 }
 PRESETS["digits"] = replace(PRESETS["small"], class_conditional=True)
+# a DiT in seconds (tests and smoke runs): 16x16 pixels as 64 patches of 2x2
+PRESETS["tiny-dit"] = replace(PRESETS["tiny"], arch="dit", class_conditional=True,
+                              dit=dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, patch_size=2))
 
 _T2I_SMALL = dict(block_out_channels=(48, 96, 96), layers_per_block=1, norm_num_groups=16,
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

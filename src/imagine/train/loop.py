@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from imagine.data.images import ImageDataset
 from imagine.diffusion.objectives import objective
@@ -30,6 +31,7 @@ from imagine.io.checkpoint import atomic_write_bytes
 from imagine.io.model_folder import DiffusionModel, DiffusionSpec, save_spec, save_vocabulary
 from imagine.io.networks import load_vae, save_unet, save_vae
 from imagine.models import UNet2DConditionModel, UNetConfig
+from imagine.models.dit import DiTConfig, DiTTransformer2DModel
 from imagine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from imagine.train.config import TrainConfig
 from imagine.train.ema import EMA
@@ -132,6 +134,20 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     if step < start:
         return warm
     return warm * (1.0 - 0.9 * min(1.0, (step - start) / max(1, cfg.steps - start)))
+
+
+def make_network(cfg: TrainConfig, channels: int, num_classes: int, context_dim: int | None = None) -> nn.Module:
+    """The run's denoiser network, freshly initialized: a UNet (make_unet_config) or a DiT (class-conditional,
+    its patches over the run's side)."""
+    if cfg.arch == "unet":
+        return UNet2DConditionModel(make_unet_config(cfg, channels, num_classes, context_dim))
+    if context_dim is not None or not cfg.class_conditional or cfg.sr_scale > 1:
+        raise ValueError("a DiT is a class-conditional network (adaLN-Zero on the timestep and the class): train it "
+                         "on class data such as builtin:digits; text-to-image transformers are PixArt's and MMDiT")
+    side = cfg.image_size
+    return DiTTransformer2DModel(DiTConfig.from_dict({**cfg.dit, "sample_size": side, "in_channels": channels,
+                                                      "out_channels": 2 * channels if cfg.learned_variance else None,
+                                                      "num_embeds_ada_norm": num_classes}))
 
 
 def make_unet_config(cfg: TrainConfig, channels: int, num_classes: int, context_dim: int | None = None) -> UNetConfig:
@@ -237,10 +253,11 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
         if cfg.text_conditional and hasattr(text_encoder, "prefill"):
             text_encoder.model.to(device)
     if init is None:
-        unet = UNet2DConditionModel(make_unet_config(cfg, channels, data.num_classes, context_dim))
+        unet = make_network(cfg, channels, data.num_classes, context_dim)
     else:
         have = init.unet.config
-        if (have.in_channels, have.cross_attention_dim if context_dim else None) != (channels, context_dim):
+        if (have.in_channels, getattr(have, "cross_attention_dim", None) if context_dim else None) != (channels,
+                                                                                                   context_dim):
             raise ValueError(f"--init {init.path}: its network takes {have.in_channels} channels and "
                              f"{have.cross_attention_dim}-wide text states; this run has {channels} and "
                              f"{context_dim}")
@@ -272,7 +289,7 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
         meta = load_checkpoint(ckpt, unet, ema, optimizer, lr_scheduler)
-        if UNetConfig.from_dict(meta["unet_config"]) != unet.config:
+        if meta["unet_config"] != json.loads(json.dumps(asdict(unet.config))):
             raise ValueError("--resume with a different network than the checkpoint's; keep the same preset")
         start_step = meta["step"]
         # a run resumed with more steps follows its new schedule from here (the saved lr was the old one's)
