@@ -51,3 +51,34 @@ def test_dit_starts_as_adaln_zero_says():
         net(torch.randn(1, 4, 8, 8), torch.tensor([1.0]))
     with pytest.raises(ValueError, match="multiples of the patch size"):
         net(torch.randn(1, 4, 7, 8), torch.tensor([1.0]), class_labels=torch.tensor([0]))
+
+
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
+@pytest.mark.parametrize("height, width", [(8, 8), (8, 12)])
+def test_mmdit_matches_diffusers(qk_norm, height, width):
+    from imagine.models.mmdit import MMDiTConfig, SD3Transformer2DModel
+
+    kwargs = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6,
+                  out_channels=4, pos_embed_max_size=16, qk_norm=qk_norm)
+    ours = _jitter(SD3Transformer2DModel(MMDiTConfig(**kwargs)), 2)
+    theirs = diffusers.SD3Transformer2DModel(**kwargs).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, height, width, generator=g)
+    context, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 6, generator=g)
+    t = torch.tensor([999.0, 250.5])
+    with torch.no_grad():
+        want = theirs(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
+        got = ours(x, t, encoder_hidden_states=context, pooled_projections=pooled)
+    assert got.shape == want.shape == x.shape
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_mmdit_refuses_what_it_does_not_build():
+    from imagine.models.mmdit import MMDiTConfig
+
+    with pytest.raises(ValueError, match="dual attention"):
+        MMDiTConfig(dual_attention_layers=(0, 1))
+    with pytest.raises(ValueError, match="caption_projection_dim"):
+        MMDiTConfig(num_attention_heads=2, attention_head_dim=8, caption_projection_dim=12)

@@ -17,7 +17,7 @@ from torch import nn
 
 from imagine.nn.attention import Attention
 from imagine.nn.config import config_from_dict
-from imagine.nn.patches import AdaLayerNormZero, PatchEmbed, gelu_tanh, modulate, unpatchify, xavier_, zero_
+from imagine.nn.patches import AdaLayerNormZero, GeluFeedForward, PatchEmbed, modulate, unpatchify, xavier_, zero_
 
 
 @dataclass(frozen=True)
@@ -64,24 +64,6 @@ class DiTConfig:
         return config_from_dict(cls, data, "DiT config")
 
 
-class FeedForward(nn.Module):
-    """Linear, tanh-approximated GELU, Linear (diffusers' FeedForward with "gelu-approximate")."""
-
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
-        super().__init__()
-        self.net = nn.ModuleList([_Proj(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gelu_tanh(self.net[0].proj(x))
-        return self.net[2](self.net[1](x))
-
-
-class _Proj(nn.Module):  # diffusers' GELU module: its projection is named proj
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, inner)
-
-
 class DiTBlock(nn.Module):
     """x + gate_msa Attn(adaLN(x)), then x + gate_mlp MLP(LN(x) (1 + scale) + shift)."""
 
@@ -92,7 +74,7 @@ class DiTBlock(nn.Module):
         self.attn1 = Attention(dim, cfg.num_attention_heads, cfg.attention_head_dim, bias=cfg.attention_bias,
                                dropout=cfg.dropout)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=cfg.norm_eps)
-        self.ff = FeedForward(dim, dropout=cfg.dropout)
+        self.ff = GeluFeedForward(dim, dropout=cfg.dropout)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, timestep, labels)

@@ -58,6 +58,44 @@ class Attention(nn.Module):
         return self.to_out[1](self.to_out[0](out))
 
 
+class JointAttention(nn.Module):
+    """MMDiT's joint attention (Esser et al. 2024, Fig. 2): image and text tokens each get their own Q, K, V
+    projections, attend together as one sequence, and are split back, each through its own output projection.
+    Names follow diffusers' Attention with added_kv_proj_dim (to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out;
+    norm_q, norm_k, norm_added_q, norm_added_k with qk_norm "rms_norm", SD3.5's). ``context_pre_only``: the last
+    block's text path stops here (no to_add_out; the text tokens are not returned)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_pre_only: bool = False,
+                 qk_norm: str | None = None, eps: float = 1e-6):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.context_pre_only = heads, context_pre_only
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, inner) for _ in range(3))
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+        self.to_add_out = None if context_pre_only else nn.Linear(inner, dim)
+        if qk_norm not in (None, "rms_norm"):
+            raise ValueError(f"qk_norm {qk_norm!r} unknown; imagine implements none and rms_norm (SD3.5)")
+        norms = [nn.RMSNorm(dim_head, eps=eps) if qk_norm else None for _ in range(4)]
+        self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = norms
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, N, dim), context (B, M, dim) -> (x's output (B, N, dim), context's (B, M, dim) or None)."""
+        b, n = x.shape[0], x.shape[1]
+
+        def heads(t: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:  # (B, L, inner) -> (B, heads, L, d)
+            t = t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)
+            return norm(t) if norm is not None else t
+
+        q = torch.cat([heads(self.to_q(x), self.norm_q), heads(self.add_q_proj(context), self.norm_added_q)], dim=2)
+        k = torch.cat([heads(self.to_k(x), self.norm_k), heads(self.add_k_proj(context), self.norm_added_k)], dim=2)
+        v = torch.cat([heads(self.to_v(x), None), heads(self.add_v_proj(context), None)], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, q.shape[2], -1)
+        image, text = out[:, :n], out[:, n:]
+        image = self.to_out[1](self.to_out[0](image))
+        return image, (None if self.to_add_out is None else self.to_add_out(text))
+
+
 @contextmanager
 def swapped_streams(streams: Mapping[Attention, Sequence] | None):
     """Each attention layer of ``streams`` reads its extra key/value streams for the block; none after it."""

@@ -36,19 +36,32 @@ def sincos_2d(dim: int, height: int, width: int, base_size: int, interpolation_s
 
 class PatchEmbed(nn.Module):
     """(B, C, H, W) -> (B, H/p * W/p, dim): a p x p stride-p convolution, plus the fixed 2-D positions of the
-    grid, scaled to the training grid's (sincos_2d, cached; never in a checkpoint)."""
+    grid, scaled to the training grid's (sincos_2d, cached; never in a checkpoint). With ``pos_embed_max_size``
+    (SD3) the positions of a max x max grid are a buffer (in checkpoints, as diffusers keeps them) and an
+    image's grid takes their centre crop."""
 
     def __init__(self, sample_size: int, patch_size: int, in_channels: int, dim: int,
-                 interpolation_scale: float = 1.0):
+                 interpolation_scale: float = 1.0, pos_embed_max_size: int | None = None):
         super().__init__()
         self.patch_size, self.interpolation_scale = patch_size, interpolation_scale
         self.base_size = sample_size // patch_size
+        self.pos_embed_max_size = pos_embed_max_size
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        if pos_embed_max_size is not None:
+            grid = sincos_2d(dim, pos_embed_max_size, pos_embed_max_size, self.base_size, interpolation_scale)
+            self.register_buffer("pos_embed", grid[None].clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, N, dim)
-        pos = sincos_2d(tokens.shape[-1], h, w, self.base_size, self.interpolation_scale)
+        if self.pos_embed_max_size is not None:
+            m = self.pos_embed_max_size
+            if h > m or w > m:
+                raise ValueError(f"a {h} x {w} grid of patches is larger than this network's positions ({m} x {m})")
+            top, left = (m - h) // 2, (m - w) // 2
+            pos = self.pos_embed.reshape(m, m, -1)[top: top + h, left: left + w].reshape(h * w, -1)
+        else:
+            pos = sincos_2d(tokens.shape[-1], h, w, self.base_size, self.interpolation_scale)
         return (tokens + pos[None].to(tokens.device)).to(tokens.dtype)
 
 
@@ -94,20 +107,55 @@ class TimestepLabelEmbedding(nn.Module):
 class AdaLayerNormZero(nn.Module):
     """adaLN-Zero (Peebles & Xie 2023, section 3.2): from the conditioning vector, six per-sample vectors:
     shift, scale and gate of the attention and of the MLP. The block starts as the identity when ``linear``
-    is zero-initialized (the gates are zero)."""
+    is zero-initialized (the gates are zero). With ``num_classes`` (DiT) it embeds the timestep and class
+    itself; without (MMDiT) it is given the conditioning vector."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int | None = None):
         super().__init__()
-        self.emb = TimestepLabelEmbedding(num_classes, dim)
+        self.emb = TimestepLabelEmbedding(num_classes, dim) if num_classes is not None else None
         self.linear = nn.Linear(dim, 6 * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor
-                ) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                emb: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """(modulated x, gate_msa, shift_mlp, scale_mlp, gate_mlp)."""
-        emb = self.linear(F.silu(self.emb(timestep, labels, x.dtype)))
+        if emb is None:
+            emb = self.emb(timestep, labels, x.dtype)
+        emb = self.linear(F.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
         return modulate(self.norm(x), shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class AdaLayerNormContinuous(nn.Module):
+    """LayerNorm modulated by a conditioning vector: x (1 + scale) + shift, (scale, shift) = linear(silu(c))
+    (diffusers' AdaLayerNormContinuous: note the order, scale first)."""
+
+    def __init__(self, dim: int, conditioning_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.linear = nn.Linear(conditioning_dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+
+    def forward(self, x: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(conditioning).to(x.dtype)).chunk(2, dim=1)
+        return modulate(self.norm(x), shift, scale)
+
+
+class GeluFeedForward(nn.Module):
+    """Linear, tanh-approximated GELU, Linear (diffusers' FeedForward with "gelu-approximate"; names ff.net.0.proj
+    and ff.net.2)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, dim_out: int | None = None):
+        super().__init__()
+        self.net = nn.ModuleList([_Proj(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim_out or dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[1](gelu_tanh(self.net[0].proj(x))))
+
+
+class _Proj(nn.Module):  # diffusers' GELU module: its projection is named proj
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

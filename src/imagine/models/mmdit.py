@@ -1,0 +1,162 @@
+"""SD3's MMDiT (Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis",
+Fig. 2): image patches and text tokens each keep their own weights but attend jointly in every block, both
+modulated (adaLN-Zero) by one vector of the timestep and the pooled text; trained with flow matching.
+
+State-dict keys are diffusers' ``SD3Transformer2DModel`` (pos_embed, time_text_embed, context_embedder,
+transformer_blocks.N.{norm1, norm1_context, attn, ff, ff_context}, norm_out, proj_out), so SD3 checkpoints load
+unchanged. The last block is "context pre-only": its text path ends at the attention. SD3.5's dual attention
+layers (a second, image-only attention in the first blocks) are not built yet: such a config is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from imagine.nn.attention import JointAttention
+from imagine.nn.config import config_from_dict
+from imagine.nn.embeddings import TimestepEmbedding, timestep_embedding
+from imagine.nn.patches import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    GeluFeedForward,
+    PatchEmbed,
+    modulate,
+    unpatchify,
+    xavier_,
+    zero_,
+)
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    sample_size: int = 128  # latent side at training (the positions' base grid)
+    patch_size: int = 2
+    in_channels: int = 16
+    num_layers: int = 18
+    attention_head_dim: int = 64
+    num_attention_heads: int = 18
+    joint_attention_dim: int = 4096  # the text states' width (T5's, or CLIP's concatenated)
+    caption_projection_dim: int = 1152  # = heads x head dim
+    pooled_projection_dim: int = 2048  # the pooled text vector's width
+    out_channels: int = 16
+    pos_embed_max_size: int = 96  # positions for grids up to this many patches a side
+    qk_norm: str | None = None  # "rms_norm" (SD3.5)
+    dual_attention_layers: tuple[int, ...] = ()  # SD3.5 Medium's; not built yet
+
+    def __post_init__(self):
+        if self.dual_attention_layers:
+            raise ValueError("SD3.5's dual attention layers are not built yet; this MMDiT takes configs without them")
+        if self.caption_projection_dim != self.inner_dim:
+            raise ValueError(f"caption_projection_dim ({self.caption_projection_dim}) must equal heads x head dim "
+                             f"({self.inner_dim}): text and image tokens attend in one sequence")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MMDiTConfig:
+        return config_from_dict(cls, data, "MMDiT config")
+
+
+class TimestepTextEmbedding(nn.Module):
+    """The blocks' conditioning vector: the timestep's 256 sinusoidal features through an MLP plus the pooled
+    text through another (diffusers' CombinedTimestepTextProjEmbeddings)."""
+
+    FREQUENCIES = 256
+
+    def __init__(self, dim: int, pooled_dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(self.FREQUENCIES, dim)
+        self.text_embedder = TimestepEmbedding(pooled_dim, dim)  # linear_1, SiLU, linear_2: the same shape
+
+    def forward(self, timestep: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        features = timestep_embedding(timestep, self.FREQUENCIES, flip_sin_to_cos=True, freq_shift=0)
+        return self.timestep_embedder(features.to(pooled.dtype)) + self.text_embedder(pooled)
+
+
+class JointBlock(nn.Module):
+    def __init__(self, cfg: MMDiTConfig, context_pre_only: bool):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.context_pre_only = context_pre_only
+        self.norm1 = AdaLayerNormZero(dim)
+        self.norm1_context = AdaLayerNormContinuous(dim, dim) if context_pre_only else AdaLayerNormZero(dim)
+        self.attn = JointAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim, context_pre_only,
+                                   cfg.qk_norm)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = GeluFeedForward(dim)
+        if not context_pre_only:
+            self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.ff_context = GeluFeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
+        if self.context_pre_only:
+            c = self.norm1_context(context, temb)
+        else:
+            c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(context, emb=temb)
+        attn, context_attn = self.attn(h, c)
+        x = x + gate_msa[:, None] * attn
+        x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        if self.context_pre_only:
+            return x, None
+        context = context + c_gate_msa[:, None] * context_attn
+        context = context + c_gate_mlp[:, None] * self.ff_context(modulate(self.norm2_context(context), c_shift_mlp,
+                                                                            c_scale_mlp))
+        return x, context
+
+
+class SD3Transformer2DModel(nn.Module):
+    """mmdit(sample (B, C, H, W), timestep (B,), encoder_hidden_states (B, M, joint_attention_dim),
+    pooled_projections (B, pooled_projection_dim)) -> (B, C_out, H, W). Timesteps are diffusers' flow
+    convention, 1000 t."""
+
+    def __init__(self, config: MMDiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        dim = cfg.inner_dim
+        self.pos_embed = PatchEmbed(cfg.sample_size, cfg.patch_size, cfg.in_channels, dim,
+                                    pos_embed_max_size=cfg.pos_embed_max_size)
+        self.time_text_embed = TimestepTextEmbedding(dim, cfg.pooled_projection_dim)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
+        self.transformer_blocks = nn.ModuleList([JointBlock(cfg, context_pre_only=i == cfg.num_layers - 1)
+                                                 for i in range(cfg.num_layers)])
+        self.norm_out = AdaLayerNormContinuous(dim, dim)
+        self.proj_out = nn.Linear(dim, cfg.patch_size**2 * cfg.out_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier projections, and every modulation and the output projection zero (adaLN-Zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                xavier_(module)
+        xavier_(self.pos_embed.proj)
+        for block in self.transformer_blocks:
+            zero_(block.norm1.linear)
+            zero_(block.norm1_context.linear)
+        zero_(self.norm_out.linear)
+        zero_(self.proj_out)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, **unused) -> torch.Tensor:
+        cfg = self.config
+        if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
+            raise ValueError(f"expected a (B, {cfg.in_channels}, H, W) sample, got {tuple(sample.shape)}")
+        if sample.shape[-2] % cfg.patch_size or sample.shape[-1] % cfg.patch_size:
+            raise ValueError(f"the sample's sides {tuple(sample.shape[-2:])} are not multiples of the patch size "
+                             f"{cfg.patch_size}")
+        b = sample.shape[0]
+        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
+        h, w = sample.shape[-2] // cfg.patch_size, sample.shape[-1] // cfg.patch_size
+        x = self.pos_embed(sample)  # (B, h w, dim)
+        temb = self.time_text_embed(timestep, pooled_projections.to(x.dtype))
+        context = self.context_embedder(encoder_hidden_states.to(x.dtype))
+        for block in self.transformer_blocks:
+            x, context = block(x, context, temb)
+        x = self.proj_out(self.norm_out(x, temb))
+        return unpatchify(x, h, w, cfg.patch_size, cfg.out_channels)
