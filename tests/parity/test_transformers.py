@@ -82,3 +82,32 @@ def test_mmdit_refuses_what_it_does_not_build():
         MMDiTConfig(dual_attention_layers=(0, 1))
     with pytest.raises(ValueError, match="caption_projection_dim"):
         MMDiTConfig(num_attention_heads=2, attention_head_dim=8, caption_projection_dim=12)
+
+
+@pytest.mark.parametrize("sample_size, height, width", [(8, 8, 8), (8, 8, 12), (128, 8, 8)])
+def test_pixart_matches_diffusers(sample_size, height, width):
+    """sample_size 128 switches on PixArt-alpha 1024's resolution and aspect-ratio embeddings (and positions
+    scaled by 2); a text mask leaves two tokens out of one row."""
+    from imagine.models.pixart import PixArtConfig, PixArtTransformer2DModel
+
+    head = 12 if sample_size == 128 else 8  # the size embeddings take a third of the width each
+    kwargs = dict(num_attention_heads=2, attention_head_dim=head, in_channels=4, out_channels=8, num_layers=2,
+                  cross_attention_dim=2 * head, sample_size=sample_size, patch_size=2, caption_channels=12)
+    ours = _jitter(PixArtTransformer2DModel(PixArtConfig(**kwargs)), 4)
+    theirs = diffusers.PixArtTransformer2DModel(**kwargs).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, height, width, generator=g)
+    context = torch.randn(2, 6, 12, generator=g)
+    mask = torch.ones(2, 6)
+    mask[1, 4:] = 0
+    t = torch.tensor([999.0, 12.0])
+    extra = {}
+    if sample_size == 128:
+        extra = {"resolution": torch.tensor([[64.0, 64.0], [64.0, 96.0]]), "aspect_ratio": torch.tensor([[1.0], [1.5]])}
+    with torch.no_grad():
+        want = theirs(x, encoder_hidden_states=context, encoder_attention_mask=mask, timestep=t,
+                      added_cond_kwargs=extra).sample
+        got = ours(x, t, encoder_hidden_states=context, encoder_attention_mask=mask, **extra)
+    assert got.shape == want.shape == (2, 8, height, width)
+    assert (got - want).abs().max() < 1e-5
