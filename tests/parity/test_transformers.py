@@ -111,3 +111,41 @@ def test_pixart_matches_diffusers(sample_size, height, width):
         got = ours(x, t, encoder_hidden_states=context, encoder_attention_mask=mask, **extra)
     assert got.shape == want.shape == (2, 8, height, width)
     assert (got - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_flux_matches_diffusers(guidance):
+    from imagine.models.flux import FluxConfig, FluxTransformer2DModel, latent_ids, pack_latents
+
+    kwargs = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=6, guidance_embeds=guidance,
+                  axes_dims_rope=(2, 2, 4))
+    ours = _jitter(FluxTransformer2DModel(FluxConfig(**kwargs)), 6)
+    theirs = diffusers.FluxTransformer2DModel(**kwargs).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(7)
+    latents = torch.randn(2, 4, 8, 12, generator=g)
+    tokens = pack_latents(latents)  # (2, 24, 16)
+    img_ids = latent_ids(8, 12)
+    txt_ids = torch.zeros(5, 3)
+    context, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 6, generator=g)
+    t = torch.tensor([1.0, 0.3])
+    w = torch.tensor([3.5, 3.5]) if guidance else None
+    with torch.no_grad():
+        want = theirs(tokens, encoder_hidden_states=context, pooled_projections=pooled, timestep=t, img_ids=img_ids,
+                      txt_ids=txt_ids, guidance=w).sample
+        got = ours(tokens, t, encoder_hidden_states=context, pooled_projections=pooled, img_ids=img_ids,
+                   txt_ids=txt_ids, guidance=w)
+    assert got.shape == want.shape == tokens.shape
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_flux_packing_matches_diffusers_pipeline():
+    from imagine.models.flux import latent_ids, pack_latents, unpack_latents
+
+    pipe = diffusers.FluxPipeline
+    latents = torch.randn(2, 16, 6, 10)
+    packed = pack_latents(latents)
+    assert torch.equal(packed, pipe._pack_latents(latents, 2, 16, 6, 10))
+    assert torch.equal(unpack_latents(packed, 6, 10), latents)
+    assert torch.equal(latent_ids(6, 10), pipe._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32))
