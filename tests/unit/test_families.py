@@ -23,7 +23,7 @@ from imagine.families import (
 
 
 def test_the_four_entries_hold_what_stable_diffusion_releases_use():
-    assert set(FAMILIES) == {"imagine", "sd1", "sd2", "sdxl"}
+    assert set(FAMILIES) >= {"imagine", "sd1", "sd2", "sdxl", "imagine-dit", "imagine-pixart", "imagine-mmdit"}
     assert (SD1.latent.scaling_factor, SD2.latent.scaling_factor, SDXL.latent.scaling_factor) == (0.18215, 0.18215,
                                                                                                   0.13025)
     assert (SD1.image_size, SD2.image_size, SDXL.image_size) == (512, 768, 1024)
@@ -31,7 +31,7 @@ def test_the_four_entries_hold_what_stable_diffusion_releases_use():
     assert [len(f.text_encoders) for f in (SD1, SD2, SDXL)] == [1, 1, 2]
     assert SDXL.zero_empty_negative and not SD1.zero_empty_negative
     assert IMAGINE.latent is None  # its own VAE says
-    with pytest.raises(ValueError, match="unknown; imagine knows: imagine, sd1, sd2, sdxl"):
+    with pytest.raises(ValueError, match="unknown; imagine knows: imagine, sd1, sd2, sdxl"):  # and imagine's DiTs
         family("flux")
 
 
@@ -62,7 +62,10 @@ def test_every_attachment_kind_is_registered_and_fits_the_unet_families():
     subclasses = set(Attachment.__subclasses__())
     assert subclasses == set(ATTACHMENTS), "an Attachment kind is missing from adapters.ATTACHMENTS"
     for f in FAMILIES.values():
-        assert kinds <= f.attachments
+        if f.network == "unet":
+            assert kinds <= f.attachments
+        else:  # the UNet's spatial adapters do not fit a transformer
+            assert "controlnet" not in f.attachments and "lora" in f.attachments
 
 
 def test_a_family_refuses_an_attachment_that_does_not_fit_it():

@@ -29,8 +29,9 @@ def train(
     caption_dropout: float | None = typer.Option(None, help="Text models: train on the empty prompt this often."),
     flip: bool | None = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips."),
     precision: str | None = typer.Option(None, help="fp32, or bf16 autocast with fp32 master weights."),
-    arch: str | None = typer.Option(None, help="The denoiser: unet, or dit (a diffusion transformer with adaLN-Zero, "
-                                               "class-conditional; preset tiny-dit)."),
+    arch: str | None = typer.Option(None, help="The denoiser: unet; dit (a diffusion transformer with adaLN-Zero, "
+                                               "class-conditional); pixart (a DiT cross-attending to the text, "
+                                               "adaLN-single) or mmdit (SD3's joint text-image attention)."),
     prediction: str | None = typer.Option(None, help="eps, v or x0 on the VP schedule, or flow (rectified flow: "
                                                    "the network predicts eps - x0 on x_t = (1 - t) x0 + t eps)."),
     flow_density: str | None = typer.Option(None, help="prediction flow: where training times fall: logit_normal "

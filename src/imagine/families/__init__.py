@@ -45,7 +45,7 @@ class TextEncoderSlot:
 class Family:
     name: str  # what a record and `imagine models` call it: imagine, sd1, sd2, sdxl
     label: str  # for people
-    network: Literal["unet"]  # the denoiser architecture (models/unet.py); the transformers come next
+    network: Literal["unet", "dit", "pixart", "mmdit", "flux"]  # the denoiser architecture (models/)
     latent: LatentFormat | None  # fixed by the family; None: the model's own VAE says (imagine's models)
     image_size: int  # the side it was trained at, what generation uses when the user gives no size
     prediction: Prediction  # what its denoiser predicts where the checkpoint does not say
@@ -54,6 +54,7 @@ class Family:
     clip_skip: int = 1  # the text layer its denoiser was trained on (1: the last), where the file does not say
     # SDXL's extra inputs: the pooled text and the size/crop ids ("micro-conditioning", Podell et al. 2023)
     micro_conditioning: bool = False
+    pooled_input: Literal["pooled_projections"] | None = None  # MMDiT's: the pooled text as the network's input
     zero_empty_negative: bool = False  # an empty negative prompt is a zero context, not the encoded ""
     attachments: frozenset[str] = UNET_ATTACHMENTS
     # how kohya's LoRA files name its UNet's modules: diffusers' names (SD 1.x, 2.x) or the original layout's
@@ -62,8 +63,17 @@ class Family:
     modelspec: str | None = None  # the modelspec.architecture a single file declares (kohya, A1111)
     diffusers_pipeline: str | None = None  # the model_index.json class of its diffusers folders
 
-    def conditioning(self, pooled: torch.Tensor | None, width: int, height: int) -> dict[str, torch.Tensor]:
-        """The denoiser's inputs beyond the text states, for rows of ``pooled`` text at this output size."""
+    def conditioning(self, pooled: torch.Tensor | None, width: int, height: int, context: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The denoiser's inputs beyond the text states, for rows of text (their ``pooled`` vectors, or their
+        token states ``context`` (B, T, D) and ``mask`` (B, T)) at this output size."""
+        if self.pooled_input == "pooled_projections":  # an MMDiT: the pooled text joins the timestep's vector
+            if pooled is None:  # the sentence vector of an encoder that gives none: its tokens' masked mean
+                if context is None:
+                    raise ValueError(f"a {self.label} network needs the pooled text or the text states")
+                weights = (mask.float() if mask is not None else torch.ones(context.shape[:2]))[..., None]
+                pooled = (context.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+            return {"pooled_projections": pooled}
         if not self.micro_conditioning:
             return {}
         if pooled is None:
@@ -103,7 +113,39 @@ SDXL = Family("sdxl", "Stable Diffusion XL", "unet", LatentFormat(channels=4, sc
               clip_skip=2, micro_conditioning=True, zero_empty_negative=True, kohya_unet_names="ldm",
               modelspec="stable-diffusion-xl-v1-base", diffusers_pipeline="StableDiffusionXLPipeline")
 
-FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL)}
+# imagine's own transformers, trained here (diffusion transformers take LoRAs and embeddings; the UNet's
+# ControlNets, T2I-Adapters and IP-Adapters do not fit them)
+TRANSFORMER_ATTACHMENTS: frozenset[str] = frozenset({"lora", "embedding"})
+IMAGINE_DIT = Family("imagine-dit", "imagine DiT", "dit", None, image_size=32, prediction="flow",
+                     attachments=TRANSFORMER_ATTACHMENTS)
+IMAGINE_PIXART = Family("imagine-pixart", "imagine PixArt-style DiT", "pixart", None, image_size=32,
+                        prediction="flow", attachments=TRANSFORMER_ATTACHMENTS)
+IMAGINE_MMDIT = Family("imagine-mmdit", "imagine MMDiT", "mmdit", None, image_size=32, prediction="flow",
+                       pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS)
+
+FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL, IMAGINE_DIT, IMAGINE_PIXART,
+                                                       IMAGINE_MMDIT)}
+# imagine's own models by their denoiser network's class
+OWN_BY_NETWORK: Mapping[str, Family] = {"UNet2DConditionModel": IMAGINE, "DiTTransformer2DModel": IMAGINE_DIT,
+                                        "PixArtTransformer2DModel": IMAGINE_PIXART,
+                                        "SD3Transformer2DModel": IMAGINE_MMDIT}
+
+
+def of_network(network) -> Family:
+    """The family of one of imagine's own networks (SDXL's where a UNet takes its micro-conditioning)."""
+    if getattr(network.config, "addition_embed_type", None) == "text_time":
+        return SDXL
+    return OWN_BY_NETWORK.get(type(network).__name__, IMAGINE)
+
+
+def text_width(config) -> int | None:
+    """The width of the text states a denoiser network reads (None: it reads none)."""
+    for name in ("cross_attention_dim", "caption_channels", "joint_attention_dim"):
+        if name == "cross_attention_dim" and hasattr(config, "caption_channels"):
+            continue  # PixArt's cross_attention_dim is its blocks' width; it reads caption_channels
+        if getattr(config, name, None):
+            return getattr(config, name)
+    return None
 # the Stable Diffusion families, in the order a checkpoint is tested against them (most specific first)
 CHECKPOINT_FAMILIES: tuple[Family, ...] = (SDXL, SD2, SD1)
 

@@ -13,7 +13,7 @@ import torch
 from imagine import __version__
 from imagine.diffusion.parametrization import Prediction, check_prediction
 from imagine.diffusion.schedules import BetaSchedule, make_alphas_cumprod
-from imagine.families import IMAGINE, SDXL, Family, family
+from imagine.families import Family, family, of_network
 from imagine.io.checkpoint import CheckpointError, atomic_write_bytes, fresh_folder, read_json
 from imagine.io.networks import load_unet, load_vae, save_unet, save_vae
 from imagine.nn.config import config_from_dict
@@ -98,7 +98,7 @@ class DiffusionModel:
         UNet takes SDXL's micro-conditioning (a folder saved from an SDXL checkpoint)."""
         if self.arch is not None:
             return family(self.arch)
-        return SDXL if getattr(self.unet.config, "addition_embed_type", None) == "text_time" else IMAGINE
+        return of_network(self.unet)
 
     @property
     def latent_factor(self) -> int:

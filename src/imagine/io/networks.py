@@ -33,6 +33,8 @@ from imagine.models.controlnet import ControlNetConfig, ControlNetModel
 from imagine.models.dit import DiTConfig, DiTTransformer2DModel
 from imagine.models.image_encoders import BUILTIN, CLIPVisionEncoder, FunctionEncoder, ShapesTowerEncoder
 from imagine.models.inception import FIDInceptionV3
+from imagine.models.mmdit import MMDiTConfig, SD3Transformer2DModel
+from imagine.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from imagine.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from imagine.models.unet import UNet2DConditionModel, UNetConfig
 from imagine.weights import DEFAULT_CLIP, default_clip
@@ -171,6 +173,8 @@ _DIT_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_use_defa
 DENOISERS: dict[str, tuple] = {
     "UNet2DConditionModel": (UNet2DConditionModel, UNetConfig, _UNET_FIXED, _UNET_IGNORED),
     "DiTTransformer2DModel": (DiTTransformer2DModel, DiTConfig, {}, _DIT_IGNORED),
+    "PixArtTransformer2DModel": (PixArtTransformer2DModel, PixArtConfig, {}, _DIT_IGNORED),
+    "SD3Transformer2DModel": (SD3Transformer2DModel, MMDiTConfig, {}, _DIT_IGNORED),
 }
 
 

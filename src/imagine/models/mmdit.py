@@ -93,14 +93,14 @@ class JointBlock(nn.Module):
             self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.ff_context = GeluFeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor
+    def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
         if self.context_pre_only:
             c = self.norm1_context(context, temb)
         else:
             c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(context, emb=temb)
-        attn, context_attn = self.attn(h, c)
+        attn, context_attn = self.attn(h, c, mask)
         x = x + gate_msa[:, None] * attn
         x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
         if self.context_pre_only:
@@ -113,8 +113,8 @@ class JointBlock(nn.Module):
 
 class SD3Transformer2DModel(nn.Module):
     """mmdit(sample (B, C, H, W), timestep (B,), encoder_hidden_states (B, M, joint_attention_dim),
-    pooled_projections (B, pooled_projection_dim)) -> (B, C_out, H, W). Timesteps are diffusers' flow
-    convention, 1000 t."""
+    pooled_projections (B, pooled_projection_dim), encoder_attention_mask (B, M) or None: SD3 attends to every
+    text token) -> (B, C_out, H, W). Timesteps are diffusers' flow convention, 1000 t."""
 
     def __init__(self, config: MMDiTConfig):
         super().__init__()
@@ -143,7 +143,8 @@ class SD3Transformer2DModel(nn.Module):
         zero_(self.proj_out)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
-                pooled_projections: torch.Tensor, **unused) -> torch.Tensor:
+                pooled_projections: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None,
+                **unused) -> torch.Tensor:
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"expected a (B, {cfg.in_channels}, H, W) sample, got {tuple(sample.shape)}")
@@ -157,6 +158,6 @@ class SD3Transformer2DModel(nn.Module):
         temb = self.time_text_embed(timestep, pooled_projections.to(x.dtype))
         context = self.context_embedder(encoder_hidden_states.to(x.dtype))
         for block in self.transformer_blocks:
-            x, context = block(x, context, temb)
+            x, context = block(x, context, temb, encoder_attention_mask)
         x = self.proj_out(self.norm_out(x, temb))
         return unpatchify(x, h, w, cfg.patch_size, cfg.out_channels)

@@ -79,8 +79,10 @@ class JointAttention(nn.Module):
         norms = [nn.RMSNorm(dim_head, eps=eps) if qk_norm else None for _ in range(4)]
         self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = norms
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, N, dim), context (B, M, dim) -> (x's output (B, N, dim), context's (B, M, dim) or None)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, N, dim), context (B, M, dim), mask (B, M) True where a text token counts (None: all; SD3
+        attends to its padding) -> (x's output (B, N, dim), context's (B, M, dim) or None)."""
         b, n = x.shape[0], x.shape[1]
 
         def heads(t: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:  # (B, L, inner) -> (B, heads, L, d)
@@ -90,7 +92,10 @@ class JointAttention(nn.Module):
         q = torch.cat([heads(self.to_q(x), self.norm_q), heads(self.add_q_proj(context), self.norm_added_q)], dim=2)
         k = torch.cat([heads(self.to_k(x), self.norm_k), heads(self.add_k_proj(context), self.norm_added_k)], dim=2)
         v = torch.cat([heads(self.to_v(x), None), heads(self.add_v_proj(context), None)], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, q.shape[2], -1)
+        keep = None
+        if mask is not None:  # every image token is a key; text keys only where they count
+            keep = torch.cat([mask.new_ones(b, n, dtype=torch.bool), mask.bool()], dim=1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(b, q.shape[2], -1)
         image, text = out[:, :n], out[:, n:]
         image = self.to_out[1](self.to_out[0](image))
         return image, (None if self.to_add_out is None else self.to_add_out(text))

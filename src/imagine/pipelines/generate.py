@@ -23,6 +23,7 @@ from imagine.data.transforms import fit_image
 from imagine.diffusion.denoiser import broadcast_sigma
 from imagine.diffusion.model_sampling import model_sampling
 from imagine.diffusion.superres import LowResConditioned
+from imagine.families import text_width
 from imagine.guidance import ClassifierFreeGuidance
 from imagine.io.model_folder import DiffusionModel
 from imagine.io.onnx import MANIFEST, default_onnx_folder, export_onnx, load_onnx
@@ -130,9 +131,9 @@ def _check_text_model(model: DiffusionModel, text_encoder) -> None:
                          "or unconditional models")
     if text_encoder is None:
         raise ValueError("a text-to-image model needs its text encoder")
-    if text_encoder.dim != model.unet.config.cross_attention_dim:
-        raise ValueError(f"text encoder gives {text_encoder.dim}-d states, the UNet expects "
-                         f"{model.unet.config.cross_attention_dim}-d")
+    width = text_width(model.unet.config)
+    if text_encoder.dim != width:
+        raise ValueError(f"text encoder gives {text_encoder.dim}-d states, the network expects {width}-d")
 
 
 class _TwoRowFloor:
@@ -292,13 +293,13 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     uncond = {"encoder_hidden_states": text.context[s.n:], "encoder_attention_mask": text.mask[s.n:]}
     if model.spec.zero_empty_negative and s.negative_prompt == "":  # SDXL (and A1111 for it): zeros, not ""
         uncond["encoder_hidden_states"] = torch.zeros_like(uncond["encoder_hidden_states"])
-    family = model.family  # its extra inputs (SDXL: pooled text and size ids), on both branches
+    family = model.family  # its extra inputs (SDXL: pooled text and size ids; MMDiT: pooled text), both branches
     pooled = text.pooled[: s.n] if text.pooled is not None else None
-    cond.update(family.conditioning(pooled, w, h))
+    cond.update(family.conditioning(pooled, w, h, text.context[: s.n], text.mask[: s.n]))
     pooled = text.pooled[s.n:] if text.pooled is not None else None
     if pooled is not None and model.spec.zero_empty_negative and s.negative_prompt == "":
         pooled = torch.zeros_like(pooled)
-    uncond.update(family.conditioning(pooled, w, h))
+    uncond.update(family.conditioning(pooled, w, h, uncond["encoder_hidden_states"], text.mask[s.n:]))
     for kind, units in by_kind(attachments).items():  # their per-row inputs on each branch of guidance
         extra_cond, extra_uncond = kind.inputs(units, s.n)
         cond.update(extra_cond)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from imagine.diffusion.flow import DENSITIES, Density
 from imagine.diffusion.parametrization import Prediction
 from imagine.diffusion.schedules import BetaSchedule
 
 Precision = Literal["fp32", "bf16"]
+
+
+# the denoiser architectures a run can train: the UNet; DiT (class-conditional, adaLN-Zero); PixArt's DiT
+# (cross-attention to the text, adaLN-single); SD3's MMDiT (joint attention of text and image tokens)
+Arch = Literal["unet", "dit", "pixart", "mmdit"]
+# a transformer of the small UNet presets' size (~2M parameters): 6 blocks of 128 wide, 2 x 2 patches
+TRANSFORMER_SMALL = {"num_attention_heads": 4, "attention_head_dim": 32, "num_layers": 6, "patch_size": 2}
+TRANSFORMER_TINY = {"num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2, "patch_size": 2}
+ARCHS: tuple[str, ...] = get_args(Arch)
 
 
 @dataclass(frozen=True)
@@ -57,9 +66,10 @@ class TrainConfig:
     offset_noise: float = 0.0
     learned_variance: bool = False
     # network: the denoiser's architecture and its config fields (channels and classes are filled from the data)
-    arch: Literal["unet", "dit"] = "unet"
+    arch: Arch = "unet"
     unet: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields (arch unet)
-    dit: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields (arch dit)
+    # the transformer's fields (arch dit, pixart or mmdit): heads, head dim, layers, patch size
+    transformer: dict[str, Any] = field(default_factory=lambda: dict(TRANSFORMER_SMALL))
     # bookkeeping
     seed: int = 0
     checkpoint_every: int = 500
@@ -75,8 +85,8 @@ class TrainConfig:
             raise ValueError(f"batch size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
-        if self.arch not in ("unet", "dit"):
-            raise ValueError(f"architecture {self.arch!r} unknown; choose unet or dit")
+        if self.arch not in ARCHS:
+            raise ValueError(f"architecture {self.arch!r} unknown; choose one of: {', '.join(ARCHS)}")
         if self.flow_density not in DENSITIES:
             raise ValueError(f"flow density {self.flow_density!r} unknown; choose one of: {', '.join(DENSITIES)}")
         if not self.flow_shift > 0:
@@ -120,7 +130,7 @@ PRESETS: dict[str, TrainConfig] = {
     # seconds on a laptop CPU: for tests and smoke runs
     "tiny": TrainConfig(
         image_size=16, steps=30, batch_size=16, lr=1e-3, warmup_steps=5, checkpoint_every=10, sample_every=0,
-        log_every=1, ema_decay=0.9,
+        log_every=1, ema_decay=0.9, transformer=dict(TRANSFORMER_TINY),
         unet=dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                   down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                   mid_block_type=None)),
@@ -131,8 +141,7 @@ PRESETS: dict[str, TrainConfig] = {
 }
 PRESETS["digits"] = replace(PRESETS["small"], class_conditional=True)
 # a DiT in seconds (tests and smoke runs): 16x16 pixels as 64 patches of 2x2
-PRESETS["tiny-dit"] = replace(PRESETS["tiny"], arch="dit", class_conditional=True,
-                              dit=dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, patch_size=2))
+PRESETS["tiny-dit"] = replace(PRESETS["tiny"], arch="dit", class_conditional=True)
 
 _T2I_SMALL = dict(block_out_channels=(48, 96, 96), layers_per_block=1, norm_num_groups=16,
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -169,7 +178,7 @@ PRESETS["shapes-wide"] = replace(PRESETS["t2i"], data="builtin:shapes-language",
 # seconds: for tests
 PRESETS["tiny-t2i"] = replace(
     PRESETS["t2i"], image_size=16, steps=20, batch_size=8, warmup_steps=5, checkpoint_every=10, sample_every=0,
-    log_every=1, ema_decay=0.9, precision="fp32", vae_preset="vae-tiny",
+    log_every=1, ema_decay=0.9, precision="fp32", vae_preset="vae-tiny", transformer=dict(TRANSFORMER_TINY),
     unet=dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",
                                                                                        "CrossAttnUpBlock2D"),

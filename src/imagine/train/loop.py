@@ -27,11 +27,14 @@ from torch import nn
 from imagine.data.images import ImageDataset
 from imagine.diffusion.objectives import objective
 from imagine.diffusion.superres import augment, degrade, upsample
+from imagine.families import of_network
 from imagine.io.checkpoint import atomic_write_bytes
 from imagine.io.model_folder import DiffusionModel, DiffusionSpec, save_spec, save_vocabulary
 from imagine.io.networks import load_vae, save_unet, save_vae
 from imagine.models import UNet2DConditionModel, UNetConfig
 from imagine.models.dit import DiTConfig, DiTTransformer2DModel
+from imagine.models.mmdit import MMDiTConfig, SD3Transformer2DModel
+from imagine.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from imagine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from imagine.train.config import TrainConfig
 from imagine.train.ema import EMA
@@ -136,18 +139,35 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return warm * (1.0 - 0.9 * min(1.0, (step - start) / max(1, cfg.steps - start)))
 
 
-def make_network(cfg: TrainConfig, channels: int, num_classes: int, context_dim: int | None = None) -> nn.Module:
-    """The run's denoiser network, freshly initialized: a UNet (make_unet_config) or a DiT (class-conditional,
-    its patches over the run's side)."""
+def make_network(cfg: TrainConfig, channels: int, num_classes: int, context_dim: int | None = None,
+                 side: int | None = None) -> nn.Module:
+    """The run's denoiser network, freshly initialized: a UNet (make_unet_config), or a transformer over the
+    run's side (in latent positions for a latent run): DiT (class-conditional), PixArt's DiT or SD3's MMDiT (text)."""
     if cfg.arch == "unet":
         return UNet2DConditionModel(make_unet_config(cfg, channels, num_classes, context_dim))
-    if context_dim is not None or not cfg.class_conditional or cfg.sr_scale > 1:
-        raise ValueError("a DiT is a class-conditional network (adaLN-Zero on the timestep and the class): train it "
-                         "on class data such as builtin:digits; text-to-image transformers are PixArt's and MMDiT")
-    side = cfg.image_size
-    return DiTTransformer2DModel(DiTConfig.from_dict({**cfg.dit, "sample_size": side, "in_channels": channels,
-                                                      "out_channels": 2 * channels if cfg.learned_variance else None,
-                                                      "num_embeds_ada_norm": num_classes}))
+    side = side or cfg.image_size
+    if cfg.sr_scale > 1:
+        raise ValueError("super-resolution stages are UNets (the low-resolution image rides in as channels)")
+    common = {**cfg.transformer, "sample_size": side, "in_channels": channels}
+    if cfg.arch == "dit":
+        if context_dim is not None or not cfg.class_conditional:
+            raise ValueError("a DiT is a class-conditional network (adaLN-Zero on the timestep and the class): "
+                             "train it on class data such as builtin:digits; for text, --arch pixart or mmdit")
+        return DiTTransformer2DModel(DiTConfig.from_dict({
+            **common, "out_channels": 2 * channels if cfg.learned_variance else None,
+            "num_embeds_ada_norm": num_classes}))
+    if context_dim is None or cfg.class_conditional:
+        raise ValueError(f"--arch {cfg.arch} is a text-to-image network: train it on captioned data "
+                         "(builtin:shapes-language, a folder with .txt captions)")
+    if cfg.arch == "pixart":
+        return PixArtTransformer2DModel(PixArtConfig.from_dict({
+            **common, "out_channels": 2 * channels if cfg.learned_variance else None,
+            "caption_channels": context_dim, "interpolation_scale": 1.0, "use_additional_conditions": False}))
+    heads, head_dim = common.get("num_attention_heads", 2), common.get("attention_head_dim", 32)
+    patch = common.get("patch_size", 2)
+    return SD3Transformer2DModel(MMDiTConfig.from_dict({
+        **common, "out_channels": channels, "joint_attention_dim": context_dim, "pooled_projection_dim": context_dim,
+        "caption_projection_dim": heads * head_dim, "pos_embed_max_size": 4 * side // patch}))
 
 
 def make_unet_config(cfg: TrainConfig, channels: int, num_classes: int, context_dim: int | None = None) -> UNetConfig:
@@ -253,7 +273,7 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
         if cfg.text_conditional and hasattr(text_encoder, "prefill"):
             text_encoder.model.to(device)
     if init is None:
-        unet = make_network(cfg, channels, data.num_classes, context_dim)
+        unet = make_network(cfg, channels, data.num_classes, context_dim, side=item_shape[-1])
     else:
         have = init.unet.config
         if (have.in_channels, getattr(have, "cross_attention_dim", None) if context_dim else None) != (channels,
@@ -265,6 +285,9 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
         unet.load_state_dict(init.unet.state_dict())
     unet = unet.to(device)
     ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
+    family = of_network(unet)  # what the network takes besides the text states (families/)
+    latent_f = vae.config.downscale if vae is not None else (cfg.image_size // item_shape[-1] if latents is not None
+                                                             else 1)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
     # a fine-tune keeps its model's noise schedule (and its own generation defaults) as it was trained
@@ -383,6 +406,10 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                     text = text_encoder.encode(prompts)
                     kwargs["encoder_hidden_states"] = text.context.to(device)
                     kwargs["encoder_attention_mask"] = text.mask.to(device)
+                    # what the network's family takes besides (MMDiT: the pooled text; SDXL: its size ids)
+                    extra = family.conditioning(text.pooled, item_shape[-1] * latent_f, item_shape[-1] * latent_f,
+                                                text.context, text.mask)
+                    kwargs.update({k: v.to(device) for k, v in extra.items()})
                 if cfg.class_conditional:
                     labels = labels.clone()
                     if cfg.label_dropout > 0:
