@@ -43,7 +43,10 @@ def _modules(part: nn.Module, text: bool) -> dict[str, str]:
 
 
 def _ldm_names(unet) -> dict[str, str]:
-    """Underscored original-layout name -> our module name, for kohya's SDXL files."""
+    """Underscored original-layout name -> our module name, for kohya's SDXL files (a UNet's; a transformer's
+    names are diffusers' own)."""
+    if not hasattr(unet.config, "layers_per_block"):
+        return {}
     try:
         keys = [f"{name}.weight" for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         mapped = unet_map(keys, unet.config, prefix="")

@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 
 from imagine.adapters.lora import attach, create, forget_text_cache, parts_of
 from imagine.data.images import ImageDataset
-from imagine.diffusion.losses import diffusion_loss
+from imagine.diffusion.objectives import objective
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from imagine.io.lora_keys import save_lora
 from imagine.io.png import file_hash
@@ -119,6 +119,7 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
     spec, unet, vae = model.spec, model.unet, model.vae
     alphas_cumprod = spec.alphas_cumprod().float()
+    goal = objective(spec.prediction, alphas_cumprod, learned_variance=spec.learned_variance)  # VP or flow
     start = _load_state(root, params, optimizer, must_match) if resume else 0
     log_path = root / "log.jsonl"
     if not resume and log_path.exists():
@@ -136,7 +137,8 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
         idx, t, noise, flips, prompts_drop = [], [], [], [], []
         for c in counters:
             idx.append(order(c))
-            draws = sample_draws(seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.caption_dropout)
+            draws = sample_draws(seed, c, len(alphas_cumprod), item_shape, cfg.flip, cfg.caption_dropout,
+                                 goal.draw_t)
             for values, value in zip((t, noise, flips, prompts_drop), draws, strict=True):
                 values.append(value)
         images, _, captions = dataset.batch(idx, torch.tensor(flips))
@@ -145,19 +147,18 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
         if own_prompts and prompt is not None:
             captions = [prompt(c) for c in captions]
         x0 = posterior_latents(vae, images, seed + 1, counters, item_shape)
-        noise_t, t_t = torch.stack(noise), torch.tensor(t)
-        ab = alphas_cumprod[t_t].reshape(-1, 1, 1, 1)
-        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise_t
+        noise_t, t_t = torch.stack(noise), goal.timesteps(t, "cpu")
+        x_t, network_t = goal.noisy(x0, noise_t, t_t)
         prompts = ["" if drop else cap for drop, cap in zip(prompts_drop, captions, strict=True)]
         text = text_encoder.encode(prompts, grad=text_grad)
         cond = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask}
-        cond.update(model.family.conditioning(text.pooled, size, size))  # SDXL's extra inputs
+        # what the family takes besides the text states (SDXL: pooled text and size ids; MMDiT: pooled text)
+        cond.update(model.family.conditioning(text.pooled, size, size, text.context, text.mask))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             if control is not None:
-                cond.update(control(images, x_t, t_t, cond, indices=idx))
-            output = unet(x_t, t_t, **cond)
-        return diffusion_loss(output.float(), x0, noise_t, x_t, t_t, alphas_cumprod, spec.prediction,
-                              learned_variance=spec.learned_variance)
+                cond.update(control(images, x_t, network_t, cond, indices=idx))
+            output = unet(x_t, network_t, **cond)
+        return goal.loss(output.float(), x0, noise_t, x_t, t_t)
 
     tick = time.perf_counter()
     for step in range(start, cfg.steps):
