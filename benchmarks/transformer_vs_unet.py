@@ -1,0 +1,154 @@
+"""Which denoiser learns the shapes language best at equal training compute: the UNet (v or flow), PixArt's
+DiT (cross-attention) or SD3's MMDiT (joint attention)? Issue 32's question, measured on builtin:shapes-language
+in the shipped model's VAE latents (64 px images, 16 x 16 x 4 latents).
+
+Compute: each network's training FLOPs per step (forward and backward, counted by torch's FlopCounterMode on one
+batch) fix its step count so that every run spends the same ``--budget`` (in TFLOPs); the wall time each took
+on this machine is reported beside it. Quality, comparable across parametrizations: the **denoising error** on
+held-out scenes (items 10^8 onward, never read by training), E||D(x_s, s) - x0||^2 of each model's denoiser at
+the same noise levels (VE sigma s; a flow model's t = s / (1 + s)), with standard errors over scenes; and, with
+``--shapes-eval N``, ShapesEval on N prompts (prompt following, per category).
+
+    python benchmarks/transformer_vs_unet.py --budget 20 --out runs/arch-compare    # minutes per run on 2 cores
+    python benchmarks/transformer_vs_unet.py --budget 2000 --shapes-eval 150 ...     # the real comparison (a GPU)
+
+Runs are resumable (rerun the same command); results go to docs/benchmarks/transformer_vs_unet.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from imagine.data.images import load_dataset
+from imagine.diffusion.model_sampling import model_sampling
+from imagine.evaluation.shapes_eval import CATEGORIES, evaluate_model, prompt_set
+from imagine.io.model_folder import load_model_folder
+from imagine.models.text_encoders import load_text_encoder
+from imagine.pipelines.settings import Settings
+from imagine.train.config import preset
+from imagine.train.loop import make_network, read_log
+from imagine.train.recipe import train_model
+from imagine.weights import default_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = {  # name -> (arch, prediction)
+    "unet-v": ("unet", "v"),
+    "unet-flow": ("unet", "flow"),
+    "pixart-flow": ("pixart", "flow"),
+    "mmdit-flow": ("mmdit", "flow"),
+}
+SIGMAS = (0.1, 0.3, 1.0, 3.0, 10.0)  # VE noise levels of the held-out denoising error
+HELD_OUT = 10**8  # the first held-out item index of builtin:shapes-language
+
+
+def config(name: str, steps: int):
+    arch, prediction = RUNS[name]
+    cfg = preset("t2i")
+    return replace(cfg, arch=arch, prediction=prediction, steps=steps, data="builtin:shapes-language",
+                   min_snr_gamma=cfg.min_snr_gamma if prediction != "flow" else None, sample_every=0,
+                   checkpoint_every=max(1, steps // 4), warmup_steps=min(cfg.warmup_steps, max(1, steps // 10)))
+
+
+def step_flops(cfg, text_encoder, vae) -> float:
+    """FLOPs of one training step: forward and backward of the network on one batch (the frozen encoders left
+    out: every run pays them alike)."""
+    side = cfg.image_size // vae.config.downscale
+    net = make_network(cfg, vae.config.latent_channels, 0, text_encoder.dim, side=side)
+    b = cfg.batch_size
+    text = text_encoder.encode(["a red circle above a blue square"] * b)
+    x = torch.randn(b, vae.config.latent_channels, side, side)
+    kwargs = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask}
+    if cfg.arch == "mmdit":
+        kwargs["pooled_projections"] = text.context.mean(1)
+    with FlopCounterMode(display=False) as counter:
+        net(x, torch.full((b,), 500.0), **kwargs).float().pow(2).mean().backward()
+    return float(counter.get_total_flops()), sum(p.numel() for p in net.parameters())
+
+
+@torch.no_grad()
+def denoising_error(model_dir: Path, text_encoder, n: int = 64) -> dict:
+    """E||D(x_s, s) - x0||^2 per VE noise level over n held-out scenes, with standard errors."""
+    model = load_model_folder(model_dir)
+    plan = model_sampling(model.spec)
+    data = load_dataset("builtin:shapes-language", model.spec.image_size, 3, captions=True)
+    images, _, captions = data.batch(list(range(HELD_OUT, HELD_OUT + n)))
+    x0 = model.vae.to_latent(model.vae.encode(images).mean)
+    text = text_encoder.encode(list(captions))
+    cond = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask,
+            **model.family.conditioning(text.pooled, 64, 64, text.context, text.mask)}
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    denoiser = plan.denoiser(model.unet)
+    out = {}
+    for s in SIGMAS:
+        if plan.signal is None:  # VE view: x = x0 + s eps
+            sigma, x = torch.full((n,), s), x0 + s * noise
+        else:  # flow time of the same noise-to-signal ratio: x_t = (1 - t) x0 + t eps
+            t = s / (1 + s)
+            sigma, x = torch.full((n,), t), (1 - t) * x0 + t * noise
+        err = (denoiser(x, sigma, cond) - x0).pow(2).flatten(1).mean(1)
+        out[str(s)] = {"mean": float(err.mean()), "se": float(err.std() / math.sqrt(n))}
+    out["mean"] = float(np.mean([v["mean"] for v in out.values()]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", type=float, default=20.0, help="training compute per run, TFLOPs")
+    ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "arch-compare")
+    ap.add_argument("--shapes-eval", type=int, default=0, help="ShapesEval prompts per model (0: skip)")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks")
+    args = ap.parse_args()
+    vae_dir = default_model() / "vae"
+    text_encoder = load_text_encoder(preset("t2i").text_encoder)
+    vae = load_model_folder(default_model()).vae
+    rows = []
+    for name in args.runs:
+        per_step, params = step_flops(config(name, 1), text_encoder, vae)
+        steps = max(1, int(args.budget * 1e12 / per_step))
+        cfg = config(name, steps)
+        out = args.out / name
+        start = time.perf_counter()
+        resume = (out / "checkpoints").is_dir()
+        if not (out / "unet" / "model.safetensors").exists() or resume:
+            train_model(cfg, "builtin:shapes-language", out, vae=vae_dir, resume=resume, log=lambda _: None)
+        log = read_log(out / "log.jsonl")
+        wall = sum(r.get("seconds", 0) for r in log) or (time.perf_counter() - start)
+        row = {"run": name, "arch": cfg.arch, "prediction": cfg.prediction, "params_m": params / 1e6,
+               "gflops_per_step": per_step / 1e9, "steps": steps, "tflops": steps * per_step / 1e12,
+               "wall_s": wall, "denoising_error": denoising_error(out, text_encoder)}
+        if args.shapes_eval:
+            model = load_model_folder(out)
+            prompts = prompt_set(per_category=max(1, args.shapes_eval // len(CATEGORIES)))
+            report = evaluate_model(model, text_encoder, prompts, Settings(steps=25, sampler="euler", cfg_scale=3.0))
+            row["shapes_eval"] = report.to_json()
+        rows.append(row)
+        print(json.dumps(row))
+    args.docs.mkdir(parents=True, exist_ok=True)
+    (args.docs / "transformer_vs_unet.json").write_text(json.dumps({"budget_tflops": args.budget, "runs": rows},
+                                                                   indent=2) + "\n")
+    head = "| run | params (M) | GFLOPs/step | steps | wall (s) | " + \
+        " | ".join(f"err @ s={s}" for s in SIGMAS) + " | mean |"
+    lines = [f"# Denoisers at equal training compute ({args.budget:g} TFLOPs each), builtin:shapes-language", "",
+             f"Command: `python benchmarks/transformer_vs_unet.py --budget {args.budget:g}`. Held-out denoising "
+             "error E||D(x_s, s) - x0||^2 in the shipped VAE's latents (64 held-out scenes; +- one standard "
+             "error), lower is better.", "", head, "|" + "---|" * (6 + len(SIGMAS))]
+    for r in rows:
+        e = r["denoising_error"]
+        cells = " | ".join(f"{e[str(s)]['mean']:.4f} +- {e[str(s)]['se']:.4f}" for s in SIGMAS)
+        lines.append(f"| {r['run']} | {r['params_m']:.2f} | {r['gflops_per_step']:.1f} | {r['steps']} | "
+                     f"{r['wall_s']:.0f} | {cells} | {e['mean']:.4f} |")
+    (args.docs / "transformer_vs_unet.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
