@@ -74,3 +74,17 @@ def test_a_family_refuses_an_attachment_that_does_not_fit_it():
     with pytest.raises(ValueError, match=re.escape("does not fit a Stable Diffusion 1.x model; it takes: embedding, "
                                                    "ip_adapter, lora, t2i_adapter")):
         no_control.check_attachment("controlnet", "cn.safetensors")
+
+
+def test_an_mmdit_takes_the_texts_sentence_vector():
+    """MMDiT's pooled input: the encoder's pooled vector where it gives one, else the tokens' masked mean (the
+    sentence embedding all-MiniLM-L6-v2 was trained to give)."""
+    from imagine.families import IMAGINE_MMDIT
+
+    context = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    mask = torch.tensor([[True, True, False]])
+    assert IMAGINE_MMDIT.conditioning(None, 64, 64, context, mask)["pooled_projections"].tolist() == [[2.0, 3.0]]
+    pooled = torch.randn(1, 2)
+    assert IMAGINE_MMDIT.conditioning(pooled, 64, 64, context, mask)["pooled_projections"] is pooled
+    with pytest.raises(ValueError, match="pooled text or the text states"):
+        IMAGINE_MMDIT.conditioning(None, 64, 64)
