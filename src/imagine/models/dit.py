@@ -17,7 +17,16 @@ from torch import nn
 
 from imagine.nn.attention import Attention
 from imagine.nn.config import config_from_dict
-from imagine.nn.patches import AdaLayerNormZero, GeluFeedForward, PatchEmbed, modulate, unpatchify, xavier_, zero_
+from imagine.nn.patches import (
+    AdaLayerNormZero,
+    GeluFeedForward,
+    PatchEmbed,
+    modulate,
+    patch_grid,
+    unpatchify,
+    xavier_,
+    zero_,
+)
 
 
 @dataclass(frozen=True)
@@ -114,17 +123,10 @@ class DiTTransformer2DModel(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, class_labels: torch.Tensor | None = None,
                 **unused) -> torch.Tensor:
         cfg = self.config
-        if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
-            raise ValueError(f"expected a (B, {cfg.in_channels}, H, W) sample, got {tuple(sample.shape)}")
-        if sample.shape[-2] % cfg.patch_size or sample.shape[-1] % cfg.patch_size:
-            raise ValueError(f"the sample's sides {tuple(sample.shape[-2:])} are not multiples of the patch size "
-                             f"{cfg.patch_size}")
         if class_labels is None:
             raise ValueError(f"a DiT is class-conditional: pass class_labels (B,), {cfg.num_embeds_ada_norm} for "
                              "the dropped label of guidance")
-        b = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
-        h, w = sample.shape[-2] // cfg.patch_size, sample.shape[-1] // cfg.patch_size
+        timestep, h, w = patch_grid(sample, timestep, cfg.in_channels, cfg.patch_size)
         x = self.pos_embed(sample)  # (B, h w, dim)
         for block in self.transformer_blocks:
             x = block(x, timestep, class_labels)

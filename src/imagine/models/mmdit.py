@@ -24,6 +24,7 @@ from imagine.nn.patches import (
     GeluFeedForward,
     PatchEmbed,
     modulate,
+    patch_grid,
     unpatchify,
     xavier_,
     zero_,
@@ -146,14 +147,7 @@ class SD3Transformer2DModel(nn.Module):
                 pooled_projections: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None,
                 **unused) -> torch.Tensor:
         cfg = self.config
-        if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
-            raise ValueError(f"expected a (B, {cfg.in_channels}, H, W) sample, got {tuple(sample.shape)}")
-        if sample.shape[-2] % cfg.patch_size or sample.shape[-1] % cfg.patch_size:
-            raise ValueError(f"the sample's sides {tuple(sample.shape[-2:])} are not multiples of the patch size "
-                             f"{cfg.patch_size}")
-        b = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
-        h, w = sample.shape[-2] // cfg.patch_size, sample.shape[-1] // cfg.patch_size
+        timestep, h, w = patch_grid(sample, timestep, cfg.in_channels, cfg.patch_size)
         x = self.pos_embed(sample)  # (B, h w, dim)
         temb = self.time_text_embed(timestep, pooled_projections.to(x.dtype))
         context = self.context_embedder(encoder_hidden_states.to(x.dtype))

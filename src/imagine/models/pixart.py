@@ -20,7 +20,7 @@ from torch import nn
 from imagine.nn.attention import Attention
 from imagine.nn.config import config_from_dict
 from imagine.nn.embeddings import TimestepEmbedding, timestep_embedding
-from imagine.nn.patches import GeluFeedForward, PatchEmbed, gelu_tanh, unpatchify, xavier_, zero_
+from imagine.nn.patches import GeluFeedForward, PatchEmbed, gelu_tanh, patch_grid, unpatchify, xavier_, zero_
 
 
 @dataclass(frozen=True)
@@ -195,14 +195,7 @@ class PixArtTransformer2DModel(nn.Module):
                 encoder_attention_mask: torch.Tensor | None = None, resolution: torch.Tensor | None = None,
                 aspect_ratio: torch.Tensor | None = None, **unused) -> torch.Tensor:
         cfg = self.config
-        if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
-            raise ValueError(f"expected a (B, {cfg.in_channels}, H, W) sample, got {tuple(sample.shape)}")
-        if sample.shape[-2] % cfg.patch_size or sample.shape[-1] % cfg.patch_size:
-            raise ValueError(f"the sample's sides {tuple(sample.shape[-2:])} are not multiples of the patch size "
-                             f"{cfg.patch_size}")
-        b = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
-        h, w = sample.shape[-2] // cfg.patch_size, sample.shape[-1] // cfg.patch_size
+        timestep, h, w = patch_grid(sample, timestep, cfg.in_channels, cfg.patch_size)
         x = self.pos_embed(sample)  # (B, h w, dim)
         modulation, embedded = self.adaln_single(timestep, resolution, aspect_ratio, x.dtype)
         context = self.caption_projection(encoder_hidden_states.to(x.dtype))

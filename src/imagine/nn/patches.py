@@ -65,6 +65,19 @@ class PatchEmbed(nn.Module):
         return (tokens + pos[None].to(tokens.device)).to(tokens.dtype)
 
 
+def patch_grid(sample: torch.Tensor, timestep: torch.Tensor | float, in_channels: int, patch_size: int
+               ) -> tuple[torch.Tensor, int, int]:
+    """A transformer's input checked: a (B, in_channels, H, W) sample whose sides are multiples of the patch size.
+    Returns (the timestep as (B,), the grid's h and w in patches)."""
+    if sample.ndim != 4 or sample.shape[1] != in_channels:
+        raise ValueError(f"expected a (B, {in_channels}, H, W) sample, got {tuple(sample.shape)}")
+    if sample.shape[-2] % patch_size or sample.shape[-1] % patch_size:
+        raise ValueError(f"the sample's sides {tuple(sample.shape[-2:])} are not multiples of the patch size "
+                         f"{patch_size}")
+    timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
+    return timestep, sample.shape[-2] // patch_size, sample.shape[-1] // patch_size
+
+
 def unpatchify(tokens: torch.Tensor, height: int, width: int, patch_size: int, channels: int) -> torch.Tensor:
     """(B, h * w, p * p * C) -> (B, C, h * p, w * p), the inverse of the patch embedding's layout."""
     b = tokens.shape[0]
