@@ -118,11 +118,14 @@ def main() -> None:
         cfg = config(name, steps)
         out = args.out / name
         start = time.perf_counter()
-        resume = (out / "checkpoints").is_dir()
-        if not (out / "unet" / "model.safetensors").exists() or resume:
-            train_model(cfg, "builtin:shapes-language", out, vae=vae_dir, resume=resume, log=lambda _: None)
+        finished = (out / "unet" / "model.safetensors").exists() and (out / "log.jsonl").exists() and \
+            read_log(out / "log.jsonl")[-1]["step"] >= steps
+        if not finished:  # a new run, or one cut short: resumed from its last checkpoint
+            train_model(cfg, "builtin:shapes-language", out, vae=vae_dir, resume=(out / "checkpoints").is_dir(),
+                        log=lambda _: None)
         log = read_log(out / "log.jsonl")
-        wall = sum(r.get("seconds", 0) for r in log) or (time.perf_counter() - start)
+        # the log keeps every log_every-th step's time: the run's wall time is the steps times their mean
+        wall = steps * float(np.mean([r["seconds"] for r in log])) if log else time.perf_counter() - start
         row = {"run": name, "arch": cfg.arch, "prediction": cfg.prediction, "params_m": params / 1e6,
                "gflops_per_step": per_step / 1e9, "steps": steps, "tflops": steps * per_step / 1e12,
                "wall_s": wall, "denoising_error": denoising_error(out, text_encoder)}
