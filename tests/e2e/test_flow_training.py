@@ -109,3 +109,36 @@ def test_text_transformers_train_generate_and_regenerate(arch, tmp_path):
     refused = imagine("generate", "x", "--model", out, "--steps", 2, "--control", "canny:" + str(png), "--out",
                       tmp_path / "c")
     assert refused.returncode != 0
+
+
+def test_the_doors_serve_a_transformer_flow_model(tmp_path):
+    """The job API and A1111's API take an MMDiT flow model with no branch of their own: the family says what it
+    takes, model_sampling how it is walked; the served pixels equal the pipeline's."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from imagine.models.text_encoders import load_text_encoder
+    from imagine.pipelines.generate import txt2img
+    from imagine.pipelines.settings import Settings
+    from imagine.pipelines.unconditional import to_uint8
+    from imagine.server.app import create_app
+
+    out = tmp_path / "mmdit"
+    run = imagine("train", "--data", "builtin:shapes-language", "--preset", "tiny-t2i", "--arch", "mmdit",
+                  "--prediction", "flow", "--steps", 3, "--out", out)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with TestClient(create_app([out], out_dir=None)) as client:
+        made = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 3, "seed": 5,
+                                                       "sampler_name": "Euler", "cfg_scale": 2})
+        assert made.status_code == 200, made.text
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(made.json()["images"][0]))))
+        job = client.post("/api/v1/jobs", json={"prompt": "a red circle", "steps": 3, "seed": 5, "sampler": "euler",
+                                                "cfg_scale": 2, "backend": "torch"})
+        assert job.status_code == 202, job.text
+    model = load_model_folder(out)
+    want = to_uint8(txt2img(model, Settings(prompt="a red circle", steps=3, seed=5, sampler="euler", cfg_scale=2),
+                            load_text_encoder(model.spec.text_encoder)))[0]
+    assert np.array_equal(served, want)
