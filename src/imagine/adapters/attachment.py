@@ -34,6 +34,11 @@ class Attachment:
     per_step: ClassVar[bool] = False  # acts at each step (``around``): needs the torch backend
     whole_image: ClassVar[bool] = False  # reads a map of the whole image: no tiled sampling
 
+    @property
+    def label(self) -> str:
+        """How messages name this unit (its file's or embedding's name)."""
+        return self.kind
+
     def record(self) -> dict[str, Any]:
         raise NotImplementedError
 

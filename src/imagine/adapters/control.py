@@ -85,6 +85,10 @@ class Conditioner(Attachment):
     info: dict = field(default_factory=dict, repr=False)  # its record (module, model, hash, settings, map)
     _features: list[torch.Tensor] | None = field(default=None, repr=False)
 
+    @property
+    def label(self) -> str:
+        return f"control model {self.file.name!r}"
+
     def record(self) -> dict:
         return self.info
 

@@ -106,6 +106,10 @@ class EmbeddingUse(Attachment):
     embedding: Embedding
     source: str  # "option" (asked for by file or name: always in use) or "prompt" (its name is written there)
 
+    @property
+    def label(self) -> str:
+        return f"embedding {self.embedding.name!r}"
+
     def record(self) -> dict:
         return self.embedding.record(self.source)
 

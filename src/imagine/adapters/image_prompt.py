@@ -151,6 +151,10 @@ class Prompted(Attachment):
     end: float = 1.0
     info: dict = field(default_factory=dict, repr=False)  # its record (adapter, hash, settings, reference)
 
+    @property
+    def label(self) -> str:
+        return f"IP-Adapter {self.file.name!r}"
+
     def record(self) -> dict:
         return self.info
 

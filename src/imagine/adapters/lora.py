@@ -176,6 +176,10 @@ class LoraUse(Attachment):
     source: str  # "option" (--lora, the job API) or "prompt" (a <lora:NAME:W> tag)
     strict: bool = True  # False: keys that match no module are a warning, not an error
 
+    @property
+    def label(self) -> str:
+        return f"LoRA {self.name!r}"
+
     def record(self) -> dict[str, Any]:
         stem = self.path.stem if self.path.is_file() else self.path.name
         return {"name": stem, "path": str(self.path.resolve()), "weight": self.weight, "source": self.source,

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 
 SEGMENT_COLORS = {"circle": (255, 60, 60), "square": (60, 200, 60), "triangle": (60, 100, 255),
                   "star": (255, 220, 40), "other": (200, 200, 200)}
@@ -48,6 +46,8 @@ def classify(solidity: float, fill: float, corners: float) -> str:
 def solidity_of(core: np.ndarray) -> float:
     """A region's area over its convex hull's (pixel centres, so a filled convex shape scores above 1)."""
     ys, xs = np.nonzero(core)
+    from scipy.spatial import ConvexHull, QhullError  # late: off generation's start-up path
+
     try:
         hull = ConvexHull(np.stack([xs, ys], 1).astype(float)).volume
     except (QhullError, ValueError):  # a line of pixels: no area
@@ -98,6 +98,8 @@ def canny(image, low: float = 100.0, high: float = 200.0, sigma: float = 1.0) ->
 def regions(image, tolerance: float = 40.0) -> tuple[np.ndarray, int]:
     """(labels (H, W) int, count): connected components of the pixels whose colour is more than
     ``tolerance`` (Euclidean, 0-255 RGB) from the background's, label 0 being the background."""
+    from scipy import ndimage  # late: off generation's start-up path
+
     img = _rgb(image).astype(np.float64)
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     background = np.median(border, axis=0)
@@ -130,6 +132,7 @@ def segmentation(image, tolerance: float = 40.0) -> np.ndarray:
 
 def scribble(image, width: float = 2.0, tolerance: float = 40.0) -> np.ndarray:
     """Region outlines as white strokes ``width`` pixels thick (scaled with the image: per 64 pixels)."""
+    from scipy import ndimage  # late: off generation's start-up path
     from skimage.segmentation import find_boundaries
 
     labels, _ = regions(image, tolerance)

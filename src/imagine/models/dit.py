@@ -24,7 +24,7 @@ from imagine.nn.patches import (
     modulate,
     patch_grid,
     unpatchify,
-    xavier_,
+    xavier_projections_,
     zero_,
 )
 
@@ -108,10 +108,7 @@ class DiTTransformer2DModel(nn.Module):
     def reset_parameters(self) -> None:
         """DiT's initialization: Xavier projections, N(0, 0.02) embeddings, and adaLN-Zero: every modulation
         and the output projection zero, so the network starts as the identity of its residual path."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                xavier_(module)
-        xavier_(self.pos_embed.proj)
+        xavier_projections_(self, self.pos_embed)
         for block in self.transformer_blocks:
             nn.init.normal_(block.norm1.emb.class_embedder.embedding_table.weight, std=0.02)
             for layer in (block.norm1.emb.timestep_embedder.linear_1, block.norm1.emb.timestep_embedder.linear_2):

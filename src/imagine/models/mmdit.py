@@ -26,7 +26,7 @@ from imagine.nn.patches import (
     modulate,
     patch_grid,
     unpatchify,
-    xavier_,
+    xavier_projections_,
     zero_,
 )
 
@@ -133,10 +133,7 @@ class SD3Transformer2DModel(nn.Module):
 
     def reset_parameters(self) -> None:
         """Xavier projections, and every modulation and the output projection zero (adaLN-Zero)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                xavier_(module)
-        xavier_(self.pos_embed.proj)
+        xavier_projections_(self, self.pos_embed)
         for block in self.transformer_blocks:
             zero_(block.norm1.linear)
             zero_(block.norm1_context.linear)

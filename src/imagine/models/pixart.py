@@ -20,7 +20,15 @@ from torch import nn
 from imagine.nn.attention import Attention
 from imagine.nn.config import config_from_dict
 from imagine.nn.embeddings import TimestepEmbedding, timestep_embedding
-from imagine.nn.patches import GeluFeedForward, PatchEmbed, gelu_tanh, patch_grid, unpatchify, xavier_, zero_
+from imagine.nn.patches import (
+    GeluFeedForward,
+    PatchEmbed,
+    gelu_tanh,
+    patch_grid,
+    unpatchify,
+    xavier_projections_,
+    zero_,
+)
 
 
 @dataclass(frozen=True)
@@ -179,10 +187,7 @@ class PixArtTransformer2DModel(nn.Module):
 
     def reset_parameters(self) -> None:
         """Xavier projections, N(0, 0.02) timestep MLPs and caption projection, and the output projection zero."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                xavier_(module)
-        xavier_(self.pos_embed.proj)
+        xavier_projections_(self, self.pos_embed)
         for layer in (self.adaln_single.emb.timestep_embedder.linear_1,
                       self.adaln_single.emb.timestep_embedder.linear_2, self.adaln_single.linear,
                       self.caption_projection.linear_1, self.caption_projection.linear_2):

@@ -182,6 +182,15 @@ def zero_(module: nn.Module) -> nn.Module:
     return module
 
 
+def xavier_projections_(network: nn.Module, patch_embed: PatchEmbed) -> None:
+    """DiT's base initialization of a transformer: every Linear and the patch embedding Xavier-uniform, biases zero
+    (each network then zeroes its modulations and output, adaLN-Zero)."""
+    for module in network.modules():
+        if isinstance(module, nn.Linear):
+            xavier_(module)
+    xavier_(patch_embed.proj)
+
+
 def xavier_(module: nn.Linear | nn.Conv2d) -> None:
     """DiT's initialization of projections: Xavier-uniform over the flattened weight, zero bias."""
     w = module.weight.data

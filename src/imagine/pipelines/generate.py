@@ -14,7 +14,6 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
-from scipy.ndimage import gaussian_filter
 
 from imagine import __version__
 from imagine.a1111 import RESIZE_LABELS, a1111_name, a1111_parameters, prompt_loras
@@ -351,6 +350,8 @@ def fill_masked(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A1111's "fill" masked content: the masked region (mask 1) painted with the colours around it, by
     normalised convolution (Gaussian blurs of the kept pixels divided by blurs of the kept weight) from
     coarse to fine, so each pixel takes the nearest kept colours. image (1, C, H, W), mask (1, 1, H, W)."""
+    from scipy.ndimage import gaussian_filter  # late: only inpaint's "fill" needs it, off the start-up path
+
     keep = (mask[0, 0] < 0.5).numpy().astype(np.float64)
     if keep.sum() == 0:  # nothing to take colours from
         return torch.zeros_like(image)
