@@ -85,16 +85,18 @@ def test_a_dit_trains_with_flow_resumes_exactly_and_samples(tmp_path):
     assert refused.returncode != 0 and "class-conditional network" in refused.stderr
 
 
-@pytest.mark.parametrize("arch", ["pixart", "mmdit"])
+@pytest.mark.parametrize("arch", ["pixart", "mmdit", "flux"])
 def test_text_transformers_train_generate_and_regenerate(arch, tmp_path):
-    """PixArt's DiT and SD3's MMDiT, text-conditioned with imagine's encoder (MMDiT's pooled input: the
-    tokens' masked mean), trained with flow matching in a VAE's latents; a PNG regenerates bit for bit."""
+    """PixArt's DiT, SD3's MMDiT and Flux's double/single-stream transformer, text-conditioned with imagine's
+    encoder (the pooled input of MMDiT and Flux: the tokens' masked mean), trained with flow matching in a VAE's
+    latents; a PNG regenerates bit for bit."""
     out = tmp_path / "m"
     run = imagine("train", "--data", "builtin:shapes-language", "--preset", "tiny-t2i", "--arch", arch,
                   "--prediction", "flow", "--steps", 4, "--out", out)
     assert run.returncode == 0, run.stderr[-2000:]
     config = json.loads((out / "unet" / "config.json").read_text())
-    assert config["_class"] == {"pixart": "PixArtTransformer2DModel", "mmdit": "SD3Transformer2DModel"}[arch]
+    assert config["_class"] == {"pixart": "PixArtTransformer2DModel", "mmdit": "SD3Transformer2DModel",
+                                "flux": "FluxTransformer2DModel"}[arch]
     model = load_model_folder(out)
     assert model.family.network == arch and model.spec.prediction == "flow"
     made = imagine("generate", "a red circle", "--model", out, "--steps", 3, "--sampler", "euler", "--out",

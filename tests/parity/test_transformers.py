@@ -115,7 +115,7 @@ def test_pixart_matches_diffusers(sample_size, height, width):
 
 @pytest.mark.parametrize("guidance", [False, True])
 def test_flux_matches_diffusers(guidance):
-    from imagine.models.flux import FluxConfig, FluxTransformer2DModel, latent_ids, pack_latents
+    from imagine.models.flux import FluxConfig, FluxTransformer2DModel, latent_ids, pack_latents, unpack_latents
 
     kwargs = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
                   num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=6, guidance_embeds=guidance,
@@ -136,8 +136,18 @@ def test_flux_matches_diffusers(guidance):
                       txt_ids=txt_ids, guidance=w).sample
         got = ours(tokens, t, encoder_hidden_states=context, pooled_projections=pooled, img_ids=img_ids,
                    txt_ids=txt_ids, guidance=w)
+        # called as imagine's denoisers are (latents in and out, the timestep on the 0-1000 scale), with a mask
+        # that keeps every text token: the same numbers, unpacked
+        as_denoiser = ours(latents, t * 1000, encoder_hidden_states=context, pooled_projections=pooled, guidance=w,
+                           encoder_attention_mask=torch.ones(2, 5, dtype=torch.bool))
+        # a masked text token no longer counts: the output equals the one without that token
+        masked = ours(latents, t * 1000, encoder_hidden_states=context, pooled_projections=pooled, guidance=w,
+                      encoder_attention_mask=torch.tensor([[True] * 4 + [False]] * 2))
+        dropped = ours(latents, t * 1000, encoder_hidden_states=context[:, :4], pooled_projections=pooled, guidance=w)
     assert got.shape == want.shape == tokens.shape
     assert (got - want).abs().max() < 1e-5
+    assert (as_denoiser - unpack_latents(want, 8, 12)).abs().max() < 1e-5
+    assert (masked - dropped).abs().max() < 1e-5 and (masked - as_denoiser).abs().max() > 1e-4
 
 
 def test_flux_packing_matches_diffusers_pipeline():

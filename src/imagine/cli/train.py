@@ -31,7 +31,8 @@ def train(
     precision: str | None = typer.Option(None, help="fp32, or bf16 autocast with fp32 master weights."),
     arch: str | None = typer.Option(None, help="The denoiser: unet; dit (a diffusion transformer with adaLN-Zero, "
                                                "class-conditional); pixart (a DiT cross-attending to the text, "
-                                               "adaLN-single) or mmdit (SD3's joint text-image attention)."),
+                                               "adaLN-single), mmdit (SD3's joint text-image attention) or "
+                                               "flux (double- then single-stream blocks, rotary positions)."),
     prediction: str | None = typer.Option(None, help="eps, v or x0 on the VP schedule, or flow (rectified flow: "
                                                    "the network predicts eps - x0 on x_t = (1 - t) x0 + t eps)."),
     flow_density: str | None = typer.Option(None, help="prediction flow: where training times fall: logit_normal "

@@ -67,7 +67,7 @@ class Family:
                      mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The denoiser's inputs beyond the text states, for rows of text (their ``pooled`` vectors, or their
         token states ``context`` (B, T, D) and ``mask`` (B, T)) at this output size."""
-        if self.pooled_input == "pooled_projections":  # an MMDiT: the pooled text joins the timestep's vector
+        if self.pooled_input == "pooled_projections":  # MMDiT, Flux: the pooled text joins the timestep's vector
             if pooled is None:  # the sentence vector of an encoder that gives none: its tokens' masked mean
                 if context is None:
                     raise ValueError(f"a {self.label} network needs the pooled text or the text states")
@@ -122,13 +122,16 @@ IMAGINE_PIXART = Family("imagine-pixart", "imagine PixArt-style DiT", "pixart", 
                         prediction="flow", attachments=TRANSFORMER_ATTACHMENTS)
 IMAGINE_MMDIT = Family("imagine-mmdit", "imagine MMDiT", "mmdit", None, image_size=32, prediction="flow",
                        pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS)
+IMAGINE_FLUX = Family("imagine-flux", "imagine Flux-style transformer", "flux", None, image_size=32,
+                      prediction="flow", pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS)
 
 FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL, IMAGINE_DIT, IMAGINE_PIXART,
-                                                       IMAGINE_MMDIT)}
+                                                       IMAGINE_MMDIT, IMAGINE_FLUX)}
 # imagine's own models by their denoiser network's class
 OWN_BY_NETWORK: Mapping[str, Family] = {"UNet2DConditionModel": IMAGINE, "DiTTransformer2DModel": IMAGINE_DIT,
                                         "PixArtTransformer2DModel": IMAGINE_PIXART,
-                                        "SD3Transformer2DModel": IMAGINE_MMDIT}
+                                        "SD3Transformer2DModel": IMAGINE_MMDIT,
+                                        "FluxTransformer2DModel": IMAGINE_FLUX}
 
 
 def of_network(network) -> Family:

@@ -31,6 +31,7 @@ from imagine.models.autoencoder import AutoencoderKL, VAEConfig
 from imagine.models.clip import CLIPConfig, ShapesCLIP
 from imagine.models.controlnet import ControlNetConfig, ControlNetModel
 from imagine.models.dit import DiTConfig, DiTTransformer2DModel
+from imagine.models.flux import FluxConfig, FluxTransformer2DModel
 from imagine.models.image_encoders import BUILTIN, CLIPVisionEncoder, FunctionEncoder, ShapesTowerEncoder
 from imagine.models.inception import FIDInceptionV3
 from imagine.models.mmdit import MMDiTConfig, SD3Transformer2DModel
@@ -175,6 +176,7 @@ DENOISERS: dict[str, tuple] = {
     "DiTTransformer2DModel": (DiTTransformer2DModel, DiTConfig, {}, _DIT_IGNORED),
     "PixArtTransformer2DModel": (PixArtTransformer2DModel, PixArtConfig, {}, _DIT_IGNORED),
     "SD3Transformer2DModel": (SD3Transformer2DModel, MMDiTConfig, {}, _DIT_IGNORED),
+    "FluxTransformer2DModel": (FluxTransformer2DModel, FluxConfig, {}, _DIT_IGNORED),
 }
 
 

@@ -7,7 +7,11 @@ State-dict keys are diffusers' ``FluxTransformer2DModel`` (x_embedder, context_e
 transformer_blocks, single_transformer_blocks, norm_out, proj_out), so Flux checkpoints load unchanged. The
 network takes packed tokens, as diffusers' does: ``pack_latents`` turns (B, C, H, W) latents into (B, H/2 W/2,
 4C) tokens of 2 x 2 patches, ``latent_ids`` makes their position ids, ``unpack_latents`` undoes the packing.
-Timesteps (and the guidance scale) are given in [0, 1] (x 1000 inside), diffusers' convention for Flux.
+Timesteps are then given in [0, 1] (x 1000 inside), diffusers' convention for Flux.
+
+Given latents (B, C, H, W) instead, it is a denoiser like imagine's others: it packs them, makes the ids, reads
+the timestep on the 0-1000 scale every other network here takes, and returns latents; the pipeline, the
+trainers and the samplers call it so, with no Flux branch of their own.
 """
 
 from __future__ import annotations
@@ -83,8 +87,9 @@ class TimestepGuidanceTextEmbedding(nn.Module):
 class RotaryJointAttention(JointAttention):
     """Joint attention with RMS-normed queries and keys and rotary positions; text tokens come first."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor],
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """keep: (B, 1, 1, keys) True where a key counts (None: all; Flux attends to its T5 padding)."""
         b, n = x.shape[0], x.shape[1]
 
         def heads(t: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:  # (B, L, inner) -> (B, heads, L, d)
@@ -100,7 +105,7 @@ class RotaryJointAttention(JointAttention):
             v = torch.cat([heads(self.add_v_proj(context), None), v], dim=2)
         cos, sin = rotary
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, m + n, -1).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(b, m + n, -1).to(q.dtype)
         if context is None:
             return out, None
         text, image = out[:, :m], out[:, m:]
@@ -127,10 +132,10 @@ class DoubleStreamBlock(nn.Module):
         self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff_context = GeluFeedForward(dim)
 
-    def forward(self, x, context, temb, rotary):
+    def forward(self, x, context, temb, rotary, keep=None):
         h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
         c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(context, emb=temb)
-        attn, context_attn = self.attn(h, c, rotary)
+        attn, context_attn = self.attn(h, c, rotary, keep)
         x = x + gate_msa[:, None] * attn
         x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
         context = context + c_gate_msa[:, None] * context_attn
@@ -164,15 +169,18 @@ class SingleStreamBlock(nn.Module):
         self.attn = SingleAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim)
         self.proj_out = nn.Linear(dim + hidden, dim)
 
-    def forward(self, x, temb, rotary):
+    def forward(self, x, temb, rotary, keep=None):
         h, gate = self.norm(x, temb)
-        attn, _ = self.attn(h, None, rotary)
+        attn, _ = self.attn(h, None, rotary, keep)
         return x + gate[:, None] * self.proj_out(torch.cat([attn, gelu_tanh(self.proj_mlp(h))], dim=2))
 
 
 class FluxTransformer2DModel(nn.Module):
     """flux(tokens (B, N, in_channels), timestep (B,) in [0, 1], encoder_hidden_states (B, M, joint_attention_dim),
-    pooled_projections (B, pooled_projection_dim), img_ids (N, 3), txt_ids (M, 3), guidance (B,)) -> (B, N, out)."""
+    pooled_projections (B, pooled_projection_dim), img_ids (N, 3), txt_ids (M, 3), guidance (B,)) -> (B, N, out);
+    or flux(latents (B, in_channels / 4, H, W), timestep (B,) in [0, 1000], ...) -> latents (see the module).
+    guidance is the scale itself (Flux.1-dev: 3.5); encoder_attention_mask (B, M), True where a text token
+    counts, is optional (None: every text token is a key, as Flux was trained)."""
 
     def __init__(self, config: FluxConfig):
         super().__init__()
@@ -194,9 +202,23 @@ class FluxTransformer2DModel(nn.Module):
         zero_(self.proj_out)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                pooled_projections: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor,
-                guidance: torch.Tensor | None = None, **unused) -> torch.Tensor:
+                pooled_projections: torch.Tensor, img_ids: torch.Tensor | None = None,
+                txt_ids: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None, **unused) -> torch.Tensor:
         cfg = self.config
+        if hidden_states.ndim == 4:  # latents: a denoiser like the others
+            b, c, h, w = hidden_states.shape
+            if c * 4 != cfg.in_channels or h % 2 or w % 2:
+                raise ValueError(f"this Flux takes latents of {cfg.in_channels // 4} channels and an even height "
+                                 f"and width (2 x 2 patches), got {tuple(hidden_states.shape)}")
+            ids = latent_ids(h, w).to(hidden_states.device)
+            text_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=hidden_states.device)
+            t = torch.as_tensor(timestep, device=hidden_states.device) / 1000
+            out = self.forward(pack_latents(hidden_states), t, encoder_hidden_states, pooled_projections, ids,
+                               text_ids, guidance, encoder_attention_mask)
+            return unpack_latents(out, h, w)
+        if img_ids is None or txt_ids is None:
+            raise ValueError("packed Flux tokens need their img_ids and txt_ids (models.flux.latent_ids)")
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
             raise ValueError(f"expected packed tokens (B, N, {cfg.in_channels}) (models.flux.pack_latents), got "
                              f"{tuple(hidden_states.shape)}")
@@ -208,12 +230,16 @@ class FluxTransformer2DModel(nn.Module):
         temb = self.time_text_embed(timestep, guidance, pooled_projections.to(x.dtype))
         context = self.context_embedder(encoder_hidden_states.to(x.dtype))
         rotary = rope(torch.cat([txt_ids, img_ids], dim=0), cfg.axes_dims_rope)
-        for block in self.transformer_blocks:
-            x, context = block(x, context, temb, rotary)
         m = context.shape[1]
+        keep = None
+        if encoder_attention_mask is not None:  # text keys only where they count; every image token is a key
+            keep = torch.cat([encoder_attention_mask.bool().to(x.device),
+                              torch.ones(b, x.shape[1], dtype=torch.bool, device=x.device)], dim=1)[:, None, None]
+        for block in self.transformer_blocks:
+            x, context = block(x, context, temb, rotary, keep)
         joint = torch.cat([context, x], dim=1)
         for block in self.single_transformer_blocks:
-            joint = block(joint, temb, rotary)
+            joint = block(joint, temb, rotary, keep)
         x = joint[:, m:]
         return self.proj_out(self.norm_out(x, temb))
 

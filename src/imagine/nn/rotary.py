@@ -8,7 +8,7 @@ import torch
 
 def rope_1d(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(S,) positions -> (cos, sin), each (S, dim), every frequency repeated for its pair of features."""
-    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim)
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device)[: dim // 2] / dim)
     angles = torch.outer(positions.double(), freqs)  # (S, dim/2)
     return angles.cos().repeat_interleave(2, dim=1).float(), angles.sin().repeat_interleave(2, dim=1).float()
 

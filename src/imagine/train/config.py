@@ -14,7 +14,7 @@ Precision = Literal["fp32", "bf16"]
 
 # the denoiser architectures a run can train: the UNet; DiT (class-conditional, adaLN-Zero); PixArt's DiT
 # (cross-attention to the text, adaLN-single); SD3's MMDiT (joint attention of text and image tokens)
-Arch = Literal["unet", "dit", "pixart", "mmdit"]
+Arch = Literal["unet", "dit", "pixart", "mmdit", "flux"]
 # a transformer of the small UNet presets' size (~2M parameters): 6 blocks of 128 wide, 2 x 2 patches
 TRANSFORMER_SMALL = {"num_attention_heads": 4, "attention_head_dim": 32, "num_layers": 6, "patch_size": 2}
 TRANSFORMER_TINY = {"num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2, "patch_size": 2}
@@ -68,7 +68,8 @@ class TrainConfig:
     # network: the denoiser's architecture and its config fields (channels and classes are filled from the data)
     arch: Arch = "unet"
     unet: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields (arch unet)
-    # the transformer's fields (arch dit, pixart or mmdit): heads, head dim, layers, patch size
+    # the transformer's fields (arch dit, pixart, mmdit or flux): heads, head dim, layers, patch size (a Flux's
+    # layers: half double-stream blocks, half single-stream, unless num_single_layers says; its patches are 2 x 2)
     transformer: dict[str, Any] = field(default_factory=lambda: dict(TRANSFORMER_SMALL))
     # bookkeeping
     seed: int = 0

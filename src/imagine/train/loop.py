@@ -33,6 +33,7 @@ from imagine.io.model_folder import DiffusionModel, DiffusionSpec, save_spec, sa
 from imagine.io.networks import load_vae, save_unet, save_vae
 from imagine.models import UNet2DConditionModel, UNetConfig
 from imagine.models.dit import DiTConfig, DiTTransformer2DModel
+from imagine.models.flux import FluxConfig, FluxTransformer2DModel
 from imagine.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 from imagine.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from imagine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -142,7 +143,8 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 def make_network(cfg: TrainConfig, channels: int, num_classes: int, context_dim: int | None = None,
                  side: int | None = None) -> nn.Module:
     """The run's denoiser network, freshly initialized: a UNet (make_unet_config), or a transformer over the
-    run's side (in latent positions for a latent run): DiT (class-conditional), PixArt's DiT or SD3's MMDiT (text)."""
+    run's side (in latent positions for a latent run): DiT (class-conditional), PixArt's DiT, SD3's MMDiT or
+    Flux's double- and single-stream transformer (text)."""
     if cfg.arch == "unet":
         return UNet2DConditionModel(make_unet_config(cfg, channels, num_classes, context_dim))
     side = side or cfg.image_size
@@ -152,7 +154,7 @@ def make_network(cfg: TrainConfig, channels: int, num_classes: int, context_dim:
     if cfg.arch == "dit":
         if context_dim is not None or not cfg.class_conditional:
             raise ValueError("a DiT is a class-conditional network (adaLN-Zero on the timestep and the class): "
-                             "train it on class data such as builtin:digits; for text, --arch pixart or mmdit")
+                             "train it on class data such as builtin:digits; for text, --arch pixart, mmdit or flux")
         return DiTTransformer2DModel(DiTConfig.from_dict({
             **common, "out_channels": 2 * channels if cfg.learned_variance else None,
             "num_embeds_ada_norm": num_classes}))
@@ -165,9 +167,29 @@ def make_network(cfg: TrainConfig, channels: int, num_classes: int, context_dim:
             "caption_channels": context_dim, "interpolation_scale": 1.0, "use_additional_conditions": False}))
     heads, head_dim = common.get("num_attention_heads", 2), common.get("attention_head_dim", 32)
     patch = common.get("patch_size", 2)
+    if cfg.arch == "flux":
+        if patch != 2:
+            raise ValueError("a Flux packs its latents in 2 x 2 patches: leave the transformer's patch_size at 2")
+        layers = common.get("num_layers", 2)
+        double = max(1, layers // 2)
+        return FluxTransformer2DModel(FluxConfig(
+            in_channels=4 * channels, num_layers=double, num_single_layers=common.get("num_single_layers",
+                                                                                      max(1, layers - double)),
+            attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=context_dim,
+            pooled_projection_dim=context_dim, axes_dims_rope=rope_axes(head_dim)))
     return SD3Transformer2DModel(MMDiTConfig.from_dict({
         **common, "out_channels": channels, "joint_attention_dim": context_dim, "pooled_projection_dim": context_dim,
         "caption_projection_dim": heads * head_dim, "pos_embed_max_size": 4 * side // patch}))
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """A Flux head's rotary features per position axis (index, row, column), even and summing to the head:
+    an eighth for the index axis, the rest split between rows and columns (Flux.1's 128: 16, 56, 56)."""
+    if head_dim % 8:
+        raise ValueError(f"a Flux head's width must be a multiple of 8 (rotary pairs on three axes), got {head_dim}")
+    index = 2 * max(1, head_dim // 16)
+    rows = 2 * ((head_dim - index) // 4)
+    return index, rows, head_dim - index - rows
 
 
 def make_unet_config(cfg: TrainConfig, channels: int, num_classes: int, context_dim: int | None = None) -> UNetConfig:
