@@ -87,3 +87,58 @@ def test_lcm_lora_distils_and_loads_as_a_lora(tiny_t2i_dir, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     text = Image.open(next((tmp_path / "o").glob("*.png"))).info["parameters"]
     assert "<lora:lcm-lora:1>" in text or "lcm-lora" in text
+
+
+@pytest.fixture(scope="module")
+def flow_models(tmp_path_factory):
+    """A tiny flow-matching UNet and a tiny flow MMDiT, trained a few steps on the shapes language."""
+    root = tmp_path_factory.mktemp("flow-teachers")
+    for arch in ("unet", "mmdit"):
+        run = imagine("train", "--data", "builtin:shapes-language", "--preset", "tiny-t2i", "--arch", arch,
+                      "--prediction", "flow", "--steps", 3, "--out", root / arch)
+        assert run.returncode == 0, run.stderr[-2000:]
+    return root
+
+
+def test_a_flow_teacher_distils_and_its_loss_falls(flow_models, tmp_path):
+    """Flow consistency distillation: the straight path's grid and solver (diffusion/consistency.py); the same
+    draws every step, so the loss must fall as the student learns the teacher's jumps."""
+    from imagine.data.images import load_dataset
+    from imagine.pipelines.request import load_text_model
+    from imagine.train.lcm import LCMDistillConfig, distill_lcm
+
+    model, encoder = load_text_model(flow_models / "unet")
+    data = load_dataset("builtin:shapes", model.spec.image_size, 3, captions=True)
+    cfg = LCMDistillConfig(steps=40, batch_size=4, lr=1e-3, log_every=1, checkpoint_every=0)
+    distill_lcm(model, encoder, data, cfg, tmp_path / "lcm")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "lcm-training" / "log.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
+    spec = json.loads((tmp_path / "lcm" / "diffusion.json").read_text())
+    assert spec["prediction"] == "flow" and spec["consistency"] and spec["default_sampler"] == "lcm"
+    run = imagine("generate", "a red circle", "--model", tmp_path / "lcm", "--seed", 2, "--out", "a", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    png = next((tmp_path / "a").glob("*.png"))
+    assert "Sampler: LCM" in Image.open(png).info["parameters"]
+    again = imagine("generate", "--from", png, "--out", "b", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(next((tmp_path / "b").glob("*.png")))))
+
+
+def test_a_flow_transformer_distils_as_an_lcm_lora(flow_models, tmp_path):
+    """An MMDiT has no guidance input to learn: it distils as an LCM-LoRA (on its attention and MLP
+    projections), used with the lcm sampler at cfg 1; asking for a full LCM says so."""
+    teacher = flow_models / "mmdit"
+    refused = imagine("distill-lcm", "--model", teacher, "--out", tmp_path / "full", "--steps", 1)
+    assert refused.returncode != 0 and "LCM-LoRA" in refused.stderr
+    out = tmp_path / "lcm-lora.safetensors"
+    run = imagine("distill-lcm", "--model", teacher, "--out", out, "--lora", 4, "--steps", 3, "--batch-size", 2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    keys = load_file(str(out)).keys()
+    assert any("transformer_blocks" in k for k in keys), sorted(keys)[:5]
+    made = imagine("generate", "a red circle", "--model", teacher, "--lora", out, "--sampler", "lcm", "--steps", 2,
+                   "--cfg", 1, "--out", "o", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-2000:]
+    png = next((tmp_path / "o").glob("*.png"))
+    again = imagine("generate", "--from", png, "--out", "p", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(next((tmp_path / "p").glob("*.png")))))

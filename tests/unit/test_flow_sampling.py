@@ -91,6 +91,49 @@ def test_a_flow_spec_is_sampled_as_a_flow_model():
     assert isinstance(plan, FlowSampling) and plan.shift == 3.0 and plan.signal(0.25) == 0.75
     sigmas = plan.sigmas(4)
     assert float(sigmas[0]) == pytest.approx(FLOW_T_MAX) and float(sigmas[-1]) == 0
-    with pytest.raises(ValueError, match="flow model"):
-        plan.sigmas(4, own=lambda ac, n: ac)
+    # a sampler's own integer timesteps (the LCM's grid picks 999, 759, 499, 259) as shifted flow times
+    from imagine.diffusion.flow import shift_t
+    from imagine.diffusion.schedules import lcm_timesteps
+
+    own = plan.sigmas(4, own=lcm_timesteps)
+    want = shift_t(torch.tensor([1.0, 0.76, 0.5, 0.26], dtype=torch.float64), 3.0).clamp(max=FLOW_T_MAX)
+    assert torch.allclose(own[:-1].double(), want, atol=1e-6) and float(own[-1]) == 0
     assert model_sampling(DiffusionSpec()).signal is None  # VP models keep the VE view
+
+
+def test_flow_consistency_math_is_exact_on_the_straight_path():
+    """With the true velocity, the distillation's pieces are exact: x0 and eps recovered, the teacher's solver
+    step lands on x_t' = (1 - t') x0 + t' eps, and at the grid's bottom (t = 0) f is the identity."""
+    from imagine.diffusion.consistency import FlowConsistency, flow_grid_t
+
+    sched = FlowConsistency(1000, 1.0)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    s = torch.tensor([999, 499, 19])
+    x = sched.noisy(x0, eps, s)
+    got_x0, got_eps = sched.x0_eps(eps - x0, x, s)
+    assert torch.allclose(got_x0, x0, atol=1e-5) and torch.allclose(got_eps, eps, atol=1e-5)
+    prev = sched.previous(s, 20)
+    t_prev = flow_grid_t(prev).reshape(-1, 1, 1, 1)
+    assert torch.allclose(sched.step(got_x0, got_eps, prev), (1 - t_prev) * x0 + t_prev * eps, atol=1e-5)
+    assert prev[-1] == -1 and float(flow_grid_t(prev)[-1]) == 0.0
+    bottom = sched.f(torch.randn(3, 2, 4, 4, generator=g), x, torch.full((3,), -1))
+    assert torch.equal(bottom, x)  # c_skip = 1, c_out = 0 at t = 0, whatever the network
+
+
+def test_lcm_sampler_walks_a_flow_consistency_model():
+    """A flow consistency model whose every estimate is the point c: multistep consistency sampling over the flow
+    grid (noising afresh between steps on the straight path) ends at c."""
+    from imagine.diffusion.schedules import lcm_timesteps
+
+    c = torch.full((2, 2, 4, 4), 0.7)
+    plan = FlowSampling(consistency=True)
+
+    def network(x, timestep, **_):  # v with x - t v = c
+        t = (timestep / 1000).reshape(-1, 1, 1, 1)
+        return (x - c) / t
+
+    sigmas = plan.sigmas(4, own=lcm_timesteps)
+    out = SAMPLERS["lcm"].fn(plan.denoiser(network), torch.randn(2, 2, 4, 4), sigmas, signal=plan.signal,
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, c, atol=1e-5)

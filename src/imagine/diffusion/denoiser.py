@@ -110,11 +110,16 @@ class FlowDenoiser:
     sigma = t in [0, 1] and x = x_t = (1 - t) x0 + t eps (ComfyUI's "CONST" model sampling; what diffusers'
     flow-matching schedulers walk). x0 = x_t - t v. The flow ODE dx/dt = v = (x - x0) / t has the form of the VE
     ODE dx/dsigma = (x - D) / sigma, so every deterministic sampler integrates it as it is; samplers that
-    inject noise read ``signal`` (the data's scale in x_t, 1 - t: samplers/common.py)."""
+    inject noise read ``signal`` (the data's scale in x_t, 1 - t: samplers/common.py).
 
-    def __init__(self, network: Callable[..., torch.Tensor], num_train_timesteps: int = 1000):
+    consistency: a flow consistency model (a flow LCM): D returns f(x_t, t) = c_skip x_t + c_out x0_hat, the
+    scalings read at the network's timestep 1000 t (exact at t = 0), as diffusion/consistency.py trains it."""
+
+    def __init__(self, network: Callable[..., torch.Tensor], num_train_timesteps: int = 1000,
+                 consistency: bool = False):
         self.network = network
         self.num_train_timesteps = num_train_timesteps  # the network's timestep is t times this (diffusers')
+        self.consistency = consistency
 
     @staticmethod
     def signal(sigma: float) -> float:
@@ -122,5 +127,9 @@ class FlowDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         t = broadcast_sigma(sigma, x)
-        v = self.network(x, (t * self.num_train_timesteps).float(), **(cond or {}))
-        return x - append_dims(t, x.ndim) * v.to(x.dtype)
+        timestep = (t * self.num_train_timesteps).float()
+        v = self.network(x, timestep, **(cond or {}))
+        x0 = x - append_dims(t, x.ndim) * v.to(x.dtype)
+        if self.consistency:
+            x0 = P.consistency_output(x0, x, timestep)
+        return x0

@@ -6,6 +6,8 @@ the data's scale in x that stochastic samplers need (ComfyUI's model_sampling.py
   from the VP prior (noise x sqrt(1 + sigma_max^2)), signal 1;
 - flow (FlowDenoiser): sigma = t in [0, 1], the grid of diffusers' FlowMatchEulerDiscreteScheduler shifted by
   the model's shift, the walk starting from noise, signal 1 - t.
+A sampler with its own timesteps (the LCM's: integer picks from its distillation grid) gets them as each
+parametrization places them (diffusion/consistency.py says where).
 The pipeline asks it and never tests for a parametrization.
 """
 
@@ -16,9 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from imagine.diffusion.consistency import flow_grid_t
 from imagine.diffusion.denoiser import Denoiser, FlowDenoiser
 from imagine.diffusion.flow import flow_timesteps
-from imagine.diffusion.schedules import karras_sigmas, sampling_sigmas, sigma_to_t
+from imagine.diffusion.schedules import karras_sigmas, sampling_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
+
+# a sampler's own timesteps: (num_train_timesteps, steps) -> descending integer timesteps (schedules.lcm_timesteps)
+OwnTimesteps = Callable[[int, int], torch.Tensor]
 
 # A flow walk starts just below t = 1: a sampler that injects noise takes its step on the VE sample
 # x / (1 - t), which is infinite at t = 1 (the network sees 999.9999 instead of 1000: no visible difference)
@@ -35,11 +41,11 @@ class VPSampling:
     consistency: bool = False
     signal: Callable[[float], float] | None = None  # the VE view: x = x0 + sigma eps
 
-    def sigmas(self, steps: int, karras: bool = False,
-               own: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
-        """(steps + 1,) noise levels ending at 0; ``own``: a sampler's own levels (an LCM's)."""
+    def sigmas(self, steps: int, karras: bool = False, own: OwnTimesteps | None = None) -> torch.Tensor:
+        """(steps + 1,) noise levels ending at 0; ``own``: a sampler's own timesteps (an LCM's)."""
         if own is not None:
-            return own(self.alphas_cumprod, steps)
+            sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)[own(len(self.alphas_cumprod), steps)]
+            return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
         return sampling_sigmas(self.alphas_cumprod, steps, "trailing", karras=karras)
 
     def denoiser(self, network, *, consistency: bool = False, quantize: bool = False) -> Denoiser:
@@ -65,22 +71,20 @@ class FlowSampling:
 
     shift: float = 1.0
     num_train_timesteps: int = 1000
+    consistency: bool = False
     signal: Callable[[float], float] | None = FlowDenoiser.signal
 
-    def sigmas(self, steps: int, karras: bool = False,
-               own: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
-        if own is not None:
-            raise ValueError("this sampler walks a VP model's own timesteps (an LCM's); a flow model takes the "
-                             "others (euler, heun, dpmpp_2m, ...)")
+    def sigmas(self, steps: int, karras: bool = False, own: OwnTimesteps | None = None) -> torch.Tensor:
+        if own is not None:  # integer grid timesteps -> flow times (diffusion/consistency.py)
+            t = flow_grid_t(own(self.num_train_timesteps, steps), self.num_train_timesteps, self.shift)
+            return torch.cat([t.clamp(max=FLOW_T_MAX), t.new_zeros(1)])
         t = flow_timesteps(steps, shift=self.shift, num_train_timesteps=self.num_train_timesteps)
         if karras:  # Karras et al.'s spacing over the same range of t
             t = torch.cat([karras_sigmas(float(t[-2]), float(t[0]), steps).float(), t.new_zeros(1)])
         return t.clamp(max=FLOW_T_MAX)
 
     def denoiser(self, network, *, consistency: bool = False, quantize: bool = False) -> FlowDenoiser:
-        if consistency:
-            raise ValueError("consistency sampling of flow models is not built yet; use euler or heun")
-        return FlowDenoiser(network, self.num_train_timesteps)
+        return FlowDenoiser(network, self.num_train_timesteps, consistency=self.consistency or consistency)
 
     def timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
         return sigmas.double() * self.num_train_timesteps
@@ -100,5 +104,6 @@ ModelSampling = VPSampling | FlowSampling
 def model_sampling(spec) -> ModelSampling:
     """How a model with this spec (io/model_folder.DiffusionSpec) is sampled."""
     if spec.prediction == "flow":
-        return FlowSampling(shift=spec.flow_shift, num_train_timesteps=spec.num_train_timesteps)
+        return FlowSampling(shift=spec.flow_shift, num_train_timesteps=spec.num_train_timesteps,
+                            consistency=spec.consistency)
     return VPSampling(spec.alphas_cumprod(), spec.prediction, spec.learned_variance, spec.consistency)

@@ -209,9 +209,9 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     spec, f = model.spec, model.latent_factor
     plan = model_sampling(spec)  # its noise levels, denoiser and prior, by its parametrization
     info = SAMPLERS[name]
-    if info.sigmas is not None and schedule == "karras":  # LCM: its own timesteps, of its distillation grid
+    if info.timesteps is not None and schedule == "karras":  # LCM: its own timesteps, of its distillation grid
         raise ValueError(f"the {name} sampler walks its own timesteps; leave the schedule at default")
-    sigmas = plan.sigmas(steps, karras=schedule == "karras", own=info.sigmas)
+    sigmas = plan.sigmas(steps, karras=schedule == "karras", own=info.timesteps)
     if init_latent is not None:  # SDEdit: run the last strength * steps steps from the noised init
         run = max(1, round(strength * steps))
         sigmas = sigmas[steps - run:]
@@ -241,7 +241,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         if runtime is not None:
             raise ValueError(f"super-resolution stages run on --backend torch, not {backend}")
         network = LowResConditioned(network)
-    denoiser = _TwoRowFloor(plan.denoiser(network, consistency=info.consistency, quantize=info.sigmas is not None))
+    denoiser = _TwoRowFloor(plan.denoiser(network, consistency=info.consistency, quantize=info.timesteps is not None))
     if tile:
         if any(kind.whole_image for kind in groups):
             raise ValueError("tiled sampling does not take ControlNet or T2I-Adapter units (their maps cover the "

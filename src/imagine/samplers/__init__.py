@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from imagine.a1111 import A1111_NAMES, A1111_SCHEDULE_TYPES
-from imagine.diffusion.schedules import lcm_sigmas
+from imagine.diffusion.schedules import lcm_timesteps
 from imagine.samplers.multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_lms, sample_unipc
 from imagine.samplers.single_step import (
     sample_ddim,
@@ -34,8 +34,9 @@ class SamplerInfo:
     stochastic: bool
     calls_per_step: int  # denoiser calls per step (Heun: 2, its last step 1)
     description: str
-    # the sampler's own noise levels (alphas_cumprod, steps) -> sigmas; None: the common spaced schedule
-    sigmas: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    # the sampler's own timesteps (num_train_timesteps, steps) -> descending integer timesteps, which each
+    # parametrization places (diffusion/model_sampling.py); None: the common spaced schedule
+    timesteps: Callable[[int, int], torch.Tensor] | None = None
     consistency: bool = False  # walks a consistency model (an LCM); other models give blurry images
 
 
@@ -50,7 +51,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, True, 1, "SDE-DPM-Solver++(2M), midpoint (Lu et al. 2022)"),
     "unipc": SamplerInfo(sample_unipc, False, 1, "UniPC bh2 predictor-corrector, order 2 (Zhao et al. 2023)"),
     "lcm": SamplerInfo(sample_lcm, True, 1, "Multistep consistency sampling for LCMs, 1 to 8 steps (Luo et al. 2023)",
-                       sigmas=lcm_sigmas, consistency=True),
+                       timesteps=lcm_timesteps, consistency=True),
 }
 
 def resolve(name: str) -> tuple[str, SigmaSchedule]:

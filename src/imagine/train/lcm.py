@@ -10,6 +10,11 @@ LCM-LoRA (Luo et al. 2023b): with ``lora_rank`` the student is the frozen teache
 guidance input (it is used with cfg 1), its own target, as diffusers' train_lcm_distill_lora does; the LoRA
 then carries the acceleration to fine-tunes of the same base.
 
+A flow teacher (SD3's, Flux's, or imagine's flow models) distils the same way on the straight path: its grid
+timesteps are flow times, its solver step is Euler's (diffusion/consistency.py holds both parametrizations'
+math), and the student is walked by the lcm sampler over the same grid (PixArt-delta's point: few steps for
+transformers too). A transformer has no guidance input to add: it distils as an LCM-LoRA.
+
 Randomness is per sample, from (seed, sample counter), so a resumed run repeats the uninterrupted one."""
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from PIL import Image
 
 from imagine.adapters.lora import attach, create
-from imagine.diffusion import parametrization as P
+from imagine.diffusion.consistency import consistency_schedule
 from imagine.diffusion.schedules import lcm_grid
 from imagine.io.lora_keys import save_lora
 from imagine.io.model_folder import DiffusionModel, save_model_folder
@@ -66,6 +71,9 @@ class LCMDistillConfig(AdapterTrainConfig):
 
 def student_unet(teacher: torch.nn.Module, w_embed_dim: int) -> torch.nn.Module:
     """The teacher's UNet with a guidance-scale input whose projection starts at zero (the teacher exactly)."""
+    if not isinstance(teacher, UNet2DConditionModel):
+        raise ValueError(f"a {type(teacher).__name__} has no guidance-scale input to learn: distil it as an "
+                         "LCM-LoRA (--lora-rank, used at cfg 1)")
     if teacher.config.time_cond_proj_dim is not None:
         raise ValueError("the teacher already embeds its guidance scale (it is an LCM); distil from its base model")
     student = UNet2DConditionModel(replace(teacher.config, time_cond_proj_dim=w_embed_dim))
@@ -110,9 +118,9 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     teacher.requires_grad_(False).eval()
-    alphas_cumprod = spec.alphas_cumprod().float()
-    grid = lcm_grid(len(alphas_cumprod), cfg.original_steps)
-    k = len(alphas_cumprod) // cfg.original_steps
+    schedule = consistency_schedule(spec)  # where grid timesteps put samples, the solver step, the boundary
+    grid = lcm_grid(spec.num_train_timesteps, cfg.original_steps)
+    k = spec.num_train_timesteps // cfg.original_steps
 
     if cfg.lora_rank:  # the student is the teacher plus a LoRA; its own target
         parts = {"unet": teacher}
@@ -148,22 +156,21 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
         def conditioning(captions: list[str]) -> tuple[dict, dict]:
             text = text_encoder.encode(captions)
             b = len(captions)
-            cond = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask}
-            uncond = {"encoder_hidden_states": empty.context.expand(b, -1, -1),
-                      "encoder_attention_mask": empty.mask.expand(b, -1)}
-            if model.family.micro_conditioning:  # SDXL's extra inputs, on both branches
-                cond.update(model.family.conditioning(text.pooled, size, size))
-                uncond.update(model.family.conditioning(empty.pooled.expand(b, -1), size, size))
+            context, mask = empty.context.expand(b, -1, -1), empty.mask.expand(b, -1)
+            pooled = empty.pooled.expand(b, -1) if empty.pooled is not None else None
+            cond = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask,
+                    **model.family.conditioning(text.pooled, size, size, text.context, text.mask)}
+            # the family's extra inputs (SDXL's micro-conditioning, an MMDiT's pooled text) on both branches
+            uncond = {"encoder_hidden_states": context, "encoder_attention_mask": mask,
+                      **model.family.conditioning(pooled, size, size, context, mask)}
             return cond, uncond
 
-        def f_of(network, x_t, t, cond, w_emb):
-            """The consistency function of ``network`` at VP x_t, integer timesteps t (B,)."""
+        def f_of(network, x_t, s, cond, w_emb):
+            """The consistency function of ``network`` at x_s, integer grid timesteps s (B,)."""
             extra = {"timestep_cond": w_emb} if w_emb is not None else {}
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                output = network(x_t, t, **cond, **extra).float()
-            ab = alphas_cumprod[t].reshape(-1, 1, 1, 1)
-            x0 = P.predict_x0(output, x_t, ab.sqrt(), (1 - ab).sqrt(), spec.prediction)
-            return P.consistency_output(x0, x_t, t)
+                output = network(x_t, schedule.network_t(s), **cond, **extra).float()
+            return schedule.f(output, x_t, s)
 
         # the hooks draw with the target as it stands (updated in place); LCM-LoRA: the model, LoRA attached
         context = {"teacher": model, "text_encoder": text_encoder, "out": root, "config": cfg,
@@ -179,27 +186,25 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
             x0 = posterior_latents(vae, images, cfg.seed + 1, counters, shape)
             with torch.no_grad():
                 t = grid[torch.tensor([n for n, _, _ in draws])]
-                t_prev = (t - k).clamp(min=0)
+                t_prev = schedule.previous(t, k)
                 scale = torch.tensor([s for _, s, _ in draws])
                 noise = torch.stack([z for _, _, z in draws])
-                ab, ab_prev = (alphas_cumprod[v].reshape(-1, 1, 1, 1) for v in (t, t_prev))
-                x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+                x_t = schedule.noisy(x0, noise, t)
                 cond, uncond = conditioning(list(captions))
                 w_emb = None if cfg.lora_rank else guidance_embedding(scale - 1, cfg.w_embed_dim)
                 # one DDIM step of the teacher under CFG: x0 and eps at cfg scale, then to t_prev
                 if handle is not None:
                     handle.detach()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                    both = teacher(torch.cat([x_t, x_t]), schedule.network_t(torch.cat([t, t])),
                                    **{key: torch.cat([uncond[key], cond[key]]) for key in cond}).float()
                 if handle is not None:
                     handle = attach({"unet": teacher}, [(lora, 1.0)])
-                a, s = ab.sqrt().repeat(2, 1, 1, 1), (1 - ab).sqrt().repeat(2, 1, 1, 1)
-                x0_u, x0_c = P.predict_x0(both, torch.cat([x_t, x_t]), a, s, spec.prediction).chunk(2)
-                eps_u, eps_c = P.predict_eps(both, torch.cat([x_t, x_t]), a, s, spec.prediction).chunk(2)
+                x0_both, eps_both = schedule.x0_eps(both, torch.cat([x_t, x_t]), torch.cat([t, t]))
+                (x0_u, x0_c), (eps_u, eps_c) = x0_both.chunk(2), eps_both.chunk(2)
                 g = (scale - 1).reshape(-1, 1, 1, 1)
                 x0_hat, eps_hat = x0_c + g * (x0_c - x0_u), eps_c + g * (eps_c - eps_u)
-                x_prev = ab_prev.sqrt() * x0_hat + (1 - ab_prev).sqrt() * eps_hat
+                x_prev = schedule.step(x0_hat, eps_hat, t_prev)
                 target_f = f_of(target, x_prev, t_prev, cond, w_emb)
             loss = consistency_loss(f_of(student, x_t, t, cond, w_emb), target_f, cfg.loss, cfg.huber_c)
             if not torch.isfinite(loss):
