@@ -191,3 +191,52 @@ def test_tile_controlnet_upscales_in_hires_fix(trained, tiny_t2i_dir, tmp_path):
     assert run.returncode != 0 and "needs a second pass" in run.stderr
     run = imagine("upscale", out, "--upscaler", "Tile ControlNet", "--models-dir", models, "--out", "d", cwd=tmp_path)
     assert run.returncode != 0 and "second pass with the base model" in run.stderr
+
+
+def test_an_mmdit_trains_and_takes_a_controlnet_made_for_it(trained, tmp_path):
+    """The transformer ControlNet (PixArt-delta's and SD3's design: the first blocks copied, zero linear
+    outputs added after the base's blocks): train-controlnet on an MMDiT writes diffusers' SD3ControlNetModel
+    (diffusers loads it and computes the same), --control uses it and --from reproduces; a UNet's ControlNet
+    is refused on the MMDiT, naming what it was made for."""
+    import shutil
+
+    import torch
+
+    from imagine.io.control_files import load_control
+
+    diffusers = pytest.importorskip("diffusers")
+    mm = tmp_path / "mmdit"
+    run = imagine("train", "--data", "builtin:shapes-language", "--preset", "tiny-t2i", "--arch", "mmdit",
+                  "--prediction", "flow", "--steps", 3, "--out", mm)
+    assert run.returncode == 0, run.stderr[-2000:]
+    net_dir = tmp_path / "models" / "ControlNet" / "mm_seg"
+    run = imagine("train-controlnet", "--model", mm, "--data", "builtin:shapes", "--condition", "segmentation",
+                  "--steps", 3, "--batch-size", 2, "--out", net_dir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours = load_control(net_dir)
+    assert ours.network == "mmdit" and type(ours.model).__name__ == "SD3ControlNetModel"
+    theirs = diffusers.SD3ControlNetModel.from_pretrained(net_dir).eval()
+    cfg = ours.model.config
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(1, cfg.in_channels, 8, 8, generator=g), torch.randn(1, cfg.in_channels, 8, 8, generator=g)
+    text, pooled = torch.randn(1, 4, cfg.joint_attention_dim, generator=g), torch.randn(1, cfg.pooled_projection_dim,
+                                                                                       generator=g)
+    with torch.no_grad():
+        want = theirs(x, controlnet_cond=cond, encoder_hidden_states=text, pooled_projections=pooled,
+                      timestep=torch.tensor([500.0])).controlnet_block_samples
+        got = ours.model(x, torch.tensor([500.0]), text, pooled, cond)
+    assert max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True)) < 1e-5
+    shutil.copy(trained / "scene.png", tmp_path / "scene.png")
+    common = ["--model", mm, "--steps", 3, "--seed", 5, "--sampler", "euler"]
+    run = imagine("generate", "a red circle", *common, "--control", "segmentation:scene.png:0.8", "--out", "ctl",
+                  cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = next((tmp_path / "ctl").glob("*.png"))
+    assert 'ControlNet 0: "Module: segmentation, Model: mm_seg [' in Image.open(out).info["parameters"]
+    run = imagine("generate", "--from", out, "--out", "again", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(next((tmp_path / "again").glob("*.png")))), np.asarray(Image.open(out)))
+    shutil.copytree(trained / "models" / "ControlNet" / "cn_seg", tmp_path / "models" / "ControlNet" / "cn_seg")
+    run = imagine("generate", "x", *common, "--control", "segmentation@cn_seg:scene.png", "--out", "bad",
+                  cwd=tmp_path)
+    assert run.returncode != 0 and "made for unet models" in run.stderr

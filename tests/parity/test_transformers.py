@@ -75,6 +75,45 @@ def test_mmdit_matches_diffusers(qk_norm, height, width):
     assert (got - want).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("control_layers", [1, 3])
+def test_sd3_controlnet_and_its_use_match_diffusers(control_layers):
+    """diffusers' SD3ControlNetModel on the same weights and inputs, and the MMDiT adding its outputs after the
+    blocks they align with (1 output for 3 blocks: every block takes it; 3 outputs: one each)."""
+    from imagine.models.mmdit import MMDiTConfig, MMDiTControlNetConfig, SD3ControlNetModel, SD3Transformer2DModel
+
+    kwargs = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6,
+                  out_channels=4, pos_embed_max_size=16)
+    base = _jitter(SD3Transformer2DModel(MMDiTConfig(**kwargs)), 2)
+    theirs_base = diffusers.SD3Transformer2DModel(**kwargs).eval()
+    theirs_base.load_state_dict(base.state_dict(), strict=True)
+    ours = _jitter(SD3ControlNetModel(MMDiTControlNetConfig(**{**kwargs, "num_layers": control_layers})), 4)
+    theirs = diffusers.SD3ControlNetModel(**{**kwargs, "num_layers": control_layers}).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(3)
+    x, cond = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 4, 8, 12, generator=g)
+    context, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 6, generator=g)
+    t = torch.tensor([999.0, 250.5])
+    with torch.no_grad():
+        want = theirs(x, controlnet_cond=cond, conditioning_scale=0.7, encoder_hidden_states=context,
+                      pooled_projections=pooled, timestep=t).controlnet_block_samples
+        got = ours(x, t, context, pooled, cond, conditioning_scale=0.7)
+        assert len(got) == len(want) == control_layers
+        assert max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True)) < 1e-5
+        want_out = theirs_base(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                               block_controlnet_hidden_states=want).sample
+        got_out = base(x, t, encoder_hidden_states=context, pooled_projections=pooled,
+                       block_controlnet_hidden_states=got)
+    assert (got_out - want_out).abs().max() < 1e-5
+    # a fresh one, copied from the base, changes nothing
+    fresh = SD3ControlNetModel.from_transformer(base, 2)
+    with torch.no_grad():
+        plain = base(x, t, encoder_hidden_states=context, pooled_projections=pooled)
+        controlled = base(x, t, encoder_hidden_states=context, pooled_projections=pooled,
+                          block_controlnet_hidden_states=fresh(x, t, context, pooled, cond))
+    assert torch.equal(plain, controlled)
+
+
 def test_mmdit_refuses_what_it_does_not_build():
     from imagine.models.mmdit import MMDiTConfig
 

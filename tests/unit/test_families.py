@@ -64,8 +64,9 @@ def test_every_attachment_kind_is_registered_and_fits_the_unet_families():
     for f in FAMILIES.values():
         if f.network == "unet":
             assert kinds <= f.attachments
-        else:  # the UNet's spatial adapters do not fit a transformer
-            assert "controlnet" not in f.attachments and "lora" in f.attachments
+        else:  # the UNet's adapters do not fit a transformer; an MMDiT takes ControlNets made for it
+            assert not {"t2i_adapter", "ip_adapter"} & f.attachments and "lora" in f.attachments
+            assert ("controlnet" in f.attachments) == (f.network == "mmdit")
 
 
 def test_a_family_refuses_an_attachment_that_does_not_fit_it():
@@ -88,3 +89,13 @@ def test_an_mmdit_takes_the_texts_sentence_vector():
     assert IMAGINE_MMDIT.conditioning(pooled, 64, 64, context, mask)["pooled_projections"] is pooled
     with pytest.raises(ValueError, match="pooled text or the text states"):
         IMAGINE_MMDIT.conditioning(None, 64, 64)
+
+
+def test_a_unit_made_for_another_network_is_refused_by_name():
+    from imagine.families import IMAGINE_MMDIT
+
+    IMAGINE_MMDIT.check_attachment("controlnet", "control model 'x'", "mmdit")
+    with pytest.raises(ValueError, match="made for unet models .*the model here is imagine MMDiT"):
+        IMAGINE_MMDIT.check_attachment("controlnet", "control model 'x'", "unet")
+    with pytest.raises(ValueError, match="made for mmdit models"):
+        SD1.check_attachment("controlnet", "control model 'x'", "mmdit")

@@ -39,6 +39,12 @@ class Attachment:
         """How messages name this unit (its file's or embedding's name)."""
         return self.kind
 
+    @property
+    def made_for(self) -> str | None:
+        """The denoiser architecture this unit's weights were made for (families.Family.network), where it is
+        tied to one (a UNet ControlNet, an MMDiT ControlNet); None: the family's kinds say enough."""
+        return None
+
     def record(self) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -18,7 +18,7 @@ import base64
 import io
 import json
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -32,6 +32,7 @@ from imagine.a1111 import MODE_LABELS, MODULE_ALIASES, RESIZE_NAMES, a1111_field
 from imagine.adapters.attachment import Attachment
 from imagine.data.conditions import PREPROCESSORS, check_module, detect
 from imagine.data.transforms import fit_image
+from imagine.families import NETWORK_LABELS, of_network
 from imagine.io.control_files import KINDS, ControlFile, _condition_from_name, load_control
 from imagine.io.models_dir import Entry, entries, resolve
 from imagine.io.png import file_hash
@@ -89,6 +90,10 @@ class Conditioner(Attachment):
     def label(self) -> str:
         return f"control model {self.file.name!r}"
 
+    @property
+    def made_for(self) -> str:
+        return self.file.network
+
     def record(self) -> dict:
         return self.info
 
@@ -98,7 +103,14 @@ class Conditioner(Attachment):
 
     @classmethod
     def around(cls, units, network, model, timesteps):
-        return Controlled(network, units, timesteps)
+        vae = model.vae
+
+        def to_latents(condition: torch.Tensor) -> torch.Tensor:  # a transformer ControlNet reads latents
+            if vae is None:
+                return condition * 2 - 1
+            return vae.to_latent(vae.encode(condition.to(next(vae.parameters()).dtype) * 2 - 1).mean)
+
+        return Controlled(network, units, timesteps, to_latents)
 
     @classmethod
     def a1111(cls, records, first_unit):  # as sd-webui-controlnet writes its units: "ControlNet 0"
@@ -115,12 +127,26 @@ class Conditioner(Attachment):
     def _rows(self, rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
         if self.mode != "control" or rows is None:
             return None
-        return rows.to(like.dtype).reshape(-1, 1, 1, 1)
+        return rows.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
-    def residuals(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], rows: torch.Tensor | None
-                  ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None, list[torch.Tensor] | None]:
-        """(down residuals, mid residual, intrablock features) for this call's rows."""
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], rows: torch.Tensor | None,
+                  to_latents: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+        """This call's additions to the denoiser's inputs, by input name: a UNet ControlNet's down and mid
+        residuals, a T2I-Adapter's intrablock features, an MMDiT ControlNet's block outputs."""
         b = x.shape[0]
+        if self.file.network == "mmdit":  # SD3's: the condition's latents beside the sample, per block outputs
+            if self._features is None:  # the condition is fixed: encoded once per request
+                self._features = [(to_latents or (lambda c: c * 2 - 1))(self.condition.to(x.device))]
+            latents = self._features[0].to(x.dtype).expand(b, -1, -1, -1)
+            pooled = cond["pooled_projections"]
+            if self.file.model.config.force_zeros_for_pooled_projection:  # as diffusers' SD3 ControlNet pipeline
+                pooled = torch.zeros_like(pooled)
+            outs = self.file.model(x, t, cond["encoder_hidden_states"], pooled, latents,
+                                   encoder_attention_mask=cond.get("encoder_attention_mask"))
+            mask = self._rows(rows, outs[0])
+            return {"block_controlnet_hidden_states": [o * s if mask is None else o * s * mask
+                                                       for o, s in zip(outs, self._scales(len(outs)), strict=True)]}
         if self.file.kind == "controlnet":
             condition = self.condition.to(x.device, x.dtype).expand(b, -1, -1, -1)
             extra = {k: cond[k] for k in ("encoder_attention_mask", "class_labels", "text_embeds", "time_ids")
@@ -135,8 +161,8 @@ class Conditioner(Attachment):
         scaled = [o * s if mask is None else o * s * mask for o, s in zip(outs, self._scales(len(outs)),
                                                                          strict=True)]
         if self.file.kind == "controlnet":
-            return scaled[:-1], scaled[-1], None
-        return None, None, scaled
+            return {"down_block_additional_residuals": scaled[:-1], "mid_block_additional_residual": scaled[-1]}
+        return {"down_intrablock_additional_residuals": scaled}
 
 
 def _add(total: list[torch.Tensor] | None, more: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
@@ -163,9 +189,11 @@ class Controlled:
     timesteps: the network timestep of each sampling step (the sampler's sigmas, as the denoiser converts
     them), so a call knows which share of the steps is done (A1111's guidance start and end)."""
 
-    def __init__(self, unet, conditioners: Sequence[Conditioner], timesteps: torch.Tensor):
+    def __init__(self, unet, conditioners: Sequence[Conditioner], timesteps: torch.Tensor,
+                 to_latents: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.unet, self.conditioners = unet, list(conditioners)
         self.timesteps = timesteps.double()
+        self.to_latents = to_latents  # pixels in [0, 1] -> the model's latents (a transformer ControlNet's input)
 
     def progress(self, t: torch.Tensor) -> float:
         return step_progress(self.timesteps, t)
@@ -173,17 +201,15 @@ class Controlled:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         rows = cond.pop(ROWS, None)
         progress = self.progress(t)
-        down = mid = intrablock = None
+        extra: dict[str, Any] = {}
         for c in self.conditioners:
             if c.active(progress):
-                d, m, i = c.residuals(x, t, cond, rows)
-                down, intrablock = _add(down, d), _add(intrablock, i)
-                mid = m if mid is None else (mid if m is None else mid + m)
-        extra = {}
-        if down is not None:
-            extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        if intrablock is not None:
-            extra["down_intrablock_additional_residuals"] = intrablock
+                for name, more in c.residuals(x, t, cond, rows, self.to_latents).items():
+                    total = extra.get(name)
+                    if isinstance(more, torch.Tensor):  # a UNet's mid residual
+                        extra[name] = more if total is None else total + more
+                    else:
+                        extra[name] = _add(total, more)
         return self.unet(x, t, **cond, **extra)
 
 
@@ -211,6 +237,19 @@ def cached_control(path: Path, allow_pickle: bool = False) -> ControlFile:
 def check_fits(file: ControlFile, unet, latent_factor: int) -> None:
     """Refuse a control model made for another architecture, saying what differs."""
     cfg = unet.config
+    family = of_network(unet)
+    if file.network != family.network:
+        raise ValueError(f"control model {file.name!r} was made for {file.network} models "
+                         f"({NETWORK_LABELS.get(file.network, file.network)}); the model here is {family.label} "
+                         f"({family.network}): pick one made for it")
+    if file.network == "mmdit":
+        c = file.model.config
+        mine = (c.inner_dim, c.joint_attention_dim, c.pooled_projection_dim, c.in_channels, c.patch_size)
+        theirs = (cfg.inner_dim, cfg.joint_attention_dim, cfg.pooled_projection_dim, cfg.in_channels, cfg.patch_size)
+        if mine != theirs:
+            raise ValueError(f"ControlNet {file.name!r} was made for another MMDiT: it has {mine}, this model needs "
+                             f"{theirs} (width, text width, pooled width, latent channels, patch size)")
+        return
     if file.kind == "controlnet":
         c = file.model.config
         mine = (tuple(c.block_out_channels), c.cross_attention_dim, c.layers_per_block, c.downscale)
@@ -315,6 +354,11 @@ def _peek(path: Path) -> dict:
 
 
 def _fits_config(raw: dict, unet_cfg) -> bool | None:
+    if raw.get("_class_name") == "SD3ControlNetModel":
+        return getattr(unet_cfg, "inner_dim", None) == raw.get("num_attention_heads", 0) * raw.get(
+            "attention_head_dim", 0) and raw.get("joint_attention_dim") == getattr(unet_cfg, "joint_attention_dim", -1)
+    if not hasattr(unet_cfg, "block_out_channels"):  # a transformer: the UNet kinds do not fit it
+        return False
     if raw.get("_class_name") == "ControlNetModel":
         return (tuple(raw.get("block_out_channels", ())) == tuple(unet_cfg.block_out_channels)
                 and raw.get("cross_attention_dim") == unet_cfg.cross_attention_dim)

@@ -15,6 +15,8 @@ import torch
 
 from imagine.diffusion.parametrization import Prediction
 
+NETWORK_LABELS = {"unet": "a UNet", "dit": "DiT", "pixart": "PixArt's DiT", "mmdit": "SD3's MMDiT",
+                  "flux": "Flux's transformer"}
 # Everything that can attach to a denoiser (adapters/): the kinds a family lists as fitting it.
 AttachmentKind = Literal["lora", "embedding", "controlnet", "t2i_adapter", "ip_adapter"]
 UNET_ATTACHMENTS: frozenset[str] = frozenset({"lora", "embedding", "controlnet", "t2i_adapter", "ip_adapter"})
@@ -84,11 +86,15 @@ class Family:
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(len(pooled), -1)
         return {"text_embeds": pooled, "time_ids": ids}
 
-    def check_attachment(self, kind: str, what: str) -> None:
-        """Refuse, naming the family, an attachment kind that does not fit it."""
+    def check_attachment(self, kind: str, what: str, made_for: str | None = None) -> None:
+        """Refuse, naming the family, an attachment kind that does not fit it, or a unit made for another
+        denoiser architecture (``made_for``: a ControlNet's)."""
         if kind not in self.attachments:
             raise ValueError(f"{what} is a {kind.replace('_', '-')}, which does not fit a {self.label} model; it "
                              f"takes: {', '.join(sorted(self.attachments)) or 'no attachments'}")
+        if made_for is not None and made_for != self.network:
+            raise ValueError(f"{what} was made for {made_for} models ({NETWORK_LABELS.get(made_for, made_for)}); "
+                             f"the model here is {self.label} ({self.network}): pick one made for it")
 
 
 _CLIP_L = dict(architecture="CLIPTextModel", activation="quick_gelu", layout="clip")
@@ -114,14 +120,14 @@ SDXL = Family("sdxl", "Stable Diffusion XL", "unet", LatentFormat(channels=4, sc
               modelspec="stable-diffusion-xl-v1-base", diffusers_pipeline="StableDiffusionXLPipeline")
 
 # imagine's own transformers, trained here (diffusion transformers take LoRAs and embeddings; the UNet's
-# ControlNets, T2I-Adapters and IP-Adapters do not fit them)
+# ControlNets, T2I-Adapters and IP-Adapters do not fit them; an MMDiT takes ControlNets made for it)
 TRANSFORMER_ATTACHMENTS: frozenset[str] = frozenset({"lora", "embedding"})
 IMAGINE_DIT = Family("imagine-dit", "imagine DiT", "dit", None, image_size=32, prediction="flow",
                      attachments=TRANSFORMER_ATTACHMENTS)
 IMAGINE_PIXART = Family("imagine-pixart", "imagine PixArt-style DiT", "pixart", None, image_size=32,
                         prediction="flow", attachments=TRANSFORMER_ATTACHMENTS)
 IMAGINE_MMDIT = Family("imagine-mmdit", "imagine MMDiT", "mmdit", None, image_size=32, prediction="flow",
-                       pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS)
+                       pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS | {"controlnet"})
 IMAGINE_FLUX = Family("imagine-flux", "imagine Flux-style transformer", "flux", None, image_size=32,
                       prediction="flow", pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS)
 

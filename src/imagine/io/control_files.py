@@ -19,11 +19,13 @@ import torch
 
 from imagine.io.checkpoint import CONFIG_NAME, CheckpointError, Weights, build_and_fill, open_weights, read_json
 from imagine.io.ldm_keys import KeyMap, Src, read_mapped, unet_map
-from imagine.io.networks import load_controlnet, load_t2i_adapter
+from imagine.io.networks import load_controlnet, load_sd3_controlnet, load_t2i_adapter
 from imagine.io.stable_diffusion import unet_config_from_ldm
 from imagine.models import ControlNetConfig, ControlNetModel
 
-KINDS = {"ControlNetModel": "controlnet", "T2IAdapter": "t2i_adapter"}
+KINDS = {"ControlNetModel": "controlnet", "T2IAdapter": "t2i_adapter", "SD3ControlNetModel": "controlnet"}
+# the denoiser architecture each class is made for (families.Family.network)
+NETWORKS = {"ControlNetModel": "unet", "T2IAdapter": "unet", "SD3ControlNetModel": "mmdit"}
 # words in a file name that say which condition a foreign model reads (imagine's own files record it)
 _NAMED = {"canny": "canny", "scribble": "scribble", "seg": "segmentation", "segmentation": "segmentation",
           "tile": "tile", "keypoints": "keypoints"}
@@ -31,11 +33,12 @@ _NAMED = {"canny": "canny", "scribble": "scribble", "seg": "segmentation", "segm
 
 @dataclass
 class ControlFile:
-    model: torch.nn.Module  # ControlNetModel or T2IAdapter
+    model: torch.nn.Module  # ControlNetModel, T2IAdapter or SD3ControlNetModel
     kind: str  # "controlnet" or "t2i_adapter"
     condition: str | None  # the preprocessor it was trained on, where known
     path: Path
     info: dict  # what imagine recorded beside it (base model, steps), or {}
+    network: str = "unet"  # the denoiser architecture it is made for: unet, or mmdit (an SD3 ControlNet)
 
     @property
     def name(self) -> str:
@@ -67,13 +70,16 @@ def load_control(path: Path | str, *, allow_pickle: bool = False, dtype: torch.d
             raw = read_json(path.parent / CONFIG_NAME)
         else:
             return _load_original(weights, path, dtype)
-    kind = KINDS.get(raw.get("_class_name") or raw.get("_class"))
+    name = raw.get("_class_name") or raw.get("_class")
+    kind = KINDS.get(name)
     if kind is None:
-        raise CheckpointError(f"{path} holds a {raw.get('_class_name') or raw.get('_class') or 'model of no class'}, "
-                              f"not a ControlNet or T2I-Adapter ({', '.join(KINDS)})")
-    model = (load_controlnet if kind == "controlnet" else load_t2i_adapter)(path, dtype)
+        raise CheckpointError(f"{path} holds a {name or 'model of no class'}, not a ControlNet or T2I-Adapter "
+                              f"({', '.join(KINDS)})")
+    load = {"ControlNetModel": load_controlnet, "T2IAdapter": load_t2i_adapter,
+            "SD3ControlNetModel": load_sd3_controlnet}[name]
     info = raw.get("_imagine") or {}
-    return ControlFile(model, kind, info.get("condition") or _condition_from_name(path.name), path, info)
+    return ControlFile(load(path, dtype), kind, info.get("condition") or _condition_from_name(path.name), path, info,
+                       NETWORKS[name])
 
 
 def controlnet_map(keys: Iterable[str], config, prefix: str = "") -> KeyMap:

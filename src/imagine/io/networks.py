@@ -34,7 +34,7 @@ from imagine.models.dit import DiTConfig, DiTTransformer2DModel
 from imagine.models.flux import FluxConfig, FluxTransformer2DModel
 from imagine.models.image_encoders import BUILTIN, CLIPVisionEncoder, FunctionEncoder, ShapesTowerEncoder
 from imagine.models.inception import FIDInceptionV3
-from imagine.models.mmdit import MMDiTConfig, SD3Transformer2DModel
+from imagine.models.mmdit import MMDiTConfig, MMDiTControlNetConfig, SD3ControlNetModel, SD3Transformer2DModel
 from imagine.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from imagine.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from imagine.models.unet import UNet2DConditionModel, UNetConfig
@@ -210,6 +210,13 @@ def load_controlnet(path: Path | str, dtype: torch.dtype = torch.float32) -> Con
     file with the config in its metadata; missing or unexpected keys fail."""
     return _load(Path(path), "ControlNetModel", ControlNetModel, ControlNetConfig, _CONTROLNET_FIXED,
                  _CONTROL_IGNORED, "ControlNet", dtype)
+
+
+def load_sd3_controlnet(path: Path | str, dtype: torch.dtype = torch.float32) -> SD3ControlNetModel:
+    """An SD3 ControlNet (diffusers' SD3ControlNetModel: InstantX's, Stability's, ours) from its folder or
+    weights file; missing or unexpected keys fail."""
+    return _load(Path(path), "SD3ControlNetModel", SD3ControlNetModel, MMDiTControlNetConfig, {},
+                 {*_DIT_IGNORED, "_imagine"}, "SD3 ControlNet", dtype)
 
 
 def load_t2i_adapter(path: Path | str, dtype: torch.dtype = torch.float32) -> T2IAdapter:

@@ -10,7 +10,8 @@ layers (a second, image-only attention in the first blocks) are not built yet: s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -142,13 +143,101 @@ class SD3Transformer2DModel(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None,
-                **unused) -> torch.Tensor:
+                block_controlnet_hidden_states: Sequence[torch.Tensor] | None = None, **unused) -> torch.Tensor:
+        """block_controlnet_hidden_states: a ControlNet's outputs (SD3ControlNetModel), added to the image tokens
+        after the blocks they align with (block i takes output i / (blocks / outputs), as diffusers spreads them)."""
         cfg = self.config
         timestep, h, w = patch_grid(sample, timestep, cfg.in_channels, cfg.patch_size)
         x = self.pos_embed(sample)  # (B, h w, dim)
         temb = self.time_text_embed(timestep, pooled_projections.to(x.dtype))
         context = self.context_embedder(encoder_hidden_states.to(x.dtype))
-        for block in self.transformer_blocks:
+        controls = list(block_controlnet_hidden_states or ())
+        for i, block in enumerate(self.transformer_blocks):
             x, context = block(x, context, temb, encoder_attention_mask)
+            if controls and not block.context_pre_only:
+                x = x + controls[int(i / (len(self.transformer_blocks) / len(controls)))].to(x.dtype)
         x = self.proj_out(self.norm_out(x, temb))
         return unpatchify(x, h, w, cfg.patch_size, cfg.out_channels)
+
+
+@dataclass(frozen=True)
+class MMDiTControlNetConfig(MMDiTConfig):
+    """An SD3 ControlNet's config (diffusers' SD3ControlNetModel): the MMDiT's, num_layers its own blocks."""
+
+    extra_conditioning_channels: int = 0
+    pos_embed_type: str | None = "sincos"
+    use_pos_embed: bool = True
+    force_zeros_for_pooled_projection: bool = True  # the pipeline hands it zeros for the pooled text
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.use_pos_embed or self.pos_embed_type != "sincos":
+            raise ValueError("this SD3 ControlNet reads the transformer's own positions (SD3.5 Large's kind); "
+                             "imagine builds the kind with its own patch embedding (SD3, SD3.5 Medium, its own)")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MMDiTControlNetConfig:
+        return config_from_dict(cls, data, "SD3 ControlNet config")
+
+
+class SD3ControlNetModel(nn.Module):
+    """A ControlNet for the MMDiT (Zhang et al. 2023 as PixArt-delta and SD3 carry it to transformers): a
+    trainable copy of the first blocks reads the image tokens plus the condition's latent patches (through a
+    zero-initialized patch embedding), and each block's image tokens leave through a zero-initialized linear
+    layer, to be added after the base's blocks (SD3Transformer2DModel's block_controlnet_hidden_states). A fresh
+    one changes nothing. Keys are diffusers' SD3ControlNetModel's, so InstantX's and Stability's SD3 ControlNets
+    load; controlnet(sample, timestep, encoder_hidden_states, pooled_projections, controlnet_cond (B, C, H, W):
+    the condition image's latents) -> [(B, N, dim)] per block."""
+
+    def __init__(self, config: MMDiTControlNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        dim = cfg.inner_dim
+        self.pos_embed = PatchEmbed(cfg.sample_size, cfg.patch_size, cfg.in_channels, dim,
+                                    pos_embed_max_size=cfg.pos_embed_max_size)
+        self.time_text_embed = TimestepTextEmbedding(dim, cfg.pooled_projection_dim)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
+        self.transformer_blocks = nn.ModuleList([JointBlock(cfg, context_pre_only=False)
+                                                 for _ in range(cfg.num_layers)])
+        self.controlnet_blocks = nn.ModuleList([zero_(nn.Linear(dim, dim)) for _ in range(cfg.num_layers)])
+        self.pos_embed_input = PatchEmbed(cfg.sample_size, cfg.patch_size,
+                                          cfg.in_channels + cfg.extra_conditioning_channels, dim, positions=False)
+        zero_(self.pos_embed_input.proj)
+
+    @classmethod
+    def from_transformer(cls, transformer: SD3Transformer2DModel, num_layers: int | None = None
+                         ) -> SD3ControlNetModel:
+        """A fresh ControlNet for ``transformer``: its first ``num_layers`` blocks (half by default) and its
+        embeddings copied, the output layers and the condition's embedding at zero (the base exactly)."""
+        base = transformer.config
+        n = num_layers or max(1, base.num_layers // 2)
+        if not 1 <= n < base.num_layers:
+            raise ValueError(f"a ControlNet copies 1 to {base.num_layers - 1} of the transformer's blocks, not {n}")
+        kept = {f.name: getattr(base, f.name) for f in fields(MMDiTConfig)}
+        net = cls(MMDiTControlNetConfig(**{**kept, "num_layers": n}, force_zeros_for_pooled_projection=False))
+        own = transformer.state_dict()
+        state = {k: v for k, v in own.items() if k.split(".")[0] in ("pos_embed", "time_text_embed", "context_embedder")
+                 or (k.startswith("transformer_blocks.") and int(k.split(".")[1]) < n)}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith(("controlnet_blocks.", "pos_embed_input.")) for k in missing), \
+            (missing, unexpected)
+        return net.to(next(transformer.parameters()).dtype)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, controlnet_cond: torch.Tensor,
+                encoder_attention_mask: torch.Tensor | None = None, conditioning_scale: float = 1.0
+                ) -> list[torch.Tensor]:
+        cfg = self.config
+        timestep, _, _ = patch_grid(sample, timestep, cfg.in_channels, cfg.patch_size)
+        if controlnet_cond.shape[-2:] != sample.shape[-2:]:
+            raise ValueError(f"the condition's latents {tuple(controlnet_cond.shape)} must match the sample's "
+                             f"{tuple(sample.shape)}")
+        x = self.pos_embed(sample)
+        temb = self.time_text_embed(timestep, pooled_projections.to(x.dtype))
+        context = self.context_embedder(encoder_hidden_states.to(x.dtype))
+        x = x + self.pos_embed_input(controlnet_cond.to(x.dtype))
+        outs = []
+        for block, out in zip(self.transformer_blocks, self.controlnet_blocks, strict=True):
+            x, context = block(x, context, temb, encoder_attention_mask)
+            outs.append(out(x) * conditioning_scale)
+        return outs

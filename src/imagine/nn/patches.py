@@ -41,9 +41,9 @@ class PatchEmbed(nn.Module):
     image's grid takes their centre crop."""
 
     def __init__(self, sample_size: int, patch_size: int, in_channels: int, dim: int,
-                 interpolation_scale: float = 1.0, pos_embed_max_size: int | None = None):
+                 interpolation_scale: float = 1.0, pos_embed_max_size: int | None = None, positions: bool = True):
         super().__init__()
-        self.patch_size, self.interpolation_scale = patch_size, interpolation_scale
+        self.patch_size, self.interpolation_scale, self.positions = patch_size, interpolation_scale, positions
         self.base_size = sample_size // patch_size
         self.pos_embed_max_size = pos_embed_max_size
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
@@ -54,6 +54,8 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, N, dim)
+        if not self.positions:  # patches alone (diffusers' pos_embed_type None: a ControlNet's input embedding)
+            return tokens
         if self.pos_embed_max_size is not None:
             m = self.pos_embed_max_size
             if h > m or w > m:

@@ -122,7 +122,7 @@ class Request:
         asked = (*loras, *embeddings, *controls, *prompts)
         attached = tuple(sorted(asked, key=lambda unit: ATTACHMENTS.index(type(unit))))  # stable: each kind in order
         for unit in attached:
-            model.family.check_attachment(unit.kind, unit.label)
+            model.family.check_attachment(unit.kind, unit.label, unit.made_for)
         return replace(self, settings=s, attached=attached, resolved_upscaler=upscaler,
                        warnings=vocabulary_warnings(model, s.prompt, s.negative_prompt, loras, embeddings))
 

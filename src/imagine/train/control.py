@@ -24,6 +24,7 @@ from imagine.data.shapes import ShapesDataset
 from imagine.io.control_files import ControlFile
 from imagine.io.networks import save_diffusers_model
 from imagine.models import ControlNetModel, T2IAdapter, T2IAdapterConfig
+from imagine.models.mmdit import SD3ControlNetModel
 from imagine.pipelines.generate import txt2img
 from imagine.pipelines.settings import Settings
 from imagine.pipelines.unconditional import grid, to_uint8
@@ -31,6 +32,8 @@ from imagine.train.loop import Hook
 from imagine.train.lora import AdapterTrainConfig, base_record, checkpoint_dir, fit
 
 CLASS_NAMES = {"controlnet": "ControlNetModel", "t2i_adapter": "T2IAdapter"}
+# a ControlNet for an MMDiT is the transformer kind (SD3ControlNetModel: the first blocks copied)
+TRANSFORMER_CLASS_NAMES = {"mmdit": "SD3ControlNetModel"}
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,15 @@ def conditions(images: torch.Tensor, module: str) -> torch.Tensor:
 
 
 def new_network(model, kind: str, seed: int = 0, num_res_blocks: int = 2) -> torch.nn.Module:
-    """A fresh ControlNet (the UNet's encoder copied, zero convolutions at zero) or T2I-Adapter for ``model``."""
+    """A fresh ControlNet (the UNet's encoder copied, zero convolutions at zero; for an MMDiT, its first half of
+    blocks copied, zero linear outputs: PixArt-delta's and SD3's design) or T2I-Adapter for ``model``."""
     torch.manual_seed(seed)  # the condition embedding's (and the adapter's) random start
+    network = model.family.network
+    if network != "unet":
+        if kind != "controlnet" or network not in TRANSFORMER_CLASS_NAMES:
+            raise ValueError(f"a {model.family.label} model takes no {kind.replace('_', '-')} of imagine's making; "
+                             f"control models are trained for UNets and MMDiTs (as ControlNets)")
+        return SD3ControlNetModel.from_transformer(model.unet).float()
     if kind == "controlnet":
         return ControlNetModel.from_unet(model.unet, model.latent_factor).float()
     return T2IAdapter(T2IAdapterConfig.for_unet(model.unet.config, model.latent_factor, num_res_blocks))
@@ -84,8 +94,17 @@ def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path 
     net = new_network(model, cfg.kind, cfg.seed, cfg.num_res_blocks).requires_grad_(True).train()
     params = {f"net.{k}": p for k, p in net.named_parameters()}
 
+    transformer = model.family.network != "unet"
+
     def control(images, x_t, t, cond, indices=None):
         maps = conditions(images, cfg.condition)
+        if transformer:  # the MMDiT's ControlNet reads the condition's latents
+            with torch.no_grad():
+                latents = model.vae.to_latent(model.vae.encode(maps * 2 - 1).mean) if model.vae is not None \
+                    else maps * 2 - 1
+            return {"block_controlnet_hidden_states": net(x_t, t, cond["encoder_hidden_states"],
+                                                          cond["pooled_projections"], latents.to(x_t.dtype),
+                                                          encoder_attention_mask=cond.get("encoder_attention_mask"))}
         if cfg.kind == "t2i_adapter":
             return {"down_intrablock_additional_residuals": net(maps)}
         extra = {k: cond[k] for k in ("encoder_attention_mask", "text_embeds", "time_ids") if k in cond}
@@ -99,7 +118,8 @@ def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path 
     if out.exists():  # a resumed run finishing again: the new weights replace the old folder
         shutil.rmtree(out)
     info = {"condition": cfg.condition, "kind": cfg.kind, "training": asdict(cfg), **base_record(model)}
-    return save_diffusers_model(net, out, CLASS_NAMES[cfg.kind], info)
+    name = TRANSFORMER_CLASS_NAMES.get(model.family.network) or CLASS_NAMES[cfg.kind]
+    return save_diffusers_model(net, out, name, info)
 
 
 def control_sample_hook(items: list[tuple[np.ndarray, str]], every: int, steps: int = 20, seeds: int = 3):
@@ -114,7 +134,8 @@ def control_sample_hook(items: list[tuple[np.ndarray, str]], every: int, steps: 
         try:
             for image, caption in items:
                 condition = Image.fromarray(detect(context["condition"], image))
-                file = ControlFile(net, context["kind"], context["condition"], context["out"], {})
+                file = ControlFile(net, context["kind"], context["condition"], context["out"], {},
+                                   model.family.network)
                 unit = Conditioner(file, condition_tensor(condition))
                 s = Settings(prompt=caption, steps=steps, cfg_scale=model.spec.default_cfg, n=seeds,
                              sampler=model.spec.default_sampler)
