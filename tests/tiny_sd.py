@@ -85,3 +85,70 @@ def write_pipeline(arch: str, folder: Path, seed: int = 0):
     pipe = pipeline(arch, seed)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+# --- the transformer families: SD3 (CLIP-L, CLIP-G, T5 and an MMDiT) --------------------------------------
+
+T5_WORDS = ("a an the red blue green yellow purple orange white black circle square triangle star above below "
+            "left right of and on in with blurry low quality photo small big").split()
+
+
+def t5_tokenizer():
+    """A T5 tokenizer (sentencepiece-style unigram, "</s>" at the end, "<pad>" padding) over a small vocabulary,
+    built offline with the tokenizers library: every lower-case word falls back to letters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [("\u2581" + w, -1.0) for w in T5_WORDS]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz,.()!:0123456789"]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+def t5_encoder(width: int = 64, vocab: int | None = None):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab or len(t5_tokenizer()), d_model=width, d_kv=16, d_ff=2 * width, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
+    return _perturb(T5EncoderModel(config))
+
+
+def sd3_components(seed: int = 0, t5: bool = True) -> dict:
+    """A tiny StableDiffusion3Pipeline's modules: CLIP-L and CLIP-G with projections (their pooled outputs
+    concatenated: 64), T5 (64 wide, the joint attention width), a 2-block MMDiT over 16-channel latents, SD3's
+    16-channel VAE with its scale and shift (factor 2: 16 px images), the flow scheduler with SD3's shift 3."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    from imagine.io.stable_diffusion import clip_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+                                        pos_embed_max_size=16)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=4,
+                        layers_per_block=1, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    out = {"transformer": _perturb(transformer), "vae": _perturb(vae),
+           "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+           "text_encoder": _perturb(CLIPTextModelWithProjection(_text_config(32, "quick_gelu", projection_dim=32))),
+           "text_encoder_2": _perturb(CLIPTextModelWithProjection(_text_config(32, "gelu", projection_dim=32))),
+           "tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer("!"),
+           "text_encoder_3": t5_encoder() if t5 else None, "tokenizer_3": t5_tokenizer() if t5 else None}
+    return out
+
+
+def write_sd3(folder: Path, seed: int = 0, t5: bool = True):
+    """A tiny SD3 pipeline saved as a diffusers folder; returns the pipeline."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(**sd3_components(seed, t5))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe

@@ -40,7 +40,8 @@ class TextEncoderSlot:
     architecture: str  # what transformers builds: "CLIPTextModel" or "CLIPTextModelWithProjection"
     activation: str  # its MLP's activation (OpenAI's CLIP: quick_gelu; OpenCLIP: gelu): tells SD 1 from SD 2
     single_file_prefix: str  # where its tensors sit in an original single-file checkpoint
-    layout: Literal["clip", "open_clip"]  # the single file's key layout (io/ldm_keys.py)
+    layout: Literal["clip", "open_clip", "t5"]  # the single file's key layout (io/ldm_keys.py)
+    optional: bool = False  # a folder may leave it out (SD3's T5: diffusers runs without it, zeros in its place)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class Family:
     kohya_unet_names: Literal["diffusers", "ldm"] = "diffusers"
     modelspec: str | None = None  # the modelspec.architecture a single file declares (kohya, A1111)
     diffusers_pipeline: str | None = None  # the model_index.json class of its diffusers folders
+    # how its prompts become the denoiser's text inputs (models/text_encoders.py): one CLIP, SDXL's two,
+    # SD3's two CLIPs and T5; None: imagine's own encoder, named in the model's spec
+    prompt_encoder: Literal["clip", "dual_clip", "sd3"] | None = None
+    # where the diffusers folder keeps the denoiser: unet/, or transformer/ (the transformer families)
+    denoiser_folder: str = "unet"
 
     def conditioning(self, pooled: torch.Tensor | None, width: int, height: int, context: torch.Tensor | None = None,
                      mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -104,12 +110,13 @@ IMAGINE = Family("imagine", "imagine", "unet", None, image_size=32, prediction="
 SD1 = Family("sd1", "Stable Diffusion 1.x", "unet", SD_LATENT, image_size=512, prediction="eps", attention_heads=8,
              text_encoders=(TextEncoderSlot("text_encoder", single_file_prefix="cond_stage_model.transformer.",
                                             **_CLIP_L),),
-             modelspec="stable-diffusion-v1", diffusers_pipeline="StableDiffusionPipeline")
+             modelspec="stable-diffusion-v1", diffusers_pipeline="StableDiffusionPipeline", prompt_encoder="clip")
 # SD 2.x reads OpenCLIP ViT-H's penultimate layer; its 768 px releases predict v
 SD2 = Family("sd2", "Stable Diffusion 2.x", "unet", SD_LATENT, image_size=768, prediction="v",
              text_encoders=(TextEncoderSlot("text_encoder", "CLIPTextModel", "gelu", "cond_stage_model.model.",
                                             "open_clip"),),
-             clip_skip=2, modelspec="stable-diffusion-v2", diffusers_pipeline="StableDiffusionPipeline")
+             clip_skip=2, modelspec="stable-diffusion-v2", diffusers_pipeline="StableDiffusionPipeline",
+             prompt_encoder="clip")
 SDXL = Family("sdxl", "Stable Diffusion XL", "unet", LatentFormat(channels=4, scaling_factor=0.13025),
               image_size=1024, prediction="eps",
               text_encoders=(TextEncoderSlot("text_encoder", single_file_prefix="conditioner.embedders.0.transformer.",
@@ -117,7 +124,8 @@ SDXL = Family("sdxl", "Stable Diffusion XL", "unet", LatentFormat(channels=4, sc
                              TextEncoderSlot("text_encoder_2", "CLIPTextModelWithProjection", "gelu",
                                              "conditioner.embedders.1.model.", "open_clip")),
               clip_skip=2, micro_conditioning=True, zero_empty_negative=True, kohya_unet_names="ldm",
-              modelspec="stable-diffusion-xl-v1-base", diffusers_pipeline="StableDiffusionXLPipeline")
+              modelspec="stable-diffusion-xl-v1-base", diffusers_pipeline="StableDiffusionXLPipeline",
+              prompt_encoder="dual_clip")
 
 # imagine's own transformers, trained here (diffusion transformers take LoRAs and embeddings; the UNet's
 # ControlNets, T2I-Adapters and IP-Adapters do not fit them; an MMDiT takes ControlNets made for it)
@@ -128,10 +136,23 @@ IMAGINE_PIXART = Family("imagine-pixart", "imagine PixArt-style DiT", "pixart", 
                         prediction="flow", attachments=TRANSFORMER_ATTACHMENTS)
 IMAGINE_MMDIT = Family("imagine-mmdit", "imagine MMDiT", "mmdit", None, image_size=32, prediction="flow",
                        pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS | {"controlnet"})
+# Stable Diffusion 3 / 3.5 (Esser et al. 2024): an MMDiT over 16-channel latents, rectified flow with a shift
+# of 3, CLIP-L + CLIP-G (penultimate layers, pooled outputs concatenated) and T5-XXL
+SD3_LATENT = LatentFormat(channels=16, scaling_factor=1.5305, shift_factor=0.0609)
+SD3 = Family("sd3", "Stable Diffusion 3", "mmdit", SD3_LATENT, image_size=1024, prediction="flow",
+             text_encoders=(TextEncoderSlot("text_encoder", "CLIPTextModelWithProjection", "quick_gelu",
+                                            "text_encoders.clip_l.transformer.", "clip"),
+                            TextEncoderSlot("text_encoder_2", "CLIPTextModelWithProjection", "gelu",
+                                            "text_encoders.clip_g.transformer.", "open_clip"),
+                            TextEncoderSlot("text_encoder_3", "T5EncoderModel", "gelu_new",
+                                            "text_encoders.t5xxl.transformer.", "t5", optional=True)),
+             clip_skip=2, pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS | {"controlnet"},
+             modelspec="stable-diffusion-v3-medium", diffusers_pipeline="StableDiffusion3Pipeline",
+             prompt_encoder="sd3", denoiser_folder="transformer")
 IMAGINE_FLUX = Family("imagine-flux", "imagine Flux-style transformer", "flux", None, image_size=32,
                       prediction="flow", pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS)
 
-FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL, IMAGINE_DIT, IMAGINE_PIXART,
+FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL, SD3, IMAGINE_DIT, IMAGINE_PIXART,
                                                        IMAGINE_MMDIT, IMAGINE_FLUX)}
 # imagine's own models by their denoiser network's class
 OWN_BY_NETWORK: Mapping[str, Family] = {"UNet2DConditionModel": IMAGINE, "DiTTransformer2DModel": IMAGINE_DIT,
@@ -157,6 +178,8 @@ def text_width(config) -> int | None:
     return None
 # the Stable Diffusion families, in the order a checkpoint is tested against them (most specific first)
 CHECKPOINT_FAMILIES: tuple[Family, ...] = (SDXL, SD2, SD1)
+# the families whose diffusers pipeline folders imagine reads
+PIPELINE_FAMILIES: tuple[Family, ...] = (*CHECKPOINT_FAMILIES, SD3)
 
 
 def family(name: str) -> Family:
@@ -186,7 +209,7 @@ def from_single_file(keys) -> Family | None:
 def from_diffusers(pipeline_class: str, text_encoder_config) -> Family | None:
     """The family of a diffusers pipeline folder: its model_index.json class, then (SD 1.x and 2.x share
     one class) its text encoder's activation."""
-    candidates = [f for f in CHECKPOINT_FAMILIES if f.diffusers_pipeline == pipeline_class]
+    candidates = [f for f in PIPELINE_FAMILIES if f.diffusers_pipeline == pipeline_class]
     if len(candidates) <= 1:
         return candidates[0] if candidates else None
     cfg = text_encoder_config
@@ -195,4 +218,4 @@ def from_diffusers(pipeline_class: str, text_encoder_config) -> Family | None:
 
 
 def diffusers_pipelines() -> tuple[str, ...]:
-    return tuple(dict.fromkeys(f.diffusers_pipeline for f in CHECKPOINT_FAMILIES if f.diffusers_pipeline))
+    return tuple(dict.fromkeys(f.diffusers_pipeline for f in PIPELINE_FAMILIES if f.diffusers_pipeline))

@@ -24,7 +24,7 @@ import torch
 
 from imagine import __version__
 from imagine.families import (
-    CHECKPOINT_FAMILIES,
+    PIPELINE_FAMILIES,
     SD1,
     SD2,
     SDXL,
@@ -48,10 +48,10 @@ from imagine.io.ldm_keys import clip_map, open_clip_map, read_mapped, unet_map, 
 from imagine.io.model_folder import SPEC_NAME, DiffusionModel, DiffusionSpec, load_model_folder, save_model_folder
 from imagine.io.networks import _config_of, diffusers_config, load_unet, load_vae
 from imagine.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
-from imagine.models.text_encoders import CLIPTextEncoder, SDXLTextEncoder, transformers_locked
+from imagine.models.text_encoders import CLIPTextEncoder, SD3TextEncoder, SDXLTextEncoder, transformers_locked
 
-Arch = Literal["sd1", "sd2", "sdxl"]
-ARCH_LABELS = {f.name: f.label for f in CHECKPOINT_FAMILIES}
+Arch = Literal["sd1", "sd2", "sdxl", "sd3"]
+ARCH_LABELS = {f.name: f.label for f in PIPELINE_FAMILIES}
 PIPELINES = diffusers_pipelines()
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -393,6 +393,13 @@ def spec_from_scheduler(config: dict, arch: Arch, image_size: int) -> dict:
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         raise CheckpointError(f"prediction_type {prediction!r} unknown; imagine reads {', '.join(PREDICTIONS)}")
+    if str(config.get("_class_name", "")).startswith("FlowMatch"):  # rectified flow (SD3, Flux): its shift
+        if config.get("use_dynamic_shifting"):
+            raise CheckpointError("this flow scheduler shifts its times by the image size (Flux's dynamic shift), "
+                                  "which imagine does not read yet")
+        return {**_defaults(arch, "flow"), "prediction": "flow", "flow_shift": float(config.get("shift", 1.0)),
+                "num_train_timesteps": int(config.get("num_train_timesteps", 1000)), "image_size": image_size,
+                "default_sampler": "euler", "default_steps": 28, "default_cfg": 7.0}
     lcm = {"consistency": True, "default_sampler": "lcm", "default_steps": 4} \
         if config.get("_class_name") == "LCMScheduler" else {}
     return {**_defaults(arch, PREDICTIONS[prediction]), **lcm, "schedule": BETA_SCHEDULES[name],
@@ -402,9 +409,10 @@ def spec_from_scheduler(config: dict, arch: Arch, image_size: int) -> dict:
 
 
 def _pipeline_spec(path: Path, index: dict, arch: Arch) -> dict:
-    """How a diffusers pipeline folder is sampled: its scheduler's schedule and prediction, the UNet's sample
-    size times the VAE's factor, and force_zeros_for_empty_prompt; read from the JSON files alone."""
-    unet, vae = read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json")
+    """How a diffusers pipeline folder is sampled: its scheduler's schedule and prediction, the denoiser's
+    sample size times the VAE's factor, and force_zeros_for_empty_prompt; read from the JSON files alone."""
+    folder = family(arch).denoiser_folder
+    unet, vae = read_json(path / folder / "config.json"), read_json(path / "vae" / "config.json")
     size = unet.get("sample_size", 64) * 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
     scheduler = path / "scheduler" / "scheduler_config.json"
     spec = spec_from_scheduler(read_json(scheduler) if scheduler.exists() else {}, arch, size)
@@ -426,26 +434,31 @@ def _pipeline_family(path: Path, index: dict):
 
 def load_diffusers_pipeline(path: Path, *, clip_skip: int | None = None,
                             dtype: torch.dtype = torch.float32) -> DiffusionModel:
-    """A diffusers StableDiffusionPipeline or StableDiffusionXLPipeline folder."""
+    """A diffusers StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline folder."""
     path = Path(path)
     index = read_json(path / "model_index.json")
     cls = index.get("_class_name")
     if cls not in PIPELINES:
         raise CheckpointError(f"{path} holds a diffusers {cls}; imagine reads {' and '.join(PIPELINES)} folders")
     fam = _pipeline_family(path, index)
-    texts = [slot.part for slot in fam.text_encoders]
-    for part in ("unet", "vae", "tokenizer", "scheduler", *texts, *(t.replace("text_encoder", "tokenizer")
+    texts = [slot.part for slot in fam.text_encoders if not slot.optional]
+    folder = fam.denoiser_folder
+    for part in (folder, "vae", "tokenizer", "scheduler", *texts, *(t.replace("text_encoder", "tokenizer")
                                                                     for t in texts[1:])):
         if not (path / part).is_dir():
             raise CheckpointError(f"{path} is a {cls} folder without {part}/")
-    unet = load_unet(path / "unet", dtype=dtype)
+    unet = load_unet(path / folder, dtype=dtype)
     vae = load_vae(path / "vae")
-    encoder = SDXLTextEncoder if len(texts) == 2 else CLIPTextEncoder
-    # a diffusers SD 2.x folder holds OpenCLIP already cut at the layer SD 2 reads: its last (clip skip 1)
-    text_encoder = encoder.from_folder(path, clip_skip or (fam.clip_skip if len(texts) == 2 else 1))
+    if fam.prompt_encoder == "sd3":
+        text_encoder = SD3TextEncoder.from_folder(path, clip_skip or fam.clip_skip,
+                                                  t5_width=unet.config.joint_attention_dim)
+    else:
+        encoder = SDXLTextEncoder if fam.prompt_encoder == "dual_clip" else CLIPTextEncoder
+        # a diffusers SD 2.x folder holds OpenCLIP already cut at the layer SD 2 reads: its last (clip skip 1)
+        text_encoder = encoder.from_folder(path, clip_skip or (fam.clip_skip if len(texts) == 2 else 1))
     arch: Arch = fam.name
     spec = DiffusionSpec(**_pipeline_spec(path, index, arch), text_encoder=text_encoder.identity)
-    weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = path / folder / "diffusion_pytorch_model.safetensors"
     return DiffusionModel(unet, vae, spec, path, text_encoder=text_encoder, arch=arch,
                           hash_file=weights if weights.exists() else None)
 
@@ -476,11 +489,18 @@ def single_file_state(model: DiffusionModel) -> dict[str, torch.Tensor]:
     return out
 
 
+def _check_writable(model: DiffusionModel) -> None:
+    if model.family.network != "unet":
+        raise CheckpointError(f"imagine reads {model.family.label} checkpoints but does not write them yet (convert "
+                              "and merge): use the folder or file as it is")
+
+
 def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:
     """One .safetensors in the original layout, with imagine's configs and modelspec in its metadata."""
     if model.arch is None or model.text_encoder is None:
         raise CheckpointError("only Stable Diffusion models (SD 1.x, 2.x, SDXL) have a single-file layout; an "
                               "imagine model folder stays a folder")
+    _check_writable(model)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: a single-file checkpoint is written as .safetensors")
@@ -499,6 +519,7 @@ def save_diffusers_pipeline(model: DiffusionModel, out: Path, dtype: str | None 
     """A diffusers pipeline folder (model_index.json and its parts), written whole or not at all."""
     if model.arch is None or model.text_encoder is None:
         raise CheckpointError("only Stable Diffusion models (SD 1.x, 2.x, SDXL) have a diffusers pipeline layout")
+    _check_writable(model)
     out = Path(out)
     with fresh_folder(out, "convert") as tmp:
         _write_pipeline(model, tmp, dtype)

@@ -504,6 +504,133 @@ class SDXLTextEncoder(_ChunkedEncoder):
         return z, torch.ones(ids_1.shape, dtype=torch.bool), out_2.text_embeds.float()
 
 
+class T5Part:
+    """A T5 encoder as the transformer families read it: the prompt's tokens, end-of-text, padded to
+    ``max_length`` (longer prompts are cut there, as diffusers cuts them); run without an attention mask (SD3,
+    Flux: they attend to the padding) or with one (``masked``: PixArt, whose mask also reaches the transformer).
+    A1111's emphasis scales the tokens of its runs as it does CLIP's (then restores the mean, as Forge does for
+    T5); BREAK means nothing to T5 and is dropped."""
+
+    def __init__(self, tokenizer, model, max_length: int, masked: bool = False):
+        self.tokenizer, self.model, self.max_length, self.masked = tokenizer, model, max_length, masked
+        model.eval().requires_grad_(False)
+        self.dim = model.config.d_model
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def _ids(self, prompt: str) -> tuple[list[int], list[float]]:
+        ids, weights = [], []
+        for text, weight in parse_prompt_attention(prompt):
+            if weight == BREAK or not text.strip():
+                continue
+            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            weights += [weight] * len(piece)
+        keep = self.max_length - 1
+        return [*ids[:keep], self.tokenizer.eos_token_id], [*weights[:keep], 1.0]
+
+    def _encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, weights = self._ids(prompt)
+        n = len(ids)
+        row = torch.full((1, self.max_length), self.tokenizer.pad_token_id, dtype=torch.long)
+        row[0, :n] = torch.tensor(ids)
+        mask = torch.zeros(1, self.max_length, dtype=torch.bool)
+        mask[0, :n] = True
+        dtype = next(self.model.parameters()).dtype
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            z = self.model(input_ids=row, attention_mask=mask.long() if self.masked else None)[0].float()
+        w = torch.ones(1, self.max_length)
+        w[0, :n] = torch.tensor(weights)
+        if (w != 1).any():
+            before = z.mean()
+            z = z * w[..., None]
+            z = z * (before / z.mean())
+        return z, (mask if self.masked else torch.ones_like(mask))
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, max_length, d_model) states, (B, max_length) mask (all True unless masked)."""
+        out = []
+        for prompt in prompts:
+            if prompt not in self._cache:
+                self._cache[prompt] = self._encode_one(prompt)
+                if len(self._cache) > 256:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(prompt)
+            out.append(self._cache[prompt])
+        return torch.cat([z for z, _ in out]), torch.cat([m for _, m in out])
+
+
+def load_t5(path: Path, tokenizer_path: Path, max_length: int, masked: bool = False) -> T5Part:
+    """A T5 encoder (transformers' T5EncoderModel folder, safetensors) and its tokenizer folder."""
+    with TRANSFORMERS_LOCK:
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        _quiet_transformers()
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
+        model = T5EncoderModel.from_pretrained(str(require_safetensors(path)), local_files_only=True,
+                                               use_safetensors=True).float()
+    return T5Part(tokenizer, model, max_length, masked)
+
+
+class SD3TextEncoder(SDXLTextEncoder):
+    """Stable Diffusion 3's three text encoders (Esser et al. 2024, section 5.2): CLIP-L and CLIP-G (both with
+    projections) read at their penultimate layer side by side, as SDXL's are, the context padded with zeros to
+    T5's width and followed by T5-XXL's states (256 tokens); the pooled vector is both CLIPs' projected
+    end-of-text states concatenated. Without T5 (diffusers allows it, to save memory) its part is zeros. Long
+    prompts take more CLIP windows, as A1111's chunking does; T5 reads the first 255 tokens."""
+
+    def __init__(self, tokenizers: tuple, models: tuple, identity: str, t5: T5Part | None, t5_width: int,
+                 t5_length: int = 256, clip_skip: int = 2):
+        super().__init__(tokenizers, models, identity, clip_skip)
+        self.t5, self.t5_length = t5, t5_length
+        self.clip_dim, self.dim = self.dim, t5_width
+        if self.clip_dim > t5_width:
+            raise ValueError(f"the CLIP states ({self.clip_dim} wide) must fit T5's width ({t5_width})")
+        self.pooled_dim = self.model_1.config.projection_dim + self.model_2.config.projection_dim
+
+    @classmethod
+    def from_folder(cls, path: Path | str, clip_skip: int = 2, t5_width: int = 4096,
+                    t5_length: int = 256) -> SD3TextEncoder:
+        """A StableDiffusion3Pipeline folder: tokenizer[_2]/, text_encoder[_2]/ and, where present,
+        tokenizer_3/ and text_encoder_3/ (T5)."""
+        path = Path(path)
+        with TRANSFORMERS_LOCK:
+            from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+            _quiet_transformers()
+            toks = tuple(CLIPTokenizer.from_pretrained(str(path / name), local_files_only=True)
+                         for name in ("tokenizer", "tokenizer_2"))
+            models = tuple(CLIPTextModelWithProjection.from_pretrained(
+                str(require_safetensors(path / name)), local_files_only=True, use_safetensors=True).float()
+                for name in ("text_encoder", "text_encoder_2"))
+        t5 = load_t5(path / "text_encoder_3", path / "tokenizer_3", t5_length) \
+            if (path / "text_encoder_3").is_dir() else None
+        return cls(toks, models, f"SD3:{path.name}", t5, t5.dim if t5 is not None else t5_width, t5_length,
+                   clip_skip)
+
+    def _window(self, chunks, skip, table):
+        t1, t2 = self.tokenizer_1, self.tokenizer_2
+        ids_1 = self._ids(chunks, t1, t1.bos_token_id, t1.eos_token_id)
+        ids_2 = self._ids(chunks, t2, t2.bos_token_id, t2.eos_token_id)
+        dtype = next(self.model_1.parameters()).dtype
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out_1 = self._forward(self.model_1, ids_1, table, "clip_l", output_hidden_states=True)
+            out_2 = self._forward(self.model_2, ids_2, table, "clip_g", output_hidden_states=True)
+        z = torch.cat([out_1.hidden_states[-skip].float(), out_2.hidden_states[-skip].float()], dim=-1)
+        pooled = torch.cat([out_1.text_embeds.float(), out_2.text_embeds.float()], dim=-1)
+        return z, torch.ones(ids_1.shape, dtype=torch.bool), pooled
+
+    def _encode_all(self, prompts: list[str], skip: int, grad: bool) -> TextEmbeddings:
+        clip = super()._encode_all(prompts, skip, grad)
+        context = torch.nn.functional.pad(clip.context, (0, self.dim - self.clip_dim))
+        if self.t5 is not None:
+            t5, t5_mask = self.t5.encode(prompts)
+        else:
+            t5 = context.new_zeros(len(prompts), self.t5_length, self.dim)
+            t5_mask = torch.ones(len(prompts), self.t5_length, dtype=torch.bool)
+        return TextEmbeddings(torch.cat([context, t5.to(context.dtype)], dim=1), torch.cat([clip.mask, t5_mask], 1),
+                              clip.pooled)
+
+
 _DEFAULT: MiniLMTextEncoder | None = None
 
 

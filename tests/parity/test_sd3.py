@@ -1,0 +1,115 @@
+"""Stable Diffusion 3 from a diffusers folder, proven on tiny random StableDiffusion3Pipelines that diffusers
+and transformers build offline (CLIP's real tokenizer, a T5 tokenizer built with the tokenizers library):
+our pipeline gives diffusers' image from the same initial latents, prompt, negative prompt, guidance and
+steps within 1e-4 in [-1, 1], with T5 and without it; the prompt conventions (three encoders, padded and
+joined; the pooled CLIP vectors) are diffusers' to the number."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+from imagine.pipelines import generate as g
+from imagine.pipelines.request import load_text_model
+from tests.tiny_sd import write_sd3
+
+TOL = 1e-4
+PROMPT = "a red circle above a blue square"
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["t5", "no-t5"])
+def tiny(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd3") / "pipe"
+    pipe = write_sd3(folder, t5=request.param)
+    model, encoder = load_text_model(folder)
+    return folder, pipe, model, encoder
+
+
+def _noise(seed: int, n: int) -> torch.Tensor:
+    return torch.stack([torch.randn((16, 8, 8), generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+
+
+def test_the_folder_is_read_as_sd3(tiny):
+    _, _, model, _ = tiny
+    spec = model.spec
+    assert model.arch == "sd3" and model.family.network == "mmdit"
+    assert (spec.prediction, spec.flow_shift, spec.image_size, spec.default_sampler) == ("flow", 3.0, 16, "euler")
+
+
+def test_prompt_encoding_matches_diffusers(tiny):
+    _, pipe, model, encoder = tiny
+    want, _, pooled, _ = pipe.encode_prompt(PROMPT, None, None, do_classifier_free_guidance=False)
+    got = encoder.encode([PROMPT])
+    assert got.context.shape == want.shape and got.mask.all()
+    assert (got.context - want).abs().max() < 1e-5 and (got.pooled - pooled).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+@pytest.mark.parametrize("negative", ["blurry, low quality", ""])
+def test_pipeline_matches_diffusers(tiny, sampler, negative):
+    _, pipe, model, encoder = tiny
+    s = g.Settings(prompt=PROMPT, negative_prompt=negative, steps=4, sampler=sampler, cfg_scale=5.0, seed=3, n=2,
+                   width=16, height=16)
+    ours = g.txt2img(model, s, encoder)
+    cls = FlowMatchHeunDiscreteScheduler if sampler == "heun" else FlowMatchEulerDiscreteScheduler
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    ref = pipe(PROMPT, negative_prompt=negative, num_inference_steps=4, guidance_scale=5.0, latents=_noise(3, 2),
+               height=16, width=16, output_type="np", num_images_per_prompt=2).images
+    ref = torch.from_numpy(ref).permute(0, 3, 1, 2) * 2 - 1
+    assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_long_prompts_and_emphasis(tiny):
+    """Past 75 tokens CLIP takes another window (A1111's chunking); T5 keeps its 256; emphasis moves the
+    image, and the same prompt in a batch with a longer one is the same image."""
+    _, _, model, encoder = tiny
+    long = ", ".join(["a red circle above a blue square"] * 12)
+    assert encoder.encode([long]).context.shape[1] == 2 * 77 + 256
+    base = g.Settings(prompt=PROMPT, steps=3, cfg_scale=3.0, seed=1, width=16, height=16)
+    plain = g.txt2img(model, base, encoder)
+    loud = g.txt2img(model, g.Settings(**{**base.__dict__, "prompt": "a (red:1.6) circle above a blue square"}),
+                     encoder)
+    assert (plain - loud).abs().max() > 1e-5  # a tiny random model moves little, but it moves
+    both = encoder.encode([PROMPT, long])
+    alone = encoder.encode([PROMPT])
+    n = alone.context.shape[1] - 256
+    assert torch.allclose(both.context[0, :n], alone.context[0, :n]) and torch.allclose(both.context[0, -256:],
+                                                                                        alone.context[0, -256:])
+
+
+def test_every_door_serves_sd3(tiny, tmp_path):
+    """The CLI (its PNG regenerating bit for bit), the job API and A1111's API take the SD3 folder with no
+    branch of their own; the served pixels equal the pipeline's; converting it is refused, saying so."""
+    import base64
+    import io
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from imagine.pipelines.unconditional import to_uint8
+    from imagine.server.app import create_app
+    from tests.e2e.inprocess import imagine
+
+    folder, _, model, encoder = tiny
+    run = imagine("generate", PROMPT, "--model", folder, "--steps", 3, "--seed", 4, "--out", "a", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    png = next((tmp_path / "a").glob("*.png"))
+    again = imagine("generate", "--from", png, "--out", "b", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(next((tmp_path / "b").glob("*.png")))))
+    refused = imagine("convert", folder, tmp_path / "x.safetensors")
+    assert refused.returncode != 0 and "does not write them yet" in refused.stderr
+    want = to_uint8(g.txt2img(model, g.Settings(prompt=PROMPT, steps=3, seed=5, sampler="euler", cfg_scale=4,
+                                                width=16, height=16), encoder))[0]
+    with TestClient(create_app([folder], out_dir=None)) as client:
+        made = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 3, "seed": 5, "sampler_name": "Euler",
+                                                       "cfg_scale": 4, "width": 16, "height": 16})
+        assert made.status_code == 200, made.text
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(made.json()["images"][0]))))
+        assert np.array_equal(served, want)
+        models = client.get("/sdapi/v1/sd-models").json()
+        assert any(m["model_name"] == "pipe" for m in models)
