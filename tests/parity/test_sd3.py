@@ -40,7 +40,7 @@ def test_the_folder_is_read_as_sd3(tiny):
 
 
 def test_prompt_encoding_matches_diffusers(tiny):
-    _, pipe, model, encoder = tiny
+    _, pipe, _, encoder = tiny
     want, _, pooled, _ = pipe.encode_prompt(PROMPT, None, None, do_classifier_free_guidance=False)
     got = encoder.encode([PROMPT])
     assert got.context.shape == want.shape and got.mask.all()
