@@ -95,7 +95,7 @@ def test_a_unit_made_for_another_network_is_refused_by_name():
     from imagine.families import IMAGINE_MMDIT
 
     IMAGINE_MMDIT.check_attachment("controlnet", "control model 'x'", "mmdit")
-    with pytest.raises(ValueError, match="made for unet models .*the model here is imagine MMDiT"):
+    with pytest.raises(ValueError, match=r"made for unet models .*the model here is imagine MMDiT"):
         IMAGINE_MMDIT.check_attachment("controlnet", "control model 'x'", "unet")
     with pytest.raises(ValueError, match="made for mmdit models"):
         SD1.check_attachment("controlnet", "control model 'x'", "mmdit")
