@@ -152,3 +152,40 @@ def write_sd3(folder: Path, seed: int = 0, t5: bool = True):
     pipe = StableDiffusion3Pipeline(**sd3_components(seed, t5))
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+# --- Flux.1 [dev] and [schnell]: CLIP-L (pooled), T5, the double/single-stream transformer ------------------
+
+def flux_components(seed: int = 0, dev: bool = True) -> dict:
+    """A tiny FluxPipeline's modules: CLIP-L (its pooled output, 32 wide), T5 (64 wide, the context), a Flux
+    transformer with 1 double- and 1 single-stream block over 2 x 2-packed 16-channel latents (with the guidance
+    embedding for [dev]), Flux's VAE scale and shift (factor 2: 16 px images), and the flow scheduler as each
+    release configures it ([dev]: the resolution-dependent shift; [schnell]: none)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from imagine.io.stable_diffusion import clip_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                         pooled_projection_dim=32, guidance_embeds=dev, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=4,
+                        layers_per_block=1, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096) if dev else FlowMatchEulerDiscreteScheduler(shift=1.0)
+    return {"transformer": _perturb(transformer), "vae": _perturb(vae), "scheduler": scheduler,
+            "text_encoder": _perturb(CLIPTextModel(_text_config(32, "quick_gelu"))), "tokenizer": clip_tokenizer(),
+            "text_encoder_2": t5_encoder(), "tokenizer_2": t5_tokenizer()}
+
+
+def write_flux(folder: Path, seed: int = 0, dev: bool = True):
+    """A tiny Flux pipeline saved as a diffusers folder; returns the pipeline."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(**flux_components(seed, dev))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe

@@ -11,9 +11,11 @@ from imagine.adapters import ATTACHMENTS
 from imagine.adapters.attachment import Attachment
 from imagine.families import (
     FAMILIES,
+    FLUX,
     IMAGINE,
     SD1,
     SD2,
+    SD3,
     SDXL,
     UNET_ATTACHMENTS,
     family,
@@ -31,8 +33,11 @@ def test_the_four_entries_hold_what_stable_diffusion_releases_use():
     assert [len(f.text_encoders) for f in (SD1, SD2, SDXL)] == [1, 1, 2]
     assert SDXL.zero_empty_negative and not SD1.zero_empty_negative
     assert IMAGINE.latent is None  # its own VAE says
-    with pytest.raises(ValueError, match="unknown; imagine knows: imagine, sd1, sd2, sdxl"):  # and imagine's DiTs
-        family("flux")
+    assert (SD3.latent.channels, SD3.latent.scaling_factor, SD3.latent.shift_factor) == (16, 1.5305, 0.0609)
+    assert (FLUX.latent.scaling_factor, FLUX.latent.shift_factor, FLUX.flow_grid_end) == (0.3611, 0.1159, "steps")
+    assert SD3.text_encoders[-1].optional and not any(slot.optional for slot in FLUX.text_encoders)
+    with pytest.raises(ValueError, match="unknown; imagine knows: imagine, sd1, sd2, sdxl, sd3, flux"):
+        family("pixart-sigma")
 
 
 def test_a_checkpoint_is_recognised_by_the_families():
@@ -43,7 +48,8 @@ def test_a_checkpoint_is_recognised_by_the_families():
     assert from_diffusers("StableDiffusionXLPipeline", {}) is SDXL
     assert from_diffusers("StableDiffusionPipeline", {"hidden_act": "gelu"}) is SD2
     assert from_diffusers("StableDiffusionPipeline", {"hidden_act": "quick_gelu"}) is SD1
-    assert from_diffusers("FluxPipeline", {}) is None
+    assert from_diffusers("FluxPipeline", {}) is FLUX and from_diffusers("StableDiffusion3Pipeline", {}) is SD3
+    assert from_diffusers("PixArtSigmaPipeline", {}) is None
 
 
 def test_only_sdxl_takes_micro_conditioning():

@@ -66,6 +66,8 @@ _OPTS = dict(
                                                               "sampler name implies)."),
     cfg=typer.Option(None, help="Classifier-free guidance scale (default: the model's; 3 for the shipped one)."),
     rescale=typer.Option(0.0, help="Guidance rescale phi in [0, 1] (Lin et al. 2023)."),
+    distilled_cfg=typer.Option(3.5, help="Flux [dev]'s distilled guidance scale (Forge's Distilled CFG Scale): an "
+                                         "input of guidance-distilled models, which run without CFG (cfg 1)."),
     seed=typer.Option(0, help="Seed of the first image; image i uses seed + i. -1: a random one (printed)."),
     n=typer.Option(1, help="How many images."),
     width=typer.Option(None, help="Width in pixels (a multiple of the latent factor)."),
@@ -376,6 +378,7 @@ def generate(
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
+    distilled_cfg: float = _OPTS["distilled_cfg"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
@@ -422,6 +425,7 @@ def generate(
         upscale = dict(hires_strength=0.0, hires_upscaler=sr or SR_MODEL.name)
     settings = _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                          precision=precision, compile=compile, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta,
+                         distilled_cfg_scale=distilled_cfg,
                          backend=backend, sr_noise_level=noise_level, tile=tile, **upscale)
     _run("txt2img", _model_option(model, fast), settings, out, rerank=rerank, clip=clip, vae=vae, size=size,
          allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora,
@@ -476,6 +480,7 @@ def img2img(
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
+    distilled_cfg: float = _OPTS["distilled_cfg"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
 ) -> None:
@@ -483,6 +488,7 @@ def img2img(
     _run("img2img", _model_option(model, fast), _settings(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
         resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend,
+        distilled_cfg_scale=distilled_cfg,
         tile=tile), out, init=image, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
@@ -515,6 +521,7 @@ def inpaint(
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
+    distilled_cfg: float = _OPTS["distilled_cfg"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
 ) -> None:
@@ -523,6 +530,7 @@ def inpaint(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
         mask_blur=mask_blur, inpaint_fill=masked_content, inpaint_only_masked=only_masked,
         inpaint_padding=only_masked_padding, mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
+        distilled_cfg_scale=distilled_cfg,
         noise_seed_delta=noise_seed_delta, backend=backend, tile=tile), out, init=image, mask=mask, vae=vae,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))

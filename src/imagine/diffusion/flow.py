@@ -59,10 +59,12 @@ def shift_t(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def flux_mu(image_seq_len: int) -> float:
-    """Flux.1's log-shift for an image of this many latent tokens (linear between 256 and 4096 tokens)."""
-    m = (FLUX_MAX_SHIFT - FLUX_BASE_SHIFT) / (FLUX_MAX_SEQ_LEN - FLUX_BASE_SEQ_LEN)
-    return image_seq_len * m + FLUX_BASE_SHIFT - m * FLUX_BASE_SEQ_LEN
+def flux_mu(image_seq_len: int, shifts: tuple[float, float] = (FLUX_BASE_SHIFT, FLUX_MAX_SHIFT),
+            tokens: tuple[int, int] = (FLUX_BASE_SEQ_LEN, FLUX_MAX_SEQ_LEN)) -> float:
+    """Flux.1's log-shift for an image of this many latent tokens: linear from shifts[0] at tokens[0] to
+    shifts[1] at tokens[1] (a scheduler config's base_shift, max_shift, base_image_seq_len, max_image_seq_len)."""
+    m = (shifts[1] - shifts[0]) / (tokens[1] - tokens[0])
+    return image_seq_len * m + shifts[0] - m * tokens[0]
 
 
 def sample_t(n: int, density: Density = "logit_normal", *, generator: torch.Generator | None = None,

@@ -13,6 +13,7 @@ The pipeline asks it and never tests for a parametrization.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch
 
 from imagine.diffusion.consistency import flow_grid_t
 from imagine.diffusion.denoiser import Denoiser, FlowDenoiser
-from imagine.diffusion.flow import flow_timesteps
+from imagine.diffusion.flow import flow_timesteps, flux_mu
 from imagine.diffusion.schedules import karras_sigmas, sampling_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
 
 # a sampler's own timesteps: (num_train_timesteps, steps) -> descending integer timesteps (schedules.lcm_timesteps)
@@ -72,13 +73,17 @@ class FlowSampling:
     shift: float = 1.0
     num_train_timesteps: int = 1000
     consistency: bool = False
+    mu: float | None = None  # Flux's resolution-dependent shift e^mu, in place of shift
+    grid_end: str = "train"  # the unshifted grid ends at the last training time, or at 1 / steps (Flux)
     signal: Callable[[float], float] | None = FlowDenoiser.signal
 
     def sigmas(self, steps: int, karras: bool = False, own: OwnTimesteps | None = None) -> torch.Tensor:
         if own is not None:  # integer grid timesteps -> flow times (diffusion/consistency.py)
-            t = flow_grid_t(own(self.num_train_timesteps, steps), self.num_train_timesteps, self.shift)
+            shift = math.exp(self.mu) if self.mu is not None else self.shift
+            t = flow_grid_t(own(self.num_train_timesteps, steps), self.num_train_timesteps, shift)
             return torch.cat([t.clamp(max=FLOW_T_MAX), t.new_zeros(1)])
-        t = flow_timesteps(steps, shift=self.shift, num_train_timesteps=self.num_train_timesteps)
+        t = flow_timesteps(steps, shift=self.shift, mu=self.mu, num_train_timesteps=self.num_train_timesteps,
+                           last=1 / steps if self.grid_end == "steps" else None)
         if karras:  # Karras et al.'s spacing over the same range of t
             t = torch.cat([karras_sigmas(float(t[-2]), float(t[0]), steps).float(), t.new_zeros(1)])
         return t.clamp(max=FLOW_T_MAX)
@@ -101,9 +106,14 @@ class FlowSampling:
 ModelSampling = VPSampling | FlowSampling
 
 
-def model_sampling(spec) -> ModelSampling:
-    """How a model with this spec (io/model_folder.DiffusionSpec) is sampled."""
+def model_sampling(spec, latent_hw: tuple[int, int] | None = None) -> ModelSampling:
+    """How a model with this spec (io/model_folder.DiffusionSpec) is sampled; ``latent_hw``: the latent's
+    size, which a resolution-dependent shift (Flux's) reads (its tokens: 2 x 2 latent patches)."""
     if spec.prediction == "flow":
+        mu = None
+        if spec.flow_dynamic_shift:
+            h, w = latent_hw or (spec.image_size // 8, spec.image_size // 8)
+            mu = flux_mu((h // 2) * (w // 2), tuple(spec.flow_shift_range), tuple(spec.flow_token_range))
         return FlowSampling(shift=spec.flow_shift, num_train_timesteps=spec.num_train_timesteps,
-                            consistency=spec.consistency)
+                            consistency=spec.consistency, mu=mu, grid_end=spec.flow_grid_end)
     return VPSampling(spec.alphas_cumprod(), spec.prediction, spec.learned_variance, spec.consistency)

@@ -67,9 +67,12 @@ class Family:
     diffusers_pipeline: str | None = None  # the model_index.json class of its diffusers folders
     # how its prompts become the denoiser's text inputs (models/text_encoders.py): one CLIP, SDXL's two,
     # SD3's two CLIPs and T5; None: imagine's own encoder, named in the model's spec
-    prompt_encoder: Literal["clip", "dual_clip", "sd3"] | None = None
+    prompt_encoder: Literal["clip", "dual_clip", "sd3", "flux"] | None = None
     # where the diffusers folder keeps the denoiser: unet/, or transformer/ (the transformer families)
     denoiser_folder: str = "unet"
+    # a flow family's unshifted sampling grid ends at the last training time (diffusers' scheduler), or at
+    # 1 / steps (Flux's pipeline)
+    flow_grid_end: Literal["train", "steps"] = "train"
 
     def conditioning(self, pooled: torch.Tensor | None, width: int, height: int, context: torch.Tensor | None = None,
                      mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -149,11 +152,23 @@ SD3 = Family("sd3", "Stable Diffusion 3", "mmdit", SD3_LATENT, image_size=1024, 
              clip_skip=2, pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS | {"controlnet"},
              modelspec="stable-diffusion-v3-medium", diffusers_pipeline="StableDiffusion3Pipeline",
              prompt_encoder="sd3", denoiser_folder="transformer")
+# Flux.1 [dev] and [schnell]: double- and single-stream blocks over 2 x 2-packed 16-channel latents, flow with
+# a resolution-dependent shift ([dev]) or none ([schnell]), T5-XXL states and CLIP-L's pooled vector; [dev]
+# embeds a distilled guidance scale and runs without CFG
+FLUX = Family("flux", "Flux.1", "flux", LatentFormat(channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+              image_size=1024, prediction="flow",
+              text_encoders=(TextEncoderSlot("text_encoder", "CLIPTextModel", "quick_gelu",
+                                             "text_encoders.clip_l.transformer.", "clip"),
+                             TextEncoderSlot("text_encoder_2", "T5EncoderModel", "gelu_new",
+                                             "text_encoders.t5xxl.transformer.", "t5")),
+              pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS, modelspec="flux-1-dev",
+              diffusers_pipeline="FluxPipeline", prompt_encoder="flux", denoiser_folder="transformer",
+              flow_grid_end="steps")
 IMAGINE_FLUX = Family("imagine-flux", "imagine Flux-style transformer", "flux", None, image_size=32,
                       prediction="flow", pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS)
 
-FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL, SD3, IMAGINE_DIT, IMAGINE_PIXART,
-                                                       IMAGINE_MMDIT, IMAGINE_FLUX)}
+FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL, SD3, FLUX, IMAGINE_DIT,
+                                                       IMAGINE_PIXART, IMAGINE_MMDIT, IMAGINE_FLUX)}
 # imagine's own models by their denoiser network's class
 OWN_BY_NETWORK: Mapping[str, Family] = {"UNet2DConditionModel": IMAGINE, "DiTTransformer2DModel": IMAGINE_DIT,
                                         "PixArtTransformer2DModel": IMAGINE_PIXART,
@@ -179,7 +194,7 @@ def text_width(config) -> int | None:
 # the Stable Diffusion families, in the order a checkpoint is tested against them (most specific first)
 CHECKPOINT_FAMILIES: tuple[Family, ...] = (SDXL, SD2, SD1)
 # the families whose diffusers pipeline folders imagine reads
-PIPELINE_FAMILIES: tuple[Family, ...] = (*CHECKPOINT_FAMILIES, SD3)
+PIPELINE_FAMILIES: tuple[Family, ...] = (*CHECKPOINT_FAMILIES, SD3, FLUX)
 
 
 def family(name: str) -> Family:

@@ -45,6 +45,12 @@ class DiffusionSpec:
     zero_empty_negative: bool = False  # SDXL: an empty negative prompt is a zero context, not encoded ""
     consistency: bool = False  # a latent consistency model (LCM): its denoiser applies the boundary scalings
     flow_shift: float = 1.0  # a flow model (prediction "flow"): the shift of its sampling times (SD3 uses 3)
+    # Flux's resolution-dependent shift instead: e^mu, mu linear in the image's tokens (its 2 x 2 latent patches)
+    # from flow_shift_range[0] at flow_token_range[0] tokens to [1] at [1] (diffusers' use_dynamic_shifting)
+    flow_dynamic_shift: bool = False
+    flow_shift_range: tuple[float, float] = (0.5, 1.15)
+    flow_token_range: tuple[int, int] = (256, 4096)
+    flow_grid_end: str = "train"  # the unshifted grid's last time: the last training time, or 1 / steps (Flux's)
     # a super-resolution stage (diffusion/superres.py): it makes images `upscale` times larger, its UNet
     # taking the upsampled low-resolution image as extra input channels and its augmentation level (0 to
     # noise_levels - 1) as a class label; default_noise_level is the level generation uses unless told

@@ -48,9 +48,15 @@ from imagine.io.ldm_keys import clip_map, open_clip_map, read_mapped, unet_map, 
 from imagine.io.model_folder import SPEC_NAME, DiffusionModel, DiffusionSpec, load_model_folder, save_model_folder
 from imagine.io.networks import _config_of, diffusers_config, load_unet, load_vae
 from imagine.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
-from imagine.models.text_encoders import CLIPTextEncoder, SD3TextEncoder, SDXLTextEncoder, transformers_locked
+from imagine.models.text_encoders import (
+    CLIPTextEncoder,
+    FluxTextEncoder,
+    SD3TextEncoder,
+    SDXLTextEncoder,
+    transformers_locked,
+)
 
-Arch = Literal["sd1", "sd2", "sdxl", "sd3"]
+Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
 ARCH_LABELS = {f.name: f.label for f in PIPELINE_FAMILIES}
 PIPELINES = diffusers_pipelines()
 
@@ -393,11 +399,14 @@ def spec_from_scheduler(config: dict, arch: Arch, image_size: int) -> dict:
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         raise CheckpointError(f"prediction_type {prediction!r} unknown; imagine reads {', '.join(PREDICTIONS)}")
-    if str(config.get("_class_name", "")).startswith("FlowMatch"):  # rectified flow (SD3, Flux): its shift
-        if config.get("use_dynamic_shifting"):
-            raise CheckpointError("this flow scheduler shifts its times by the image size (Flux's dynamic shift), "
-                                  "which imagine does not read yet")
+    if str(config.get("_class_name", "")).startswith("FlowMatch"):  # rectified flow (SD3, Flux): its shifts
+        dynamic = bool(config.get("use_dynamic_shifting", False))
         return {**_defaults(arch, "flow"), "prediction": "flow", "flow_shift": float(config.get("shift", 1.0)),
+                "flow_dynamic_shift": dynamic,
+                "flow_shift_range": (float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))),
+                "flow_token_range": (int(config.get("base_image_seq_len", 256)),
+                                     int(config.get("max_image_seq_len", 4096))),
+                "flow_grid_end": family(arch).flow_grid_end,
                 "num_train_timesteps": int(config.get("num_train_timesteps", 1000)), "image_size": image_size,
                 "default_sampler": "euler", "default_steps": 28, "default_cfg": 7.0}
     lcm = {"consistency": True, "default_sampler": "lcm", "default_steps": 4} \
@@ -411,11 +420,14 @@ def spec_from_scheduler(config: dict, arch: Arch, image_size: int) -> dict:
 def _pipeline_spec(path: Path, index: dict, arch: Arch) -> dict:
     """How a diffusers pipeline folder is sampled: its scheduler's schedule and prediction, the denoiser's
     sample size times the VAE's factor, and force_zeros_for_empty_prompt; read from the JSON files alone."""
-    folder = family(arch).denoiser_folder
-    unet, vae = read_json(path / folder / "config.json"), read_json(path / "vae" / "config.json")
-    size = unet.get("sample_size", 64) * 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+    fam = family(arch)
+    unet, vae = read_json(path / fam.denoiser_folder / "config.json"), read_json(path / "vae" / "config.json")
+    factor = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+    size = unet.get("sample_size", fam.image_size // 8) * factor  # Flux's config has none: its pipeline's 128
     scheduler = path / "scheduler" / "scheduler_config.json"
     spec = spec_from_scheduler(read_json(scheduler) if scheduler.exists() else {}, arch, size)
+    if "guidance_embeds" in unet:  # Flux: no CFG; [dev] embeds a distilled guidance scale, [schnell] takes 4 steps
+        spec.update(default_cfg=1.0, default_steps=28 if unet["guidance_embeds"] else 4)
     if spec.get("consistency"):  # an LCM embeds its guidance scale (LCM-Dreamshaper's 8) or runs without CFG
         spec["default_cfg"] = 8.0 if unet.get("time_cond_proj_dim") else 1.0
     return {**spec, "zero_empty_negative": bool(index.get("force_zeros_for_empty_prompt",
@@ -452,6 +464,8 @@ def load_diffusers_pipeline(path: Path, *, clip_skip: int | None = None,
     if fam.prompt_encoder == "sd3":
         text_encoder = SD3TextEncoder.from_folder(path, clip_skip or fam.clip_skip,
                                                   t5_width=unet.config.joint_attention_dim)
+    elif fam.prompt_encoder == "flux":
+        text_encoder = FluxTextEncoder.from_folder(path)
     else:
         encoder = SDXLTextEncoder if fam.prompt_encoder == "dual_clip" else CLIPTextEncoder
         # a diffusers SD 2.x folder holds OpenCLIP already cut at the layer SD 2 reads: its last (clip skip 1)

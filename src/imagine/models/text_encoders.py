@@ -631,6 +631,38 @@ class SD3TextEncoder(SDXLTextEncoder):
                               clip.pooled)
 
 
+class FluxTextEncoder(CLIPTextEncoder):
+    """Flux.1's text encoders (Black Forest Labs 2024): T5-XXL's states are the context (512 tokens, no mask: Flux
+    attends to the padding), and CLIP-L's pooled output (its end-of-text state through the final norm, no
+    projection) of the prompt's first window is the pooled vector. Emphasis scales T5's tokens (Forge's way)."""
+
+    def __init__(self, tokenizer, model, identity: str, t5: T5Part):
+        super().__init__(tokenizer, model, identity, 1)
+        self.t5, self.dim = t5, t5.dim
+        self.pooled_dim = model.config.hidden_size
+
+    @classmethod
+    def from_folder(cls, path: Path | str, clip_skip: int = 1, t5_length: int = 512) -> FluxTextEncoder:
+        """A FluxPipeline folder: tokenizer/ and text_encoder/ (CLIP-L), tokenizer_2/ and text_encoder_2/ (T5)."""
+        path = Path(path)
+        clip = CLIPTextEncoder.from_folder(path)
+        t5 = load_t5(path / "text_encoder_2", path / "tokenizer_2", t5_length)
+        return cls(clip.tokenizer, clip.model, f"Flux:{path.name}", t5)
+
+    def _window(self, chunks, skip, table):
+        t = self.tokenizer
+        ids = self._ids(chunks, t, t.bos_token_id, t.eos_token_id)
+        dtype = next(self.model.parameters()).dtype
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = self._forward(self.model, ids, table, "emb_params")
+        return out.last_hidden_state.float(), torch.ones(ids.shape, dtype=torch.bool), out.pooler_output.float()
+
+    def _encode_all(self, prompts: list[str], skip: int, grad: bool) -> TextEmbeddings:
+        clip = super()._encode_all(prompts, skip, grad)  # the pooled vectors (first windows)
+        context, mask = self.t5.encode(prompts)
+        return TextEmbeddings(context, mask, clip.pooled)
+
+
 _DEFAULT: MiniLMTextEncoder | None = None
 
 

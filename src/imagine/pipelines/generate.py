@@ -207,7 +207,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     name, implied = resolve(sampler)
     schedule = check_schedule(schedule) if schedule is not None else implied
     spec, f = model.spec, model.latent_factor
-    plan = model_sampling(spec)  # its noise levels, denoiser and prior, by its parametrization
+    h, w = latent_hw or (spec.image_size // f, spec.image_size // f)
+    plan = model_sampling(spec, (h, w))  # its noise levels, denoiser and prior, by its parametrization
     info = SAMPLERS[name]
     if info.timesteps is not None and schedule == "karras":  # LCM: its own timesteps, of its distillation grid
         raise ValueError(f"the {name} sampler walks its own timesteps; leave the schedule at default")
@@ -217,7 +218,6 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         sigmas = sigmas[steps - run:]
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     channels = model.vae.config.latent_channels if model.vae is not None else spec.image_channels
-    h, w = latent_hw or (spec.image_size // f, spec.image_size // f)
     noise = torch.stack([torch.randn((channels, h, w), generator=g) for g in generators])
     if noise_seed_delta:
         generators = [torch.Generator().manual_seed(int(seed) + noise_seed_delta) for seed in seeds]
@@ -299,6 +299,8 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     if pooled is not None and model.spec.zero_empty_negative and s.negative_prompt == "":
         pooled = torch.zeros_like(pooled)
     uncond.update(family.conditioning(pooled, w, h, uncond["encoder_hidden_states"], text.mask[s.n:]))
+    if distils_guidance(model):  # Flux [dev]: the distilled guidance scale is an input, on both branches
+        cond["guidance"] = uncond["guidance"] = torch.full((s.n,), float(s.distilled_cfg_scale))
     for kind, units in by_kind(attachments).items():  # their per-row inputs on each branch of guidance
         extra_cond, extra_uncond = kind.inputs(units, s.n)
         cond.update(extra_cond)
@@ -324,6 +326,11 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
                   callback=callback, cancel=cancel, precision=s.precision, backend=s.backend, compile=s.compile,
                   noise_seed_delta=s.noise_seed_delta, attachments=attachments,
                   tile=s.tile // f if s.tile else None)
+
+
+def distils_guidance(model: DiffusionModel) -> bool:
+    """Whether the denoiser takes a distilled guidance scale as an input (Flux [dev]'s guidance embedding)."""
+    return bool(getattr(model.unet.config, "guidance_embeds", False))
 
 
 def embeds_guidance(model: DiffusionModel) -> bool:
@@ -523,6 +530,8 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields["ENSD"] = s.noise_seed_delta
     if s.guidance_rescale:
         fields["Guidance rescale"] = f"{s.guidance_rescale:g}"
+    if distils_guidance(model):  # as Forge writes it
+        fields["Distilled CFG Scale"] = f"{s.distilled_cfg_scale:g}"
     records = {unit_kind: [u.record() for u in units] for unit_kind, units in by_kind(attachments).items()}
     for unit_kind, kind_records in records.items():  # "Lora hashes", "TI hashes", "ControlNet N", ...
         fields.update(unit_kind.a1111(kind_records, sum(k.startswith("ControlNet ") for k in fields)))

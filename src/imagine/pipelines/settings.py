@@ -58,6 +58,9 @@ class Settings:
                                cli_default=None, api_default=None, ge=0, le=MAX_CFG)
     guidance_rescale: float = setting(0.0, "Guidance rescale phi in [0, 1] (Lin et al. 2023).", cli="--rescale",
                                       ge=0, le=1)
+    distilled_cfg_scale: float = setting(3.5, "Flux [dev]'s distilled guidance scale (Forge's Distilled CFG "
+                                              "Scale): an input of guidance-distilled models, which run without "
+                                              "CFG (cfg 1).", cli="--distilled-cfg", ge=0, le=MAX_CFG)
     seed: int = setting(0, "Seed of the first image; image i uses seed + i. -1 (or none on the APIs): a random "
                            "one, reported and recorded like any seed.",
                         api_default=None, ge=-1, lt=2**63)
@@ -137,7 +140,7 @@ class Settings:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.n < 1:
             raise ValueError(f"the number of images must be >= 1, got {self.n}")
-        for name in ("cfg_scale", "guidance_rescale", "strength"):
+        for name in ("cfg_scale", "guidance_rescale", "distilled_cfg_scale", "strength"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")

@@ -166,6 +166,7 @@ function requestBody() {
     kind: mode, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
     sampler: $("sampler").value, schedule: $("schedule").value || null, steps: number("steps"),
     cfg_scale: number("cfg_scale"), guidance_rescale: number("guidance_rescale") || 0, seed: number("seed"),
+    distilled_cfg_scale: number("distilled_cfg_scale") ?? 3.5,
     n: number("n"), width: number("width"),
     height: number("height"), clip_skip: number("clip_skip"), noise_seed_delta: number("noise_seed_delta") || 0,
     backend: $("backend").value, tile: number("tile") || null,
@@ -317,6 +318,7 @@ $("send-to-txt2img").addEventListener("click", () => {
   $("clip_skip").value = p["Clip skip"] || "";
   $("noise_seed_delta").value = p["ENSD"] || 0;
   $("guidance_rescale").value = p["Guidance rescale"] || 0;
+  $("distilled_cfg_scale").value = p["Distilled CFG Scale"] || 3.5;
   const vae = (p["VAE"] || "").replace(/\.[^.]+$/, "");
   $("vae").value = [...$("vae").options].some((o) => o.value === vae) ? vae : "Automatic";
   if (p["Size"]) {

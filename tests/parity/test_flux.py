@@ -1,0 +1,115 @@
+"""Flux.1 [dev] and [schnell] from diffusers folders, proven on tiny random FluxPipelines built offline: the
+same image as diffusers' from the same initial latents, prompt, steps and (for [dev]) distilled guidance
+scale, within 1e-4 in [-1, 1]; [dev]'s resolution-dependent shift and [schnell]'s none; the distilled guidance
+is an input (recorded as Forge writes it), and true CFG with a negative prompt works as diffusers' true_cfg."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from imagine.models.flux import pack_latents
+from imagine.pipelines import generate as g
+from imagine.pipelines.request import load_text_model
+from tests.tiny_sd import write_flux
+
+TOL = 1e-4
+PROMPT = "a red circle above a blue square"
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["dev", "schnell"])
+def tiny(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flux") / "pipe"
+    pipe = write_flux(folder, dev=request.param)
+    model, encoder = load_text_model(folder)
+    return request.param, folder, pipe, model, encoder
+
+
+def _noise(seed: int, n: int, side: int = 8) -> torch.Tensor:
+    return torch.stack([torch.randn((16, side, side), generator=torch.Generator().manual_seed(seed + i))
+                        for i in range(n)])
+
+
+def test_the_folder_is_read_as_flux(tiny):
+    dev, _, _, model, _ = tiny
+    spec = model.spec
+    assert model.arch == "flux" and model.family.network == "flux" and spec.prediction == "flow"
+    assert spec.flow_dynamic_shift == dev and spec.flow_grid_end == "steps"
+    assert (spec.default_cfg, spec.default_steps, spec.image_size) == (1.0, 28 if dev else 4, 256)
+
+
+def test_prompt_encoding_matches_diffusers(tiny):
+    _, _, pipe, _, encoder = tiny
+    want, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, max_sequence_length=512)
+    got = encoder.encode([PROMPT])
+    assert got.context.shape == want.shape and (got.context - want).abs().max() < 1e-5
+    assert (got.pooled - pooled).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("side", [8, 12])
+def test_pipeline_matches_diffusers(tiny, side):
+    """16 and 24 px: the dynamic shift follows the image's token count."""
+    dev, _, pipe, model, encoder = tiny
+    s = g.Settings(prompt=PROMPT, steps=4, sampler="euler", cfg_scale=1.0, distilled_cfg_scale=2.5, seed=3, n=2,
+                   width=2 * side, height=2 * side)
+    ours = g.txt2img(model, s, encoder)
+    ref = pipe(PROMPT, num_inference_steps=4, guidance_scale=2.5, latents=pack_latents(_noise(3, 2, side)),
+               height=2 * side, width=2 * side, output_type="np", num_images_per_prompt=2).images
+    ref = torch.from_numpy(ref).permute(0, 3, 1, 2) * 2 - 1
+    assert (ours - ref).abs().max().item() <= TOL
+    text, _ = g.describe(model, s, "txt2img", 0, encoder)
+    assert ("Distilled CFG Scale: 2.5" in text) == dev
+
+
+def test_true_cfg_with_a_negative_prompt_matches_diffusers(tiny):
+    _, _, pipe, model, encoder = tiny
+    s = g.Settings(prompt=PROMPT, negative_prompt="blurry", steps=3, sampler="euler", cfg_scale=3.0, seed=1,
+                   width=16, height=16)
+    ours = g.txt2img(model, s, encoder)
+    ref = pipe(PROMPT, negative_prompt="blurry", true_cfg_scale=3.0, num_inference_steps=3, guidance_scale=3.5,
+               latents=pack_latents(_noise(1, 1)), height=16, width=16, output_type="np").images
+    ref = torch.from_numpy(ref).permute(0, 3, 1, 2) * 2 - 1
+    assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_the_cli_regenerates_a_flux_png(tiny, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tests.e2e.inprocess import imagine
+
+    _, folder, _, _, _ = tiny
+    run = imagine("generate", PROMPT, "--model", folder, "--steps", 2, "--distilled-cfg", 4, "--width", 16,
+                  "--height", 16, "--out", "a", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    png = next((tmp_path / "a").glob("*.png"))
+    again = imagine("generate", "--from", png, "--out", "b", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(next((tmp_path / "b").glob("*.png")))))
+
+
+def test_a1111_api_takes_forges_distilled_cfg(tiny):
+    """A Forge client's txt2img payload (distilled_cfg_scale) is served, pixels equal to the pipeline's."""
+    import base64
+    import io
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from imagine.pipelines.unconditional import to_uint8
+    from imagine.server.app import create_app
+
+    dev, folder, _, model, encoder = tiny
+    want = to_uint8(g.txt2img(model, g.Settings(prompt=PROMPT, steps=2, seed=5, sampler="euler", cfg_scale=1,
+                                                distilled_cfg_scale=5.0, width=16, height=16), encoder))[0]
+    with TestClient(create_app([folder], out_dir=None)) as client:
+        made = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "seed": 5, "sampler_name": "Euler",
+                                                       "cfg_scale": 1, "distilled_cfg_scale": 5.0, "width": 16,
+                                                       "height": 16})
+        assert made.status_code == 200, made.text
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(made.json()["images"][0]))))
+        assert np.array_equal(served, want)
+        assert ("Distilled CFG Scale: 5" in made.json()["info"]) == dev
