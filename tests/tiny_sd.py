@@ -189,3 +189,33 @@ def write_flux(folder: Path, seed: int = 0, dev: bool = True):
     pipe = FluxPipeline(**flux_components(seed, dev))
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+# --- PixArt-alpha and -Sigma: T5 (masked) and the cross-attention DiT --------------------------------------
+
+def pixart_components(seed: int = 0, sigma: bool = False) -> dict:
+    """A tiny PixArt pipeline's modules: T5 (64 wide), a 2-block PixArt transformer predicting eps and its
+    variance (8 output channels), SD's (alpha) or SDXL's (Sigma) VAE scale, DPM-Solver++ on the linear VP
+    schedule, as the releases configure it."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                           num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                           caption_channels=64, norm_type="ada_norm_single",
+                                           norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, sample_size=16, scaling_factor=0.13025 if sigma else 0.18215)
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                                            prediction_type="epsilon")
+    return {"transformer": _perturb(transformer), "vae": _perturb(vae), "scheduler": scheduler,
+            "text_encoder": t5_encoder(), "tokenizer": t5_tokenizer()}
+
+
+def write_pixart(folder: Path, seed: int = 0, sigma: bool = False):
+    from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
+
+    pipe = (PixArtSigmaPipeline if sigma else PixArtAlphaPipeline)(**pixart_components(seed, sigma))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe

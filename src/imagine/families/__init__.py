@@ -67,7 +67,10 @@ class Family:
     diffusers_pipeline: str | None = None  # the model_index.json class of its diffusers folders
     # how its prompts become the denoiser's text inputs (models/text_encoders.py): one CLIP, SDXL's two,
     # SD3's two CLIPs and T5; None: imagine's own encoder, named in the model's spec
-    prompt_encoder: Literal["clip", "dual_clip", "sd3", "flux"] | None = None
+    prompt_encoder: Literal["clip", "dual_clip", "sd3", "flux", "t5"] | None = None
+    text_length: int = 77  # T5's token budget where the family's prompt encoder is T5 alone (PixArt: 120, 300)
+    # PixArt-alpha 1024's micro-conditions: the image's (height, width) and aspect ratio, as network inputs
+    size_conditioning: bool = False
     # where the diffusers folder keeps the denoiser: unet/, or transformer/ (the transformer families)
     denoiser_folder: str = "unet"
     # a flow family's unshifted sampling grid ends at the last training time (diffusers' scheduler), or at
@@ -78,6 +81,10 @@ class Family:
                      mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The denoiser's inputs beyond the text states, for rows of text (their ``pooled`` vectors, or their
         token states ``context`` (B, T, D) and ``mask`` (B, T)) at this output size."""
+        if self.size_conditioning:  # PixArt-alpha: resolution and aspect ratio (a network without them ignores them)
+            n = len(context) if context is not None else 1
+            return {"resolution": torch.tensor([[float(height), float(width)]]).expand(n, -1),
+                    "aspect_ratio": torch.tensor([[height / width]]).expand(n, -1)}
         if self.pooled_input == "pooled_projections":  # MMDiT, Flux: the pooled text joins the timestep's vector
             if pooled is None:  # the sentence vector of an encoder that gives none: its tokens' masked mean
                 if context is None:
@@ -164,11 +171,22 @@ FLUX = Family("flux", "Flux.1", "flux", LatentFormat(channels=16, scaling_factor
               pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS, modelspec="flux-1-dev",
               diffusers_pipeline="FluxPipeline", prompt_encoder="flux", denoiser_folder="transformer",
               flow_grid_end="steps")
+# PixArt-alpha and -Sigma (Chen et al. 2023, 2024): a DiT cross-attending to T5-XXL's masked states
+# (adaLN-single), eps with a learned variance on the VP schedule, SD's VAE (alpha) or SDXL's (Sigma)
+_T5_SLOT = TextEncoderSlot("text_encoder", "T5EncoderModel", "gelu_new", "text_encoders.t5xxl.transformer.", "t5")
+PIXART_ALPHA = Family("pixart-alpha", "PixArt-alpha", "pixart", SD_LATENT, image_size=1024, prediction="eps",
+                      text_encoders=(_T5_SLOT,), attachments=frozenset({"lora"}),
+                      diffusers_pipeline="PixArtAlphaPipeline", prompt_encoder="t5", text_length=120,
+                      size_conditioning=True, denoiser_folder="transformer")
+PIXART_SIGMA = Family("pixart-sigma", "PixArt-Sigma", "pixart", LatentFormat(channels=4, scaling_factor=0.13025),
+                      image_size=1024, prediction="eps", text_encoders=(_T5_SLOT,), attachments=frozenset({"lora"}),
+                      diffusers_pipeline="PixArtSigmaPipeline", prompt_encoder="t5", text_length=300,
+                      size_conditioning=True, denoiser_folder="transformer")
 IMAGINE_FLUX = Family("imagine-flux", "imagine Flux-style transformer", "flux", None, image_size=32,
                       prediction="flow", pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS)
 
-FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL, SD3, FLUX, IMAGINE_DIT,
-                                                       IMAGINE_PIXART, IMAGINE_MMDIT, IMAGINE_FLUX)}
+FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL, SD3, FLUX, PIXART_ALPHA, PIXART_SIGMA,
+                                                       IMAGINE_DIT, IMAGINE_PIXART, IMAGINE_MMDIT, IMAGINE_FLUX)}
 # imagine's own models by their denoiser network's class
 OWN_BY_NETWORK: Mapping[str, Family] = {"UNet2DConditionModel": IMAGINE, "DiTTransformer2DModel": IMAGINE_DIT,
                                         "PixArtTransformer2DModel": IMAGINE_PIXART,
@@ -194,7 +212,7 @@ def text_width(config) -> int | None:
 # the Stable Diffusion families, in the order a checkpoint is tested against them (most specific first)
 CHECKPOINT_FAMILIES: tuple[Family, ...] = (SDXL, SD2, SD1)
 # the families whose diffusers pipeline folders imagine reads
-PIPELINE_FAMILIES: tuple[Family, ...] = (*CHECKPOINT_FAMILIES, SD3, FLUX)
+PIPELINE_FAMILIES: tuple[Family, ...] = (*CHECKPOINT_FAMILIES, SD3, FLUX, PIXART_ALPHA, PIXART_SIGMA)
 
 
 def family(name: str) -> Family:

@@ -53,10 +53,11 @@ from imagine.models.text_encoders import (
     FluxTextEncoder,
     SD3TextEncoder,
     SDXLTextEncoder,
+    T5TextEncoder,
     transformers_locked,
 )
 
-Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
+Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "pixart-alpha", "pixart-sigma"]
 ARCH_LABELS = {f.name: f.label for f in PIPELINE_FAMILIES}
 PIPELINES = diffusers_pipelines()
 
@@ -428,6 +429,8 @@ def _pipeline_spec(path: Path, index: dict, arch: Arch) -> dict:
     spec = spec_from_scheduler(read_json(scheduler) if scheduler.exists() else {}, arch, size)
     if "guidance_embeds" in unet:  # Flux: no CFG; [dev] embeds a distilled guidance scale, [schnell] takes 4 steps
         spec.update(default_cfg=1.0, default_steps=28 if unet["guidance_embeds"] else 4)
+    if unet.get("out_channels") and unet["out_channels"] == 2 * unet.get("in_channels", 0):  # PixArt's variance
+        spec.update(learned_variance=True, default_cfg=4.5)
     if spec.get("consistency"):  # an LCM embeds its guidance scale (LCM-Dreamshaper's 8) or runs without CFG
         spec["default_cfg"] = 8.0 if unet.get("time_cond_proj_dim") else 1.0
     return {**spec, "zero_empty_negative": bool(index.get("force_zeros_for_empty_prompt",
@@ -466,6 +469,8 @@ def load_diffusers_pipeline(path: Path, *, clip_skip: int | None = None,
                                                   t5_width=unet.config.joint_attention_dim)
     elif fam.prompt_encoder == "flux":
         text_encoder = FluxTextEncoder.from_folder(path)
+    elif fam.prompt_encoder == "t5":
+        text_encoder = T5TextEncoder.from_folder(path, fam.text_length)
     else:
         encoder = SDXLTextEncoder if fam.prompt_encoder == "dual_clip" else CLIPTextEncoder
         # a diffusers SD 2.x folder holds OpenCLIP already cut at the layer SD 2 reads: its last (clip skip 1)

@@ -663,6 +663,33 @@ class FluxTextEncoder(CLIPTextEncoder):
         return TextEmbeddings(context, mask, clip.pooled)
 
 
+class T5TextEncoder:
+    """PixArt's text encoder (Chen et al. 2023): T5-XXL's states with their attention mask, which the transformer's
+    cross-attention reads too; 120 tokens (PixArt-alpha) or 300 (PixArt-Sigma). No pooled vector. The prompt is
+    read as written (diffusers' optional caption cleaning, which needs bs4 and ftfy, is not applied)."""
+
+    clip_skip = 1
+
+    def __init__(self, t5: T5Part, identity: str):
+        self.t5, self.identity, self.dim = t5, identity, t5.dim
+        self.embeddings: dict[str, object] = {}
+
+    @classmethod
+    def from_folder(cls, path: Path | str, max_length: int = 120) -> T5TextEncoder:
+        """A PixArt pipeline folder: tokenizer/ and text_encoder/ (T5)."""
+        path = Path(path)
+        return cls(load_t5(path / "text_encoder", path / "tokenizer", max_length, masked=True), f"T5:{path.name}")
+
+    def encode(self, prompts: list[str], clip_skip: int | None = None) -> TextEmbeddings:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if clip_skip not in (None, 1):
+            raise ValueError(f"clip skip {clip_skip} has no meaning for T5 (PixArt reads its last layer): leave it "
+                             "unset")
+        context, mask = self.t5.encode(prompts)
+        return TextEmbeddings(context, mask, None)
+
+
 _DEFAULT: MiniLMTextEncoder | None = None
 
 
