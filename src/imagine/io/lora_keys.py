@@ -4,9 +4,14 @@
   path with "_" for "."; text encoders ``lora_te_`` (SD 1.x, 2.x) or ``lora_te1_`` / ``lora_te2_``
   (SDXL). UNet names are diffusers' (``down_blocks_0_attentions_0_...``) or the original layout's
   (``input_blocks_4_1_...``, kohya's SDXL files); both are recognised.
-- diffusers / PEFT: ``unet.<module>.lora_A.weight`` and ``.lora_B.weight`` (``text_encoder.``,
-  ``text_encoder_2.``), or diffusers' own ``<module>.lora.down.weight`` / ``.lora.up.weight``; alpha is
-  the rank (written files fold alpha / r into B, so diffusers and imagine compute the same update).
+- diffusers / PEFT: ``unet.<module>.lora_A.weight`` and ``.lora_B.weight`` (``transformer.`` for the
+  transformer families, ``text_encoder.``, ``text_encoder_2.``), or diffusers' own ``<module>.lora.down.weight``
+  / ``.lora.up.weight``; alpha is the rank (written files fold alpha / r into B, so diffusers and imagine
+  compute the same update).
+- Flux in Black Forest Labs' original names, as kohya (``lora_unet_double_blocks_0_img_attn_qkv``) and ComfyUI
+  (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``) write them: a fused layer's LoRA (Q, K
+  and V together; a single-stream block's Q, K, V and MLP in ``linear1``) becomes one LoRA per module here,
+  each taking its rows of the up matrix, the same update.
 
 Keys are matched against the model's own modules; what matches nothing is kept under its file name so
 the loader can list it (a LoRA never silently does nothing)."""
@@ -56,6 +61,51 @@ def _ldm_names(unet) -> dict[str, str]:
             for ours, src in mapped.items()}
 
 
+Rows = tuple[str, int, int | None, bool]  # our module, the fused layer's rows it takes, whether halves swap
+
+
+def _flux_original(unet) -> dict[str, list[Rows]]:
+    """BFL's original Flux module names -> our modules and the rows of the fused layer each takes (the final
+    adaLN's shift and scale come in the other order)."""
+    if type(unet).__name__ != "FluxTransformer2DModel":
+        return {}
+    cfg = unet.config
+    d, mlp = cfg.inner_dim, unet.single_transformer_blocks[0].proj_mlp.out_features if cfg.num_single_layers else 0
+    out: dict[str, list[Rows]] = {}
+
+    def one(src: str, dst: str, start: int = 0, end: int | None = None, swap: bool = False) -> None:
+        out.setdefault(src, []).append((dst, start, end, swap))
+
+    for i in range(cfg.num_layers):
+        b, t = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        for k, name in enumerate(("to_q", "to_k", "to_v")):
+            one(f"{b}.img_attn.qkv", f"{t}.attn.{name}", k * d, (k + 1) * d)
+        for k, name in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            one(f"{b}.txt_attn.qkv", f"{t}.attn.{name}", k * d, (k + 1) * d)
+        for src, dst in (("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"),
+                         ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
+                         ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2"),
+                         ("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear")):
+            one(f"{b}.{src}", f"{t}.{dst}")
+    for i in range(cfg.num_single_layers):
+        b, t = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        for k, name in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+            one(f"{b}.linear1", f"{t}.{name}", k * d, (k + 1) * d)
+        one(f"{b}.linear1", f"{t}.proj_mlp", 3 * d, 3 * d + mlp)
+        one(f"{b}.linear2", f"{t}.proj_out")
+        one(f"{b}.modulation.lin", f"{t}.norm.linear")
+    for src, dst in (("img_in", "x_embedder"), ("txt_in", "context_embedder"), ("final_layer.linear", "proj_out"),
+                     ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+                     ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+                     ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+                     ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+                     ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+                     ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")):
+        one(src, dst)
+    one("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+    return out
+
+
 def lora_metadata(path: Path | str) -> dict[str, str]:
     """A LoRA file's safetensors metadata (kohya's ss_* fields, imagine's record); {} for other files."""
     path = Path(path)
@@ -81,8 +131,10 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
         raise CheckpointError(f"{path} is not a LoRA: expected kohya's *.lora_down.weight / *.lora_up.weight "
                               f"or PEFT's *.lora_A.weight / *.lora_B.weight keys; found {sample}")
     tables = {name: _modules(part, name != "unet") for name, part in parts.items()}
+    fused = _flux_original(parts["unet"]) if "unet" in parts else {}
     if "unet" in parts:
-        tables["unet"] = {**_ldm_names(parts["unet"]), **tables["unet"]}
+        tables["unet"] = {**_ldm_names(parts["unet"]), **{k.replace(".", "_"): k for k in fused},
+                          **tables["unet"]}
     alphas = json.loads(metadata.get("lora_alphas", "{}")) if metadata else {}
     for key, ref in weights.items():
         if kohya:
@@ -102,7 +154,9 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
                 base, _, what = key.rpartition(".lora_")
                 what = "lora_" + what
             part, _, name = base.partition(".")
-            if part not in parts and part not in ("unet", "text_encoder", "text_encoder_2"):
+            if part in ("transformer", "diffusion_model"):  # diffusers' transformer families; ComfyUI's Flux
+                part = "unet"
+            elif part not in parts and part not in ("unet", "text_encoder", "text_encoder_2"):
                 part, name = "unet", base  # files that leave the part out are UNet LoRAs
         groups.setdefault((part, name), {})[what] = ref.read()
     for (part, name), tensors in groups.items():
@@ -112,6 +166,15 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
             raise CheckpointError(f"{path}: {part}.{name} has {sorted(tensors)}, not both halves of a LoRA")
         alpha = tensors.get("alpha")
         alpha = float(alpha) if alpha is not None else alphas.get(f"{part}.{name}")
+        if part == "unet" and name in fused:  # one fused original layer: a LoRA per module, on its rows
+            for target, start, end, swap in fused[name]:
+                rows = up.float()[start:end]
+                if swap:
+                    rows = torch.cat(rows.chunk(2)[::-1])
+                module = find_module(parts[part], target)
+                lora.layers[f"{part}.{target}"] = LoRALayer.from_tensors(down.float(), rows.contiguous(), alpha,
+                                                                         module)
+            continue
         module = find_module(parts[part], name) if part in parts else None
         lora.layers[f"{part}.{name}"] = LoRALayer.from_tensors(down.float(), up.float(), alpha, module)
     return lora
