@@ -113,3 +113,42 @@ def test_every_door_serves_sd3(tiny, tmp_path):
         assert np.array_equal(served, want)
         models = client.get("/sdapi/v1/sd-models").json()
         assert any(m["model_name"] == "pipe" for m in models)
+
+
+def test_an_sd3_controlnet_matches_diffusers(tiny, tmp_path, monkeypatch):
+    """A diffusers SD3ControlNetModel folder (InstantX's and Stability's layout) drives the MMDiT as diffusers'
+    StableDiffusion3ControlNetPipeline does: the condition's latents (the VAE's mean; diffusers draws a
+    sample, so the oracle is made to take the mean too), zeros for the ControlNet's pooled input."""
+    import numpy as np
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+    from diffusers.models.autoencoders import vae as diffusers_vae
+    from PIL import Image
+
+    from imagine.adapters.control import Conditioner, condition_tensor
+    from imagine.io.control_files import load_control
+
+    folder, pipe, model, encoder = tiny
+    torch.manual_seed(0)
+    net = SD3ControlNetModel(sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
+                             num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                             pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    net.save_pretrained(tmp_path / "sd3_canny")
+    control = Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8))
+    unit = Conditioner(load_control(tmp_path / "sd3_canny"), condition_tensor(control), weight=0.8)
+    s = g.Settings(prompt=PROMPT, negative_prompt="blurry", steps=3, sampler="euler", cfg_scale=4.0, seed=3,
+                   width=16, height=16)
+    ours = g.txt2img(model, s, encoder, attachments=[unit])
+    monkeypatch.setattr(diffusers_vae.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    theirs = StableDiffusion3ControlNetPipeline(**{k: v for k, v in pipe.components.items()
+                                                    if k not in ("image_encoder", "feature_extractor")},
+                                                controlnet=SD3ControlNetModel.from_pretrained(tmp_path / "sd3_canny"))
+    theirs.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    ref = theirs(PROMPT, negative_prompt="blurry", control_image=control, controlnet_conditioning_scale=0.8,
+                 num_inference_steps=3, guidance_scale=4.0, latents=_noise(3, 1), height=16, width=16,
+                 output_type="np").images
+    ref = torch.from_numpy(ref).permute(0, 3, 1, 2) * 2 - 1
+    assert (ours - g.txt2img(model, s, encoder)).abs().max() > 10 * TOL
+    assert (ours - ref).abs().max().item() <= TOL

@@ -120,7 +120,8 @@ def test_units_compose_by_summing_and_respect_weight_range_and_mode():
         assert torch.equal(out[0], base[0]) and not torch.allclose(out[1], base[1])
         # "My prompt is more important": layer k of n scaled by 0.825 ** (n - 1 - k)
         prompt = Conditioner(ControlFile(a, "controlnet", "canny", None, {}), ca, mode="prompt")
-        down, mid, _ = prompt.residuals(x, t, {"encoder_hidden_states": ctx}, None)
+        residuals = prompt.residuals(x, t, {"encoder_hidden_states": ctx}, None)
+        down, mid = residuals["down_block_additional_residuals"], residuals["mid_block_additional_residual"]
         plain_down, plain_mid = a(x, t, ctx, ca.expand(2, -1, -1, -1))
         n = len(plain_down) + 1
         torch.testing.assert_close(down[0], plain_down[0] * 0.825 ** (n - 1))

@@ -105,10 +105,13 @@ class Conditioner(Attachment):
     def around(cls, units, network, model, timesteps):
         vae = model.vae
 
-        def to_latents(condition: torch.Tensor) -> torch.Tensor:  # a transformer ControlNet reads latents
+        def to_latents(condition: torch.Tensor, shift: bool = True) -> torch.Tensor:
+            """The condition image's latents (the VAE's mean), which a transformer ControlNet reads; without
+            ``shift``, scaled but not shifted (InstantX's SD3 ControlNets, as diffusers' pipeline feeds them)."""
             if vae is None:
                 return condition * 2 - 1
-            return vae.to_latent(vae.encode(condition.to(next(vae.parameters()).dtype) * 2 - 1).mean)
+            z = vae.encode(condition.to(next(vae.parameters()).dtype) * 2 - 1).mean
+            return vae.to_latent(z) if shift else z * vae.config.scaling_factor
 
         return Controlled(network, units, timesteps, to_latents)
 
@@ -130,17 +133,21 @@ class Conditioner(Attachment):
         return rows.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
     def residuals(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], rows: torch.Tensor | None,
-                  to_latents: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  to_latents: Callable[..., torch.Tensor] | None = None
                   ) -> dict[str, list[torch.Tensor] | torch.Tensor]:
         """This call's additions to the denoiser's inputs, by input name: a UNet ControlNet's down and mid
         residuals, a T2I-Adapter's intrablock features, an MMDiT ControlNet's block outputs."""
         b = x.shape[0]
         if self.file.network == "mmdit":  # SD3's: the condition's latents beside the sample, per block outputs
+            # InstantX's kind (diffusers' force_zeros_for_pooled_projection) reads zeros for the pooled text and
+            # unshifted latents, as diffusers' SD3 ControlNet pipeline feeds it
+            instantx = self.file.model.config.force_zeros_for_pooled_projection
             if self._features is None:  # the condition is fixed: encoded once per request
-                self._features = [(to_latents or (lambda c: c * 2 - 1))(self.condition.to(x.device))]
+                encode = to_latents or (lambda c, shift=True: c * 2 - 1)
+                self._features = [encode(self.condition.to(x.device), shift=not instantx)]
             latents = self._features[0].to(x.dtype).expand(b, -1, -1, -1)
             pooled = cond["pooled_projections"]
-            if self.file.model.config.force_zeros_for_pooled_projection:  # as diffusers' SD3 ControlNet pipeline
+            if instantx:
                 pooled = torch.zeros_like(pooled)
             outs = self.file.model(x, t, cond["encoder_hidden_states"], pooled, latents,
                                    encoder_attention_mask=cond.get("encoder_attention_mask"))
@@ -190,7 +197,7 @@ class Controlled:
     them), so a call knows which share of the steps is done (A1111's guidance start and end)."""
 
     def __init__(self, unet, conditioners: Sequence[Conditioner], timesteps: torch.Tensor,
-                 to_latents: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 to_latents: Callable[..., torch.Tensor] | None = None):
         self.unet, self.conditioners = unet, list(conditioners)
         self.timesteps = timesteps.double()
         self.to_latents = to_latents  # pixels in [0, 1] -> the model's latents (a transformer ControlNet's input)

@@ -16,7 +16,7 @@ from imagine.nn.embeddings import TimestepEmbedding, timestep_embedding
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """(M,) positions -> (M, dim) features [sin, cos] at frequencies 10000^(-i / (dim/2)) (MAE's), float64."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2.0))
     out = torch.outer(positions.reshape(-1).double(), omega)
     return torch.cat([out.sin(), out.cos()], dim=1)
 
@@ -25,11 +25,12 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 def sincos_2d(dim: int, height: int, width: int, base_size: int, interpolation_scale: float = 1.0) -> torch.Tensor:
     """(height * width, dim) fixed positions of a height x width token grid, rows first: half the features
     encode the column, half the row, each scaled so that a grid of base_size spans the same range whatever
-    its size (PixArt's and SD3's resolution-aware positions)."""
+    its size (PixArt's and SD3's resolution-aware positions). Always computed on the CPU: the cache must never
+    keep a tensor made under a meta-device context (a model built without memory before loading weights)."""
     if dim % 4:
         raise ValueError(f"2-D sine-cosine positions need a width divisible by 4, got {dim}")
-    rows = torch.arange(height, dtype=torch.float32) / (height / base_size) / interpolation_scale
-    cols = torch.arange(width, dtype=torch.float32) / (width / base_size) / interpolation_scale
+    rows = torch.arange(height, dtype=torch.float32, device="cpu") / (height / base_size) / interpolation_scale
+    cols = torch.arange(width, dtype=torch.float32, device="cpu") / (width / base_size) / interpolation_scale
     grid_w, grid_h = torch.meshgrid(cols, rows, indexing="xy")  # (height, width) each
     return torch.cat([sincos_1d(dim // 2, grid_w), sincos_1d(dim // 2, grid_h)], dim=1).float()
 
