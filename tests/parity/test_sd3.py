@@ -127,7 +127,7 @@ def test_an_sd3_controlnet_matches_diffusers(tiny, tmp_path, monkeypatch):
     from imagine.adapters.control import Conditioner, condition_tensor
     from imagine.io.control_files import load_control
 
-    folder, pipe, model, encoder = tiny
+    _, pipe, model, encoder = tiny
     torch.manual_seed(0)
     net = SD3ControlNetModel(sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
                              num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
