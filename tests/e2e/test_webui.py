@@ -126,6 +126,9 @@ def test_generate_progress_image_and_png_info_in_chromium(server):
     with _page(server) as (page, errors):
         expect(page.locator("#model-badge")).to_contain_text("tiny-shapes")
         expect(page.locator("#sampler option")).not_to_have_count(0)
+        # a field the model does not read is disabled, not ignored: imagine's UNet embeds no distilled guidance
+        expect(page.locator("#distilled_cfg_scale")).to_be_disabled()
+        expect(page.locator("#clip_skip")).to_be_enabled()
         page.fill("#prompt", "a red circle above a blue square")
         page.fill("#steps", "100")
         page.fill("#seed", "42")

@@ -113,3 +113,17 @@ def test_a1111_api_takes_forges_distilled_cfg(tiny):
         served = np.asarray(Image.open(io.BytesIO(base64.b64decode(made.json()["images"][0]))))
         assert np.array_equal(served, want)
         assert ("Distilled CFG Scale: 5" in made.json()["info"]) == dev
+
+
+def test_the_models_api_says_what_a_flux_model_takes(tiny):
+    """GET /api/v1/models tells the web UI which fields act on each model (it disables or hides the rest):
+    Flux reads no clip skip and takes no ControlNet of ours; [dev] reads the distilled guidance."""
+    from fastapi.testclient import TestClient
+
+    from imagine.server.app import create_app
+
+    dev, folder, _, _, _ = tiny
+    with TestClient(create_app([folder], out_dir=None)) as client:
+        takes = client.get("/api/v1/models").json()["models"][0]["takes"]
+    assert takes["distilled_cfg_scale"] == dev and not takes["clip_skip"] and takes["lora"]
+    assert not (takes["controlnet"] or takes["ip_adapter"] or takes["t2i_adapter"])

@@ -102,6 +102,13 @@ class Family:
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(len(pooled), -1)
         return {"text_embeds": pooled, "time_ids": ids}
 
+    def takes(self, spec) -> dict[str, bool]:
+        """Which request fields and attachment kinds act on a model of this family with this spec (the web UI
+        hides or disables the others rather than ignore them)."""
+        return {"clip_skip": self.prompt_encoder not in ("t5", "flux"),
+                "distilled_cfg_scale": bool(getattr(spec, "distilled_guidance", False)),
+                **{kind: kind in self.attachments for kind in sorted(UNET_ATTACHMENTS)}}
+
     def check_attachment(self, kind: str, what: str, made_for: str | None = None) -> None:
         """Refuse, naming the family, an attachment kind that does not fit it, or a unit made for another
         denoiser architecture (``made_for``: a ControlNet's)."""

@@ -428,7 +428,8 @@ def _pipeline_spec(path: Path, index: dict, arch: Arch) -> dict:
     scheduler = path / "scheduler" / "scheduler_config.json"
     spec = spec_from_scheduler(read_json(scheduler) if scheduler.exists() else {}, arch, size)
     if "guidance_embeds" in unet:  # Flux: no CFG; [dev] embeds a distilled guidance scale, [schnell] takes 4 steps
-        spec.update(default_cfg=1.0, default_steps=28 if unet["guidance_embeds"] else 4)
+        spec.update(default_cfg=1.0, default_steps=28 if unet["guidance_embeds"] else 4,
+                    distilled_guidance=bool(unet["guidance_embeds"]))
     if unet.get("out_channels") and unet["out_channels"] == 2 * unet.get("in_channels", 0):  # PixArt's variance
         spec.update(learned_variance=True, default_cfg=4.5)
     if spec.get("consistency"):  # an LCM embeds its guidance scale (LCM-Dreamshaper's 8) or runs without CFG
@@ -671,6 +672,20 @@ def probe_spec(path: Path | str, allow_pickle: bool = False) -> DiffusionSpec:
     weights, metadata = open_weights(path, allow_pickle)
     info = inspect_single_file(weights, metadata, str(path))
     return DiffusionSpec(**_single_file_spec(info), text_encoder=ARCH_LABELS[info.arch])
+
+
+def probe_family(path: Path | str, allow_pickle: bool = False):
+    """A model's family (families.Family), read from its configs or keys without loading weights."""
+    path = Path(path)
+    kind = kind_of(path)
+    if kind == "imagine":
+        config = path / "unet" / "config.json"
+        name = read_json(config).get("_class", "UNet2DConditionModel") if config.exists() else None
+        return OWN_BY_NETWORK.get(name, family("imagine"))
+    if kind == "diffusers":
+        return _pipeline_family(path, read_json(path / "model_index.json"))
+    weights, metadata = open_weights(path, allow_pickle)
+    return family(inspect_single_file(weights, metadata, str(path)).arch)
 
 
 def describe_file(path: Path) -> dict:

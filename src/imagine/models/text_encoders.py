@@ -658,6 +658,9 @@ class FluxTextEncoder(CLIPTextEncoder):
         return out.last_hidden_state.float(), torch.ones(ids.shape, dtype=torch.bool), out.pooler_output.float()
 
     def _encode_all(self, prompts: list[str], skip: int, grad: bool) -> TextEmbeddings:
+        if skip != 1:
+            raise ValueError(f"clip skip {skip} has no meaning for Flux (it reads CLIP's pooled output and T5's "
+                             "last layer): leave it unset")
         clip = super()._encode_all(prompts, skip, grad)  # the pooled vectors (first windows)
         context, mask = self.t5.encode(prompts)
         return TextEmbeddings(context, mask, clip.pooled)

@@ -264,7 +264,7 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
         return {"current": service.store.current, "vaes": list(service.store.vaes),
                 "models": [{"name": e.name, "title": e.title, "sha256": e.sha256, "path": str(e.path),
                             "defaults": {"steps": e.spec.default_steps, "sampler": e.spec.default_sampler,
-                                         "cfg_scale": e.spec.default_cfg}}
+                                         "cfg_scale": e.spec.default_cfg}, "takes": e.takes}
                            for e in service.store.entries()],
                 "broken": [{"path": path, "error": error} for path, error in service.store.broken.items()]}
 

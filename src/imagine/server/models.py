@@ -11,7 +11,7 @@ from pathlib import Path
 
 from imagine.io.model_folder import DiffusionModel, DiffusionSpec
 from imagine.io.models_dir import Entry
-from imagine.io.stable_diffusion import probe_spec
+from imagine.io.stable_diffusion import probe_family, probe_spec
 from imagine.pipelines.request import load_text_model
 
 AUTOMATIC = ("Automatic", "None", "")  # A1111's sd_vae values meaning "the model's own VAE"
@@ -23,6 +23,7 @@ class ModelEntry(Entry):
     and its spec, whose defaults (steps, sampler, guidance) fill what a request leaves out."""
 
     spec: DiffusionSpec = None
+    takes: dict = None  # which request fields and attachment kinds act on it (families.Family.takes)
 
     @property
     def weights(self) -> Path:
@@ -63,11 +64,12 @@ class ModelStore:
     def add(self, path: Path, allow_pickle: bool = False) -> ModelEntry:
         """Serve one more model (named by its stem, made unique); its spec is read now, its weights on use."""
         spec = _probe(path, allow_pickle)
+        takes = probe_family(path, allow_pickle).takes(spec)
         stem = path.stem if path.is_file() else (path.name or "model")
         name, k = stem, 2
         while name in self._entries:
             name, k = f"{stem}-{k}", k + 1
-        self._entries[name] = ModelEntry(name, path, spec)
+        self._entries[name] = ModelEntry(name, path, spec, takes)
         return self._entries[name]
 
     def vae(self, name: str | None) -> str | None:

@@ -82,11 +82,22 @@ async function loadSamplers() {
   }
   $("sampler").value = "dpmpp_2m";
 }
+// the fields and panels that act on the current model; the others are disabled or hidden, not ignored
+function applyTakes(takes) {
+  if (!takes) return;
+  for (const id of ["clip_skip", "distilled_cfg_scale"]) {
+    $(id).disabled = !takes[id];
+    $(id).closest("label").classList.toggle("not-taken", !takes[id]);
+  }
+  $("controlnet").hidden = !(takes.controlnet || takes.t2i_adapter);
+  $("image-prompts").hidden = !takes.ip_adapter;
+}
 async function loadModelBadge() {
   const models = await api("GET", "/api/v1/models");
   $("model-badge").textContent = "model: " + models.current;
   // the current model's own defaults: what the CLI and the job API use when nothing is given
   const current = models.models.find((m) => m.name === models.current);
+  applyTakes(current && current.takes);
   if (current && current.defaults) {
     $("steps").value = current.defaults.steps;
     $("cfg_scale").value = current.defaults.cfg_scale;
@@ -168,7 +179,8 @@ function requestBody() {
     cfg_scale: number("cfg_scale"), guidance_rescale: number("guidance_rescale") || 0, seed: number("seed"),
     distilled_cfg_scale: number("distilled_cfg_scale") ?? 3.5,
     n: number("n"), width: number("width"),
-    height: number("height"), clip_skip: number("clip_skip"), noise_seed_delta: number("noise_seed_delta") || 0,
+    height: number("height"), clip_skip: $("clip_skip").disabled ? null : number("clip_skip"),
+    noise_seed_delta: number("noise_seed_delta") || 0,
     backend: $("backend").value, tile: number("tile") || null,
     vae: $("vae").value === "Automatic" ? null : $("vae").value,
   };
@@ -186,9 +198,9 @@ function requestBody() {
     body.resize_mode = $("resize_mode").value;
   }
   const controls = controlUnits();
-  if (controls.length) body.controls = controls;
+  if (controls.length && !$("controlnet").hidden) body.controls = controls;
   const prompts = imagePromptUnits();
-  if (prompts.length) body.image_prompts = prompts;
+  if (prompts.length && !$("image-prompts").hidden) body.image_prompts = prompts;
   if (mode === "inpaint") {
     body.mask = maskData();
     body.inpaint_fill = $("inpaint_fill").value;
