@@ -24,6 +24,7 @@ import torch
 
 from imagine import __version__
 from imagine.families import (
+    OWN_BY_NETWORK,
     PIPELINE_FAMILIES,
     SD1,
     SD2,
