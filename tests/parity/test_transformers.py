@@ -114,11 +114,31 @@ def test_sd3_controlnet_and_its_use_match_diffusers(control_layers):
     assert torch.equal(plain, controlled)
 
 
+def test_sd35_medium_dual_attention_matches_diffusers():
+    """SD3.5 Medium's MMDiT-X: blocks 0 and 1 (of 3) add an image-only self-attention with its own modulation."""
+    from imagine.models.mmdit import MMDiTConfig, SD3Transformer2DModel
+
+    kwargs = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6,
+                  out_channels=4, pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0, 1))
+    ours = _jitter(SD3Transformer2DModel(MMDiTConfig(**kwargs)), 5)
+    theirs = diffusers.SD3Transformer2DModel(**kwargs).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(3)
+    x, context, pooled = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g), torch.randn(
+        2, 6, generator=g)
+    t = torch.tensor([999.0, 250.5])
+    with torch.no_grad():
+        want = theirs(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
+        got = ours(x, t, encoder_hidden_states=context, pooled_projections=pooled)
+    assert (got - want).abs().max() < 1e-5
+
+
 def test_mmdit_refuses_what_it_does_not_build():
     from imagine.models.mmdit import MMDiTConfig
 
-    with pytest.raises(ValueError, match="dual attention"):
-        MMDiTConfig(dual_attention_layers=(0, 1))
+    with pytest.raises(ValueError, match="dual_attention_layers"):
+        MMDiTConfig(num_layers=2, dual_attention_layers=(0, 5))
     with pytest.raises(ValueError, match="caption_projection_dim"):
         MMDiTConfig(num_attention_heads=2, attention_head_dim=8, caption_projection_dim=12)
 

@@ -4,8 +4,9 @@ modulated (adaLN-Zero) by one vector of the timestep and the pooled text; traine
 
 State-dict keys are diffusers' ``SD3Transformer2DModel`` (pos_embed, time_text_embed, context_embedder,
 transformer_blocks.N.{norm1, norm1_context, attn, ff, ff_context}, norm_out, proj_out), so SD3 checkpoints load
-unchanged. The last block is "context pre-only": its text path ends at the attention. SD3.5's dual attention
-layers (a second, image-only attention in the first blocks) are not built yet: such a config is refused.
+unchanged. The last block is "context pre-only": its text path ends at the attention. SD3.5 Medium's dual
+attention layers (MMDiT-X: in the blocks ``dual_attention_layers`` names, a second, image-only self-attention
+with its own modulation after the joint one) are built too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from imagine.nn.attention import JointAttention
@@ -46,11 +48,12 @@ class MMDiTConfig:
     out_channels: int = 16
     pos_embed_max_size: int = 96  # positions for grids up to this many patches a side
     qk_norm: str | None = None  # "rms_norm" (SD3.5)
-    dual_attention_layers: tuple[int, ...] = ()  # SD3.5 Medium's; not built yet
+    dual_attention_layers: tuple[int, ...] = ()  # SD3.5 Medium's MMDiT-X blocks: a second, image-only attention
 
     def __post_init__(self):
-        if self.dual_attention_layers:
-            raise ValueError("SD3.5's dual attention layers are not built yet; this MMDiT takes configs without them")
+        if any(not 0 <= i < self.num_layers for i in self.dual_attention_layers):
+            raise ValueError(f"dual_attention_layers {self.dual_attention_layers} name blocks outside 0 to "
+                             f"{self.num_layers - 1}")
         if self.caption_projection_dim != self.inner_dim:
             raise ValueError(f"caption_projection_dim ({self.caption_projection_dim}) must equal heads x head dim "
                              f"({self.inner_dim}): text and image tokens attend in one sequence")
@@ -80,15 +83,60 @@ class TimestepTextEmbedding(nn.Module):
         return self.timestep_embedder(features.to(pooled.dtype)) + self.text_embedder(pooled)
 
 
+class AdaLayerNormZeroX(nn.Module):
+    """SD3.5's adaLN-Zero for a dual-attention block: nine vectors, the usual six and a shift, scale and gate
+    for the second attention, both attentions reading the same normed input (diffusers' SD35AdaLayerNormZeroX)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 9 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(modulated x, gate_msa, shift_mlp, scale_mlp, gate_mlp, x modulated for attention 2, its gate)."""
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp, shift2, scale2, gate2 = \
+            self.linear(F.silu(emb)).chunk(9, dim=1)
+        normed = self.norm(x)
+        return (modulate(normed, shift, scale), gate, shift_mlp, scale_mlp, gate_mlp, modulate(normed, shift2, scale2),
+                gate2)
+
+
+class SelfAttention(nn.Module):
+    """Image-only self-attention with optional RMS-normed queries and keys (diffusers' Attention names: to_q,
+    to_k, to_v, norm_q, norm_k, to_out.0)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, qk_norm: str | None = None, eps: float = 1e-6):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
+        self.norm_q = nn.RMSNorm(dim_head, eps=eps) if qk_norm else None
+        self.norm_k = nn.RMSNorm(dim_head, eps=eps) if qk_norm else None
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[:2]
+
+        def heads(t: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+            t = t.reshape(b, n, self.heads, -1).transpose(1, 2)
+            return norm(t) if norm is not None else t
+
+        q, k, v = heads(self.to_q(x), self.norm_q), heads(self.to_k(x), self.norm_k), heads(self.to_v(x), None)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.to_out[1](self.to_out[0](out))
+
+
 class JointBlock(nn.Module):
-    def __init__(self, cfg: MMDiTConfig, context_pre_only: bool):
+    def __init__(self, cfg: MMDiTConfig, context_pre_only: bool, dual: bool = False):
         super().__init__()
         dim = cfg.inner_dim
-        self.context_pre_only = context_pre_only
-        self.norm1 = AdaLayerNormZero(dim)
+        self.context_pre_only, self.dual = context_pre_only, dual
+        self.norm1 = AdaLayerNormZeroX(dim) if dual else AdaLayerNormZero(dim)
         self.norm1_context = AdaLayerNormContinuous(dim, dim) if context_pre_only else AdaLayerNormZero(dim)
         self.attn = JointAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim, context_pre_only,
                                    cfg.qk_norm)
+        if dual:
+            self.attn2 = SelfAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = GeluFeedForward(dim)
         if not context_pre_only:
@@ -97,13 +145,18 @@ class JointBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
+        if self.dual:
+            h, gate_msa, shift_mlp, scale_mlp, gate_mlp, h2, gate_msa2 = self.norm1(x, emb=temb)
+        else:
+            h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
         if self.context_pre_only:
             c = self.norm1_context(context, temb)
         else:
             c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(context, emb=temb)
         attn, context_attn = self.attn(h, c, mask)
         x = x + gate_msa[:, None] * attn
+        if self.dual:
+            x = x + gate_msa2[:, None] * self.attn2(h2)
         x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
         if self.context_pre_only:
             return x, None
@@ -126,7 +179,8 @@ class SD3Transformer2DModel(nn.Module):
                                     pos_embed_max_size=cfg.pos_embed_max_size)
         self.time_text_embed = TimestepTextEmbedding(dim, cfg.pooled_projection_dim)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
-        self.transformer_blocks = nn.ModuleList([JointBlock(cfg, context_pre_only=i == cfg.num_layers - 1)
+        self.transformer_blocks = nn.ModuleList([JointBlock(cfg, context_pre_only=i == cfg.num_layers - 1,
+                                                            dual=i in cfg.dual_attention_layers)
                                                  for i in range(cfg.num_layers)])
         self.norm_out = AdaLayerNormContinuous(dim, dim)
         self.proj_out = nn.Linear(dim, cfg.patch_size**2 * cfg.out_channels)
@@ -197,8 +251,9 @@ class SD3ControlNetModel(nn.Module):
                                     pos_embed_max_size=cfg.pos_embed_max_size)
         self.time_text_embed = TimestepTextEmbedding(dim, cfg.pooled_projection_dim)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
-        self.transformer_blocks = nn.ModuleList([JointBlock(cfg, context_pre_only=False)
-                                                 for _ in range(cfg.num_layers)])
+        self.transformer_blocks = nn.ModuleList([JointBlock(cfg, context_pre_only=False,
+                                                            dual=i in cfg.dual_attention_layers)
+                                                 for i in range(cfg.num_layers)])
         self.controlnet_blocks = nn.ModuleList([zero_(nn.Linear(dim, dim)) for _ in range(cfg.num_layers)])
         self.pos_embed_input = PatchEmbed(cfg.sample_size, cfg.patch_size,
                                           cfg.in_channels + cfg.extra_conditioning_channels, dim, positions=False)
