@@ -101,7 +101,9 @@ def test_every_door_serves_sd3(tiny, tmp_path):
     again = imagine("generate", "--from", png, "--out", "b", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(next((tmp_path / "b").glob("*.png")))))
-    refused = imagine("convert", folder, tmp_path / "x.safetensors")
+    converted = imagine("convert", folder, tmp_path / "x.safetensors")  # to Stability's single file
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    refused = imagine("convert", folder, tmp_path / "x-folder", "--to", "diffusers")
     assert refused.returncode != 0 and "does not write them yet" in refused.stderr
     want = to_uint8(g.txt2img(model, g.Settings(prompt=PROMPT, steps=3, seed=5, sampler="euler", cfg_scale=4,
                                                 width=16, height=16), encoder))[0]
@@ -152,3 +154,36 @@ def test_an_sd3_controlnet_matches_diffusers(tiny, tmp_path, monkeypatch):
     ref = torch.from_numpy(ref).permute(0, 3, 1, 2) * 2 - 1
     assert (ours - g.txt2img(model, s, encoder)).abs().max() > 10 * TOL
     assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_single_files_read_write_and_match_diffusers_converter(tiny, tmp_path):
+    """An SD3 all-in-one single file (Stability's layout: model.diffusion_model.joint_blocks.*, the 16-channel
+    VAE under first_stage_model., text_encoders.clip_l/clip_g/t5xxl.transformer.*): the transformer part is
+    what diffusers' own single-file converter reads back to the same tensors; the file loads to the folder's
+    very pixels; writing it again gives the same tensors bit for bit. T5 needs its tokenizer beside the file."""
+    import shutil
+
+    from diffusers.loaders import single_file_utils as sfu
+    from safetensors.torch import load_file
+
+    from imagine.io.stable_diffusion import load_single_file, save_single_file
+
+    folder, _, model, encoder = tiny
+    out = save_single_file(model, tmp_path / "sd3.safetensors")
+    written = load_file(str(out))
+    prefix = "model.diffusion_model."
+    theirs = sfu.convert_sd3_transformer_checkpoint_to_diffusers(
+        {k[len(prefix):]: v for k, v in written.items() if k.startswith(prefix)})
+    ours = model.unet.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    has_t5 = encoder.t5 is not None
+    if has_t5:
+        with pytest.raises(Exception, match="no tokenizer for it"):
+            load_single_file(out)
+        shutil.copytree(folder / "tokenizer_3", tmp_path / "tokenizer_3")
+    loaded = load_single_file(out)
+    s = g.Settings(prompt=PROMPT, negative_prompt="blurry", steps=3, sampler="euler", cfg_scale=4.0, seed=2,
+                   width=16, height=16)
+    assert torch.equal(g.txt2img(loaded, s, loaded.text_encoder), g.txt2img(model, s, encoder))
+    again = load_file(str(save_single_file(loaded, tmp_path / "again.safetensors")))
+    assert again.keys() == written.keys() and all(torch.equal(again[k], written[k]) for k in written)

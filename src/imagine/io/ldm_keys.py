@@ -24,6 +24,7 @@ class Src:
     count: int = 1
     transpose: bool = False
     conv1x1: bool = False  # stored (C, C, 1, 1), ours (C, C)
+    swap: bool = False  # its two halves (along dim 0) in the other order: an adaLN's (shift, scale) vs (scale, shift)
 
 
 KeyMap = dict[str, Src]  # our key -> where it lives in the foreign layout
@@ -36,6 +37,8 @@ def _ours(t: torch.Tensor, src: Src) -> torch.Tensor:
         t = t.T
     if src.conv1x1:
         t = t.reshape(t.shape[:2])
+    if src.swap:
+        t = torch.cat(t.chunk(2, dim=0)[::-1])
     return t.contiguous()
 
 
@@ -67,6 +70,8 @@ def write_mapped(state: Mapping[str, torch.Tensor], key_map: KeyMap) -> dict[str
     parts: dict[str, dict[int, torch.Tensor]] = {}
     for ours, src in key_map.items():
         t = state[ours]
+        if src.swap:
+            t = torch.cat(t.chunk(2, dim=0)[::-1])
         if src.conv1x1:
             t = t[:, :, None, None]
         if src.transpose:

@@ -28,12 +28,14 @@ from imagine.families import (
     PIPELINE_FAMILIES,
     SD1,
     SD2,
+    SD3,
     SDXL,
     diffusers_pipelines,
     family,
     from_diffusers,
     from_single_file,
 )
+from imagine.io import sd3_files
 from imagine.io.checkpoint import (
     DTYPES,
     CheckpointError,
@@ -49,11 +51,13 @@ from imagine.io.ldm_keys import clip_map, open_clip_map, read_mapped, unet_map, 
 from imagine.io.model_folder import SPEC_NAME, DiffusionModel, DiffusionSpec, load_model_folder, save_model_folder
 from imagine.io.networks import _config_of, diffusers_config, load_unet, load_vae
 from imagine.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
+from imagine.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 from imagine.models.text_encoders import (
     CLIPTextEncoder,
     FluxTextEncoder,
     SD3TextEncoder,
     SDXLTextEncoder,
+    T5Part,
     T5TextEncoder,
     transformers_locked,
 )
@@ -367,6 +371,8 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, clip_skip: int |
     for (an unknown key is an error, never silently dropped)."""
     path = Path(path)
     weights, metadata = open_weights(path, allow_pickle)
+    if sd3_files.transformer_prefix(weights) is not None:
+        return _load_sd3_file(path, weights, metadata, clip_skip, dtype)
     info = inspect_single_file(weights, metadata, str(path))
     with torch.device("meta"):
         unet_keys = list(UNet2DConditionModel(info.unet).state_dict())
@@ -385,6 +391,104 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, clip_skip: int |
                                            info.clip_skip)
     spec = DiffusionSpec(**_single_file_spec(info), text_encoder=text_encoder.identity)
     return DiffusionModel(unet, vae, spec, path, text_encoder=text_encoder, arch=info.arch, hash_file=path)
+
+
+# --- Stable Diffusion 3 single files (io/sd3_files.py holds the key maps) ----------------------------
+
+def _load_sd3_file(path: Path, weights: Weights, metadata: dict[str, str], clip_skip: int | None,
+                   dtype: torch.dtype) -> DiffusionModel:
+    """An SD3 / SD3.5 single file: the MMDiT, the VAE and (all-in-one files) CLIP-L, CLIP-G and T5, every tensor
+    accounted for."""
+    prefix = sd3_files.transformer_prefix(weights)
+    ours = json.loads(metadata["imagine"]) if "imagine" in metadata else {}
+    cfg = MMDiTConfig.from_dict(ours["transformer"]) if "transformer" in ours else \
+        sd3_files.config_from_original(_strip(weights, prefix))
+    maps = [sd3_files.transformer_map(cfg, prefix)]
+    vae_weights = _strip(weights, VAE)
+    if not vae_weights:
+        raise CheckpointError(f"{path} holds SD3's transformer but no VAE (first_stage_model.*): use a file that "
+                              "includes it, or the diffusers folder")
+    vae_cfg = VAEConfig.from_dict(ours["vae"]) if "vae" in ours else replace(
+        vae_config_from_ldm(vae_weights, "sd3"), shift_factor=SD3.latent.shift_factor)
+    with torch.device("meta"):
+        vae_keys = list(AutoencoderKL(vae_cfg).state_dict())
+    maps.append(vae_map(vae_keys, vae_cfg))
+    transformer_refs, vae_refs = (read_mapped(weights, key_map, str(path)) for key_map in maps)
+    used = {src.key for key_map in maps for src in key_map.values()}
+    texts = sd3_files.text_parts(weights)
+    unknown = [k for k in weights if k not in used and not k.startswith(tuple(texts.values())) and not _ignorable(k)]
+    if unknown:
+        raise CheckpointError(f"{path} holds {len(unknown)} tensors no part of Stable Diffusion 3 uses: "
+                              f"{', '.join(unknown[:10])}")
+    if "text_encoder" not in texts or "text_encoder_2" not in texts:
+        raise CheckpointError(f"{path} carries no CLIP-L and CLIP-G text encoders ({sd3_files.CLIP_L}*, "
+                              f"{sd3_files.CLIP_G}*): use an all-in-one file (as sd3_medium_incl_clips) or the "
+                              "diffusers folder; separate text encoder files are not read yet")
+    net = build_and_fill(lambda: SD3Transformer2DModel(cfg), transformer_refs, f"{path} (MMDiT)", dtype).eval()
+    vae = build_and_fill(lambda: AutoencoderKL(vae_cfg), vae_refs, f"{path} (VAE)").eval()
+    clips = []
+    written = ours.get("text") or [None, None, None]  # imagine's files: the configs shapes cannot give (heads)
+    for i, (part, act) in enumerate((("text_encoder", "quick_gelu"), ("text_encoder_2", "gelu"))):
+        w = {k.removeprefix("text_model."): r for k, r in _strip(weights, texts[part]).items()
+             if not k.endswith("position_ids")}
+        if "text_projection.weight" not in w:
+            raise CheckpointError(f"{path}: the {part} at {texts[part]} has no text_projection: SD3 reads "
+                                  "both CLIPs' projected pooled outputs")
+        config = _clip_config_from_dict(written[i]) if written[i] else _text_config(w, act=act, projection=True)
+        clips.append(_text_model(w, config, True, f"{path} ({part})"))
+    t5 = None
+    if "text_encoder_3" in texts:
+        folder = sd3_files.t5_tokenizer_folder(path)
+        if folder is None:
+            raise CheckpointError(f"{path} carries T5-XXL but no tokenizer for it (a single file holds none): put "
+                                  f"T5's tokenizer folder (tokenizer_3/ of the diffusers SD3 release: spiece.model "
+                                  f"or tokenizer.json) beside the file as {path.parent / 'tokenizer_3'}")
+        t5 = T5Part(_t5_tokenizer(folder), sd3_files.t5_from_weights(_strip(weights, texts["text_encoder_3"]),
+                                                                   str(path), written[2]), 256)
+    encoder = SD3TextEncoder((clip_tokenizer(), clip_tokenizer("!")), tuple(clips), f"SD3:{path.stem}", t5,
+                             t5.dim if t5 is not None else cfg.joint_attention_dim, 256,
+                             clip_skip or SD3.clip_skip)
+    spec = DiffusionSpec(**{**_defaults("sd3", "flow"), "flow_shift": 3.0, "image_size": cfg.sample_size * 8,
+                           "default_sampler": "euler", "default_steps": 28, "default_cfg": 7.0},
+                         text_encoder=encoder.identity)
+    return DiffusionModel(net, vae, spec, path, text_encoder=encoder, arch="sd3", hash_file=path)
+
+
+@transformers_locked
+def _clip_config_from_dict(data: dict):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig.from_dict(data)
+
+
+@transformers_locked
+def _t5_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def _sd3_file_state(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An SD3 model's tensors in the single-file layout, and imagine's configs for its metadata."""
+    state = sd3_files.transformer_map(model.unet.config)
+    out = write_mapped(model.unet.state_dict(), state)
+    with torch.device("meta"):
+        vae_keys = list(AutoencoderKL(model.vae.config).state_dict())
+    out.update(write_mapped(model.vae.state_dict(), vae_map(vae_keys, model.vae.config)))
+    te = model.text_encoder
+    for prefix, clip in ((sd3_files.CLIP_L, te.model_1), (sd3_files.CLIP_G, te.model_2)):
+        for key, value in _canonical(clip).items():
+            out[prefix + (key if key == "text_projection.weight" else "text_model." + key)] = value
+    if te.t5 is not None:
+        for key, value in te.t5.model.state_dict().items():
+            if key != "encoder.embed_tokens.weight":  # tied to shared.weight
+                out[sd3_files.T5 + key] = value
+    text = [json.loads(m.config.to_json_string()) for m in (te.model_1, te.model_2)]
+    text.append(json.loads(te.t5.model.config.to_json_string()) if te.t5 is not None else None)
+    meta = {"imagine": json.dumps({"transformer": _config_of(model.unet), "vae": _config_of(model.vae),
+                                   "text": text}),
+            "modelspec.architecture": SD3.modelspec, "format": "pt"}
+    return out, meta
 
 
 # --- diffusers pipeline folders ----------------------------------------------------------------------
@@ -512,8 +616,9 @@ def single_file_state(model: DiffusionModel) -> dict[str, torch.Tensor]:
 
 def _check_writable(model: DiffusionModel) -> None:
     if model.family.network != "unet":
-        raise CheckpointError(f"imagine reads {model.family.label} checkpoints but does not write them yet (convert "
-                              "and merge): use the folder or file as it is")
+        raise CheckpointError(f"imagine reads {model.family.label} checkpoints but does not write them yet in this "
+                              "layout (SD3 converts to a single .safetensors; merges and diffusers folders of the "
+                              "transformer families are not written): use the folder or file as it is")
 
 
 def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:
@@ -521,10 +626,14 @@ def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None)
     if model.arch is None or model.text_encoder is None:
         raise CheckpointError("only Stable Diffusion models (SD 1.x, 2.x, SDXL) have a single-file layout; an "
                               "imagine model folder stays a folder")
-    _check_writable(model)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: a single-file checkpoint is written as .safetensors")
+    if model.arch == "sd3":
+        state, meta = _sd3_file_state(model)
+        atomic_save_safetensors(_cast(state, dtype), out, meta)
+        return out
+    _check_writable(model)
     text = [json.loads(m.config.to_json_string()) for m in _text_models(model)]
     meta = {"imagine": json.dumps({"unet": _config_of(model.unet), "vae": _config_of(model.vae),
                                    "prediction": model.spec.prediction, "text": text,
@@ -671,6 +780,9 @@ def probe_spec(path: Path | str, allow_pickle: bool = False) -> DiffusionSpec:
         arch: Arch = _pipeline_family(path, index).name
         return DiffusionSpec(**_pipeline_spec(path, index, arch), text_encoder=ARCH_LABELS[arch])
     weights, metadata = open_weights(path, allow_pickle)
+    if sd3_files.transformer_prefix(weights) is not None:
+        return DiffusionSpec(**{**_defaults("sd3", "flow"), "flow_shift": 3.0, "default_sampler": "euler",
+                                "default_steps": 28, "default_cfg": 7.0}, text_encoder=ARCH_LABELS["sd3"])
     info = inspect_single_file(weights, metadata, str(path))
     return DiffusionSpec(**_single_file_spec(info), text_encoder=ARCH_LABELS[info.arch])
 
@@ -686,6 +798,8 @@ def probe_family(path: Path | str, allow_pickle: bool = False):
     if kind == "diffusers":
         return _pipeline_family(path, read_json(path / "model_index.json"))
     weights, metadata = open_weights(path, allow_pickle)
+    if sd3_files.transformer_prefix(weights) is not None:
+        return SD3
     return family(inspect_single_file(weights, metadata, str(path)).arch)
 
 
@@ -694,7 +808,8 @@ def describe_file(path: Path) -> dict:
     kind = kind_of(path)
     if kind == "single-file":
         weights, metadata = open_weights(path, allow_pickle=False) if path.suffix == ".safetensors" else ({}, {})
-        arch = inspect_single_file(weights, metadata, str(path)).arch if weights else None
+        arch = ("sd3" if sd3_files.transformer_prefix(weights) is not None else
+                inspect_single_file(weights, metadata, str(path)).arch) if weights else None
         size = path.stat().st_size
     elif kind == "diffusers":
         index = read_json(path / "model_index.json")
