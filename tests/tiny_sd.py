@@ -21,9 +21,10 @@ def _perturb(model, scale: float = 0.05):
 def _text_config(hidden: int, act: str, **extra):
     from transformers import CLIPTextConfig
 
+    extra = {"num_attention_heads": 2, **extra}
     return CLIPTextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
-                          num_attention_heads=2, max_position_embeddings=77, hidden_act=act, bos_token_id=49406,
-                          eos_token_id=49407, pad_token_id=1, **extra)
+                          max_position_embeddings=77, hidden_act=act, bos_token_id=49406, eos_token_id=49407,
+                          pad_token_id=1, **extra)
 
 
 def components(arch: str, seed: int = 0) -> dict:
@@ -109,12 +110,14 @@ def t5_tokenizer():
     return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
 
 
-def t5_encoder(width: int = 64, vocab: int | None = None):
+def t5_encoder(width: int = 64, vocab: int | None = None, inferable: bool = False):
+    """inferable: T5's default relative-position buckets (32, distance 128), which a single file's shapes imply."""
     from transformers import T5Config, T5EncoderModel
 
+    buckets = dict() if inferable else dict(relative_attention_num_buckets=8, relative_attention_max_distance=16)
     config = T5Config(vocab_size=vocab or len(t5_tokenizer()), d_model=width, d_kv=16, d_ff=2 * width, num_layers=2,
-                      num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                      feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
+                      num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False,
+                      use_cache=False, **buckets)
     return _perturb(T5EncoderModel(config))
 
 
@@ -156,11 +159,12 @@ def write_sd3(folder: Path, seed: int = 0, t5: bool = True):
 
 # --- Flux.1 [dev] and [schnell]: CLIP-L (pooled), T5, the double/single-stream transformer ------------------
 
-def flux_components(seed: int = 0, dev: bool = True) -> dict:
+def flux_components(seed: int = 0, dev: bool = True, inferable: bool = False) -> dict:
     """A tiny FluxPipeline's modules: CLIP-L (its pooled output, 32 wide), T5 (64 wide, the context), a Flux
     transformer with 1 double- and 1 single-stream block over 2 x 2-packed 16-channel latents (with the guidance
     embedding for [dev]), Flux's VAE scale and shift (factor 2: 16 px images), and the flow scheduler as each
-    release configures it ([dev]: the resolution-dependent shift; [schnell]: none)."""
+    release configures it ([dev]: the resolution-dependent shift; [schnell]: none). inferable: parts whose configs
+    separate single files' shapes imply (CLIP heads 64 wide, 32 groups in the VAE, T5's default buckets)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
@@ -170,23 +174,29 @@ def flux_components(seed: int = 0, dev: bool = True) -> dict:
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
                                          pooled_projection_dim=32, guidance_embeds=dev, axes_dims_rope=(4, 6, 6))
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=4,
-                        layers_per_block=1, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159,
-                        use_quant_conv=False, use_post_quant_conv=False)
+    vae = AutoencoderKL(block_out_channels=(32, 32) if inferable else (8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=16, norm_num_groups=32 if inferable else 4, layers_per_block=1,
+                        sample_size=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096) if dev else FlowMatchEulerDiscreteScheduler(shift=1.0)
+    clip = _text_config(64, "quick_gelu", num_attention_heads=1) if inferable else _text_config(32, "quick_gelu")
+    if inferable:
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                             pooled_projection_dim=64, guidance_embeds=dev, axes_dims_rope=(2, 6, 8))
     return {"transformer": _perturb(transformer), "vae": _perturb(vae), "scheduler": scheduler,
-            "text_encoder": _perturb(CLIPTextModel(_text_config(32, "quick_gelu"))), "tokenizer": clip_tokenizer(),
-            "text_encoder_2": t5_encoder(), "tokenizer_2": t5_tokenizer()}
+            "text_encoder": _perturb(CLIPTextModel(clip)), "tokenizer": clip_tokenizer(),
+            "text_encoder_2": t5_encoder(inferable=inferable), "tokenizer_2": t5_tokenizer()}
 
 
-def write_flux(folder: Path, seed: int = 0, dev: bool = True):
+def write_flux(folder: Path, seed: int = 0, dev: bool = True, inferable: bool = False):
     """A tiny Flux pipeline saved as a diffusers folder; returns the pipeline."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline(**flux_components(seed, dev))
+    pipe = FluxPipeline(**flux_components(seed, dev, inferable))
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
 

@@ -127,3 +127,76 @@ def test_the_models_api_says_what_a_flux_model_takes(tiny):
         takes = client.get("/api/v1/models").json()["models"][0]["takes"]
     assert takes["distilled_cfg_scale"] == dev and not takes["clip_skip"] and takes["lora"]
     assert not (takes["controlnet"] or takes["ip_adapter"] or takes["t2i_adapter"])
+
+
+def _save_state(state: dict, path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def test_flux_single_files_as_forge_and_comfyui_users_keep_them(tmp_path):
+    """A Flux transformer file in Black Forest Labs' layout (diffusers' own converter reads it to the same
+    tensors) in models/Stable-diffusion/, with clip_l, t5xxl and ae files in models/text_encoders/ and VAE/ (and
+    T5's tokenizer beside the transformer): it loads to the diffusers folder's very pixels; an all-in-one file
+    does too; a missing part is named."""
+    import shutil
+
+    from diffusers.loaders import single_file_utils as sfu
+
+    from imagine.io import flux_files
+    from imagine.io.ldm_keys import vae_map, write_mapped
+    from imagine.io.stable_diffusion import load_single_file
+
+    write_flux(tmp_path / "pipe", dev=True, inferable=True)
+    model, encoder = load_text_model(tmp_path / "pipe")
+    net = model.unet
+    original = write_mapped(net.state_dict(), flux_files.transformer_map(net.config))
+    d, mlp = net.config.inner_dim, 4 * net.config.inner_dim
+    real_split = torch.split
+
+    def split(t, sizes, dim=0):  # diffusers' converter assumes Flux's full widths for linear1's pieces
+        return real_split(t, (d, d, d, mlp) if tuple(sizes) == (3072, 3072, 3072, 12288) else sizes, dim)
+
+    torch.split = split
+    try:
+        theirs = sfu.convert_flux_transformer_checkpoint_to_diffusers(dict(original))
+    finally:
+        torch.split = real_split
+    ours = net.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+    models = tmp_path / "models"
+    transformer = models / "Stable-diffusion" / "flux-tiny.safetensors"
+    _save_state(original, transformer)
+    s = g.Settings(prompt=PROMPT, steps=2, sampler="euler", cfg_scale=1.0, seed=4, width=16, height=16)
+    with pytest.raises(Exception, match="without clip_l, t5, vae"):
+        load_single_file(transformer)
+    clip = encoder.model.state_dict()
+    _save_state({k if k.startswith("text_model.") else "text_model." + k: v for k, v in clip.items()
+                 if not k.endswith("position_ids")}, models / "text_encoders" / "clip_l.safetensors")
+    t5 = {k: v for k, v in encoder.t5.model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    _save_state(t5, models / "text_encoders" / "t5xxl_fp16.safetensors")
+    with torch.device("meta"):
+        vae_keys = list(type(model.vae)(model.vae.config).state_dict())
+    _save_state(write_mapped(model.vae.state_dict(), vae_map(vae_keys, model.vae.config, "")),
+                models / "VAE" / "ae.safetensors")
+    with pytest.raises(Exception, match="needs its tokenizer"):
+        load_single_file(transformer)
+    shutil.copytree(tmp_path / "pipe" / "tokenizer_2", transformer.parent / "tokenizer_2")
+    loaded = load_single_file(transformer)
+    assert loaded.arch == "flux" and loaded.spec.distilled_guidance and loaded.spec.flow_dynamic_shift
+    want = g.txt2img(model, s, encoder)
+    assert torch.equal(g.txt2img(loaded, s, loaded.text_encoder), want)
+    # ComfyUI's all-in-one save: everything in one file, the transformer under model.diffusion_model.
+    everything = {"model.diffusion_model." + k: v for k, v in original.items()}
+    everything.update({flux_files.CLIP_L + (k if k.startswith("text_model.") else "text_model." + k): v
+                       for k, v in clip.items() if not k.endswith("position_ids")})
+    everything.update({flux_files.T5 + k: v for k, v in t5.items()})
+    everything.update({"vae." + k: v for k, v in write_mapped(model.vae.state_dict(),
+                                                              vae_map(vae_keys, model.vae.config, "")).items()})
+    _save_state(everything, tmp_path / "aio" / "flux-aio.safetensors")
+    shutil.copytree(tmp_path / "pipe" / "tokenizer_2", tmp_path / "aio" / "tokenizer_2")
+    aio = load_single_file(tmp_path / "aio" / "flux-aio.safetensors")
+    assert torch.equal(g.txt2img(aio, s, aio.text_encoder), want)

@@ -25,6 +25,7 @@ class Src:
     transpose: bool = False
     conv1x1: bool = False  # stored (C, C, 1, 1), ours (C, C)
     swap: bool = False  # its two halves (along dim 0) in the other order: an adaLN's (shift, scale) vs (scale, shift)
+    rows: tuple[int, int] | None = None  # rows start:end of a fused tensor whose pieces differ in size (Flux's linear1)
 
 
 KeyMap = dict[str, Src]  # our key -> where it lives in the foreign layout
@@ -33,6 +34,8 @@ KeyMap = dict[str, Src]  # our key -> where it lives in the foreign layout
 def _ours(t: torch.Tensor, src: Src) -> torch.Tensor:
     if src.part is not None:
         t = t.chunk(src.count, dim=0)[src.part]
+    if src.rows is not None:
+        t = t[src.rows[0]: src.rows[1]]
     if src.transpose:
         t = t.T
     if src.conv1x1:
@@ -45,6 +48,8 @@ def _ours(t: torch.Tensor, src: Src) -> torch.Tensor:
 def _our_shape(shape: tuple[int, ...], src: Src) -> tuple[int, ...]:
     if src.part is not None:
         shape = (shape[0] // src.count, *shape[1:])
+    if src.rows is not None:
+        shape = (src.rows[1] - src.rows[0], *shape[1:])
     if src.transpose:
         shape = tuple(reversed(shape))
     if src.conv1x1:
@@ -76,12 +81,12 @@ def write_mapped(state: Mapping[str, torch.Tensor], key_map: KeyMap) -> dict[str
             t = t[:, :, None, None]
         if src.transpose:
             t = t.T
-        if src.part is not None:
-            parts.setdefault(src.key, {})[src.part] = t
+        if src.part is not None or src.rows is not None:
+            parts.setdefault(src.key, {})[src.part if src.part is not None else src.rows[0]] = t
         else:
             out[src.key] = t.contiguous()
-    for key, pieces in parts.items():
-        out[key] = torch.cat([pieces[i] for i in range(len(pieces))], dim=0)
+    for key, pieces in parts.items():  # in order of their part, or of their first row
+        out[key] = torch.cat([pieces[i] for i in sorted(pieces)], dim=0)
     return out
 
 

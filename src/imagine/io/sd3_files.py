@@ -107,10 +107,11 @@ def text_parts(keys) -> dict[str, str]:
     return found
 
 
-def t5_tokenizer_folder(path: Path) -> Path | None:
+def t5_tokenizer_folder(path: Path, release_name: str = "tokenizer_3") -> Path | None:
     """Where T5's tokenizer is for a single file (a file carries none, and imagine ships none: its licence
-    would allow it, but no copy can be fetched here): ``tokenizer_3/`` or ``t5-tokenizer/`` beside the file."""
-    for name in ("tokenizer_3", "t5-tokenizer", "t5_tokenizer"):
+    would allow it, but no copy can be fetched here): the release's folder name (SD3's ``tokenizer_3/``, Flux's
+    ``tokenizer_2/``) or ``t5-tokenizer/`` beside the file."""
+    for name in (release_name, "t5-tokenizer", "t5_tokenizer"):
         folder = Path(path).parent / name
         if folder.is_dir():
             return folder

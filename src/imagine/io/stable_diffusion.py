@@ -24,6 +24,7 @@ import torch
 
 from imagine import __version__
 from imagine.families import (
+    FLUX,
     OWN_BY_NETWORK,
     PIPELINE_FAMILIES,
     SD1,
@@ -35,7 +36,7 @@ from imagine.families import (
     from_diffusers,
     from_single_file,
 )
-from imagine.io import sd3_files
+from imagine.io import flux_files, sd3_files
 from imagine.io.checkpoint import (
     DTYPES,
     CheckpointError,
@@ -51,6 +52,7 @@ from imagine.io.ldm_keys import clip_map, open_clip_map, read_mapped, unet_map, 
 from imagine.io.model_folder import SPEC_NAME, DiffusionModel, DiffusionSpec, load_model_folder, save_model_folder
 from imagine.io.networks import _config_of, diffusers_config, load_unet, load_vae
 from imagine.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
+from imagine.models.flux import FluxConfig, FluxTransformer2DModel
 from imagine.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 from imagine.models.text_encoders import (
     CLIPTextEncoder,
@@ -373,6 +375,8 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, clip_skip: int |
     weights, metadata = open_weights(path, allow_pickle)
     if sd3_files.transformer_prefix(weights) is not None:
         return _load_sd3_file(path, weights, metadata, clip_skip, dtype)
+    if flux_files.transformer_prefix(weights) is not None:
+        return _load_flux_file(path, weights, metadata, clip_skip, dtype)
     info = inspect_single_file(weights, metadata, str(path))
     with torch.device("meta"):
         unet_keys = list(UNet2DConditionModel(info.unet).state_dict())
@@ -489,6 +493,104 @@ def _sd3_file_state(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dic
                                    "text": text}),
             "modelspec.architecture": SD3.modelspec, "format": "pt"}
     return out, meta
+
+
+# --- Flux single files (io/flux_files.py holds the key map) ------------------------------------------
+
+# where a Flux transformer file's separate parts are looked for: beside it, then in the models folder's sections
+# as Forge (text_encoder/, VAE/) and ComfyUI (text_encoders/, clip/, vae/) lay them out
+COMPONENT_SECTIONS = ("text_encoders", "text_encoder", "clip", "VAE", "vae")
+
+
+def _component_kind(keys) -> str | None:
+    keys = set(keys)
+    if "encoder.block.0.layer.0.SelfAttention.q.weight" in keys:
+        return "t5"
+    if "text_model.encoder.layers.0.self_attn.q_proj.weight" in keys:
+        return "clip_l"
+    if "encoder.down.0.block.0.norm1.weight" in keys or "encoder.conv_in.weight" in keys:
+        return "vae"
+    return None
+
+
+def _flux_components(path: Path, weights: Weights) -> dict[str, tuple[Weights, str]]:
+    """A Flux file's CLIP-L, T5 and VAE: (tensors without their prefix, where they came from), from the file
+    itself (an all-in-one save) or from separate files beside it or in the models folder's sections."""
+    found: dict[str, tuple[Weights, str]] = {}
+    for kind, prefixes in (("clip_l", (flux_files.CLIP_L,)), ("t5", (flux_files.T5,)),
+                           ("vae", (flux_files.VAE, VAE))):
+        for prefix in prefixes:
+            part = _strip(weights, prefix)
+            if part:
+                found[kind] = (part, f"{path} ({prefix}*)")
+                break
+    folders = [path.parent, *(path.parent.parent / name for name in COMPONENT_SECTIONS),
+               *(path.parent / name for name in COMPONENT_SECTIONS)]
+    for folder in folders:
+        if len(found) == 3 or not folder.is_dir():
+            continue
+        for candidate in sorted(folder.glob("*.safetensors")):
+            if candidate.resolve() == path.resolve():
+                continue
+            part, _ = open_weights(candidate, False)
+            kind = _component_kind(part)
+            if kind is not None and kind not in found:
+                found[kind] = (part, str(candidate))
+    missing = [name for name in ("clip_l", "t5", "vae") if name not in found]
+    if missing:
+        raise CheckpointError(f"{path} is a Flux transformer without {', '.join(missing)}: put those files "
+                              f"(clip_l.safetensors, t5xxl_*.safetensors, ae.safetensors) beside it or in the models "
+                              f"folder's text_encoders/ (or clip/) and VAE/, or use the diffusers FLUX.1 folder")
+    return found
+
+
+def _load_flux_file(path: Path, weights: Weights, metadata: dict[str, str], clip_skip: int | None,
+                    dtype: torch.dtype) -> DiffusionModel:
+    """A Flux.1 [dev] or [schnell] transformer file (BFL's layout) with its CLIP-L, T5 and VAE found in it or
+    beside it (as ComfyUI and Forge users keep them)."""
+    prefix = flux_files.transformer_prefix(weights)
+    ours = json.loads(metadata["imagine"]) if "imagine" in metadata else {}
+    cfg = FluxConfig.from_dict(ours["transformer"]) if "transformer" in ours else \
+        flux_files.config_from_original(_strip(weights, prefix))
+    key_map = flux_files.transformer_map(cfg, prefix)
+    refs = read_mapped(weights, key_map, str(path))
+    used = {src.key for src in key_map.values()}
+    inside = (flux_files.CLIP_L, flux_files.T5, flux_files.VAE, VAE)
+    unknown = [k for k in weights if k not in used and not k.startswith(inside) and not _ignorable(k)]
+    if unknown:
+        raise CheckpointError(f"{path} holds {len(unknown)} tensors Flux.1's transformer does not have (a Fill, "
+                              f"Depth, Redux or other variant imagine does not run yet?): {', '.join(unknown[:10])}")
+    parts = _flux_components(path, weights)
+    net = build_and_fill(lambda: FluxTransformer2DModel(cfg), refs, f"{path} (Flux)", dtype).eval()
+    vae_weights, vae_source = parts["vae"]
+    vae_cfg = VAEConfig.from_dict(ours["vae"]) if "vae" in ours else replace(
+        vae_config_from_ldm(vae_weights, "flux"), shift_factor=FLUX.latent.shift_factor)
+    with torch.device("meta"):
+        vae_keys = list(AutoencoderKL(vae_cfg).state_dict())
+    vae = build_and_fill(lambda: AutoencoderKL(vae_cfg), read_mapped(vae_weights, vae_map(vae_keys, vae_cfg, ""),
+                                                                      vae_source), vae_source).eval()
+    written = ours.get("text") or [None, None]
+    clip_weights, clip_source = parts["clip_l"]
+    w = {k.removeprefix("text_model."): r for k, r in clip_weights.items()
+         if not k.endswith("position_ids") and k != "text_projection.weight"}
+    clip_config = _clip_config_from_dict(written[0]) if written[0] else _text_config(w, act="quick_gelu",
+                                                                                     projection=False)
+    clip = _text_model(w, clip_config, False, clip_source)
+    t5_weights, t5_source = parts["t5"]
+    folder = sd3_files.t5_tokenizer_folder(path, "tokenizer_2") or sd3_files.t5_tokenizer_folder(
+        Path(t5_source.split(" (")[0]), "tokenizer_2")
+    if folder is None:
+        raise CheckpointError(f"{path}: T5-XXL needs its tokenizer, which no single file carries: put T5's "
+                              f"tokenizer folder (tokenizer_2/ of the diffusers FLUX.1 release: spiece.model or "
+                              f"tokenizer.json) beside the file as {path.parent / 'tokenizer_2'}")
+    t5 = T5Part(_t5_tokenizer(folder), sd3_files.t5_from_weights(t5_weights, t5_source, written[1]), 512)
+    encoder = FluxTextEncoder(clip_tokenizer(), clip, f"Flux:{path.stem}", t5)
+    dev = cfg.guidance_embeds  # [dev]: the resolution-dependent shift and 28 steps; [schnell]: neither, 4 steps
+    spec = DiffusionSpec(**{**_defaults("flux", "flow"), "flow_shift": 3.0 if dev else 1.0,
+                           "flow_dynamic_shift": dev, "flow_grid_end": "steps", "default_sampler": "euler",
+                           "default_steps": 28 if dev else 4, "default_cfg": 1.0, "distilled_guidance": dev,
+                           "image_size": 128 * vae_cfg.downscale}, text_encoder=encoder.identity)
+    return DiffusionModel(net, vae, spec, path, text_encoder=encoder, arch="flux", hash_file=path)
 
 
 # --- diffusers pipeline folders ----------------------------------------------------------------------
@@ -783,6 +885,12 @@ def probe_spec(path: Path | str, allow_pickle: bool = False) -> DiffusionSpec:
     if sd3_files.transformer_prefix(weights) is not None:
         return DiffusionSpec(**{**_defaults("sd3", "flow"), "flow_shift": 3.0, "default_sampler": "euler",
                                 "default_steps": 28, "default_cfg": 7.0}, text_encoder=ARCH_LABELS["sd3"])
+    if flux_files.transformer_prefix(weights) is not None:
+        dev = any(k.endswith("guidance_in.in_layer.weight") for k in weights)
+        return DiffusionSpec(**{**_defaults("flux", "flow"), "flow_shift": 3.0 if dev else 1.0,
+                                "flow_dynamic_shift": dev, "flow_grid_end": "steps", "default_sampler": "euler",
+                                "default_steps": 28 if dev else 4, "default_cfg": 1.0, "distilled_guidance": dev},
+                             text_encoder=ARCH_LABELS["flux"])
     info = inspect_single_file(weights, metadata, str(path))
     return DiffusionSpec(**_single_file_spec(info), text_encoder=ARCH_LABELS[info.arch])
 
@@ -800,6 +908,8 @@ def probe_family(path: Path | str, allow_pickle: bool = False):
     weights, metadata = open_weights(path, allow_pickle)
     if sd3_files.transformer_prefix(weights) is not None:
         return SD3
+    if flux_files.transformer_prefix(weights) is not None:
+        return FLUX
     return family(inspect_single_file(weights, metadata, str(path)).arch)
 
 
@@ -809,6 +919,7 @@ def describe_file(path: Path) -> dict:
     if kind == "single-file":
         weights, metadata = open_weights(path, allow_pickle=False) if path.suffix == ".safetensors" else ({}, {})
         arch = ("sd3" if sd3_files.transformer_prefix(weights) is not None else
+                "flux" if flux_files.transformer_prefix(weights) is not None else
                 inspect_single_file(weights, metadata, str(path)).arch) if weights else None
         size = path.stat().st_size
     elif kind == "diffusers":

@@ -264,3 +264,13 @@ def latent_ids(height: int, width: int) -> torch.Tensor:
     ids[..., 1] = torch.arange(height // 2)[:, None]
     ids[..., 2] = torch.arange(width // 2)[None, :]
     return ids.reshape(-1, 3)
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """A Flux head's rotary features per position axis (index, row, column), even and summing to the head:
+    an eighth for the index axis, the rest split between rows and columns (Flux.1's 128: 16, 56, 56)."""
+    if head_dim % 8:
+        raise ValueError(f"a Flux head's width must be a multiple of 8 (rotary pairs on three axes), got {head_dim}")
+    index = 2 * max(1, head_dim // 16)
+    rows = 2 * ((head_dim - index) // 4)
+    return index, rows, head_dim - index - rows

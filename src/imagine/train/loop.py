@@ -33,7 +33,7 @@ from imagine.io.model_folder import DiffusionModel, DiffusionSpec, save_spec, sa
 from imagine.io.networks import load_vae, save_unet, save_vae
 from imagine.models import UNet2DConditionModel, UNetConfig
 from imagine.models.dit import DiTConfig, DiTTransformer2DModel
-from imagine.models.flux import FluxConfig, FluxTransformer2DModel
+from imagine.models.flux import FluxConfig, FluxTransformer2DModel, rope_axes
 from imagine.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 from imagine.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from imagine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -180,16 +180,6 @@ def make_network(cfg: TrainConfig, channels: int, num_classes: int, context_dim:
     return SD3Transformer2DModel(MMDiTConfig.from_dict({
         **common, "out_channels": channels, "joint_attention_dim": context_dim, "pooled_projection_dim": context_dim,
         "caption_projection_dim": heads * head_dim, "pos_embed_max_size": 4 * side // patch}))
-
-
-def rope_axes(head_dim: int) -> tuple[int, int, int]:
-    """A Flux head's rotary features per position axis (index, row, column), even and summing to the head:
-    an eighth for the index axis, the rest split between rows and columns (Flux.1's 128: 16, 56, 56)."""
-    if head_dim % 8:
-        raise ValueError(f"a Flux head's width must be a multiple of 8 (rotary pairs on three axes), got {head_dim}")
-    index = 2 * max(1, head_dim // 16)
-    rows = 2 * ((head_dim - index) // 4)
-    return index, rows, head_dim - index - rows
 
 
 def make_unet_config(cfg: TrainConfig, channels: int, num_classes: int, context_dim: int | None = None) -> UNetConfig:
