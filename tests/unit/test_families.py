@@ -13,6 +13,7 @@ from imagine.families import (
     FAMILIES,
     FLUX,
     IMAGINE,
+    PIXART_SIGMA,
     SD1,
     SD2,
     SD3,
@@ -36,8 +37,8 @@ def test_the_four_entries_hold_what_stable_diffusion_releases_use():
     assert (SD3.latent.channels, SD3.latent.scaling_factor, SD3.latent.shift_factor) == (16, 1.5305, 0.0609)
     assert (FLUX.latent.scaling_factor, FLUX.latent.shift_factor, FLUX.flow_grid_end) == (0.3611, 0.1159, "steps")
     assert SD3.text_encoders[-1].optional and not any(slot.optional for slot in FLUX.text_encoders)
-    with pytest.raises(ValueError, match="unknown; imagine knows: imagine, sd1, sd2, sdxl, sd3, flux"):
-        family("pixart-sigma")
+    with pytest.raises(ValueError, match="unknown; imagine knows: imagine, sd1, sd2, sdxl, sd3, flux, pixart-alpha"):
+        family("kandinsky")
 
 
 def test_a_checkpoint_is_recognised_by_the_families():
@@ -49,7 +50,8 @@ def test_a_checkpoint_is_recognised_by_the_families():
     assert from_diffusers("StableDiffusionPipeline", {"hidden_act": "gelu"}) is SD2
     assert from_diffusers("StableDiffusionPipeline", {"hidden_act": "quick_gelu"}) is SD1
     assert from_diffusers("FluxPipeline", {}) is FLUX and from_diffusers("StableDiffusion3Pipeline", {}) is SD3
-    assert from_diffusers("PixArtSigmaPipeline", {}) is None
+    assert from_diffusers("PixArtSigmaPipeline", {}) is PIXART_SIGMA
+    assert from_diffusers("KandinskyV22Pipeline", {}) is None
 
 
 def test_only_sdxl_takes_micro_conditioning():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from imagine.io.checkpoint import CheckpointError, Weights
+from imagine.io.checkpoint import CheckpointError, Weights, build_and_fill
 from imagine.io.ldm_keys import KeyMap, Src
 from imagine.models.mmdit import MMDiTConfig
 
@@ -123,8 +123,6 @@ def t5_from_weights(w: Weights, source: str, config: dict | None = None):
     """A transformers T5EncoderModel from its tensors in transformers' layout (keys without the prefix); its
     config from ``config`` (imagine's files say it) or the shapes (the relative bias table gives the heads)."""
     from transformers import T5Config, T5EncoderModel
-
-    from imagine.io.checkpoint import build_and_fill
 
     shared = w.get("shared.weight") or w.get("encoder.embed_tokens.weight")
     if shared is None:
