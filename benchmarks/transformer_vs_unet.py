@@ -116,6 +116,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "arch-compare")
     ap.add_argument("--shapes-eval", type=int, default=0, help="ShapesEval prompts per model (0: skip)")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks")
+    ap.add_argument("--name", default="transformer_vs_unet", help="the results' file name (json and md)")
+    ap.add_argument("--include", type=Path, help="an earlier results JSON at the same budget whose runs are not "
+                                                 "measured anew: they join the table as they were")
     args = ap.parse_args()
     vae_dir = default_model() / "vae"
     text_encoder = load_text_encoder(preset("t2i").text_encoder)
@@ -145,13 +148,21 @@ def main() -> None:
             row["shapes_eval"] = report.to_json()
         rows.append(row)
         print(json.dumps(row))
+    if args.include is not None:
+        earlier = json.loads(args.include.read_text())
+        if earlier["budget_tflops"] != args.budget:
+            raise SystemExit(f"{args.include} was measured at {earlier['budget_tflops']} TFLOPs, not {args.budget}")
+        measured = {r["run"] for r in rows}
+        rows = [r for r in earlier["runs"] if r["run"] not in measured] + rows
+        rows.sort(key=lambda r: list(RUNS).index(r["run"]))
     args.docs.mkdir(parents=True, exist_ok=True)
-    (args.docs / "transformer_vs_unet.json").write_text(json.dumps({"budget_tflops": args.budget, "runs": rows},
+    (args.docs / f"{args.name}.json").write_text(json.dumps({"budget_tflops": args.budget, "runs": rows},
                                                                    indent=2) + "\n")
     head = "| run | params (M) | GFLOPs/step | steps | wall (s) | " + \
         " | ".join(f"err @ s={s}" for s in SIGMAS) + " | mean |"
     lines = [f"# Denoisers at equal training compute ({args.budget:g} TFLOPs each), builtin:shapes-language", "",
-             f"Command: `python benchmarks/transformer_vs_unet.py --budget {args.budget:g}`. Held-out denoising "
+             f"Command: `python benchmarks/transformer_vs_unet.py --budget {args.budget:g}"
+             f"{' --shapes-eval ' + str(args.shapes_eval) if args.shapes_eval else ''}`. Held-out denoising "
              "error E||D(x_s, s) - x0||^2 in the shipped VAE's latents (64 held-out scenes; +- one standard "
              "error), lower is better.", "", head, "|" + "---|" * (6 + len(SIGMAS))]
     for r in rows:
@@ -177,7 +188,7 @@ def main() -> None:
                 se = r["shapes_eval"]
                 lines.append(f"| {r['run']} | {se['overall']:.2f} +- {se['stderr']['overall']:.2f} | " +
                              " | ".join(f"{se['categories'].get(c, float('nan')):.2f}" for c in cats) + " |")
-    (args.docs / "transformer_vs_unet.md").write_text("\n".join(lines) + "\n")
+    (args.docs / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
