@@ -22,7 +22,7 @@ from imagine.adapters.attachment import Attachment
 from imagine.io.checkpoint import CheckpointError
 from imagine.io.lora_keys import load_lora
 from imagine.io.png import file_hash
-from imagine.nn.lora import LoRA, LoRALayer, find_module
+from imagine.nn.lora import LoRA, LoRALayer, WeightDelta, find_module
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 # which UNet layers a LoRA trains: attention projections (the paper's choice), plus the feed-forward, or
@@ -91,6 +91,13 @@ def check(parts: dict[str, nn.Module], lora: LoRA, strict: bool = True) -> dict[
         if module is None:
             unmatched.append(key)
             continue
+        if isinstance(layer, WeightDelta):  # LoHa, LoKr, full, DoRA: the update it makes must be the weight's shape
+            why = layer.expected(module)
+            if why is not None:
+                misfit.append(f"{key}: {why}")
+                continue
+            found[key] = module
+            continue
         base = LoRALayer(module, layer.rank)  # the shapes an update of this module must have
         if base.down.weight.shape != layer.down.weight.shape or base.up.weight.shape != layer.up.weight.shape:
             misfit.append(f"{key}: down {tuple(layer.down.weight.shape)}, up {tuple(layer.up.weight.shape)} vs "
@@ -143,7 +150,8 @@ def attach(parts: dict[str, nn.Module], loras: list[tuple[LoRA, float]], *, stri
             layer = lora.layers[key]
 
             def hook(mod, args, output, layer=layer, weight=float(weight)):
-                return output + (layer(args[0]) * weight).to(output.dtype)
+                update = layer(args[0], mod) if isinstance(layer, WeightDelta) else layer(args[0])
+                return output + (update * weight).to(output.dtype)
 
             attached.handles.append(module.register_forward_hook(hook))
     if any(key.split(".", 1)[0] != "unet" for lora, w in loras if w for key in lora.layers):
@@ -158,8 +166,13 @@ def merge(parts: dict[str, nn.Module], loras: list[tuple[LoRA, float]], *, stric
     for lora, weight in loras:
         for key, module in check(parts, lora, strict).items():
             if weight:
-                delta = lora.layers[key].delta_weight().to(torch.float32) * weight
+                layer = lora.layers[key]
+                delta = (layer.delta_weight(module.weight.detach()) if isinstance(layer, WeightDelta)
+                         else layer.delta_weight()).to(torch.float32) * weight
                 module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
+                bias = getattr(layer, "diff_b", None) if isinstance(layer, WeightDelta) else None
+                if bias is not None and module.bias is not None:  # a full diff moves the bias too
+                    module.bias.copy_((module.bias.float() + bias.float() * weight).to(module.bias.dtype))
     forget_text_cache(text_encoder)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, open_weights
 from imagine.io.ldm_keys import unet_map
-from imagine.nn.lora import LoRA, LoRALayer, find_module
+from imagine.nn.lora import LoRA, LoRALayer, WeightDelta, find_module
 
 Format = Literal["kohya", "peft"]
 KOHYA_PARTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
@@ -50,7 +50,7 @@ def _modules(part: nn.Module, text: bool) -> dict[str, str]:
 def _ldm_names(unet) -> dict[str, str]:
     """Underscored original-layout name -> our module name, for kohya's SDXL files (a UNet's; a transformer's
     names are diffusers' own)."""
-    if not hasattr(unet.config, "layers_per_block"):
+    if not hasattr(getattr(unet, "config", None), "layers_per_block"):
         return {}
     try:
         keys = [f"{name}.weight" for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -118,41 +118,78 @@ def lora_metadata(path: Path | str) -> dict[str, str]:
         return {}
 
 
+# a tensor's name within its module's group -> ours: LoRA's halves (kohya's, PEFT's, diffusers' own), DoRA's
+# magnitude, LyCORIS's LoHa, LoKr and full-diff tensors
+TENSOR_NAMES = {
+    "lora_down.weight": "lora_down", "lora_up.weight": "lora_up", "lora_A.weight": "lora_down",
+    "lora_B.weight": "lora_up", "lora.down.weight": "lora_down", "lora.up.weight": "lora_up", "alpha": "alpha",
+    "dora_scale": "dora_scale", "lora_magnitude_vector": "dora_scale",
+    **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                               "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+                               "diff", "diff_b")}}
+# what other adapter kinds' tensors are called: named in the refusal, never skipped
+OTHER_KINDS = {"oft_blocks": "OFT", "oft_diag": "OFT", "oft_R": "OFT", "on_input": "IA3", "ia3_l": "IA3",
+               "lora_mid.weight": "LoCon's Tucker form (lora_mid)", "lora_embedding_A": "an embedding LoRA",
+               "boft_R": "BOFT", "vera_lambda_b": "VeRA"}
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    """(module path, our tensor name) of a key, by the longest tensor name it ends with."""
+    for name in sorted(TENSOR_NAMES, key=len, reverse=True):
+        if key.endswith("." + name):
+            return key[: -len(name) - 1], TENSOR_NAMES[name]
+    return None
+
+
 def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bool = False):
-    """A kohya or PEFT LoRA file as imagine's LoRA, its keys resolved against ``parts``' modules."""
+    """A LoRA-family file as imagine's LoRA, its keys resolved against ``parts``' modules: plain LoRA (kohya's,
+    PEFT's and diffusers' layouts), LyCORIS's LoCon, LoHa, LoKr and full diffs, and DoRA (LyCORIS's dora_scale,
+    PEFT's magnitude vector). Other adapter kinds (OFT, IA3, ...) are refused by name."""
     path = Path(path)
     weights, metadata = open_weights(path, allow_pickle)
     lora = LoRA(name=path.stem)
-    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    kohya = any(k.endswith(".lora_down.weight") for k in weights)
-    peft = any(k.endswith((".lora_A.weight", ".lora.down.weight")) for k in weights)
-    if not (kohya or peft):
+    for key in weights:
+        for marker, kind in OTHER_KINDS.items():
+            if key.endswith("." + marker) or key.endswith(marker):
+                raise CheckpointError(f"{path} holds {marker} tensors ({key}): it is {kind}, which imagine does not "
+                                      "apply yet (it reads LoRA, LoCon, LoHa, LoKr, full diffs and DoRA)")
+    split = {key: _split(key) for key in weights}
+    known = [k for k, v in split.items() if v is not None]
+    if not known:
         sample = ", ".join(list(weights)[:4]) or "no tensors"
-        raise CheckpointError(f"{path} is not a LoRA: expected kohya's *.lora_down.weight / *.lora_up.weight "
-                              f"or PEFT's *.lora_A.weight / *.lora_B.weight keys; found {sample}")
+        raise CheckpointError(f"{path} is not a LoRA: expected kohya's *.lora_down.weight / *.lora_up.weight, "
+                              f"PEFT's *.lora_A.weight / *.lora_B.weight or LyCORIS's hada_* / lokr_* / diff "
+                              f"keys; found {sample}")
+    strays = [k for k, v in split.items() if v is None]
+    if strays:
+        raise CheckpointError(f"{path}: {len(strays)} keys are no LoRA, LyCORIS or DoRA tensor imagine knows: "
+                              f"{', '.join(strays[:8])}")
+    kohya = any(base.startswith(tuple(p + "_" for p in KOHYA_PARTS)) for base, _ in split.values())
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     tables = {name: _modules(part, name != "unet") for name, part in parts.items()}
     fused = _flux_original(parts["unet"]) if "unet" in parts else {}
     if "unet" in parts:
         tables["unet"] = {**_ldm_names(parts["unet"]), **{k.replace(".", "_"): k for k in fused},
                           **tables["unet"]}
     alphas = json.loads(metadata.get("lora_alphas", "{}")) if metadata else {}
+    # PEFT's save_pretrained keeps alpha and r beside the weights (adapter_config.json), not in them
+    peft_config = path.with_name("adapter_config.json")
+    peft_scale = None
+    if not kohya and peft_config.is_file():
+        config = json.loads(peft_config.read_text())
+        r, alpha = config.get("r"), config.get("lora_alpha", config.get("alpha"))
+        if r and alpha is not None:
+            peft_scale = (float(alpha), int(r))
     for key, ref in weights.items():
+        base, what = split[key]
         if kohya:
-            base, _, what = key.partition(".")
             prefix = next((p for p in sorted(KOHYA_PARTS, key=len, reverse=True) if base.startswith(p + "_")), None)
             if prefix is None:
                 raise CheckpointError(f"{path}: key {key} has no lora_unet_ / lora_te_ / lora_te1_ / lora_te2_ prefix")
             part, name = KOHYA_PARTS[prefix], base[len(prefix) + 1:]
             name = tables.get(part, {}).get(name, name)
         else:
-            if key.endswith(".lora_magnitude_vector") or key.endswith(".lora_embedding_A"):
-                raise CheckpointError(f"{path} is a DoRA or embedding LoRA ({key}); imagine reads plain LoRA")
-            if ".lora." in key:  # diffusers' own naming: MODULE.lora.down.weight / .lora.up.weight
-                base, _, what = key.rpartition(".lora.")
-                what = {"down.weight": "lora_A.weight", "up.weight": "lora_B.weight"}.get(what, what)
-            else:
-                base, _, what = key.rpartition(".lora_")
-                what = "lora_" + what
+            base = base.removeprefix("base_model.model.")  # PEFT's own saves
             part, _, name = base.partition(".")
             if part in ("transformer", "diffusion_model"):  # diffusers' transformer families; ComfyUI's Flux
                 part = "unet"
@@ -160,13 +197,22 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
                 part, name = "unet", base  # files that leave the part out are UNet LoRAs
         groups.setdefault((part, name), {})[what] = ref.read()
     for (part, name), tensors in groups.items():
-        down = tensors.get("lora_down.weight", tensors.get("lora_A.weight"))
-        up = tensors.get("lora_up.weight", tensors.get("lora_B.weight"))
-        if down is None or up is None:
-            raise CheckpointError(f"{path}: {part}.{name} has {sorted(tensors)}, not both halves of a LoRA")
-        alpha = tensors.get("alpha")
+        alpha = tensors.pop("alpha", None)
         alpha = float(alpha) if alpha is not None else alphas.get(f"{part}.{name}")
+        if alpha is None and peft_scale is not None:  # alpha / r as PEFT's config says, at this module's rank
+            rank = next((tensors[k].shape[0] for k in ("lora_down", "hada_w1_b", "lokr_w1_b", "lokr_w2_b")
+                         if k in tensors), peft_scale[1])
+            alpha = peft_scale[0] * rank / peft_scale[1]
+        algo = ("loha" if "hada_w1_a" in tensors else "lokr" if any(k.startswith("lokr_") for k in tensors)
+                else "full" if "diff" in tensors else "dora" if "dora_scale" in tensors else "lora")
+        if algo == "lora":
+            down, up = tensors.get("lora_down"), tensors.get("lora_up")
+            if down is None or up is None:
+                raise CheckpointError(f"{path}: {part}.{name} has {sorted(tensors)}, not both halves of a LoRA")
         if part == "unet" and name in fused:  # one fused original layer: a LoRA per module, on its rows
+            if algo != "lora":
+                raise CheckpointError(f"{path}: {part}.{name} is a fused Flux layer with a {algo} update; imagine "
+                                      "splits plain LoRA on fused layers, not LyCORIS kinds yet")
             for target, start, end, swap in fused[name]:
                 rows = up.float()[start:end]
                 if swap:
@@ -175,8 +221,11 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
                 lora.layers[f"{part}.{target}"] = LoRALayer.from_tensors(down.float(), rows.contiguous(), alpha,
                                                                          module)
             continue
-        module = find_module(parts[part], name) if part in parts else None
-        lora.layers[f"{part}.{name}"] = LoRALayer.from_tensors(down.float(), up.float(), alpha, module)
+        if algo == "lora":
+            module = find_module(parts[part], name) if part in parts else None
+            lora.layers[f"{part}.{name}"] = LoRALayer.from_tensors(down.float(), up.float(), alpha, module)
+        else:
+            lora.layers[f"{part}.{name}"] = WeightDelta(algo, tensors, alpha)
     return lora
 
 
@@ -190,6 +239,10 @@ def save_lora(lora, path: Path | str, fmt: Format = "kohya", *, ldm_names_for=No
     kohya_prefix = {"unet": "lora_unet", "text_encoder": "lora_te1" if "text_encoder_2" in lora.parts() else "lora_te",
                     "text_encoder_2": "lora_te2"}
     out, alphas = {}, {}
+    kinds = sorted({layer.algo for layer in lora.layers.values() if isinstance(layer, WeightDelta)})
+    if kinds:
+        raise ValueError(f"{lora.name} holds {', '.join(kinds)} updates: imagine applies and merges them but writes "
+                         "LoRA files only")
     for key, layer in lora.layers.items():
         part, _, name = key.partition(".")
         down, up = layer.down.weight.detach().contiguous(), layer.up.weight.detach().contiguous()

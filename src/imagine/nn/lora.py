@@ -105,3 +105,111 @@ def find_module(part: nn.Module, name: str) -> nn.Module | None:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             return module
     return None
+
+
+ALGOS = ("loha", "lokr", "full", "dora")
+
+
+class WeightDelta(nn.Module):
+    """An update given as a weight rather than a low-rank path (LyCORIS, Yeh et al. 2023; DoRA, Liu et al. 2024):
+
+    - loha: dW = (w1a w1b) * (w2a w2b) * alpha / r, a Hadamard product of two low-rank pairs (with hada_t1/t2,
+      the Tucker form for convolutions: each pair is einsum(t, wb, wa) over the kernel);
+    - lokr: dW = kron(w1, w2) * scale, each factor whole or a low-rank pair (w2 may carry a Tucker core for
+      convolutions); scale alpha / r where a factor is a pair, else 1 (LyCORIS's and A1111's reading);
+    - full: dW = diff (and the bias moves by diff_b);
+    - dora: W' = m (W + s B A) / ||W + s B A||, the low-rank direction renormalized and scaled by the learned
+      magnitude m (per output row, or per input column for LyCORIS's dora_scale of shape (1, in)); dW = W' - W.
+
+    Applied as y += x dW^T (a convolution: with the base layer's stride and padding), so attaching and
+    detaching stay exact, and ``delta_weight`` folds it into a weight (merging)."""
+
+    def __init__(self, algo: str, tensors: dict[str, torch.Tensor], alpha: float | None = None):
+        super().__init__()
+        if algo not in ALGOS:
+            raise ValueError(f"weight update {algo!r} unknown; imagine applies {', '.join(ALGOS)}")
+        self.algo = algo
+        self.names = sorted(tensors)
+        for name, value in tensors.items():
+            self.register_buffer(name, value.float())
+        self.rank = self._rank()
+        self.alpha = float(alpha) if alpha is not None else float(self.rank or 1)
+        self._cache: tuple | None = None
+
+    def _get(self, name: str) -> torch.Tensor | None:
+        return getattr(self, name) if name in self.names else None
+
+    def _rank(self) -> int | None:
+        for name in ("hada_w1_b", "lokr_w1_b", "lokr_w2_b", "lora_down"):
+            t = self._get(name)
+            if t is not None:
+                return t.shape[0]
+        return None
+
+    @property
+    def scale(self) -> float:
+        if self.algo == "full" or (self.algo == "lokr" and self.rank is None):
+            return 1.0
+        return self.alpha / (self.rank or 1)
+
+    def _pair(self, a: str, b: str, t: str, shape: torch.Size) -> torch.Tensor:
+        wa, wb, core = self._get(a), self._get(b), self._get(t)
+        if core is not None:  # Tucker: (r, r, k, k) core between the two factors
+            return torch.einsum("ijkl,jr,ip->prkl", core, wb.flatten(1), wa.flatten(1))
+        return (wa.flatten(1) @ wb.flatten(1)).reshape(shape)
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """dW shaped as ``base_weight`` (which DoRA reads; the others only take its shape)."""
+        shape = base_weight.shape
+        if self.algo == "full":
+            return self._get("diff").reshape(shape)
+        if self.algo == "loha":
+            return (self._pair("hada_w1_a", "hada_w1_b", "hada_t1", shape)
+                    * self._pair("hada_w2_a", "hada_w2_b", "hada_t2", shape) * self.scale)
+        if self.algo == "lokr":
+            w1 = self._get("lokr_w1")
+            if w1 is None:
+                w1 = self._get("lokr_w1_a") @ self._get("lokr_w1_b")
+            w2 = self._get("lokr_w2")
+            if w2 is None:
+                w2_shape = (shape[0] // w1.shape[0], shape[1] // w1.shape[1], *shape[2:])
+                w2 = self._pair("lokr_w2_a", "lokr_w2_b", "lokr_t2", torch.Size(w2_shape))
+            if w2.ndim == 4:
+                w1 = w1[:, :, None, None]
+            return torch.kron(w1, w2).reshape(shape) * self.scale
+        # dora: the direction W + s B A, renormalized, times the magnitude
+        down, up, m = self._get("lora_down"), self._get("lora_up"), self._get("dora_scale")
+        w = base_weight.float()
+        merged = w + (up.flatten(1) @ down.flatten(1)).reshape(shape) * self.scale
+        flat = merged.flatten(1)
+        if m.numel() == shape[0]:  # per output row (PEFT's magnitude vector; LyCORIS's wd_on_out)
+            norm = flat.norm(dim=1).reshape(-1, *([1] * (len(shape) - 1)))
+            return m.reshape(norm.shape) * merged / norm - w
+        norm = flat.norm(dim=0).reshape(1, *shape[1:])  # per input column (LyCORIS's dora_scale (1, in))
+        return m.reshape(norm.shape) * merged / norm - w
+
+    def expected(self, module: nn.Module) -> str | None:
+        """Why this update does not fit ``module`` (None: it fits)."""
+        try:
+            delta = self.delta_weight(module.weight.detach())
+        except (RuntimeError, ValueError, TypeError, AttributeError) as err:
+            return f"{self.algo} tensors {[tuple(getattr(self, n).shape) for n in self.names]} vs the module's " \
+                   f"{tuple(module.weight.shape)} ({str(err).splitlines()[0][:80]})"
+        if delta.shape != module.weight.shape:
+            return f"dW {tuple(delta.shape)} vs {tuple(module.weight.shape)}"
+        return None
+
+    def _delta_for(self, module: nn.Module) -> torch.Tensor:
+        key = (id(module), module.weight._version)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.delta_weight(module.weight.detach()))
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        delta = self._delta_for(module).to(x.dtype)
+        bias = self._get("diff_b")
+        bias = bias.to(x.dtype) if bias is not None else None
+        if isinstance(module, nn.Conv2d):
+            return torch.nn.functional.conv2d(x, delta, bias, module.stride, module.padding, module.dilation,
+                                              module.groups)
+        return torch.nn.functional.linear(x, delta, bias)

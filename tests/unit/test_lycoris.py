@@ -1,0 +1,129 @@
+"""LyCORIS's LoHa, LoKr and full diffs and DoRA, read from the layouts people download and applied as their
+authors define them. Oracle: peft, which implements LoHa, LoKr and DoRA: the same tensors applied by peft and by
+imagine (attached, and merged) give the same outputs within 1e-5. The LyCORIS (kohya-style) layout is the same
+tensors under lora_unet_* names with their alpha; other adapter kinds are refused by name."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from imagine.adapters.lora import attach, merge
+from imagine.io.checkpoint import CheckpointError
+from imagine.io.lora_keys import load_lora
+
+peft = pytest.importorskip("peft")
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 96)
+        self.conv = nn.Conv2d(16, 24, 3, padding=1)
+
+    def forward(self, x, image):
+        return self.lin(x), self.conv(image)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 64, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+
+
+def _peft_model(config, seed=0):
+    torch.manual_seed(seed)
+    base = Tiny()
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():  # every adapter tensor random (some start at zero), the magnitude included
+        for name, p in model.named_parameters():
+            if any(t in name for t in ("hada", "lokr", "lora_", "magnitude")):
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "magnitude" in name else 0.0))
+    return base, model
+
+
+def _check(tmp_path, config, kohya_names: bool, alpha: float, modules=("lin", "conv")):
+    base, model = _peft_model(config)
+    state = peft.get_peft_model_state_dict(model)
+    x, image = _inputs()
+    with torch.no_grad():
+        want = model(x, image)
+    if kohya_names:  # LyCORIS's layout: lora_unet_<module>.<tensor> and the module's alpha
+        out = {}
+        for key, value in state.items():
+            module, _, tensor = key.removeprefix("base_model.model.").partition(".")
+            tensor = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                      "lora_magnitude_vector": "dora_scale"}.get(tensor, tensor)
+            out[f"lora_unet_{module}.{tensor}"] = value
+        for module in modules:
+            out[f"lora_unet_{module}.alpha"] = torch.tensor(alpha)
+        name = "adapter.safetensors"
+    else:  # PEFT's save_pretrained: adapter_model.safetensors and alpha and r in adapter_config.json beside it
+        out, name = dict(state), "adapter_model.safetensors"
+        config_dict = config.to_dict()
+        (tmp_path / "adapter_config.json").write_text(json.dumps({k: v for k, v in config_dict.items()
+                                                                  if isinstance(v, (int, float, str, bool))}))
+    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp_path / name))
+    lora = load_lora(tmp_path / name, {"unet": base})
+    handle = attach({"unet": base}, [(lora, 1.0)])
+    with torch.no_grad():
+        got = base(x, image)
+    handle.detach()
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).abs().max() < 1e-5
+    merge({"unet": base}, [(lora, 1.0)])
+    with torch.no_grad():
+        merged = base(x, image)
+    for a, b in zip(merged, want, strict=True):
+        assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kohya_names", [False, True])
+def test_loha_matches_peft(tmp_path, kohya_names):
+    _check(tmp_path, peft.LoHaConfig(r=4, alpha=2.0, target_modules=["lin", "conv"]), kohya_names, 2.0)
+
+
+@pytest.mark.parametrize("kohya_names", [False, True])
+def test_lokr_matches_peft(tmp_path, kohya_names):
+    """w2 is a low-rank pair at these widths, so LyCORIS's scale (alpha / r) is peft's."""
+    config = peft.LoKrConfig(r=4, alpha=2.0, target_modules=["lin"])
+    _, model = _peft_model(config)
+    assert any("lokr_w2_a" in k for k in peft.get_peft_model_state_dict(model))
+    _check(tmp_path, config, kohya_names, 2.0, modules=("lin",))
+
+
+def test_dora_matches_peft(tmp_path):
+    """PEFT's DoRA (lora_magnitude_vector, alpha = r: the scale a PEFT file carries), and the same tensors in
+    LyCORIS's names (dora_scale per output row)."""
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["lin"], use_dora=True)
+    _check(tmp_path, config, False, 4.0, modules=("lin",))
+    _check(tmp_path, config, True, 4.0, modules=("lin",))
+
+
+def test_full_diff_and_refusals(tmp_path):
+    torch.manual_seed(1)
+    base = Tiny()
+    diff, diff_b = torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1
+    save_file({"lora_unet_lin.diff": diff, "lora_unet_lin.diff_b": diff_b}, str(tmp_path / "full.safetensors"))
+    x, image = _inputs()
+    with torch.no_grad():
+        want = nn.functional.linear(x, base.lin.weight + diff, base.lin.bias + diff_b)
+    handle = attach({"unet": base}, [(load_lora(tmp_path / "full.safetensors", {"unet": base}), 1.0)])
+    with torch.no_grad():
+        got = base(x, image)[0]
+    handle.detach()
+    assert (got - want).abs().max() < 1e-5
+    save_file({"lora_unet_lin.oft_blocks": torch.zeros(4, 24, 24)}, str(tmp_path / "oft.safetensors"))
+    with pytest.raises(CheckpointError, match="OFT"):
+        load_lora(tmp_path / "oft.safetensors", {"unet": base})
+    save_file({"lora_unet_lin.hada_w1_a": torch.zeros(50, 4), "lora_unet_lin.hada_w1_b": torch.zeros(4, 64),
+               "lora_unet_lin.hada_w2_a": torch.zeros(50, 4), "lora_unet_lin.hada_w2_b": torch.zeros(4, 64)},
+              str(tmp_path / "misfit.safetensors"))
+    lora = load_lora(tmp_path / "misfit.safetensors", {"unet": base})
+    with pytest.raises(CheckpointError, match="do not fit"):
+        attach({"unet": base}, [(lora, 1.0)])
+
