@@ -127,3 +127,28 @@ def test_full_diff_and_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="do not fit"):
         attach({"unet": base}, [(lora, 1.0)])
 
+
+
+def test_locon_tucker_form_is_the_cp_rebuild(tmp_path):
+    """LoCon's lora_mid (a 3x3 core between 1x1 down and up convolutions): dW[i, j] = sum mid[n, m] up[i, n]
+    down[m, j] x alpha / r, added to the convolution (A1111's rebuild_cp_decomposition)."""
+    torch.manual_seed(2)
+    base = Tiny()
+    g = torch.Generator().manual_seed(3)
+    up, down, mid = (torch.randn(24, 4, 1, 1, generator=g), torch.randn(4, 16, 1, 1, generator=g),
+                     torch.randn(4, 4, 3, 3, generator=g))
+    save_file({"lora_unet_conv.lora_up.weight": up, "lora_unet_conv.lora_down.weight": down,
+               "lora_unet_conv.lora_mid.weight": mid, "lora_unet_conv.alpha": torch.tensor(2.0)},
+              str(tmp_path / "tucker.safetensors"))
+    delta = torch.zeros(24, 16, 3, 3)
+    for i in range(24):
+        for j in range(16):
+            delta[i, j] = sum(mid[n, m] * up[i, n, 0, 0] * down[m, j, 0, 0] for n in range(4) for m in range(4))
+    x, image = _inputs()
+    with torch.no_grad():
+        want = nn.functional.conv2d(image, base.conv.weight + delta * 0.5, base.conv.bias, padding=1)
+    handle = attach({"unet": base}, [(load_lora(tmp_path / "tucker.safetensors", {"unet": base}), 1.0)])
+    with torch.no_grad():
+        got = base(x, image)[1]
+    handle.detach()
+    assert (got - want).abs().max() < 1e-4

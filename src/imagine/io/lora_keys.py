@@ -123,13 +123,13 @@ def lora_metadata(path: Path | str) -> dict[str, str]:
 TENSOR_NAMES = {
     "lora_down.weight": "lora_down", "lora_up.weight": "lora_up", "lora_A.weight": "lora_down",
     "lora_B.weight": "lora_up", "lora.down.weight": "lora_down", "lora.up.weight": "lora_up", "alpha": "alpha",
-    "dora_scale": "dora_scale", "lora_magnitude_vector": "dora_scale",
+    "dora_scale": "dora_scale", "lora_magnitude_vector": "dora_scale", "lora_mid.weight": "lora_mid",
     **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                                "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
                                "diff", "diff_b")}}
 # what other adapter kinds' tensors are called: named in the refusal, never skipped
 OTHER_KINDS = {"oft_blocks": "OFT", "oft_diag": "OFT", "oft_R": "OFT", "on_input": "IA3", "ia3_l": "IA3",
-               "lora_mid.weight": "LoCon's Tucker form (lora_mid)", "lora_embedding_A": "an embedding LoRA",
+               "lora_embedding_A": "an embedding LoRA",
                "boft_R": "BOFT", "vera_lambda_b": "VeRA"}
 
 
@@ -204,7 +204,8 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
                          if k in tensors), peft_scale[1])
             alpha = peft_scale[0] * rank / peft_scale[1]
         algo = ("loha" if "hada_w1_a" in tensors else "lokr" if any(k.startswith("lokr_") for k in tensors)
-                else "full" if "diff" in tensors else "dora" if "dora_scale" in tensors else "lora")
+                else "full" if "diff" in tensors else "dora" if "dora_scale" in tensors
+                else "tucker" if "lora_mid" in tensors else "lora")
         if algo == "lora":
             down, up = tensors.get("lora_down"), tensors.get("lora_up")
             if down is None or up is None:

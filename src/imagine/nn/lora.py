@@ -107,7 +107,7 @@ def find_module(part: nn.Module, name: str) -> nn.Module | None:
     return None
 
 
-ALGOS = ("loha", "lokr", "full", "dora")
+ALGOS = ("loha", "lokr", "full", "dora", "tucker")
 
 
 class WeightDelta(nn.Module):
@@ -118,6 +118,8 @@ class WeightDelta(nn.Module):
     - lokr: dW = kron(w1, w2) * scale, each factor whole or a low-rank pair (w2 may carry a Tucker core for
       convolutions); scale alpha / r where a factor is a pair, else 1 (LyCORIS's and A1111's reading);
     - full: dW = diff (and the bias moves by diff_b);
+    - tucker: LoCon's CP/Tucker form for convolutions, dW[i, j] = sum_{n, m} mid[n, m] up[i, n] down[m, j] * alpha
+      / r (lora_mid between a 1x1 down and up; A1111's rebuild_cp_decomposition);
     - dora: W' = m (W + s B A) / ||W + s B A||, the low-rank direction renormalized and scaled by the learned
       magnitude m (per output row, or per input column for LyCORIS's dora_scale of shape (1, in)); dW = W' - W.
 
@@ -163,6 +165,9 @@ class WeightDelta(nn.Module):
         shape = base_weight.shape
         if self.algo == "full":
             return self._get("diff").reshape(shape)
+        if self.algo == "tucker":
+            up, down, mid = self._get("lora_up").flatten(1), self._get("lora_down").flatten(1), self._get("lora_mid")
+            return torch.einsum("nmkl,in,mj->ijkl", mid, up, down).reshape(shape) * self.scale
         if self.algo == "loha":
             return (self._pair("hada_w1_a", "hada_w1_b", "hada_t1", shape)
                     * self._pair("hada_w2_a", "hada_w2_b", "hada_t2", shape) * self.scale)
