@@ -166,6 +166,15 @@ class JointBlock(nn.Module):
         return x, context
 
 
+def _embeddings(module: nn.Module, cfg: MMDiTConfig) -> None:
+    """An MMDiT's (and its ControlNet's) inputs: the patch embedding with its positions, the timestep and
+    pooled-text vector, the text states' projection."""
+    module.pos_embed = PatchEmbed(cfg.sample_size, cfg.patch_size, cfg.in_channels, cfg.inner_dim,
+                                  pos_embed_max_size=cfg.pos_embed_max_size)
+    module.time_text_embed = TimestepTextEmbedding(cfg.inner_dim, cfg.pooled_projection_dim)
+    module.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
+
+
 class SD3Transformer2DModel(nn.Module):
     """mmdit(sample (B, C, H, W), timestep (B,), encoder_hidden_states (B, M, joint_attention_dim),
     pooled_projections (B, pooled_projection_dim), encoder_attention_mask (B, M) or None: SD3 attends to every
@@ -175,10 +184,7 @@ class SD3Transformer2DModel(nn.Module):
         super().__init__()
         self.config = cfg = config
         dim = cfg.inner_dim
-        self.pos_embed = PatchEmbed(cfg.sample_size, cfg.patch_size, cfg.in_channels, dim,
-                                    pos_embed_max_size=cfg.pos_embed_max_size)
-        self.time_text_embed = TimestepTextEmbedding(dim, cfg.pooled_projection_dim)
-        self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
+        _embeddings(self, cfg)
         self.transformer_blocks = nn.ModuleList([JointBlock(cfg, context_pre_only=i == cfg.num_layers - 1,
                                                             dual=i in cfg.dual_attention_layers)
                                                  for i in range(cfg.num_layers)])
@@ -247,10 +253,7 @@ class SD3ControlNetModel(nn.Module):
         super().__init__()
         self.config = cfg = config
         dim = cfg.inner_dim
-        self.pos_embed = PatchEmbed(cfg.sample_size, cfg.patch_size, cfg.in_channels, dim,
-                                    pos_embed_max_size=cfg.pos_embed_max_size)
-        self.time_text_embed = TimestepTextEmbedding(dim, cfg.pooled_projection_dim)
-        self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
+        _embeddings(self, cfg)
         self.transformer_blocks = nn.ModuleList([JointBlock(cfg, context_pre_only=False,
                                                             dual=i in cfg.dual_attention_layers)
                                                  for i in range(cfg.num_layers)])

@@ -492,7 +492,8 @@ class SDXLTextEncoder(_ChunkedEncoder):
     def embedding_inputs(self) -> dict[str, torch.nn.Module]:
         return {"clip_l": self.model_1.get_input_embeddings(), "clip_g": self.model_2.get_input_embeddings()}
 
-    def _window(self, chunks, skip, table):
+    def _both(self, chunks, skip, table):
+        """Both encoders on the same window: (their states side by side, the mask, both outputs)."""
         t1, t2 = self.tokenizer_1, self.tokenizer_2
         ids_1 = self._ids(chunks, t1, t1.bos_token_id, t1.eos_token_id)
         ids_2 = self._ids(chunks, t2, t2.bos_token_id, t2.eos_token_id)
@@ -501,7 +502,11 @@ class SDXLTextEncoder(_ChunkedEncoder):
             out_1 = self._forward(self.model_1, ids_1, table, "clip_l", output_hidden_states=True)
             out_2 = self._forward(self.model_2, ids_2, table, "clip_g", output_hidden_states=True)
         z = torch.cat([out_1.hidden_states[-skip].float(), out_2.hidden_states[-skip].float()], dim=-1)
-        return z, torch.ones(ids_1.shape, dtype=torch.bool), out_2.text_embeds.float()
+        return z, torch.ones(ids_1.shape, dtype=torch.bool), out_1, out_2
+
+    def _window(self, chunks, skip, table):
+        z, mask, _, out_2 = self._both(chunks, skip, table)
+        return z, mask, out_2.text_embeds.float()
 
 
 class T5Part:
@@ -608,16 +613,8 @@ class SD3TextEncoder(SDXLTextEncoder):
                    clip_skip)
 
     def _window(self, chunks, skip, table):
-        t1, t2 = self.tokenizer_1, self.tokenizer_2
-        ids_1 = self._ids(chunks, t1, t1.bos_token_id, t1.eos_token_id)
-        ids_2 = self._ids(chunks, t2, t2.bos_token_id, t2.eos_token_id)
-        dtype = next(self.model_1.parameters()).dtype
-        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out_1 = self._forward(self.model_1, ids_1, table, "clip_l", output_hidden_states=True)
-            out_2 = self._forward(self.model_2, ids_2, table, "clip_g", output_hidden_states=True)
-        z = torch.cat([out_1.hidden_states[-skip].float(), out_2.hidden_states[-skip].float()], dim=-1)
-        pooled = torch.cat([out_1.text_embeds.float(), out_2.text_embeds.float()], dim=-1)
-        return z, torch.ones(ids_1.shape, dtype=torch.bool), pooled
+        z, mask, out_1, out_2 = self._both(chunks, skip, table)
+        return z, mask, torch.cat([out_1.text_embeds.float(), out_2.text_embeds.float()], dim=-1)
 
     def _encode_all(self, prompts: list[str], skip: int, grad: bool) -> TextEmbeddings:
         clip = super()._encode_all(prompts, skip, grad)
