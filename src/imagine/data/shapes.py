@@ -212,27 +212,28 @@ def make_scene(i: int, seed: int = 0) -> Scene:
     return Scene(objs, background, caption, kind, relation)
 
 
-def language_caption(scene: Scene, i: int, seed: int = 0) -> str:
+def language_caption(scene: Scene, i: int, seed: int = 0, half: lang.Half = "train", always: bool = False) -> str:
     """builtin:shapes-language's caption of scene i: the template caption half the time, otherwise the same
     scene said in the train half of data.shapes_language (synonyms, digits never, frames, word orders).
-    Its own random stream, so the scene itself is exactly builtin:shapes' item i."""
+    Its own random stream, so the scene itself is exactly builtin:shapes' item i. ``half="held_out"`` and
+    ``always``: the scene said in the held-out half, never the template (what no training caption says)."""
     rng = random.Random(f"language:{seed}:{i}")
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and not always:
         return scene.caption
     objs = scene.objects
     if scene.kind == "single":
         o = objs[0]
-        text = lang.phrase_object(rng, "train", o.shape, o.color, o.size if rng.random() < 0.5 else None)
+        text = lang.phrase_object(rng, half, o.shape, o.color, o.size if rng.random() < 0.5 else None)
         if rng.random() < 0.5:
             text += f" {REGION_PHRASES[o.region]}"
     elif scene.kind == "count":
-        text = lang.phrase_object(rng, "train", objs[0].shape, objs[0].color, count=len(objs))
+        text = lang.phrase_object(rng, half, objs[0].shape, objs[0].color, count=len(objs))
     else:
-        a, b = (lang.phrase_object(rng, "train", o.shape, o.color) for o in objs)
-        text = lang.phrase_pair(rng, "train", a, b, scene.relation)
+        a, b = (lang.phrase_object(rng, half, o.shape, o.color) for o in objs)
+        text = lang.phrase_pair(rng, half, a, b, scene.relation)
     if scene.background != "black" and rng.random() < 0.5:
         text += f" on a {scene.background} background"
-    return lang.frame(rng, "train", text, plural=scene.kind == "count")
+    return lang.frame(rng, half, text, plural=scene.kind == "count")
 
 
 def compose(objects: list[tuple[str, str, str]], rng: random.Random, *, relation: str | None = None,
