@@ -94,7 +94,7 @@ class RotaryJointAttention(JointAttention):
 
         def heads(t: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:  # (B, L, inner) -> (B, heads, L, d)
             t = t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)
-            return norm(t) if norm is not None else t
+            return norm(t.float()).to(t.dtype) if norm is not None else t  # RMS in fp32 (fused under autocast)
 
         q, k, v = heads(self.to_q(x), self.norm_q), heads(self.to_k(x), self.norm_k), heads(self.to_v(x), None)
         m = 0

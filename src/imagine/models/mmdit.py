@@ -119,7 +119,7 @@ class SelfAttention(nn.Module):
 
         def heads(t: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
             t = t.reshape(b, n, self.heads, -1).transpose(1, 2)
-            return norm(t) if norm is not None else t
+            return norm(t.float()).to(t.dtype) if norm is not None else t  # RMS in fp32 (fused under autocast)
 
         q, k, v = heads(self.to_q(x), self.norm_q), heads(self.to_k(x), self.norm_k), heads(self.to_v(x), None)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)

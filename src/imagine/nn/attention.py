@@ -87,7 +87,7 @@ class JointAttention(nn.Module):
 
         def heads(t: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:  # (B, L, inner) -> (B, heads, L, d)
             t = t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)
-            return norm(t) if norm is not None else t
+            return norm(t.float()).to(t.dtype) if norm is not None else t  # RMS in fp32 (fused under autocast)
 
         q = torch.cat([heads(self.to_q(x), self.norm_q), heads(self.add_q_proj(context), self.norm_added_q)], dim=2)
         k = torch.cat([heads(self.to_k(x), self.norm_k), heads(self.add_k_proj(context), self.norm_added_k)], dim=2)
