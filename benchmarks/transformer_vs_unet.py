@@ -43,20 +43,22 @@ from imagine.train.recipe import train_model
 from imagine.weights import default_model
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {  # name -> (arch, prediction)
-    "unet-v": ("unet", "v"),
-    "unet-flow": ("unet", "flow"),
-    "pixart-flow": ("pixart", "flow"),
-    "mmdit-flow": ("mmdit", "flow"),
-    "flux-flow": ("flux", "flow"),
+RUNS = {  # name -> (arch, prediction, other TrainConfig fields: the text-conditioning ablations)
+    "unet-v": ("unet", "v", {}),
+    "unet-flow": ("unet", "flow", {}),
+    "pixart-flow": ("pixart", "flow", {}),
+    "mmdit-flow": ("mmdit", "flow", {}),
+    "flux-flow": ("flux", "flow", {}),
+    "unet-flow-textnoise": ("unet", "flow", {"text_noise": 0.3}),  # noise on the text states in training
+    "mmdit-flow-textnoise": ("mmdit", "flow", {"text_noise": 0.3}),
 }
 SIGMAS = (0.1, 0.3, 1.0, 3.0, 10.0)  # VE noise levels of the held-out denoising error
 HELD_OUT = 10**8  # the first held-out item index of builtin:shapes-language
 
 
 def config(name: str, steps: int):
-    arch, prediction = RUNS[name]
-    cfg = preset("t2i")
+    arch, prediction, extra = RUNS[name]
+    cfg = replace(preset("t2i"), **extra)
     return replace(cfg, arch=arch, prediction=prediction, steps=steps, data="builtin:shapes-language",
                    min_snr_gamma=cfg.min_snr_gamma if prediction != "flow" else None, sample_every=0,
                    checkpoint_every=max(1, steps // 4), warmup_steps=min(cfg.warmup_steps, max(1, steps // 10)))

@@ -144,3 +144,23 @@ def test_the_doors_serve_a_transformer_flow_model(tmp_path):
     want = to_uint8(txt2img(model, Settings(prompt="a red circle", steps=3, seed=5, sampler="euler", cfg_scale=2),
                             load_text_encoder(model.spec.text_encoder)))[0]
     assert np.array_equal(served, want)
+
+
+def test_text_noise_augments_training_and_resumes_exactly(tmp_path):
+    """--text-noise adds per-sample Gaussian noise (times the states' RMS) to the text states: the losses move,
+    and a resumed run repeats the straight one (each sample's noise from its own stream)."""
+    common = ["--data", "builtin:shapes-language", "--preset", "tiny-t2i", "--prediction", "flow"]
+    runs = {}
+    for name, extra in (("plain", []), ("noisy", ["--text-noise", 0.5])):
+        run = imagine("train", *common, *extra, "--steps", 4, "--out", tmp_path / name)
+        assert run.returncode == 0, run.stderr[-2000:]
+        runs[name] = [json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+    assert runs["plain"] != runs["noisy"]
+    half = imagine("train", *common, "--text-noise", 0.5, "--steps", 2, "--checkpoint-every", 2, "--out",
+                   tmp_path / "resumed")
+    assert half.returncode == 0, half.stderr[-2000:]
+    rest = imagine("train", *common, "--text-noise", 0.5, "--steps", 4, "--checkpoint-every", 2, "--resume", "--out",
+                   tmp_path / "resumed")
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    resumed = [json.loads(line)["loss"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert resumed[-1] == runs["noisy"][-1]

@@ -27,6 +27,8 @@ def train(
                                         help="Class-conditional, classes from sub-folder names (on for digits)."),
     channels: int = typer.Option(3, help="Image channels for folder data: 3 (RGB) or 1 (grey)."),
     caption_dropout: float | None = typer.Option(None, help="Text models: train on the empty prompt this often."),
+    text_noise: float | None = typer.Option(None, help="Text models: Gaussian noise on the text states in training, "
+                                                     "times their RMS (an augmentation for unseen phrasings)."),
     flip: bool | None = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips."),
     precision: str | None = typer.Option(None, help="fp32, or bf16 autocast with fp32 master weights."),
     arch: str | None = typer.Option(None, help="The denoiser: unet; dit (a diffusion transformer with adaLN-Zero, "
@@ -78,7 +80,7 @@ def train(
             flow_density=flow_density, flow_shift=flow_shift, arch=arch,
             sample_every=sample_every, seed=seed, flip=flip,
             class_conditional=classes if classes is not None else (data == "builtin:digits" or None),
-            caption_dropout=caption_dropout)
+            caption_dropout=caption_dropout, text_noise=text_noise)
         if cfg.prediction == "flow" and min_snr_gamma is None:  # a preset's min-SNR weighting is VP's
             cfg = replace(cfg, min_snr_gamma=None)
         train_model(cfg, data, out, channels=channels, vae=vae, resume=resume, hooks=hooks,

@@ -30,6 +30,9 @@ class TrainConfig:
     label_dropout: float = 0.1  # drop labels this often so classifier-free guidance works
     text_conditional: bool = False  # cross-attend to the caption's text-encoder states
     caption_dropout: float = 0.1  # train on the empty prompt this often, for classifier-free guidance
+    # Gaussian noise on the text states in training, this many times their RMS (per sample): nearby phrasings
+    # then land on the same denoising (an augmentation; 0: off)
+    text_noise: float = 0.0
     text_encoder: str = "minilm"
     vae_preset: str | None = None  # latent models: with no --vae, train one with this VAE preset first
     flip: bool = False

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -416,6 +416,12 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
                         # came in, so CPU runs, whose resume is bit-exact, encode each caption alone)
                         text_encoder.prefill(prompts)
                     text = text_encoder.encode(prompts)
+                    if cfg.text_noise > 0:  # per sample, from its own stream: a resumed run draws the same
+                        context = text.context
+                        rms = context.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+                        noise = torch.stack([torch.randn(context.shape[1:], generator=_sample_generator(
+                            cfg.seed + 5, c)) for c in counters])
+                        text = replace(text, context=context + cfg.text_noise * rms * noise)
                     kwargs["encoder_hidden_states"] = text.context.to(device)
                     kwargs["encoder_attention_mask"] = text.mask.to(device)
                     # what the network's family takes besides (MMDiT: the pooled text; SDXL: its size ids)
