@@ -150,7 +150,7 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
     lora = LoRA(name=path.stem)
     for key in weights:
         for marker, kind in OTHER_KINDS.items():
-            if key.endswith("." + marker) or key.endswith(marker):
+            if key.endswith(marker):
                 raise CheckpointError(f"{path} holds {marker} tensors ({key}): it is {kind}, which imagine does not "
                                       "apply yet (it reads LoRA, LoCon, LoHa, LoKr, full diffs and DoRA)")
     split = {key: _split(key) for key in weights}

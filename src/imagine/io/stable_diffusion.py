@@ -399,6 +399,20 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, clip_skip: int |
 
 # --- Stable Diffusion 3 single files (io/sd3_files.py holds the key maps) ----------------------------
 
+def _sd3_file_spec(image_size: int) -> dict:
+    """How an SD3 single file is sampled (its scheduler is not in the file: SD3's release settings)."""
+    return {**_defaults("sd3", "flow"), "flow_shift": 3.0, "image_size": image_size, "default_sampler": "euler",
+            "default_steps": 28, "default_cfg": 7.0}
+
+
+def _flux_file_spec(dev: bool, image_size: int) -> dict:
+    """How a Flux single file is sampled: [dev] with the resolution-dependent shift, 28 steps and the distilled
+    guidance; [schnell] with neither, 4 steps; both without CFG."""
+    return {**_defaults("flux", "flow"), "flow_shift": 3.0 if dev else 1.0, "flow_dynamic_shift": dev,
+            "flow_grid_end": "steps", "default_sampler": "euler", "default_steps": 28 if dev else 4,
+            "default_cfg": 1.0, "distilled_guidance": dev, "image_size": image_size}
+
+
 def _load_sd3_file(path: Path, weights: Weights, metadata: dict[str, str], clip_skip: int | None,
                    dtype: torch.dtype) -> DiffusionModel:
     """An SD3 / SD3.5 single file: the MMDiT, the VAE and (all-in-one files) CLIP-L, CLIP-G and T5, every tensor
@@ -452,9 +466,7 @@ def _load_sd3_file(path: Path, weights: Weights, metadata: dict[str, str], clip_
     encoder = SD3TextEncoder((clip_tokenizer(), clip_tokenizer("!")), tuple(clips), f"SD3:{path.stem}", t5,
                              t5.dim if t5 is not None else cfg.joint_attention_dim, 256,
                              clip_skip or SD3.clip_skip)
-    spec = DiffusionSpec(**{**_defaults("sd3", "flow"), "flow_shift": 3.0, "image_size": cfg.sample_size * 8,
-                           "default_sampler": "euler", "default_steps": 28, "default_cfg": 7.0},
-                         text_encoder=encoder.identity)
+    spec = DiffusionSpec(**_sd3_file_spec(cfg.sample_size * 8), text_encoder=encoder.identity)
     return DiffusionModel(net, vae, spec, path, text_encoder=encoder, arch="sd3", hash_file=path)
 
 
@@ -586,10 +598,7 @@ def _load_flux_file(path: Path, weights: Weights, metadata: dict[str, str], clip
     t5 = T5Part(_t5_tokenizer(folder), sd3_files.t5_from_weights(t5_weights, t5_source, written[1]), 512)
     encoder = FluxTextEncoder(clip_tokenizer(), clip, f"Flux:{path.stem}", t5)
     dev = cfg.guidance_embeds  # [dev]: the resolution-dependent shift and 28 steps; [schnell]: neither, 4 steps
-    spec = DiffusionSpec(**{**_defaults("flux", "flow"), "flow_shift": 3.0 if dev else 1.0,
-                           "flow_dynamic_shift": dev, "flow_grid_end": "steps", "default_sampler": "euler",
-                           "default_steps": 28 if dev else 4, "default_cfg": 1.0, "distilled_guidance": dev,
-                           "image_size": 128 * vae_cfg.downscale}, text_encoder=encoder.identity)
+    spec = DiffusionSpec(**_flux_file_spec(dev, 128 * vae_cfg.downscale), text_encoder=encoder.identity)
     return DiffusionModel(net, vae, spec, path, text_encoder=encoder, arch="flux", hash_file=path)
 
 
@@ -883,14 +892,10 @@ def probe_spec(path: Path | str, allow_pickle: bool = False) -> DiffusionSpec:
         return DiffusionSpec(**_pipeline_spec(path, index, arch), text_encoder=ARCH_LABELS[arch])
     weights, metadata = open_weights(path, allow_pickle)
     if sd3_files.transformer_prefix(weights) is not None:
-        return DiffusionSpec(**{**_defaults("sd3", "flow"), "flow_shift": 3.0, "default_sampler": "euler",
-                                "default_steps": 28, "default_cfg": 7.0}, text_encoder=ARCH_LABELS["sd3"])
+        return DiffusionSpec(**_sd3_file_spec(family("sd3").image_size), text_encoder=ARCH_LABELS["sd3"])
     if flux_files.transformer_prefix(weights) is not None:
         dev = any(k.endswith("guidance_in.in_layer.weight") for k in weights)
-        return DiffusionSpec(**{**_defaults("flux", "flow"), "flow_shift": 3.0 if dev else 1.0,
-                                "flow_dynamic_shift": dev, "flow_grid_end": "steps", "default_sampler": "euler",
-                                "default_steps": 28 if dev else 4, "default_cfg": 1.0, "distilled_guidance": dev},
-                             text_encoder=ARCH_LABELS["flux"])
+        return DiffusionSpec(**_flux_file_spec(dev, family("flux").image_size), text_encoder=ARCH_LABELS["flux"])
     info = inspect_single_file(weights, metadata, str(path))
     return DiffusionSpec(**_single_file_spec(info), text_encoder=ARCH_LABELS[info.arch])
 
