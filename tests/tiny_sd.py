@@ -121,10 +121,11 @@ def t5_encoder(width: int = 64, vocab: int | None = None, inferable: bool = Fals
     return _perturb(T5EncoderModel(config))
 
 
-def sd3_components(seed: int = 0, t5: bool = True) -> dict:
+def sd3_components(seed: int = 0, t5: bool = True, inferable: bool = False) -> dict:
     """A tiny StableDiffusion3Pipeline's modules: CLIP-L and CLIP-G with projections (their pooled outputs
     concatenated: 64), T5 (64 wide, the joint attention width), a 2-block MMDiT over 16-channel latents, SD3's
-    16-channel VAE with its scale and shift (factor 2: 16 px images), the flow scheduler with SD3's shift 3."""
+    16-channel VAE with its scale and shift (factor 2: 16 px images), the flow scheduler with SD3's shift 3.
+    inferable: text encoders whose configs separate files' shapes imply (one CLIP head; T5's default buckets)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
@@ -139,20 +140,24 @@ def sd3_components(seed: int = 0, t5: bool = True) -> dict:
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=4,
                         layers_per_block=1, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609,
                         use_quant_conv=False, use_post_quant_conv=False)
+    heads = {"num_attention_heads": 1} if inferable else {}
     out = {"transformer": _perturb(transformer), "vae": _perturb(vae),
            "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
-           "text_encoder": _perturb(CLIPTextModelWithProjection(_text_config(32, "quick_gelu", projection_dim=32))),
-           "text_encoder_2": _perturb(CLIPTextModelWithProjection(_text_config(32, "gelu", projection_dim=32))),
+           "text_encoder": _perturb(CLIPTextModelWithProjection(_text_config(32, "quick_gelu", projection_dim=32,
+                                                                             **heads))),
+           "text_encoder_2": _perturb(CLIPTextModelWithProjection(_text_config(32, "gelu", projection_dim=32,
+                                                                               **heads))),
            "tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer("!"),
-           "text_encoder_3": t5_encoder() if t5 else None, "tokenizer_3": t5_tokenizer() if t5 else None}
+           "text_encoder_3": t5_encoder(inferable=inferable) if t5 else None,
+           "tokenizer_3": t5_tokenizer() if t5 else None}
     return out
 
 
-def write_sd3(folder: Path, seed: int = 0, t5: bool = True):
+def write_sd3(folder: Path, seed: int = 0, t5: bool = True, inferable: bool = False):
     """A tiny SD3 pipeline saved as a diffusers folder; returns the pipeline."""
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline(**sd3_components(seed, t5))
+    pipe = StableDiffusion3Pipeline(**sd3_components(seed, t5, inferable))
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
 

@@ -60,7 +60,6 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_t2i_dir, tmp_path_factory):
-    port = _free_port()
     out = tmp_path_factory.mktemp("ui-outputs")
     models = tmp_path_factory.mktemp("ui-models")  # an A1111 models folder with a separate VAE
     shutil.copytree(tiny_t2i_dir / "vae", models / "VAE" / "tiny-vae")
@@ -87,8 +86,16 @@ def server(tiny_t2i_dir, tmp_path_factory):
 
     (models / "ipadapter").mkdir()
     save_ip_adapter(IPAdapter.from_unet(unet, 275), models / "ipadapter" / "ip-colours.safetensors", "palette")
-    proc = subprocess.Popen([sys.executable, "-m", "imagine", "serve", "--model", str(tiny_t2i_dir), "--port",
-                             str(port), "--out", str(out), "--max-steps", "1000", "--models-dir", str(models)],
+    with _serving(["--model", str(tiny_t2i_dir), "--out", str(out), "--max-steps", "1000", "--models-dir",
+                   str(models)]) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(args: list[str]):
+    """`imagine serve ARGS` on a free port, as a user starts it; its URL once it answers."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "imagine", "serve", "--port", str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -103,9 +110,11 @@ def server(tiny_t2i_dir, tmp_path_factory):
     else:
         proc.kill()
         raise AssertionError("imagine serve did not come up in 120 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_serve_binds_loopback_by_default(server):
@@ -405,4 +414,53 @@ def test_hires_fix_and_the_extras_tab(server, tmp_path):
         page.fill("#extras-scale", "40")
         page.click("#extras-run")
         expect(page.locator("#extras-status")).to_contain_text("less than or equal to 16")
+        assert errors == [], errors
+
+
+def test_text_encoder_picker_serves_an_sd3_file_with_separate_parts(tmp_path):
+    """An SD3 transformer file whose CLIP-L and CLIP-G are separate files in models/text_encoders/ (as Stability
+    ships SD 3.5): the models tab lists them, the picked ones make the image, and its parameters name them as
+    Forge does ("Module 1: ...")."""
+    _need_browser()
+    import json
+
+    from playwright.sync_api import expect
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from imagine.io import sd3_files
+    from imagine.io.stable_diffusion import save_single_file
+    from imagine.pipelines.request import load_text_model
+    from tests.tiny_sd import write_sd3
+
+    write_sd3(tmp_path / "pipe", t5=False, inferable=True)
+    model, _ = load_text_model(tmp_path / "pipe")
+    whole = save_single_file(model, tmp_path / "whole.safetensors")
+    tensors = load_file(str(whole))
+    with safe_open(str(whole), "pt") as handle:
+        ours = json.loads(handle.metadata()["imagine"])
+    models = tmp_path / "models"
+    (models / "text_encoders").mkdir(parents=True)
+    bare = tmp_path / "sd35-bare.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith("text_encoders.")}, str(bare),
+              {"imagine": json.dumps({k: ours[k] for k in ("transformer", "vae")})})
+    for name, prefix in (("clip_l", sd3_files.CLIP_L), ("clip_g", sd3_files.CLIP_G)):
+        save_file({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                  str(models / "text_encoders" / f"{name}.safetensors"))
+    with _serving(["--model", str(bare), "--models-dir", str(models), "--out", str(tmp_path / "out")]) as url, \
+            _page(url) as (page, errors):
+        page.click("button[data-tab=models]")
+        expect(page.locator("#text_encoders option")).to_have_count(2)
+        expect(page.locator("#text_encoders")).to_be_enabled()
+        page.select_option("#text_encoders", ["clip_g", "clip_l"])
+        page.click("button[data-tab=txt2img]")
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "2")
+        page.fill("#width", "16")
+        page.fill("#height", "16")
+        page.click("#generate-button")
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        expect(figure.locator("figcaption")).to_contain_text("Module 1: clip_g", timeout=120_000)
+        expect(figure.locator("figcaption")).to_contain_text("Module 2: clip_l")
         assert errors == [], errors

@@ -6,6 +6,8 @@ joined; the pooled CLIP vectors) are diffusers' to the number."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -187,3 +189,87 @@ def test_single_files_read_write_and_match_diffusers_converter(tiny, tmp_path):
     assert torch.equal(g.txt2img(loaded, s, loaded.text_encoder), g.txt2img(model, s, encoder))
     again = load_file(str(save_single_file(loaded, tmp_path / "again.safetensors")))
     assert again.keys() == written.keys() and all(torch.equal(again[k], written[k]) for k in written)
+
+
+def test_separate_text_encoders_as_comfyui_and_forge_keep_them(tmp_path):
+    """Stability's SD 3.5 files hold the MMDiT and the VAE only; CLIP-L, CLIP-G and T5 come as separate files
+    (models/text_encoders/clip_l, clip_g, t5xxl). Missing ones are named; found beside the file or named with
+    --text-encoder (Forge's forge_additional_modules at the A1111 API) they give the all-in-one file's pixels; the
+    PNG names them as Forge does ("Module 1: clip_l") and --from reloads the same files."""
+    import base64
+    import io
+    import json
+    import shutil
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from imagine.io import sd3_files
+    from imagine.io.png import read_png_metadata
+    from imagine.io.stable_diffusion import load_single_file, save_single_file
+    from imagine.pipelines.unconditional import to_uint8
+    from imagine.server.app import create_app
+    from tests.e2e.inprocess import imagine
+
+    folder = tmp_path / "pipe"
+    write_sd3(folder, seed=1, inferable=True)
+    model, encoder = load_text_model(folder)
+    everything = load_file(str(save_single_file(model, tmp_path / "aio.safetensors")))
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "text_encoders").mkdir()
+    bare = models / "Stable-diffusion" / "sd35-bare.safetensors"
+    with safe_open(str(tmp_path / "aio.safetensors"), "pt") as handle:  # the tiny MMDiT's heads: from our metadata
+        ours = json.loads(handle.metadata()["imagine"])
+    save_file({k: v for k, v in everything.items() if not k.startswith("text_encoders.")}, str(bare),
+              {"imagine": json.dumps({k: ours[k] for k in ("transformer", "vae")})})
+    with pytest.raises(Exception, match=r"has no CLIP-L .*CLIP-G"):
+        load_single_file(bare)
+    parts = {"clip_l": sd3_files.CLIP_L, "clip_g": sd3_files.CLIP_G}
+    if encoder.t5 is not None:
+        parts["t5xxl_fp16"] = sd3_files.T5
+        shutil.copytree(folder / "tokenizer_3", models / "text_encoders" / "tokenizer_3")
+    for name, prefix in parts.items():
+        save_file({k[len(prefix):]: v for k, v in everything.items() if k.startswith(prefix)},
+                  str(models / "text_encoders" / f"{name}.safetensors"))
+    s = g.Settings(prompt=PROMPT, negative_prompt="blurry", steps=2, sampler="euler", cfg_scale=4.0, seed=3,
+                   width=16, height=16)
+    want = g.txt2img(model, s, encoder)
+    found = load_single_file(bare)  # by place: the models folder's text_encoders/
+    assert sorted(p.stem for p in found.module_paths) == sorted(parts)
+    assert torch.equal(g.txt2img(found, s, found.text_encoder), want)
+    with pytest.raises(Exception, match="no text encoder or VAE imagine knows"):
+        load_single_file(bare, modules=[bare])
+
+    named = ["--text-encoder", "clip_l", "--text-encoder", "clip_g"]
+    run = imagine("generate", PROMPT, "--model", "sd35-bare", "--models-dir", models, *named, "--steps", 2,
+                  "--width", 16, "--height", 16, "--out", "a", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    png = next((tmp_path / "a").glob("*.png"))
+    parameters, record = read_png_metadata(png)
+    assert "Module 1: clip_l" in parameters and "Module 2: clip_g" in parameters
+    assert [Path(m).stem for m in record["model"]["modules"]][:2] == ["clip_l", "clip_g"]
+    again = imagine("generate", "--from", png, "--out", "b", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(next((tmp_path / "b").glob("*.png")))))
+    wrong = imagine("generate", PROMPT, "--model", folder, "--text-encoder", models / "text_encoders" /
+                    "clip_l.safetensors", "--steps", 1, "--out", "c", cwd=tmp_path)
+    assert wrong.returncode != 0 and "model folder" in wrong.stderr
+
+    with TestClient(create_app([bare], out_dir=None, models_dir=models)) as client:
+        listed = client.get("/sdapi/v1/sd-modules").json()
+        assert sorted(m["model_name"] for m in listed) == sorted(parts)
+        files = [m["filename"] for m in listed]
+        body = {"prompt": PROMPT, "negative_prompt": "blurry", "steps": 2, "seed": 3, "sampler_name": "Euler",
+                "cfg_scale": 4, "width": 16, "height": 16, "override_settings": {"forge_additional_modules": files}}
+        made = client.post("/sdapi/v1/txt2img", json=body)
+        assert made.status_code == 200, made.text
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(made.json()["images"][0]))))
+        assert np.array_equal(served, to_uint8(want)[0])
+        unknown = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {
+            "forge_additional_modules": ["nothing.safetensors"]}})
+        assert unknown.status_code in (400, 404, 422) and "text encoder 'nothing.safetensors' unknown" in unknown.text
+        assert client.get("/api/v1/models").json()["models"][0]["takes"]["text_encoders"]

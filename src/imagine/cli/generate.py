@@ -75,6 +75,11 @@ _OPTS = dict(
     model=typer.Option(None, help="A model: an imagine or diffusers folder, a .safetensors checkpoint (SD 1.x, "
                                   "2.x, SDXL) or a name in the models folder (default: the shipped model)."),
     vae=typer.Option(None, help="A separate VAE (file, folder or name in models/VAE) replacing the model's own."),
+    text_encoder=typer.Option(None, "--text-encoder", help="A separate part of an SD3 or Flux transformer file "
+                                                           "(clip_l, clip_g, t5xxl or ae .safetensors; a file or a "
+                                                           "name in models/text_encoders): Forge's modules; repeat "
+                                                           "for several. Unnamed parts are looked for beside the "
+                                                           "file and in the models folder."),
     lora=typer.Option(None, "--lora", help="A LoRA: NAME (in the models folder's Lora/) or FILE, with :WEIGHT "
                                            "(default 1); repeat for several. <lora:NAME:WEIGHT> in the prompt "
                                            "works too, as in A1111."),
@@ -146,7 +151,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
          allow_pickle: bool = False, models_dir: Path | None = None, weights_dtype: str = "fp32",
          lora: list[str] | None = None, embedding: list[str] | None = None, lora_strict: bool = True,
          controls: list | None = None, image_prompts: list | None = None, size: int | None = None,
-         expect_model: dict | None = None) -> None:
+         expect_model: dict | None = None, text_encoder: list[str] | None = None) -> None:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs.
     size: txt2img's final longer side, reached by the SR upscaler in the settings (the scale is set from the
     model's size here). expect_model: --from's record of the model; other weights are refused, named."""
@@ -160,8 +165,9 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         models_dir = models_dir if models_dir is not None else md.default_models_dir()
         path = md.resolve(model, models_dir) if model is not None else default_model()
         vae_path = md.resolve(vae, models_dir, "vae") if vae is not None else None
+        modules = [md.resolve(m, models_dir, "text_encoders") for m in text_encoder or ()]
         loaded, encoder = r.load_text_model(path, vae=vae_path, allow_pickle=allow_pickle,
-                                            weights_dtype=weights_dtype)
+                                            weights_dtype=weights_dtype, modules=modules)
         settings = settings.with_model_defaults(loaded.spec, settings.steps, settings.sampler, settings.cfg_scale)
         if expect_model and expect_model.get("unet_sha256_10") and loaded.weights_file.exists():
             from imagine.io.png import file_hash
@@ -349,6 +355,7 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
                  f"(the model named {record['model'].get('name')!r}, hash "
                  f"{record['model'].get('unet_sha256_10')})")
     vae = record["model"].get("vae")
+    modules = record["model"].get("modules") or []  # a transformer file's separate parts, by file
     weights = "bf16" if record.get("weights_dtype") == "bfloat16" else "fp32"
     # LoRAs given as options come back by file; those in the prompt's tags are found again by name
     loras = [(lo["path"], lo["weight"]) for lo in record.get("loras", []) if lo.get("source") == "option"]
@@ -362,7 +369,7 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
     _run(kind, model, Settings.from_record(record["settings"]), out, vae=vae, weights_dtype=weights, lora=loras,
          embedding=embeddings, lora_strict=record.get("lora_strict", True), controls=controls,
          image_prompts=prompts, init=inputs.get("init_image"), mask=inputs.get("mask"),
-         expect_model=record["model"], **options)
+         expect_model=record["model"], text_encoder=modules, **options)
 
 
 @app.command(rich_help_panel=GENERATE)
@@ -373,6 +380,7 @@ def generate(
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    text_encoder: list[str] = _OPTS["text_encoder"],
     backend: Backend = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int | None = _OPTS["tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
@@ -428,7 +436,8 @@ def generate(
                          distilled_cfg_scale=distilled_cfg,
                          backend=backend, sr_noise_level=noise_level, tile=tile, **upscale)
     _run("txt2img", _model_option(model, fast), settings, out, rerank=rerank, clip=clip, vae=vae, size=size,
-         allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype, lora=lora,
+         text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype,
+         lora=lora,
          embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode),
          image_prompts=_prompts(image_prompt))
 
@@ -475,6 +484,7 @@ def img2img(
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    text_encoder: list[str] = _OPTS["text_encoder"],
     backend: Backend = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int | None = _OPTS["tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
@@ -489,7 +499,7 @@ def img2img(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
         resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend,
         distilled_cfg_scale=distilled_cfg,
-        tile=tile), out, init=image, vae=vae,
+        tile=tile), out, init=image, vae=vae, text_encoder=text_encoder,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 
@@ -516,6 +526,7 @@ def inpaint(
     cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
     n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    text_encoder: list[str] = _OPTS["text_encoder"],
     backend: Backend = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int | None = _OPTS["tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
@@ -532,7 +543,8 @@ def inpaint(
         inpaint_padding=only_masked_padding, mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
         distilled_cfg_scale=distilled_cfg,
         noise_seed_delta=noise_seed_delta, backend=backend, tile=tile), out, init=image, mask=mask, vae=vae,
-         allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
+         text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
+         lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 
 

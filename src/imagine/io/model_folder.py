@@ -5,7 +5,7 @@ the UNet was trained (schedule, parametrization, image size, classes) so it can 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -92,6 +92,8 @@ class DiffusionModel:
     arch: str | None = None  # "sd1", "sd2", "sdxl" for Stable Diffusion checkpoints
     hash_file: Path | None = None  # the file whose SHA-256 is the "Model hash" (A1111: the checkpoint)
     vae_path: Path | None = None  # a separate VAE that replaced the model's own (--vae)
+    # a transformer file's separate parts it was loaded with (Forge's "modules": text encoders, VAE), in order
+    module_paths: list[Path] = field(default_factory=list)
     # the words its training captions held (None: not recorded, as for Stable Diffusion checkpoints)
     vocabulary: frozenset[str] | None = None
 

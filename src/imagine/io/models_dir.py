@@ -1,6 +1,7 @@
 """A models folder laid out as AUTOMATIC1111's is: ``Stable-diffusion/`` (checkpoints: single files or
 diffusers and imagine folders), ``VAE/``, ``Lora/``, ``ControlNet/``, ``embeddings/``, and ComfyUI's
-``ipadapter/`` and ``clip_vision/`` for IP-Adapters and their image encoders, and ``SR/`` for super-resolution
+``ipadapter/`` and ``clip_vision/`` for IP-Adapters and their image encoders, ``text_encoders/`` for the
+separate text encoders of SD3 and Flux transformer files, and ``SR/`` for super-resolution
 stages and cascades (``imagine train-sr``). Models are named by
 file stem (or folder name) and also found by A1111's title "name [hash]" or short hash (the first 10
 hex digits of the file's SHA-256); hashes are computed only when a lookup needs them, once per file."""
@@ -14,7 +15,7 @@ from imagine.io.png import file_hash
 
 SECTIONS = {"checkpoints": "Stable-diffusion", "vae": "VAE", "lora": "Lora", "controlnet": "ControlNet",
             "embeddings": "embeddings", "ipadapter": "ipadapter", "clip_vision": "clip_vision",
-            "sr": "SR"}
+            "sr": "SR", "text_encoders": "text_encoders"}
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 

@@ -97,16 +97,6 @@ def transformer_map(cfg: MMDiTConfig, prefix: str = "model.diffusion_model.") ->
     return out
 
 
-def text_parts(keys) -> dict[str, str]:
-    """The text encoders an all-in-one file carries: slot part -> its prefix."""
-    keys = list(keys)
-    found = {}
-    for part, prefix in (("text_encoder", CLIP_L), ("text_encoder_2", CLIP_G), ("text_encoder_3", T5)):
-        if any(k.startswith(prefix) for k in keys):
-            found[part] = prefix
-    return found
-
-
 def t5_tokenizer_folder(path: Path, release_name: str = "tokenizer_3") -> Path | None:
     """Where T5's tokenizer is for a single file (a file carries none, and imagine ships none: its licence
     would allow it, but no copy can be fetched here): the release's folder name (SD3's ``tokenizer_3/``, Flux's

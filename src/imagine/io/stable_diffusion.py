@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -368,15 +369,19 @@ def _ignorable(key: str) -> bool:
 
 
 def load_single_file(path: Path, *, allow_pickle: bool = False, clip_skip: int | None = None,
-                     dtype: torch.dtype = torch.float32) -> DiffusionModel:
-    """A single-file SD 1.x, 2.x or SDXL checkpoint: UNet, VAE and text encoder(s), every tensor accounted
-    for (an unknown key is an error, never silently dropped)."""
+                     dtype: torch.dtype = torch.float32, modules: Sequence[Path] = ()) -> DiffusionModel:
+    """A single-file checkpoint: SD 1.x, 2.x or SDXL (UNet, VAE and text encoder(s)), or an SD3 or Flux
+    transformer file with its separate parts (``modules``: text encoder and VAE files, as Forge's "modules"),
+    every tensor accounted for (an unknown key is an error, never silently dropped)."""
     path = Path(path)
     weights, metadata = open_weights(path, allow_pickle)
     if sd3_files.transformer_prefix(weights) is not None:
-        return _load_sd3_file(path, weights, metadata, clip_skip, dtype)
+        return _load_sd3_file(path, weights, metadata, clip_skip, dtype, modules)
     if flux_files.transformer_prefix(weights) is not None:
-        return _load_flux_file(path, weights, metadata, clip_skip, dtype)
+        return _load_flux_file(path, weights, metadata, clip_skip, dtype, modules)
+    if modules:
+        raise CheckpointError(f"{path} carries its own text encoders and VAE; separate text encoder files "
+                              "(--text-encoder) are for SD3 and Flux transformer files (use --vae for a VAE)")
     info = inspect_single_file(weights, metadata, str(path))
     with torch.device("meta"):
         unet_keys = list(UNet2DConditionModel(info.unet).state_dict())
@@ -414,60 +419,59 @@ def _flux_file_spec(dev: bool, image_size: int) -> dict:
 
 
 def _load_sd3_file(path: Path, weights: Weights, metadata: dict[str, str], clip_skip: int | None,
-                   dtype: torch.dtype) -> DiffusionModel:
-    """An SD3 / SD3.5 single file: the MMDiT, the VAE and (all-in-one files) CLIP-L, CLIP-G and T5, every tensor
-    accounted for."""
+                   dtype: torch.dtype, modules: Sequence[Path] = ()) -> DiffusionModel:
+    """An SD3 / SD3.5 single file: the MMDiT, the VAE and CLIP-L, CLIP-G and (optionally) T5, from the file
+    (all-in-one saves) or from separate files (Stability's and ComfyUI's text_encoders/), every tensor accounted
+    for."""
     prefix = sd3_files.transformer_prefix(weights)
     ours = json.loads(metadata["imagine"]) if "imagine" in metadata else {}
     cfg = MMDiTConfig.from_dict(ours["transformer"]) if "transformer" in ours else \
         sd3_files.config_from_original(_strip(weights, prefix))
-    maps = [sd3_files.transformer_map(cfg, prefix)]
-    vae_weights = _strip(weights, VAE)
-    if not vae_weights:
-        raise CheckpointError(f"{path} holds SD3's transformer but no VAE (first_stage_model.*): use a file that "
-                              "includes it, or the diffusers folder")
+    key_map = sd3_files.transformer_map(cfg, prefix)
+    transformer_refs = read_mapped(weights, key_map, str(path))
+    used = {src.key for src in key_map.values()}
+    inside = {"clip_l": (sd3_files.CLIP_L,), "clip_g": (sd3_files.CLIP_G,), "t5": (sd3_files.T5,), "vae": (VAE,)}
+    unknown = [k for k in weights if k not in used and not k.startswith(tuple(p for ps in inside.values() for p in ps))
+               and not _ignorable(k)]
+    if unknown:
+        raise CheckpointError(f"{path} holds {len(unknown)} tensors no part of Stable Diffusion 3 uses: "
+                              f"{', '.join(unknown[:10])}")
+    parts, separate = _separate_parts(path, weights, inside, ("clip_l", "clip_g", "vae"), ("t5",), modules)
+    vae_weights, vae_source = parts["vae"]
     vae_cfg = VAEConfig.from_dict(ours["vae"]) if "vae" in ours else replace(
         vae_config_from_ldm(vae_weights, "sd3"), shift_factor=SD3.latent.shift_factor)
     with torch.device("meta"):
         vae_keys = list(AutoencoderKL(vae_cfg).state_dict())
-    maps.append(vae_map(vae_keys, vae_cfg))
-    transformer_refs, vae_refs = (read_mapped(weights, key_map, str(path)) for key_map in maps)
-    used = {src.key for key_map in maps for src in key_map.values()}
-    texts = sd3_files.text_parts(weights)
-    unknown = [k for k in weights if k not in used and not k.startswith(tuple(texts.values())) and not _ignorable(k)]
-    if unknown:
-        raise CheckpointError(f"{path} holds {len(unknown)} tensors no part of Stable Diffusion 3 uses: "
-                              f"{', '.join(unknown[:10])}")
-    if "text_encoder" not in texts or "text_encoder_2" not in texts:
-        raise CheckpointError(f"{path} carries no CLIP-L and CLIP-G text encoders ({sd3_files.CLIP_L}*, "
-                              f"{sd3_files.CLIP_G}*): use an all-in-one file (as sd3_medium_incl_clips) or the "
-                              "diffusers folder; separate text encoder files are not read yet")
+    vae_refs = read_mapped(vae_weights, vae_map(vae_keys, vae_cfg, ""), vae_source)
     net = build_and_fill(lambda: SD3Transformer2DModel(cfg), transformer_refs, f"{path} (MMDiT)", dtype).eval()
-    vae = build_and_fill(lambda: AutoencoderKL(vae_cfg), vae_refs, f"{path} (VAE)").eval()
+    vae = build_and_fill(lambda: AutoencoderKL(vae_cfg), vae_refs, vae_source).eval()
     clips = []
     written = ours.get("text") or [None, None, None]  # imagine's files: the configs shapes cannot give (heads)
-    for i, (part, act) in enumerate((("text_encoder", "quick_gelu"), ("text_encoder_2", "gelu"))):
-        w = {k.removeprefix("text_model."): r for k, r in _strip(weights, texts[part]).items()
-             if not k.endswith("position_ids")}
+    for i, (part, act) in enumerate((("clip_l", "quick_gelu"), ("clip_g", "gelu"))):
+        part_weights, source = parts[part]
+        w = {k.removeprefix("text_model."): r for k, r in part_weights.items() if not k.endswith("position_ids")}
         if "text_projection.weight" not in w:
-            raise CheckpointError(f"{path}: the {part} at {texts[part]} has no text_projection: SD3 reads "
-                                  "both CLIPs' projected pooled outputs")
+            raise CheckpointError(f"{source} has no text_projection: SD3 reads both CLIPs' projected pooled "
+                                  "outputs (a CLIP-L saved for SD 1.x or Flux lacks it; use SD3's clip_l file)")
         config = _clip_config_from_dict(written[i]) if written[i] else _text_config(w, act=act, projection=True)
-        clips.append(_text_model(w, config, True, f"{path} ({part})"))
+        clips.append(_text_model(w, config, True, source))
     t5 = None
-    if "text_encoder_3" in texts:
-        folder = sd3_files.t5_tokenizer_folder(path)
+    if "t5" in parts:
+        t5_weights, t5_source = parts["t5"]
+        folder = sd3_files.t5_tokenizer_folder(path) or sd3_files.t5_tokenizer_folder(
+            Path(t5_source.split(" (")[0]))
         if folder is None:
-            raise CheckpointError(f"{path} carries T5-XXL but no tokenizer for it (a single file holds none): put "
-                                  f"T5's tokenizer folder (tokenizer_3/ of the diffusers SD3 release: spiece.model "
-                                  f"or tokenizer.json) beside the file as {path.parent / 'tokenizer_3'}")
-        t5 = T5Part(_t5_tokenizer(folder), sd3_files.t5_from_weights(_strip(weights, texts["text_encoder_3"]),
-                                                                   str(path), written[2]), 256)
+            raise CheckpointError(f"{path} comes with T5-XXL ({t5_source}) but no tokenizer for it (a single file "
+                                  f"holds none): put T5's tokenizer folder (tokenizer_3/ of the diffusers SD3 "
+                                  f"release: spiece.model or tokenizer.json) beside the file as "
+                                  f"{path.parent / 'tokenizer_3'}")
+        t5 = T5Part(_t5_tokenizer(folder), sd3_files.t5_from_weights(t5_weights, t5_source, written[2]), 256)
     encoder = SD3TextEncoder((clip_tokenizer(), clip_tokenizer("!")), tuple(clips), f"SD3:{path.stem}", t5,
                              t5.dim if t5 is not None else cfg.joint_attention_dim, 256,
                              clip_skip or SD3.clip_skip)
     spec = DiffusionSpec(**_sd3_file_spec(cfg.sample_size * 8), text_encoder=encoder.identity)
-    return DiffusionModel(net, vae, spec, path, text_encoder=encoder, arch="sd3", hash_file=path)
+    return DiffusionModel(net, vae, spec, path, text_encoder=encoder, arch="sd3", hash_file=path,
+                          module_paths=separate)
 
 
 @transformers_locked
@@ -509,55 +513,77 @@ def _sd3_file_state(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dic
 
 # --- Flux single files (io/flux_files.py holds the key map) ------------------------------------------
 
-# where a Flux transformer file's separate parts are looked for: beside it, then in the models folder's sections
-# as Forge (text_encoder/, VAE/) and ComfyUI (text_encoders/, clip/, vae/) lay them out
+# where a transformer file's separate parts (Forge's "modules") are looked for when the file lacks them: the
+# files the user names first (--text-encoder, Forge's forge_additional_modules), then beside it, then in the models
+# folder's sections as Forge (text_encoder/, VAE/) and ComfyUI (text_encoders/, clip/, vae/) lay them out
 COMPONENT_SECTIONS = ("text_encoders", "text_encoder", "clip", "VAE", "vae")
+PART_FILES = {"clip_l": "CLIP-L (clip_l.safetensors)", "clip_g": "CLIP-G (clip_g.safetensors)",
+              "t5": "T5-XXL (t5xxl_fp16.safetensors)", "vae": "its VAE (ae.safetensors)"}
 
 
-def _component_kind(keys) -> str | None:
-    keys = set(keys)
-    if "encoder.block.0.layer.0.SelfAttention.q.weight" in keys:
+def _component_kind(weights: Weights, name: str = "") -> str | None:
+    """What a separate file is: CLIP-L or CLIP-G (by width, 768 or 1280; other widths by the file's name), T5's
+    encoder or a VAE; None if none."""
+    if "encoder.block.0.layer.0.SelfAttention.q.weight" in weights:
         return "t5"
-    if "text_model.encoder.layers.0.self_attn.q_proj.weight" in keys:
-        return "clip_l"
-    if "encoder.down.0.block.0.norm1.weight" in keys or "encoder.conv_in.weight" in keys:
+    embedding = weights.get("text_model.embeddings.token_embedding.weight")
+    if embedding is not None:
+        width = embedding.shape[1]
+        return "clip_g" if width == 1280 or (width != 768 and "clip_g" in name.lower()) else "clip_l"
+    if "encoder.down.0.block.0.norm1.weight" in weights or "encoder.conv_in.weight" in weights:
         return "vae"
     return None
 
 
-def _flux_components(path: Path, weights: Weights) -> dict[str, tuple[Weights, str]]:
-    """A Flux file's CLIP-L, T5 and VAE: (tensors without their prefix, where they came from), from the file
-    itself (an all-in-one save) or from separate files beside it or in the models folder's sections."""
+def _separate_parts(path: Path, weights: Weights, inside: dict[str, tuple[str, ...]], needed: tuple[str, ...],
+                    optional: tuple[str, ...] = (), given: Sequence[Path] = ()) -> tuple[dict, list[Path]]:
+    """A transformer file's parts: kind -> (tensors without their prefix, where they came from), and the separate
+    files used. Each part comes from the file itself (an all-in-one save) under one of ``inside``'s prefixes,
+    else from a ``given`` file, else from a file beside it or in the models folder's sections. A given file that
+    is none of the parts, or a part this family does not read, is an error, never ignored."""
     found: dict[str, tuple[Weights, str]] = {}
-    for kind, prefixes in (("clip_l", (flux_files.CLIP_L,)), ("t5", (flux_files.T5,)),
-                           ("vae", (flux_files.VAE, VAE))):
+    used: list[Path] = []
+    for kind, prefixes in inside.items():
         for prefix in prefixes:
             part = _strip(weights, prefix)
             if part:
                 found[kind] = (part, f"{path} ({prefix}*)")
                 break
+    wanted = (*needed, *optional)
+    for file in given:
+        part, _ = open_weights(Path(file), False)
+        kind = _component_kind(part, Path(file).name)
+        if kind not in wanted:
+            what = PART_FILES[kind].split(" (")[0] if kind else "no text encoder or VAE imagine knows"
+            raise CheckpointError(f"{file} is {what}; {path.name} reads {', '.join(PART_FILES[k] for k in wanted)}")
+        if kind in found and found[kind][1] != str(file):
+            raise CheckpointError(f"{file} is a second {PART_FILES[kind]} for {path.name} (it already has one from "
+                                  f"{found[kind][1]}): pass one file per part")
+        found[kind] = (part, str(file))
+        used.append(Path(file))
     folders = [path.parent, *(path.parent.parent / name for name in COMPONENT_SECTIONS),
                *(path.parent / name for name in COMPONENT_SECTIONS)]
     for folder in folders:
-        if len(found) == 3 or not folder.is_dir():
+        if all(k in found for k in wanted) or not folder.is_dir():
             continue
         for candidate in sorted(folder.glob("*.safetensors")):
             if candidate.resolve() == path.resolve():
                 continue
             part, _ = open_weights(candidate, False)
-            kind = _component_kind(part)
-            if kind is not None and kind not in found:
+            kind = _component_kind(part, candidate.name)
+            if kind in wanted and kind not in found:
                 found[kind] = (part, str(candidate))
-    missing = [name for name in ("clip_l", "t5", "vae") if name not in found]
+                used.append(candidate)
+    missing = [kind for kind in needed if kind not in found]
     if missing:
-        raise CheckpointError(f"{path} is a Flux transformer without {', '.join(missing)}: put those files "
-                              f"(clip_l.safetensors, t5xxl_*.safetensors, ae.safetensors) beside it or in the models "
-                              f"folder's text_encoders/ (or clip/) and VAE/, or use the diffusers FLUX.1 folder")
-    return found
+        raise CheckpointError(f"{path} has no {', '.join(PART_FILES[k] for k in missing)}: pass the file(s) with "
+                              f"--text-encoder FILE (repeatable), or put them beside it or in the models folder's "
+                              f"text_encoders/ (or clip/) and VAE/, or use the diffusers folder")
+    return found, used
 
 
 def _load_flux_file(path: Path, weights: Weights, metadata: dict[str, str], clip_skip: int | None,
-                    dtype: torch.dtype) -> DiffusionModel:
+                    dtype: torch.dtype, modules: Sequence[Path] = ()) -> DiffusionModel:
     """A Flux.1 [dev] or [schnell] transformer file (BFL's layout) with its CLIP-L, T5 and VAE found in it or
     beside it (as ComfyUI and Forge users keep them)."""
     prefix = flux_files.transformer_prefix(weights)
@@ -572,7 +598,9 @@ def _load_flux_file(path: Path, weights: Weights, metadata: dict[str, str], clip
     if unknown:
         raise CheckpointError(f"{path} holds {len(unknown)} tensors Flux.1's transformer does not have (a Fill, "
                               f"Depth, Redux or other variant imagine does not run yet?): {', '.join(unknown[:10])}")
-    parts = _flux_components(path, weights)
+    parts, used = _separate_parts(path, weights, {"clip_l": (flux_files.CLIP_L,), "t5": (flux_files.T5,),
+                                                  "vae": (flux_files.VAE, VAE)}, ("clip_l", "t5", "vae"),
+                                  given=modules)
     net = build_and_fill(lambda: FluxTransformer2DModel(cfg), refs, f"{path} (Flux)", dtype).eval()
     vae_weights, vae_source = parts["vae"]
     vae_cfg = VAEConfig.from_dict(ours["vae"]) if "vae" in ours else replace(
@@ -599,7 +627,8 @@ def _load_flux_file(path: Path, weights: Weights, metadata: dict[str, str], clip
     encoder = FluxTextEncoder(clip_tokenizer(), clip, f"Flux:{path.stem}", t5)
     dev = cfg.guidance_embeds  # [dev]: the resolution-dependent shift and 28 steps; [schnell]: neither, 4 steps
     spec = DiffusionSpec(**_flux_file_spec(dev, 128 * vae_cfg.downscale), text_encoder=encoder.identity)
-    return DiffusionModel(net, vae, spec, path, text_encoder=encoder, arch="flux", hash_file=path)
+    return DiffusionModel(net, vae, spec, path, text_encoder=encoder, arch="flux", hash_file=path,
+                          module_paths=used)
 
 
 # --- diffusers pipeline folders ----------------------------------------------------------------------
@@ -846,17 +875,23 @@ def load_vae_override(path: Path, like, allow_pickle: bool = False):
 
 
 def load_any(path: Path | str, *, vae: Path | str | None = None, allow_pickle: bool = False,
-             clip_skip: int | None = None, dtype: torch.dtype = torch.float32) -> DiffusionModel:
+             clip_skip: int | None = None, dtype: torch.dtype = torch.float32,
+             modules: Sequence[Path | str] = ()) -> DiffusionModel:
     """An imagine model folder, a diffusers pipeline folder or a single-file checkpoint, by what it is.
-    ``dtype``: what the UNet holds (bfloat16 halves its memory; run it under bf16 autocast)."""
+    ``dtype``: what the UNet holds (bfloat16 halves its memory; run it under bf16 autocast). ``modules``: the
+    separate text encoder (and VAE) files of an SD3 or Flux transformer file."""
     path = Path(path)
     kind = kind_of(path)
+    if modules and kind != "single-file":
+        raise CheckpointError(f"{path} is a model folder: its text encoders are in it; separate text encoder files "
+                              "(--text-encoder) are for SD3 and Flux transformer files")
     if kind == "imagine":
         model = load_model_folder(path, dtype=dtype)
     elif kind == "diffusers":
         model = load_diffusers_pipeline(path, clip_skip=clip_skip, dtype=dtype)
     else:
-        model = load_single_file(path, allow_pickle=allow_pickle, clip_skip=clip_skip, dtype=dtype)
+        model = load_single_file(path, allow_pickle=allow_pickle, clip_skip=clip_skip, dtype=dtype,
+                                 modules=[Path(m) for m in modules])
     if vae is not None:
         if model.vae is None:
             raise CheckpointError(f"{path} is a pixel-space model: it has no VAE to replace")

@@ -501,6 +501,8 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
     if model.vae_path is not None:
         fields["VAE hash"] = file_hash(model.vae_path) if model.vae_path.is_file() else None
         fields["VAE"] = model.vae_path.name
+    for i, module in enumerate(model.module_paths):  # a transformer file's separate parts, as Forge names them
+        fields[f"Module {i + 1}"] = module.stem
     if kind in ("img2img", "inpaint"):
         fields["Denoising strength"] = f"{s.strength:g}"
     if kind == "txt2img" and s.hires_scale > 1:  # A1111's hires fix fields
@@ -540,6 +542,7 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         "kind": kind, "settings": {**s.to_dict(), "seed": s.seed + index, "n": 1}, "index": index,
         "model": {"path": str(model.path.resolve()), "name": model.name, "unet_sha256_10": model_hash,
                   "arch": model.arch, "vae": str(model.vae_path.resolve()) if model.vae_path else None,
+                  "modules": [str(m.resolve()) for m in model.module_paths],
                   "text_encoder": getattr(text_encoder, "identity", None), "spec": asdict(model.spec)},
         "sampler": {"name": name, "schedule": schedule, "spacing": "trailing"},
         "precision": s.precision, "weights_dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),

@@ -5,7 +5,7 @@ handling once."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -227,15 +227,16 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
 
 
 def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pickle: bool = False,
-                    weights_dtype: str = "fp32") -> tuple[DiffusionModel, object]:
+                    weights_dtype: str = "fp32", modules: Sequence[Path | str] = ()) -> tuple[DiffusionModel, object]:
     """A text-to-image model and its text encoder, ready for ``run``: an imagine model folder, a diffusers
-    pipeline folder (SD 1.x, 2.x, SDXL) or a single-file checkpoint; ``vae`` replaces its VAE. With
+    pipeline folder or a single-file checkpoint; ``vae`` replaces its VAE; ``modules``: an SD3 or Flux transformer
+    file's separate text encoder (and VAE) files. With
     weights_dtype "bf16" the UNet holds bf16 weights (half the memory, no per-step casts under bf16
     autocast; its norms round differently, so pixels differ from fp32 weights); such a model runs bf16
     requests only."""
     if weights_dtype not in ("fp32", "bf16"):
         raise ValueError(f"weights dtype {weights_dtype!r} unknown; choose fp32 or bf16")
-    model = load_any(path, vae=vae, allow_pickle=allow_pickle,
+    model = load_any(path, vae=vae, allow_pickle=allow_pickle, modules=modules,
                      dtype=torch.bfloat16 if weights_dtype == "bf16" else torch.float32)
     if model.spec.text_encoder is None:
         raise ValueError(f"{path} is not a text-to-image model (it has no text encoder); use `imagine sample` "

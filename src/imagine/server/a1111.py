@@ -245,6 +245,8 @@ def router(service: Service) -> APIRouter:
         if unknown:
             raise RequestError(f"override_settings {unknown} are not supported here; supported: {list(OVERRIDES)}")
         options = {**service.options, **override}
+        if not isinstance(options["forge_additional_modules"] or [], list):
+            raise RequestError("forge_additional_modules is a list of file names from /sdapi/v1/sd-modules")
         if str(options["samples_format"]).lower() != "png":
             raise RequestError(f"samples_format {options['samples_format']!r} is not supported: imagine writes PNG, "
                                "which carries the parameters that reproduce each image")
@@ -260,6 +262,7 @@ def router(service: Service) -> APIRouter:
                    "seed": body.seed, "n": body.batch_size * body.n_iter, "width": body.width,
                    "height": body.height, "model": override.get("sd_model_checkpoint"), "previews": True,
                    "vae": None if options["sd_vae"] in AUTOMATIC else options["sd_vae"],
+                   "text_encoders": list(options["forge_additional_modules"] or []) or None,
                    "clip_skip": clip_skip if clip_skip > 1 else None, "noise_seed_delta": ensd,
                    "backend": override.get("imagine_backend", "torch"), "tile": tile}
         if kind == "txt2img":
@@ -432,6 +435,11 @@ def router(service: Service) -> APIRouter:
                 service.store.lookup(str(body["sd_model_checkpoint"]))
             if "sd_vae" in body:
                 service.store.vae(str(body["sd_vae"]))
+            if "forge_additional_modules" in body:
+                if not isinstance(body["forge_additional_modules"], list):
+                    raise RequestError("forge_additional_modules is a list of file names from /sdapi/v1/sd-modules",
+                                       400)
+                service.store.modules(body["forge_additional_modules"])
         except KeyError as err:
             raise RequestError(err.args[0], 400) from None
         if "samples_format" in body and str(body["samples_format"]).lower() != "png":
@@ -479,6 +487,12 @@ def router(service: Service) -> APIRouter:
     def refresh_embeddings() -> dict:
         """embeddings/ is read on every request, so there is nothing to refresh; kept for A1111 clients."""
         return {}
+
+    @api.get("/sd-modules")
+    def sd_modules() -> list[dict[str, str]]:
+        """Forge's list of separate text encoders and VAEs (forge_additional_modules takes their filenames)."""
+        return [{"model_name": name, "filename": str(path.resolve())}
+                for name, path in {**service.store.text_encoders, **service.store.vaes}.items()]
 
     @api.get("/sd-vae")
     def sd_vae() -> list[dict[str, str]]:

@@ -262,6 +262,7 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     @app.get("/api/v1/models", tags=["models"])
     def list_models() -> dict:
         return {"current": service.store.current, "vaes": list(service.store.vaes),
+                "text_encoders": list(service.store.text_encoders),
                 "models": [{"name": e.name, "title": e.title, "sha256": e.sha256, "path": str(e.path),
                             "defaults": {"steps": e.spec.default_steps, "sampler": e.spec.default_sampler,
                                          "cfg_scale": e.spec.default_cfg}, "takes": e.takes}

@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagine.io import models_dir as md
 from imagine.io.model_folder import DiffusionModel, DiffusionSpec
 from imagine.io.models_dir import Entry
 from imagine.io.stable_diffusion import probe_family, probe_spec
@@ -57,14 +58,18 @@ class ModelStore:
         self.current = next(iter(self._entries))
         self.allow_pickle = allow_pickle  # .ckpt files: read with torch.load(weights_only=True)
         self.models_dir = models_dir  # its Lora/ is where requests' LoRAs are looked up
-        self._loaded: dict[tuple[str, str | None], tuple[DiffusionModel, object]] = {}
+        # separate text encoders of SD3 and Flux transformer files (Forge's modules, with the VAEs)
+        self.text_encoders = {e.name: e.path for e in md.entries(models_dir, "text_encoders")
+                              if e.path.suffix == ".safetensors"}
+        self._loaded: dict[tuple, tuple[DiffusionModel, object]] = {}
         self._lock = threading.Lock()
         self.loads = 0  # models read from disk so far (each at most once)
 
     def add(self, path: Path, allow_pickle: bool = False) -> ModelEntry:
         """Serve one more model (named by its stem, made unique); its spec is read now, its weights on use."""
         spec = _probe(path, allow_pickle)
-        takes = probe_family(path, allow_pickle).takes(spec)
+        fam = probe_family(path, allow_pickle)
+        takes = {**fam.takes(spec), "text_encoders": path.is_file() and fam.name in ("sd3", "flux")}
         stem = path.stem if path.is_file() else (path.name or "model")
         name, k = stem, 2
         while name in self._entries:
@@ -80,6 +85,20 @@ class ModelStore:
             if name in (key, path.name):
                 return key
         raise KeyError(f"VAE {name!r} unknown; choose Automatic or one of: {', '.join(self.vaes) or 'none'}")
+
+    def modules(self, names) -> tuple[Path, ...]:
+        """Forge's ``forge_additional_modules`` / our ``text_encoders``: separate text encoder and VAE files by
+        name, file name or the path /sdapi/v1/sd-modules lists; KeyError naming the choices if one is unknown."""
+        known = {**self.text_encoders, **self.vaes}
+        found: list[Path] = []
+        for name in names or ():
+            path = next((p for key, p in known.items() if str(name) in (key, p.name, str(p.resolve()))), None)
+            if path is None:
+                raise KeyError(f"text encoder {name!r} unknown; choose from the models folder's text_encoders/ "
+                               f"and VAE/: {', '.join(known) or 'none'}")
+            if path not in found:
+                found.append(path)
+        return tuple(found)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -103,14 +122,23 @@ class ModelStore:
         self.current = entry.name
         return entry
 
-    def get(self, name: str, vae: str | None = None) -> tuple[DiffusionModel, object]:
-        """(model, text encoder), loaded on first use and kept: each model (with each VAE) is read once."""
-        entry, vae = self.lookup(name), self.vae(vae)
-        key = (entry.name, vae)
+    def get(self, name: str, vae: str | None = None, modules=()) -> tuple[DiffusionModel, object]:
+        """(model, text encoder), loaded on first use and kept: each model (with each VAE and set of separate
+        parts) is read once. ``modules``: names as ``modules`` takes them; for a model that carries its own text
+        encoders a VAE among them is its VAE (as Forge does) and a text encoder is refused (ValueError)."""
+        entry, vae, parts = self.lookup(name), self.vae(vae), self.modules(modules)
+        if parts and not entry.takes.get("text_encoders"):
+            extra = [p for p in parts if p not in self.vaes.values()]
+            if extra or len(parts) > 1 or vae is not None:
+                raise ValueError(f"{entry.name} carries its own text encoders; separate text encoder files are "
+                                 f"for SD3 and Flux transformer files (and one VAE at most): "
+                                 f"{', '.join(p.name for p in parts)}")
+            vae, parts = next(key for key, p in self.vaes.items() if p == parts[0]), ()
+        key = (entry.name, vae, parts)
         with self._lock:
             if key not in self._loaded:
                 self._loaded[key] = load_text_model(entry.path, vae=self.vaes[vae] if vae else None,
-                                                    allow_pickle=self.allow_pickle)
+                                                    allow_pickle=self.allow_pickle, modules=parts)
                 self.loads += 1
             return self._loaded[key]
 

@@ -83,6 +83,9 @@ class _JobFields(BaseModel):
     model: str | None = Field(None, description="a name from GET /api/v1/models; default: the current model")
     vae: str | None = Field(None, description="a VAE from GET /api/v1/models (vaes) replacing the model's own; "
                                               "default (or Automatic): the model's")
+    text_encoders: list[str] | None = Field(None, max_length=8, description="separate parts of an SD3 or Flux "
+                                            "transformer file (clip_l, clip_g, t5xxl, ae) from GET /api/v1/models "
+                                            "(text_encoders, vaes); Forge's forge_additional_modules")
     loras: list[LoraIn] = Field(default_factory=list, description="LoRAs from GET /sdapi/v1/loras with their "
                                                                   "weights; <lora:NAME:WEIGHT> in the prompt works too")
     lora_strict: bool = Field(True, description="false: a LoRA key that fits no module is left out with a warning "

@@ -143,6 +143,7 @@ class Service:
         try:
             entry = self.store.lookup(request.get("model"))
             vae = self.store.vae(request.get("vae"))
+            self.store.modules(request.get("text_encoders"))
         except KeyError as err:
             raise RequestError(err.args[0], 404) from None
         lim = self.limits
@@ -179,7 +180,10 @@ class Service:
         if w * h > lim.max_pixels:  # the server's limit first: it is what this client can change
             raise RequestError(f"width x height = {w}x{h} is {w * h} pixels, over the limit max_pixels="
                                f"{lim.max_pixels}")
-        model, _ = self.store.get(entry.name, vae)
+        try:
+            model, _ = self.store.get(entry.name, vae, request.get("text_encoders"))
+        except ValueError as err:  # a part the model does not take, a file that is no part of it
+            raise RequestError(str(err)) from None
         controls = self._control_units(request.get("controls") or [], init)
         prompts = self._image_prompt_units(request.get("image_prompts") or [])
         try:
@@ -283,7 +287,7 @@ class Service:
     def run(self, job: Job) -> None:
         if "work" in job.inputs:  # queued work of another kind (an upscale): it runs itself
             return job.inputs["work"](job)
-        model, encoder = self.store.get(job.model, job.request.get("vae"))
+        model, encoder = self.store.get(job.model, job.request.get("vae"), job.request.get("text_encoders"))
         request: Request = job.inputs["request"]
         every = 1
 

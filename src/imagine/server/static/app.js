@@ -89,6 +89,8 @@ function applyTakes(takes) {
     $(id).disabled = !takes[id];
     $(id).closest("label").classList.toggle("not-taken", !takes[id]);
   }
+  $("text_encoders").disabled = !takes.text_encoders;
+  $("text_encoders").closest("label").classList.toggle("not-taken", !takes.text_encoders);
   $("controlnet").hidden = !(takes.controlnet || takes.t2i_adapter);
   $("image-prompts").hidden = !takes.ip_adapter;
 }
@@ -171,6 +173,11 @@ function maskData() {
 }
 
 // ---- generate
+function pickedTextEncoders() {
+  const select = $("text_encoders");
+  const picked = [...select.selectedOptions].map((o) => o.value);
+  return select.disabled || !picked.length ? null : picked;
+}
 function requestBody() {
   const number = (id) => ($(id).value === "" ? null : Number($(id).value));
   const body = {
@@ -183,6 +190,7 @@ function requestBody() {
     noise_seed_delta: number("noise_seed_delta") || 0,
     backend: $("backend").value, tile: number("tile") || null,
     vae: $("vae").value === "Automatic" ? null : $("vae").value,
+    text_encoders: pickedTextEncoders(),
   };
   if (mode === "txt2img" && $("hires-enable").checked) {
     body.hires_scale = number("hires_scale");
@@ -333,6 +341,8 @@ $("send-to-txt2img").addEventListener("click", () => {
   $("distilled_cfg_scale").value = p["Distilled CFG Scale"] || 3.5;
   const vae = (p["VAE"] || "").replace(/\.[^.]+$/, "");
   $("vae").value = [...$("vae").options].some((o) => o.value === vae) ? vae : "Automatic";
+  const modules = Object.keys(p).filter((k) => /^Module \d+$/.test(k)).map((k) => p[k]);
+  for (const o of $("text_encoders").options) o.selected = modules.includes(o.value);
   if (p["Size"]) {
     const [w, h] = p["Size"].split("x");
     $("width").value = w;
@@ -436,6 +446,15 @@ async function loadVaes() {
   select.length = 1;  // "Automatic" stays
   for (const v of vaes) select.add(new Option(v.model_name, v.model_name));
   select.value = [...select.options].some((o) => o.value === keep) ? keep : "Automatic";
+  const listed = await api("GET", "/api/v1/models");
+  const encoders = $("text_encoders");
+  const picked = new Set([...encoders.selectedOptions].map((o) => o.value));
+  encoders.length = 0;
+  for (const name of listed.text_encoders || []) {
+    const option = new Option(name, name);
+    option.selected = picked.has(name);
+    encoders.add(option);
+  }
 }
 
 async function loadModels() {
