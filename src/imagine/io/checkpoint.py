@@ -211,22 +211,31 @@ def open_weights(path: Path, allow_pickle: bool = False) -> tuple[Weights, dict[
 
 
 class _MappedReader:
-    """Tensors of a safetensors file, memory-mapped. A tensor read in the dtype it is stored in stays a
-    view of the file (no copy) where the file aligns it (see ``aligned``); one that is converted (fp16 to
-    fp32, say) or copied to alignment leaves its file pages behind, and those are let go by re-opening the
-    mapping every few tensors: without that, a converted fp16 checkpoint would sit in memory beside the fp32
-    model built from it."""
+    """Tensors of a safetensors file, memory-mapped. Every tensor the file gives is a view of one mapping of
+    the whole file, and any view kept alive keeps every page read through that mapping resident: so the
+    mapping is re-opened every ``REOPEN_BYTES`` read (the pages read so far are let go once nothing views
+    them), and the loaders copy what they keep (``build_and_fill``). A model built from a file then holds its
+    weights and a few hundred MB of pages at most, never a second copy of the checkpoint."""
 
-    REOPEN = 16
+    REOPEN_BYTES = 256 * 2**20
 
     def __init__(self, path: Path):
-        self.path, self.handle, self.reads = path, None, 0
+        self.path, self.handle, self.bytes = path, None, 0
 
     def read(self, key: str) -> torch.Tensor:
-        if self.handle is None or self.reads >= self.REOPEN:
-            self.handle, self.reads = safe_open(str(self.path), framework="pt"), 0
-        self.reads += 1
-        return aligned(self.handle.get_tensor(key))
+        if self.handle is None or self.bytes >= self.REOPEN_BYTES:
+            self.handle, self.bytes = safe_open(str(self.path), framework="pt"), 0
+        tensor = self.handle.get_tensor(key)
+        self.bytes += tensor.numel() * tensor.element_size()
+        return aligned(tensor)
+
+
+def owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in memory of its own, 64-byte aligned: a copy when it views a larger storage (a memory-mapped
+    file, a fused tensor it was sliced from), which would otherwise stay resident behind it."""
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return aligned(tensor)
 
 
 def check_keys(own: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], source: str) -> None:
@@ -260,7 +269,7 @@ def build_and_fill(factory: Callable[[], nn.Module], weights: Weights, source: s
         prefix, _, name = key.rpartition(".")
         module = model.get_submodule(prefix)
         tensor = weights[key].read()
-        tensor = aligned(tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        tensor = owned(tensor.to(dtype) if tensor.is_floating_point() else tensor)
         if name in module._parameters:
             module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
         else:

@@ -631,6 +631,30 @@ def _load_flux_file(path: Path, weights: Weights, metadata: dict[str, str], clip
                           module_paths=used)
 
 
+def _flux_file_state(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A Flux model as ComfyUI's all-in-one checkpoint saves it: the transformer in Black Forest Labs' layout under
+    ``model.diffusion_model.``, CLIP-L and T5 under ``text_encoders.*.transformer.``, the VAE under ``vae.``; with
+    imagine's configs in the metadata."""
+    out = {"model.diffusion_model." + k: v for k, v in
+           write_mapped(model.unet.state_dict(), flux_files.transformer_map(model.unet.config)).items()}
+    with torch.device("meta"):
+        vae_keys = list(AutoencoderKL(model.vae.config).state_dict())
+    out.update({flux_files.VAE + k: v for k, v in
+                write_mapped(model.vae.state_dict(), vae_map(vae_keys, model.vae.config, "")).items()})
+    te = model.text_encoder
+    for key, value in _canonical(te.model).items():
+        out[flux_files.CLIP_L + "text_model." + key] = value
+    for key, value in te.t5.model.state_dict().items():
+        if key != "encoder.embed_tokens.weight":  # tied to shared.weight
+            out[flux_files.T5 + key] = value
+    text = [json.loads(te.model.config.to_json_string()), json.loads(te.t5.model.config.to_json_string())]
+    meta = {"imagine": json.dumps({"transformer": _config_of(model.unet), "vae": _config_of(model.vae),
+                                   "text": text}),
+            "modelspec.architecture": "flux-1-dev" if model.unet.config.guidance_embeds else "flux-1-schnell",
+            "format": "pt"}
+    return out, meta
+
+
 # --- diffusers pipeline folders ----------------------------------------------------------------------
 
 def spec_from_scheduler(config: dict, arch: Arch, image_size: int) -> dict:
@@ -756,9 +780,9 @@ def single_file_state(model: DiffusionModel) -> dict[str, torch.Tensor]:
 
 def _check_writable(model: DiffusionModel) -> None:
     if model.family.network != "unet":
-        raise CheckpointError(f"imagine reads {model.family.label} checkpoints but does not write them yet in this "
-                              "layout (SD3 converts to a single .safetensors; merges and diffusers folders of the "
-                              "transformer families are not written): use the folder or file as it is")
+        raise CheckpointError(f"{model.family.label} has no single-file layout that other tools read (its original "
+                              "checkpoints hold the transformer alone): write a diffusers folder (convert --to "
+                              "diffusers)")
 
 
 def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:
@@ -769,8 +793,8 @@ def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: a single-file checkpoint is written as .safetensors")
-    if model.arch == "sd3":
-        state, meta = _sd3_file_state(model)
+    if model.arch in ("sd3", "flux"):
+        state, meta = (_sd3_file_state if model.arch == "sd3" else _flux_file_state)(model)
         atomic_save_safetensors(_cast(state, dtype), out, meta)
         return out
     _check_writable(model)
@@ -786,32 +810,68 @@ def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None)
 
 
 def save_diffusers_pipeline(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:
-    """A diffusers pipeline folder (model_index.json and its parts), written whole or not at all."""
-    if model.arch is None or model.text_encoder is None:
-        raise CheckpointError("only Stable Diffusion models (SD 1.x, 2.x, SDXL) have a diffusers pipeline layout")
-    _check_writable(model)
+    """A diffusers pipeline folder (model_index.json and its parts), written whole or not at all: SD 1.x, 2.x,
+    SDXL, SD3, Flux.1 and PixArt, in the layout diffusers' own pipelines load."""
+    if model.arch is None or model.text_encoder is None or model.family.diffusers_pipeline is None:
+        raise CheckpointError("only the Stable Diffusion families (SD 1.x, 2.x, SDXL, SD3, Flux.1, PixArt) have a "
+                              "diffusers pipeline layout; an imagine model folder stays a folder")
     out = Path(out)
     with fresh_folder(out, "convert") as tmp:
         _write_pipeline(model, tmp, dtype)
     return out
 
 
+def _text_parts(model: DiffusionModel) -> list[tuple[str, str, object, object]]:
+    """(encoder folder, tokenizer folder, transformers model, tokenizer) of each text encoder, as the family's
+    diffusers pipeline lays them out."""
+    te, fam = model.text_encoder, model.family
+    if fam.prompt_encoder == "t5":  # PixArt
+        return [("text_encoder", "tokenizer", te.t5.model, te.t5.tokenizer)]
+    if fam.prompt_encoder == "flux":
+        return [("text_encoder", "tokenizer", te.model, te.tokenizer),
+                ("text_encoder_2", "tokenizer_2", te.t5.model, te.t5.tokenizer)]
+    if fam.prompt_encoder == "clip":
+        return [("text_encoder", "tokenizer", te.model, te.tokenizer)]
+    parts = [("text_encoder", "tokenizer", te.model_1, te.tokenizer_1),
+             ("text_encoder_2", "tokenizer_2", te.model_2, te.tokenizer_2)]
+    if fam.prompt_encoder == "sd3" and te.t5 is not None:
+        parts.append(("text_encoder_3", "tokenizer_3", te.t5.model, te.t5.tokenizer))
+    return parts
+
+
+def _scheduler_config(spec: DiffusionSpec) -> dict:
+    """The scheduler_config.json diffusers' pipelines read: the schedule and prediction (the sampler stays the
+    user's choice, so Euler's class stands for any)."""
+    if spec.prediction == "flow":
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": spec.num_train_timesteps,
+                "shift": spec.flow_shift, "use_dynamic_shifting": spec.flow_dynamic_shift,
+                "base_shift": spec.flow_shift_range[0], "max_shift": spec.flow_shift_range[1],
+                "base_image_seq_len": spec.flow_token_range[0], "max_image_seq_len": spec.flow_token_range[1]}
+    return {"_class_name": "LCMScheduler" if spec.consistency else "EulerDiscreteScheduler",
+            "num_train_timesteps": spec.num_train_timesteps,
+            "beta_schedule": {v: k for k, v in BETA_SCHEDULES.items()}[spec.schedule],
+            "beta_start": spec.beta_start, "beta_end": spec.beta_end,
+            "prediction_type": {v: k for k, v in PREDICTIONS.items()}[spec.prediction],
+            "rescale_betas_zero_snr": spec.zero_terminal_snr, "timestep_spacing": "trailing", "steps_offset": 0}
+
+
 def _write_pipeline(model: DiffusionModel, tmp: Path, dtype: str | None) -> None:
-    for part, module, cls in (("unet", model.unet, "UNet2DConditionModel"), ("vae", model.vae, "AutoencoderKL")):
-        config = {"_class_name": cls, "_diffusers_version": "0.30.0", **diffusers_config(module)}
+    fam, spec = model.family, model.spec
+    denoiser = type(model.unet).__name__
+    for part, module, cls in ((fam.denoiser_folder, model.unet, denoiser), ("vae", model.vae, "AutoencoderKL")):
+        fields = diffusers_config(module) if cls in ("UNet2DConditionModel", "AutoencoderKL") else _config_of(module)
+        config = {"_class_name": cls, "_diffusers_version": "0.30.0", **fields}
         atomic_write_bytes(tmp / part / "config.json", json.dumps(config, indent=2).encode())
         atomic_save_safetensors(_cast(module.state_dict(), dtype), tmp / part / "diffusion_pytorch_model.safetensors",
                                 {"format": "pt"})
-    te = model.text_encoder
-    xl = model.arch == "sdxl"
-    pairs = [("text_encoder", "tokenizer", te.model_1 if xl else te.model, te.tokenizer_1 if xl else te.tokenizer)]
-    if xl:
-        pairs.append(("text_encoder_2", "tokenizer_2", te.model_2, te.tokenizer_2))
     # diffusers reads a text encoder at its last layer: an encoder read at an earlier one (SD 2's
     # penultimate) is saved without the layers after it, as diffusers' own SD 2 folders are
-    drop = 0 if xl else te.clip_skip - 1
-    for enc_dir, tok_dir, enc, tok in pairs:
-        keep, layers = enc.dtype, getattr(enc, "text_model", enc).encoder.layers
+    drop = model.text_encoder.clip_skip - 1 if fam.prompt_encoder == "clip" else 0
+    index = {"_class_name": fam.diffusers_pipeline, "_diffusers_version": "0.30.0", "_imagine_version": __version__,
+             fam.denoiser_folder: ["diffusers", denoiser], "vae": ["diffusers", "AutoencoderKL"]}
+    for enc_dir, tok_dir, enc, tok in _text_parts(model):
+        keep = enc.dtype
+        layers = getattr(enc, "text_model", enc).encoder.layers if drop else None
         if dtype is not None:
             enc.to(DTYPES[dtype])
         if drop:
@@ -821,27 +881,19 @@ def _write_pipeline(model: DiffusionModel, tmp: Path, dtype: str | None) -> None
             enc.save_pretrained(tmp / enc_dir, safe_serialization=True)
         finally:
             enc.to(keep)
-            getattr(enc, "text_model", enc).encoder.layers = layers
-            enc.config.num_hidden_layers = len(layers)
+            if drop:
+                getattr(enc, "text_model", enc).encoder.layers = layers
+                enc.config.num_hidden_layers = len(layers)
         tok.save_pretrained(tmp / tok_dir)
-    spec = model.spec
-    scheduler = {"_class_name": "LCMScheduler" if spec.consistency else "EulerDiscreteScheduler",
-                 "num_train_timesteps": spec.num_train_timesteps,
-                 "beta_schedule": {v: k for k, v in BETA_SCHEDULES.items()}[spec.schedule],
-                 "beta_start": spec.beta_start, "beta_end": spec.beta_end,
-                 "prediction_type": {v: k for k, v in PREDICTIONS.items()}[spec.prediction],
-                 "rescale_betas_zero_snr": spec.zero_terminal_snr, "timestep_spacing": "trailing", "steps_offset": 0}
+        index[enc_dir], index[tok_dir] = ["transformers", type(enc).__name__], ["transformers", type(tok).__name__]
+    scheduler = _scheduler_config(spec)
     atomic_write_bytes(tmp / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2).encode())
-    index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
-             "_diffusers_version": "0.30.0", "_imagine_version": __version__,
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
-    if xl:
-        index.update({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                      "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                      "force_zeros_for_empty_prompt": spec.zero_empty_negative})
-    else:
+    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    if fam.name == "sd3" and "text_encoder_3" not in index:  # SD3 without T5, as diffusers allows
+        index.update({"text_encoder_3": [None, None], "tokenizer_3": [None, None]})
+    if fam.name == "sdxl":
+        index["force_zeros_for_empty_prompt"] = spec.zero_empty_negative
+    elif fam.prompt_encoder == "clip":
         index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
                       "requires_safety_checker": False})
     atomic_write_bytes(tmp / "model_index.json", json.dumps(index, indent=2).encode())

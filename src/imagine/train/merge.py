@@ -1,5 +1,6 @@
 """AUTOMATIC1111's checkpoint merger on imagine's loaded models: weighted sum A (1 - M) + B M, and add
-difference A + (B - C) M, tensor by tensor over the UNet, the VAE and the text encoders. Models of
+difference A + (B - C) M, tensor by tensor over the denoiser (UNet or transformer), the VAE and the text
+encoders (CLIPs and T5). Models of
 different architectures are refused with the mismatched tensors listed."""
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ Mode = Literal["weighted-sum", "add-difference"]
 
 def _parts(model) -> dict[str, nn.Module]:
     parts = parts_of(model, model.text_encoder)
+    t5 = getattr(model.text_encoder, "t5", None)  # SD3, Flux and PixArt read T5 too (SD3 maybe without it)
+    if t5 is not None:
+        parts["t5"] = t5.model
     if model.vae is not None:
         parts["vae"] = model.vae
     return parts
