@@ -141,9 +141,10 @@ base = rss_now_mb()
 start = time.perf_counter()
 {load}
 with torch.no_grad():  # touch every weight: memory-mapped pages count only once they are read
-    checksum = sum(float(p.float().sum()) for mod in mods for p in mod.parameters())
+    tensors = [t for mod in mods for t in (*mod.parameters(), *mod.buffers())]
+    checksum = sum(float(t.float().sum()) for t in tensors)
 seconds = time.perf_counter() - start
-weights = sum(p.numel() * p.element_size() for mod in mods for p in mod.parameters()) / 2**20
+weights = sum(t.numel() * t.element_size() for t in tensors) / 2**20  # buffers too: SD3's positions are 432 MB
 print(json.dumps({{"baseline_mb": base, "peak_mb": rss_peak_mb(), "after_mb": rss_now_mb(), "weights_mb": weights,
                   "seconds": seconds}}))
 """
@@ -326,7 +327,7 @@ def report(results: dict, rounds: int) -> str:
                   f"CLIP-L {sizes.get('clip_l', 0):.0f} MB, "
                   f"CLIP-G {sizes.get('clip_g', 0):.0f} MB (fp16). The whole model holds the transformer in bf16 and "
                   "the VAE and CLIPs in fp32 (as generation runs them), so it holds more bytes than the files.", "",
-                  "| what | weights held (MB) | peak RSS over baseline (MB) | peak / weights | s |",
+                  "| what | weights and buffers held (MB) | peak RSS over baseline (MB) | peak / weights | s |",
                   "|---|---:|---:|---:|---:|"]
         labels = {"imagine-transformer": "imagine, the transformer alone",
                   "diffusers-transformer": "diffusers `from_single_file`, the transformer",

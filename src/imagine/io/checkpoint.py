@@ -175,7 +175,13 @@ class Ref:
     """One tensor of a checkpoint, read only when asked: a large file is never held twice."""
 
     shape: tuple[int, ...]
-    read: Callable[[], torch.Tensor]
+    read: Callable[[], torch.Tensor]  # the tensor, 64-byte aligned (a view of the file where it already is)
+    # the tensor as the file holds it, maybe unaligned: for readers that slice or convert it before keeping it
+    # (a copy of the whole of a fused tensor just to align it would be thrown away at once)
+    view: Callable[[], torch.Tensor] | None = None
+
+    def raw(self) -> torch.Tensor:
+        return self.view() if self.view is not None else self.read()
 
 
 Weights = dict[str, Ref]
@@ -203,7 +209,8 @@ def open_weights(path: Path, allow_pickle: bool = False) -> tuple[Weights, dict[
         handle = safe_open(str(path), framework="pt")
         metadata = handle.metadata() or {}
         reader = _MappedReader(path)
-        refs = {k: Ref(tuple(handle.get_slice(k).get_shape()), lambda k=k: reader.read(k)) for k in handle.keys()}
+        refs = {k: Ref(tuple(handle.get_slice(k).get_shape()), lambda k=k: aligned(reader.read(k)),
+                       lambda k=k: reader.read(k)) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated or "
                               "corrupt: re-download or re-save it") from err
@@ -227,7 +234,7 @@ class _MappedReader:
             self.handle, self.bytes = safe_open(str(self.path), framework="pt"), 0
         tensor = self.handle.get_tensor(key)
         self.bytes += tensor.numel() * tensor.element_size()
-        return aligned(tensor)
+        return tensor
 
 
 def owned(tensor: torch.Tensor) -> torch.Tensor:
@@ -268,7 +275,7 @@ def build_and_fill(factory: Callable[[], nn.Module], weights: Weights, source: s
     for key in own:
         prefix, _, name = key.rpartition(".")
         module = model.get_submodule(prefix)
-        tensor = weights[key].read()
+        tensor = weights[key].raw()  # one copy at most: owned() makes it, aligned
         tensor = owned(tensor.to(dtype) if tensor.is_floating_point() else tensor)
         if name in module._parameters:
             module._parameters[name] = nn.Parameter(tensor, requires_grad=False)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from imagine.io.checkpoint import CheckpointError, Ref, Weights
+from imagine.io.checkpoint import CheckpointError, Ref, Weights, aligned
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def read_mapped(foreign: Weights, key_map: KeyMap, source: str) -> Weights:
         raise CheckpointError(f"{source} lacks {len(missing)} tensors this architecture needs: "
                               f"{', '.join(missing[:15])}{more}")
     return {ours: Ref(_our_shape(foreign[src.key].shape, src),
-                      lambda src=src: _ours(foreign[src.key].read(), src))
+                      lambda src=src: aligned(_ours(foreign[src.key].raw(), src)))
             for ours, src in key_map.items()}
 
 

@@ -49,7 +49,12 @@ class PatchEmbed(nn.Module):
         self.pos_embed_max_size = pos_embed_max_size
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         if pos_embed_max_size is not None:
-            grid = sincos_2d(dim, pos_embed_max_size, pos_embed_max_size, self.base_size, interpolation_scale)
+            n = pos_embed_max_size * pos_embed_max_size
+            if torch.empty(0).device.type == "meta":  # built to be loaded: the checkpoint holds the positions
+                grid = torch.empty(n, dim)
+            else:  # not through the cache: SD3.5's 384 x 384 grid is 900 MB, made once per model
+                grid = sincos_2d.__wrapped__(dim, pos_embed_max_size, pos_embed_max_size, self.base_size,
+                                             interpolation_scale)
             self.register_buffer("pos_embed", grid[None].clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
