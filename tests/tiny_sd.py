@@ -208,7 +208,7 @@ def write_flux(folder: Path, seed: int = 0, dev: bool = True, inferable: bool = 
 
 # --- PixArt-alpha and -Sigma: T5 (masked) and the cross-attention DiT --------------------------------------
 
-def pixart_components(seed: int = 0, sigma: bool = False) -> dict:
+def pixart_components(seed: int = 0, sigma: bool = False, sample_size: int = 8) -> dict:
     """A tiny PixArt pipeline's modules: T5 (64 wide), a 2-block PixArt transformer predicting eps and its
     variance (8 output channels), SD's (alpha) or SDXL's (Sigma) VAE scale, DPM-Solver++ on the linear VP
     schedule, as the releases configure it."""
@@ -216,7 +216,7 @@ def pixart_components(seed: int = 0, sigma: bool = False) -> dict:
 
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                           num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                           num_layers=2, cross_attention_dim=16, sample_size=sample_size, patch_size=2,
                                            caption_channels=64, norm_type="ada_norm_single",
                                            norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -228,9 +228,10 @@ def pixart_components(seed: int = 0, sigma: bool = False) -> dict:
             "text_encoder": t5_encoder(), "tokenizer": t5_tokenizer()}
 
 
-def write_pixart(folder: Path, seed: int = 0, sigma: bool = False):
+def write_pixart(folder: Path, seed: int = 0, sigma: bool = False, sample_size: int = 8):
+    """sample_size 32: the smallest the pipelines bin resolutions for (their 256 px buckets)."""
     from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
 
-    pipe = (PixArtSigmaPipeline if sigma else PixArtAlphaPipeline)(**pixart_components(seed, sigma))
+    pipe = (PixArtSigmaPipeline if sigma else PixArtAlphaPipeline)(**pixart_components(seed, sigma, sample_size))
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe

@@ -68,6 +68,9 @@ _OPTS = dict(
     rescale=typer.Option(0.0, help="Guidance rescale phi in [0, 1] (Lin et al. 2023)."),
     distilled_cfg=typer.Option(3.5, help="Flux [dev]'s distilled guidance scale (Forge's Distilled CFG Scale): an "
                                          "input of guidance-distilled models, which run without CFG (cfg 1)."),
+    resolution_binning=typer.Option(True, "--resolution-binning/--no-resolution-binning",
+                                    help="PixArt: generate at the closest of the aspect ratios the model trained at, "
+                                         "then resize and centre-crop to the size asked (diffusers' default)."),
     seed=typer.Option(0, help="Seed of the first image; image i uses seed + i. -1: a random one (printed)."),
     n=typer.Option(1, help="How many images."),
     width=typer.Option(None, help="Width in pixels (a multiple of the latent factor)."),
@@ -386,7 +389,7 @@ def generate(
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
-    distilled_cfg: float = _OPTS["distilled_cfg"],
+    distilled_cfg: float = _OPTS["distilled_cfg"], resolution_binning: bool = _OPTS["resolution_binning"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
@@ -433,7 +436,7 @@ def generate(
         upscale = dict(hires_strength=0.0, hires_upscaler=sr or SR_MODEL.name)
     settings = _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                          precision=precision, compile=compile, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta,
-                         distilled_cfg_scale=distilled_cfg,
+                         distilled_cfg_scale=distilled_cfg, resolution_binning=resolution_binning,
                          backend=backend, sr_noise_level=noise_level, tile=tile, **upscale)
     _run("txt2img", _model_option(model, fast), settings, out, rerank=rerank, clip=clip, vae=vae, size=size,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype,

@@ -71,6 +71,7 @@ class Family:
     text_length: int = 77  # T5's token budget where the family's prompt encoder is T5 alone (PixArt: 120, 300)
     # PixArt-alpha 1024's micro-conditions: the image's (height, width) and aspect ratio, as network inputs
     size_conditioning: bool = False
+    aspect_bins: bool = False  # generated at the closest aspect bucket it trained at (PixArt; families/aspect_bins)
     # where the diffusers folder keeps the denoiser: unet/, or transformer/ (the transformer families)
     denoiser_folder: str = "unet"
     # a flow family's unshifted sampling grid ends at the last training time (diffusers' scheduler), or at
@@ -107,6 +108,7 @@ class Family:
         hides or disables the others rather than ignore them)."""
         return {"clip_skip": self.prompt_encoder not in ("t5", "flux"),
                 "distilled_cfg_scale": bool(getattr(spec, "distilled_guidance", False)),
+                "resolution_binning": self.aspect_bins,
                 **{kind: kind in self.attachments for kind in sorted(UNET_ATTACHMENTS)}}
 
     def check_attachment(self, kind: str, what: str, made_for: str | None = None) -> None:
@@ -184,11 +186,11 @@ _T5_SLOT = TextEncoderSlot("text_encoder", "T5EncoderModel", "gelu_new", "text_e
 PIXART_ALPHA = Family("pixart-alpha", "PixArt-alpha", "pixart", SD_LATENT, image_size=1024, prediction="eps",
                       text_encoders=(_T5_SLOT,), attachments=frozenset({"lora"}),
                       diffusers_pipeline="PixArtAlphaPipeline", prompt_encoder="t5", text_length=120,
-                      size_conditioning=True, denoiser_folder="transformer")
+                      size_conditioning=True, aspect_bins=True, denoiser_folder="transformer")
 PIXART_SIGMA = Family("pixart-sigma", "PixArt-Sigma", "pixart", LatentFormat(channels=4, scaling_factor=0.13025),
                       image_size=1024, prediction="eps", text_encoders=(_T5_SLOT,), attachments=frozenset({"lora"}),
                       diffusers_pipeline="PixArtSigmaPipeline", prompt_encoder="t5", text_length=300,
-                      size_conditioning=True, denoiser_folder="transformer")
+                      size_conditioning=True, aspect_bins=True, denoiser_folder="transformer")
 IMAGINE_FLUX = Family("imagine-flux", "imagine Flux-style transformer", "flux", None, image_size=32,
                       prediction="flow", pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS)
 

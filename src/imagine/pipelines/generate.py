@@ -23,6 +23,7 @@ from imagine.diffusion.denoiser import broadcast_sigma
 from imagine.diffusion.model_sampling import model_sampling
 from imagine.diffusion.superres import LowResConditioned
 from imagine.families import text_width
+from imagine.families.aspect_bins import binned_size, resize_and_crop
 from imagine.guidance import ClassifierFreeGuidance
 from imagine.io.model_folder import DiffusionModel
 from imagine.io.onnx import MANIFEST, default_onnx_folder, export_onnx, load_onnx
@@ -193,7 +194,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
            cancel: Callable[[], bool] | None = None, precision: str = "fp32", backend: str = "torch",
            compile: bool = False, noise_seed_delta: int = 0, attachments: Sequence[Attachment] = (),
-           tile: int | None = None) -> torch.Tensor:
+           tile: int | None = None, resize_to: tuple[int, int] | None = None) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
@@ -266,6 +267,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
                          **options)
     with torch.no_grad():
         images = decode(model, latent.float(), runtime)
+    if resize_to is not None:  # PixArt's buckets: to the size asked, before the clamp (as its pipelines do)
+        images = resize_and_crop(images, *resize_to)
     return images.clamp(-1, 1)
 
 
@@ -281,6 +284,10 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
                          if low_res is None else "low-resolution input given to a model that is not an SR stage")
     w, h = output_size(model, s)
     f = model.latent_factor
+    out_size = (w, h)
+    binned = sampling_size(model, s, w, h) if init_latent is None and low_res is None else None
+    if binned is not None:  # PixArt's aspect buckets: generated there, then resized and cropped to the size asked
+        w, h = binned
 
     # A1111's <lora:NAME:WEIGHT> tags are taken out of the text (the request attached those LoRAs)
     prompts = [prompt_loras(s.prompt)[0]] * s.n + [prompt_loras(s.negative_prompt)[0]] * s.n
@@ -320,12 +327,26 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
         weight = torch.full((s.n,), s.cfg_scale - 1.0)  # LCM's convention: w = cfg scale - 1
         cond["timestep_cond"] = guidance_embedding(weight, model.unet.config.time_cond_proj_dim)
         uncond, cfg_scale = None, 1.0
-    return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler, schedule=s.schedule,
-                  cond=cond, uncond=uncond, cfg_scale=cfg_scale, guidance_rescale=s.guidance_rescale,
-                  latent_hw=(h // f, w // f), init_latent=init_latent, strength=s.strength, mask=mask,
-                  callback=callback, cancel=cancel, precision=s.precision, backend=s.backend, compile=s.compile,
-                  noise_seed_delta=s.noise_seed_delta, attachments=attachments,
-                  tile=s.tile // f if s.tile else None)
+    return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler,
+                    schedule=s.schedule, cond=cond, uncond=uncond, cfg_scale=cfg_scale,
+                    guidance_rescale=s.guidance_rescale, latent_hw=(h // f, w // f), init_latent=init_latent,
+                    strength=s.strength, mask=mask, callback=callback, cancel=cancel, precision=s.precision,
+                    backend=s.backend, compile=s.compile, noise_seed_delta=s.noise_seed_delta,
+                    attachments=attachments, tile=s.tile // f if s.tile else None,
+                    resize_to=out_size if binned is not None else None)
+
+
+# the buckets' base side by the transformer's latent sample size, as PixArt's pipelines choose them
+BIN_BASES = {32: 256, 64: 512, 128: 1024, 256: 2048}
+
+
+def sampling_size(model: DiffusionModel, s: Settings, width: int, height: int) -> tuple[int, int] | None:
+    """(width, height) a text-to-image request is generated at when it differs from the size asked: the closest
+    of the aspect buckets the family trained at (PixArt), with resolution_binning on; None otherwise."""
+    if not (s.resolution_binning and model.family.aspect_bins):
+        return None
+    binned = binned_size(BIN_BASES.get(getattr(model.unet.config, "sample_size", 0), 0), width, height)
+    return binned if binned is not None and binned != (width, height) else None
 
 
 def distils_guidance(model: DiffusionModel) -> bool:
@@ -505,6 +526,12 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields[f"Module {i + 1}"] = module.stem
     if kind in ("img2img", "inpaint"):
         fields["Denoising strength"] = f"{s.strength:g}"
+    if kind == "txt2img" and model.family.aspect_bins:  # PixArt: the bucket generated at, or that it was not
+        binned = sampling_size(model, s, w, h)
+        if binned is not None:
+            fields["Resolution binning"] = f"{binned[0]}x{binned[1]}"
+        elif not s.resolution_binning:
+            fields["Resolution binning"] = "off"
     if kind == "txt2img" and s.hires_scale > 1:  # A1111's hires fix fields
         if s.hires_strength > 0:
             fields["Denoising strength"] = f"{s.hires_strength:g}"

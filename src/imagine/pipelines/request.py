@@ -91,7 +91,8 @@ class Request:
         if self.init_image is not None and s.width is None and s.height is None:
             s = replace(s, width=self.init_image.width, height=self.init_image.height)
         size = g.output_size(model, s)
-        g.check_memory(model, *size, s.n, s.tile)
+        binned = g.sampling_size(model, s, *size) if self.kind == "txt2img" else None
+        g.check_memory(model, *(binned or size), s.n, s.tile)  # a PixArt bucket may be larger than asked
 
         if self.controls and self.rerank > 1:
             raise ValueError("rerank does not take control units; generate with controls, or rerank without")

@@ -61,6 +61,9 @@ class Settings:
     distilled_cfg_scale: float = setting(3.5, "Flux [dev]'s distilled guidance scale (Forge's Distilled CFG "
                                               "Scale): an input of guidance-distilled models, which run without "
                                               "CFG (cfg 1).", cli="--distilled-cfg", ge=0, le=MAX_CFG)
+    resolution_binning: bool = setting(True, "PixArt: generate at the closest of the aspect ratios the model trained "
+                                             "at, then resize and centre-crop to the size asked (diffusers' "
+                                             "use_resolution_binning).", kinds=("txt2img",))
     seed: int = setting(0, "Seed of the first image; image i uses seed + i. -1 (or none on the APIs): a random "
                            "one, reported and recorded like any seed.",
                         api_default=None, ge=-1, lt=2**63)
@@ -124,6 +127,7 @@ class Settings:
         that gave up batch invariance); every run is now batched and batch invariant, so it is dropped.
         Earlier records wrote "not given" as 0 for hires_steps and tile; that is None now."""
         data = {k: v for k, v in record.items() if k != "batched"}
+        data.setdefault("resolution_binning", False)  # records before it: generated at the size asked
         for name in ("hires_steps", "tile"):
             if data.get(name) == 0:
                 data[name] = None

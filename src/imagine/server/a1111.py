@@ -259,6 +259,7 @@ def router(service: Service) -> APIRouter:
         request = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
                    "sampler": sampler, "schedule": _scheduler(body.scheduler), "cfg_scale": body.cfg_scale,
                    "distilled_cfg_scale": body.distilled_cfg_scale,
+                   **({"resolution_binning": body.resolution_binning} if kind == "txt2img" else {}),
                    "seed": body.seed, "n": body.batch_size * body.n_iter, "width": body.width,
                    "height": body.height, "model": override.get("sd_model_checkpoint"), "previews": True,
                    "vae": None if options["sd_vae"] in AUTOMATIC else options["sd_vae"],

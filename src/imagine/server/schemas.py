@@ -196,6 +196,8 @@ class A1111Txt2Img(BaseModel):
     steps: int = Field(50, ge=1)
     cfg_scale: float = 7.0
     distilled_cfg_scale: float = Field(3.5, ge=0, le=100, description="Forge's: Flux [dev]'s distilled guidance")
+    resolution_binning: bool = Field(True, description="imagine's: PixArt generates at its closest aspect bucket, "
+                                                       "then resizes and crops to the size asked")
     width: int | None = Field(None, ge=8, description="default: the model's size")
     height: int | None = Field(None, ge=8)
     denoising_strength: float | None = Field(None, gt=0, le=1)

@@ -89,6 +89,8 @@ function applyTakes(takes) {
     $(id).disabled = !takes[id];
     $(id).closest("label").classList.toggle("not-taken", !takes[id]);
   }
+  $("resolution_binning").disabled = !takes.resolution_binning;
+  $("resolution_binning").closest("label").hidden = !takes.resolution_binning;
   $("text_encoders").disabled = !takes.text_encoders;
   $("text_encoders").closest("label").classList.toggle("not-taken", !takes.text_encoders);
   $("controlnet").hidden = !(takes.controlnet || takes.t2i_adapter);
@@ -192,6 +194,7 @@ function requestBody() {
     vae: $("vae").value === "Automatic" ? null : $("vae").value,
     text_encoders: pickedTextEncoders(),
   };
+  if (mode === "txt2img" && !$("resolution_binning").disabled) body.resolution_binning = $("resolution_binning").checked;
   if (mode === "txt2img" && $("hires-enable").checked) {
     body.hires_scale = number("hires_scale");
     body.hires_upscaler = $("hires_upscaler").value;
@@ -339,6 +342,7 @@ $("send-to-txt2img").addEventListener("click", () => {
   $("noise_seed_delta").value = p["ENSD"] || 0;
   $("guidance_rescale").value = p["Guidance rescale"] || 0;
   $("distilled_cfg_scale").value = p["Distilled CFG Scale"] || 3.5;
+  $("resolution_binning").checked = p["Resolution binning"] !== "off";
   const vae = (p["VAE"] || "").replace(/\.[^.]+$/, "");
   $("vae").value = [...$("vae").options].some((o) => o.value === vae) ? vae : "Automatic";
   const modules = Object.keys(p).filter((k) => /^Module \d+$/.test(k)).map((k) => p[k]);
