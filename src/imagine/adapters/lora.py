@@ -54,10 +54,18 @@ def _chosen(part: str, name: str, targets: str) -> bool:
     return name.endswith(TARGETS[targets])
 
 
+ALGOS = ("lora", "locon", "loha", "lokr", "dora")  # what train-lora --algo trains (locon: LoRA on every layer)
+
+
 def create(parts: dict[str, nn.Module], rank: int, alpha: float | None = None, targets: str = "attn",
-           text_encoder: bool = False, seed: int = 0) -> LoRA:
-    """A new LoRA (B = 0) on the UNet's ``targets`` layers ("attn", "attn+ff" or "all"), and on the text
-    encoders' attention projections with ``text_encoder``."""
+           text_encoder: bool = False, seed: int = 0, algo: str = "lora") -> LoRA:
+    """A new adapter that starts at nothing on the UNet's ``targets`` layers ("attn", "attn+ff" or "all"), and on
+    the text encoders' attention projections with ``text_encoder``: LoRA (B = 0), or LyCORIS's LoHa or LoKr, or
+    DoRA (nn/lora.WeightDelta.new). ``algo`` locon is LoRA on every linear and conv layer (targets all)."""
+    if algo not in ALGOS:
+        raise ValueError(f"adapter algorithm {algo!r} unknown; choose {', '.join(ALGOS)}")
+    if algo == "locon":
+        algo, targets = "lora", "all"
     if targets not in (*TARGETS, "all"):
         raise ValueError(f"LoRA targets {targets!r} unknown; choose attn, attn+ff or all")
     generator_state = torch.random.get_rng_state()
@@ -71,7 +79,8 @@ def create(parts: dict[str, nn.Module], rank: int, alpha: float | None = None, t
                 if not isinstance(module, (nn.Linear, nn.Conv2d)):
                     continue
                 if _chosen(part_name, name, targets):
-                    layer = LoRALayer(module, rank, alpha)
+                    layer = LoRALayer(module, rank, alpha) if algo == "lora" else WeightDelta.new(
+                        algo, module, rank, alpha)
                     lora.layers[f"{part_name}.{name}"] = layer.to(module.weight.device)
     finally:
         torch.random.set_rng_state(generator_state)

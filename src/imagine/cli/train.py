@@ -248,6 +248,9 @@ def train_lora(
     rank: int = typer.Option(4, help="Rank r of the update B A."),
     alpha: float | None = typer.Option(None, help="Scale numerator: the update is (alpha / r) B A (default: r)."),
     targets: str = typer.Option("attn", help="UNet layers: attn (q, k, v, out), attn+ff, or all (convs too)."),
+    algo: str = typer.Option("lora", help="lora, locon (LoRA on every layer, convs too), loha (LyCORIS's "
+                                          "Hadamard product), lokr (Kronecker product) or dora (weight-decomposed); "
+                                          "written in LyCORIS's layout, which A1111, ComfyUI and Forge read."),
     text_encoder: bool = typer.Option(False, "--text-encoder", help="Also train the text encoder's attention."),
     steps: int = _ADAPTER["steps"],
     batch_size: int = _ADAPTER["batch_size"],
@@ -274,7 +277,7 @@ def train_lora(
     try:
         cfg = LoraTrainConfig(rank=rank, alpha=alpha, targets=targets, text_encoder=text_encoder, steps=steps,
                               batch_size=batch_size, lr=lr, seed=seed, flip=flip, precision=precision,
-                              checkpoint_every=checkpoint_every)
+                              checkpoint_every=checkpoint_every, algo=algo)
         folder = models_dir if models_dir is not None else md.default_models_dir()
         loaded, encoder = load_text_model(md.resolve(model, folder))
         dataset = load_dataset(data, loaded.spec.image_size, loaded.spec.image_channels, captions=True)
@@ -304,6 +307,9 @@ def dreambooth(
     full: bool = typer.Option(False, "--full", help="Fine-tune every UNet weight instead of a LoRA (the paper's "
                                                     "DreamBooth; writes a whole model)."),
     targets: str = typer.Option("attn", help="UNet layers: attn, attn+ff or all."),
+    algo: str = typer.Option("lora", help="lora, locon (LoRA on every layer, convs too), loha (LyCORIS's "
+                                          "Hadamard product), lokr (Kronecker product) or dora (weight-decomposed); "
+                                          "written in LyCORIS's layout, which A1111, ComfyUI and Forge read."),
     text_encoder: bool = typer.Option(False, "--text-encoder", help="Also train the text encoder's attention."),
     steps: int = typer.Option(400, help="Optimizer steps."),
     batch_size: int = typer.Option(2, help="Instance images per step (and as many class images)."),
@@ -328,13 +334,14 @@ def dreambooth(
     try:
         if prior_weight > 0 and not class_prompt:
             raise ValueError("prior preservation needs --class-prompt (or --prior-weight 0 to train without it)")
-        if full and (text_encoder or targets != "attn"):
-            raise ValueError("--full fine-tunes the whole UNet: --text-encoder and --targets are LoRA options")
+        if full and (text_encoder or targets != "attn" or algo != "lora"):
+            raise ValueError("--full fine-tunes the whole UNet: --text-encoder, --targets and --algo are LoRA "
+                             "options")
         if not full and out.suffix != ".safetensors":
             raise ValueError(f"{out}: a LoRA is written as .safetensors (or pass --full to write a model)")
         cfg = LoraTrainConfig(rank=lora, targets=targets, text_encoder=text_encoder, steps=steps, batch_size=batch_size,
                               lr=lr if lr is not None else (1e-5 if full else 1e-4), seed=seed,
-                              prior_weight=prior_weight)
+                              prior_weight=prior_weight, algo=algo)
         folder = models_dir if models_dir is not None else md.default_models_dir()
         loaded, encoder = load_text_model(md.resolve(model, folder))
         instances = load_folder(instance_data, loaded.spec.image_size, loaded.spec.image_channels, captions=True,

@@ -127,6 +127,8 @@ TENSOR_NAMES = {
     **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                                "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
                                "diff", "diff_b")}}
+# ours -> the name LyCORIS writes, where they differ
+LYCORIS_NAMES = {"lora_down": "lora_down.weight", "lora_up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
 # what other adapter kinds' tensors are called: named in the refusal, never skipped
 OTHER_KINDS = {"oft_blocks": "OFT", "oft_diag": "OFT", "oft_R": "OFT", "on_input": "IA3", "ia3_l": "IA3",
                "lora_embedding_A": "an embedding LoRA",
@@ -241,20 +243,26 @@ def save_lora(lora, path: Path | str, fmt: Format = "kohya", *, ldm_names_for=No
                     "text_encoder_2": "lora_te2"}
     out, alphas = {}, {}
     kinds = sorted({layer.algo for layer in lora.layers.values() if isinstance(layer, WeightDelta)})
-    if kinds:
-        raise ValueError(f"{lora.name} holds {', '.join(kinds)} updates: imagine applies and merges them but writes "
-                         "LoRA files only")
+    if kinds and fmt != "kohya":
+        raise ValueError(f"{lora.name} holds {', '.join(kinds)} updates, which are written in LyCORIS's layout (kohya "
+                         "names: A1111, ComfyUI and Forge read it), not PEFT's")
     for key, layer in lora.layers.items():
         part, _, name = key.partition(".")
-        down, up = layer.down.weight.detach().contiguous(), layer.up.weight.detach().contiguous()
         if fmt == "kohya":
             if part != "unet" and not name.startswith("text_model."):
                 name = "text_model." + name
             flat = ldm.get(name, name.replace(".", "_")) if part == "unet" else name.replace(".", "_")
             base = f"{kohya_prefix[part]}_{flat}"
-            out[f"{base}.lora_down.weight"], out[f"{base}.lora_up.weight"] = down, up
+            if isinstance(layer, WeightDelta):  # LyCORIS's tensor names; DoRA's halves as LoRA's
+                for tensor_name, value in layer.tensors().items():
+                    out[f"{base}.{LYCORIS_NAMES.get(tensor_name, tensor_name)}"] = value.contiguous()
+            else:
+                out[f"{base}.lora_down.weight"] = layer.down.weight.detach().contiguous()
+                out[f"{base}.lora_up.weight"] = layer.up.weight.detach().contiguous()
             out[f"{base}.alpha"] = torch.tensor(layer.alpha)
-        elif fmt == "peft":
+            continue
+        down, up = layer.down.weight.detach().contiguous(), layer.up.weight.detach().contiguous()
+        if fmt == "peft":
             # PEFT files carry no alpha diffusers reads back, so the scale goes into B: (alpha / r) B A
             # is the same update as (1) ((alpha / r) B) A, which a reader taking alpha = r computes
             out[f"{part}.{name}.lora_A.weight"] = down
@@ -262,6 +270,9 @@ def save_lora(lora, path: Path | str, fmt: Format = "kohya", *, ldm_names_for=No
         else:
             raise ValueError(f"LoRA format {fmt!r} unknown; choose kohya or peft")
     meta = {"format": "pt", **(metadata or {})}
+    if kinds:  # as LyCORIS marks its files (kohya's trainer metadata), so tools tell the kind without the keys
+        meta.setdefault("ss_network_module", "lycoris.kohya")
+        meta.setdefault("ss_network_args", json.dumps({"algo": kinds[0]}))
     if alphas:
         meta["lora_alphas"] = json.dumps(alphas)
     atomic_save_safetensors(out, path, meta)

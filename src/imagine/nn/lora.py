@@ -85,13 +85,21 @@ class LoRA:
             yield from layer.parameters()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Ours: "PART.MODULE.down.weight", ".up.weight", ".alpha" (io/lora_keys.py writes kohya's and PEFT's)."""
+        """Ours: "PART.MODULE.down.weight", ".up.weight", ".alpha"; a LyCORIS kind's tensors under their names
+        (io/lora_keys.py writes kohya's, LyCORIS's and PEFT's layouts)."""
         out = {}
         for key, layer in self.layers.items():
-            out[f"{key}.down.weight"] = layer.down.weight.detach()
-            out[f"{key}.up.weight"] = layer.up.weight.detach()
+            if isinstance(layer, WeightDelta):
+                out.update({f"{key}.{name}": t for name, t in layer.tensors().items()})
+            else:
+                out[f"{key}.down.weight"] = layer.down.weight.detach()
+                out[f"{key}.up.weight"] = layer.up.weight.detach()
             out[f"{key}.alpha"] = torch.tensor(layer.alpha)
         return out
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """Its learning tensors by "PART.MODULE.NAME" (a trainer's optimizer and checkpoints)."""
+        return {f"{key}.{name}": p for key, layer in self.layers.items() for name, p in layer.named_parameters()}
 
 
 def find_module(part: nn.Module, name: str) -> nn.Module | None:
@@ -110,6 +118,12 @@ def find_module(part: nn.Module, name: str) -> nn.Module | None:
 ALGOS = ("loha", "lokr", "full", "dora", "tucker")
 
 
+def factorization(n: int) -> tuple[int, int]:
+    """(a, b) with a * b = n, a <= b and a as close to the square root as n allows (LoKr's split of a side)."""
+    a = max(f for f in range(1, math.isqrt(n) + 1) if n % f == 0)
+    return a, n // a
+
+
 class WeightDelta(nn.Module):
     """An update given as a weight rather than a low-rank path (LyCORIS, Yeh et al. 2023; DoRA, Liu et al. 2024):
 
@@ -126,17 +140,65 @@ class WeightDelta(nn.Module):
     Applied as y += x dW^T (a convolution: with the base layer's stride and padding), so attaching and
     detaching stay exact, and ``delta_weight`` folds it into a weight (merging)."""
 
-    def __init__(self, algo: str, tensors: dict[str, torch.Tensor], alpha: float | None = None):
+    def __init__(self, algo: str, tensors: dict[str, torch.Tensor], alpha: float | None = None,
+                 trainable: bool = False):
         super().__init__()
         if algo not in ALGOS:
             raise ValueError(f"weight update {algo!r} unknown; imagine applies {', '.join(ALGOS)}")
         self.algo = algo
         self.names = sorted(tensors)
+        self.trainable = trainable  # parameters that learn (train-lora --algo), else fixed buffers (a file's)
         for name, value in tensors.items():
-            self.register_buffer(name, value.float())
+            if trainable:
+                self.register_parameter(name, nn.Parameter(value.float().clone()))
+            else:
+                self.register_buffer(name, value.float())
         self.rank = self._rank()
         self.alpha = float(alpha) if alpha is not None else float(self.rank or 1)
         self._cache: tuple | None = None
+
+    @classmethod
+    def new(cls, algo: str, base: nn.Module, rank: int, alpha: float | None = None) -> WeightDelta:
+        """A trainable update of ``base`` that starts at nothing (dW = 0), initialized as LyCORIS does:
+
+        - loha: both pairs random but the second pair's first factor zero;
+        - lokr: W's out x in split into factors near the square root of each (a x c, b x d); the small factor
+          w1 (a, c) random, the large one w2 (b, d) zero, as a low-rank pair (b, r) (r, d) with the pair's second
+          factor zero when r is below half its sides, whole otherwise;
+        - dora: a LoRA pair (B zero) and the magnitude m = ||W|| per output row, so W' = W at the start."""
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        weight = base.weight.detach().float()
+        out, fan_in = weight.shape[0], weight[0].numel()
+
+        def kaiming(*shape):
+            t = torch.empty(*shape)
+            nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+            return t
+
+        if algo == "loha":
+            tensors = {"hada_w1_a": torch.randn(out, rank) * 0.1, "hada_w1_b": torch.randn(rank, fan_in),
+                       "hada_w2_a": torch.zeros(out, rank), "hada_w2_b": torch.randn(rank, fan_in)}
+        elif algo == "lokr":
+            (a, b), (c, d) = factorization(out), factorization(weight.shape[1])
+            tensors = {"lokr_w1": kaiming(a, c)}
+            kernel = tuple(weight.shape[2:])
+            if rank < min(b, d) / 2 and not kernel:
+                tensors.update(lokr_w2_a=kaiming(b, rank), lokr_w2_b=torch.zeros(rank, d))
+            else:
+                tensors["lokr_w2"] = torch.zeros(b, d, *kernel)
+        elif algo == "dora":
+            down = kaiming(rank, *weight.shape[1:])
+            up = torch.zeros(out, rank, *([1] * (weight.ndim - 2)))
+            norm = weight.flatten(1).norm(dim=1).reshape(out, *([1] * (weight.ndim - 1)))
+            tensors = {"lora_down": down, "lora_up": up, "dora_scale": norm}
+        else:
+            raise ValueError(f"imagine trains LoRA, LoCon, LoHa, LoKr and DoRA; not {algo!r}")
+        return cls(algo, tensors, alpha, trainable=True)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Its tensors by LyCORIS's names (io/lora_keys.py writes them with the module's kohya name)."""
+        return {name: getattr(self, name).detach() for name in self.names}
 
     def _get(self, name: str) -> torch.Tensor | None:
         return getattr(self, name) if name in self.names else None
@@ -205,6 +267,8 @@ class WeightDelta(nn.Module):
         return None
 
     def _delta_for(self, module: nn.Module) -> torch.Tensor:
+        if self.trainable:  # learning: the update changes every step, and gradients flow through it
+            return self.delta_weight(module.weight.detach())
         key = (id(module), module.weight._version)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.delta_weight(module.weight.detach()))

@@ -60,6 +60,7 @@ class LoraTrainConfig(AdapterTrainConfig):
     alpha: float | None = None  # default: the rank (scale 1)
     targets: str = "attn"  # attn, attn+ff or all (see adapters/lora.py)
     text_encoder: bool = False  # also train LoRAs on the text encoder's attention
+    algo: str = "lora"  # lora, locon (LoRA on every layer), loha, lokr or dora (LyCORIS's layout)
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -205,15 +206,13 @@ def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str,
     parts = parts_of(model, text_encoder)
     for part in parts.values():
         part.requires_grad_(False)
-    lora = create(parts, cfg.rank, cfg.alpha, cfg.targets, cfg.text_encoder, seed=cfg.seed)
-    params = {}
-    for key, layer in lora.layers.items():
-        params[f"lora.{key}.down.weight"] = layer.down.weight
-        params[f"lora.{key}.up.weight"] = layer.up.weight
+    lora = create(parts, cfg.rank, cfg.alpha, cfg.targets, cfg.text_encoder, seed=cfg.seed, algo=cfg.algo)
+    params = {f"lora.{key}": p for key, p in lora.trainable().items()}
     handle = attach(parts, [(lora, 1.0)], text_encoder=text_encoder)
     try:
         fit(model, text_encoder, data, cfg, root, params, text_grad=cfg.text_encoder, resume=resume, hooks=hooks,
-            prior=prior, must_match={"rank": cfg.rank, "targets": cfg.targets}, context={"lora": lora})
+            prior=prior, must_match={"rank": cfg.rank, "targets": cfg.targets, "algo": cfg.algo},
+            context={"lora": lora})
     finally:
         handle.detach()
     metadata = {"imagine_lora": json.dumps({**asdict(cfg), **base_record(model)})}
