@@ -1,7 +1,8 @@
-"""LyCORIS's LoHa, LoKr and full diffs and DoRA, read from the layouts people download and applied as their
-authors define them. Oracle: peft, which implements LoHa, LoKr and DoRA: the same tensors applied by peft and by
-imagine (attached, and merged) give the same outputs within 1e-5. The LyCORIS (kohya-style) layout is the same
-tensors under lora_unet_* names with their alpha; other adapter kinds are refused by name."""
+"""LyCORIS's LoHa, LoKr, full diffs and OFT, DoRA, and PEFT's OFT and IA3, read from the layouts people download
+and applied as their authors define them. Oracle: peft, which implements LoHa, LoKr, DoRA, OFT and IA3: the same
+tensors applied by peft and by imagine (attached, and merged) give the same outputs within 1e-5. The LyCORIS
+(kohya-style) layout is the same tensors under lora_unet_* names with their alpha; kohya's and LyCORIS's OFT are
+held to their definition; other adapter kinds (BOFT, VeRA) are refused by name."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def _peft_model(config, seed=0):
     model = peft.get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():  # every adapter tensor random (some start at zero), the magnitude included
         for name, p in model.named_parameters():
-            if any(t in name for t in ("hada", "lokr", "lora_", "magnitude")):
-                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "magnitude" in name else 0.0))
+            if any(t in name for t in ("hada", "lokr", "lora_", "magnitude", "ia3_l", "oft_R")):
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "magnitude" in name or "ia3_l" in name else 0.0))
     return base, model
 
 
@@ -65,8 +66,9 @@ def _check(tmp_path, config, kohya_names: bool, alpha: float, modules=("lin", "c
     else:  # PEFT's save_pretrained: adapter_model.safetensors and alpha and r in adapter_config.json beside it
         out, name = dict(state), "adapter_model.safetensors"
         config_dict = config.to_dict()
-        (tmp_path / "adapter_config.json").write_text(json.dumps({k: v for k, v in config_dict.items()
-                                                                  if isinstance(v, (int, float, str, bool))}))
+        (tmp_path / "adapter_config.json").write_text(json.dumps(
+            {k: sorted(v) if isinstance(v, set) else v for k, v in config_dict.items()
+             if isinstance(v, (int, float, str, bool, list, set))}))
     save_file({k: v.contiguous() for k, v in out.items()}, str(tmp_path / name))
     lora = load_lora(tmp_path / name, {"unet": base})
     handle = attach({"unet": base}, [(lora, 1.0)])
@@ -104,6 +106,61 @@ def test_dora_matches_peft(tmp_path):
     _check(tmp_path, config, True, 4.0, modules=("lin",))
 
 
+@pytest.mark.parametrize("feedforward", [["conv"], ["lin"]])
+def test_ia3_matches_peft(tmp_path, feedforward):
+    """PEFT's IA3: a layer's output scaled per feature (its bias too), or a feed-forward layer's input; which one
+    read from adapter_config.json's feedforward_modules, and from the scale's shape without it."""
+    config = peft.IA3Config(target_modules=["lin", "conv"], feedforward_modules=feedforward)
+    _check(tmp_path, config, False, 1.0)
+    (tmp_path / "adapter_config.json").unlink()
+    _check(tmp_path, config, False, 1.0)
+
+
+@pytest.mark.parametrize("neumann", [True, False])
+def test_peft_oft_matches_peft(tmp_path, neumann):
+    """PEFT's OFT: the input features in blocks of 8 turned by the Cayley rotation of a skew-symmetric matrix
+    (exactly, or by PEFT's default Neumann series of 5 terms), attached and merged."""
+    config = peft.OFTConfig(r=0, oft_block_size=8, target_modules=["lin"], use_cayley_neumann=neumann)
+    _check(tmp_path, config, False, 1.0, modules=("lin",))
+
+
+@pytest.mark.parametrize("layout", ["lycoris", "kohya", "oft_diag"])
+def test_oft_blocks_turn_the_output_rows(tmp_path, layout):
+    """kohya's and LyCORIS's OFT (Qiu et al. 2023): W' = R^T W with R block-diagonal, each block the Cayley
+    transform (I + Q)(I - Q)^-1 of Q = B - B^T, Q's norm clamped to alpha (LyCORIS) or alpha x out (kohya's
+    networks.oft); LyCORIS's older oft_diag holds R itself; rescale multiplies the rows after."""
+    torch.manual_seed(3)
+    base = Tiny()
+    g = torch.Generator().manual_seed(4)
+    blocks = torch.randn(4, 24, 24, generator=g) * 0.05
+    rescale = 1 + 0.1 * torch.randn(96, 1, generator=g)
+    alpha = 0.5
+    q = blocks - blocks.transpose(1, 2)
+    limit = alpha * 96 if layout == "kohya" else alpha
+    q = q * min(1.0, limit / float(q.norm()))
+    eye = torch.eye(24)
+    rotations = torch.stack([(eye + qi) @ torch.linalg.inv(eye - qi) for qi in q])
+    if layout == "oft_diag":
+        tensors, meta = {"lora_unet_lin.oft_diag": rotations}, {}
+    else:
+        tensors = {"lora_unet_lin.oft_blocks": blocks, "lora_unet_lin.alpha": torch.tensor(alpha)}
+        meta = {"ss_network_module": "networks.oft"} if layout == "kohya" else {}
+    tensors["lora_unet_lin.rescale"] = rescale
+    save_file(tensors, str(tmp_path / "oft.safetensors"), meta)
+    turned = rescale * (torch.block_diag(*rotations).T @ base.lin.weight)
+    x, image = _inputs()
+    with torch.no_grad():
+        want = nn.functional.linear(x, turned, base.lin.bias)
+    lora = load_lora(tmp_path / "oft.safetensors", {"unet": base})
+    handle = attach({"unet": base}, [(lora, 1.0)])
+    with torch.no_grad():
+        got = base(x, image)[0]
+    handle.detach()
+    assert (got - want).abs().max() < 1e-4
+    merge({"unet": base}, [(lora, 1.0)])
+    assert (base.lin.weight - turned).abs().max() < 1e-5
+
+
 def test_full_diff_and_refusals(tmp_path):
     torch.manual_seed(1)
     base = Tiny()
@@ -117,9 +174,9 @@ def test_full_diff_and_refusals(tmp_path):
         got = base(x, image)[0]
     handle.detach()
     assert (got - want).abs().max() < 1e-5
-    save_file({"lora_unet_lin.oft_blocks": torch.zeros(4, 24, 24)}, str(tmp_path / "oft.safetensors"))
-    with pytest.raises(CheckpointError, match="OFT"):
-        load_lora(tmp_path / "oft.safetensors", {"unet": base})
+    save_file({"lora_unet_lin.boft_R": torch.zeros(1, 4, 24, 24)}, str(tmp_path / "boft.safetensors"))
+    with pytest.raises(CheckpointError, match="BOFT"):
+        load_lora(tmp_path / "boft.safetensors", {"unet": base})
     save_file({"lora_unet_lin.hada_w1_a": torch.zeros(50, 4), "lora_unet_lin.hada_w1_b": torch.zeros(4, 64),
                "lora_unet_lin.hada_w2_a": torch.zeros(50, 4), "lora_unet_lin.hada_w2_b": torch.zeros(4, 64)},
               str(tmp_path / "misfit.safetensors"))
@@ -152,3 +209,23 @@ def test_locon_tucker_form_is_the_cp_rebuild(tmp_path):
         got = base(x, image)[1]
     handle.detach()
     assert (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("on_input", [False, True])
+def test_lycoris_ia3_learns_the_change(tmp_path, on_input):
+    """LyCORIS's (IA)^3: a per-feature w under the module's plain "weight" key with an on_input flag; the layer
+    becomes W (1 + w), by rows or (on_input) by columns, the bias untouched (A1111's reading)."""
+    torch.manual_seed(5)
+    base = Tiny()
+    w = 0.1 * torch.randn(64 if on_input else 96)
+    save_file({"lora_unet_lin.weight": w, "lora_unet_lin.on_input": torch.tensor(on_input)},
+              str(tmp_path / "ia3.safetensors"))
+    scaled = base.lin.weight * (1 + (w[None, :] if on_input else w[:, None]))
+    x, image = _inputs()
+    with torch.no_grad():
+        want = nn.functional.linear(x, scaled, base.lin.bias)
+    handle = attach({"unet": base}, [(load_lora(tmp_path / "ia3.safetensors", {"unet": base}), 1.0)])
+    with torch.no_grad():
+        got = base(x, image)[0]
+    handle.detach()
+    assert (got - want).abs().max() < 1e-5

@@ -179,7 +179,7 @@ def merge(parts: dict[str, nn.Module], loras: list[tuple[LoRA, float]], *, stric
                 delta = (layer.delta_weight(module.weight.detach()) if isinstance(layer, WeightDelta)
                          else layer.delta_weight()).to(torch.float32) * weight
                 module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
-                bias = getattr(layer, "diff_b", None) if isinstance(layer, WeightDelta) else None
+                bias = layer.delta_bias(module) if isinstance(layer, WeightDelta) else None
                 if bias is not None and module.bias is not None:  # a full diff moves the bias too
                     module.bias.copy_((module.bias.float() + bias.float() * weight).to(module.bias.dtype))
     forget_text_cache(text_encoder)

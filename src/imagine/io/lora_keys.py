@@ -19,6 +19,7 @@ the loader can list it (a LoRA never silently does nothing)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -126,21 +127,77 @@ TENSOR_NAMES = {
     "dora_scale": "dora_scale", "lora_magnitude_vector": "dora_scale", "lora_mid.weight": "lora_mid",
     **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                                "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-                               "diff", "diff_b")}}
+                               "diff", "diff_b", "oft_blocks", "oft_diag", "rescale", "ia3_l", "on_input")},
+    "oft_R.weight": "oft_R"}
+# LyCORIS's (IA)^3 names its scale plain "weight" (with an on_input flag beside it)
+LYCORIS_IA3 = {**TENSOR_NAMES, "weight": "ia3_w"}
 # ours -> the name LyCORIS writes, where they differ
 LYCORIS_NAMES = {"lora_down": "lora_down.weight", "lora_up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
 # what other adapter kinds' tensors are called: named in the refusal, never skipped
-OTHER_KINDS = {"oft_blocks": "OFT", "oft_diag": "OFT", "oft_R": "OFT", "on_input": "IA3", "ia3_l": "IA3",
-               "lora_embedding_A": "an embedding LoRA",
-               "boft_R": "BOFT", "vera_lambda_b": "VeRA"}
+OTHER_KINDS = {"lora_embedding_A": "an embedding LoRA", "boft_R": "BOFT", "boft_s": "BOFT",
+               "vera_lambda_b": "VeRA"}
 
 
-def _split(key: str) -> tuple[str, str] | None:
+def _split(key: str, names: dict[str, str] = TENSOR_NAMES) -> tuple[str, str] | None:
     """(module path, our tensor name) of a key, by the longest tensor name it ends with."""
-    for name in sorted(TENSOR_NAMES, key=len, reverse=True):
+    for name in sorted(names, key=len, reverse=True):
         if key.endswith("." + name):
-            return key[: -len(name) - 1], TENSOR_NAMES[name]
+            return key[: -len(name) - 1], names[name]
     return None
+
+
+def _matches(name: str, patterns) -> bool:
+    """Whether a module name is among PEFT's target-style patterns (a list of name suffixes, or a regex)."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns or ())
+
+
+def _weight_update(path: Path, part: str, name: str, tensors: dict[str, torch.Tensor], alpha: float | None,
+                   module: nn.Module | None, metadata: dict[str, str], peft: dict) -> WeightDelta:
+    """A LyCORIS, DoRA, OFT or IA3 update of one module, its kind told by its tensors."""
+    where = f"{path}: {part}.{name}"
+    if "oft_blocks" in tensors or "oft_diag" in tensors:
+        blocks = tensors.pop("oft_blocks", None)
+        given = blocks is None
+        blocks = tensors.pop("oft_diag") if given else blocks
+        if blocks.ndim != 3:
+            raise CheckpointError(f"{where} holds a {blocks.ndim}-d OFT tensor: LyCORIS's butterfly OFT (BOFT), "
+                                  "which imagine does not apply yet")
+        constraint = None
+        if not given and alpha:  # kohya's networks.oft bounds Q's norm by alpha x out; LyCORIS's by alpha
+            kohya = metadata.get("ss_network_module", "") == "networks.oft"
+            constraint = float(alpha) * (blocks.shape[0] * blocks.shape[1] if kohya else 1)
+        return WeightDelta("oft", {"oft_blocks": blocks, **tensors}, None,
+                           options={"constraint": constraint, "given": given})
+    if "oft_R" in tensors:
+        if peft.get("coft"):
+            raise CheckpointError(f"{where}: a constrained PEFT OFT (coft), which imagine does not apply yet")
+        n_el = tensors["oft_R"].shape[1]
+        size = round((1 + (1 + 8 * n_el) ** 0.5) / 2)
+        neumann = peft.get("num_cayley_neumann_terms", 5) if peft.get("use_cayley_neumann", True) else 0
+        return WeightDelta("peft_oft", tensors, None, options={"block_size": size, "neumann": neumann})
+    if "ia3_l" in tensors or "ia3_w" in tensors:
+        if "ia3_l" in tensors:  # PEFT's: the scale itself
+            scale = tensors["ia3_l"]
+            if "feedforward_modules" in peft:
+                feedforward = _matches(name, peft["feedforward_modules"])
+            elif module is None:
+                feedforward = False
+            elif scale.ndim == 2:  # a linear layer's: (out, 1) scales rows, (1, in) the input
+                feedforward = scale.shape[0] == 1 and module.weight.shape[1] != 1
+            elif module.weight.shape[0] != module.weight.shape[1]:  # a convolution's (1, C, 1, 1)
+                feedforward = scale.shape[1] == module.weight.shape[1]
+            else:
+                raise CheckpointError(f"{where}: an IA3 scale on a square convolution, which scales its input or "
+                                      "its output as PEFT's config says: put adapter_config.json beside it")
+            return WeightDelta("ia3", {"ia3_l": scale}, None, options={"feedforward": bool(feedforward), "bias": True})
+        on_input = bool(tensors["on_input"].flatten()[0]) if "on_input" in tensors else False
+        # LyCORIS's (IA)^3 learns the change itself: dW = W w
+        return WeightDelta("ia3", {"ia3_l": tensors["ia3_w"] + 1}, None, options={"feedforward": on_input})
+    algo = ("loha" if "hada_w1_a" in tensors else "lokr" if any(k.startswith("lokr_") for k in tensors)
+            else "full" if "diff" in tensors else "dora" if "dora_scale" in tensors else "tucker")
+    return WeightDelta(algo, tensors, alpha)
 
 
 def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bool = False):
@@ -154,8 +211,9 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
         for marker, kind in OTHER_KINDS.items():
             if key.endswith(marker):
                 raise CheckpointError(f"{path} holds {marker} tensors ({key}): it is {kind}, which imagine does not "
-                                      "apply yet (it reads LoRA, LoCon, LoHa, LoKr, full diffs and DoRA)")
-    split = {key: _split(key) for key in weights}
+                                      "apply yet (it reads LoRA, LoCon, LoHa, LoKr, full diffs, DoRA, OFT and IA3)")
+    names = LYCORIS_IA3 if any(k.endswith(".on_input") for k in weights) else TENSOR_NAMES
+    split = {key: _split(key, names) for key in weights}
     known = [k for k, v in split.items() if v is not None]
     if not known:
         sample = ", ".join(list(weights)[:4]) or "no tensors"
@@ -176,7 +234,7 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
     alphas = json.loads(metadata.get("lora_alphas", "{}")) if metadata else {}
     # PEFT's save_pretrained keeps alpha and r beside the weights (adapter_config.json), not in them
     peft_config = path.with_name("adapter_config.json")
-    peft_scale = None
+    peft_scale, config = None, {}
     if not kohya and peft_config.is_file():
         config = json.loads(peft_config.read_text())
         r, alpha = config.get("r"), config.get("lora_alpha", config.get("alpha"))
@@ -205,17 +263,16 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
             rank = next((tensors[k].shape[0] for k in ("lora_down", "hada_w1_b", "lokr_w1_b", "lokr_w2_b")
                          if k in tensors), peft_scale[1])
             alpha = peft_scale[0] * rank / peft_scale[1]
-        algo = ("loha" if "hada_w1_a" in tensors else "lokr" if any(k.startswith("lokr_") for k in tensors)
-                else "full" if "diff" in tensors else "dora" if "dora_scale" in tensors
-                else "tucker" if "lora_mid" in tensors else "lora")
+        plain = set(tensors) <= {"lora_down", "lora_up"}
+        algo = "lora" if plain else "other"
         if algo == "lora":
             down, up = tensors.get("lora_down"), tensors.get("lora_up")
             if down is None or up is None:
                 raise CheckpointError(f"{path}: {part}.{name} has {sorted(tensors)}, not both halves of a LoRA")
         if part == "unet" and name in fused:  # one fused original layer: a LoRA per module, on its rows
             if algo != "lora":
-                raise CheckpointError(f"{path}: {part}.{name} is a fused Flux layer with a {algo} update; imagine "
-                                      "splits plain LoRA on fused layers, not LyCORIS kinds yet")
+                raise CheckpointError(f"{path}: {part}.{name} is a fused Flux layer with a {sorted(tensors)} update; "
+                                      "imagine splits plain LoRA on fused layers, not LyCORIS kinds yet")
             for target, start, end, swap in fused[name]:
                 rows = up.float()[start:end]
                 if swap:
@@ -228,7 +285,9 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
             module = find_module(parts[part], name) if part in parts else None
             lora.layers[f"{part}.{name}"] = LoRALayer.from_tensors(down.float(), up.float(), alpha, module)
         else:
-            lora.layers[f"{part}.{name}"] = WeightDelta(algo, tensors, alpha)
+            module = find_module(parts[part], name) if part in parts else None
+            lora.layers[f"{part}.{name}"] = _weight_update(path, part, name, tensors, alpha, module, metadata or {},
+                                                           config)
     return lora
 
 

@@ -115,7 +115,7 @@ def find_module(part: nn.Module, name: str) -> nn.Module | None:
     return None
 
 
-ALGOS = ("loha", "lokr", "full", "dora", "tucker")
+ALGOS = ("loha", "lokr", "full", "dora", "tucker", "oft", "peft_oft", "ia3")
 
 
 def factorization(n: int) -> tuple[int, int]:
@@ -135,17 +135,27 @@ class WeightDelta(nn.Module):
     - tucker: LoCon's CP/Tucker form for convolutions, dW[i, j] = sum_{n, m} mid[n, m] up[i, n] down[m, j] * alpha
       / r (lora_mid between a 1x1 down and up; A1111's rebuild_cp_decomposition);
     - dora: W' = m (W + s B A) / ||W + s B A||, the low-rank direction renormalized and scaled by the learned
-      magnitude m (per output row, or per input column for LyCORIS's dora_scale of shape (1, in)); dW = W' - W.
+      magnitude m (per output row, or per input column for LyCORIS's dora_scale of shape (1, in)); dW = W' - W;
+    - oft (Qiu et al. 2023, kohya's and LyCORIS's layout): W's output rows in blocks, each block turned by an
+      orthogonal R = (I + Q)(I - Q)^-1 of the skew-symmetric Q = B - B^T (``oft_blocks``; Q's norm clamped to
+      ``options["constraint"]`` where there is one), or by R itself (LyCORIS's older ``oft_diag``): W' = R^T W
+      block by block, times ``rescale`` per row where the file has it; dW = W' - W;
+    - peft_oft (PEFT's OFT): the input features in blocks turned by the Cayley rotation of the skew-symmetric
+      matrix whose upper triangle is ``oft_R`` (exactly, or by PEFT's Neumann series of ``options["neumann"]``
+      terms): W' = W R^T;
+    - ia3 (Liu et al. 2022, PEFT's IA3): W' = W scaled per output row by l (and the bias with it) or, for
+      feed-forward layers, per input column; dW = W' - W.
 
     Applied as y += x dW^T (a convolution: with the base layer's stride and padding), so attaching and
     detaching stay exact, and ``delta_weight`` folds it into a weight (merging)."""
 
     def __init__(self, algo: str, tensors: dict[str, torch.Tensor], alpha: float | None = None,
-                 trainable: bool = False):
+                 trainable: bool = False, options: dict | None = None):
         super().__init__()
         if algo not in ALGOS:
             raise ValueError(f"weight update {algo!r} unknown; imagine applies {', '.join(ALGOS)}")
         self.algo = algo
+        self.options = dict(options or {})  # what a kind reads beside its tensors (OFT's constraint, IA3's axis)
         self.names = sorted(tensors)
         self.trainable = trainable  # parameters that learn (train-lora --algo), else fixed buffers (a file's)
         for name, value in tensors.items():
@@ -212,7 +222,7 @@ class WeightDelta(nn.Module):
 
     @property
     def scale(self) -> float:
-        if self.algo == "full" or (self.algo == "lokr" and self.rank is None):
+        if self.algo in ("full", "oft", "peft_oft", "ia3") or (self.algo == "lokr" and self.rank is None):
             return 1.0
         return self.alpha / (self.rank or 1)
 
@@ -222,9 +232,71 @@ class WeightDelta(nn.Module):
             return torch.einsum("ijkl,jr,ip->prkl", core, wb.flatten(1), wa.flatten(1))
         return (wa.flatten(1) @ wb.flatten(1)).reshape(shape)
 
+    def _oft_rotations(self) -> torch.Tensor:
+        """(blocks, n, n) orthogonal matrices of an oft update."""
+        if self.options.get("given"):  # LyCORIS's oft_diag: the rotations themselves
+            return self._get("oft_blocks")
+        blocks = self._get("oft_blocks")
+        q = blocks - blocks.transpose(1, 2)
+        constraint = self.options.get("constraint")
+        if constraint:  # the norm of all blocks' Q together, at most the constraint
+            norm = q.norm()
+            if norm > constraint:
+                q = q * (constraint / norm)
+        eye = torch.eye(q.shape[-1], dtype=q.dtype)
+        return (eye + q) @ torch.linalg.inv(eye - q)
+
+    def _peft_rotations(self) -> torch.Tensor:
+        """(blocks, n, n) of PEFT's OFT: the Cayley rotation of the skew-symmetric matrix whose upper triangle is
+        each row of oft_R, exactly, or by its Neumann series (PEFT's default, 5 terms)."""
+        vec = self._get("oft_R")
+        n = self.options["block_size"]
+        rows, cols = torch.triu_indices(n, n, 1)
+        q = vec.new_zeros(vec.shape[0], n, n)
+        q[:, rows, cols] = vec
+        q = q - q.transpose(1, 2)
+        eye = torch.eye(n, dtype=q.dtype).expand_as(q)
+        terms = self.options.get("neumann")
+        if not terms:
+            return torch.linalg.solve(eye + q, eye - q, left=False)
+        r = eye.clone()
+        if terms > 1:
+            r = r + 2 * q
+            if terms > 2:
+                power = q @ q
+                r = r + 2 * power
+                for _ in range(3, terms - 1):
+                    power = power @ q
+                    r = r + 2 * power
+                r = r + power @ q
+        return r
+
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        """dW shaped as ``base_weight`` (which DoRA reads; the others only take its shape)."""
+        """dW shaped as ``base_weight`` (which DoRA, OFT and IA3 read; the others only take its shape)."""
         shape = base_weight.shape
+        if self.algo == "oft":
+            w = base_weight.float()
+            r = self._oft_rotations()
+            k, n = r.shape[0], r.shape[1]
+            turned = torch.einsum("knm,kn...->km...", r, w.reshape(k, n, *shape[1:])).reshape(shape)
+            rescale = self._get("rescale")
+            if rescale is not None:
+                turned = turned * rescale.reshape(-1, *([1] * (len(shape) - 1)))
+            return turned - w
+        if self.algo == "peft_oft":
+            w = base_weight.float().flatten(1)
+            r = self._peft_rotations()
+            blocks = w.shape[1] // r.shape[-1]
+            if r.shape[0] == 1 and blocks > 1:  # block_share: one rotation for every block
+                r = r.expand(blocks, -1, -1)
+            turned = w @ torch.block_diag(*r).T
+            return (turned - w).reshape(shape)
+        if self.algo == "ia3":
+            w = base_weight.float()
+            scale = self._get("ia3_l").flatten()
+            if self.options.get("feedforward"):  # scales the layer's input: its weight's columns
+                return w * (scale - 1).reshape(1, -1, *([1] * (len(shape) - 2)))
+            return w * (scale - 1).reshape(-1, *([1] * (len(shape) - 1)))
         if self.algo == "full":
             return self._get("diff").reshape(shape)
         if self.algo == "tucker":
@@ -274,9 +346,18 @@ class WeightDelta(nn.Module):
             self._cache = (key, self.delta_weight(module.weight.detach()))
         return self._cache[1]
 
+    def delta_bias(self, module: nn.Module) -> torch.Tensor | None:
+        """How the bias moves (a full diff's diff_b; IA3 scales the bias with the output it scales)."""
+        if self.algo == "ia3" and self.options.get("bias") and not self.options.get("feedforward") \
+                and module.bias is not None:  # PEFT's scales the output, bias included
+            return module.bias.detach().float() * (self._get("ia3_l").flatten() - 1)
+        if self.algo == "oft" and module.bias is not None:  # the bias is not turned: W' = R^T W only
+            return None
+        return self._get("diff_b")
+
     def forward(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         delta = self._delta_for(module).to(x.dtype)
-        bias = self._get("diff_b")
+        bias = self.delta_bias(module)
         bias = bias.to(x.dtype) if bias is not None else None
         if isinstance(module, nn.Conv2d):
             return torch.nn.functional.conv2d(x, delta, bias, module.stride, module.padding, module.dilation,
