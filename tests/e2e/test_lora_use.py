@@ -159,6 +159,22 @@ def test_server_merges_served_models_into_a_new_one(workspace, tiny_t2i_dir, tmp
         traversal = client.post("/api/v1/merge", json={"primary": "tiny-shapes", "secondary": "tiny-shapes",
                                                        "name": "../evil"})
         assert traversal.status_code == 422
+        from imagine.adapters.lora import create
+        from imagine.io.lora_keys import save_lora
+        from imagine.io.networks import load_unet
+
+        lora = create({"unet": load_unet(tiny_t2i_dir / "unet")}, rank=2, algo="loha")
+        with torch.no_grad():
+            for p in lora.parameters():
+                p.add_(0.05)
+        (tmp_path / "models" / "Lora").mkdir(exist_ok=True)
+        save_lora(lora, tmp_path / "models" / "Lora" / "style.safetensors")
+        with_lora = client.post("/api/v1/merge", json={"primary": "tiny-shapes", "secondary": "style",
+                                                       "mode": "add-difference", "multiplier": 0.7,
+                                                       "name": "with-style"})
+        assert with_lora.status_code == 200, with_lora.text  # B an adapter from Lora/: A + M dW
+        neither = client.post("/api/v1/merge", json={"primary": "tiny-shapes", "secondary": "nothing", "name": "n"})
+        assert neither.status_code == 400 and "nor a LoRA" in neither.json()["detail"]
     no_dir = create_app([tiny_t2i_dir], out_dir=None)
     with TestClient(no_dir) as client:
         r = client.post("/api/v1/merge", json={"primary": "tiny-shapes", "secondary": "tiny-shapes", "name": "m"})

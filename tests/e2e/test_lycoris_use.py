@@ -44,3 +44,12 @@ def test_a_loha_file_goes_through_the_cli_tags_and_merge(tiny_t2i_dir, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     merged = np.asarray(Image.open(next((tmp_path / "m").glob("*.png")))).astype(int)
     assert np.abs(merged - opt.astype(int)).max() <= 2  # the same update, folded (float rounding apart)
+    # the checkpoint merger takes the adapter as B: A + M dW, the same weights as merge-lora at weight M
+    run = imagine("merge", tiny_t2i_dir, "hada", "--mode", "add-difference", "--multiplier", 0.8, "--models-dir",
+                  tmp_path / "models", "--out", tmp_path / "by-merger")
+    assert run.returncode == 0, run.stderr[-2000:]
+    a, b = (load_model_folder(tmp_path / f).unet.state_dict() for f in ("merged", "by-merger"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run = imagine("merge", tiny_t2i_dir, "hada", tiny_t2i_dir, "--mode", "add-difference", "--models-dir",
+                  tmp_path / "models", "--out", tmp_path / "refused")
+    assert run.returncode != 0 and "no C" in run.stderr

@@ -165,7 +165,8 @@ def merge_lora(
 @app.command(rich_help_panel=MODELS)
 def merge(
     a: str = typer.Argument(..., help="Model A (folder, checkpoint file or name in the models folder)."),
-    b: str = typer.Argument(..., help="Model B."),
+    b: str = typer.Argument(..., help="Model B, or an adapter file or name in Lora/ (LoRA, LyCORIS, DoRA, OFT, "
+                                      "IA3): then A + M x its update, in either mode."),
     c: str | None = typer.Argument(None, help="Model C (add-difference only)."),
     mode: str = typer.Option("weighted-sum", help="weighted-sum: A (1 - M) + B M; add-difference: A + (B - C) M."),
     multiplier: float = typer.Option(0.5, help="M."),
@@ -181,7 +182,13 @@ def merge(
 
     try:
         folder = models_dir if models_dir is not None else md.default_models_dir()
-        paths = [md.resolve(x, folder) for x in (a, b, c) if x is not None]
+        paths = [md.resolve(a, folder)]
+        try:
+            paths.append(md.resolve(b, folder))
+        except FileNotFoundError:  # B may be an adapter in Lora/: A + M dW
+            paths.append(md.resolve(b, folder, "lora"))
+        if c is not None:
+            paths.append(md.resolve(c, folder))
         merge_files(paths, out, mode=mode, multiplier=multiplier, dtype=dtype)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))

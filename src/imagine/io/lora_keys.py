@@ -146,6 +146,22 @@ def _split(key: str, names: dict[str, str] = TENSOR_NAMES) -> tuple[str, str] | 
     return None
 
 
+def is_adapter_file(path: Path | str) -> bool:
+    """Whether a file holds an adapter (LoRA, LyCORIS, DoRA, OFT, IA3) rather than a model: a .safetensors whose
+    keys are adapter tensors (read from its header alone)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # a broken file is refused when it is loaded
+        return False
+    return bool(keys) and all(_split(k, LYCORIS_IA3) is not None for k in keys) and \
+        any(_split(k) is not None and _split(k)[1] != "alpha" for k in keys) and \
+        not any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in keys)
+
+
 def _matches(name: str, patterns) -> bool:
     """Whether a module name is among PEFT's target-style patterns (a list of name suffixes, or a regex)."""
     if isinstance(patterns, str):

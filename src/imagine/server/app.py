@@ -21,7 +21,7 @@ from imagine import __version__
 from imagine.adapters.image_prompt import adapter_type, available
 from imagine.io.checkpoint import CheckpointError
 from imagine.io.ip_adapter_files import peek
-from imagine.io.models_dir import SECTIONS
+from imagine.io.models_dir import SECTIONS, find
 from imagine.pipelines.upscale import LATENT, upscaler_names
 from imagine.server import a1111
 from imagine.server.jobs import Job, QueueFull
@@ -277,7 +277,17 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
         if store.models_dir is None:
             raise RequestError("merging writes into the models folder: start the server with --models-dir DIR", 409)
         try:
-            chosen = [store.lookup(n) for n in (body.primary, body.secondary, body.tertiary) if n is not None]
+            chosen = [store.lookup(body.primary)]
+            try:
+                chosen.append(store.lookup(body.secondary))
+            except KeyError:  # B may be an adapter from Lora/: A + M dW
+                try:
+                    chosen.append(find(store.models_dir, "lora", body.secondary))
+                except KeyError:
+                    raise KeyError(f"model B {body.secondary!r} is neither a served model ({', '.join(store.names())})"
+                                   " nor a LoRA in the models folder's Lora/") from None
+            if body.tertiary is not None:
+                chosen.append(store.lookup(body.tertiary))
         except KeyError as err:
             raise RequestError(err.args[0], 400) from None
         fmt = body.format or ("safetensors" if chosen[0].path.is_file() else "folder")

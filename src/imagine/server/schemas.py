@@ -135,7 +135,7 @@ class MergeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     primary: str = Field(..., description="model A: a name from GET /api/v1/models")
-    secondary: str = Field(..., description="model B")
+    secondary: str = Field(..., description="model B, or an adapter from GET /sdapi/v1/loras (A + M dW)")
     tertiary: str | None = Field(None, description="model C (add-difference only)")
     mode: Literal["weighted-sum", "add-difference"] = "weighted-sum"
     multiplier: float = Field(0.5, ge=-1, le=2, description="M")

@@ -11,8 +11,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from imagine.adapters.lora import parts_of
+from imagine.adapters.lora import merge, parts_of
 from imagine.io.checkpoint import CheckpointError
+from imagine.io.lora_keys import is_adapter_file, load_lora
 from imagine.io.stable_diffusion import save_like
 from imagine.pipelines.request import load_text_model
 
@@ -64,12 +65,21 @@ def merge_models(a, b, c=None, *, mode: Mode = "weighted-sum", multiplier: float
 def merge_files(paths: list[Path], out: Path, *, mode: Mode = "weighted-sum", multiplier: float = 0.5,
                 dtype: str | None = None, allow_pickle: bool = False) -> Path:
     """Load models A, B (and C), merge them and write the result to ``out`` (a .safetensors single file, or a
-    folder of A's kind); ``out`` must not exist. Each model is loaded afresh (the merge changes A in place)."""
+    folder of A's kind); ``out`` must not exist. Each model is loaded afresh (the merge changes A in place).
+    B may be an adapter file (LoRA, LyCORIS, DoRA, OFT, IA3): B - A is then its update to A, so either mode
+    gives A + M dW (the merger's add difference with an adapter; merge-lora at weight M)."""
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} exists; a merge writes a new file or folder")
     if len(paths) not in (2, 3):
         raise ValueError(f"a merge takes two or three models, got {len(paths)}")
+    if is_adapter_file(paths[1]):
+        if len(paths) == 3:
+            raise ValueError(f"{paths[1]} is an adapter: its difference is its own update to A, so there is no C")
+        model, encoder = load_text_model(paths[0], allow_pickle=allow_pickle)
+        parts = parts_of(model, encoder)
+        merge(parts, [(load_lora(paths[1], parts, allow_pickle=allow_pickle), multiplier)], text_encoder=encoder)
+        return save_like(model, paths[0], out, dtype)
     loaded = [load_text_model(p, allow_pickle=allow_pickle)[0] for p in paths]
     merged = merge_models(*loaded[:2], loaded[2] if len(loaded) > 2 else None, mode=mode, multiplier=multiplier)
     return save_like(merged, paths[0], out, dtype)

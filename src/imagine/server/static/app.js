@@ -408,12 +408,18 @@ $("embedding-picker").addEventListener("change", () => {
 
 // ---- checkpoint merger (POST /api/v1/merge)
 async function loadMerger() {
-  const models = await api("GET", "/api/v1/models");
+  const [models, loras] = await Promise.all([api("GET", "/api/v1/models"), api("GET", "/sdapi/v1/loras")]);
   for (const id of ["merge-a", "merge-b", "merge-c"]) {
     const select = $(id);
     const keep = select.value;
     select.length = id === "merge-c" ? 1 : 0;
     for (const m of models.models) select.add(new Option(m.title, m.name));
+    if (id === "merge-b" && loras.length) {  // B may be an adapter: A + M dW (the merger's add difference)
+      const group = document.createElement("optgroup");
+      group.label = "LoRA / LyCORIS (adds M x its update)";
+      for (const l of loras) group.appendChild(new Option(l.name, l.name));
+      select.appendChild(group);
+    }
     if ([...select.options].some((o) => o.value === keep)) select.value = keep;
   }
 }
