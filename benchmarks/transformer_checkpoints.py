@@ -142,7 +142,7 @@ start = time.perf_counter()
 {load}
 with torch.no_grad():  # touch every weight: memory-mapped pages count only once they are read
     tensors = [t for mod in mods for t in (*mod.parameters(), *mod.buffers())]
-    checksum = sum(float(t.float().sum()) for t in tensors)
+    checksum = sum(float(c.sum(dtype=torch.float32)) for t in tensors for c in t.flatten().split(1 << 22))
 seconds = time.perf_counter() - start
 weights = sum(t.numel() * t.element_size() for t in tensors) / 2**20  # buffers too: SD3's positions are 432 MB
 print(json.dumps({{"baseline_mb": base, "peak_mb": rss_peak_mb(), "after_mb": rss_now_mb(), "weights_mb": weights,
