@@ -7,7 +7,10 @@ Starting from the shipped model, with five captioned renders of the heart under 
   ("a red sks", "a sks on the left", ...) that show a heart with the asked colour and place;
 - ShapesEval of each fine-tuned model on ordinary prompts against the base model's (language drift);
 - textual inversion on the same images and prompts (the token "sks" as a learned embedding);
-- file sizes, training minutes on this CPU, and generation speed with the LoRA attached vs merged.
+- file sizes, training minutes on this CPU, and generation speed with the LoRA attached vs merged;
+- the same DreamBooth (with the prior) as LyCORIS's LoHa and LoKr and as DoRA (``--algos``), at comparable file
+  sizes where the kind allows (LoHa at half LoRA's rank holds as many numbers; LoKr's Kronecker factors are
+  small by construction): instance fidelity, language drift, file size, minutes, speed attached and merged.
 
     python benchmarks/personalization.py          # writes docs/benchmarks/personalization.{json,md}
 
@@ -265,6 +268,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8, help="samples per identifier prompt")
     parser.add_argument("--per-category", type=int, default=25, help="ShapesEval prompts per category")
     parser.add_argument("--speed-images", type=int, default=8)
+    parser.add_argument("--algos", default="loha,lokr,dora", help="LyCORIS / DoRA kinds to train beside LoRA")
     args = parser.parse_args()
 
     from imagine.data.images import load_folder
@@ -296,10 +300,11 @@ def main() -> None:
     stage("base_share", lambda: concept_share(model, encoder, settings, args.seeds))
     stage("base_eval", lambda: shapes_eval(model, encoder, settings, args.per_category))
 
-    def train(name: str, prior: bool):
+    def train(name: str, prior: bool, algo: str = "lora"):
         out = work / f"{name}.safetensors"
-        cfg = LoraTrainConfig(rank=args.rank, targets="attn+ff", steps=args.steps, batch_size=4, lr=1e-3,
-                              prior_weight=1.0, checkpoint_every=50)
+        rank = args.rank // 2 if algo == "loha" else args.rank  # LoHa's two pairs: as many numbers at half rank
+        cfg = LoraTrainConfig(rank=rank, targets="attn+ff", steps=args.steps, batch_size=4, lr=1e-3,
+                              prior_weight=1.0, checkpoint_every=50, algo=algo)
         tick = time.perf_counter()
         prior_data = class_images(model, encoder, CLASS_PROMPTS, args.class_images, work / "class_images") \
             if prior else None
@@ -312,6 +317,15 @@ def main() -> None:
 
     for name, prior in (("dreambooth_prior", True), ("dreambooth_no_prior", False)):
         info = stage(f"{name}_train", lambda name=name, prior=prior: train(name, prior))
+        stage(f"{name}_share", lambda info=info: concept_share(model, encoder, settings, args.seeds,
+                                                               lora=info["file"]))
+        stage(f"{name}_eval", lambda info=info: shapes_eval(model, encoder, settings, args.per_category,
+                                                            lora=info["file"]))
+        sample_grid(model, encoder, settings, work / f"{name}.png", lora=info["file"])
+
+    for algo in [a for a in args.algos.split(",") if a]:
+        name = f"{algo}_prior"
+        info = stage(f"{name}_train", lambda name=name, algo=algo: train(name, True, algo))
         stage(f"{name}_share", lambda info=info: concept_share(model, encoder, settings, args.seeds,
                                                                lora=info["file"]))
         stage(f"{name}_eval", lambda info=info: shapes_eval(model, encoder, settings, args.per_category,
@@ -333,20 +347,22 @@ def main() -> None:
                                                            embedding=ti["file"]))
     sample_grid(model, encoder, settings, work / "textual_inversion.png", embedding=ti["file"])
 
-    def merged_speed():
+    def merged_speed(key: str = "dreambooth_prior", folder_name: str = "merged"):
         from imagine.adapters.lora import merge, parts_of
         from imagine.io.lora_keys import load_lora
 
-        lora = results["dreambooth_prior_train"]["file"]
+        lora = results[f"{key}_train"]["file"]
         tuned, tuned_encoder = load_text_model(default_model())
         parts = parts_of(tuned, tuned_encoder)
         merge(parts, [(load_lora(lora, parts), 1.0)], text_encoder=tuned_encoder)
-        folder = work / "merged"
+        folder = work / folder_name
         if not folder.exists():
             save_like(tuned, default_model(), folder)
         return speed(model, encoder, settings, Path(lora), folder, args.speed_images)
 
     stage("speed", merged_speed)
+    for algo in [a for a in args.algos.split(",") if a]:
+        stage(f"{algo}_prior_speed", lambda algo=algo: merged_speed(f"{algo}_prior", f"merged-{algo}"))
     write_report(results, args)
 
 
@@ -406,6 +422,25 @@ def write_report(results: dict, args) -> None:
     md += ["", f"Generation, seconds per image ({args.speed_images} images, 25 steps): base {sp['base_s']:.2f}, "
            f"LoRA attached {sp['attached_s']:.2f} ({sp['attached_s'] / sp['base_s']:.2f}x), merged "
            f"{sp['merged_s']:.2f} ({sp['merged_s'] / sp['base_s']:.2f}x).", ""]
+    algos = [a for a in args.algos.split(",") if a and f"{a}_prior_speed" in results]
+    if algos:
+        labels = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}
+        md += ["## By adapter kind (DreamBooth with the prior)", "",
+               f"The same data, steps, targets (attn+ff) and learning rate; LoRA and DoRA at rank {args.rank}, LoHa at "
+               f"{args.rank // 2} (two pairs: as many numbers), LoKr at rank {args.rank} with its factors near the "
+               "square roots of each side (it is small by construction). `train-lora --algo KIND` trains each.", "",
+               "| kind | share right | shows a heart | ShapesEval vs base | file | training minutes | s / image "
+               "attached | merged |", "|---|---|---|---|---|---|---|---|"]
+        rows = [("lora", "dreambooth_prior", "speed")] + [(a, f"{a}_prior", f"{a}_prior_speed") for a in algos]
+        for algo, key, speed_key in rows:
+            share, ev, tr, spd = (results[f"{key}_share"], results[f"{key}_eval"], results[f"{key}_train"],
+                                  results[speed_key])
+            d = paired_diff(base["passed"], ev["passed"])
+            md.append(f"| {labels[algo]} | {share['share']:.0%} ± {share['stderr']:.0%} | {share['shows_concept']:.0%} "
+                      f"| {d[0]:+.3f} ± {d[1]:.3f} | {tr['bytes'] / 1e3:.0f} kB | {tr['train_minutes']:.1f} | "
+                      f"{spd['attached_s']:.2f} ({spd['attached_s'] / spd['base_s']:.2f}x) | "
+                      f"{spd['merged_s']:.2f} ({spd['merged_s'] / spd['base_s']:.2f}x) |")
+        md.append("")
     (args.out / "personalization.md").write_text("\n".join(md))
     print("\n".join(md))
 

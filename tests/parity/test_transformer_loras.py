@@ -146,6 +146,60 @@ def test_flux_single_block_and_comfyui_names_follow_the_fused_layout(flux):
     assert torch.equal(outs[0], outs[1]) and (outs[0] - expected).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("kind", ["loha", "dora"])
+def test_lycoris_kinds_on_flux_fused_layers(flux, kind):
+    """A LoHa or DoRA in kohya's Flux names on linear1 (Q, K, V and the MLP input fused) and on the final adaLN
+    (halves swapped): the same as the kind's update of the fused original weight (DoRA reads that weight: its
+    magnitude is per fused row), split as BFL's layout defines."""
+    from imagine.nn.lora import WeightDelta
+
+    root, _, model, encoder = flux
+    g0 = torch.Generator().manual_seed(5)
+    mlp = 4 * D
+    files, updates = {}, {}
+    for base, out_dim in (("lora_unet_single_blocks_0_linear1", 3 * D + mlp),
+                          ("lora_unet_final_layer_adaLN_modulation_1", 2 * D)):
+        if kind == "loha":
+            t = {"hada_w1_a": torch.randn(out_dim, 2, generator=g0) * 0.3, "hada_w1_b": torch.randn(2, D, generator=g0),
+                 "hada_w2_a": torch.randn(out_dim, 2, generator=g0) * 0.3, "hada_w2_b": torch.randn(2, D, generator=g0)}
+            names = t
+        else:
+            t = {"lora_down": torch.randn(2, D, generator=g0) * 0.3, "lora_up": torch.randn(out_dim, 2, generator=g0),
+                 "dora_scale": 1 + torch.rand(out_dim, 1, generator=g0)}
+            names = {"lora_down.weight": t["lora_down"], "lora_up.weight": t["lora_up"], "dora_scale": t["dora_scale"]}
+        files.update({f"{base}.{k}": v for k, v in names.items()})
+        files[f"{base}.alpha"] = torch.tensor(2.0)
+        updates[base] = WeightDelta(kind, t, 2.0)
+    save_file(files, root / f"{kind}-fused.safetensors")
+    want = copy.deepcopy(model.unet)
+    block = want.single_transformer_blocks[0]
+    with torch.no_grad():
+        fused = torch.cat([block.attn.to_q.weight, block.attn.to_k.weight, block.attn.to_v.weight,
+                           block.proj_mlp.weight])
+        q, k, v, m = (fused + updates["lora_unet_single_blocks_0_linear1"].delta_weight(fused)).split([D, D, D, mlp])
+        block.attn.to_q.weight.copy_(q), block.attn.to_k.weight.copy_(k), block.attn.to_v.weight.copy_(v)
+        block.proj_mlp.weight.copy_(m)
+        scale, shift = want.norm_out.linear.weight.chunk(2)  # ours: scale first; BFL's: shift first
+        original = torch.cat([shift, scale])
+        turned = original + updates["lora_unet_final_layer_adaLN_modulation_1"].delta_weight(original)
+        new_shift, new_scale = turned.chunk(2)
+        want.norm_out.linear.weight.copy_(torch.cat([new_scale, new_shift]))
+    gen = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 16, 8, 8, generator=gen), torch.randn(1, 6, 64, generator=gen)
+    inputs = dict(encoder_hidden_states=text, pooled_projections=torch.randn(1, 32, generator=gen),
+                  guidance=torch.tensor([3.5]))
+    with torch.no_grad():
+        expected = want(x, torch.tensor([500.0]), **inputs)
+        plain = model.unet(x, torch.tensor([500.0]), **inputs)
+    detach = LoraUse.attach([LoraUse(kind, root / f"{kind}-fused.safetensors", 1.0, "option")], model, encoder)
+    try:
+        with torch.no_grad():
+            got = model.unet(x, torch.tensor([500.0]), **inputs)
+    finally:
+        detach()
+    assert (got - expected).abs().max() < 1e-5 and (got - plain).abs().max() > 1e-3
+
+
 def test_sd3_peft_lora_matches_diffusers(tmp_path):
     pipe = write_sd3(tmp_path / "pipe")
     model, encoder = load_text_model(tmp_path / "pipe")

@@ -146,6 +146,48 @@ def _split(key: str, names: dict[str, str] = TENSOR_NAMES) -> tuple[str, str] | 
     return None
 
 
+def _split_fused_update(path: Path, unet: nn.Module, name: str, rows: list[Rows], tensors: dict, alpha,
+                        metadata: dict, peft: dict) -> dict[str, WeightDelta]:
+    """A LyCORIS, DoRA, OFT or IA3 update of one of Flux's original (fused) layers as each of our modules' share:
+    the fused weight rebuilt from the modules (Q, K, V and the MLP input side by side; the final adaLN's halves
+    back in BFL's order), its update computed as the kind defines it, and each module given its rows as a full
+    diff (the same update, exactly)."""
+    targets = [(find_module(unet, target), start, end, swap) for target, start, end, swap in rows]
+    if any(module is None for module, *_ in targets):
+        raise CheckpointError(f"{path}: unet.{name} maps to modules this Flux lacks")
+
+    def swapped(t: torch.Tensor, swap: bool) -> torch.Tensor:
+        return torch.cat(t.chunk(2)[::-1]) if swap else t
+
+    order = sorted(range(len(targets)), key=lambda i: targets[i][1])
+    weight = torch.cat([swapped(targets[i][0].weight.detach().float(), targets[i][3]) for i in order])
+    biases = [targets[i][0].bias for i in order]
+    bias = torch.cat([swapped(b.detach().float(), targets[i][3]) for i, b in zip(order, biases, strict=True)]) \
+        if all(b is not None for b in biases) else None
+    fused = _FusedLayer(weight, bias)
+    update = _weight_update(path, "unet", name, dict(tensors), alpha, fused, metadata, peft)
+    why = update.expected(fused)
+    if why is not None:
+        raise CheckpointError(f"{path}: unet.{name} does not fit Flux's fused layer: {why}")
+    delta, delta_b = update.delta_weight(weight), update.delta_bias(fused)
+    out = {}
+    for (module, start, end, swap), (target, *_) in zip(targets, rows, strict=True):
+        stop = end if end is not None else weight.shape[0]
+        piece = {"diff": swapped(delta[start:stop], swap).reshape(module.weight.shape)}
+        if delta_b is not None and module.bias is not None:
+            piece["diff_b"] = swapped(delta_b[start:stop], swap)
+        out[f"unet.{target}"] = WeightDelta("full", piece)
+    return out
+
+
+class _FusedLayer(nn.Module):
+    """A stand-in for one of Flux's original fused layers: its weight and bias, rebuilt from our modules."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(weight, requires_grad=False), bias
+
+
 def is_adapter_file(path: Path | str) -> bool:
     """Whether a file holds an adapter (LoRA, LyCORIS, DoRA, OFT, IA3) rather than a model: a .safetensors whose
     keys are adapter tensors (read from its header alone)."""
@@ -285,10 +327,11 @@ def load_lora(path: Path | str, parts: dict[str, nn.Module], *, allow_pickle: bo
             down, up = tensors.get("lora_down"), tensors.get("lora_up")
             if down is None or up is None:
                 raise CheckpointError(f"{path}: {part}.{name} has {sorted(tensors)}, not both halves of a LoRA")
+        if part == "unet" and name in fused and algo != "lora":  # a LyCORIS kind on an original Flux layer
+            lora.layers.update(_split_fused_update(path, parts[part], name, fused[name], tensors, alpha, metadata or {},
+                                                   config))
+            continue
         if part == "unet" and name in fused:  # one fused original layer: a LoRA per module, on its rows
-            if algo != "lora":
-                raise CheckpointError(f"{path}: {part}.{name} is a fused Flux layer with a {sorted(tensors)} update; "
-                                      "imagine splits plain LoRA on fused layers, not LyCORIS kinds yet")
             for target, start, end, swap in fused[name]:
                 rows = up.float()[start:end]
                 if swap:
