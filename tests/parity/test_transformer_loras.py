@@ -62,6 +62,14 @@ def _theirs(pipe, path, steps=3):
     return torch.from_numpy(out).permute(0, 3, 1, 2) * 2 - 1
 
 
+def _block_inputs() -> tuple[torch.Tensor, dict]:
+    """Latents and the text, pooled and guidance inputs of one call of the tiny Flux transformer."""
+    gen = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 16, 8, 8, generator=gen), torch.randn(1, 6, 64, generator=gen)
+    return x, dict(encoder_hidden_states=text, pooled_projections=torch.randn(1, 32, generator=gen),
+                   guidance=torch.tensor([3.5]))
+
+
 SETTINGS = g.Settings(prompt=PROMPT, steps=3, sampler="euler", cfg_scale=1.0, distilled_cfg_scale=3.5, seed=3,
                       width=16, height=16)
 
@@ -119,10 +127,7 @@ def test_flux_single_block_and_comfyui_names_follow_the_fused_layout(flux):
         block.proj_out.weight += delta("lora_unet_single_blocks_0_linear2")
         shift, scale = delta("lora_unet_final_layer_adaLN_modulation_1").chunk(2)  # BFL: shift first
         want.norm_out.linear.weight += torch.cat([scale, shift])
-    gen = torch.Generator().manual_seed(2)
-    x, text = torch.randn(1, 16, 8, 8, generator=gen), torch.randn(1, 6, 64, generator=gen)
-    inputs = dict(encoder_hidden_states=text, pooled_projections=torch.randn(1, 32, generator=gen),
-                  guidance=torch.tensor([3.5]))
+    x, inputs = _block_inputs()
     with torch.no_grad():
         expected = want(x, torch.tensor([500.0]), **inputs)
     detach = LoraUse.attach([LoraUse("single", root / "single.safetensors", 1.0, "option")], model, encoder)
@@ -184,10 +189,7 @@ def test_lycoris_kinds_on_flux_fused_layers(flux, kind):
         turned = original + updates["lora_unet_final_layer_adaLN_modulation_1"].delta_weight(original)
         new_shift, new_scale = turned.chunk(2)
         want.norm_out.linear.weight.copy_(torch.cat([new_scale, new_shift]))
-    gen = torch.Generator().manual_seed(2)
-    x, text = torch.randn(1, 16, 8, 8, generator=gen), torch.randn(1, 6, 64, generator=gen)
-    inputs = dict(encoder_hidden_states=text, pooled_projections=torch.randn(1, 32, generator=gen),
-                  guidance=torch.tensor([3.5]))
+    x, inputs = _block_inputs()
     with torch.no_grad():
         expected = want(x, torch.tensor([500.0]), **inputs)
         plain = model.unet(x, torch.tensor([500.0]), **inputs)
