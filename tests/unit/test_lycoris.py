@@ -2,7 +2,7 @@
 and applied as their authors define them. Oracle: peft, which implements LoHa, LoKr, DoRA, OFT and IA3: the same
 tensors applied by peft and by imagine (attached, and merged) give the same outputs within 1e-5. The LyCORIS
 (kohya-style) layout is the same tensors under lora_unet_* names with their alpha; kohya's and LyCORIS's OFT are
-held to their definition; other adapter kinds (BOFT, VeRA) are refused by name."""
+held to their definition, as is LyCORIS's butterfly OFT; other adapter kinds (VeRA) are refused by name."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def _peft_model(config, seed=0):
     model = peft.get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():  # every adapter tensor random (some start at zero), the magnitude included
         for name, p in model.named_parameters():
-            if any(t in name for t in ("hada", "lokr", "lora_", "magnitude", "ia3_l", "oft_R")):
-                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "magnitude" in name or "ia3_l" in name else 0.0))
+            if any(t in name for t in ("hada", "lokr", "lora_", "magnitude", "ia3_l", "oft_R", "boft_")):
+                one = any(t in name for t in ("magnitude", "ia3_l", "boft_s"))
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if one else 0.0))
     return base, model
 
 
@@ -124,6 +125,40 @@ def test_peft_oft_matches_peft(tmp_path, neumann):
     _check(tmp_path, config, False, 1.0, modules=("lin",))
 
 
+@pytest.mark.parametrize("factors", [1, 2, 3])
+def test_peft_boft_matches_peft(tmp_path, factors):
+    """PEFT's BOFT: the input features turned by butterfly factors of block-diagonal Cayley rotations (1 factor:
+    plain blocks), the rows scaled by boft_s, attached and merged."""
+    config = peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=factors, target_modules=["lin"])
+    _check(tmp_path, config, False, 1.0, modules=("lin",))
+
+
+def test_lycoris_butterfly_oft_pairs_rows_level_by_level(tmp_path):
+    """LyCORIS's BOFT (oft_diag of shape (levels, blocks, 2, 2)): at level i each rotation turns a pair of output
+    rows 2^i apart within groups of 2^(i+1), written out here row pair by row pair; rescale after."""
+    torch.manual_seed(6)
+    base = Tiny()
+    g = torch.Generator().manual_seed(7)
+    levels, out = 3, 96
+    angles = torch.randn(levels, out // 2, generator=g)
+    rotations = torch.stack([torch.stack([torch.stack([a.cos(), -a.sin()]), torch.stack([a.sin(), a.cos()])])
+                             for a in angles.flatten()]).reshape(levels, out // 2, 2, 2)
+    rescale = 1 + 0.1 * torch.randn(out, 1, generator=g)
+    save_file({"lora_unet_lin.oft_diag": rotations, "lora_unet_lin.rescale": rescale},
+              str(tmp_path / "boft.safetensors"))
+    want = base.lin.weight.detach().clone()
+    for i in range(levels):
+        k = 2 ** i
+        for c in range(out // (2 * k)):
+            for kk in range(k):
+                a, b = c * 2 * k + kk, c * 2 * k + k + kk
+                want[[a, b]] = rotations[i, c * k + kk] @ want[[a, b]]
+    want = want * rescale
+    lora = load_lora(tmp_path / "boft.safetensors", {"unet": base})
+    merge({"unet": base}, [(lora, 1.0)])
+    assert (base.lin.weight - want).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("layout", ["lycoris", "kohya", "oft_diag"])
 def test_oft_blocks_turn_the_output_rows(tmp_path, layout):
     """kohya's and LyCORIS's OFT (Qiu et al. 2023): W' = R^T W with R block-diagonal, each block the Cayley
@@ -174,9 +209,9 @@ def test_full_diff_and_refusals(tmp_path):
         got = base(x, image)[0]
     handle.detach()
     assert (got - want).abs().max() < 1e-5
-    save_file({"lora_unet_lin.boft_R": torch.zeros(1, 4, 24, 24)}, str(tmp_path / "boft.safetensors"))
-    with pytest.raises(CheckpointError, match="BOFT"):
-        load_lora(tmp_path / "boft.safetensors", {"unet": base})
+    save_file({"lora_unet_lin.vera_lambda_b": torch.zeros(96)}, str(tmp_path / "vera.safetensors"))
+    with pytest.raises(CheckpointError, match="VeRA"):
+        load_lora(tmp_path / "vera.safetensors", {"unet": base})
     save_file({"lora_unet_lin.hada_w1_a": torch.zeros(50, 4), "lora_unet_lin.hada_w1_b": torch.zeros(4, 64),
                "lora_unet_lin.hada_w2_a": torch.zeros(50, 4), "lora_unet_lin.hada_w2_b": torch.zeros(4, 64)},
               str(tmp_path / "misfit.safetensors"))

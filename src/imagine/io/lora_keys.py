@@ -127,15 +127,15 @@ TENSOR_NAMES = {
     "dora_scale": "dora_scale", "lora_magnitude_vector": "dora_scale", "lora_mid.weight": "lora_mid",
     **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                                "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-                               "diff", "diff_b", "oft_blocks", "oft_diag", "rescale", "ia3_l", "on_input")},
+                               "diff", "diff_b", "oft_blocks", "oft_diag", "rescale", "ia3_l", "on_input",
+                               "boft_R", "boft_s")},
     "oft_R.weight": "oft_R"}
 # LyCORIS's (IA)^3 names its scale plain "weight" (with an on_input flag beside it)
 LYCORIS_IA3 = {**TENSOR_NAMES, "weight": "ia3_w"}
 # ours -> the name LyCORIS writes, where they differ
 LYCORIS_NAMES = {"lora_down": "lora_down.weight", "lora_up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
 # what other adapter kinds' tensors are called: named in the refusal, never skipped
-OTHER_KINDS = {"lora_embedding_A": "an embedding LoRA", "boft_R": "BOFT", "boft_s": "BOFT",
-               "vera_lambda_b": "VeRA"}
+OTHER_KINDS = {"lora_embedding_A": "an embedding LoRA", "vera_lambda_b": "VeRA"}
 
 
 def _split(key: str, names: dict[str, str] = TENSOR_NAMES) -> tuple[str, str] | None:
@@ -219,15 +219,21 @@ def _weight_update(path: Path, part: str, name: str, tensors: dict[str, torch.Te
         blocks = tensors.pop("oft_blocks", None)
         given = blocks is None
         blocks = tensors.pop("oft_diag") if given else blocks
+        if blocks.ndim == 4 and given:  # LyCORIS's butterfly OFT: a level of rotations per butterfly factor
+            return WeightDelta("boft", {"oft_blocks": blocks, **tensors}, None)
         if blocks.ndim != 3:
-            raise CheckpointError(f"{where} holds a {blocks.ndim}-d OFT tensor: LyCORIS's butterfly OFT (BOFT), "
-                                  "which imagine does not apply yet")
+            raise CheckpointError(f"{where} holds a {blocks.ndim}-d OFT tensor; imagine reads 3-d OFT blocks and "
+                                  "LyCORIS's 4-d butterfly oft_diag")
         constraint = None
         if not given and alpha:  # kohya's networks.oft bounds Q's norm by alpha x out; LyCORIS's by alpha
             kohya = metadata.get("ss_network_module", "") == "networks.oft"
             constraint = float(alpha) * (blocks.shape[0] * blocks.shape[1] if kohya else 1)
         return WeightDelta("oft", {"oft_blocks": blocks, **tensors}, None,
                            options={"constraint": constraint, "given": given})
+    if "boft_R" in tensors:
+        if "boft_s" not in tensors:
+            raise CheckpointError(f"{where} holds boft_R without boft_s: not a whole PEFT BOFT layer")
+        return WeightDelta("peft_boft", tensors, None)
     if "oft_R" in tensors:
         if peft.get("coft"):
             raise CheckpointError(f"{where}: a constrained PEFT OFT (coft), which imagine does not apply yet")

@@ -115,7 +115,20 @@ def find_module(part: nn.Module, name: str) -> nn.Module | None:
     return None
 
 
-ALGOS = ("loha", "lokr", "full", "dora", "tucker", "oft", "peft_oft", "ia3")
+ALGOS = ("loha", "lokr", "full", "dora", "tucker", "oft", "peft_oft", "ia3", "boft", "peft_boft")
+
+
+def butterfly_permutation(size: int, blocks: int, half: int, levels: int) -> torch.Tensor:
+    """BOFT's butterfly permutation (Liu et al. 2024) of ``size`` features for one level: within each of ``blocks``
+    spans, the groups of ``half`` features reordered evens first, then odds, so that a block-diagonal rotation of
+    blocks 2 x half acts across pairs of groups. Identity when there is one level."""
+    if levels == 0:
+        return torch.arange(size)
+    span = size // blocks
+    groups = span // half
+    order = [*range(0, groups, 2), *range(1, groups, 2)]
+    within = torch.cat([torch.arange(g * half, (g + 1) * half) for g in order])
+    return torch.cat([within + start for start in range(0, size, span)])
 
 
 def factorization(n: int) -> tuple[int, int]:
@@ -143,6 +156,12 @@ class WeightDelta(nn.Module):
     - peft_oft (PEFT's OFT): the input features in blocks turned by the Cayley rotation of the skew-symmetric
       matrix whose upper triangle is ``oft_R`` (exactly, or by PEFT's Neumann series of ``options["neumann"]``
       terms): W' = W R^T;
+    - boft (Liu et al. 2024, LyCORIS's butterfly OFT: ``oft_diag`` of shape (m, blocks, n, n)): the output rows
+      turned by m block-diagonal rotations, the i-th acting across pairs of groups 2^i (n / 2) rows apart (the
+      butterfly), each rotation given; ``rescale`` per row after;
+    - peft_boft (PEFT's BOFT): the input features turned by the product of m butterfly factors P_i B_i P_i^T,
+      each B_i block-diagonal Cayley rotations of (R - R^T) / 2 and P_i the butterfly permutation of its level,
+      then the rows scaled by ``boft_s`` (the bias untouched): W' = s (W T^T);
     - ia3 (Liu et al. 2022, PEFT's IA3): W' = W scaled per output row by l (and the bias with it) or, for
       feed-forward layers, per input column; dW = W' - W.
 
@@ -222,7 +241,8 @@ class WeightDelta(nn.Module):
 
     @property
     def scale(self) -> float:
-        if self.algo in ("full", "oft", "peft_oft", "ia3") or (self.algo == "lokr" and self.rank is None):
+        if self.algo in ("full", "oft", "peft_oft", "ia3", "boft", "peft_boft") or (
+                self.algo == "lokr" and self.rank is None):
             return 1.0
         return self.alpha / (self.rank or 1)
 
@@ -271,9 +291,50 @@ class WeightDelta(nn.Module):
                 r = r + power @ q
         return r
 
+    def _butterfly(self) -> torch.Tensor:
+        """PEFT BOFT's rotation of the input features: the product of its butterfly factors."""
+        factors = self._get("boft_R")  # (m, blocks, n, n)
+        levels, blocks, n = factors.shape[0], factors.shape[1], factors.shape[2]
+        size = blocks * n
+        skew = 0.5 * (factors - factors.transpose(-1, -2))
+        eye = torch.eye(n, dtype=skew.dtype).expand_as(skew)
+        rotations = torch.linalg.solve(eye + skew, eye - skew, left=False)
+        total = torch.eye(size, dtype=skew.dtype)
+        for i in range(levels):
+            perm = butterfly_permutation(size, blocks // 2 ** i, n // 2, levels - 1)
+            block = torch.block_diag(*rotations[i])
+            total = block[perm][:, perm] @ total  # P B P^T, P the permutation's matrix (P[i, perm[i]] = 1)
+        return total
+
+    def _lycoris_butterfly(self, w: torch.Tensor) -> torch.Tensor:
+        """LyCORIS's BOFT on the output rows of ``w``: at level i, rows grouped so that each block of n takes
+        n / 2 rows and their partners 2^i (n / 2) rows further, turned by that level's rotations."""
+        rotations = self._get("oft_blocks")  # (m, blocks, n, n), the rotations themselves
+        levels, n = rotations.shape[0], rotations.shape[2]
+        half = n // 2
+        rest = w.shape[1:]
+        x = w
+        for i in range(levels):
+            k = 2 ** i * half
+            x = x.reshape(-1, 2, k, *rest).transpose(1, 2).reshape(w.shape)  # (c g k) -> (c k g)
+            x = torch.einsum("bij,bj...->bi...", rotations[i], x.reshape(-1, n, *rest)).reshape(w.shape)
+            x = x.reshape(-1, k, 2, *rest).transpose(1, 2).reshape(w.shape)  # (c k g) -> (c g k)
+        return x
+
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """dW shaped as ``base_weight`` (which DoRA, OFT and IA3 read; the others only take its shape)."""
         shape = base_weight.shape
+        if self.algo == "boft":
+            w = base_weight.float()
+            turned = self._lycoris_butterfly(w)
+            rescale = self._get("rescale")
+            if rescale is not None:
+                turned = turned * rescale.reshape(-1, *([1] * (len(shape) - 1)))
+            return turned - w
+        if self.algo == "peft_boft":
+            w = base_weight.float().flatten(1)
+            turned = (w @ self._butterfly().T) * self._get("boft_s").reshape(-1, 1)
+            return (turned - w).reshape(shape)
         if self.algo == "oft":
             w = base_weight.float()
             r = self._oft_rotations()
@@ -351,7 +412,7 @@ class WeightDelta(nn.Module):
         if self.algo == "ia3" and self.options.get("bias") and not self.options.get("feedforward") \
                 and module.bias is not None:  # PEFT's scales the output, bias included
             return module.bias.detach().float() * (self._get("ia3_l").flatten() - 1)
-        if self.algo == "oft" and module.bias is not None:  # the bias is not turned: W' = R^T W only
+        if self.algo in ("oft", "boft", "peft_boft"):  # the bias is neither turned nor scaled
             return None
         return self._get("diff_b")
 
