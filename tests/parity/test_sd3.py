@@ -244,6 +244,16 @@ def test_separate_text_encoders_as_comfyui_and_forge_keep_them(tmp_path):
     assert torch.equal(g.txt2img(found, s, found.text_encoder), want)
     with pytest.raises(Exception, match="no text encoder or VAE imagine knows"):
         load_single_file(bare, modules=[bare])
+    # a CLIP-G kept in OpenCLIP's layout (packed in_proj, resblocks) reads the same
+    from imagine.io.ldm_keys import open_clip_map, write_mapped
+
+    clip_g = load_file(str(models / "text_encoders" / "clip_g.safetensors"))
+    keys = [k for k in clip_g if not k.endswith("position_ids")]
+    (tmp_path / "elsewhere").mkdir()
+    save_file(write_mapped({k: clip_g[k] for k in keys}, open_clip_map(keys, "")),
+              str(tmp_path / "elsewhere" / "clip_g_openclip.safetensors"))
+    named = load_single_file(bare, modules=[tmp_path / "elsewhere" / "clip_g_openclip.safetensors"])
+    assert torch.equal(g.txt2img(named, s, named.text_encoder), want)
 
     named = ["--text-encoder", "clip_l", "--text-encoder", "clip_g"]
     run = imagine("generate", PROMPT, "--model", "sd35-bare", "--models-dir", models, *named, "--steps", 2,

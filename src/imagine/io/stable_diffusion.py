@@ -526,13 +526,22 @@ def _component_kind(weights: Weights, name: str = "") -> str | None:
     encoder or a VAE; None if none."""
     if "encoder.block.0.layer.0.SelfAttention.q.weight" in weights:
         return "t5"
-    embedding = weights.get("text_model.embeddings.token_embedding.weight")
-    if embedding is not None:
+    embedding = weights.get("text_model.embeddings.token_embedding.weight",
+                            weights.get("embeddings.token_embedding.weight"))
+    if embedding is not None:  # transformers' CLIP layout, with or without text_model.
         width = embedding.shape[1]
         return "clip_g" if width == 1280 or (width != 768 and "clip_g" in name.lower()) else "clip_l"
     if "encoder.down.0.block.0.norm1.weight" in weights or "encoder.conv_in.weight" in weights:
         return "vae"
     return None
+
+
+def _separate_file(path: Path) -> tuple[Weights, dict[str, str]]:
+    """A separate part's tensors, a CLIP in OpenCLIP's layout read under transformers' names."""
+    weights, metadata = open_weights(path, False)
+    if "transformer.resblocks.0.attn.in_proj_weight" in weights and "token_embedding.weight" in weights:
+        return _openclip(weights, "", "text_projection" in weights), metadata
+    return weights, metadata
 
 
 def _separate_parts(path: Path, weights: Weights, inside: dict[str, tuple[str, ...]], needed: tuple[str, ...],
@@ -551,7 +560,7 @@ def _separate_parts(path: Path, weights: Weights, inside: dict[str, tuple[str, .
                 break
     wanted = (*needed, *optional)
     for file in given:
-        part, _ = open_weights(Path(file), False)
+        part, _ = _separate_file(Path(file))
         kind = _component_kind(part, Path(file).name)
         if kind not in wanted:
             what = PART_FILES[kind].split(" (")[0] if kind else "no text encoder or VAE imagine knows"
@@ -569,7 +578,7 @@ def _separate_parts(path: Path, weights: Weights, inside: dict[str, tuple[str, .
         for candidate in sorted(folder.glob("*.safetensors")):
             if candidate.resolve() == path.resolve():
                 continue
-            part, _ = open_weights(candidate, False)
+            part, _ = _separate_file(candidate)
             kind = _component_kind(part, candidate.name)
             if kind in wanted and kind not in found:
                 found[kind] = (part, str(candidate))
