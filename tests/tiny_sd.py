@@ -27,15 +27,16 @@ def _text_config(hidden: int, act: str, **extra):
                           pad_token_id=1, **extra)
 
 
-def components(arch: str, seed: int = 0) -> dict:
-    """diffusers/transformers modules for a tiny ``arch`` ("sd1", "sd2", "sdxl") pipeline."""
+def components(arch: str, seed: int = 0, in_channels: int = 4) -> dict:
+    """diffusers/transformers modules for a tiny ``arch`` ("sd1", "sd2", "sdxl") pipeline; in_channels 9: an
+    inpainting UNet (the latent, the mask and the masked image's latents)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from imagine.io.stable_diffusion import clip_tokenizer
 
     torch.manual_seed(seed)
-    unet_common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=4,
+    unet_common = dict(sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1, norm_num_groups=4,
                        block_out_channels=(8, 16))
     if arch == "sd1":
         unet = UNet2DConditionModel(**unet_common, cross_attention_dim=32, attention_head_dim=2,
@@ -79,6 +80,20 @@ def pipeline(arch: str, seed: int = 0):
         return StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def write_inpaint_pipeline(arch: str, folder: Path, seed: int = 0):
+    """A tiny 9-channel inpainting pipeline (StableDiffusion(XL)InpaintPipeline) saved as a diffusers folder."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+
+    parts = components(arch, seed, in_channels=9)
+    if arch == "sdxl":
+        pipe = StableDiffusionXLInpaintPipeline(**parts, force_zeros_for_empty_prompt=True)
+    else:
+        pipe = StableDiffusionInpaintPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
 
 
 def write_pipeline(arch: str, folder: Path, seed: int = 0):

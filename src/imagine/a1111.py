@@ -243,7 +243,8 @@ def ip_adapter_field(record: dict) -> str:
 
 # A1111's /sdapi/v1/options that change results here, with their defaults
 A1111_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
-                                  "sd_vae": "Automatic", "forge_additional_modules": []}
+                                  "sd_vae": "Automatic", "forge_additional_modules": [],
+                                  "inpainting_mask_weight": 1.0}
 
 
 # A1111 request fields that change results and that imagine does not implement: accepted only at a value
@@ -278,6 +279,7 @@ NO_EFFECT = frozenset({
 # override_settings keys (and /options) applied per request
 OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "samples_format",
              "forge_additional_modules",  # Forge's: separate text encoder and VAE files
+             "inpainting_mask_weight",  # inpainting models' conditioning mask strength
              "imagine_backend", "imagine_tile")  # ours: torch, onnxruntime or onnxruntime-int8; tile size in pixels
 
 

@@ -68,6 +68,9 @@ _OPTS = dict(
     rescale=typer.Option(0.0, help="Guidance rescale phi in [0, 1] (Lin et al. 2023)."),
     distilled_cfg=typer.Option(3.5, help="Flux [dev]'s distilled guidance scale (Forge's Distilled CFG Scale): an "
                                          "input of guidance-distilled models, which run without CFG (cfg 1)."),
+    mask_weight=typer.Option(1.0, "--mask-weight", help="Inpainting models: how much of the masked region their "
+                                                        "image input hides (A1111's inpainting conditioning mask "
+                                                        "strength; 0 shows them the whole image)."),
     resolution_binning=typer.Option(True, "--resolution-binning/--no-resolution-binning",
                                     help="PixArt: generate at the closest of the aspect ratios the model trained at, "
                                          "then resize and centre-crop to the size asked (diffusers' default)."),
@@ -493,7 +496,7 @@ def img2img(
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
-    distilled_cfg: float = _OPTS["distilled_cfg"],
+    distilled_cfg: float = _OPTS["distilled_cfg"], mask_weight: float = _OPTS["mask_weight"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
 ) -> None:
@@ -501,7 +504,7 @@ def img2img(
     _run("img2img", _model_option(model, fast), _settings(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
         resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend,
-        distilled_cfg_scale=distilled_cfg,
+        distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight,
         tile=tile), out, init=image, vae=vae, text_encoder=text_encoder,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
@@ -535,16 +538,17 @@ def inpaint(
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
-    distilled_cfg: float = _OPTS["distilled_cfg"],
+    distilled_cfg: float = _OPTS["distilled_cfg"], mask_weight: float = _OPTS["mask_weight"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
 ) -> None:
-    """Inpainting: regenerate the masked region, keep the rest."""
+    """Inpainting: regenerate the masked region, keep the rest (a plain model by blending its latents, an
+    inpainting checkpoint through its own mask and masked-image input)."""
     _run("inpaint", _model_option(model, fast), _settings(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
         mask_blur=mask_blur, inpaint_fill=masked_content, inpaint_only_masked=only_masked,
         inpaint_padding=only_masked_padding, mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
-        distilled_cfg_scale=distilled_cfg,
+        distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight,
         noise_seed_delta=noise_seed_delta, backend=backend, tile=tile), out, init=image, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,

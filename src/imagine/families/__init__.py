@@ -109,6 +109,7 @@ class Family:
         return {"clip_skip": self.prompt_encoder not in ("t5", "flux"),
                 "distilled_cfg_scale": bool(getattr(spec, "distilled_guidance", False)),
                 "resolution_binning": self.aspect_bins,
+                "inpainting_mask_weight": getattr(spec, "conditioning_channels", 0) == 5,
                 **{kind: kind in self.attachments for kind in sorted(UNET_ATTACHMENTS)}}
 
     def check_attachment(self, kind: str, what: str, made_for: str | None = None) -> None:
@@ -248,9 +249,16 @@ def from_single_file(keys) -> Family | None:
     return None
 
 
+# pipelines whose folders hold a family's very parts (an inpainting UNet reads 9 channels): read as the family
+PIPELINE_ALIASES = {"StableDiffusionInpaintPipeline": "StableDiffusionPipeline",
+                    "StableDiffusionXLInpaintPipeline": "StableDiffusionXLPipeline"}
+INPAINT_PIPELINES = {v: k for k, v in PIPELINE_ALIASES.items()}
+
+
 def from_diffusers(pipeline_class: str, text_encoder_config) -> Family | None:
     """The family of a diffusers pipeline folder: its model_index.json class, then (SD 1.x and 2.x share
     one class) its text encoder's activation."""
+    pipeline_class = PIPELINE_ALIASES.get(pipeline_class, pipeline_class)
     candidates = [f for f in PIPELINE_FAMILIES if f.diffusers_pipeline == pipeline_class]
     if len(candidates) <= 1:
         return candidates[0] if candidates else None
@@ -260,4 +268,5 @@ def from_diffusers(pipeline_class: str, text_encoder_config) -> Family | None:
 
 
 def diffusers_pipelines() -> tuple[str, ...]:
-    return tuple(dict.fromkeys(f.diffusers_pipeline for f in PIPELINE_FAMILIES if f.diffusers_pipeline))
+    return tuple(dict.fromkeys([*(f.diffusers_pipeline for f in PIPELINE_FAMILIES if f.diffusers_pipeline),
+                                *PIPELINE_ALIASES]))

@@ -52,6 +52,8 @@ class DiffusionSpec:
     flow_token_range: tuple[int, int] = (256, 4096)
     flow_grid_end: str = "train"  # the unshifted grid's last time: the last training time, or 1 / steps (Flux's)
     distilled_guidance: bool = False  # the denoiser embeds a distilled guidance scale (Flux [dev]): no CFG
+    # channels the UNet reads beside the noisy latent: 5, an inpainting model's mask and masked-image latents
+    conditioning_channels: int = 0
     # a super-resolution stage (diffusion/superres.py): it makes images `upscale` times larger, its UNet
     # taking the upsampled low-resolution image as extra input channels and its augmentation level (0 to
     # noise_levels - 1) as a class label; default_noise_level is the level generation uses unless told

@@ -304,12 +304,17 @@ class UNet2DConditionModel(nn.Module):
                 down_block_additional_residuals: list[torch.Tensor] | None = None,
                 mid_block_additional_residual: torch.Tensor | None = None,
                 down_intrablock_additional_residuals: list[torch.Tensor] | None = None,
-                attention_streams: Mapping[nn.Module, Sequence] | None = None) -> torch.Tensor:
-        """The residual inputs are diffusers' (STYLE rule 13: every spatial conditioner speaks through them):
+                attention_streams: Mapping[nn.Module, Sequence] | None = None,
+                concat_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """concat_latents: channels joined to the sample before the first convolution (an inpainting UNet's mask
+        and masked image latents, diffusers' order), the same on both branches of guidance.
+        The residual inputs are diffusers' (STYLE rule 13: every spatial conditioner speaks through them):
         a ControlNet's one per skip plus the mid block's, added to the skips and to the mid output; a
         T2I-Adapter's one per down block (and one for the mid block where its shape fits), added inside.
         attention_streams: extra key/value streams for cross-attention layers during this call (an
         IP-Adapter's decoupled cross-attention, nn/attention.py), {layer: [(to_k, to_v, tokens, scale)]}."""
+        if concat_latents is not None:
+            sample = torch.cat([sample, concat_latents.to(sample.dtype)], dim=1)
         with swapped_streams(attention_streams):
             return self._forward(sample, timestep, encoder_hidden_states, class_labels, encoder_attention_mask,
                                  text_embeds, time_ids, timestep_cond, down_block_additional_residuals,

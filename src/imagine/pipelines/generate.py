@@ -275,9 +275,11 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
 def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: torch.Tensor | None = None,
             mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
             cancel: Callable[[], bool] | None = None, attachments: Sequence[Attachment] = (),
-            low_res: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            low_res: tuple[torch.Tensor, torch.Tensor] | None = None,
+            concat: torch.Tensor | None = None) -> torch.Tensor:
     """Text-conditioned sampling: prompt and negative prompt encoded in one call, so their windows line up.
-    low_res: a super-resolution stage's (augmented low-resolution rows at the output size, their levels)."""
+    low_res: a super-resolution stage's (augmented low-resolution rows at the output size, their levels).
+    concat: an inpainting UNet's mask and masked-image latents (inpainting_conditioning), on both branches."""
     _check_text_model(model, text_encoder)
     if (low_res is None) != (model.spec.upscale == 1):
         raise ValueError("a super-resolution stage upscales an image: use imagine upscale (or a cascade) with it"
@@ -312,6 +314,12 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
         extra_cond, extra_uncond = kind.inputs(units, s.n)
         cond.update(extra_cond)
         uncond.update(extra_uncond)
+    if model.spec.conditioning_channels and concat is None:  # txt2img: a full mask over mid-grey
+        concat = inpainting_conditioning(model, s, (w, h))
+    if concat is not None:  # the same mask and masked image on both branches of guidance
+        cond["concat_latents"] = concat.expand(s.n, -1, -1, -1)
+        if uncond is not None:
+            uncond["concat_latents"] = cond["concat_latents"]
     if low_res is not None:  # the same low-resolution rows (and levels) on both branches of guidance
         rows, levels = low_res
         for branch in (cond, uncond):
@@ -347,6 +355,22 @@ def sampling_size(model: DiffusionModel, s: Settings, width: int, height: int) -
         return None
     binned = binned_size(BIN_BASES.get(getattr(model.unet.config, "sample_size", 0), 0), width, height)
     return binned if binned is not None and binned != (width, height) else None
+
+
+def inpainting_conditioning(model: DiffusionModel, s: Settings, size: tuple[int, int],
+                            original: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """An inpainting UNet's extra input (A1111's image conditioning, diffusers' channel order): the mask at the
+    latent's size, then the latents of the image with the masked part blanked, blended back toward the whole
+    image by 1 - inpainting_mask_weight (A1111's "inpainting conditioning mask strength"). Without a mask the
+    whole image is masked (img2img); without an image it is mid-grey (txt2img)."""
+    w, h = size
+    if original is None:
+        original = torch.zeros(1, model.spec.image_channels, h, w)
+    if mask is None:
+        mask = torch.ones(1, 1, h, w)
+    masked = torch.lerp(original, original * (1 - mask), float(s.inpainting_mask_weight))
+    latents = _encode(model, masked)
+    return torch.cat([torch.nn.functional.interpolate(mask, size=latents.shape[-2:]), latents], dim=1)
 
 
 def distils_guidance(model: DiffusionModel) -> bool:
@@ -420,6 +444,9 @@ def img2img(model: DiffusionModel, s: Settings, init: Image.Image, text_encoder,
         s = replace(s, width=init.width, height=init.height)
     size = output_size(model, s)
     latent = _init_latent(model, s, init, size).expand(s.n, -1, -1, -1)
+    if model.spec.conditioning_channels:  # an inpainting UNet: the whole init image, masked
+        kwargs["concat"] = inpainting_conditioning(model, s, size, _image_tensor(fit_image(init, size, s.resize_mode),
+                                                                                 size, model.spec.image_channels))
     return _sample(model, s, text_encoder, init_latent=latent, **kwargs)
 
 
@@ -504,7 +531,12 @@ def _inpaint_region(model: DiffusionModel, s: Settings, init: Image.Image, mask:
         latent = latent * (1 - m_lat) + noise * m_lat
     elif s.inpaint_fill == "latent_nothing":
         latent = latent * (1 - m_lat)
-    images = _sample(model, s, text_encoder, init_latent=latent, mask=m_lat, **kwargs)
+    if model.spec.conditioning_channels:  # an inpainting UNet reads the mask and the masked image itself: no blend
+        binary = (_blurred(mask, size, 0) >= 0.5).float()
+        kwargs["concat"] = inpainting_conditioning(model, s, size, original, binary)
+        images = _sample(model, s, text_encoder, init_latent=latent, **kwargs)
+    else:
+        images = _sample(model, s, text_encoder, init_latent=latent, mask=m_lat, **kwargs)
     return m_px * images + (1 - m_px) * original
 
 
@@ -526,6 +558,8 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields[f"Module {i + 1}"] = module.stem
     if kind in ("img2img", "inpaint"):
         fields["Denoising strength"] = f"{s.strength:g}"
+    if model.spec.conditioning_channels:  # an inpainting model's image input, as A1111 records it
+        fields["Conditional mask weight"] = f"{s.inpainting_mask_weight:g}"
     if kind == "txt2img" and model.family.aspect_bins:  # PixArt: the bucket generated at, or that it was not
         binned = sampling_size(model, s, w, h)
         if binned is not None:

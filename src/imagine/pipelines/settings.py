@@ -91,6 +91,10 @@ class Settings:
                                    cli="--only-masked-padding", kinds=("inpaint",), ge=0, le=1024)
     mask_invert: bool = setting(False, "Regenerate where the mask is black.", cli="--invert-mask",
                                 kinds=("inpaint",))
+    inpainting_mask_weight: float = setting(1.0, "Inpainting models: how much of the masked region the model's "
+                                                 "image input hides (A1111's inpainting conditioning mask "
+                                                 "strength; 0 shows it the whole image).", cli="--mask-weight",
+                                            kinds=EDITS, ge=0, le=1)
     clip_skip: int | None = setting(None, "Text states from the N-th last layer of the text encoder (A1111's Clip "
                                           "skip; 1: the last; default: the model's).", ge=1, le=48)
     noise_seed_delta: int = setting(0, "Stochastic samplers draw their noise from seed + this (A1111's eta noise "

@@ -264,6 +264,7 @@ def router(service: Service) -> APIRouter:
                    "height": body.height, "model": override.get("sd_model_checkpoint"), "previews": True,
                    "vae": None if options["sd_vae"] in AUTOMATIC else options["sd_vae"],
                    "text_encoders": list(options["forge_additional_modules"] or []) or None,
+                   **({"inpainting_mask_weight": options["inpainting_mask_weight"]} if kind != "txt2img" else {}),
                    "clip_skip": clip_skip if clip_skip > 1 else None, "noise_seed_delta": ensd,
                    "backend": override.get("imagine_backend", "torch"), "tile": tile}
         if kind == "txt2img":
@@ -319,7 +320,8 @@ def router(service: Service) -> APIRouter:
             "index_of_first_image": 0, "infotext": images[0].parameters if images else "",
             "infotexts": [im.parameters for im in images], "styles": [],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
-            "clip_skip": req.get("clip_skip") or 1, "is_using_inpainting_conditioning": False,
+            "clip_skip": req.get("clip_skip") or 1,
+            "is_using_inpainting_conditioning": entry.spec.conditioning_channels == 5,
             "version": f"imagine {__version__}", "interrupted": job.status == "cancelled",
         }
         return json.dumps(out)

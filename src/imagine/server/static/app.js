@@ -89,6 +89,8 @@ function applyTakes(takes) {
     $(id).disabled = !takes[id];
     $(id).closest("label").classList.toggle("not-taken", !takes[id]);
   }
+  $("inpainting_mask_weight").disabled = !takes.inpainting_mask_weight;
+  $("inpainting_mask_weight").closest("label").hidden = !takes.inpainting_mask_weight;
   $("resolution_binning").disabled = !takes.resolution_binning;
   $("resolution_binning").closest("label").hidden = !takes.resolution_binning;
   $("text_encoders").disabled = !takes.text_encoders;
@@ -207,6 +209,7 @@ function requestBody() {
     body.init_image = initImageData();
     body.strength = number("strength");
     body.resize_mode = $("resize_mode").value;
+    if (!$("inpainting_mask_weight").disabled) body.inpainting_mask_weight = number("inpainting_mask_weight");
   }
   const controls = controlUnits();
   if (controls.length && !$("controlnet").hidden) body.controls = controls;
@@ -343,6 +346,7 @@ $("send-to-txt2img").addEventListener("click", () => {
   $("guidance_rescale").value = p["Guidance rescale"] || 0;
   $("distilled_cfg_scale").value = p["Distilled CFG Scale"] || 3.5;
   $("resolution_binning").checked = p["Resolution binning"] !== "off";
+  $("inpainting_mask_weight").value = p["Conditional mask weight"] || 1;
   const vae = (p["VAE"] || "").replace(/\.[^.]+$/, "");
   $("vae").value = [...$("vae").options].some((o) => o.value === vae) ? vae : "Automatic";
   const modules = Object.keys(p).filter((k) => /^Module \d+$/.test(k)).map((k) => p[k]);
