@@ -234,7 +234,7 @@ def test_instruct_unets_are_refused_by_name_and_inpainting_ones_load(tmp_path):
         tensors["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(8, channels, 3, 3)
         saved = _save(tmp_path, tensors, f"in{channels}.safetensors", {**meta, "imagine": json.dumps(ours)})
         if channels == 8:
-            with pytest.raises(CheckpointError, match="8-channel UNet .*InstructPix2Pix"):
+            with pytest.raises(CheckpointError, match=r"8-channel UNet .*InstructPix2Pix"):
                 load_single_file(saved)
         else:
             assert load_single_file(saved).spec.conditioning_channels == 5
