@@ -96,6 +96,16 @@ def write_inpaint_pipeline(arch: str, folder: Path, seed: int = 0):
     return pipe
 
 
+def write_instruct_pipeline(folder: Path, seed: int = 0):
+    """A tiny 8-channel InstructPix2Pix pipeline (SD 1.x) saved as a diffusers folder."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline(**components("sd1", seed, in_channels=8), safety_checker=None,
+                                                  feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
 def write_pipeline(arch: str, folder: Path, seed: int = 0):
     """A tiny ``arch`` pipeline saved as a diffusers folder (safetensors); returns the pipeline."""
     pipe = pipeline(arch, seed)

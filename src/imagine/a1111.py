@@ -274,7 +274,7 @@ NO_EFFECT = frozenset({
     "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
     "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
     "enable_hr", "hr_cfg", "hr_distilled_cfg", "hr_additional_modules",
-    "image_cfg_scale", "mask_round", "include_init_images", "sampler_index", "batch_size", "n_iter",
+    "mask_round", "include_init_images", "sampler_index", "batch_size", "n_iter",
 })
 # override_settings keys (and /options) applied per request
 OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "samples_format",

@@ -110,3 +110,21 @@ class DynamicThresholding:
             s = s.clamp(max=self.max_value)
         s = append_dims(s, x0.ndim)
         return x0.clamp(-s, s) / s
+
+
+class ImageTextGuidance:
+    """InstructPix2Pix's guidance (Brooks et al. 2023, eq. 3) on three branches in one call: c (the prompt with
+    the image), i (the negative prompt with the image) and u (the negative prompt without it: zero image
+    latents); x0 = u + scale (c - i) + image_scale (i - u), A1111's CFG scale and Image CFG scale."""
+
+    def __init__(self, denoiser: DenoiserFn, image_cond: Cond, uncond: Cond, scale: float, image_scale: float):
+        self.denoiser, self.image_cond, self.uncond = denoiser, image_cond, uncond
+        self.scale = _check_finite("guidance scale", scale)
+        self.image_scale = _check_finite("image guidance scale", image_scale)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        sigma = broadcast_sigma(sigma, x)
+        both = _cat_cond(cond, self.image_cond)  # (c, i): _cat_cond puts its first argument first
+        out = self.denoiser(torch.cat([x, x, x]), torch.cat([sigma, sigma, sigma]), _cat_cond(both, self.uncond))
+        c, i, u = out.chunk(3)
+        return u + self.scale * (c - i) + self.image_scale * (i - u)

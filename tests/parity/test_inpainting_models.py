@@ -3,7 +3,9 @@ the masked image's latents beside the noisy latent), proven on tiny random Stabl
 StableDiffusionXLInpaintPipeline folders built offline: inside the mask, the same pixels as diffusers' pipeline
 from the same noise within 1e-4 (outside it, imagine pastes the original back, as A1111 does); the folder and a
 single file written from it load to the same model; txt2img and img2img run through A1111's conditioning (a full
-mask over mid-grey, or over the init image); the PNG and the A1111 API say it, and --from regenerates it."""
+mask over mid-grey, or over the init image); the PNG and the A1111 API say it, and --from regenerates it.
+InstructPix2Pix (8-channel UNets: the image's latents beside the noisy latent, text and image guidance) equals
+StableDiffusionInstructPix2PixPipeline the same way."""
 
 from __future__ import annotations
 
@@ -124,3 +126,49 @@ def test_the_a1111_api_takes_inpainting_models(tiny, tmp_path):
             assert json.loads(r.json()["info"])["is_using_inpainting_conditioning"]
         assert "Conditional mask weight: 0.25" in json.loads(made[1].json()["info"])["infotexts"][0]
         assert made[0].json()["images"][0] != made[1].json()["images"][0]
+
+
+def test_instruct_pix2pix_matches_diffusers(tmp_path):
+    """An 8-channel InstructPix2Pix UNet: the image's unscaled latents beside the noisy latent and three branches
+    (prompt + image, negative + image, negative alone) combined with the text and image guidance scales; from pure
+    noise at strength 1, the same image as StableDiffusionInstructPix2PixPipeline within 1e-4; A1111's
+    image_cfg_scale and the PNG's "Image CFG scale"; txt2img and inpaint refused, saying what to do."""
+    import base64
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from imagine.server.app import create_app
+    from tests.tiny_sd import write_instruct_pipeline
+
+    pipe = write_instruct_pipeline(tmp_path / "ip2p")
+    model, encoder = load_text_model(tmp_path / "ip2p")
+    assert model.spec.conditioning_channels == 4
+    image, mask = _image_and_mask()
+    s = g.Settings(prompt="make it blue", negative_prompt="", steps=4, sampler="euler", cfg_scale=7.5, seed=3,
+                   width=16, height=16, strength=1.0, image_cfg_scale=1.5)
+    ours = g.img2img(model, s, image, encoder)
+    noise = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(3))[None]
+    # imagine starts at noise x sqrt(1 + sigma_max^2) (the VP sample); diffusers' Euler multiplies what it is
+    # given by sigma_max under trailing spacing (tests/parity/test_stable_diffusion.py says the same)
+    pipe.scheduler.set_timesteps(4)
+    sigma_max = float(pipe.scheduler.sigmas[0])
+    noise = noise * (1 + sigma_max**2) ** 0.5 / float(pipe.scheduler.init_noise_sigma)
+    want = pipe("make it blue", image=image, num_inference_steps=4, guidance_scale=7.5, image_guidance_scale=1.5,
+                latents=noise, output_type="pt").images * 2 - 1
+    assert (ours - want).abs().max().item() < TOL
+    assert (ours - g.img2img(model, replace(s, image_cfg_scale=3.0), image, encoder)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="use img2img"):
+        g.txt2img(model, s, encoder)
+    with pytest.raises(ValueError, match="use img2img"):
+        g.inpaint(model, s, image, mask, encoder)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    body = {"prompt": "make it blue", "init_images": [base64.b64encode(buf.getvalue()).decode()], "steps": 2,
+            "seed": 4, "denoising_strength": 1.0, "image_cfg_scale": 2.0, "width": 16, "height": 16}
+    with TestClient(create_app([tmp_path / "ip2p"], out_dir=None)) as client:
+        assert client.get("/api/v1/models").json()["models"][0]["takes"]["image_cfg_scale"]
+        made = client.post("/sdapi/v1/img2img", json=body)
+        assert made.status_code == 200, made.text
+        assert "Image CFG scale: 2" in json.loads(made.json()["info"])["infotexts"][0]

@@ -68,6 +68,8 @@ _OPTS = dict(
     rescale=typer.Option(0.0, help="Guidance rescale phi in [0, 1] (Lin et al. 2023)."),
     distilled_cfg=typer.Option(3.5, help="Flux [dev]'s distilled guidance scale (Forge's Distilled CFG Scale): an "
                                          "input of guidance-distilled models, which run without CFG (cfg 1)."),
+    image_cfg=typer.Option(1.5, "--image-cfg", help="Instruct models (InstructPix2Pix): how closely to keep to the "
+                                                    "image (A1111's Image CFG scale)."),
     mask_weight=typer.Option(1.0, "--mask-weight", help="Inpainting models: how much of the masked region their "
                                                         "image input hides (A1111's inpainting conditioning mask "
                                                         "strength; 0 shows them the whole image)."),
@@ -497,14 +499,16 @@ def img2img(
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
     distilled_cfg: float = _OPTS["distilled_cfg"], mask_weight: float = _OPTS["mask_weight"],
+    image_cfg: float = _OPTS["image_cfg"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
 ) -> None:
-    """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt."""
+    """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt. With an instruct
+    model (InstructPix2Pix) the prompt is an instruction ("make it blue") and --image-cfg keeps to the image."""
     _run("img2img", _model_option(model, fast), _settings(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
         resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend,
-        distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight,
+        distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight, image_cfg_scale=image_cfg,
         tile=tile), out, init=image, vae=vae, text_encoder=text_encoder,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))

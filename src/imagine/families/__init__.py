@@ -110,6 +110,7 @@ class Family:
                 "distilled_cfg_scale": bool(getattr(spec, "distilled_guidance", False)),
                 "resolution_binning": self.aspect_bins,
                 "inpainting_mask_weight": getattr(spec, "conditioning_channels", 0) == 5,
+                "image_cfg_scale": getattr(spec, "conditioning_channels", 0) == 4,
                 **{kind: kind in self.attachments for kind in sorted(UNET_ATTACHMENTS)}}
 
     def check_attachment(self, kind: str, what: str, made_for: str | None = None) -> None:
@@ -250,9 +251,11 @@ def from_single_file(keys) -> Family | None:
 
 
 # pipelines whose folders hold a family's very parts (an inpainting UNet reads 9 channels): read as the family
-PIPELINE_ALIASES = {"StableDiffusionInpaintPipeline": "StableDiffusionPipeline",
-                    "StableDiffusionXLInpaintPipeline": "StableDiffusionXLPipeline"}
-INPAINT_PIPELINES = {v: k for k, v in PIPELINE_ALIASES.items()}
+INPAINT_PIPELINES = {"StableDiffusionPipeline": "StableDiffusionInpaintPipeline",
+                     "StableDiffusionXLPipeline": "StableDiffusionXLInpaintPipeline"}
+INSTRUCT_PIPELINES = {"StableDiffusionPipeline": "StableDiffusionInstructPix2PixPipeline",
+                      "StableDiffusionXLPipeline": "StableDiffusionXLInstructPix2PixPipeline"}
+PIPELINE_ALIASES = {v: k for table in (INPAINT_PIPELINES, INSTRUCT_PIPELINES) for k, v in table.items()}
 
 
 def from_diffusers(pipeline_class: str, text_encoder_config) -> Family | None:

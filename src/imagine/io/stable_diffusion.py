@@ -27,6 +27,7 @@ from imagine import __version__
 from imagine.families import (
     FLUX,
     INPAINT_PIPELINES,
+    INSTRUCT_PIPELINES,
     OWN_BY_NETWORK,
     PIPELINE_FAMILIES,
     SD1,
@@ -305,11 +306,9 @@ def inspect_single_file(weights: Weights, metadata: dict[str, str], source: str)
         unet, vae = UNetConfig.from_dict(ours["unet"]), VAEConfig.from_dict(ours["vae"])
     else:
         unet, vae = unet_config_from_ldm(_strip(weights, UNET), arch), vae_config_from_ldm(_strip(weights, VAE), arch)
-    if unet.in_channels not in (4, 9):
-        raise CheckpointError(f"{source} is a {unet.in_channels}-channel UNet"
-                              + (" (an InstructPix2Pix model, which imagine does not run yet)" if unet.in_channels == 8
-                                 else "") + "; imagine runs 4-channel text-to-image and 9-channel inpainting "
-                              "checkpoints")
+    if unet.in_channels not in (4, 8, 9):
+        raise CheckpointError(f"{source} is a {unet.in_channels}-channel UNet; imagine runs 4-channel text-to-image, "
+                              "9-channel inpainting and 8-channel instruct (InstructPix2Pix) checkpoints")
     prediction = found.prediction
     if "v_pred" in weights:  # the marker key v-prediction SDXL finetunes carry
         prediction = "v"
@@ -713,11 +712,8 @@ def _pipeline_spec(path: Path, index: dict, arch: Arch) -> dict:
         spec.update(default_cfg=1.0, default_steps=28 if unet["guidance_embeds"] else 4,
                     distilled_guidance=bool(unet["guidance_embeds"]))
     extra = unet.get("in_channels", 4) - vae.get("latent_channels", 4)
-    if extra == 4 and fam.network == "unet":
-        raise CheckpointError(f"{path} holds an 8-channel UNet (an InstructPix2Pix model), which imagine does not run "
-                              "yet; it runs text-to-image and 9-channel inpainting folders")
-    if extra == 5 and fam.network == "unet":  # an inpainting UNet: mask and masked-image latents beside the latent
-        spec["conditioning_channels"] = 5
+    if extra in (4, 5) and fam.network == "unet":  # instruct (the image's latents) or inpainting (mask and image)
+        spec["conditioning_channels"] = extra
     if unet.get("out_channels") and unet["out_channels"] == 2 * unet.get("in_channels", 0):  # PixArt's variance
         spec.update(learned_variance=True, default_cfg=4.5)
     if spec.get("consistency"):  # an LCM embeds its guidance scale (LCM-Dreamshaper's 8) or runs without CFG
@@ -886,7 +882,8 @@ def _write_pipeline(model: DiffusionModel, tmp: Path, dtype: str | None) -> None
     # diffusers reads a text encoder at its last layer: an encoder read at an earlier one (SD 2's
     # penultimate) is saved without the layers after it, as diffusers' own SD 2 folders are
     drop = model.text_encoder.clip_skip - 1 if fam.prompt_encoder == "clip" else 0
-    pipeline = INPAINT_PIPELINES.get(fam.diffusers_pipeline) if spec.conditioning_channels == 5 else None
+    pipeline = {5: INPAINT_PIPELINES, 4: INSTRUCT_PIPELINES}.get(spec.conditioning_channels, {}).get(
+        fam.diffusers_pipeline)
     index = {"_class_name": pipeline or fam.diffusers_pipeline, "_diffusers_version": "0.30.0",
              "_imagine_version": __version__,
              fam.denoiser_folder: ["diffusers", denoiser], "vae": ["diffusers", "AutoencoderKL"]}

@@ -24,7 +24,7 @@ from imagine.diffusion.model_sampling import model_sampling
 from imagine.diffusion.superres import LowResConditioned
 from imagine.families import text_width
 from imagine.families.aspect_bins import binned_size, resize_and_crop
-from imagine.guidance import ClassifierFreeGuidance
+from imagine.guidance import ClassifierFreeGuidance, ImageTextGuidance
 from imagine.io.model_folder import DiffusionModel
 from imagine.io.onnx import MANIFEST, default_onnx_folder, export_onnx, load_onnx
 from imagine.io.png import environment, file_hash
@@ -194,7 +194,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            strength: float = 1.0, mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
            cancel: Callable[[], bool] | None = None, precision: str = "fp32", backend: str = "torch",
            compile: bool = False, noise_seed_delta: int = 0, attachments: Sequence[Attachment] = (),
-           tile: int | None = None, resize_to: tuple[int, int] | None = None) -> torch.Tensor:
+           tile: int | None = None, resize_to: tuple[int, int] | None = None, image_cond: dict | None = None,
+           image_cfg_scale: float = 1.0) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
@@ -248,7 +249,9 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
             raise ValueError("tiled sampling does not take ControlNet or T2I-Adapter units (their maps cover the "
                              "whole image); leave tile unset with them")
         denoiser = TiledDenoiser(denoiser, tile, tile // 4)
-    if uncond is not None:
+    if image_cond is not None:  # InstructPix2Pix: the image's own guidance beside the text's
+        denoiser = ImageTextGuidance(denoiser, image_cond, uncond, cfg_scale, image_cfg_scale)
+    elif uncond is not None:
         denoiser = ClassifierFreeGuidance(denoiser, uncond, cfg_scale, guidance_rescale)
     elif cfg_scale != 1.0:
         raise ValueError("classifier-free guidance needs an unconditional branch, which this model lacks: use cfg 1")
@@ -314,9 +317,17 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
         extra_cond, extra_uncond = kind.inputs(units, s.n)
         cond.update(extra_cond)
         uncond.update(extra_uncond)
-    if model.spec.conditioning_channels and concat is None:  # txt2img: a full mask over mid-grey
+    image_cond = None
+    if model.spec.conditioning_channels == 4:  # InstructPix2Pix: the image to edit, and three branches
+        if concat is None:
+            raise ValueError("this is an instruct model (InstructPix2Pix): it edits an image, so use img2img with "
+                             "the image and an instruction as the prompt")
+        cond["concat_latents"] = concat.expand(s.n, -1, -1, -1)
+        image_cond = {**uncond, "concat_latents": cond["concat_latents"]}
+        uncond["concat_latents"] = torch.zeros_like(cond["concat_latents"])
+    elif model.spec.conditioning_channels and concat is None:  # txt2img: a full mask over mid-grey
         concat = inpainting_conditioning(model, s, (w, h))
-    if concat is not None:  # the same mask and masked image on both branches of guidance
+    if concat is not None and image_cond is None:  # the same mask and masked image on both branches of guidance
         cond["concat_latents"] = concat.expand(s.n, -1, -1, -1)
         if uncond is not None:
             uncond["concat_latents"] = cond["concat_latents"]
@@ -341,7 +352,8 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
                     strength=s.strength, mask=mask, callback=callback, cancel=cancel, precision=s.precision,
                     backend=s.backend, compile=s.compile, noise_seed_delta=s.noise_seed_delta,
                     attachments=attachments, tile=s.tile // f if s.tile else None,
-                    resize_to=out_size if binned is not None else None)
+                    resize_to=out_size if binned is not None else None, image_cond=image_cond,
+                    image_cfg_scale=s.image_cfg_scale)
 
 
 # the buckets' base side by the transformer's latent sample size, as PixArt's pipelines choose them
@@ -444,9 +456,15 @@ def img2img(model: DiffusionModel, s: Settings, init: Image.Image, text_encoder,
         s = replace(s, width=init.width, height=init.height)
     size = output_size(model, s)
     latent = _init_latent(model, s, init, size).expand(s.n, -1, -1, -1)
-    if model.spec.conditioning_channels:  # an inpainting UNet: the whole init image, masked
-        kwargs["concat"] = inpainting_conditioning(model, s, size, _image_tensor(fit_image(init, size, s.resize_mode),
-                                                                                 size, model.spec.image_channels))
+    pixels = _image_tensor(fit_image(init, size, s.resize_mode), size, model.spec.image_channels) \
+        if model.spec.conditioning_channels else None
+    if model.spec.conditioning_channels == 4:  # InstructPix2Pix: the image's unscaled latents (its training's)
+        with torch.no_grad():
+            kwargs["concat"] = model.vae.encode(pixels).mean
+        if s.strength >= 1:  # it reads the image through its input: from pure noise at full strength, as diffusers
+            latent = None
+    elif model.spec.conditioning_channels:  # an inpainting UNet: the whole init image, masked
+        kwargs["concat"] = inpainting_conditioning(model, s, size, pixels)
     return _sample(model, s, text_encoder, init_latent=latent, **kwargs)
 
 
@@ -482,6 +500,9 @@ def inpaint(model: DiffusionModel, s: Settings, init: Image.Image, mask: Image.I
     latent noise or a zero latent). With ``s.inpaint_only_masked`` the mask's box (plus padding) is cut
     out, inpainted at the output size and pasted back: the result has the init image's size."""
     s = s.validate()
+    if model.spec.conditioning_channels == 4:
+        raise ValueError("this is an instruct model (InstructPix2Pix): it edits the whole image from an instruction; "
+                         "use img2img (a plain or inpainting checkpoint inpaints)")
     if mask.size != init.size:
         raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {init.size[0]}x"
                          f"{init.size[1]}: they must be the same size")
@@ -558,8 +579,10 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields[f"Module {i + 1}"] = module.stem
     if kind in ("img2img", "inpaint"):
         fields["Denoising strength"] = f"{s.strength:g}"
-    if model.spec.conditioning_channels:  # an inpainting model's image input, as A1111 records it
+    if model.spec.conditioning_channels == 5:  # an inpainting model's image input, as A1111 records it
         fields["Conditional mask weight"] = f"{s.inpainting_mask_weight:g}"
+    if model.spec.conditioning_channels == 4 and kind == "img2img":  # InstructPix2Pix's, as A1111 records it
+        fields["Image CFG scale"] = f"{s.image_cfg_scale:g}"
     if kind == "txt2img" and model.family.aspect_bins:  # PixArt: the bucket generated at, or that it was not
         binned = sampling_size(model, s, w, h)
         if binned is not None:

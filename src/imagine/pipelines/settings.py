@@ -91,6 +91,9 @@ class Settings:
                                    cli="--only-masked-padding", kinds=("inpaint",), ge=0, le=1024)
     mask_invert: bool = setting(False, "Regenerate where the mask is black.", cli="--invert-mask",
                                 kinds=("inpaint",))
+    image_cfg_scale: float = setting(1.5, "Instruct models (InstructPix2Pix): how closely to keep to the image "
+                                          "(A1111's Image CFG scale; 1: the image branch alone).",
+                                     cli="--image-cfg", kinds=("img2img",), ge=0, le=MAX_CFG)
     inpainting_mask_weight: float = setting(1.0, "Inpainting models: how much of the masked region the model's "
                                                  "image input hides (A1111's inpainting conditioning mask "
                                                  "strength; 0 shows it the whole image).", cli="--mask-weight",

@@ -273,6 +273,8 @@ def router(service: Service) -> APIRouter:
             request["strength"] = body.denoising_strength if body.denoising_strength is not None else 0.75
             request["init_image"] = body.init_images[0]
             request["resize_mode"] = RESIZE_MODES[body.resize_mode]
+            if body.image_cfg_scale is not None and body.mask is None:  # instruct models' (img2img only)
+                request["image_cfg_scale"] = body.image_cfg_scale
             if len(body.init_images) > 1:
                 warnings.append(f"init_images has {len(body.init_images)} images; the first is used")
         scripts = {k.lower(): v for k, v in ((body.model_extra or {}).get("alwayson_scripts") or {}).items()}

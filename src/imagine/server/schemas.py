@@ -208,6 +208,8 @@ class A1111Txt2Img(BaseModel):
 
 class A1111Img2Img(A1111Txt2Img):
     init_images: list[str] = Field(..., min_length=1)
+    image_cfg_scale: float | None = Field(None, ge=0, le=100, description="instruct models' (InstructPix2Pix) "
+                                          "Image CFG scale; default 1.5")
     mask: str | None = None
     mask_blur: int = Field(4, ge=0, le=64)
     resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, "

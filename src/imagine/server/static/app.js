@@ -89,6 +89,8 @@ function applyTakes(takes) {
     $(id).disabled = !takes[id];
     $(id).closest("label").classList.toggle("not-taken", !takes[id]);
   }
+  $("image_cfg_scale").disabled = !takes.image_cfg_scale;
+  $("image_cfg_scale").closest("label").hidden = !takes.image_cfg_scale;
   $("inpainting_mask_weight").disabled = !takes.inpainting_mask_weight;
   $("inpainting_mask_weight").closest("label").hidden = !takes.inpainting_mask_weight;
   $("resolution_binning").disabled = !takes.resolution_binning;
@@ -210,6 +212,7 @@ function requestBody() {
     body.strength = number("strength");
     body.resize_mode = $("resize_mode").value;
     if (!$("inpainting_mask_weight").disabled) body.inpainting_mask_weight = number("inpainting_mask_weight");
+    if (mode === "img2img" && !$("image_cfg_scale").disabled) body.image_cfg_scale = number("image_cfg_scale");
   }
   const controls = controlUnits();
   if (controls.length && !$("controlnet").hidden) body.controls = controls;
@@ -347,6 +350,7 @@ $("send-to-txt2img").addEventListener("click", () => {
   $("distilled_cfg_scale").value = p["Distilled CFG Scale"] || 3.5;
   $("resolution_binning").checked = p["Resolution binning"] !== "off";
   $("inpainting_mask_weight").value = p["Conditional mask weight"] || 1;
+  $("image_cfg_scale").value = p["Image CFG scale"] || 1.5;
   const vae = (p["VAE"] || "").replace(/\.[^.]+$/, "");
   $("vae").value = [...$("vae").options].some((o) => o.value === vae) ? vae : "Automatic";
   const modules = Object.keys(p).filter((k) => /^Module \d+$/.test(k)).map((k) => p[k]);
