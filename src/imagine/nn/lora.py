@@ -324,9 +324,14 @@ class WeightDelta(nn.Module):
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """dW shaped as ``base_weight`` (which DoRA, OFT and IA3 read; the others only take its shape)."""
         shape = base_weight.shape
-        if self.algo == "boft":
+        if self.algo in ("oft", "boft"):  # LyCORIS's and kohya's: the output rows turned, then rescaled
             w = base_weight.float()
-            turned = self._lycoris_butterfly(w)
+            if self.algo == "boft":
+                turned = self._lycoris_butterfly(w)
+            else:
+                r = self._oft_rotations()
+                k, n = r.shape[0], r.shape[1]
+                turned = torch.einsum("knm,kn...->km...", r, w.reshape(k, n, *shape[1:])).reshape(shape)
             rescale = self._get("rescale")
             if rescale is not None:
                 turned = turned * rescale.reshape(-1, *([1] * (len(shape) - 1)))
@@ -335,15 +340,6 @@ class WeightDelta(nn.Module):
             w = base_weight.float().flatten(1)
             turned = (w @ self._butterfly().T) * self._get("boft_s").reshape(-1, 1)
             return (turned - w).reshape(shape)
-        if self.algo == "oft":
-            w = base_weight.float()
-            r = self._oft_rotations()
-            k, n = r.shape[0], r.shape[1]
-            turned = torch.einsum("knm,kn...->km...", r, w.reshape(k, n, *shape[1:])).reshape(shape)
-            rescale = self._get("rescale")
-            if rescale is not None:
-                turned = turned * rescale.reshape(-1, *([1] * (len(shape) - 1)))
-            return turned - w
         if self.algo == "peft_oft":
             w = base_weight.float().flatten(1)
             r = self._peft_rotations()
