@@ -263,7 +263,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "initial_noise_multiplier": ((1, 1.0, None), "initial noise multiplier"),
     "refiner_checkpoint": ((None, "", "None"), "a refiner"),
     "firstpass_image": ((None, ""), "a first-pass image"),
-    "script_name": ((None, ""), "scripts"),
     "infotext": ((None, ""), "infotext parameters"),
     "latent_mask": ((None, ""), "a separate latent mask"),
 }

@@ -45,7 +45,8 @@ def test_every_setting_is_documented_and_none_is_a_sentinel():
         assert set(s["kinds"]) <= set(KINDS)
         plain = _plain(s["type"])
         if plain in (int, float) and s["default"] in (0, -1) and s["name"] not in (
-                "seed", "noise_seed_delta", "guidance_rescale"):  # a real value there, not "none"
+                "seed", "noise_seed_delta", "guidance_rescale", "outpaint_left", "outpaint_right", "outpaint_up",
+                "outpaint_down"):  # a real value there (0 pixels of border), not "none"
             pytest.fail(f"{s['name']} defaults to {s['default']}: write 'not given' as None")
 
 

@@ -359,3 +359,32 @@ def test_a1111_extras_and_our_upscale_endpoint(client):
     r = client.post("/api/v1/upscale", json={"images": [picture], "scale": 3, "upscaler": "Bicubic", "steps": 3})
     assert r.status_code == 422 and "steps" in r.json()["detail"]
     assert client.get("/api/v1/status").status_code == 200  # still serving
+
+
+def test_outpainting_through_both_apis_and_a1111s_script(client):
+    init = Image.new("RGB", (16, 16), (200, 30, 30))
+    r = client.post("/api/v1/jobs", json={"kind": "inpaint", "init_image": _b64(init), "prompt": "a red circle",
+                                          "steps": 3, "seed": 2, "outpaint_right": 8, "mask_blur": 1})
+    assert r.status_code == 202, r.text
+    job = _wait(client, r.json()["id"])
+    assert job["status"] == "done", job
+    out = _png(job["images"][0]["base64"]).convert("RGB")
+    assert out.size == (24, 16) and np.array_equal(np.asarray(out)[:, :8], np.asarray(init)[:, :8])
+    # A1111's "Poor man's outpainting" script: [pixels, mask_blur, inpainting_fill, directions]
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [_b64(init)], "prompt": "a red circle", "steps": 3,
+                                               "denoising_strength": 1.0, "script_name": "Poor man's outpainting",
+                                               "script_args": [8, 1, 1, ["left", "up"]]})
+    assert r.status_code == 200, r.text
+    out = _png(r.json()["images"][0])
+    assert out.size == (24, 24)
+    text = json.loads(r.json()["info"])["infotexts"][0]
+    assert "Outpaint: left 8 up 8" in text and "Masked content: original" in text
+    for body, words in (({"script_name": "Outpainting mk2", "script_args": [None, 8]}, "(this server runs"),
+                        ({"script_name": "Poor man's outpainting", "script_args": [8, 1, 1, ["sideways"]]},
+                         "directions are a list of left"),
+                        ({"script_name": "Poor man's outpainting", "script_args": []}, "takes script_args")):
+        r = client.post("/sdapi/v1/img2img", json={"init_images": [_b64(init)], "prompt": "x", "steps": 2, **body})
+        assert r.status_code == 422 and words in r.text, r.text
+    r = client.post("/api/v1/jobs", json={"kind": "img2img", "init_image": _b64(init), "prompt": "x", "steps": 2,
+                                          "outpaint_left": 8})
+    assert r.status_code == 422 and "grow the canvas of an inpaint request" in r.text, r.text

@@ -218,6 +218,37 @@ def test_inpaint_with_a1111_options_from_the_ui(server, tmp_path):
         assert errors == [], errors
 
 
+def test_outpaint_borders_preview_and_grow_the_image_from_the_ui(server, tmp_path):
+    """The outpaint fieldset: borders drawn on the preview canvas to scale, the image grown by them, no mask."""
+    _need_browser()
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(init)
+    with _page(server) as (page, errors):
+        page.click("button[data-tab=inpaint]")
+        expect(page.locator("#outpaint_right")).to_be_visible()
+        page.set_input_files("#init-file", str(init))
+        page.wait_for_timeout(300)
+        page.fill("#outpaint_right", "16")
+        page.fill("#outpaint_down", "8")
+        expect(page.locator("#outpaint-size")).to_have_text("32x24 px")
+        # the preview: the image at the top left, the striped border to its right (grey, not the image)
+        pixel = "([x, y]) => Array.from($('outpaint-preview').getContext('2d').getImageData(x, y, 1, 1).data)"
+        assert page.evaluate(pixel, [200, 20])[3] == 255 and page.evaluate(pixel, [250, 250])[3] == 0
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "3")
+        page.select_option("#inpaint_fill", "fill")
+        page.click("#generate-button")
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        expect(figure.locator("figcaption")).to_contain_text("Outpaint: right 16 down 8")
+        assert page.eval_on_selector("figure.result img", "img => img.complete && img.naturalWidth") == 32
+        assert errors == [], errors
+
+
 def test_vae_picker_reaches_the_image(server):
     """The models tab lists the models folder's VAEs; the one picked makes the next image and is recorded."""
     _need_browser()

@@ -122,6 +122,10 @@ _OPTS = dict(
                                                            "MODEL a name in models/ipadapter or a path (default: "
                                                            "the first of TYPE that fits); SCALE the image's "
                                                            "weight (default 1). Repeat for several."),
+    left=typer.Option(0, "--left", help="Outpainting: pixels added on the left (the new border is inpainted)."),
+    right=typer.Option(0, "--right", help="Outpainting: pixels added on the right."),
+    up=typer.Option(0, "--up", help="Outpainting: pixels added at the top."),
+    down=typer.Option(0, "--down", help="Outpainting: pixels added at the bottom."),
     resize_mode=typer.Option(ResizeMode.just_resize, help="How the image meets the output size: stretch, crop "
                                                           "to cover, fit and fill the borders, or resize the "
                                                           "latent (A1111's resize modes)."),
@@ -340,6 +344,9 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
     for key, what in (("init_image", "image"), ("mask", "mask")):
         if kind == "txt2img" or (key == "mask" and kind != "inpaint"):
             continue
+        if key == "mask" and key not in record and any(record["settings"].get(f"outpaint_{side}") for side in
+                                                       ("left", "right", "up", "down")):
+            continue  # outpainted without a mask: the borders are the mask
         where = record.get(key) or {}
         if "path" not in where:
             fail(f"{image} was made by {kind} from a {what} it does not locate (a server's request carries it "
@@ -530,6 +537,7 @@ def inpaint(
                                      "size and paste it back (A1111's Inpaint area: Only masked)."),
     only_masked_padding: int = typer.Option(32, help="Pixels around the mask's box, with --only-masked."),
     invert_mask: bool = typer.Option(False, "--invert-mask", help="Regenerate where the mask is black."),
+    left: int = _OPTS["left"], right: int = _OPTS["right"], up: int = _OPTS["up"], down: int = _OPTS["down"],
     resize_mode: ResizeMode = _OPTS["resize_mode"],
     negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
     sampler: str | None = _OPTS["sampler"], schedule: Schedule | None = _OPTS["schedule"],
@@ -552,6 +560,53 @@ def inpaint(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
         mask_blur=mask_blur, inpaint_fill=masked_content, inpaint_only_masked=only_masked,
         inpaint_padding=only_masked_padding, mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
+        distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight, outpaint_left=left,
+        outpaint_right=right, outpaint_up=up, outpaint_down=down,
+        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile), out, init=image, mask=mask, vae=vae,
+         text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
+         lora_strict=lora_strict,
+         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
+
+
+@app.command(rich_help_panel=EDIT)
+def outpaint(
+    image: Path = typer.Argument(..., help="The image to extend."),
+    prompt: str = typer.Argument(..., help="What the whole, larger picture shows."),
+    left: int = _OPTS["left"], right: int = _OPTS["right"], up: int = _OPTS["up"], down: int = _OPTS["down"],
+    mask: Path | None = typer.Option(None, "--mask", help="Also regenerate where this mask (the image's size) is "
+                                                          "white, as inpaint does."),
+    strength: float = typer.Option(1.0, help="In (0, 1]: 1 draws the new border from scratch."),
+    mask_blur: int = typer.Option(4, help="Gaussian blur radius of the seam, in pixels (the mask reaches twice "
+                                          "this into the image)."),
+    masked_content: InpaintFill = typer.Option(InpaintFill.fill, help="What the new border starts from: the "
+                                               "colours around it (fill, the default here as in A1111's "
+                                               "outpainting), latent noise or nothing; original is the same as "
+                                               "fill outside the image."),
+    resize_mode: ResizeMode = _OPTS["resize_mode"],
+    negative: str = _OPTS["negative"], steps: int | None = _OPTS["steps"],
+    sampler: str | None = _OPTS["sampler"], schedule: Schedule | None = _OPTS["schedule"],
+    cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
+    n: int = _OPTS["n"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
+    model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    text_encoder: list[str] = _OPTS["text_encoder"],
+    backend: Backend = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int | None = _OPTS["tile"],
+    allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
+    lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
+    lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
+    clip_skip: int | None = _OPTS["clip_skip"], noise_seed_delta: int = _OPTS["noise_seed_delta"],
+    distilled_cfg: float = _OPTS["distilled_cfg"], mask_weight: float = _OPTS["mask_weight"],
+    control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
+    control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
+) -> None:
+    """Outpainting: grow the canvas by the borders given and draw them to continue the image (a plain model
+    or an inpainting checkpoint), blending the seam; the image's own pixels are kept. The PNG records the
+    borders, so --from redoes it."""
+    if not any((left, right, up, down)):
+        fail("give at least one border to add: --left, --right, --up or --down (pixels)")
+    _run("inpaint", _model_option(model, fast), _settings(
+        prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
+        mask_blur=mask_blur, inpaint_fill=masked_content, outpaint_left=left, outpaint_right=right,
+        outpaint_up=up, outpaint_down=down, resize_mode=resize_mode, clip_skip=clip_skip,
         distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight,
         noise_seed_delta=noise_seed_delta, backend=backend, tile=tile), out, init=image, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,

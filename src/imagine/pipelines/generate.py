@@ -13,7 +13,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from imagine import __version__
 from imagine.a1111 import RESIZE_LABELS, a1111_name, a1111_parameters, prompt_loras
@@ -490,7 +490,41 @@ def mask_box(mask: Image.Image, padding: int, aspect: float) -> tuple[int, int, 
     return l, t, r, b
 
 
-def inpaint(model: DiffusionModel, s: Settings, init: Image.Image, mask: Image.Image, text_encoder,
+def outpaint_canvas(init: Image.Image, mask: Image.Image | None, s: Settings) -> tuple[Image.Image, Image.Image]:
+    """The init image on a canvas grown by the settings' outpainting borders, and the mask to inpaint it with.
+
+    The new border starts from the colours around it (A1111's "fill", by ``fill_masked``; latent noise or
+    nothing then replace it as ``s.inpaint_fill`` says). The mask is white over the new border and 2 x mask
+    blur pixels into the image on the grown sides, so that the blurred mask is whole over all the new pixels
+    and the seam blends inside the old ones (A1111's poor man's outpainting reaches 1 x blur in, which leaves
+    the fill's flat colours showing through the first new pixels). A mask given (the image's size, after any
+    inversion) marks more to regenerate inside the image."""
+    left, up, right, down = s.outpaint
+    w, h = init.width + left + right, init.height + up + down
+    image = init.convert("RGB")
+    canvas = Image.new("RGB", (w, h))
+    canvas.paste(image, (left, up))
+    border = Image.new("L", (w, h), 255)
+    border.paste(0, (left, up, left + init.width, up + init.height))
+    pixels = _image_tensor(canvas, (w, h), 3)
+    filled = fill_masked(pixels, torch.from_numpy(np.asarray(border, dtype=np.float32) / 255)[None, None])
+    arr = ((filled[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    canvas = Image.fromarray(arr)
+    canvas.paste(image, (left, up))  # the image's own pixels exactly, not through the float round trip
+    inset = 2 * s.mask_blur
+    keep = (left + (inset if left else 0), up + (inset if up else 0),
+            left + init.width - (inset if right else 0), up + init.height - (inset if down else 0))
+    out = Image.new("L", (w, h), 255)
+    if keep[2] > keep[0] and keep[3] > keep[1]:
+        out.paste(0, keep)
+    if mask is not None:
+        grown = Image.new("L", (w, h), 0)
+        grown.paste(mask.convert("L"), (left, up))
+        out = ImageChops.lighter(out, grown)
+    return canvas, out
+
+
+def inpaint(model: DiffusionModel, s: Settings, init: Image.Image, mask: Image.Image | None, text_encoder,
             **kwargs) -> torch.Tensor:
     """Regenerate where ``mask`` is white (black with ``s.mask_invert``), keep the rest: the unmasked latent
     is blended in at every step, and the decoded result is composited over the init image through the
@@ -503,12 +537,17 @@ def inpaint(model: DiffusionModel, s: Settings, init: Image.Image, mask: Image.I
     if model.spec.conditioning_channels == 4:
         raise ValueError("this is an instruct model (InstructPix2Pix): it edits the whole image from an instruction; "
                          "use img2img (a plain or inpainting checkpoint inpaints)")
-    if mask.size != init.size:
+    if mask is not None and mask.size != init.size:
         raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {init.size[0]}x"
                          f"{init.size[1]}: they must be the same size")
-    mask = mask.convert("L")
-    if s.mask_invert:
-        mask = ImageOps.invert(mask)
+    if mask is not None:
+        mask = mask.convert("L")
+        if s.mask_invert:
+            mask = ImageOps.invert(mask)
+    if any(s.outpaint):
+        init, mask = outpaint_canvas(init, mask, s)
+    elif mask is None:
+        raise ValueError("inpaint needs a mask (white = regenerate, black = keep), or outpainting borders")
     if s.width is None and s.height is None:
         s = replace(s, width=init.width, height=init.height)
     size = output_size(model, s)
@@ -607,6 +646,9 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         if s.mask_invert:
             fields["Mask mode"] = "Inpaint not masked"
         fields["Masked content"] = s.inpaint_fill.replace("_", " ")
+        if any(s.outpaint):
+            fields["Outpaint"] = " ".join(f"{side} {px}" for side, px in zip(("left", "up", "right", "down"),
+                                                                               s.outpaint) if px)
         if s.inpaint_only_masked:
             fields["Inpaint area"] = "Only masked"
             fields["Masked area padding"] = s.inpaint_padding

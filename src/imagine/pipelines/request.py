@@ -72,10 +72,13 @@ class Request:
             raise ValueError(f"kind {self.kind!r} unknown; choose one of: {', '.join(KINDS)}")
         if self.kind != "txt2img" and self.init_image is None:
             raise ValueError(f"{self.kind} needs an init image")
+        if any(s.outpaint) and self.kind != "inpaint":
+            raise ValueError("outpainting borders grow the canvas of an inpaint request; ask for inpaint (imagine "
+                             "outpaint, the APIs' kind inpaint)")
         if self.kind == "inpaint":
-            if self.mask is None:
-                raise ValueError("inpaint needs a mask (white = regenerate, black = keep)")
-            if self.mask.size != self.init_image.size:
+            if self.mask is None and not any(s.outpaint):
+                raise ValueError("inpaint needs a mask (white = regenerate, black = keep), or outpainting borders")
+            if self.mask is not None and self.mask.size != self.init_image.size:
                 raise ValueError(f"the mask is {self.mask.width}x{self.mask.height} but the image is "
                                  f"{self.init_image.width}x{self.init_image.height}: they must be the same size")
         if self.rerank < 1:
@@ -88,8 +91,11 @@ class Request:
         if s.steps > model.spec.num_train_timesteps:
             raise ValueError(f"steps ({s.steps}) cannot exceed the model's {model.spec.num_train_timesteps} "
                              "training timesteps")
-        if self.init_image is not None and s.width is None and s.height is None:
-            s = replace(s, width=self.init_image.width, height=self.init_image.height)
+        if self.init_image is not None and s.width is None and s.height is None:  # the image's size (grown)
+            left, up, right, down = s.outpaint
+            s = replace(s, width=self.init_image.width + left + right, height=self.init_image.height + up + down)
+            if any(s.outpaint):
+                _check_canvas(model, s, self.init_image.size)
         size = g.output_size(model, s)
         binned = g.sampling_size(model, s, *size) if self.kind == "txt2img" else None
         g.check_memory(model, *(binned or size), s.n, s.tile)  # a PixArt bucket may be larger than asked
@@ -142,6 +148,18 @@ class Request:
                 raise ValueError(f"LoRA {err}") from None
             out.append(LoraUse(name, path, weight, source, self.lora_strict))
         return tuple(out)
+
+
+def _check_canvas(model: DiffusionModel, s: Settings, image: tuple[int, int]) -> None:
+    """An outpainted canvas whose side is no multiple of the latent factor is refused saying which border
+    to change (the canvas is the output: resizing it would move the image's own pixels)."""
+    f = model.latent_factor
+    for name, v, sides, own in (("width", s.width, "--left/--right", image[0]),
+                                ("height", s.height, "--up/--down", image[1])):
+        if v % f:
+            raise ValueError(f"the outpainted canvas's {name} is {v} px ({own} px of image and the borders), not a "
+                             f"multiple of {f}, this model's latent factor: add {f - v % f} px (or take {v % f}) "
+                             f"to {sides}, or give a width and height to resize to")
 
 
 def vocabulary_warnings(model: DiffusionModel, prompt: str, negative: str, loras=(), embeddings=()

@@ -29,6 +29,8 @@ EDITS = ("img2img", "inpaint")
 MAX_HIRES_SCALE = 8.0  # hires fix and SR upscaling make images at most this many times larger
 MAX_CFG = 100.0  # classifier-free guidance past this only saturates (1e308 made black images)
 MAX_PROMPT = 4000  # characters: the APIs' bound on a prompt
+MAX_OUTPAINT = 4096  # pixels an outpainting border may add on one side
+OUTPAINT = ("outpaint_left", "outpaint_right", "outpaint_up", "outpaint_down")
 _SAME = object()
 
 
@@ -91,6 +93,16 @@ class Settings:
                                    cli="--only-masked-padding", kinds=("inpaint",), ge=0, le=1024)
     mask_invert: bool = setting(False, "Regenerate where the mask is black.", cli="--invert-mask",
                                 kinds=("inpaint",))
+    # outpaint: the canvas grown by these borders (pixels) around the init image; the new border (and mask blur
+    # pixels into the image, for the seam) is inpainted, any mask given marks more to redo inside the image
+    outpaint_left: int = setting(0, "Outpainting: pixels added on the left (the new border is inpainted).",
+                                 cli="--left", kinds=("inpaint",), ge=0, le=MAX_OUTPAINT)
+    outpaint_right: int = setting(0, "Outpainting: pixels added on the right.", cli="--right", kinds=("inpaint",),
+                                  ge=0, le=MAX_OUTPAINT)
+    outpaint_up: int = setting(0, "Outpainting: pixels added at the top.", cli="--up", kinds=("inpaint",), ge=0,
+                               le=MAX_OUTPAINT)
+    outpaint_down: int = setting(0, "Outpainting: pixels added at the bottom.", cli="--down", kinds=("inpaint",),
+                                 ge=0, le=MAX_OUTPAINT)
     image_cfg_scale: float = setting(1.5, "Instruct models (InstructPix2Pix): how closely to keep to the image "
                                           "(A1111's Image CFG scale; 1: the image branch alone).",
                                      cli="--image-cfg", kinds=("img2img",), ge=0, le=MAX_CFG)
@@ -186,6 +198,11 @@ class Settings:
             raise ValueError(f"inpaint fill {self.inpaint_fill!r} unknown; choose one of: {', '.join(INPAINT_FILLS)}")
         if self.inpaint_padding < 0:
             raise ValueError(f"inpaint padding must be >= 0 pixels, got {self.inpaint_padding}")
+        for name in OUTPAINT:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_OUTPAINT:
+                raise ValueError(f"{name.replace('_', ' ')} must be a whole number of pixels in [0, {MAX_OUTPAINT}], "
+                                 f"got {v!r}")
         if self.clip_skip is not None and (not isinstance(self.clip_skip, int) or self.clip_skip < 1):
             raise ValueError(f"clip skip must be an integer >= 1 (1: the last layer), got {self.clip_skip!r}")
         if not isinstance(self.hires_scale, (int, float)) or not 1 <= self.hires_scale <= MAX_HIRES_SCALE:
@@ -209,6 +226,11 @@ class Settings:
         if self.schedule is not None:  # A1111's "Schedule type" names too, as ours
             return replace(self, schedule=check_schedule(self.schedule))
         return self
+
+    @property
+    def outpaint(self) -> tuple[int, int, int, int]:
+        """The outpainting borders (left, up, right, down) in pixels; all 0 when not outpainting."""
+        return self.outpaint_left, self.outpaint_up, self.outpaint_right, self.outpaint_down
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -103,6 +103,10 @@ def _check_fields(body: A1111Txt2Img, sampler: str) -> list[str]:
             if value is not None and value != getattr(body, "mask_blur", value):
                 refused.append(f"{name}={value} (a mask blur other than mask_blur={getattr(body, 'mask_blur', 4)}:"
                                " one radius for both axes)")
+        elif name == "script_name":
+            if value not in (None, "") and str(value).strip().lower() not in SCRIPTS:
+                refused.append(f"script_name={json.dumps(value)[:40]} (this server runs "
+                               f"{', '.join(repr(s) for s in SCRIPTS.values())} only)")
         elif name == "alwayson_scripts":
             if value is not None and not isinstance(value, dict):
                 refused.append("alwayson_scripts (an object of scripts by name)")
@@ -119,6 +123,41 @@ def _check_fields(body: A1111Txt2Img, sampler: str) -> list[str]:
 
 
 
+
+
+# A1111's scripts (script_name, case aside) that this server runs, by their titles
+SCRIPTS = {"poor man's outpainting": "Poor man's outpainting"}
+_DIRECTIONS = ("left", "right", "up", "down")
+
+
+def outpaint_script(body: A1111Txt2Img) -> dict[str, Any] | None:
+    """A1111's "Poor man's outpainting" script (img2img): script_args [pixels, mask_blur, inpainting_fill,
+    directions] as the request's outpainting borders, mask blur and masked content; None without it."""
+    extra = body.model_extra or {}
+    name = str(extra.get("script_name") or "").strip().lower()
+    if name != "poor man's outpainting":
+        return None
+    args = extra.get("script_args") or []
+    if not isinstance(args, list) or len(args) < 1:
+        raise RequestError("Poor man's outpainting takes script_args [pixels, mask_blur, inpainting_fill, "
+                           "directions], e.g. [128, 4, 1, [\"left\", \"right\"]]")
+    args = [*args, *[None] * 4][:4]
+    pixels, blur, fill, directions = args
+    pixels = _number({"pixels": pixels}, "pixels", int)
+    blur = 4 if blur is None else _number({"mask_blur": blur}, "mask_blur", int)
+    fill = 1 if fill is None else _number({"inpainting_fill": fill}, "inpainting_fill", int)
+    if directions is None:
+        directions = list(_DIRECTIONS)
+    if not isinstance(directions, list) or any(str(d).lower() not in _DIRECTIONS for d in directions):
+        raise RequestError(f"Poor man's outpainting's directions are a list of {', '.join(_DIRECTIONS)}; got "
+                           f"{json.dumps(directions)[:60]}")
+    if pixels is None or pixels < 1 or not directions:
+        raise RequestError("Poor man's outpainting needs pixels >= 1 and at least one direction")
+    if fill not in range(len(INPAINT_FILLS)):
+        raise RequestError(f"inpainting_fill {fill} unknown: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    asked = {str(d).lower() for d in directions}
+    return {"mask_blur": blur, "inpaint_fill": INPAINT_FILLS[fill],
+            **{f"outpaint_{side}": pixels if side in asked else 0 for side in _DIRECTIONS}}
 
 
 def is_ip_module(module: Any) -> bool:
@@ -284,6 +323,7 @@ def router(service: Service) -> APIRouter:
             request.update(mask=body.mask, mask_blur=body.mask_blur, inpaint_fill=INPAINT_FILLS[body.inpainting_fill],
                            inpaint_only_masked=body.inpaint_full_res, inpaint_padding=body.inpaint_full_res_padding,
                            mask_invert=bool(body.inpainting_mask_invert))
+            request.update(outpaint_script(body) or {})  # the script's borders, blur and fill
         return typed_request(request, kind), warnings
 
     async def submit(body: A1111Txt2Img, kind: str) -> tuple[Job, list[str]]:
@@ -384,7 +424,7 @@ def router(service: Service) -> APIRouter:
     @api.post("/img2img", response_model=A1111ImageResponse)
     async def img2img(body: A1111Img2Img) -> A1111ImageResponse:
         """With a `mask`, inpainting (white = regenerate; black with inpainting_mask_invert = 1)."""
-        job, warnings = await submit(body, "inpaint" if body.mask else "img2img")
+        job, warnings = await submit(body, "inpaint" if body.mask or outpaint_script(body) else "img2img")
         echo = body.model_dump()
         if not body.include_init_images:
             echo["init_images"], echo["mask"] = None, None

@@ -172,10 +172,11 @@ class Service:
             if not request.get("init_image"):
                 raise RequestError(f"{kind} needs an init image")
             init = decode_image(request["init_image"], "the init image", lim)
-        if kind == "inpaint":
-            if not request.get("mask"):
-                raise RequestError("inpaint needs a mask (white = regenerate, black = keep)")
+        if kind == "inpaint" and request.get("mask"):
             mask = decode_image(request["mask"], "the mask", lim)
+        elif kind == "inpaint" and not any(settings.outpaint):
+            raise RequestError("inpaint needs a mask (white = regenerate, black = keep), or outpainting borders "
+                               "(outpaint_left, outpaint_right, outpaint_up, outpaint_down)")
         w, h = settings.width or entry.spec.image_size, settings.height or entry.spec.image_size
         if w * h > lim.max_pixels:  # the server's limit first: it is what this client can change
             raise RequestError(f"width x height = {w}x{h} is {w * h} pixels, over the limit max_pixels="

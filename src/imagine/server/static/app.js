@@ -125,7 +125,40 @@ $("init-file").addEventListener("change", async (e) => {
   ctx.clearRect(0, 0, 256, 256);
   ctx.drawImage(initImage, 0, 0, 256, 256);
   clearMask();
+  drawOutpaint();
 });
+
+// ---- outpainting: the grown canvas, drawn to scale with the new border striped
+const SIDES = ["left", "right", "up", "down"];
+function outpaintBorders() {
+  const out = {};
+  for (const side of SIDES) out["outpaint_" + side] = Math.max(0, Math.round(Number($("outpaint_" + side).value) || 0));
+  return out;
+}
+function drawOutpaint() {
+  const b = outpaintBorders();
+  const preview = $("outpaint-preview");
+  const ctx = preview.getContext("2d");
+  ctx.clearRect(0, 0, preview.width, preview.height);
+  if (!initImage) { $("outpaint-size").textContent = ""; return; }
+  const w = initImage.naturalWidth + b.outpaint_left + b.outpaint_right;
+  const h = initImage.naturalHeight + b.outpaint_up + b.outpaint_down;
+  const k = Math.min(preview.width / w, preview.height / h);
+  ctx.save();
+  ctx.scale(k, k);
+  const stripes = document.createElement("canvas");
+  stripes.width = stripes.height = 8;
+  const sctx = stripes.getContext("2d");
+  sctx.fillStyle = "#ddd"; sctx.fillRect(0, 0, 8, 8);
+  sctx.strokeStyle = "#999"; sctx.beginPath(); sctx.moveTo(0, 8); sctx.lineTo(8, 0); sctx.stroke();
+  ctx.fillStyle = ctx.createPattern(stripes, "repeat");
+  ctx.fillRect(0, 0, w, h);
+  ctx.drawImage(initImage, b.outpaint_left, b.outpaint_up);
+  ctx.restore();
+  const grown = SIDES.some((side) => b["outpaint_" + side] > 0);
+  $("outpaint-size").textContent = grown ? `${w}x${h} px` : "";
+}
+SIDES.forEach((side) => $("outpaint_" + side).addEventListener("input", drawOutpaint));
 function clearMask() {
   $("mask-canvas").getContext("2d").clearRect(0, 0, 256, 256);
 }
@@ -225,6 +258,11 @@ function requestBody() {
     body.inpaint_only_masked = $("inpaint_only_masked").checked;
     body.inpaint_padding = number("inpaint_padding");
     body.mask_invert = $("mask_invert").checked;
+    const borders = outpaintBorders();
+    body.outpaint_left = borders.outpaint_left;
+    body.outpaint_right = borders.outpaint_right;
+    body.outpaint_up = borders.outpaint_up;
+    body.outpaint_down = borders.outpaint_down;
   }
   return body;
 }
