@@ -1,11 +1,12 @@
 """Does outpainting continue the picture, and does the seam show? On the shipped model: a rendered scene with
-one object crossing its middle (on black or, every other case, a coloured background) is cut to its left half, grown back by outpainting on the right, and prompted "a A to
-the left of a B" for a second object B. A case passes when the analyzer finds B centred in the new half and A
-still in the kept half. The seam's visibility is the gradient energy across it (the mean absolute step
-between the last kept and the first new column) against the image's own (the mean step between neighbouring
-columns elsewhere in the same image): about 1 for an invisible seam, higher for a visible one. Two references:
-txt2img of the same prompt (both objects anywhere), and the kept half pasted beside an independently generated
-picture (a seam nobody blended).
+one object crossing its middle (on black or, every other case, a coloured background) is cut to its left
+half, grown back by outpainting on the right, and prompted "a A to the left of a B" for a second object B.
+A case passes when the analyzer finds B centred in the new half and A still in the kept half. The seam's
+visibility is the gradient energy across it (the mean absolute step between the last kept and the first new
+column) against the image's own (the mean step between neighbouring columns elsewhere in the same image):
+about 1 for an invisible seam, higher for a visible one. Two references: txt2img of the same prompt (both
+objects anywhere), and the kept half pasted beside an independently generated picture (a seam nobody
+blended).
 
     python benchmarks/outpaint_eval.py            # writes docs/benchmarks/outpaint_eval.{json,md}
     python benchmarks/outpaint_eval.py --n 8 --settings fill:1   # a quick look
@@ -131,7 +132,8 @@ def markdown(report: dict) -> list[str]:
     md = ["# Does outpainting continue the picture, and does the seam show?", "",
           f"`python benchmarks/outpaint_eval.py`: {n} cases on {report['model']} ({report['sampler']}, "
           f"{report['steps']} steps, CFG {report['cfg']:g}, mask blur {report['mask_blur']}). Each case is the left "
-          "half of a rendered scene with one object crossing the cut (half of them on a coloured background), grown back to full width by outpainting on the right, "
+          "half of a rendered scene with one object crossing the cut (half of them on a coloured background), "
+          "grown back to full width by outpainting on the right, "
           "prompted \"a A to the left of a B\". *drawn*: the analyzer finds B centred in the new half; *kept*: A "
           "still stands in the old half. *seam*: the mean step across the seam over the image's own mean step "
           "between neighbouring columns (1: no more visible than any column; the unblended paste shows what a "

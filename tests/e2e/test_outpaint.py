@@ -76,7 +76,7 @@ def test_outpainting_is_refused_where_it_cannot_be_done(model):
     assert f > 1
     with pytest.raises(ValueError, match=f"height is 17 px .* not a multiple of {f}.*add {f - 1} px .* --up/--down"):
         Request("inpaint", replace(S, outpaint_up=1), init_image=init).check(model)
-    with pytest.raises(ValueError, match="needs a mask .* or outpainting borders"):
+    with pytest.raises(ValueError, match=r"needs a mask .* or outpainting borders"):
         Request("inpaint", S, init_image=init).check(model)
     with pytest.raises(ValueError, match="grow the canvas of an inpaint request"):
         Request("img2img", replace(S, outpaint_left=8), init_image=init).check(model)

@@ -294,6 +294,25 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
     if binned is not None:  # PixArt's aspect buckets: generated there, then resized and cropped to the size asked
         w, h = binned
 
+    cond, uncond, image_cond, cfg_scale = branches(model, s, text_encoder, (w, h), attachments=attachments,
+                                                   concat=concat, low_res=low_res)
+    return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler,
+                    schedule=s.schedule, cond=cond, uncond=uncond, cfg_scale=cfg_scale,
+                    guidance_rescale=s.guidance_rescale, latent_hw=(h // f, w // f), init_latent=init_latent,
+                    strength=s.strength, mask=mask, callback=callback, cancel=cancel, precision=s.precision,
+                    backend=s.backend, compile=s.compile, noise_seed_delta=s.noise_seed_delta,
+                    attachments=attachments, tile=s.tile // f if s.tile else None,
+                    resize_to=out_size if binned is not None else None, image_cond=image_cond,
+                    image_cfg_scale=s.image_cfg_scale)
+
+
+def branches(model: DiffusionModel, s: Settings, text_encoder, size: tuple[int, int], *,
+             attachments: Sequence[Attachment] = (), concat: torch.Tensor | None = None,
+             low_res: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict, dict | None, dict | None, float]:
+    """The network's inputs on each branch of guidance for a text request at ``size`` (the sampling size):
+    (cond, uncond, image_cond, cfg_scale). uncond is None for a model that embeds its guidance (an LCM, whose
+    cfg scale is then 1); image_cond is InstructPix2Pix's third branch."""
+    w, h = size
     # A1111's <lora:NAME:WEIGHT> tags are taken out of the text (the request attached those LoRAs)
     prompts = [prompt_loras(s.prompt)[0]] * s.n + [prompt_loras(s.negative_prompt)[0]] * s.n
     encoder = text_encoder
@@ -346,14 +365,7 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
         weight = torch.full((s.n,), s.cfg_scale - 1.0)  # LCM's convention: w = cfg scale - 1
         cond["timestep_cond"] = guidance_embedding(weight, model.unet.config.time_cond_proj_dim)
         uncond, cfg_scale = None, 1.0
-    return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler,
-                    schedule=s.schedule, cond=cond, uncond=uncond, cfg_scale=cfg_scale,
-                    guidance_rescale=s.guidance_rescale, latent_hw=(h // f, w // f), init_latent=init_latent,
-                    strength=s.strength, mask=mask, callback=callback, cancel=cancel, precision=s.precision,
-                    backend=s.backend, compile=s.compile, noise_seed_delta=s.noise_seed_delta,
-                    attachments=attachments, tile=s.tile // f if s.tile else None,
-                    resize_to=out_size if binned is not None else None, image_cond=image_cond,
-                    image_cfg_scale=s.image_cfg_scale)
+    return cond, uncond, image_cond, cfg_scale
 
 
 # the buckets' base side by the transformer's latent sample size, as PixArt's pipelines choose them
@@ -647,8 +659,8 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
             fields["Mask mode"] = "Inpaint not masked"
         fields["Masked content"] = s.inpaint_fill.replace("_", " ")
         if any(s.outpaint):
-            fields["Outpaint"] = " ".join(f"{side} {px}" for side, px in zip(("left", "up", "right", "down"),
-                                                                               s.outpaint) if px)
+            sides = zip(("left", "up", "right", "down"), s.outpaint, strict=True)
+            fields["Outpaint"] = " ".join(f"{side} {px}" for side, px in sides if px)
         if s.inpaint_only_masked:
             fields["Inpaint area"] = "Only masked"
             fields["Masked area padding"] = s.inpaint_padding
