@@ -12,7 +12,7 @@ import pytest
 from imagine.pipelines.settings import KINDS, Settings, schemas
 from imagine.server.schemas import JobRequest
 
-COMMANDS = {"txt2img": "generate", "img2img": "img2img", "inpaint": "inpaint"}
+COMMANDS = {"txt2img": "generate", "img2img": "img2img", "inpaint": "inpaint", "edit": "edit"}
 STATIC = Path(__file__).resolve().parents[2] / "src" / "imagine" / "server" / "static"
 
 

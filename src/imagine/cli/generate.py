@@ -163,7 +163,8 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
          allow_pickle: bool = False, models_dir: Path | None = None, weights_dtype: str = "fp32",
          lora: list[str] | None = None, embedding: list[str] | None = None, lora_strict: bool = True,
          controls: list | None = None, image_prompts: list | None = None, size: int | None = None,
-         expect_model: dict | None = None, text_encoder: list[str] | None = None) -> None:
+         expect_model: dict | None = None, text_encoder: list[str] | None = None,
+         inversion_file: Path | None = None, save_inversion: Path | None = None) -> list[Path]:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs.
     size: txt2img's final longer side, reached by the SR upscaler in the settings (the scale is set from the
     model's size here). expect_model: --from's record of the model; other weights are refused, named."""
@@ -222,6 +223,11 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         from imagine.pipelines.upscale import hires_steps_total
 
         per_image = request.settings.steps * rerank + hires_steps_total(request.settings, request.resolved_upscaler)
+        if kind == "edit":
+            request = _inversion(request, loaded, encoder, inversion_file, save_inversion)
+            s = request.settings  # the inversion's steps (and null-text's), unless it was read, then the edit's
+            run = max(1, round(s.strength * s.steps))
+            per_image = run * (1 + (request.inversion is None) * (1 + s.null_text))
         for warning in request.warnings:
             typer.echo(f"warning: {warning}", err=True)
         # what the library warns about while it runs (a LoRA with --lora-strict false leaving layers out) is
@@ -235,8 +241,35 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
             typer.echo(f"warning: {warning}", err=True)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
-    for path in save(results, out):
+    paths = save(results, out)
+    for path in paths:
         typer.echo(str(path))
+    return paths
+
+
+def _inversion(request, model, encoder, read: Path | None, write: Path | None):
+    """An edit request with its inversion read from a file (checked to fit), or made now and written."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from imagine.pipelines import inversion as inv
+    from imagine.pipelines.request import attached
+
+    identity = inv.inversion_identity(model, request.settings, request.extra["init_image"]["sha256_10"])
+    if read is not None:
+        return replace(request, inversion=inv.load_inversion(read, identity))
+    if write is None:
+        return request
+    s = request.settings
+    run = max(1, round(s.strength * s.steps))
+    with tqdm(total=run * (1 + s.null_text), desc="inversion", unit="step", leave=False) as bar, \
+            attached(request, model, encoder):
+        made = inv.invert(model, s, request.init_image, encoder, callback=lambda info: bar.update(1),
+                          attachments=request.attached)
+    inv.save_inversion(write, made, identity)
+    typer.echo(f"inversion: {write}", err=True)
+    return replace(request, inversion=made)
 
 
 def _lora_option(item: str | tuple) -> tuple[str, float]:
@@ -337,8 +370,8 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
     if record is None:
         fail(f"{image} carries no imagine metadata (A1111's text alone does not pin the model)")
     kind = record.get("kind")
-    if kind not in ("txt2img", "img2img", "inpaint"):
-        fail(f"{image} was made by {kind}; --from regenerates txt2img, img2img and inpaint images (imagine "
+    if kind not in ("txt2img", "img2img", "inpaint", "edit"):
+        fail(f"{image} was made by {kind}; --from regenerates txt2img, img2img, inpaint and edit images (imagine "
              "upscale --from redoes upscales)")
     inputs: dict[str, Path] = {}
     for key, what in (("init_image", "image"), ("mask", "mask")):
@@ -612,6 +645,91 @@ def outpaint(
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
+
+
+def _edit_options(prompt, source, null_text, edit_mask, strength, resize_mode, negative, steps, cfg, rescale, seed,
+                  width, height, clip_skip, distilled_cfg=3.5):
+    return _settings(prompt, negative, steps, None, None, cfg, rescale, seed, 1, width, height, strength=strength,
+                     resize_mode=resize_mode, source_prompt=source, null_text=null_text, edit_mask=edit_mask,
+                     clip_skip=clip_skip, distilled_cfg_scale=distilled_cfg)
+
+
+_EDIT = dict(
+    null_text=typer.Option(False, "--null-text", help="Null-text inversion (Mokady et al. 2022): optimise the "
+                                                      "unconditional text at each step so the image comes back "
+                                                      "under guidance; about 10x slower than plain DDIM inversion."),
+    strength=typer.Option(1.0, help="In (0, 1]: how far up the schedule to invert (1: to pure noise)."),
+    steps=typer.Option(None, help="DDIM steps (default: the model's); 50 reconstructs closer than 25."),
+    inversion=typer.Option(None, "--inversion", help="An inversion written by imagine invert --save for this "
+                                                     "image, model and settings: skips inverting again."),
+)
+
+
+@app.command(rich_help_panel=EDIT)
+def edit(
+    image: Path = typer.Argument(..., help="The image to edit."),
+    from_prompt: str = typer.Option("", "--from-prompt", help="What the image shows (it is inverted under it; "
+                                                              "empty: inverted without text)."),
+    to_prompt: str = typer.Option(..., "--to-prompt", help="What it should show instead."),
+    null_text: bool = _EDIT["null_text"],
+    edit_mask: bool = typer.Option(True, "--edit-mask/--no-edit-mask", help="Change only where the two prompts' "
+                                   "predictions differ (DiffEdit's mask) and keep the rest of the image's pixels."),
+    strength: float = _EDIT["strength"], resize_mode: ResizeMode = _OPTS["resize_mode"],
+    negative: str = _OPTS["negative"], steps: int | None = _EDIT["steps"],
+    cfg: float | None = _OPTS["cfg"], rescale: float = _OPTS["rescale"], seed: int = _OPTS["seed"],
+    width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
+    model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    text_encoder: list[str] = _OPTS["text_encoder"],
+    allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
+    lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
+    lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
+    clip_skip: int | None = _OPTS["clip_skip"], distilled_cfg: float = _OPTS["distilled_cfg"],
+    inversion: Path | None = _EDIT["inversion"],
+) -> None:
+    """Edit a real image by inversion: DDIM run backwards under --from-prompt finds its noise, and sampling from
+    it under --to-prompt edits it ("a red circle" -> "a blue circle"); DiffEdit's mask keeps the rest. The seed
+    only draws the mask's noise."""
+    settings = _edit_options(to_prompt, from_prompt, null_text, edit_mask, strength, resize_mode, negative, steps,
+                             cfg, rescale, seed, width, height, clip_skip, distilled_cfg)
+    _run("edit", model, settings, out, init=image, vae=vae,
+         text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
+         lora_strict=lora_strict, inversion_file=inversion)
+
+
+@app.command(rich_help_panel=EDIT)
+def invert(
+    image: Path = typer.Argument(..., help="The image to invert."),
+    prompt: str = typer.Option("", "--prompt", help="What the image shows."),
+    null_text: bool = _EDIT["null_text"], strength: float = _EDIT["strength"],
+    resize_mode: ResizeMode = _OPTS["resize_mode"],
+    negative: str = _OPTS["negative"], steps: int | None = _EDIT["steps"],
+    cfg: float | None = _OPTS["cfg"], width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
+    model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
+    text_encoder: list[str] = _OPTS["text_encoder"],
+    allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
+    lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
+    clip_skip: int | None = _OPTS["clip_skip"],
+    save_to: Path | None = typer.Option(None, "--save", help="Write the inversion (its latents and null-text "
+                                                            "states, .safetensors) for imagine edit --inversion."),
+) -> None:
+    """DDIM inversion: find the noise that makes IMAGE under --prompt, and show how well it comes back (the
+    reconstruction is written as a PNG and its PSNR against the image printed). --null-text makes it come back
+    under guidance; --save keeps it for edits."""
+    import numpy as np
+    from PIL import Image
+
+    from imagine.data.transforms import fit_image
+
+    settings = _edit_options(prompt, prompt, null_text, False, strength, resize_mode, negative, steps, cfg, 0.0, 0,
+                             width, height, clip_skip)
+    paths = _run("edit", model, settings, out, init=image, vae=vae, text_encoder=text_encoder,
+                 allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
+                 save_inversion=save_to)
+    made = Image.open(paths[0]).convert("RGB")
+    source = fit_image(Image.open(image).convert("RGB"), made.size, resize_mode.value)
+    error = np.mean((np.asarray(made, np.float64) - np.asarray(source, np.float64)) ** 2)
+    psnr = 10 * np.log10(255**2 / max(error, 1e-10))
+    typer.echo(f"reconstruction PSNR: {psnr:.2f} dB", err=True)
 
 
 @app.command(rich_help_panel=GENERATE)

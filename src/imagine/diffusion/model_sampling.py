@@ -65,6 +65,12 @@ class VPSampling:
         """x0 noised to sigma (img2img's start)."""
         return x0 + noise * float(sigma)
 
+    def relabel(self, x: torch.Tensor, sigma, to) -> torch.Tensor:
+        """x at level ``sigma`` as the x at level ``to`` that gives the network the same input (the VP latent
+        x / sqrt(1 + sigma^2)): DDIM inversion shows the network the current latent at the next level."""
+        return x * float(((1 + torch.as_tensor(to, dtype=torch.float64) ** 2) /
+                          (1 + torch.as_tensor(sigma, dtype=torch.float64) ** 2)).sqrt())
+
 
 @dataclass(frozen=True)
 class FlowSampling:
@@ -101,6 +107,10 @@ class FlowSampling:
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         t = float(sigma)
         return (1 - t) * x0 + t * noise
+
+    def relabel(self, x: torch.Tensor, sigma, to) -> torch.Tensor:
+        """The network reads x_t itself at every t."""
+        return x
 
 
 ModelSampling = VPSampling | FlowSampling

@@ -628,8 +628,12 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields["VAE"] = model.vae_path.name
     for i, module in enumerate(model.module_paths):  # a transformer file's separate parts, as Forge names them
         fields[f"Module {i + 1}"] = module.stem
-    if kind in ("img2img", "inpaint"):
+    if kind in ("img2img", "inpaint", "edit"):
         fields["Denoising strength"] = f"{s.strength:g}"
+    if kind == "edit":  # an edit by inversion: from what, how
+        fields["Inversion"] = "null-text" if s.null_text else "DDIM"
+        fields["Source prompt"] = s.source_prompt
+        fields["Edit mask"] = "DiffEdit" if s.edit_mask and s.prompt != s.source_prompt else "off"
     if model.spec.conditioning_channels == 5:  # an inpainting model's image input, as A1111 records it
         fields["Conditional mask weight"] = f"{s.inpainting_mask_weight:g}"
     if model.spec.conditioning_channels == 4 and kind == "img2img":  # InstructPix2Pix's, as A1111 records it
@@ -651,7 +655,7 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
             fields["SR noise level"] = s.sr_noise_level
     if s.tile:
         fields["Tile size"] = s.tile
-    if kind in ("img2img", "inpaint") and s.resize_mode != "just_resize":
+    if kind in ("img2img", "inpaint", "edit") and s.resize_mode != "just_resize":
         fields["Resize mode"] = RESIZE_LABELS[s.resize_mode]
     if kind == "inpaint":
         fields["Mask blur"] = s.mask_blur

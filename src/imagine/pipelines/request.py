@@ -31,6 +31,7 @@ from imagine.io.stable_diffusion import load_any
 from imagine.models.clip import CLIPScorer
 from imagine.models.text_encoders import load_text_encoder
 from imagine.pipelines import generate as g
+from imagine.pipelines.inversion import check_edit, edit
 from imagine.pipelines.output import Generated
 from imagine.pipelines.rerank import txt2img_reranked
 from imagine.pipelines.settings import Settings
@@ -38,7 +39,7 @@ from imagine.pipelines.unconditional import to_uint8
 from imagine.pipelines.upscale import hires, hires_size, resolve_upscaler
 from imagine.weights import default_clip
 
-Kind = Literal["txt2img", "img2img", "inpaint"]
+Kind = Literal["txt2img", "img2img", "inpaint", "edit"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
 
@@ -61,6 +62,7 @@ class Request:
     attached: tuple[Attachment, ...] = field(default=(), repr=False)
     resolved_upscaler: object = field(default=None, repr=False)  # hires fix's Upscaler (pipelines/upscale.py)
     warnings: tuple[str, ...] = ()  # what the user should know before trusting the images; filled by check()
+    inversion: object = field(default=None, repr=False)  # edit: an Inversion made before (pipelines/inversion.py)
     confined: bool = False  # a server's request: LoRAs, control and IP-Adapter models, embeddings and upscalers
     # by name in models_dir only, never by path (io/models_dir.resolve)
 
@@ -81,6 +83,8 @@ class Request:
             if self.mask is not None and self.mask.size != self.init_image.size:
                 raise ValueError(f"the mask is {self.mask.width}x{self.mask.height} but the image is "
                                  f"{self.init_image.width}x{self.init_image.height}: they must be the same size")
+        if self.kind == "edit":  # inversion walks the deterministic sampler: DDIM (Euler's step for flow models)
+            s = replace(s, sampler="euler" if model.spec.prediction == "flow" else "ddim", schedule=None)
         if self.rerank < 1:
             raise ValueError(f"rerank takes K >= 1 candidates per image, got {self.rerank}")
         if self.rerank > 1 and self.kind != "txt2img":
@@ -130,6 +134,8 @@ class Request:
         attached = tuple(sorted(asked, key=lambda unit: ATTACHMENTS.index(type(unit))))  # stable: each kind in order
         for unit in attached:
             model.family.check_attachment(unit.kind, unit.label, unit.made_for)
+        if self.kind == "edit":
+            check_edit(model, s, None, attached)
         return replace(self, settings=s, attached=attached, resolved_upscaler=upscaler,
                        warnings=vocabulary_warnings(model, s.prompt, s.negative_prompt, loras, embeddings))
 
@@ -236,6 +242,8 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
                 images = hires(model, s, images, text_encoder, upscaler, **kwargs)
         elif kind == "img2img":
             images = g.img2img(model, s, request.init_image, text_encoder, **kwargs)
+        elif kind == "edit":
+            images = edit(model, s, request.init_image, text_encoder, inversion=request.inversion, **kwargs)
         else:
             images = g.inpaint(model, s, request.init_image, request.mask, text_encoder, **kwargs)
     out = []

@@ -23,9 +23,11 @@ InpaintFill = Literal["fill", "original", "latent_noise", "latent_nothing"]
 INPAINT_FILLS: tuple[str, ...] = get_args(InpaintFill)
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
-Kind = Literal["txt2img", "img2img", "inpaint"]
+Kind = Literal["txt2img", "img2img", "inpaint", "edit"]
 KINDS: tuple[str, ...] = get_args(Kind)
 EDITS = ("img2img", "inpaint")
+FROM_IMAGE = (*EDITS, "edit")  # the kinds that start from an init image
+SAMPLED = ("txt2img", *EDITS)  # the kinds that walk a sampler from noise (an edit walks DDIM from its inversion)
 MAX_HIRES_SCALE = 8.0  # hires fix and SR upscaling make images at most this many times larger
 MAX_CFG = 100.0  # classifier-free guidance past this only saturates (1e308 made black images)
 MAX_PROMPT = 4000  # characters: the APIs' bound on a prompt
@@ -53,9 +55,9 @@ class Settings:
     negative_prompt: str = setting("", "What not to draw.", cli="--negative", max_length=MAX_PROMPT)
     steps: int = setting(20, "Sampling steps (default: the model's).", cli_default=None, api_default=None, ge=1)
     sampler: str = setting("dpmpp_2m", "Sampler: ours or A1111's name ('DPM++ 2M Karras'; default: the model's).",
-                           cli_default=None, api_default=None)
+                           cli_default=None, api_default=None, kinds=SAMPLED)
     schedule: SigmaSchedule | None = setting(None, "Sigma schedule: default or karras (default: what the sampler "
-                                                   "name implies).")
+                                                   "name implies).", kinds=SAMPLED)
     cfg_scale: float = setting(5.0, "Classifier-free guidance scale (default: the model's).", cli="--cfg",
                                cli_default=None, api_default=None, ge=0, le=MAX_CFG)
     guidance_rescale: float = setting(0.0, "Guidance rescale phi in [0, 1] (Lin et al. 2023).", cli="--rescale",
@@ -69,18 +71,19 @@ class Settings:
     seed: int = setting(0, "Seed of the first image; image i uses seed + i. -1 (or none on the APIs): a random "
                            "one, reported and recorded like any seed.",
                         api_default=None, ge=-1, lt=2**63)
-    n: int = setting(1, "How many images; image i uses seed + i.", ge=1)
+    n: int = setting(1, "How many images; image i uses seed + i.", ge=1, kinds=SAMPLED)
     width: int | None = setting(None, "Width in pixels (a multiple of the latent factor; default: the model's).",
                                 ge=8)
     height: int | None = setting(None, "Height in pixels (a multiple of the latent factor; default: the model's).",
                                  ge=8)
     strength: float = setting(0.75, "In (0, 1]: how much of the schedule runs from the noised init image (1 "
-                                    "ignores it).", cli_default={"img2img": 0.75, "inpaint": 1.0}, kinds=EDITS,
-                              gt=0, le=1)
+                                    "ignores it; an edit inverts this far).",
+                              cli_default={"img2img": 0.75, "inpaint": 1.0, "edit": 1.0}, kinds=FROM_IMAGE, gt=0,
+                              le=1)
     mask_blur: int = setting(4, "Gaussian blur radius of the mask, in pixels.", kinds=("inpaint",), ge=0, le=64)
     resize_mode: ResizeMode = setting("just_resize", "How the init image meets the output size: stretch, crop to "
                                                      "cover, fit and fill the borders, or resize the latent "
-                                                     "(A1111's resize modes).", kinds=EDITS)
+                                                     "(A1111's resize modes).", kinds=FROM_IMAGE)
     # inpaint: what the masked region starts from. Latent noise, because it draws a new object where asked
     # 2.5x as often as the original (0.62 against 0.25 at strength 0.75: benchmarks/inpaint_eval.py)
     inpaint_fill: InpaintFill = setting("latent_noise", "What the masked region starts from: its surroundings' "
@@ -103,6 +106,15 @@ class Settings:
                                le=MAX_OUTPAINT)
     outpaint_down: int = setting(0, "Outpainting: pixels added at the bottom.", cli="--down", kinds=("inpaint",),
                                  ge=0, le=MAX_OUTPAINT)
+    # edit: the image inverted under source_prompt (DDIM run backwards), then sampled with the prompt
+    source_prompt: str = setting("", "Editing by inversion: what the image shows (the prompt it is inverted "
+                                     "with); the prompt says what it should show (the same: its reconstruction).",
+                                 cli="--from-prompt", kinds=("edit",), max_length=MAX_PROMPT)
+    null_text: bool = setting(False, "Editing: null-text inversion (Mokady et al. 2022), which optimises the "
+                                     "unconditional text per step so the image comes back under guidance; slower.",
+                              kinds=("edit",))
+    edit_mask: bool = setting(True, "Editing: change only where the two prompts' predictions differ (DiffEdit's "
+                                    "mask) and keep the rest of the image's pixels.", kinds=("edit",))
     image_cfg_scale: float = setting(1.5, "Instruct models (InstructPix2Pix): how closely to keep to the image "
                                           "(A1111's Image CFG scale; 1: the image branch alone).",
                                      cli="--image-cfg", kinds=("img2img",), ge=0, le=MAX_CFG)
@@ -114,11 +126,11 @@ class Settings:
                                           "skip; 1: the last; default: the model's).", ge=1, le=48)
     noise_seed_delta: int = setting(0, "Stochastic samplers draw their noise from seed + this (A1111's eta noise "
                                        "seed delta, ENSD); the starting noise stays the seed's.",
-                                    ge=-(2**31), lt=2**31)
+                                    ge=-(2**31), lt=2**31, kinds=SAMPLED)
     precision: Precision = setting("fp32", "fp32, or bf16 autocast for the network (faster on CPUs with bf16).",
                                    api=False, kinds=("txt2img",))
     backend: Backend = setting("torch", "What runs the networks: torch, or an ONNX export under ONNX Runtime "
-                                        "(fp32, or its UNet dynamically quantized to int8).")
+                                        "(fp32, or its UNet dynamically quantized to int8).", kinds=SAMPLED)
     compile: bool = setting(False, "torch.compile the UNet: a minute or so once per process and input shape, then "
                                    "faster steps (its kernels round differently: pixels may move by a level).",
                             api=False, kinds=("txt2img",))
@@ -138,7 +150,8 @@ class Settings:
                                                "higher invents more detail).", cli="--noise-level",
                                          kinds=("txt2img",), ge=0)
     tile: int | None = setting(None, "Sample in overlapping tiles of this many pixels a side (default: whole "
-                                     "images): for sizes whose activations would not fit in memory.", ge=32)
+                                     "images): for sizes whose activations would not fit in memory.", ge=32,
+                                 kinds=SAMPLED)
 
     @classmethod
     def from_record(cls, record: dict) -> Settings:
@@ -177,7 +190,7 @@ class Settings:
         if last >= 2**63 or self.seed + min(0, self.noise_seed_delta) < 0:
             raise ValueError(f"seed {self.seed} with {self.n} images and noise seed delta {self.noise_seed_delta} "
                              f"leaves the seeds' range [0, 2**63): choose a seed below {2**63 - self.n}")
-        for name in ("prompt", "negative_prompt"):
+        for name in ("prompt", "negative_prompt", "source_prompt"):
             text = getattr(self, name)
             if "\x00" in text:
                 raise ValueError(f"the {name.replace('_', ' ')} holds a NUL character: remove it")

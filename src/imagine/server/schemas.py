@@ -77,7 +77,8 @@ class _JobFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
+    kind: Literal["txt2img", "img2img", "inpaint", "edit"] = Field(
+        "txt2img", description="edit: the init image inverted under source_prompt and sampled under the prompt")
     init_image: str | None = None
     mask: str | None = None
     model: str | None = Field(None, description="a name from GET /api/v1/models; default: the current model")

@@ -168,7 +168,7 @@ class Service:
         except ValueError as err:
             raise RequestError(str(err)) from None
         init = mask = None
-        if kind in ("img2img", "inpaint"):
+        if kind in ("img2img", "inpaint", "edit"):
             if not request.get("init_image"):
                 raise RequestError(f"{kind} needs an init image")
             init = decode_image(request["init_image"], "the init image", lim)
