@@ -388,3 +388,21 @@ def test_outpainting_through_both_apis_and_a1111s_script(client):
     r = client.post("/api/v1/jobs", json={"kind": "img2img", "init_image": _b64(init), "prompt": "x", "steps": 2,
                                           "outpaint_left": 8})
     assert r.status_code == 422 and "grow the canvas of an inpaint request" in r.text, r.text
+
+
+def test_an_edit_by_inversion_through_the_job_api(client):
+    init = Image.new("RGB", (16, 16), (0, 0, 0))
+    init.paste((220, 30, 30), (4, 4, 12, 12))
+    body = {"kind": "edit", "init_image": _b64(init), "prompt": "a blue square", "source_prompt": "a red square",
+            "steps": 3, "strength": 1.0, "seed": 4}
+    r = client.post("/api/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    job = _wait(client, r.json()["id"])
+    assert job["status"] == "done", job
+    parameters, record = read_png_metadata(base64.b64decode(job["images"][0]["base64"]))
+    assert record["kind"] == "edit" and record["settings"]["source_prompt"] == "a red square"
+    assert "Source prompt: a red square" in parameters and "Sampler: DDIM" in parameters
+    r = client.post("/api/v1/jobs", json={**body, "n": 2})
+    assert r.status_code == 422 and "ask for n = 1" in r.text, r.text
+    r = client.post("/api/v1/jobs", json={k: v for k, v in body.items() if k != "init_image"})
+    assert r.status_code == 422 and "edit needs an init image" in r.text, r.text

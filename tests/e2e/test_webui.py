@@ -249,6 +249,36 @@ def test_outpaint_borders_preview_and_grow_the_image_from_the_ui(server, tmp_pat
         assert errors == [], errors
 
 
+def test_edit_tab_inverts_and_edits_an_image(server, tmp_path):
+    """The edit tab: an init image, the source prompt and the target prompt; the result records the edit."""
+    _need_browser()
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    px = np.zeros((16, 16, 3), np.uint8)
+    px[4:12, 4:12] = (220, 30, 30)
+    init = tmp_path / "init.png"
+    Image.fromarray(px).save(init)
+    with _page(server) as (page, errors):
+        page.click("button[data-tab=edit]")
+        expect(page.locator("#source_prompt")).to_be_visible()
+        expect(page.locator("#mask-canvas")).to_be_hidden()
+        page.set_input_files("#init-file", str(init))
+        page.wait_for_timeout(300)
+        page.fill("#prompt", "a blue square")
+        page.fill("#source_prompt", "a red square")
+        page.fill("#steps", "3")
+        page.fill("#n", "2")  # an edit is one image: the tab sends n = 1
+        page.click("#generate-button")
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        for text in ("Source prompt: a red square", "Inversion: DDIM", "Edit mask: DiffEdit"):
+            expect(figure.locator("figcaption")).to_contain_text(text)
+        assert page.locator("figure.result").count() == 1
+        assert errors == [], errors
+
+
 def test_vae_picker_reaches_the_image(server):
     """The models tab lists the models folder's VAEs; the one picked makes the next image and is recorded."""
     _need_browser()

@@ -11,7 +11,7 @@ let lastPngParameters = null;
 // ---- tabs
 function showTab(tab) {
   document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === tab));
-  const generating = ["txt2img", "img2img", "inpaint"].includes(tab);
+  const generating = ["txt2img", "img2img", "inpaint", "edit"].includes(tab);
   $("generate").hidden = !generating;
   $("pnginfo").hidden = tab !== "pnginfo";
   $("models").hidden = tab !== "models";
@@ -19,7 +19,7 @@ function showTab(tab) {
   $("extras").hidden = tab !== "extras";
   if (generating) {
     mode = tab;
-    document.querySelectorAll(".only-txt2img, .only-img2img, .only-inpaint").forEach((el) => {
+    document.querySelectorAll(".only-txt2img, .only-img2img, .only-inpaint, .only-edit").forEach((el) => {
       el.hidden = !el.classList.contains("only-" + tab);
     });
   }
@@ -251,6 +251,12 @@ function requestBody() {
   if (controls.length && !$("controlnet").hidden) body.controls = controls;
   const prompts = imagePromptUnits();
   if (prompts.length && !$("image-prompts").hidden) body.image_prompts = prompts;
+  if (mode === "edit") {  // an edit by inversion: one deterministic image
+    body.source_prompt = $("source_prompt").value;
+    body.null_text = $("null_text").checked;
+    body.edit_mask = $("edit_mask").checked;
+    body.n = 1;
+  }
   if (mode === "inpaint") {
     body.mask = maskData();
     body.inpaint_fill = $("inpaint_fill").value;
