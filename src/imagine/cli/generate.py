@@ -122,6 +122,11 @@ _OPTS = dict(
                                                            "MODEL a name in models/ipadapter or a path (default: "
                                                            "the first of TYPE that fits); SCALE the image's "
                                                            "weight (default 1). Repeat for several."),
+    watermark=typer.Option(False, "--watermark", help="Write Stable Diffusion's invisible watermark (DWT-DCT) "
+                                                      "into the pixels (images of 256 x 256 or more); imagine info "
+                                                      "finds it."),
+    sign_key=typer.Option(None, "--sign-key", help="Sign each image's record with this Ed25519 private key (PEM; "
+                                                   "imagine keygen makes one): imagine info --verify checks it."),
     left=typer.Option(0, "--left", help="Outpainting: pixels added on the left (the new border is inpainted)."),
     right=typer.Option(0, "--right", help="Outpainting: pixels added on the right."),
     up=typer.Option(0, "--up", help="Outpainting: pixels added at the top."),
@@ -164,7 +169,8 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
          lora: list[str] | None = None, embedding: list[str] | None = None, lora_strict: bool = True,
          controls: list | None = None, image_prompts: list | None = None, size: int | None = None,
          expect_model: dict | None = None, text_encoder: list[str] | None = None,
-         inversion_file: Path | None = None, save_inversion: Path | None = None) -> list[Path]:
+         inversion_file: Path | None = None, save_inversion: Path | None = None,
+         sign_key: Path | None = None) -> list[Path]:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs.
     size: txt2img's final longer side, reached by the SR upscaler in the settings (the scale is set from the
     model's size here). expect_model: --from's record of the model; other weights are refused, named."""
@@ -172,6 +178,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
 
     from imagine.io import models_dir as md
     from imagine.io.checkpoint import CheckpointError
+    from imagine.io.provenance import load_signing_key
     from imagine.pipelines import request as r
 
     try:
@@ -217,7 +224,8 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         request = r.Request(kind, settings, init_image=init_image, mask=mask_image, rerank=rerank,
                             extra=extra, loras=loras, models_dir=models_dir, embeddings=tuple(embedding or ()),
                             lora_strict=lora_strict, controls=tuple(controls or ()),
-                            image_prompts=tuple(image_prompts or ())).check(loaded)
+                            image_prompts=tuple(image_prompts or ()),
+                            sign_key=load_signing_key(sign_key) if sign_key is not None else None).check(loaded)
         scorer = r.load_scorer(clip) if rerank > 1 else None
         from imagine.pipelines.output import save
         from imagine.pipelines.upscale import hires_steps_total
@@ -438,6 +446,7 @@ def generate(
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
+    watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
     precision: Precision = typer.Option(Precision.fp32, help="fp32, or bf16 autocast for the network (faster on CPUs "
                                                             "with bf16)."),
     weights_dtype: str = typer.Option("fp32", help="What the UNet holds: fp32, or bf16 (half the memory and "
@@ -463,7 +472,7 @@ def generate(
 ) -> None:
     """Text to image. With --from IMAGE, regenerate an image from the settings it carries."""
     if from_image is not None:
-        _from_image(from_image, model, out, allow_pickle=allow_pickle, models_dir=models_dir)
+        _from_image(from_image, model, out, allow_pickle=allow_pickle, models_dir=models_dir, sign_key=sign_key)
         return
     if not prompt and not image_prompt:
         fail("give a prompt or an --image-prompt, or --from IMAGE")
@@ -482,8 +491,9 @@ def generate(
     settings = _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                          precision=precision, compile=compile, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta,
                          distilled_cfg_scale=distilled_cfg, resolution_binning=resolution_binning,
-                         backend=backend, sr_noise_level=noise_level, tile=tile, **upscale)
+                         backend=backend, sr_noise_level=noise_level, tile=tile, watermark=watermark, **upscale)
     _run("txt2img", _model_option(model, fast), settings, out, rerank=rerank, clip=clip, vae=vae, size=size,
+         sign_key=sign_key,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype,
          lora=lora,
          embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode),
@@ -542,6 +552,7 @@ def img2img(
     image_cfg: float = _OPTS["image_cfg"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
+    watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
 ) -> None:
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt. With an instruct
     model (InstructPix2Pix) the prompt is an instruction ("make it blue") and --image-cfg keeps to the image."""
@@ -549,7 +560,7 @@ def img2img(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
         resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend,
         distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight, image_cfg_scale=image_cfg,
-        tile=tile), out, init=image, vae=vae, text_encoder=text_encoder,
+        tile=tile, watermark=watermark), out, init=image, sign_key=sign_key, vae=vae, text_encoder=text_encoder,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 
@@ -586,6 +597,7 @@ def inpaint(
     distilled_cfg: float = _OPTS["distilled_cfg"], mask_weight: float = _OPTS["mask_weight"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
+    watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest (a plain model by blending its latents, an
     inpainting checkpoint through its own mask and masked-image input)."""
@@ -595,7 +607,8 @@ def inpaint(
         inpaint_padding=only_masked_padding, mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
         distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight, outpaint_left=left,
         outpaint_right=right, outpaint_up=up, outpaint_down=down,
-        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile), out, init=image, mask=mask, vae=vae,
+        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile, watermark=watermark), out, init=image,
+         sign_key=sign_key, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
@@ -630,6 +643,7 @@ def outpaint(
     distilled_cfg: float = _OPTS["distilled_cfg"], mask_weight: float = _OPTS["mask_weight"],
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
+    watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
 ) -> None:
     """Outpainting: grow the canvas by the borders given and draw them to continue the image (a plain model
     or an inpainting checkpoint), blending the seam; the image's own pixels are kept. The PNG records the
@@ -641,17 +655,18 @@ def outpaint(
         mask_blur=mask_blur, inpaint_fill=masked_content, outpaint_left=left, outpaint_right=right,
         outpaint_up=up, outpaint_down=down, resize_mode=resize_mode, clip_skip=clip_skip,
         distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight,
-        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile), out, init=image, mask=mask, vae=vae,
+        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile, watermark=watermark), out, init=image,
+         sign_key=sign_key, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 
 
 def _edit_options(prompt, source, null_text, edit_mask, strength, resize_mode, negative, steps, cfg, rescale, seed,
-                  width, height, clip_skip, distilled_cfg=3.5):
+                  width, height, clip_skip, distilled_cfg=3.5, watermark=False):
     return _settings(prompt, negative, steps, None, None, cfg, rescale, seed, 1, width, height, strength=strength,
                      resize_mode=resize_mode, source_prompt=source, null_text=null_text, edit_mask=edit_mask,
-                     clip_skip=clip_skip, distilled_cfg_scale=distilled_cfg)
+                     clip_skip=clip_skip, distilled_cfg_scale=distilled_cfg, watermark=watermark)
 
 
 _EDIT = dict(
@@ -685,13 +700,14 @@ def edit(
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
     clip_skip: int | None = _OPTS["clip_skip"], distilled_cfg: float = _OPTS["distilled_cfg"],
     inversion: Path | None = _EDIT["inversion"],
+    watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
 ) -> None:
     """Edit a real image by inversion: DDIM run backwards under --from-prompt finds its noise, and sampling from
     it under --to-prompt edits it ("a red circle" -> "a blue circle"); DiffEdit's mask keeps the rest. The seed
     only draws the mask's noise."""
     settings = _edit_options(to_prompt, from_prompt, null_text, edit_mask, strength, resize_mode, negative, steps,
-                             cfg, rescale, seed, width, height, clip_skip, distilled_cfg)
-    _run("edit", model, settings, out, init=image, vae=vae,
+                             cfg, rescale, seed, width, height, clip_skip, distilled_cfg, watermark)
+    _run("edit", model, settings, out, init=image, vae=vae, sign_key=sign_key,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict, inversion_file=inversion)
 
@@ -711,6 +727,7 @@ def invert(
     clip_skip: int | None = _OPTS["clip_skip"],
     save_to: Path | None = typer.Option(None, "--save", help="Write the inversion (its latents and null-text "
                                                             "states, .safetensors) for imagine edit --inversion."),
+    watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
 ) -> None:
     """DDIM inversion: find the noise that makes IMAGE under --prompt, and show how well it comes back (the
     reconstruction is written as a PNG and its PSNR against the image printed). --null-text makes it come back
@@ -721,8 +738,8 @@ def invert(
     from imagine.data.transforms import fit_image
 
     settings = _edit_options(prompt, prompt, null_text, False, strength, resize_mode, negative, steps, cfg, 0.0, 0,
-                             width, height, clip_skip)
-    paths = _run("edit", model, settings, out, init=image, vae=vae, text_encoder=text_encoder,
+                             width, height, clip_skip, watermark=watermark)
+    paths = _run("edit", model, settings, out, init=image, vae=vae, text_encoder=text_encoder, sign_key=sign_key,
                  allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
                  save_inversion=save_to)
     made = Image.open(paths[0]).convert("RGB")
@@ -763,17 +780,30 @@ def sample(
 
 
 @app.command(rich_help_panel=GENERATE)
-def info(image: Path = typer.Argument(..., help="A PNG made by imagine or AUTOMATIC1111.")) -> None:
-    """Print an image's generation parameters (A1111's text, parsed) and imagine's full JSON record."""
+def info(image: Path = typer.Argument(..., help="A PNG made by imagine or AUTOMATIC1111."),
+         verify: bool = typer.Option(False, "--verify", help="Check the record's signature (exit 1 when it is "
+                                                             "missing or does not hold)."),
+         public_key: Path | None = typer.Option(None, "--public-key", help="With --verify: the Ed25519 public key "
+                                                                          "(PEM) the image must be signed by.")
+         ) -> None:
+    """Print an image's generation parameters (A1111's text, parsed) and imagine's full JSON record; whether it
+    carries the invisible watermark; with --verify, whether its signed record still holds."""
+    import numpy as np
+    from PIL import Image
+
     from imagine.a1111 import parse_a1111
+    from imagine.io import provenance
     from imagine.io.png import read_png_metadata
 
     try:
         parameters, record = read_png_metadata(image)
+        with Image.open(image) as img:
+            pixels = np.asarray(img)
+        trusted = provenance.load_public_key(public_key) if public_key is not None else None
     except ValueError as err:
         fail(str(err))
-    if parameters is None and record is None:
-        fail(f"{image} carries no generation parameters")
+    if parameters is None and record is None and not verify:
+        typer.echo(f"{image} carries no generation parameters", err=True)
     if parameters is not None:
         typer.echo("parameters (A1111):")
         typer.echo(parameters)
@@ -785,3 +815,27 @@ def info(image: Path = typer.Argument(..., help="A PNG made by imagine or AUTOMA
         typer.echo("")
         typer.echo("imagine record:")
         typer.echo(json.dumps(record, indent=2, sort_keys=True))
+    typer.echo("")
+    typer.echo(f"invisible watermark: {provenance.describe_watermark(pixels)}")
+    if verify or (record or {}).get("signature"):
+        valid, said = provenance.verify(pixels, parameters, record, trusted)
+        typer.echo(f"signature: {said}")
+        if verify and not valid:
+            raise typer.Exit(1)
+    elif parameters is None and record is None:
+        raise typer.Exit(1)
+
+
+@app.command(rich_help_panel=GENERATE)
+def keygen(path: Path = typer.Argument(..., help="Where to write the private key (PEM); the public key goes "
+                                                 "beside it as NAME.pub.pem.")) -> None:
+    """Make an Ed25519 key pair for --sign-key (images' records signed) and imagine info --verify --public-key."""
+    from imagine.io.provenance import fingerprint, load_signing_key, write_keypair
+
+    try:
+        private, public = write_keypair(path)
+    except ValueError as err:
+        fail(str(err))
+    typer.echo(f"private key: {private} (keep it; readable by you only)")
+    typer.echo(f"public key: {public} (key id {fingerprint(load_signing_key(private).public_key())}: give it to "
+               "those who check your images)")

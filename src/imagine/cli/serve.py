@@ -37,12 +37,17 @@ def serve(
     max_request_mb: float = typer.Option(16, help="Largest request body, in MiB."),
     max_kept_mb: float = typer.Option(256, help="Finished jobs' images kept for GET (in the job store), in MiB; "
                                                 "the oldest jobs are forgotten beyond it."),
+    watermark: bool = typer.Option(False, "--watermark", help="Write Stable Diffusion's invisible watermark into "
+                                                              "every image made (256 x 256 pixels or more)."),
+    sign_key: Path | None = typer.Option(None, "--sign-key", help="Sign every image's record with this Ed25519 "
+                                                                 "private key (PEM; imagine keygen makes one)."),
 ) -> None:
     """Serve the HTTP API (ours at /api/v1, A1111's at /sdapi/v1), the web UI at / and API docs at /docs."""
     import uvicorn
 
     from imagine.io import models_dir as md
     from imagine.io.checkpoint import CheckpointError
+    from imagine.io.provenance import load_signing_key
     from imagine.server import Limits, create_app
 
     try:
@@ -61,7 +66,8 @@ def serve(
                         max_kept_bytes=int(max_kept_mb * 1024 * 1024))
         server_app = create_app(paths, out_dir=out, limits=limits, max_queue=max_queue, api_auth=api_auth,
                                 vaes=vaes, allow_pickle=allow_pickle, models_dir=folder, allow_paths=allow_paths,
-                                skip_broken=not model)  # the folder's broken files are listed; a named one stops
+                                skip_broken=not model,  # the folder's broken files are listed; a named one stops
+                                watermark=watermark, sign_key=load_signing_key(sign_key) if sign_key else None)
         for path, error in server_app.state.service.store.broken.items():
             typer.echo(f"warning: not serving {path}: {error}", err=True)
     except (ValueError, CheckpointError, FileNotFoundError) as err:

@@ -655,6 +655,8 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
             fields["SR noise level"] = s.sr_noise_level
     if s.tile:
         fields["Tile size"] = s.tile
+    if s.watermark:
+        fields["Watermark"] = "invisible-watermark dwtDct"
     if kind in ("img2img", "inpaint", "edit") and s.resize_mode != "just_resize":
         fields["Resize mode"] = RESIZE_LABELS[s.resize_mode]
     if kind == "inpaint":

@@ -27,6 +27,7 @@ from imagine.io.model_folder import DiffusionModel
 from imagine.io.models_dir import resolve
 from imagine.io.networks import load_clip
 from imagine.io.png import file_hash
+from imagine.io.provenance import add_watermark, can_watermark, sign
 from imagine.io.stable_diffusion import load_any
 from imagine.models.clip import CLIPScorer
 from imagine.models.text_encoders import load_text_encoder
@@ -62,6 +63,7 @@ class Request:
     attached: tuple[Attachment, ...] = field(default=(), repr=False)
     resolved_upscaler: object = field(default=None, repr=False)  # hires fix's Upscaler (pipelines/upscale.py)
     warnings: tuple[str, ...] = ()  # what the user should know before trusting the images; filled by check()
+    sign_key: object = field(default=None, repr=False)  # an Ed25519 private key: each image's record is signed
     inversion: object = field(default=None, repr=False)  # edit: an Inversion made before (pipelines/inversion.py)
     confined: bool = False  # a server's request: LoRAs, control and IP-Adapter models, embeddings and upscalers
     # by name in models_dir only, never by path (io/models_dir.resolve)
@@ -103,6 +105,11 @@ class Request:
         size = g.output_size(model, s)
         binned = g.sampling_size(model, s, *size) if self.kind == "txt2img" else None
         g.check_memory(model, *(binned or size), s.n, s.tile)  # a PixArt bucket may be larger than asked
+        final = hires_size(model, s) if s.hires_scale > 1 and self.kind == "txt2img" else size
+        if s.watermark and not can_watermark(*final):
+            raise ValueError(f"the invisible watermark needs images of at least 256 x 256 pixels (its DWT-DCT blocks); "
+                             f"these are {final[0]}x{final[1]}: make them larger (--size, hires fix) or leave the "
+                             "watermark off")
 
         if self.controls and self.rerank > 1:
             raise ValueError("rerank does not take control units; generate with controls, or rerank without")
@@ -232,8 +239,7 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
                     image = hires(model, alone, image, text_encoder, upscaler, **kwargs)
             record_extra = {**extra, "rerank": {"k": request.rerank, "chosen": r.chosen, "scores": r.scores,
                                                 "scorer": getattr(scorer, "identity", None)}}
-            parameters, record = g.describe(model, alone, kind, 0, text_encoder, record_extra, attachments)
-            out.append(Generated(to_uint8(image)[0], r.seed, parameters, record))
+            out.append(_finish(request, model, alone, to_uint8(image)[0], 0, text_encoder, record_extra))
         return out
     with torch.no_grad():
         if kind == "txt2img":
@@ -246,11 +252,18 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
             images = edit(model, s, request.init_image, text_encoder, inversion=request.inversion, **kwargs)
         else:
             images = g.inpaint(model, s, request.init_image, request.mask, text_encoder, **kwargs)
-    out = []
-    for i, pixels in enumerate(to_uint8(images)):
-        parameters, record = g.describe(model, s, kind, i, text_encoder, extra, attachments)
-        out.append(Generated(pixels, s.seed + i, parameters, record))
-    return out
+    return [_finish(request, model, s, pixels, i, text_encoder, extra) for i, pixels in enumerate(to_uint8(images))]
+
+
+def _finish(request: Request, model: DiffusionModel, s: Settings, pixels, index: int, text_encoder,
+            extra: dict) -> Generated:
+    """Image ``index`` of a request made whole: its watermark, its description, its signature."""
+    if s.watermark:
+        pixels = add_watermark(pixels)
+    parameters, record = g.describe(model, s, request.kind, index, text_encoder, extra, request.attached)
+    if request.sign_key is not None:
+        record = sign(pixels, parameters, record, request.sign_key)
+    return Generated(pixels, s.seed + index, parameters, record)
 
 
 def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pickle: bool = False,

@@ -122,6 +122,9 @@ class Settings:
                                                  "image input hides (A1111's inpainting conditioning mask "
                                                  "strength; 0 shows it the whole image).", cli="--mask-weight",
                                             kinds=EDITS, ge=0, le=1)
+    watermark: bool = setting(False, "Write Stable Diffusion's invisible watermark (DWT-DCT) into the pixels, so "
+                                     "the image can be told as generated after its metadata is gone (images of "
+                                     "256 x 256 pixels or more).", api=False)
     clip_skip: int | None = setting(None, "Text states from the N-th last layer of the text encoder (A1111's Clip "
                                           "skip; 1: the last; default: the model's).", ge=1, le=48)
     noise_seed_delta: int = setting(0, "Stochastic samplers draw their noise from seed + this (A1111's eta noise "

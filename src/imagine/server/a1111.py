@@ -160,6 +160,24 @@ def outpaint_script(body: A1111Txt2Img) -> dict[str, Any] | None:
             **{f"outpaint_{side}": pixels if side in asked else 0 for side in _DIRECTIONS}}
 
 
+def provenance_items(image: Image.Image, parameters: str | None) -> dict[str, str]:
+    """What imagine info says of an image's provenance, as PNG info items: the invisible watermark, and the
+    signature when the record carries one (checked against the key in it)."""
+    import numpy as np
+
+    from imagine.io import provenance
+
+    pixels = np.asarray(image)
+    items = {"imagine_watermark": provenance.describe_watermark(pixels)}
+    try:
+        record = json.loads(image.info["imagine"]) if isinstance(image.info.get("imagine"), str) else None
+    except json.JSONDecodeError:
+        record = None
+    if isinstance(record, dict) and record.get("signature"):
+        items["imagine_signature"] = provenance.verify(pixels, parameters, record)[1]
+    return items
+
+
 def is_ip_module(module: Any) -> bool:
     """sd-webui-controlnet's IP-Adapter preprocessors: ip-adapter_clip_sd15, ip-adapter-auto, ..."""
     return str(module or "").lower().replace("_", "-").startswith("ip-adapter")
@@ -435,6 +453,7 @@ def router(service: Service) -> APIRouter:
         image = decode_image(body.image, "the image", service.limits)
         items = {k: v for k, v in image.info.items() if isinstance(v, (str, int, float)) and k != "parameters"}
         text = image.info.get("parameters") if isinstance(image.info.get("parameters"), str) else None
+        items.update(provenance_items(image, text))
         return PngInfoResponse(info=text or "", items=items, parameters=parse_a1111(text) if text else {})
 
     @api.get("/progress", response_model=ProgressResponse)

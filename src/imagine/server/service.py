@@ -123,8 +123,10 @@ def describe_validation(errors: list[dict]) -> str:
 
 class Service:
     def __init__(self, store: ModelStore, out_dir: Path | None, limits: Limits, max_queue: int,
-                 allow_paths: bool = False):
+                 allow_paths: bool = False, watermark: bool = False, sign_key=None):
         self.store, self.out_dir, self.limits = store, out_dir, limits
+        # provenance, the server's to decide (not the client's): every image watermarked, every record signed
+        self.watermark, self.sign_key = watermark, sign_key
         # names in requests (LoRAs, ControlNets, IP-Adapters, embeddings, upscalers) resolve inside the models
         # folder only, unless the server was started to take paths too
         self.allow_paths = allow_paths
@@ -152,7 +154,7 @@ class Service:
             seed = secrets.randbelow(2**31)
         try:
             given = {k: request[k] for k in SETTINGS_FIELDS if request.get(k) is not None}
-            settings = Settings(**{**given, "seed": seed}).with_model_defaults(
+            settings = Settings(**{**given, "seed": seed, "watermark": self.watermark}).with_model_defaults(
                 entry.spec, request.get("steps"), request.get("sampler"), request.get("cfg_scale"))
         except TypeError as err:
             raise RequestError(str(err)) from None
@@ -191,7 +193,8 @@ class Service:
             loras = tuple((lo["name"], lo.get("weight", 1.0)) for lo in request.get("loras") or [])
             checked = Request(kind, settings, init_image=init, mask=mask, loras=loras,
                               models_dir=self.store.models_dir, lora_strict=request.get("lora_strict", True),
-                              controls=controls, image_prompts=prompts, confined=not self.allow_paths).check(model)
+                              controls=controls, image_prompts=prompts, confined=not self.allow_paths,
+                              sign_key=self.sign_key).check(model)
         except (ValueError, OSError) as err:  # a name that is no model, a folder that is not one
             raise RequestError(str(err)) from None
         w, h = g.output_size(model, checked.settings)

@@ -365,6 +365,9 @@ async function showPngInfo(blob) {
   try {
     const result = await api("POST", "/sdapi/v1/png-info", { image: url });
     $("png-parameters").textContent = result.info || "(this image carries no generation parameters)";
+    const items = result.items || {};
+    $("png-provenance").textContent = [["invisible watermark", items.imagine_watermark],
+      ["signature", items.imagine_signature]].filter(([, v]) => v).map(([k, v]) => `${k}: ${v}`).join("\n");
     lastPngParameters = result.info ? result.parameters : null;
     $("send-to-txt2img").disabled = !lastPngParameters;
   } catch (err) {
