@@ -113,6 +113,33 @@ def write_pipeline(arch: str, folder: Path, seed: int = 0):
     return pipe
 
 
+def write_refiner(folder: Path, seed: int = 1, vae=None):
+    """A tiny SDXL refiner (StableDiffusionXLImg2ImgPipeline without text_encoder/: OpenCLIP bigG alone, the
+    aesthetic score among the time ids) saved as a diffusers folder; ``vae``: the base model's, whose latents it
+    refines."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    from imagine.io.stable_diffusion import clip_tokenizer
+
+    parts = components("sdxl", seed)
+    torch.manual_seed(seed + 100)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=4,
+                                block_out_channels=(8, 16, 16), cross_attention_dim=32, attention_head_dim=(2, 2, 4),
+                                transformer_layers_per_block=(1, 2, 2), use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=32 + 5 * 8,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    text = _perturb(CLIPTextModelWithProjection(_text_config(32, "gelu", projection_dim=32)))
+    pipe = StableDiffusionXLImg2ImgPipeline(vae=vae if vae is not None else parts["vae"], text_encoder=None,
+                                            text_encoder_2=text, tokenizer=None, tokenizer_2=clip_tokenizer("!"),
+                                            unet=_perturb(unet), scheduler=parts["scheduler"],
+                                            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
 # --- the transformer families: SD3 (CLIP-L, CLIP-G, T5 and an MMDiT) --------------------------------------
 
 T5_WORDS = ("a an the red blue green yellow purple orange white black circle square triangle star above below "

@@ -261,7 +261,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "s_noise": ((1, 1.0, None), "sampler noise multiplier"),
     "s_min_uncond": ((0, 0.0, None), "negative guidance minimum sigma"),
     "initial_noise_multiplier": ((1, 1.0, None), "initial noise multiplier"),
-    "refiner_checkpoint": ((None, "", "None"), "a refiner"),
     "firstpass_image": ((None, ""), "a first-pass image"),
     "infotext": ((None, ""), "infotext parameters"),
     "latent_mask": ((None, ""), "a separate latent mask"),
@@ -269,11 +268,12 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
 # Fields that change nothing here (or only alongside a refused one above): accepted quietly.
 NO_EFFECT = frozenset({
     "send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "disable_extra_networks", "comments",
-    "force_task_id", "override_settings_restore_afterwards", "subseed", "refiner_switch_at", "script_args",
+    "force_task_id", "override_settings_restore_afterwards", "subseed", "script_args",
     "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
     "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
     "enable_hr", "hr_cfg", "hr_distilled_cfg", "hr_additional_modules",
     "mask_round", "include_init_images", "sampler_index", "batch_size", "n_iter",
+    "refiner_checkpoint", "refiner_switch_at",  # read by the server's A1111 door (its refiner)
 })
 # override_settings keys (and /options) applied per request
 OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "samples_format",

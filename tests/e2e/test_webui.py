@@ -525,3 +525,32 @@ def test_text_encoder_picker_serves_an_sd3_file_with_separate_parts(tmp_path):
         expect(figure.locator("figcaption")).to_contain_text("Module 1: clip_g", timeout=120_000)
         expect(figure.locator("figcaption")).to_contain_text("Module 2: clip_l")
         assert errors == [], errors
+
+
+def test_refiner_picker_refines_with_a_second_model(tmp_path):
+    """A served SDXL base and refiner: the Refiner box lists the served models, and the picked refiner takes the
+    last steps; the image says so as A1111 writes it."""
+    _need_browser()
+    pytest.importorskip("diffusers")
+    from playwright.sync_api import expect
+
+    from tests.tiny_sd import write_pipeline, write_refiner
+
+    base = write_pipeline("sdxl", tmp_path / "sdxl-base")
+    write_refiner(tmp_path / "sdxl-refiner", vae=base.vae)
+    with _serving(["--model", str(tmp_path / "sdxl-base"), "--model", str(tmp_path / "sdxl-refiner"), "--out",
+                   str(tmp_path / "out")]) as url, _page(url) as (page, errors):
+        expect(page.locator("#refiner option[value=sdxl-refiner]")).to_have_count(1)
+        page.click("#refiner-box summary")
+        page.select_option("#refiner", "sdxl-refiner")
+        page.fill("#refiner_switch_at", "0.6")
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "3")
+        page.fill("#width", "16")
+        page.fill("#height", "16")
+        page.click("#generate-button")
+        figure = page.locator("figure.result").first
+        expect(figure).to_be_visible(timeout=120_000)
+        expect(figure.locator("figcaption")).to_contain_text("Refiner: sdxl-refiner")
+        expect(figure.locator("figcaption")).to_contain_text("Refiner switch at: 0.6")
+        assert errors == [], errors

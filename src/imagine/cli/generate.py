@@ -122,6 +122,11 @@ _OPTS = dict(
                                                            "MODEL a name in models/ipadapter or a path (default: "
                                                            "the first of TYPE that fits); SCALE the image's "
                                                            "weight (default 1). Repeat for several."),
+    refiner=typer.Option(None, "--refiner", help="A second model that takes the last steps (A1111's Refiner: the "
+                                                  "SDXL refiner, or any model of the same latent space): a name in "
+                                                  "the models folder or a path."),
+    refiner_switch_at=typer.Option(0.8, "--refiner-switch-at", help="The fraction of the schedule after which the "
+                                                                  "refiner takes over (A1111's Refiner switch at)."),
     watermark=typer.Option(False, "--watermark", help="Write Stable Diffusion's invisible watermark (DWT-DCT) "
                                                       "into the pixels (images of 256 x 256 or more); imagine info "
                                                       "finds it."),
@@ -170,7 +175,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
          controls: list | None = None, image_prompts: list | None = None, size: int | None = None,
          expect_model: dict | None = None, text_encoder: list[str] | None = None,
          inversion_file: Path | None = None, save_inversion: Path | None = None,
-         sign_key: Path | None = None) -> list[Path]:
+         sign_key: Path | None = None, refiner_path: Path | None = None) -> list[Path]:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs.
     size: txt2img's final longer side, reached by the SR upscaler in the settings (the scale is set from the
     model's size here). expect_model: --from's record of the model; other weights are refused, named."""
@@ -211,6 +216,18 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
                                  f"resolution goes up to {MAX_HIRES_SCALE:g} times: at most --size "
                                  f"{int(MAX_HIRES_SCALE * base)}")
             settings = replace(settings, hires_scale=size / base)
+        refiner = None
+        if settings.refiner:  # A1111's refiner: loaded as any model is (--from: the file the image names)
+            where = refiner_path or md.resolve(settings.refiner, models_dir)
+            refiner = r.load_text_model(where, allow_pickle=allow_pickle, weights_dtype=weights_dtype)
+            if expect_model and (expect_model.get("refiner") or {}).get("unet_sha256_10") \
+                    and refiner[0].weights_file.exists():
+                from imagine.io.png import file_hash
+
+                want, have = expect_model["refiner"]["unet_sha256_10"], file_hash(refiner[0].weights_file)
+                if want != have:
+                    raise ValueError(f"the image was refined with weights of sha256 {want}; {where} has {have}: "
+                                     "pass those weights, or --from would make other pixels")
         init_image = r.open_image(init, "image") if init is not None else None  # a clear error first
         mask_image = r.open_image(mask, "mask") if mask is not None else None
         extra = {}
@@ -225,7 +242,8 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
                             extra=extra, loras=loras, models_dir=models_dir, embeddings=tuple(embedding or ()),
                             lora_strict=lora_strict, controls=tuple(controls or ()),
                             image_prompts=tuple(image_prompts or ()),
-                            sign_key=load_signing_key(sign_key) if sign_key is not None else None).check(loaded)
+                            sign_key=load_signing_key(sign_key) if sign_key is not None else None,
+                            refiner=refiner).check(loaded)
         scorer = r.load_scorer(clip) if rerank > 1 else None
         from imagine.pipelines.output import save
         from imagine.pipelines.upscale import hires_steps_total
@@ -422,10 +440,14 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
 
     controls = [unit_from_record(unit) for unit in record.get("controls", [])]  # the condition maps as stored
     prompts = [image_prompt.unit_from_record(unit) for unit in record.get("image_prompts", [])]
+    refiner = record.get("refiner") or {}
+    if refiner and not Path(refiner["path"]).exists():
+        fail(f"{image} was refined by the model at {refiner['path']}, which no longer exists: put it back there")
     _run(kind, model, Settings.from_record(record["settings"]), out, vae=vae, weights_dtype=weights, lora=loras,
          embedding=embeddings, lora_strict=record.get("lora_strict", True), controls=controls,
          image_prompts=prompts, init=inputs.get("init_image"), mask=inputs.get("mask"),
-         expect_model=record["model"], text_encoder=modules, **options)
+         expect_model={**record["model"], "refiner": refiner}, text_encoder=modules,
+         refiner_path=Path(refiner["path"]) if refiner else None, **options)
 
 
 @app.command(rich_help_panel=GENERATE)
@@ -447,6 +469,7 @@ def generate(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     from_image: Path | None = typer.Option(None, "--from", help="Regenerate this image from its metadata."),
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
+    refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
     precision: Precision = typer.Option(Precision.fp32, help="fp32, or bf16 autocast for the network (faster on CPUs "
                                                             "with bf16)."),
     weights_dtype: str = typer.Option("fp32", help="What the UNet holds: fp32, or bf16 (half the memory and "
@@ -491,7 +514,8 @@ def generate(
     settings = _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                          precision=precision, compile=compile, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta,
                          distilled_cfg_scale=distilled_cfg, resolution_binning=resolution_binning,
-                         backend=backend, sr_noise_level=noise_level, tile=tile, watermark=watermark, **upscale)
+                         backend=backend, sr_noise_level=noise_level, tile=tile, watermark=watermark,
+                         refiner=refiner, refiner_switch_at=refiner_switch_at, **upscale)
     _run("txt2img", _model_option(model, fast), settings, out, rerank=rerank, clip=clip, vae=vae, size=size,
          sign_key=sign_key,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype,
@@ -553,6 +577,7 @@ def img2img(
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
+    refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
 ) -> None:
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt. With an instruct
     model (InstructPix2Pix) the prompt is an instruction ("make it blue") and --image-cfg keeps to the image."""
@@ -560,7 +585,9 @@ def img2img(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
         resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend,
         distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight, image_cfg_scale=image_cfg,
-        tile=tile, watermark=watermark), out, init=image, sign_key=sign_key, vae=vae, text_encoder=text_encoder,
+        tile=tile, watermark=watermark,
+        refiner=refiner, refiner_switch_at=refiner_switch_at), out, init=image, sign_key=sign_key, vae=vae,
+         text_encoder=text_encoder,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
 
@@ -598,6 +625,7 @@ def inpaint(
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
+    refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest (a plain model by blending its latents, an
     inpainting checkpoint through its own mask and masked-image input)."""
@@ -607,7 +635,8 @@ def inpaint(
         inpaint_padding=only_masked_padding, mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
         distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight, outpaint_left=left,
         outpaint_right=right, outpaint_up=up, outpaint_down=down,
-        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile, watermark=watermark), out, init=image,
+        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile, watermark=watermark,
+        refiner=refiner, refiner_switch_at=refiner_switch_at), out, init=image,
          sign_key=sign_key, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,
@@ -644,6 +673,7 @@ def outpaint(
     control: list[str] = _OPTS["control"], adapter: list[str] = _OPTS["adapter"],
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
+    refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
 ) -> None:
     """Outpainting: grow the canvas by the borders given and draw them to continue the image (a plain model
     or an inpainting checkpoint), blending the seam; the image's own pixels are kept. The PNG records the
@@ -655,7 +685,8 @@ def outpaint(
         mask_blur=mask_blur, inpaint_fill=masked_content, outpaint_left=left, outpaint_right=right,
         outpaint_up=up, outpaint_down=down, resize_mode=resize_mode, clip_skip=clip_skip,
         distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight,
-        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile, watermark=watermark), out, init=image,
+        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile, watermark=watermark,
+        refiner=refiner, refiner_switch_at=refiner_switch_at), out, init=image,
          sign_key=sign_key, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,

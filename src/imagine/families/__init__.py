@@ -59,6 +59,9 @@ class Family:
     micro_conditioning: bool = False
     pooled_input: Literal["pooled_projections"] | None = None  # MMDiT's: the pooled text as the network's input
     zero_empty_negative: bool = False  # an empty negative prompt is a zero context, not the encoded ""
+    # the SDXL refiner's micro-conditioning: an aesthetic score in place of the target size, (positive branch,
+    # negative branch), diffusers' and A1111's defaults
+    aesthetic_score: tuple[float, float] | None = None
     attachments: frozenset[str] = UNET_ATTACHMENTS
     # how kohya's LoRA files name its UNet's modules: diffusers' names (SD 1.x, 2.x) or the original layout's
     # (kohya's SDXL files: lora_unet_input_blocks_...)
@@ -67,7 +70,7 @@ class Family:
     diffusers_pipeline: str | None = None  # the model_index.json class of its diffusers folders
     # how its prompts become the denoiser's text inputs (models/text_encoders.py): one CLIP, SDXL's two,
     # SD3's two CLIPs and T5; None: imagine's own encoder, named in the model's spec
-    prompt_encoder: Literal["clip", "dual_clip", "sd3", "flux", "t5"] | None = None
+    prompt_encoder: Literal["clip", "dual_clip", "refiner", "sd3", "flux", "t5"] | None = None
     text_length: int = 77  # T5's token budget where the family's prompt encoder is T5 alone (PixArt: 120, 300)
     # PixArt-alpha 1024's micro-conditions: the image's (height, width) and aspect ratio, as network inputs
     size_conditioning: bool = False
@@ -79,9 +82,10 @@ class Family:
     flow_grid_end: Literal["train", "steps"] = "train"
 
     def conditioning(self, pooled: torch.Tensor | None, width: int, height: int, context: torch.Tensor | None = None,
-                     mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     mask: torch.Tensor | None = None, negative: bool = False) -> dict[str, torch.Tensor]:
         """The denoiser's inputs beyond the text states, for rows of text (their ``pooled`` vectors, or their
-        token states ``context`` (B, T, D) and ``mask`` (B, T)) at this output size."""
+        token states ``context`` (B, T, D) and ``mask`` (B, T)) at this output size; ``negative``: the
+        unconditional branch's rows (the refiner's lower aesthetic score)."""
         if self.size_conditioning:  # PixArt-alpha: resolution and aspect ratio (a network without them ignores them)
             n = len(context) if context is not None else 1
             return {"resolution": torch.tensor([[float(height), float(width)]]).expand(n, -1),
@@ -100,6 +104,10 @@ class Family:
                              "(use the checkpoint's own text encoders)")
         # (original h, w, crop top, left, target h, w): original and target the output size, no crop, as
         # A1111 and diffusers default to
+        if self.aesthetic_score is not None:  # the refiner: (original h, w, crop top, left, aesthetic score)
+            score = self.aesthetic_score[1 if negative else 0]
+            ids = torch.tensor([[height, width, 0, 0, score]], dtype=torch.float32).expand(len(pooled), -1)
+            return {"text_embeds": pooled, "time_ids": ids}
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(len(pooled), -1)
         return {"text_embeds": pooled, "time_ids": ids}
 
@@ -147,6 +155,15 @@ SDXL = Family("sdxl", "Stable Diffusion XL", "unet", LatentFormat(channels=4, sc
               clip_skip=2, micro_conditioning=True, zero_empty_negative=True, kohya_unet_names="ldm",
               modelspec="stable-diffusion-xl-v1-base", diffusers_pipeline="StableDiffusionXLPipeline",
               prompt_encoder="dual_clip")
+# the SDXL refiner (Podell et al. 2023, sec. 2.5): a UNet for the last, low-noise steps, reading OpenCLIP bigG
+# alone and an aesthetic score; A1111 and diffusers run it after the base model ("Refiner switch at")
+SDXL_REFINER = Family("sdxl-refiner", "Stable Diffusion XL refiner", "unet", SDXL.latent, image_size=1024,
+                      prediction="eps",
+                      text_encoders=(TextEncoderSlot("text_encoder_2", "CLIPTextModelWithProjection", "gelu",
+                                                     "conditioner.embedders.0.model.", "open_clip"),),
+                      clip_skip=2, micro_conditioning=True, aesthetic_score=(6.0, 2.5), kohya_unet_names="ldm",
+                      modelspec="stable-diffusion-xl-v1-refiner", diffusers_pipeline="StableDiffusionXLImg2ImgPipeline",
+                      prompt_encoder="refiner")
 
 # imagine's own transformers, trained here (diffusion transformers take LoRAs and embeddings; the UNet's
 # ControlNets, T2I-Adapters and IP-Adapters do not fit them; an MMDiT takes ControlNets made for it)
@@ -196,7 +213,8 @@ PIXART_SIGMA = Family("pixart-sigma", "PixArt-Sigma", "pixart", LatentFormat(cha
 IMAGINE_FLUX = Family("imagine-flux", "imagine Flux-style transformer", "flux", None, image_size=32,
                       prediction="flow", pooled_input="pooled_projections", attachments=TRANSFORMER_ATTACHMENTS)
 
-FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL, SD3, FLUX, PIXART_ALPHA, PIXART_SIGMA,
+FAMILIES: Mapping[str, Family] = {f.name: f for f in (IMAGINE, SD1, SD2, SDXL, SDXL_REFINER, SD3, FLUX, PIXART_ALPHA,
+                                                       PIXART_SIGMA,
                                                        IMAGINE_DIT, IMAGINE_PIXART, IMAGINE_MMDIT, IMAGINE_FLUX)}
 # imagine's own models by their denoiser network's class
 OWN_BY_NETWORK: Mapping[str, Family] = {"UNet2DConditionModel": IMAGINE, "DiTTransformer2DModel": IMAGINE_DIT,
@@ -208,7 +226,7 @@ OWN_BY_NETWORK: Mapping[str, Family] = {"UNet2DConditionModel": IMAGINE, "DiTTra
 def of_network(network) -> Family:
     """The family of one of imagine's own networks (SDXL's where a UNet takes its micro-conditioning)."""
     if getattr(network.config, "addition_embed_type", None) == "text_time":
-        return SDXL
+        return of_unet_config(network.config)
     return OWN_BY_NETWORK.get(type(network).__name__, IMAGINE)
 
 
@@ -221,7 +239,7 @@ def text_width(config) -> int | None:
             return getattr(config, name)
     return None
 # the Stable Diffusion families, in the order a checkpoint is tested against them (most specific first)
-CHECKPOINT_FAMILIES: tuple[Family, ...] = (SDXL, SD2, SD1)
+CHECKPOINT_FAMILIES: tuple[Family, ...] = (SDXL, SDXL_REFINER, SD2, SD1)
 # the families whose diffusers pipeline folders imagine reads
 PIPELINE_FAMILIES: tuple[Family, ...] = (*CHECKPOINT_FAMILIES, SD3, FLUX, PIXART_ALPHA, PIXART_SIGMA)
 
@@ -236,8 +254,8 @@ def family(name: str) -> Family:
 def of_unet_config(config) -> Family:
     """The family a UNet belongs to by what it takes: SDXL's micro-conditioning marks SDXL; the context
     width tells SD 2.x's OpenCLIP (1024) from SD 1.x's CLIP (768); anything else is imagine's own."""
-    if getattr(config, "addition_embed_type", None) == "text_time":
-        return SDXL
+    if getattr(config, "addition_embed_type", None) == "text_time":  # the refiner reads bigG alone (1280 wide)
+        return SDXL_REFINER if getattr(config, "cross_attention_dim", None) == 1280 else SDXL
     return {1024: SD2, 768: SD1}.get(getattr(config, "cross_attention_dim", None), IMAGINE)
 
 
@@ -262,6 +280,8 @@ def from_diffusers(pipeline_class: str, text_encoder_config) -> Family | None:
     """The family of a diffusers pipeline folder: its model_index.json class, then (SD 1.x and 2.x share
     one class) its text encoder's activation."""
     pipeline_class = PIPELINE_ALIASES.get(pipeline_class, pipeline_class)
+    if pipeline_class == SDXL_REFINER.diffusers_pipeline and text_encoder_config:
+        pipeline_class = SDXL.diffusers_pipeline  # an SDXL base saved from its img2img pipeline (it has CLIP-L)
     candidates = [f for f in PIPELINE_FAMILIES if f.diffusers_pipeline == pipeline_class]
     if len(candidates) <= 1:
         return candidates[0] if candidates else None

@@ -34,6 +34,7 @@ from imagine.families import (
     SD2,
     SD3,
     SDXL,
+    SDXL_REFINER,
     diffusers_pipelines,
     family,
     from_diffusers,
@@ -60,6 +61,7 @@ from imagine.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 from imagine.models.text_encoders import (
     CLIPTextEncoder,
     FluxTextEncoder,
+    RefinerTextEncoder,
     SD3TextEncoder,
     SDXLTextEncoder,
     T5Part,
@@ -67,7 +69,7 @@ from imagine.models.text_encoders import (
     transformers_locked,
 )
 
-Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "pixart-alpha", "pixart-sigma"]
+Arch = Literal["sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux", "pixart-alpha", "pixart-sigma"]
 ARCH_LABELS = {f.name: f.label for f in PIPELINE_FAMILIES}
 PIPELINES = diffusers_pipelines()
 
@@ -252,7 +254,8 @@ def unet_config_from_ldm(w: Weights, arch: Arch):
     if "label_emb.0.0.weight" in w:
         adm = w["label_emb.0.0.weight"].shape[1]
         pooled = 1280
-        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=(adm - pooled) // 6,
+        ids = 5 if family(arch).aesthetic_score else 6  # the refiner's aesthetic score in place of the target size
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=(adm - pooled) // ids,
                      projection_class_embeddings_input_dim=adm)
     fam = family(arch)
     return UNetConfig(sample_size=fam.image_size // fam.latent.downscale, in_channels=in_channels,
@@ -299,7 +302,8 @@ def inspect_single_file(weights: Weights, metadata: dict[str, str], source: str)
     found = from_single_file(keys)
     if found is None:
         raise CheckpointError(f"{source} has a UNet but no text encoder this reader knows: expected "
-                              f"{TE_SD1}* (SD 1.x), {TE_SD2}* (SD 2.x) or {TE_XL2}* (SDXL)")
+                              f"{TE_SD1}* (SD 1.x), {TE_SD2}* (SD 2.x), {TE_XL2}* (SDXL) or "
+                              f"{SDXL_REFINER.text_encoders[0].single_file_prefix}* (the SDXL refiner)")
     arch: Arch = found.name
     ours = json.loads(metadata["imagine"]) if "imagine" in metadata else None
     if ours is not None:  # written by imagine: its configs say what shapes cannot (head counts, groups)
@@ -344,6 +348,10 @@ def _text_encoder_from_file(weights: Weights, arch: Arch, source: str, clip_skip
         # does: clip skip 2. A file converted from diffusers holds 23 layers, the last one the one used.
         default = stored_skip or (1 if model.config.num_hidden_layers == 23 else 2)
         return CLIPTextEncoder(clip_tokenizer("!"), model, f"OpenCLIP ViT-H/14 ({name})", clip_skip or default)
+    if arch == "sdxl-refiner":  # OpenCLIP bigG alone, where SDXL keeps CLIP-L
+        w = _openclip(weights, SDXL_REFINER.text_encoders[0].single_file_prefix, projection=True)
+        model = _text_model(w, config(0, w, "gelu", True), True, source)
+        return RefinerTextEncoder(clip_tokenizer("!"), model, f"SDXL refiner bigG ({name})", clip_skip or 2)
     w1 = _strip(weights, TE_XL1 + "text_model.")
     w2 = _openclip(weights, TE_XL2, projection=True)
     m1 = _text_model(w1, config(0, w1, "quick_gelu", False), False, source)
@@ -743,8 +751,7 @@ def load_diffusers_pipeline(path: Path, *, clip_skip: int | None = None,
     fam = _pipeline_family(path, index)
     texts = [slot.part for slot in fam.text_encoders if not slot.optional]
     folder = fam.denoiser_folder
-    for part in (folder, "vae", "tokenizer", "scheduler", *texts, *(t.replace("text_encoder", "tokenizer")
-                                                                    for t in texts[1:])):
+    for part in (folder, "vae", "scheduler", *texts, *(t.replace("text_encoder", "tokenizer") for t in texts)):
         if not (path / part).is_dir():
             raise CheckpointError(f"{path} is a {cls} folder without {part}/")
     unet = load_unet(path / folder, dtype=dtype)
@@ -756,6 +763,8 @@ def load_diffusers_pipeline(path: Path, *, clip_skip: int | None = None,
         text_encoder = FluxTextEncoder.from_folder(path)
     elif fam.prompt_encoder == "t5":
         text_encoder = T5TextEncoder.from_folder(path, fam.text_length)
+    elif fam.prompt_encoder == "refiner":
+        text_encoder = RefinerTextEncoder.from_folder(path, clip_skip or fam.clip_skip)
     else:
         encoder = SDXLTextEncoder if fam.prompt_encoder == "dual_clip" else CLIPTextEncoder
         # a diffusers SD 2.x folder holds OpenCLIP already cut at the layer SD 2 reads: its last (clip skip 1)

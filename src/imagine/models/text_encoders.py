@@ -509,6 +509,46 @@ class SDXLTextEncoder(_ChunkedEncoder):
         return z, mask, out_2.text_embeds.float()
 
 
+class RefinerTextEncoder(_ChunkedEncoder):
+    """The SDXL refiner's text encoder: OpenCLIP ViT-bigG alone (CLIPTextModelWithProjection, SDXL's second),
+    read as SDXL reads it: the penultimate layer's states without the final norm (clip skip 2), and the
+    projected end-of-text state of the prompt's first window as the pooled embedding; padded with "!"."""
+
+    def __init__(self, tokenizer, model, identity: str, clip_skip: int = 2):
+        if clip_skip < 1:
+            raise ValueError(f"clip skip must be >= 1, got {clip_skip}")
+        self.model, self.clip_skip = model, clip_skip
+        super().__init__(tokenizer, [model], identity, model.config.hidden_size, model.config.num_hidden_layers)
+        self.pooled_dim = model.config.projection_dim
+
+    @classmethod
+    def from_folder(cls, path: Path | str, clip_skip: int = 2) -> RefinerTextEncoder:
+        """A refiner pipeline folder: tokenizer_2/ and text_encoder_2/."""
+        path = Path(path)
+        with TRANSFORMERS_LOCK:
+            from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+            _quiet_transformers()
+            tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer_2"), local_files_only=True)
+            model = CLIPTextModelWithProjection.from_pretrained(str(require_safetensors(path / "text_encoder_2")),
+                                                                local_files_only=True, use_safetensors=True).float()
+        return cls(tokenizer, model, f"SDXL-refiner-CLIP:{path.name}", clip_skip)
+
+    def embedding_widths(self) -> dict[str, int]:  # A1111's SDXL embeddings: the refiner reads clip_g
+        return {"clip_g": self.model.get_input_embeddings().weight.shape[1]}
+
+    def embedding_inputs(self) -> dict[str, torch.nn.Module]:
+        return {"clip_g": self.model.get_input_embeddings()}
+
+    def _window(self, chunks, skip, table):
+        t = self.tokenizer
+        ids = self._ids(chunks, t, t.bos_token_id, t.eos_token_id)
+        dtype = next(self.model.parameters()).dtype
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = self._forward(self.model, ids, table, "clip_g", output_hidden_states=True)
+        return out.hidden_states[-skip].float(), torch.ones(ids.shape, dtype=torch.bool), out.text_embeds.float()
+
+
 class T5Part:
     """A T5 encoder as the transformer families read it: the prompt's tokens, end-of-text, padded to
     ``max_length`` (longer prompts are cut there, as diffusers cuts them); run without an attention mask (SD3,

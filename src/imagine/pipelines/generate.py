@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -188,6 +188,52 @@ class _InpaintBlend:
         return self.mask * x0 + (1 - self.mask) * self.init
 
 
+@dataclass
+class Refining:
+    """A1111's refiner (diffusers' denoising_end / denoising_start): ``model`` takes every step whose network
+    timestep lies below (1 - switch_at) of the training schedule, with its own text inputs on each branch."""
+
+    model: DiffusionModel
+    cond: dict
+    uncond: dict | None
+    cfg_scale: float
+    guidance_rescale: float
+    switch_at: float
+
+    def switch(self, base, base_model: DiffusionModel, plan, sigmas: torch.Tensor, num_train_timesteps: int):
+        """``base`` (the guided denoiser) down to the switch, the refiner's below it."""
+        own = model_sampling(self.model.spec)
+        if type(own) is not type(plan) or (hasattr(plan, "alphas_cumprod") and not torch.allclose(
+                own.alphas_cumprod, plan.alphas_cumprod)):
+            raise ValueError(f"the refiner {self.model.name} was trained on another noise schedule than "
+                             f"{base_model.name}: it cannot take over its steps")
+        cutoff = round(num_train_timesteps * (1 - self.switch_at))  # diffusers' discrete timestep cutoff
+        levels = [float(s) for s, t in zip(sigmas[:-1], plan.timesteps(sigmas[:-1]), strict=True) if float(t) < cutoff]
+        if not levels:
+            return base  # no step lies below the switch: the base model runs them all, as diffusers does
+        refiner = _TwoRowFloor(own.denoiser(_network(self.model.unet, False)))
+        if self.uncond is not None:
+            refiner = ClassifierFreeGuidance(refiner, self.uncond, self.cfg_scale, self.guidance_rescale)
+        return _Switch(base, refiner, max(levels), self.cond)
+
+
+class _Switch:
+    """The base model's denoiser above ``level``, the refiner's (with its own conditioning) at and below it."""
+
+    def __init__(self, base, refiner, level: float, cond: dict):
+        self.base, self.refiner, self.level, self.cond = base, refiner, level, cond
+
+    def __call__(self, x, sigma, cond=None):
+        if float(torch.as_tensor(sigma).max()) <= self.level * (1 + 1e-6):
+            rows = len(x)
+            return self.refiner(x, sigma, {k: _rows(v, rows) for k, v in self.cond.items()})
+        return self.base(x, sigma, cond)
+
+
+def _rows(v, n: int):
+    return v.expand(n, *v.shape[1:]) if isinstance(v, torch.Tensor) and len(v) != n else v
+
+
 def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str, schedule: str | None,
            cond: dict | None, uncond: dict | None, cfg_scale: float, guidance_rescale: float = 0.0,
            latent_hw: tuple[int, int] | None = None, init_latent: torch.Tensor | None = None,
@@ -195,7 +241,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            cancel: Callable[[], bool] | None = None, precision: str = "fp32", backend: str = "torch",
            compile: bool = False, noise_seed_delta: int = 0, attachments: Sequence[Attachment] = (),
            tile: int | None = None, resize_to: tuple[int, int] | None = None, image_cond: dict | None = None,
-           image_cfg_scale: float = 1.0) -> torch.Tensor:
+           image_cfg_scale: float = 1.0, refiner: Refining | None = None) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
@@ -205,7 +251,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     seed + delta while the starting noise stays seed's.
     attachments: what acts on the network at each step (adapters/: ControlNets, T2I-Adapters, image prompts),
     any number and kind; cond and uncond carry their per-row inputs (Attachment.inputs).
-    tile: evaluate the network on overlapping tiles of this many latent (or pixel) positions a side."""
+    tile: evaluate the network on overlapping tiles of this many latent (or pixel) positions a side.
+    refiner: a second model that takes the steps below its switch level (A1111's Refiner)."""
     name, implied = resolve(sampler)
     schedule = check_schedule(schedule) if schedule is not None else implied
     spec, f = model.spec, model.latent_factor
@@ -255,6 +302,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         denoiser = ClassifierFreeGuidance(denoiser, uncond, cfg_scale, guidance_rescale)
     elif cfg_scale != 1.0:
         raise ValueError("classifier-free guidance needs an unconditional branch, which this model lacks: use cfg 1")
+    if refiner is not None:
+        denoiser = refiner.switch(denoiser, model, plan, sigmas, spec.num_train_timesteps)
     if mask is not None:
         denoiser = _InpaintBlend(denoiser, init_latent, mask)
 
@@ -279,7 +328,7 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
             mask: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
             cancel: Callable[[], bool] | None = None, attachments: Sequence[Attachment] = (),
             low_res: tuple[torch.Tensor, torch.Tensor] | None = None,
-            concat: torch.Tensor | None = None) -> torch.Tensor:
+            concat: torch.Tensor | None = None, refiner: tuple | None = None) -> torch.Tensor:
     """Text-conditioned sampling: prompt and negative prompt encoded in one call, so their windows line up.
     low_res: a super-resolution stage's (augmented low-resolution rows at the output size, their levels).
     concat: an inpainting UNet's mask and masked-image latents (inpainting_conditioning), on both branches."""
@@ -296,6 +345,12 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
 
     cond, uncond, image_cond, cfg_scale = branches(model, s, text_encoder, (w, h), attachments=attachments,
                                                    concat=concat, low_res=low_res)
+    refining = None
+    if refiner is not None:  # (model, text encoder): its own text inputs for the same prompts and size
+        r_model, r_encoder = refiner
+        check_refiner(model, r_model)
+        r_cond, r_uncond, _, r_cfg = branches(r_model, s, r_encoder, (w, h))
+        refining = Refining(r_model, r_cond, r_uncond, r_cfg, s.guidance_rescale, s.refiner_switch_at)
     return sample(model, [s.seed + i for i in range(s.n)], steps=s.steps, sampler=s.sampler,
                     schedule=s.schedule, cond=cond, uncond=uncond, cfg_scale=cfg_scale,
                     guidance_rescale=s.guidance_rescale, latent_hw=(h // f, w // f), init_latent=init_latent,
@@ -303,7 +358,21 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
                     backend=s.backend, compile=s.compile, noise_seed_delta=s.noise_seed_delta,
                     attachments=attachments, tile=s.tile // f if s.tile else None,
                     resize_to=out_size if binned is not None else None, image_cond=image_cond,
-                    image_cfg_scale=s.image_cfg_scale)
+                    image_cfg_scale=s.image_cfg_scale, refiner=refining)
+
+
+def check_refiner(model: DiffusionModel, refiner: DiffusionModel) -> None:
+    """A refiner must work in the base model's latent space, as a plain text-to-image model."""
+    if refiner.spec.text_encoder is None:
+        raise ValueError(f"the refiner {refiner.name} is not a text-to-image model")
+    if refiner.spec.conditioning_channels or refiner.spec.upscale > 1:
+        raise ValueError(f"the refiner {refiner.name} is not a plain text-to-image model (an inpainting, instruct, "
+                         "super-resolution or flow model cannot take over another model's steps)")
+    ours, theirs = model.family.latent, refiner.family.latent
+    if ours is None or theirs is None or (ours.channels, ours.scaling_factor, ours.shift_factor) != (
+            theirs.channels, theirs.scaling_factor, theirs.shift_factor):
+        raise ValueError(f"the refiner {refiner.name} ({refiner.family.label}) works in another latent space than "
+                         f"{model.name} ({model.family.label}); an SDXL refiner follows an SDXL model")
 
 
 def branches(model: DiffusionModel, s: Settings, text_encoder, size: tuple[int, int], *,
@@ -329,7 +398,7 @@ def branches(model: DiffusionModel, s: Settings, text_encoder, size: tuple[int, 
     pooled = text.pooled[s.n:] if text.pooled is not None else None
     if pooled is not None and model.spec.zero_empty_negative and s.negative_prompt == "":
         pooled = torch.zeros_like(pooled)
-    uncond.update(family.conditioning(pooled, w, h, uncond["encoder_hidden_states"], text.mask[s.n:]))
+    uncond.update(family.conditioning(pooled, w, h, uncond["encoder_hidden_states"], text.mask[s.n:], negative=True))
     if distils_guidance(model):  # Flux [dev]: the distilled guidance scale is an input, on both branches
         cond["guidance"] = uncond["guidance"] = torch.full((s.n,), float(s.distilled_cfg_scale))
     for kind, units in by_kind(attachments).items():  # their per-row inputs on each branch of guidance
@@ -613,7 +682,7 @@ def _inpaint_region(model: DiffusionModel, s: Settings, init: Image.Image, mask:
 
 
 def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_encoder, extra: dict | None = None,
-             attachments: Sequence[Attachment] = ()) -> tuple[str, dict]:
+             attachments: Sequence[Attachment] = (), refiner: DiffusionModel | None = None) -> tuple[str, dict]:
     """(A1111 parameters text, JSON record) for image ``index`` of a request (its seed is seed + index)."""
     name, implied = resolve(s.sampler)
     schedule = check_schedule(s.schedule) if s.schedule is not None else implied
@@ -653,6 +722,14 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields["Hires upscaler"] = s.hires_upscaler
         if s.sr_noise_level is not None:
             fields["SR noise level"] = s.sr_noise_level
+    refined = None
+    if refiner is not None:  # as A1111 writes it: Refiner: NAME [HASH], Refiner switch at: 0.8
+        file = refiner.weights_file
+        refined = {"path": str(refiner.path.resolve()), "name": refiner.name, "arch": refiner.arch,
+                   "unet_sha256_10": file_hash(file) if file.exists() else None}
+        fields["Refiner"] = f"{refiner.name} [{refined['unet_sha256_10']}]" if refined["unet_sha256_10"] else \
+            refiner.name
+        fields["Refiner switch at"] = f"{s.refiner_switch_at:g}"
     if s.tile:
         fields["Tile size"] = s.tile
     if s.watermark:
@@ -692,6 +769,8 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         "precision": s.precision, "weights_dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.unet.parameters()).device), "versions": environment(), **(extra or {}),
     }
+    if refined is not None:
+        record["refiner"] = refined
     for unit_kind, kind_records in records.items():
         record[unit_kind.record_key] = kind_records
     return a1111_parameters(s.prompt, s.negative_prompt, fields), record

@@ -63,6 +63,7 @@ class Request:
     attached: tuple[Attachment, ...] = field(default=(), repr=False)
     resolved_upscaler: object = field(default=None, repr=False)  # hires fix's Upscaler (pipelines/upscale.py)
     warnings: tuple[str, ...] = ()  # what the user should know before trusting the images; filled by check()
+    refiner: tuple | None = field(default=None, repr=False)  # settings.refiner loaded: (model, text encoder)
     sign_key: object = field(default=None, repr=False)  # an Ed25519 private key: each image's record is signed
     inversion: object = field(default=None, repr=False)  # edit: an Inversion made before (pipelines/inversion.py)
     confined: bool = False  # a server's request: LoRAs, control and IP-Adapter models, embeddings and upscalers
@@ -85,6 +86,18 @@ class Request:
             if self.mask is not None and self.mask.size != self.init_image.size:
                 raise ValueError(f"the mask is {self.mask.width}x{self.mask.height} but the image is "
                                  f"{self.init_image.width}x{self.init_image.height}: they must be the same size")
+        if (s.refiner is None) != (self.refiner is None):
+            raise ValueError("the refiner named in the settings was not loaded (load it with load_text_model and pass "
+                             "it as the request's refiner)" if s.refiner else
+                             "a refiner model was given without settings.refiner naming it")
+        if self.refiner is not None:
+            if self.kind == "edit" or self.rerank > 1:
+                raise ValueError("a refiner takes the last steps of txt2img, img2img and inpaint (not an edit by "
+                                 "inversion or reranked candidates)")
+            if s.backend != "torch" or s.tile:
+                raise ValueError("a refiner runs on the torch backend, untiled: leave backend and tile at their "
+                                 "defaults")
+            g.check_refiner(model, self.refiner[0])
         if self.kind == "edit":  # inversion walks the deterministic sampler: DDIM (Euler's step for flow models)
             s = replace(s, sampler="euler" if model.spec.prediction == "flow" else "ddim", schedule=None)
         if self.rerank < 1:
@@ -241,17 +254,18 @@ def _run(request: Request, model: DiffusionModel, text_encoder, scorer, kwargs) 
                                                 "scorer": getattr(scorer, "identity", None)}}
             out.append(_finish(request, model, alone, to_uint8(image)[0], 0, text_encoder, record_extra))
         return out
+    first = {**kwargs, "refiner": request.refiner} if request.refiner is not None else kwargs  # the first pass's
     with torch.no_grad():
         if kind == "txt2img":
-            images = g.txt2img(model, s, text_encoder, **kwargs)
+            images = g.txt2img(model, s, text_encoder, **first)
             if upscaler is not None:
                 images = hires(model, s, images, text_encoder, upscaler, **kwargs)
         elif kind == "img2img":
-            images = g.img2img(model, s, request.init_image, text_encoder, **kwargs)
+            images = g.img2img(model, s, request.init_image, text_encoder, **first)
         elif kind == "edit":
             images = edit(model, s, request.init_image, text_encoder, inversion=request.inversion, **kwargs)
         else:
-            images = g.inpaint(model, s, request.init_image, request.mask, text_encoder, **kwargs)
+            images = g.inpaint(model, s, request.init_image, request.mask, text_encoder, **first)
     return [_finish(request, model, s, pixels, i, text_encoder, extra) for i, pixels in enumerate(to_uint8(images))]
 
 
@@ -260,7 +274,8 @@ def _finish(request: Request, model: DiffusionModel, s: Settings, pixels, index:
     """Image ``index`` of a request made whole: its watermark, its description, its signature."""
     if s.watermark:
         pixels = add_watermark(pixels)
-    parameters, record = g.describe(model, s, request.kind, index, text_encoder, extra, request.attached)
+    parameters, record = g.describe(model, s, request.kind, index, text_encoder, extra, request.attached,
+                                    refiner=request.refiner[0] if request.refiner is not None else None)
     if request.sign_key is not None:
         record = sign(pixels, parameters, record, request.sign_key)
     return Generated(pixels, s.seed + index, parameters, record)

@@ -122,6 +122,14 @@ class Settings:
                                                  "image input hides (A1111's inpainting conditioning mask "
                                                  "strength; 0 shows it the whole image).", cli="--mask-weight",
                                             kinds=EDITS, ge=0, le=1)
+    # A1111's refiner: a second model takes over for the last steps (the SDXL refiner, or any model that works
+    # in the same latent space)
+    refiner: str | None = setting(None, "A second model that takes the last steps (A1111's Refiner: the SDXL "
+                                        "refiner, or any model of the same latent space): a name from the models "
+                                        "list or a path.", kinds=SAMPLED)
+    refiner_switch_at: float = setting(0.8, "The fraction of the schedule after which the refiner takes over "
+                                            "(A1111's Refiner switch at; diffusers' denoising_end).",
+                                       kinds=SAMPLED, gt=0, le=1)
     watermark: bool = setting(False, "Write Stable Diffusion's invisible watermark (DWT-DCT) into the pixels, so "
                                      "the image can be told as generated after its metadata is gone (images of "
                                      "256 x 256 pixels or more).", api=False)
@@ -234,6 +242,9 @@ class Settings:
         if self.sr_noise_level is not None and (not isinstance(self.sr_noise_level, int) or self.sr_noise_level < 0):
             raise ValueError(f"the SR noise level must be an integer >= 0, got {self.sr_noise_level!r}")
 
+        if not isinstance(self.refiner_switch_at, (int, float)) or not 0 < self.refiner_switch_at <= 1:
+            raise ValueError(f"refiner switch at must lie in (0, 1] (the fraction of the schedule the first model "
+                             f"runs), got {self.refiner_switch_at!r}")
         check_backend(self.backend)
         if self.backend != "torch" and (self.precision != "fp32" or self.compile):
             raise ValueError(f"the {self.backend} backend runs its own kernels: bf16 autocast and --compile are "

@@ -130,6 +130,19 @@ SCRIPTS = {"poor man's outpainting": "Poor man's outpainting"}
 _DIRECTIONS = ("left", "right", "up", "down")
 
 
+def refiner_request(body: A1111Txt2Img) -> dict[str, Any]:
+    """A1111's refiner_checkpoint (a model's name or title; "None": none) and refiner_switch_at, as the request's
+    refiner and its switch."""
+    extra = body.model_extra or {}
+    name = extra.get("refiner_checkpoint")
+    if name in (None, "", "None"):
+        return {}
+    if not isinstance(name, str):
+        raise RequestError("refiner_checkpoint is a model's name or title from /sdapi/v1/sd-models")
+    switch = _number(extra, "refiner_switch_at", float)
+    return {"refiner": name, "refiner_switch_at": 0.8 if switch is None else switch}
+
+
 def outpaint_script(body: A1111Txt2Img) -> dict[str, Any] | None:
     """A1111's "Poor man's outpainting" script (img2img): script_args [pixels, mask_blur, inpainting_fill,
     directions] as the request's outpainting borders, mask blur and masked content; None without it."""
@@ -168,7 +181,9 @@ def provenance_items(image: Image.Image, parameters: str | None) -> dict[str, st
     from imagine.io import provenance
 
     pixels = np.asarray(image)
-    items = {"imagine_watermark": provenance.describe_watermark(pixels)}
+    items = {}
+    if provenance.can_watermark(image.width, image.height):  # smaller images carry none: A1111's empty items
+        items["imagine_watermark"] = provenance.describe_watermark(pixels)
     try:
         record = json.loads(image.info["imagine"]) if isinstance(image.info.get("imagine"), str) else None
     except json.JSONDecodeError:
@@ -324,6 +339,7 @@ def router(service: Service) -> APIRouter:
                    **({"inpainting_mask_weight": options["inpainting_mask_weight"]} if kind != "txt2img" else {}),
                    "clip_skip": clip_skip if clip_skip > 1 else None, "noise_seed_delta": ensd,
                    "backend": override.get("imagine_backend", "torch"), "tile": tile}
+        request.update(refiner_request(body))
         if kind == "txt2img":
             request.update(hires_request(body))
         if kind != "txt2img":

@@ -115,6 +115,10 @@ class ModelStore:
         for entry in self._entries.values():
             if name in (entry.title, entry.short_hash, entry.sha256):
                 return entry
+        bare = name.rsplit(" [", 1)[0]  # A1111's "file.safetensors [hash]" and file names with their extension
+        bare = bare[: -len(Path(bare).suffix)] if Path(bare).suffix in (".safetensors", ".ckpt") else bare
+        if bare != name and bare in self._entries:
+            return self._entries[bare]
         raise KeyError(f"model {name!r} unknown; choose one of: {', '.join(self._entries)}")
 
     def select(self, name: str) -> ModelEntry:

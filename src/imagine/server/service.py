@@ -187,6 +187,16 @@ class Service:
             model, _ = self.store.get(entry.name, vae, request.get("text_encoders"))
         except ValueError as err:  # a part the model does not take, a file that is no part of it
             raise RequestError(str(err)) from None
+        refiner = None
+        if settings.refiner:  # A1111's refiner: one of the served models, by name or A1111's title
+            try:
+                refined = self.store.lookup(settings.refiner)
+                refiner = self.store.get(refined.name)
+            except KeyError as err:
+                raise RequestError(f"refiner: {err.args[0]}", 404) from None
+            except ValueError as err:
+                raise RequestError(f"refiner: {err}") from None
+            settings = replace(settings, refiner=refined.name)
         controls = self._control_units(request.get("controls") or [], init)
         prompts = self._image_prompt_units(request.get("image_prompts") or [])
         try:
@@ -194,7 +204,7 @@ class Service:
             checked = Request(kind, settings, init_image=init, mask=mask, loras=loras,
                               models_dir=self.store.models_dir, lora_strict=request.get("lora_strict", True),
                               controls=controls, image_prompts=prompts, confined=not self.allow_paths,
-                              sign_key=self.sign_key).check(model)
+                              sign_key=self.sign_key, refiner=refiner).check(model)
         except (ValueError, OSError) as err:  # a name that is no model, a folder that is not one
             raise RequestError(str(err)) from None
         w, h = g.output_size(model, checked.settings)

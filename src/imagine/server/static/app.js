@@ -103,6 +103,11 @@ function applyTakes(takes) {
 async function loadModelBadge() {
   const models = await api("GET", "/api/v1/models");
   $("model-badge").textContent = "model: " + models.current;
+  const refiners = $("refiner");  // any served model can take the last steps (the server refuses another latent space)
+  const keep = refiners.value;
+  refiners.length = 1;  // "None" stays
+  for (const m of models.models) refiners.add(new Option(m.name, m.name));
+  refiners.value = [...refiners.options].some((o) => o.value === keep) ? keep : "";
   // the current model's own defaults: what the CLI and the job API use when nothing is given
   const current = models.models.find((m) => m.name === models.current);
   applyTakes(current && current.takes);
@@ -232,6 +237,10 @@ function requestBody() {
     text_encoders: pickedTextEncoders(),
   };
   if (mode === "txt2img" && !$("resolution_binning").disabled) body.resolution_binning = $("resolution_binning").checked;
+  if (mode !== "edit" && $("refiner").value) {
+    body.refiner = $("refiner").value;
+    body.refiner_switch_at = number("refiner_switch_at");
+  }
   if (mode === "txt2img" && $("hires-enable").checked) {
     body.hires_scale = number("hires_scale");
     body.hires_upscaler = $("hires_upscaler").value;
