@@ -64,8 +64,8 @@ def test_the_tour_runs_as_written(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     commands = _tour_commands()
-    assert [shlex.split(c)[1] for c in commands] == ["generate", "info", "generate", "img2img", "upscale", "models",
-                                                     "serve"]
+    assert [shlex.split(c)[1] for c in commands] == ["generate", "info", "generate", "img2img", "upscale", "outpaint",
+                                                     "edit", "models", "serve"]
     printed = {}
     for command in commands:
         argv = shlex.split(command)
@@ -85,3 +85,7 @@ def test_the_tour_runs_as_written(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
     upscaled = Path(next(v for k, v in printed.items() if "upscale" in k).strip().splitlines()[-1])
     assert Image.open(upscaled).size == (256, 256)
+    grown = Path(next(v for k, v in printed.items() if " outpaint " in k).strip().splitlines()[-1])
+    assert Image.open(grown).size == (96, 64)
+    edited = Path(next(v for k, v in printed.items() if " edit " in k).strip().splitlines()[-1])
+    assert Image.open(edited).size == (64, 64)
