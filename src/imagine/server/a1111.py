@@ -11,6 +11,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Body
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
@@ -34,6 +35,7 @@ from imagine.adapters.control import available, module_name
 from imagine.adapters.embeddings import listing
 from imagine.data.conditions import PREPROCESSORS, detect
 from imagine.data.transforms import RESIZE_MODES  # A1111's resize_mode 0..3, in order
+from imagine.io import provenance
 from imagine.io.models_dir import entries
 from imagine.pipelines.settings import INPAINT_FILLS  # A1111's inpainting_fill 0..3, in order
 from imagine.pipelines.upscale import RESAMPLERS, upscaler_names
@@ -176,10 +178,6 @@ def outpaint_script(body: A1111Txt2Img) -> dict[str, Any] | None:
 def provenance_items(image: Image.Image, parameters: str | None) -> dict[str, str]:
     """What imagine info says of an image's provenance, as PNG info items: the invisible watermark, and the
     signature when the record carries one (checked against the key in it)."""
-    import numpy as np
-
-    from imagine.io import provenance
-
     pixels = np.asarray(image)
     items = {}
     if provenance.can_watermark(image.width, image.height):  # smaller images carry none: A1111's empty items
