@@ -31,6 +31,7 @@ from safetensors import safe_open
 from imagine.a1111 import ip_adapter_field
 from imagine.adapters.attachment import Attachment
 from imagine.adapters.control import from_b64, png_b64, step_progress
+from imagine.devices import module_device
 from imagine.io.ip_adapter_files import IPAdapterFile, is_ip_adapter, load_ip_adapter, peek, weights_file
 from imagine.io.models_dir import Entry, entries, resolve
 from imagine.io.networks import cached_image_encoder
@@ -182,8 +183,9 @@ class Prompted(Attachment):
         """(conditional, unconditional) tokens for n rows each: the image's, and the zero embedding's."""
         with torch.no_grad():
             proj = self.file.model
-            cond = proj.tokens(self.embedding.float())
-            uncond = proj.tokens(torch.zeros_like(self.embedding, dtype=torch.float32))
+            embedding = self.embedding.float().to(module_device(proj))  # on the adapter's device, back on the CPU
+            cond = proj.tokens(embedding).cpu()
+            uncond = proj.tokens(torch.zeros_like(embedding)).cpu()
         return cond.expand(n, -1, -1), uncond.expand(n, -1, -1)
 
 

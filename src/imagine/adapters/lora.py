@@ -156,7 +156,7 @@ def attach(parts: dict[str, nn.Module], loras: list[tuple[LoRA, float]], *, stri
         if weight == 0:
             continue
         for key, module in modules.items():
-            layer = lora.layers[key]
+            layer = lora.layers[key].to(module.weight.device)  # beside the weight it updates, on any device
 
             def hook(mod, args, output, layer=layer, weight=float(weight)):
                 update = layer(args[0], mod) if isinstance(layer, WeightDelta) else layer(args[0])
@@ -175,7 +175,7 @@ def merge(parts: dict[str, nn.Module], loras: list[tuple[LoRA, float]], *, stric
     for lora, weight in loras:
         for key, module in check(parts, lora, strict).items():
             if weight:
-                layer = lora.layers[key]
+                layer = lora.layers[key].to(module.weight.device)
                 delta = (layer.delta_weight(module.weight.detach()) if isinstance(layer, WeightDelta)
                          else layer.delta_weight()).to(torch.float32) * weight
                 module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))

@@ -122,6 +122,9 @@ _OPTS = dict(
                                                            "MODEL a name in models/ipadapter or a path (default: "
                                                            "the first of TYPE that fits); SCALE the image's "
                                                            "weight (default 1). Repeat for several."),
+    device=typer.Option("auto", "--device", help="Where the networks run: auto (a CUDA GPU, then Apple's MPS, then "
+                                                 "the CPU), cpu, cuda, cuda:N or mps. The starting noise is drawn "
+                                                 "on the CPU, so a seed gives the same image on any device."),
     refiner=typer.Option(None, "--refiner", help="A second model that takes the last steps (A1111's Refiner: the "
                                                   "SDXL refiner, or any model of the same latent space): a name in "
                                                   "the models folder or a path."),
@@ -175,7 +178,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
          controls: list | None = None, image_prompts: list | None = None, size: int | None = None,
          expect_model: dict | None = None, text_encoder: list[str] | None = None,
          inversion_file: Path | None = None, save_inversion: Path | None = None,
-         sign_key: Path | None = None, refiner_path: Path | None = None) -> list[Path]:
+         sign_key: Path | None = None, refiner_path: Path | None = None, device: str = "auto") -> list[Path]:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs.
     size: txt2img's final longer side, reached by the SR upscaler in the settings (the scale is set from the
     model's size here). expect_model: --from's record of the model; other weights are refused, named."""
@@ -192,7 +195,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         vae_path = md.resolve(vae, models_dir, "vae") if vae is not None else None
         modules = [md.resolve(m, models_dir, "text_encoders") for m in text_encoder or ()]
         loaded, encoder = r.load_text_model(path, vae=vae_path, allow_pickle=allow_pickle,
-                                            weights_dtype=weights_dtype, modules=modules)
+                                            weights_dtype=weights_dtype, modules=modules, device=device)
         settings = settings.with_model_defaults(loaded.spec, settings.steps, settings.sampler, settings.cfg_scale)
         if expect_model and expect_model.get("unet_sha256_10") and loaded.weights_file.exists():
             from imagine.io.png import file_hash
@@ -219,7 +222,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         refiner = None
         if settings.refiner:  # A1111's refiner: loaded as any model is (--from: the file the image names)
             where = refiner_path or md.resolve(settings.refiner, models_dir)
-            refiner = r.load_text_model(where, allow_pickle=allow_pickle, weights_dtype=weights_dtype)
+            refiner = r.load_text_model(where, allow_pickle=allow_pickle, weights_dtype=weights_dtype, device=device)
             if expect_model and (expect_model.get("refiner") or {}).get("unet_sha256_10") \
                     and refiner[0].weights_file.exists():
                 from imagine.io.png import file_hash
@@ -492,10 +495,12 @@ def generate(
     hires_steps: int | None = typer.Option(None, help="Steps of the hires pass (default: as many as the first)."),
     noise_level: int | None = typer.Option(None, help="SR stages' noise-augmentation level (default: each "
                                                       "stage's own; higher invents more detail)."),
+    device: str = _OPTS["device"],
 ) -> None:
     """Text to image. With --from IMAGE, regenerate an image from the settings it carries."""
     if from_image is not None:
-        _from_image(from_image, model, out, allow_pickle=allow_pickle, models_dir=models_dir, sign_key=sign_key)
+        _from_image(from_image, model, out, allow_pickle=allow_pickle, models_dir=models_dir, sign_key=sign_key,
+                    device=device)
         return
     if not prompt and not image_prompt:
         fail("give a prompt or an --image-prompt, or --from IMAGE")
@@ -521,7 +526,7 @@ def generate(
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype,
          lora=lora,
          embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode),
-         image_prompts=_prompts(image_prompt))
+         image_prompts=_prompts(image_prompt), device=device)
 
 
 @app.command(rich_help_panel=GENERATE)
@@ -540,6 +545,7 @@ def variations(
     width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
+    device: str = _OPTS["device"],
 ) -> None:
     """Variations of an image (as DALL-E 2's): its embedding, through the IP-Adapter, drawn anew. Each PNG
     records the image prompt, so --from reproduces it."""
@@ -552,7 +558,7 @@ def variations(
     except ValueError as err:
         fail(str(err))
     _run("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, 0.0, seed, n, width, height),
-         out, allow_pickle=allow_pickle, models_dir=models_dir, image_prompts=[unit])
+         out, allow_pickle=allow_pickle, models_dir=models_dir, image_prompts=[unit], device=device)
 
 
 @app.command(rich_help_panel=EDIT)
@@ -578,6 +584,7 @@ def img2img(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
     refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
+    device: str = _OPTS["device"],
 ) -> None:
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt. With an instruct
     model (InstructPix2Pix) the prompt is an instruction ("make it blue") and --image-cfg keeps to the image."""
@@ -589,7 +596,7 @@ def img2img(
         refiner=refiner, refiner_switch_at=refiner_switch_at), out, init=image, sign_key=sign_key, vae=vae,
          text_encoder=text_encoder,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
-         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
+         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt), device=device)
 
 
 @app.command(rich_help_panel=EDIT)
@@ -626,6 +633,7 @@ def inpaint(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
     refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
+    device: str = _OPTS["device"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest (a plain model by blending its latents, an
     inpainting checkpoint through its own mask and masked-image input)."""
@@ -640,7 +648,7 @@ def inpaint(
          sign_key=sign_key, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,
-         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
+         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt), device=device)
 
 
 @app.command(rich_help_panel=EDIT)
@@ -674,6 +682,7 @@ def outpaint(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
     refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
+    device: str = _OPTS["device"],
 ) -> None:
     """Outpainting: grow the canvas by the borders given and draw them to continue the image (a plain model
     or an inpainting checkpoint), blending the seam; the image's own pixels are kept. The PNG records the
@@ -690,7 +699,7 @@ def outpaint(
          sign_key=sign_key, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,
-         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt))
+         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt), device=device)
 
 
 def _edit_options(prompt, source, null_text, edit_mask, strength, resize_mode, negative, steps, cfg, rescale, seed,
@@ -732,6 +741,7 @@ def edit(
     clip_skip: int | None = _OPTS["clip_skip"], distilled_cfg: float = _OPTS["distilled_cfg"],
     inversion: Path | None = _EDIT["inversion"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
+    device: str = _OPTS["device"],
 ) -> None:
     """Edit a real image by inversion: DDIM run backwards under --from-prompt finds its noise, and sampling from
     it under --to-prompt edits it ("a red circle" -> "a blue circle"); DiffEdit's mask keeps the rest. The seed
@@ -740,7 +750,7 @@ def edit(
                              cfg, rescale, seed, width, height, clip_skip, distilled_cfg, watermark)
     _run("edit", model, settings, out, init=image, vae=vae, sign_key=sign_key,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
-         lora_strict=lora_strict, inversion_file=inversion)
+         lora_strict=lora_strict, inversion_file=inversion, device=device)
 
 
 @app.command(rich_help_panel=EDIT)
@@ -759,6 +769,7 @@ def invert(
     save_to: Path | None = typer.Option(None, "--save", help="Write the inversion (its latents and null-text "
                                                             "states, .safetensors) for imagine edit --inversion."),
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
+    device: str = _OPTS["device"],
 ) -> None:
     """DDIM inversion: find the noise that makes IMAGE under --prompt, and show how well it comes back (the
     reconstruction is written as a PNG and its PSNR against the image printed). --null-text makes it come back
@@ -772,7 +783,7 @@ def invert(
                              width, height, clip_skip, watermark=watermark)
     paths = _run("edit", model, settings, out, init=image, vae=vae, text_encoder=text_encoder, sign_key=sign_key,
                  allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
-                 save_inversion=save_to)
+                 save_inversion=save_to, device=device)
     made = Image.open(paths[0]).convert("RGB")
     source = fit_image(Image.open(image).convert("RGB"), made.size, resize_mode.value)
     error = np.mean((np.asarray(made, np.float64) - np.asarray(source, np.float64)) ** 2)

@@ -37,6 +37,8 @@ def serve(
     max_request_mb: float = typer.Option(16, help="Largest request body, in MiB."),
     max_kept_mb: float = typer.Option(256, help="Finished jobs' images kept for GET (in the job store), in MiB; "
                                                 "the oldest jobs are forgotten beyond it."),
+    device: str = typer.Option("auto", "--device", help="Where the models run: auto (a CUDA GPU, then Apple's MPS, "
+                                                         "then the CPU), cpu, cuda, cuda:N or mps."),
     watermark: bool = typer.Option(False, "--watermark", help="Write Stable Diffusion's invisible watermark into "
                                                               "every image made (256 x 256 pixels or more)."),
     sign_key: Path | None = typer.Option(None, "--sign-key", help="Sign every image's record with this Ed25519 "
@@ -67,7 +69,8 @@ def serve(
         server_app = create_app(paths, out_dir=out, limits=limits, max_queue=max_queue, api_auth=api_auth,
                                 vaes=vaes, allow_pickle=allow_pickle, models_dir=folder, allow_paths=allow_paths,
                                 skip_broken=not model,  # the folder's broken files are listed; a named one stops
-                                watermark=watermark, sign_key=load_signing_key(sign_key) if sign_key else None)
+                                watermark=watermark, sign_key=load_signing_key(sign_key) if sign_key else None,
+                                device=device)
         for path, error in server_app.state.service.store.broken.items():
             typer.echo(f"warning: not serving {path}: {error}", err=True)
     except (ValueError, CheckpointError, FileNotFoundError) as err:

@@ -76,10 +76,21 @@ class Denoiser:
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
+    def _alphas(self, device: torch.device) -> torch.Tensor:
+        """The schedule on ``device`` (copied there once)."""
+        if self.alphas_cumprod.device != device:
+            cache = self.__dict__.setdefault("_on", {})
+            if device not in cache:
+                cache[device] = self.alphas_cumprod.to(device)
+            return cache[device]
+        return self.alphas_cumprod
+
     def _run(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor | None]:
         sigma = broadcast_sigma(sigma, x)
         alpha, sigma_vp = (append_dims(s, x.ndim) for s in P.vp_alpha_sigma(sigma))
-        t = sigma_to_t(sigma.detach().cpu(), self.alphas_cumprod, self.quantize, self.interpolation)
+        # the timestep on the sample's own device (no round trip to the CPU per step); MPS has no float64
+        where = torch.device("cpu") if sigma.device.type == "mps" else sigma.device
+        t = sigma_to_t(sigma.detach().to(where), self._alphas(where), self.quantize, self.interpolation)
         t = t.to(x.device, torch.float32)
         x_t = x * alpha  # c_in: VE -> VP sample
         out = self.network(x_t, t, **(cond or {}))

@@ -165,6 +165,7 @@ class _ChunkedEncoder:
     def _forward(self, model, ids: torch.Tensor, table: list, key: str, **kwargs):
         """Run ``model`` on ``ids``; negative ids are embedding vectors (``table[-id - 1]`` = (embedding,
         k)), put in place of the token embeddings' output, so gradients reach them (textual inversion)."""
+        ids = ids.to(getattr(model, "device", ids.device))  # the transformer's device (its states come back there)
         if not (ids < 0).any():
             return model(input_ids=ids, **kwargs)
         where = (ids < 0).nonzero().tolist()
@@ -175,7 +176,7 @@ class _ChunkedEncoder:
         def inject(module, args, out):
             out = out.clone()
             for (r, p), (emb, k) in zip(where, entries, strict=True):
-                out[r, p] = emb.vectors[key][k].to(out.dtype)
+                out[r, p] = emb.vectors[key][k].to(out.device, out.dtype)
             return out
 
         handle = model.get_input_embeddings().register_forward_hook(inject)
@@ -218,6 +219,8 @@ class _ChunkedEncoder:
             pieces += [([], weight)] if weight == BREAK else self._pieces(text, weight, table)
         chunks = chunk_tokens(pieces, self.comma_id)
         z, mask, pooled = self._window(chunks, skip, table)
+        # the states on the CPU, whatever device ran the encoder: the pipeline moves what it uses to its device
+        z, pooled = z.cpu(), (pooled.cpu() if pooled is not None else None)
         weights = torch.ones(mask.shape, dtype=z.dtype)
         for i, chunk in enumerate(chunks):
             weights[i, 1: 1 + len(chunk.weights)] = torch.tensor(chunk.weights, dtype=z.dtype)
@@ -582,7 +585,9 @@ class T5Part:
         mask[0, :n] = True
         dtype = next(self.model.parameters()).dtype
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
-            z = self.model(input_ids=row, attention_mask=mask.long() if self.masked else None)[0].float()
+            device = getattr(self.model, "device", "cpu")
+            z = self.model(input_ids=row.to(device),
+                           attention_mask=mask.long().to(device) if self.masked else None)[0].float().cpu()
         w = torch.ones(1, self.max_length)
         w[0, :n] = torch.tensor(weights)
         if (w != 1).any():

@@ -19,6 +19,7 @@ from imagine import __version__
 from imagine.a1111 import RESIZE_LABELS, a1111_name, a1111_parameters, prompt_loras
 from imagine.adapters.attachment import Attachment, by_kind
 from imagine.data.transforms import fit_image
+from imagine.devices import autocast, module_device, to_device
 from imagine.diffusion.denoiser import broadcast_sigma
 from imagine.diffusion.model_sampling import model_sampling
 from imagine.diffusion.superres import LowResConditioned
@@ -169,11 +170,12 @@ def decode(model: DiffusionModel, latent: torch.Tensor, runtime=None) -> torch.T
     """Latents (N, c, h, w) -> images (N, C, H, W), in one batch of at least two rows (see _TwoRowFloor);
     ``runtime``: ONNX Runtime sessions (onnx_runtime) whose decoder runs instead."""
     if model.vae is None:
-        return latent
-    z = model.vae.from_latent(latent)
+        return latent.float().cpu()
+    z = model.vae.from_latent(latent.to(module_device(model.vae)))
     if runtime is not None and runtime.vae is not None:
         return runtime.vae.decode(z)
-    return model.vae.decode(torch.cat([z, z]) if len(z) == 1 else z)[: len(z)]
+    # the images come back to the CPU, whatever device decoded them (PNGs, pastes and previews are made there)
+    return model.vae.decode(torch.cat([z, z]) if len(z) == 1 else z)[: len(z)].float().cpu()
 
 
 class _InpaintBlend:
@@ -212,9 +214,11 @@ class Refining:
         if not levels:
             return base  # no step lies below the switch: the base model runs them all, as diffusers does
         refiner = _TwoRowFloor(own.denoiser(_network(self.model.unet, False)))
+        device = module_device(self.model.unet)
         if self.uncond is not None:
-            refiner = ClassifierFreeGuidance(refiner, self.uncond, self.cfg_scale, self.guidance_rescale)
-        return _Switch(base, refiner, max(levels), self.cond)
+            refiner = ClassifierFreeGuidance(refiner, to_device(self.uncond, device), self.cfg_scale,
+                                             self.guidance_rescale)
+        return _Switch(base, refiner, max(levels), to_device(self.cond, device))
 
 
 class _Switch:
@@ -267,7 +271,10 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         sigmas = sigmas[steps - run:]
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     channels = model.vae.config.latent_channels if model.vae is not None else spec.image_channels
-    noise = torch.stack([torch.randn((channels, h, w), generator=g) for g in generators])
+    device = module_device(model.unet)  # the noise is the CPU generators' on every device, then moved there
+    noise = torch.stack([torch.randn((channels, h, w), generator=g) for g in generators]).to(device)
+    init_latent, mask = to_device(init_latent, device), to_device(mask, device)
+    cond, uncond, image_cond = to_device(cond, device), to_device(uncond, device), to_device(image_cond, device)
     if noise_seed_delta:
         generators = [torch.Generator().manual_seed(int(seed) + noise_seed_delta) for seed in seeds]
     x = plan.prior(noise, sigmas[0]) if init_latent is None else plan.noised(init_latent, noise, sigmas[0])
@@ -284,6 +291,10 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         network = _network(model.unet, compile)
     if stepwise:  # each acts on its share of the steps, found from each call's timestep
         timesteps = plan.timesteps(sigmas[:-1])
+        for unit in (u for kind in stepwise for u in groups[kind]):  # their networks beside the denoiser's
+            network_of = getattr(getattr(unit, "file", None), "model", None)
+            if isinstance(network_of, torch.nn.Module):
+                network_of.to(device)
         for kind in stepwise:
             network = kind.around(groups[kind], network, model, timesteps)
     if spec.upscale > 1:  # a super-resolution stage: cond carries the low-resolution rows
@@ -314,7 +325,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
             callback(info)
 
     options = {"variance": "learned"} if name == "ddpm" and spec.learned_variance else {}
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.no_grad(), autocast(x.device, precision == "bf16"):
         latent = info.fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, signal=plan.signal,
                          **options)
     with torch.no_grad():
@@ -463,7 +474,8 @@ def inpainting_conditioning(model: DiffusionModel, s: Settings, size: tuple[int,
         mask = torch.ones(1, 1, h, w)
     masked = torch.lerp(original, original * (1 - mask), float(s.inpainting_mask_weight))
     latents = _encode(model, masked)
-    return torch.cat([torch.nn.functional.interpolate(mask, size=latents.shape[-2:]), latents], dim=1)
+    mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).to(latents.device)
+    return torch.cat([mask, latents], dim=1)
 
 
 def distils_guidance(model: DiffusionModel) -> bool:
@@ -513,8 +525,11 @@ def fill_masked(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _encode(model: DiffusionModel, image: torch.Tensor) -> torch.Tensor:
+    """An image's latent (the VAE's posterior mean), on the VAE's device."""
     with torch.no_grad():
-        return model.vae.to_latent(model.vae.encode(image).mean) if model.vae is not None else image
+        if model.vae is None:
+            return image.to(module_device(model.unet))
+        return model.vae.to_latent(model.vae.encode(image.to(module_device(model.vae))).mean)
 
 
 def _init_latent(model: DiffusionModel, s: Settings, init: Image.Image, size: tuple[int, int]) -> torch.Tensor:
@@ -541,7 +556,7 @@ def img2img(model: DiffusionModel, s: Settings, init: Image.Image, text_encoder,
         if model.spec.conditioning_channels else None
     if model.spec.conditioning_channels == 4:  # InstructPix2Pix: the image's unscaled latents (its training's)
         with torch.no_grad():
-            kwargs["concat"] = model.vae.encode(pixels).mean
+            kwargs["concat"] = model.vae.encode(pixels.to(module_device(model.vae))).mean
         if s.strength >= 1:  # it reads the image through its input: from pure noise at full strength, as diffusers
             latent = None
     elif model.spec.conditioning_channels:  # an inpainting UNet: the whole init image, masked
@@ -668,10 +683,10 @@ def _inpaint_region(model: DiffusionModel, s: Settings, init: Image.Image, mask:
     latent = _encode(model, start).expand(s.n, -1, -1, -1)
     if s.inpaint_fill == "latent_noise":  # the masked latent replaced by each image's own noise
         noise = torch.stack([torch.randn(latent.shape[1:], generator=torch.Generator().manual_seed(s.seed + i))
-                             for i in range(s.n)])
-        latent = latent * (1 - m_lat) + noise * m_lat
+                             for i in range(s.n)]).to(latent.device)
+        latent = latent * (1 - m_lat.to(latent.device)) + noise * m_lat.to(latent.device)
     elif s.inpaint_fill == "latent_nothing":
-        latent = latent * (1 - m_lat)
+        latent = latent * (1 - m_lat.to(latent.device))
     if model.spec.conditioning_channels:  # an inpainting UNet reads the mask and the masked image itself: no blend
         binary = (_blurred(mask, size, 0) >= 0.5).float()
         kwargs["concat"] = inpainting_conditioning(model, s, size, original, binary)

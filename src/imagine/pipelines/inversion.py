@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from imagine.adapters.attachment import Attachment, by_kind
 from imagine.data.transforms import fit_image
+from imagine.devices import module_device, to_device
 from imagine.diffusion.model_sampling import model_sampling
 from imagine.guidance import ClassifierFreeGuidance
 from imagine.io.model_folder import DiffusionModel
@@ -131,7 +132,7 @@ def invert(model: DiffusionModel, s: Settings, image: Image.Image, text_encoder,
     plan, levels = _levels(model, s, (size[1] // f, size[0] // f))
     z = _init_latent(model, s, image, size)
     source = replace(s, prompt=s.source_prompt)
-    cond, uncond, _, _ = branches(model, source, text_encoder, size)
+    cond, uncond, _, _ = (to_device(part, z.device) for part in branches(model, source, text_encoder, size))
     denoiser = _TwoRowFloor(plan.denoiser(model.unet))
     report = progress or _Progress(callback, cancel, _total(s, True) - (len(levels) - 1))
     latents = [z]
@@ -195,13 +196,13 @@ def edit_mask(model: DiffusionModel, s: Settings, image: Image.Image, text_encod
     sigma = sigmas[min(s.steps - 1, int(s.steps * (1 - MASK_STRENGTH)))]
     z = _init_latent(model, s, image, size)
     g = torch.Generator().manual_seed(int(s.seed))
-    noise = torch.randn((MASK_MAPS, *z.shape[1:]), generator=g)
+    noise = torch.randn((MASK_MAPS, *z.shape[1:]), generator=g).to(z.device)
     x = plan.noised(z.expand(MASK_MAPS, -1, -1, -1), noise, sigma)
     denoiser = plan.denoiser(model.unet)
     predictions = []
     with torch.no_grad():
         for prompt in (s.prompt, s.source_prompt):
-            cond, _, _, _ = branches(model, replace(s, prompt=prompt, n=MASK_MAPS), text_encoder, size)
+            cond = to_device(branches(model, replace(s, prompt=prompt, n=MASK_MAPS), text_encoder, size)[0], z.device)
             predictions.append(denoiser(x, sigma, cond))
     diff = (predictions[0] - predictions[1]).abs().mean(dim=(0, 1), keepdim=True)[:1]  # (1, 1, h, w)
     diff = diff.clamp(max=MASK_CLAMP * float(diff.mean()))
@@ -226,18 +227,22 @@ def edit(model: DiffusionModel, s: Settings, image: Image.Image, text_encoder, *
         raise ValueError("the inversion was made over other noise levels (steps or strength differ): invert again "
                          "with these settings")
     mask = edit_mask(model, s, image, text_encoder) if s.edit_mask and s.prompt != s.source_prompt else None
-    cond, uncond, _, cfg = branches(model, s, text_encoder, size)
+    cond, uncond, _, cfg = (to_device(part, module_device(model.unet)) for part in branches(model, s, text_encoder,
+                                                                                             size))
     guided = ClassifierFreeGuidance(_TwoRowFloor(plan.denoiser(model.unet)), uncond, cfg, s.guidance_rescale)
-    x = inversion.latents[-1]
+    device = module_device(model.unet)  # an inversion read from a file comes on the CPU
+    latents = [z.to(device) for z in inversion.latents]
+    null = [c.to(device) for c in inversion.null] if inversion.null is not None else None
+    x = latents[-1]
     with torch.no_grad():
         for i, k in enumerate(range(len(levels) - 1, 0, -1)):
-            if inversion.null is not None:
-                guided.uncond = {**uncond, "encoder_hidden_states": inversion.null[i]}
+            if null is not None:
+                guided.uncond = {**uncond, "encoder_hidden_states": null[i]}
             a, b = levels[k], levels[k - 1]
             x0 = guided(x, a, cond)
             x = x + (b - a) * (x - x0) / a
             if mask is not None:  # the rest of the image: its own inverted latents, step by step
-                x = mask * x + (1 - mask) * inversion.latents[k - 1]
+                x = mask * x + (1 - mask) * latents[k - 1]
             report("edit", x0)
         images = decode(model, x).clamp(-1, 1)
     if mask is None:
@@ -248,7 +253,7 @@ def edit(model: DiffusionModel, s: Settings, image: Image.Image, text_encoder, *
 
 def pasted(images: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The edit pasted over the original through the latent mask, upsampled and blurred by MASK_BLUR pixels."""
-    up = torch.nn.functional.interpolate(mask, size=(size[1], size[0]), mode="nearest")
+    up = torch.nn.functional.interpolate(mask.float().cpu(), size=(size[1], size[0]), mode="nearest")
     pil = Image.fromarray((up[0, 0].numpy() * 255).astype("uint8")).filter(ImageFilter.GaussianBlur(MASK_BLUR))
     m = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255)[None, None]
     return m * images + (1 - m) * original
@@ -273,10 +278,10 @@ def save_inversion(path, inversion: Inversion, identity: dict[str, str]) -> None
     """An inversion as a safetensors file (written atomically): its latents, levels and null-text states."""
 
 
-    tensors = {f"latents.{k}": z.contiguous() for k, z in enumerate(inversion.latents)}
-    tensors["levels"] = inversion.levels.contiguous()
+    tensors = {f"latents.{k}": z.cpu().contiguous() for k, z in enumerate(inversion.latents)}
+    tensors["levels"] = inversion.levels.cpu().contiguous()
     for i, ctx in enumerate(inversion.null or []):
-        tensors[f"null.{i}"] = ctx.contiguous()
+        tensors[f"null.{i}"] = ctx.cpu().contiguous()
     tmp = f"{path}.tmp"
     save_file(tensors, tmp, metadata={"format": "imagine-inversion", **identity})
     os.replace(tmp, path)

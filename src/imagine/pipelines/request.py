@@ -22,6 +22,7 @@ from imagine.adapters.embeddings import resolve_embeddings
 from imagine.adapters.image_prompt import resolve_prompts
 from imagine.adapters.lora import LoraUse
 from imagine.data.vocabulary import caption_vocabulary, unknown_words
+from imagine.devices import resolve_device
 from imagine.io.lora_keys import lora_metadata
 from imagine.io.model_folder import DiffusionModel
 from imagine.io.models_dir import resolve
@@ -282,13 +283,15 @@ def _finish(request: Request, model: DiffusionModel, s: Settings, pixels, index:
 
 
 def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pickle: bool = False,
-                    weights_dtype: str = "fp32", modules: Sequence[Path | str] = ()) -> tuple[DiffusionModel, object]:
+                    weights_dtype: str = "fp32", modules: Sequence[Path | str] = (),
+                    device: str | torch.device | None = "cpu") -> tuple[DiffusionModel, object]:
     """A text-to-image model and its text encoder, ready for ``run``: an imagine model folder, a diffusers
     pipeline folder or a single-file checkpoint; ``vae`` replaces its VAE; ``modules``: an SD3 or Flux transformer
     file's separate text encoder (and VAE) files. With
     weights_dtype "bf16" the UNet holds bf16 weights (half the memory, no per-step casts under bf16
     autocast; its norms round differently, so pixels differ from fp32 weights); such a model runs bf16
-    requests only."""
+    requests only. ``device``: where its networks run (devices.resolve_device: "auto", "cpu", "cuda:1", ...)."""
+    device = resolve_device(device)
     if weights_dtype not in ("fp32", "bf16"):
         raise ValueError(f"weights dtype {weights_dtype!r} unknown; choose fp32 or bf16")
     model = load_any(path, vae=vae, allow_pickle=allow_pickle, modules=modules,
@@ -300,7 +303,24 @@ def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pi
     if model.vae is not None:
         model.vae.eval()
     encoder = model.text_encoder if model.text_encoder is not None else load_text_encoder(model.spec.text_encoder)
+    if device.type != "cpu":  # the denoiser, the VAE and the text encoder's transformers all on the device
+        model.unet.to(device)
+        if model.vae is not None:
+            model.vae.to(device)
+        for part in _text_modules(encoder):
+            part.to(device)
     return model, encoder
+
+
+def _text_modules(encoder) -> list[torch.nn.Module]:
+    """A text encoder's transformers (CLIPs, T5, MiniLM), whatever its kind."""
+    found = [m for m in getattr(encoder, "models", None) or [] if isinstance(m, torch.nn.Module)]
+    for name in ("model", "t5"):
+        part = getattr(encoder, name, None)
+        part = getattr(part, "model", part) if name == "t5" else part
+        if isinstance(part, torch.nn.Module) and all(part is not m for m in found):
+            found.append(part)
+    return found
 
 
 def load_scorer(path: Path | str | None = None):

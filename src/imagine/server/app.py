@@ -113,21 +113,23 @@ class AsciiJSONResponse(JSONResponse):
 def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), limits: Limits = Limits(),
                max_queue: int = 16, api_auth: str | None = None, vaes: list[Path] = (),
                allow_pickle: bool = False, models_dir: Path | None = None, allow_paths: bool = False,
-               skip_broken: bool = False, watermark: bool = False, sign_key=None) -> FastAPI:
+               skip_broken: bool = False, watermark: bool = False, sign_key=None, device: str = "cpu") -> FastAPI:
     """models: imagine or diffusers folders or SD single files, looked up by name afterwards (the first
     is current); vaes: separate VAEs a request may pick. out_dir: where images are saved (None: kept in
     memory only). api_auth: "USER:PASS" for basic auth on every route. allow_paths: requests may name
     LoRAs, ControlNets, IP-Adapters, embeddings and upscalers by path too (by default: names in the models
     folder only, and no error says anything about a path outside it). skip_broken: models that cannot be
     read are listed as broken (GET /api/v1/models) and the rest served. watermark: every image carries the
-    invisible watermark; sign_key: an Ed25519 private key that signs every image's record."""
+    invisible watermark; sign_key: an Ed25519 private key that signs every image's record; device: where the
+    models run ("auto", "cpu", "cuda:1", ...)."""
     auth = None
     if api_auth is not None:
         user, sep, password = api_auth.partition(":")
         if not sep or not user or not password:
             raise ValueError("--api-auth takes USER:PASS")
         auth = (user, password)
-    service = Service(ModelStore(models, vaes, allow_pickle, models_dir, skip_broken), out_dir, limits, max_queue,
+    service = Service(ModelStore(models, vaes, allow_pickle, models_dir, skip_broken, device), out_dir, limits,
+                      max_queue,
                       allow_paths, watermark=watermark, sign_key=sign_key)
 
     @asynccontextmanager

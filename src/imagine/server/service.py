@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from imagine.a1111 import A1111_OPTIONS
 from imagine.adapters.control import ControlUnit
 from imagine.adapters.image_prompt import ImagePromptUnit
+from imagine.devices import module_device
 from imagine.pipelines import generate as g
 from imagine.pipelines.output import save
 from imagine.pipelines.request import Request, run
@@ -324,8 +325,8 @@ class Service:
     @staticmethod
     def _preview(model, denoised: torch.Tensor) -> bytes:
         if model.vae is not None:
-            denoised = model.vae.decode(model.vae.from_latent(denoised))
-        return preview_png(to_uint8(denoised.clamp(-1, 1))[0])
+            denoised = model.vae.decode(model.vae.from_latent(denoised.to(module_device(model.vae))))
+        return preview_png(to_uint8(denoised.float().cpu().clamp(-1, 1))[0])
 
 
 def upscale_pictures(service: Service, pictures: list[Image.Image], *, scale: float, size: tuple[int, int] | None,

@@ -1,0 +1,80 @@
+"""Which device runs the networks: ``--device auto|cpu|cuda|cuda:N|mps`` on every command that runs one.
+
+``auto`` takes the best this machine has (a CUDA GPU, then Apple's MPS, then the CPU). A device that is not
+there is one clear error, never a traceback from deep inside torch. Whatever the device, the starting noise is
+drawn by CPU generators (samplers/common.py) and moved, so a seed gives the same image on any device up to the
+device's arithmetic, which the PNG records (its ``device``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``name`` as a torch device that exists here; None and "auto" pick the best available."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if _mps():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {name!r} unknown; choose {DEVICES}") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch can use (torch "
+                             f"{torch.__version__}{'' if torch.version.cuda else ', a CPU-only build'}); use "
+                             "--device cpu, or auto")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not _mps():
+            raise ValueError(f"--device {name}: Apple's MPS is not available here; use --device cpu, or auto")
+        return device
+    raise ValueError(f"device {name!r} is not one imagine runs on; choose {DEVICES}")
+
+
+def _mps() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def to_device(value, device: torch.device):
+    """Tensors (in dicts, lists and tuples, as conditioning holds them) on ``device``; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (the CPU for one without any)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` when enabled; no autocast context at all otherwise (a device torch has no
+    autocast for, such as meta, then runs as it is)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()

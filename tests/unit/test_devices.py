@@ -1,0 +1,35 @@
+"""Devices (issue 35): --device names a device that exists here or is one clear error; and the pipeline places
+everything on the network's device. Without a GPU the placement is proven on the meta device: the networks
+moved there compute shapes only, and any tensor the pipeline made on the CPU and mixed with theirs (noise,
+conditioning, masks, init latents, a LoRA's layers) fails the run, as it would on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imagine.devices import module_device, resolve_device, to_device
+
+
+def test_devices_resolve_or_say_why_not():
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")  # this machine: no GPU
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(torch.device("cpu")).type == "cpu"
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:1", "CUDA:0"):
+            with pytest.raises(ValueError, match=r"no CUDA GPU that torch can use.*--device cpu, or auto"):
+                resolve_device(name)
+    if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        with pytest.raises(ValueError, match="MPS is not available here"):
+            resolve_device("mps")
+    for name in ("banana", "cuda:x"):
+        with pytest.raises(ValueError, match="unknown; choose auto, cpu, cuda, cuda:N or mps"):
+            resolve_device(name)
+    with pytest.raises(ValueError, match="not one imagine runs on"):
+        resolve_device("meta")
+
+
+def test_to_device_moves_nested_conditioning():
+    cond = {"a": torch.ones(2), "b": [torch.zeros(1), 3], "c": None}
+    moved = to_device(cond, torch.device("meta"))
+    assert moved["a"].is_meta and moved["b"][0].is_meta and moved["b"][1] == 3 and moved["c"] is None
+    assert module_device(torch.nn.Identity()) == torch.device("cpu")
