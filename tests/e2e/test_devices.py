@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def meta_model(tiny_t2i_dir):
     from imagine.io.model_folder import load_model_folder
 
