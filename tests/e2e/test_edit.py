@@ -11,9 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagine.io.model_folder import load_model_folder
 from imagine.io.png import read_png_metadata
-from imagine.models.text_encoders import default_text_encoder
 from imagine.pipelines import generate as g
 from imagine.pipelines.inversion import MASK_BLUR, edit, edit_mask, invert
 from imagine.pipelines.request import Request
@@ -23,13 +21,13 @@ S = g.Settings(prompt="a blue square", source_prompt="a red circle", steps=6, cf
 
 
 @pytest.fixture(scope="module")
-def model(tiny_t2i_dir):
-    return load_model_folder(tiny_t2i_dir)
+def model(t2i_model):
+    return t2i_model
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    return default_text_encoder()
+def encoder(t2i_encoder):
+    return t2i_encoder
 
 
 def _image() -> Image.Image:

@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagine.io.model_folder import load_model_folder
 from imagine.io.png import read_png_metadata
-from imagine.models.text_encoders import default_text_encoder
 from imagine.pipelines.generate import Settings, describe, inpaint, outpaint_canvas
 from imagine.pipelines.request import Request
 from imagine.pipelines.unconditional import to_uint8
@@ -21,13 +19,13 @@ S = Settings(prompt="a red circle", steps=3, cfg_scale=3.0, seed=3)
 
 
 @pytest.fixture(scope="module")
-def model(tiny_t2i_dir):
-    return load_model_folder(tiny_t2i_dir)
+def model(t2i_model):
+    return t2i_model
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    return default_text_encoder()
+def encoder(t2i_encoder):
+    return t2i_encoder
 
 
 def _image(w=16, h=16) -> Image.Image:

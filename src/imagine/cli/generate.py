@@ -125,6 +125,8 @@ _OPTS = dict(
     device=typer.Option("auto", "--device", help="Where the networks run: auto (a CUDA GPU, then Apple's MPS, then "
                                                  "the CPU), cpu, cuda, cuda:N or mps. The starting noise is drawn "
                                                  "on the CPU, so a seed gives the same image on any device."),
+    plan=typer.Option(False, "--plan", help="Print the memory each stage will need (weights, sampling, decoding) "
+                                            "against what the device has free, and stop without running."),
     refiner=typer.Option(None, "--refiner", help="A second model that takes the last steps (A1111's Refiner: the "
                                                   "SDXL refiner, or any model of the same latent space): a name in "
                                                   "the models folder or a path."),
@@ -178,7 +180,8 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
          controls: list | None = None, image_prompts: list | None = None, size: int | None = None,
          expect_model: dict | None = None, text_encoder: list[str] | None = None,
          inversion_file: Path | None = None, save_inversion: Path | None = None,
-         sign_key: Path | None = None, refiner_path: Path | None = None, device: str = "auto") -> list[Path]:
+         sign_key: Path | None = None, refiner_path: Path | None = None, device: str = "auto",
+         plan: bool = False) -> list[Path]:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs.
     size: txt2img's final longer side, reached by the SR upscaler in the settings (the scale is set from the
     model's size here). expect_model: --from's record of the model; other weights are refused, named."""
@@ -233,6 +236,13 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
                                      "pass those weights, or --from would make other pixels")
         init_image = r.open_image(init, "image") if init is not None else None  # a clear error first
         mask_image = r.open_image(mask, "mask") if mask is not None else None
+        if plan:  # what it would hold, and no work
+            plans = r.Request(kind, settings, init_image=init_image, mask=mask_image).memory_plans(loaded, encoder)
+            for p in plans:
+                typer.echo("\n".join(p.lines()))
+            if not all(p.fits for p in plans):
+                raise typer.Exit(1)
+            return []
         extra = {}
         if init is not None:
             extra["init_image"] = r.input_record(init)
@@ -495,7 +505,7 @@ def generate(
     hires_steps: int | None = typer.Option(None, help="Steps of the hires pass (default: as many as the first)."),
     noise_level: int | None = typer.Option(None, help="SR stages' noise-augmentation level (default: each "
                                                       "stage's own; higher invents more detail)."),
-    device: str = _OPTS["device"],
+    device: str = _OPTS["device"], plan: bool = _OPTS["plan"],
 ) -> None:
     """Text to image. With --from IMAGE, regenerate an image from the settings it carries."""
     if from_image is not None:
@@ -526,7 +536,7 @@ def generate(
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype,
          lora=lora,
          embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode),
-         image_prompts=_prompts(image_prompt), device=device)
+         image_prompts=_prompts(image_prompt), device=device, plan=plan)
 
 
 @app.command(rich_help_panel=GENERATE)
@@ -584,7 +594,7 @@ def img2img(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
     refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
-    device: str = _OPTS["device"],
+    device: str = _OPTS["device"], plan: bool = _OPTS["plan"],
 ) -> None:
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt. With an instruct
     model (InstructPix2Pix) the prompt is an instruction ("make it blue") and --image-cfg keeps to the image."""
@@ -596,7 +606,8 @@ def img2img(
         refiner=refiner, refiner_switch_at=refiner_switch_at), out, init=image, sign_key=sign_key, vae=vae,
          text_encoder=text_encoder,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
-         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt), device=device)
+         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt),
+         device=device, plan=plan)
 
 
 @app.command(rich_help_panel=EDIT)
@@ -633,7 +644,7 @@ def inpaint(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
     refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
-    device: str = _OPTS["device"],
+    device: str = _OPTS["device"], plan: bool = _OPTS["plan"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest (a plain model by blending its latents, an
     inpainting checkpoint through its own mask and masked-image input)."""
@@ -648,7 +659,8 @@ def inpaint(
          sign_key=sign_key, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,
-         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt), device=device)
+         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt),
+         device=device, plan=plan)
 
 
 @app.command(rich_help_panel=EDIT)
@@ -682,7 +694,7 @@ def outpaint(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
     refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
-    device: str = _OPTS["device"],
+    device: str = _OPTS["device"], plan: bool = _OPTS["plan"],
 ) -> None:
     """Outpainting: grow the canvas by the borders given and draw them to continue the image (a plain model
     or an inpainting checkpoint), blending the seam; the image's own pixels are kept. The PNG records the
@@ -699,7 +711,8 @@ def outpaint(
          sign_key=sign_key, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,
-         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt), device=device)
+         controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt),
+         device=device, plan=plan)
 
 
 def _edit_options(prompt, source, null_text, edit_mask, strength, resize_mode, negative, steps, cfg, rescale, seed,
@@ -741,7 +754,7 @@ def edit(
     clip_skip: int | None = _OPTS["clip_skip"], distilled_cfg: float = _OPTS["distilled_cfg"],
     inversion: Path | None = _EDIT["inversion"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
-    device: str = _OPTS["device"],
+    device: str = _OPTS["device"], plan: bool = _OPTS["plan"],
 ) -> None:
     """Edit a real image by inversion: DDIM run backwards under --from-prompt finds its noise, and sampling from
     it under --to-prompt edits it ("a red circle" -> "a blue circle"); DiffEdit's mask keeps the rest. The seed
@@ -750,7 +763,7 @@ def edit(
                              cfg, rescale, seed, width, height, clip_skip, distilled_cfg, watermark)
     _run("edit", model, settings, out, init=image, vae=vae, sign_key=sign_key,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
-         lora_strict=lora_strict, inversion_file=inversion, device=device)
+         lora_strict=lora_strict, inversion_file=inversion, device=device, plan=plan)
 
 
 @app.command(rich_help_panel=EDIT)

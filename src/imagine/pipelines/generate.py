@@ -30,6 +30,7 @@ from imagine.io.model_folder import DiffusionModel
 from imagine.io.onnx import MANIFEST, default_onnx_folder, export_onnx, load_onnx
 from imagine.io.png import environment, file_hash
 from imagine.nn.embeddings import guidance_embedding
+from imagine.pipelines import memory
 from imagine.pipelines.settings import Settings
 from imagine.pipelines.tiled import TiledDenoiser
 from imagine.samplers import SAMPLERS, check_schedule, resolve
@@ -71,22 +72,6 @@ def _network(unet: torch.nn.Module, compile: bool) -> torch.nn.Module:
 
 
 
-def activation_bytes(model: DiffusionModel, width: int, height: int, n: int, tile: int | None = None) -> int:
-    """About how much memory sampling and decoding ``n`` images of this size take beyond the weights: the
-    UNet's widest full-resolution activations (both CFG branches, about 24 live at once) and the VAE
-    decoder's (about 12 at full resolution). Fitted on the shipped model (a 512 px image: +550 MB measured,
-    +553 MB estimated); linear in pixels because attention runs through SDPA's memory-efficient kernels."""
-    f = model.latent_factor
-    if tile:
-        width, height = min(width, tile), min(height, tile)
-    net = model.unet.config  # its widest activations per latent position: a UNet's first level, a DiT's tokens
-    width_per_position = net.block_out_channels[0] if hasattr(net, "block_out_channels") else \
-        net.inner_dim * 4 // net.patch_size**2  # attention and the 4x MLP, per token
-    unet = 2 * n * 4 * 24 * width_per_position * (width // f) * (height // f)
-    vae = n * 4 * 12 * model.vae.config.block_out_channels[0] * width * height if model.vae is not None else 0
-    return unet + vae
-
-
 def available_memory() -> int | None:
     """Bytes this machine can still give (Linux's MemAvailable), or None where it is not known."""
     try:
@@ -100,19 +85,11 @@ def available_memory() -> int | None:
 
 def check_memory(model: DiffusionModel, width: int, height: int, n: int, tile: int | None = None,
                  available: int | None = None) -> None:
-    """Refuse, before anything is allocated, a size whose activations would not fit in the memory this
-    machine has free, saying what would fit."""
-    available = available_memory() if available is None else available
-    need = activation_bytes(model, width, height, n, tile)
-    if available is None or need <= 0.9 * available:
-        return
-    per_pixel = need / (width * height if not tile else min(width, tile) * min(height, tile))
-    f = model.latent_factor
-    side = max(f, int((0.9 * available / per_pixel) ** 0.5) // f * f)
-    raise ValueError(f"{width}x{height}{f' x {n} images' if n > 1 else ''} would need about {need / 2**30:.1f} GB "
-                     f"for its activations, and this machine has {available / 2**30:.1f} GB free: at most about "
-                     f"{side}x{side} fits" + ("" if tile else "; or sample in tiles (--tile 512, the APIs' tile)"
-                     " to bound memory"))
+    """Refuse, before anything is allocated, a request whose peak (sampling or decoding, pipelines/memory.py)
+    would not fit in the memory its device has free, saying what would fit."""
+    if available is None and module_device(model.unet).type == "cpu":
+        available = available_memory()
+    memory.check(model, width, height, n, tile, available)
 
 
 def output_size(model: DiffusionModel, s: Settings) -> tuple[int, int]:

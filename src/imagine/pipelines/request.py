@@ -22,7 +22,7 @@ from imagine.adapters.embeddings import resolve_embeddings
 from imagine.adapters.image_prompt import resolve_prompts
 from imagine.adapters.lora import LoraUse
 from imagine.data.vocabulary import caption_vocabulary, unknown_words
-from imagine.devices import resolve_device
+from imagine.devices import module_device, resolve_device
 from imagine.io.lora_keys import lora_metadata
 from imagine.io.model_folder import DiffusionModel
 from imagine.io.models_dir import resolve
@@ -34,6 +34,8 @@ from imagine.models.clip import CLIPScorer
 from imagine.models.text_encoders import load_text_encoder
 from imagine.pipelines import generate as g
 from imagine.pipelines.inversion import check_edit, edit
+from imagine.pipelines.memory import MemoryPlan
+from imagine.pipelines.memory import plan as memory_plan
 from imagine.pipelines.output import Generated
 from imagine.pipelines.rerank import txt2img_reranked
 from imagine.pipelines.settings import Settings
@@ -111,11 +113,7 @@ class Request:
         if s.steps > model.spec.num_train_timesteps:
             raise ValueError(f"steps ({s.steps}) cannot exceed the model's {model.spec.num_train_timesteps} "
                              "training timesteps")
-        if self.init_image is not None and s.width is None and s.height is None:  # the image's size (grown)
-            left, up, right, down = s.outpaint
-            s = replace(s, width=self.init_image.width + left + right, height=self.init_image.height + up + down)
-            if any(s.outpaint):
-                _check_canvas(model, s, self.init_image.size)
+        s = self._sized(model, s)
         size = g.output_size(model, s)
         binned = g.sampling_size(model, s, *size) if self.kind == "txt2img" else None
         g.check_memory(model, *(binned or size), s.n, s.tile)  # a PixArt bucket may be larger than asked
@@ -159,6 +157,27 @@ class Request:
             check_edit(model, s, None, attached)
         return replace(self, settings=s, attached=attached, resolved_upscaler=upscaler,
                        warnings=vocabulary_warnings(model, s.prompt, s.negative_prompt, loras, embeddings))
+
+    def _sized(self, model: DiffusionModel, s: Settings) -> Settings:
+        """The settings with the output size filled in from the init image (grown by outpainting borders)."""
+        if self.init_image is not None and s.width is None and s.height is None:
+            left, up, right, down = s.outpaint
+            s = replace(s, width=self.init_image.width + left + right, height=self.init_image.height + up + down)
+            if any(s.outpaint):
+                _check_canvas(model, s, self.init_image.size)
+        return s
+
+    def memory_plans(self, model: DiffusionModel, text_encoder=None) -> list[MemoryPlan]:
+        """What the request will hold, stage by stage (pipelines/memory.py), without running or refusing it: its
+        pass at the sampling size, and hires fix's second pass when it has one."""
+        s = self._sized(model, self.settings.validate())
+        size = g.output_size(model, s)
+        binned = g.sampling_size(model, s, *size) if self.kind == "txt2img" else None
+        free = g.available_memory() if module_device(model.unet).type == "cpu" else None
+        plans = [memory_plan(model, *(binned or size), s.n, s.tile, free, text_encoder)]
+        if self.kind == "txt2img" and s.hires_scale > 1:
+            plans.append(memory_plan(model, *hires_size(model, s), s.n, s.tile, free, text_encoder))
+        return plans
 
     def _resolve_loras(self) -> tuple[LoraUse, ...]:
         """The LoRAs asked for (options first, then the prompt's tags), each found as a file."""
