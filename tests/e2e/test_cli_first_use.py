@@ -150,3 +150,29 @@ def test_plan_prints_each_stage_and_runs_nothing(tmp_path, monkeypatch):
                   "--out", str(tmp_path))
     assert big.exit_code == 1 and "does not fit" in big.stdout and "(decoding)" in big.stdout, big.stdout
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
+
+
+def test_vae_slicing_decodes_the_same_pixels(monkeypatch):
+    """When a batch's decoding would not fit, the VAE decodes a few images at a time: the same pixels, as every
+    batch of two rows or more computes a row the same (a last lone row is decoded beside its neighbour)."""
+    import torch
+
+    from imagine.io.model_folder import load_model_folder
+    from imagine.pipelines import memory
+    from imagine.weights import DEFAULT_MODEL
+
+    model = load_model_folder(DEFAULT_MODEL)
+    f = model.latent_factor
+    z = torch.randn(5, model.vae.config.latent_channels, 64 // f, 64 // f, generator=torch.Generator().manual_seed(0))
+    whole = g.decode(model, z)
+    assert memory.decode_rows(model, 64, 64, 5, None) == 5
+    # memory enough for the sampling and two decoded at a time, not for all eight at once
+    need = max(memory.sampling_bytes(model, 512, 512, 8), memory.decode_bytes(model, 512, 512, 8, 2))
+    free = int(need / memory.HEADROOM * 1.01)
+    assert memory.decode_bytes(model, 512, 512, 8) > memory.HEADROOM * free
+    plan = memory.plan(model, 512, 512, 8, available=free)
+    assert 2 <= plan.rows < 8 and plan.fits and "VAE slicing" in "\n".join(plan.lines())
+    monkeypatch.setattr(memory, "decode_rows", lambda *args: 2)
+    assert torch.equal(g.decode(model, z), whole)
+    one = g.decode(model, z[:1])
+    assert torch.equal(one, whole[:1])

@@ -148,11 +148,22 @@ def decode(model: DiffusionModel, latent: torch.Tensor, runtime=None) -> torch.T
     ``runtime``: ONNX Runtime sessions (onnx_runtime) whose decoder runs instead."""
     if model.vae is None:
         return latent.float().cpu()
-    z = model.vae.from_latent(latent.to(module_device(model.vae)))
+    device = module_device(model.vae)
+    z = model.vae.from_latent(latent.to(device))
     if runtime is not None and runtime.vae is not None:
         return runtime.vae.decode(z)
+    # as many rows at a time as memory allows (VAE slicing: a row decodes the same in any batch of two or more);
     # the images come back to the CPU, whatever device decoded them (PNGs, pastes and previews are made there)
-    return model.vae.decode(torch.cat([z, z]) if len(z) == 1 else z)[: len(z)].float().cpu()
+    f = model.latent_factor
+    free = available_memory() if device.type == "cpu" else memory.available_bytes(device)
+    rows = memory.decode_rows(model, z.shape[-1] * f, z.shape[-2] * f, len(z), free)
+    parts = []
+    for start in range(0, len(z), rows):
+        part = z[start: start + rows]
+        if len(part) == 1:
+            part = torch.cat([part, part]) if len(z) == 1 else z[start - 1: start + 1]  # two rows, as the batch
+        parts.append(model.vae.decode(part)[-min(len(part), len(z) - start):].float().cpu())
+    return torch.cat(parts)[: len(z)]
 
 
 class _InpaintBlend:

@@ -5,7 +5,8 @@ The stages of a text-to-image request, beyond the networks' weights (resident fr
 - sampling: the denoiser's widest activations at one step (both branches of guidance; bounded by the tile when
   sampling in tiles) and the sampler's state (the sample, its estimates and history);
 - decode: the VAE decoder's activations over the whole image (tiles do not bound it: the latent is decoded
-  whole) and the images it makes.
+  whole) and the images it makes; when a batch does not fit, the VAE decodes a few images at a time (VAE
+  slicing), which gives the same pixels.
 The peak is the larger of the two. The per-position coefficients were fitted on the shipped model (a 512 px
 image: +550 MB measured, +553 estimated, when one figure covered both stages); a request that would not fit in
 90% of the memory the device has free is refused with the figures and the largest size that fits.
@@ -51,10 +52,23 @@ def sampling_bytes(model: DiffusionModel, width: int, height: int, n: int, tile:
     return step + state
 
 
-def decode_bytes(model: DiffusionModel, width: int, height: int, n: int) -> int:
-    """The VAE decoder's activations over the whole images, and the images (float and uint8 copies)."""
-    vae = n * 4 * 12 * model.vae.config.block_out_channels[0] * width * height if model.vae is not None else 0
+def decode_bytes(model: DiffusionModel, width: int, height: int, n: int, rows: int | None = None) -> int:
+    """The VAE decoder's activations over whole images, ``rows`` at a time (all n by default; a lone image is
+    decoded beside a copy of itself, generate.decode), and the n images (float and uint8 copies)."""
+    rows = max(2, min(n, rows or n))
+    vae = rows * 4 * 12 * model.vae.config.block_out_channels[0] * width * height if model.vae is not None else 0
     return vae + n * 3 * width * height * (4 * 3 + 1)
+
+
+def decode_rows(model: DiffusionModel, width: int, height: int, n: int, available: int | None) -> int:
+    """How many images the VAE decodes at a time: all of them when they fit, else the most that do (VAE
+    slicing: the same pixels, as every batch of two rows or more computes a row the same), at least two."""
+    if available is None or n <= 2:
+        return n
+    for rows in range(n, 2, -1):
+        if decode_bytes(model, width, height, n, rows) <= HEADROOM * available:
+            return rows
+    return 2
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -80,8 +94,9 @@ class MemoryPlan:
     device: str
     weights: int  # held by the loaded networks (already resident when the plan is made)
     sampling: int
-    decode: int
+    decode: int  # at ``rows`` images a time
     available: int | None  # free on the device now, beyond the weights
+    rows: int = 0  # images the VAE decodes at a time (VAE slicing below n)
 
     @property
     def peak(self) -> int:
@@ -102,7 +117,8 @@ class MemoryPlan:
         return [f"memory plan for {size} on {self.device}{f', in {self.tile} px tiles' if self.tile else ''}:",
                 f"  weights (resident)  {self.weights / GB:8.2f} GB",
                 f"  sampling            {self.sampling / GB:8.2f} GB  (one step's activations, the sampler's state)",
-                f"  decoding            {self.decode / GB:8.2f} GB  (the VAE over the whole image, the images)",
+                f"  decoding            {self.decode / GB:8.2f} GB  (the VAE over the whole image, the images"
+                + (f"; {self.rows} images at a time: VAE slicing" if self.rows < self.n else "") + ")",
                 f"  peak beyond weights {self.peak / GB:8.2f} GB  ({self.binding}); {free}",
                 f"  {'fits' if self.fits else 'does not fit'} ({HEADROOM:.0%} of the free memory may be used)"]
 
@@ -111,8 +127,10 @@ def plan(model: DiffusionModel, width: int, height: int, n: int, tile: int | Non
          available: int | None = None, text_encoder=None) -> MemoryPlan:
     device = module_device(model.unet)
     free = available_bytes(device) if available is None else available
+    rows = decode_rows(model, width, height, n, free)
     return MemoryPlan(width, height, n, tile, str(device), weights_bytes(model, text_encoder),
-                      sampling_bytes(model, width, height, n, tile), decode_bytes(model, width, height, n), free)
+                      sampling_bytes(model, width, height, n, tile), decode_bytes(model, width, height, n, rows), free,
+                      rows)
 
 
 def largest_side(model: DiffusionModel, n: int, tile: int | None, available: int) -> int:
@@ -122,7 +140,7 @@ def largest_side(model: DiffusionModel, n: int, tile: int | None, available: int
     while high - low > 1:
         mid = (low + high) // 2
         s = mid * f
-        fits = max(sampling_bytes(model, s, s, n, tile), decode_bytes(model, s, s, n)) <= HEADROOM * available
+        fits = max(sampling_bytes(model, s, s, n, tile), decode_bytes(model, s, s, n, 2)) <= HEADROOM * available
         low, high = (mid, high) if fits else (low, mid)
     return max(f, low * f)
 
