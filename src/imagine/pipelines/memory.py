@@ -7,9 +7,9 @@ The stages of a text-to-image request, beyond the networks' weights (resident fr
 - decode: the VAE decoder's activations over the whole image (tiles do not bound it: the latent is decoded
   whole) and the images it makes; when a batch does not fit, the VAE decodes a few images at a time (VAE
   slicing), which gives the same pixels.
-The peak is the larger of the two. The per-position coefficients were fitted on the shipped model (a 512 px
-image: +550 MB measured, +553 estimated, when one figure covered both stages); a request that would not fit in
-90% of the memory the device has free is refused with the figures and the largest size that fits.
+The peak is the larger of the two. The coefficients are fitted on measured peaks of the shipped model and SD
+1.5 at several sizes (benchmarks/memory_plan.py, docs/benchmarks/memory_plan.md); a request that would not fit
+in 90% of the memory the device has free is refused with the figures and the largest size that fits.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from imagine.io.model_folder import DiffusionModel
 
 GB = 2**30
 HEADROOM = 0.9  # of the free memory a plan may use
+OVERHEAD = 32 * 2**20  # what any stage holds besides its tensors (workspaces, the allocator's slack)
 
 
 def weights_bytes(model: DiffusionModel, text_encoder=None) -> int:
@@ -45,8 +46,12 @@ def sampling_bytes(model: DiffusionModel, width: int, height: int, n: int, tile:
     net = model.unet.config  # its widest activations per latent position: a UNet's first level, a DiT's tokens
     per_position = net.block_out_channels[0] if hasattr(net, "block_out_channels") else \
         net.inner_dim * 4 // net.patch_size**2  # attention and the 4x MLP, per token
+    # live copies at the first level: 20 for convolutions alone, 34 where a transformer block (its attention and
+    # GEGLU feed-forward) runs there too (SD 1.x); fitted on benchmarks/memory_plan.py's measured peaks
+    blocks = getattr(net, "down_block_types", ("CrossAttnDownBlock2D",))
+    copies = 34 if "CrossAttn" in blocks[0] else 20
     w, h = (min(width, tile), min(height, tile)) if tile else (width, height)
-    step = 2 * n * 4 * 24 * per_position * (w // f) * (h // f)
+    step = 2 * n * 4 * copies * per_position * (w // f) * (h // f) + OVERHEAD
     channels = model.vae.config.latent_channels if model.vae is not None else model.spec.image_channels
     state = 8 * n * 4 * channels * (width // f) * (height // f)  # the sample, noise, estimates, history
     return step + state
@@ -56,8 +61,9 @@ def decode_bytes(model: DiffusionModel, width: int, height: int, n: int, rows: i
     """The VAE decoder's activations over whole images, ``rows`` at a time (all n by default; a lone image is
     decoded beside a copy of itself, generate.decode), and the n images (float and uint8 copies)."""
     rows = max(2, min(n, rows or n))
-    vae = rows * 4 * 12 * model.vae.config.block_out_channels[0] * width * height if model.vae is not None else 0
-    return vae + n * 3 * width * height * (4 * 3 + 1)
+    # about 8 live copies of the decoder's full-resolution width (fitted on the measured peaks)
+    vae = rows * 4 * 8 * model.vae.config.block_out_channels[0] * width * height if model.vae is not None else 0
+    return vae + n * 3 * width * height * (4 * 3 + 1) + 2 * OVERHEAD
 
 
 def decode_rows(model: DiffusionModel, width: int, height: int, n: int, available: int | None) -> int:
