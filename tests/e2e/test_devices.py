@@ -75,3 +75,21 @@ def test_a_lora_made_on_the_cpu_follows_the_network(meta_model, tiny_t2i_dir, mo
         attached.detach()
     assert seen == ["meta"]
     assert all(p.device.type == "meta" for layer in lora.layers.values() for p in layer.parameters())
+
+
+def test_a_super_resolution_stage_runs_beside_its_network(monkeypatch):
+    """The SR stage's low-resolution rows (made on the CPU) follow its network to the device."""
+    from imagine.io.model_folder import load_model_folder, sr_stage_folders
+    from imagine.models.text_encoders import default_text_encoder
+    from imagine.pipelines import generate as g
+    from imagine.pipelines.upscale import sr_stage, stage_settings
+    from imagine.weights import SR_MODEL
+
+    stage = load_model_folder(sr_stage_folders(SR_MODEL)[0])  # its own copy: the cached stages stay on the CPU
+    stage.unet.to("meta")
+    seen = []
+    monkeypatch.setattr(g, "decode", lambda model, latent, runtime=None: seen.append(latent.device.type) or
+                        torch.zeros(latent.shape[0], 3, *latent.shape[-2:]))
+    s = replace(stage_settings(stage, g.Settings(prompt="a red circle", seed=3)), steps=2)
+    out = sr_stage(stage, torch.zeros(1, 3, 16, 16), s, default_text_encoder())
+    assert seen == ["meta"] and out.shape[-1] == 16 * stage.spec.upscale

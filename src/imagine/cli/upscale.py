@@ -34,6 +34,8 @@ def upscale(
     models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
     out: Path = typer.Option(Path("outputs"), help="Folder for the PNGs (existing files are never overwritten)."),
     from_image: Path | None = typer.Option(None, "--from", help="Redo an upscale from the PNG it wrote."),
+    device: str = typer.Option("auto", "--device", help="Where SR stages run: auto (a CUDA GPU, then Apple's MPS, "
+                                                        "then the CPU), cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Make pictures larger with a super-resolution diffusion stage or a resampler. Each PNG keeps the
     picture's own A1111 parameters, adds A1111's postprocessing fields, and records how to redo it (--from)."""
@@ -61,7 +63,8 @@ def upscale(
         other = (resolve_upscaler(second[0], models_dir), float(second[1])) if second is not None else None
         pictures = [open_image(path, "picture") for path in images]
         results = upscale_pictures(pictures, scale, chosen, settings.validate(), None,
-                                   [input_record(path) for path in images], size=size, crop=crop, second=other)
+                                   [input_record(path) for path in images], size=size, crop=crop, second=other,
+                                   device=device)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     for path in save(results, out):

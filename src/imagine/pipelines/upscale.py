@@ -18,6 +18,7 @@ from PIL import Image
 
 from imagine.a1111 import a1111_parameters
 from imagine.adapters.control import ControlUnit, control_models, find_control, resolve_units
+from imagine.devices import module_device, resolve_device
 from imagine.diffusion.superres import augment, check_noise_level, upsample
 from imagine.io import models_dir as md
 from imagine.io.model_folder import DiffusionModel, load_model_folder, sr_stage_folders
@@ -111,6 +112,14 @@ class Upscaler:
     kind: str  # "resample", "latent" or "sr"
     stages: tuple = ()  # the SR stages (DiffusionModels)
     path: Path | None = None
+
+    def to(self, device) -> Upscaler:
+        """Its SR stages' networks on ``device`` (a resampler has none); itself."""
+        for stage in self.stages:
+            stage.unet.to(device)
+            if stage.vae is not None:
+                stage.vae.to(device)
+        return self
 
     def record(self) -> dict:
         out = {"name": self.name, "kind": self.kind}
@@ -231,6 +240,7 @@ def hires(model: DiffusionModel, s, images: torch.Tensor, text_encoder, upscaler
         inits = to_pil(images)
     else:
         resampler = Upscaler("Lanczos", "resample") if upscaler.kind == "tile" else upscaler
+        resampler.to(module_device(model.unet))  # SR stages run beside the model
         up = enlarge(images, size, resampler, s, text_encoder, callback=callback, cancel=cancel)
         if s.hires_strength == 0:
             return up
@@ -263,7 +273,7 @@ def hires_steps_total(s, upscaler: Upscaler | None) -> int:
 def upscale_pictures(pictures: list[Image.Image], scale: float, upscaler: Upscaler, s, text_encoder=None,
                      inputs: list[dict | None] | None = None, *, size: tuple[int, int] | None = None,
                      crop: bool = True, second: tuple[Upscaler, float] | None = None, callback=None,
-                     cancel=None) -> list:
+                     cancel=None, device: str | torch.device | None = "cpu") -> list:
     """A1111's Extras upscale: each picture made ``scale`` times larger (rounded to whole pixels), or, with
     ``size`` (W, H), by the factor that covers it and then (``crop``) cropped to it about the centre; ``second``
     (upscaler, visibility) blends a second upscaler's result in, as A1111's "Upscaler 2". Picture i takes seed
@@ -278,7 +288,7 @@ def upscale_pictures(pictures: list[Image.Image], scale: float, upscaler: Upscal
     for u in chosen:
         if u.kind == "latent":
             raise ValueError("Latent upscaling belongs to hires fix; upscale a picture with a resampler or an SR stage")
-    sr = [u for u in chosen if u.kind == "sr"]
+    sr = [u.to(resolve_device(device)) for u in chosen if u.kind == "sr"]  # where their SR stages run
     if sr and text_encoder is None:  # SR stages are text-conditioned: their own encoder (loaded once per process)
         text_encoder = load_text_encoder(sr[0].stages[0].spec.text_encoder)
     if second is not None and not 0 <= second[1] <= 1:

@@ -372,7 +372,7 @@ def upscale_pictures(service: Service, pictures: list[Image.Image], *, scale: fl
             job.update(step=i, total=total, progress=min(0.99, i / max(total, 1)))
 
         results = run_upscale(pictures, scale, first, settings, None, inputs, size=size, crop=crop, second=other,
-                              callback=progress, cancel=job.cancel_event.is_set)
+                              callback=progress, cancel=job.cancel_event.is_set, device=service.store.device)
         if service.out_dir is not None:
             save(results, service.out_dir / "extras")
         done.extend(results)
