@@ -69,18 +69,9 @@ def _network(unet: torch.nn.Module, compile: bool) -> torch.nn.Module:
     return _COMPILED[unet]
 
 
-
-
-
 def available_memory() -> int | None:
     """Bytes this machine can still give (Linux's MemAvailable), or None where it is not known."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return memory.available_bytes(torch.device("cpu"))
 
 
 def check_memory(model: DiffusionModel, width: int, height: int, n: int, tile: int | None = None,
@@ -155,8 +146,7 @@ def decode(model: DiffusionModel, latent: torch.Tensor, runtime=None) -> torch.T
     # as many rows at a time as memory allows (VAE slicing: a row decodes the same in any batch of two or more);
     # the images come back to the CPU, whatever device decoded them (PNGs, pastes and previews are made there)
     f = model.latent_factor
-    free = available_memory() if device.type == "cpu" else memory.available_bytes(device)
-    rows = memory.decode_rows(model, z.shape[-1] * f, z.shape[-2] * f, len(z), free)
+    rows = memory.decode_rows(model, z.shape[-1] * f, z.shape[-2] * f, len(z), memory.available_bytes(device))
     parts = []
     for start in range(0, len(z), rows):
         part = z[start: start + rows]
