@@ -147,7 +147,8 @@ def resolve_embeddings(texts: Iterable[str], models_dir: Path | None, asked: Ite
 
 def listing(models_dir: Path | None, encoder) -> tuple[dict, dict]:
     """A1111's /sdapi/v1/embeddings: (loaded, skipped), name -> {step, sd_checkpoint, sd_checkpoint_name,
-    shape, vectors}; embeddings that do not fit ``encoder`` (or cannot be read) are skipped."""
+    shape, vectors}; embeddings that do not fit ``encoder`` (or cannot be read) are skipped. ``encoder`` None (a
+    node that loads no model): every readable file is listed as loaded."""
     loaded, skipped = {}, {}
     for name, path in folder_embeddings(models_dir).items():
         try:
@@ -159,7 +160,8 @@ def listing(models_dir: Path | None, encoder) -> tuple[dict, dict]:
         entry = {"step": emb.step, "sd_checkpoint": emb.checkpoint, "sd_checkpoint_name": emb.checkpoint_name,
                  "shape": next(iter(emb.vectors.values())).shape[1], "vectors": emb.count}
         try:
-            check_fits(encoder, emb)
+            if encoder is not None:
+                check_fits(encoder, emb)
             loaded[name] = entry
         except (CheckpointError, ValueError):
             skipped[name] = entry

@@ -43,6 +43,13 @@ def serve(
                                                               "every image made (256 x 256 pixels or more)."),
     sign_key: Path | None = typer.Option(None, "--sign-key", help="Sign every image's record with this Ed25519 "
                                                                  "private key (PEM; imagine keygen makes one)."),
+    queue: str | None = typer.Option(None, "--queue", envvar="IMAGINE_QUEUE",
+                                     help="redis://HOST:PORT/DB: load no model here; put jobs on this Redis queue, "
+                                          "run by `imagine worker` processes on any machine (docs/deployment.md)."),
+    wait_timeout: float = typer.Option(600, help="With --queue: seconds a job waits for a live worker that can load "
+                                                 "its model before it fails."),
+    lease: float = typer.Option(30, help="With --queue: seconds after a worker's last heartbeat before its job runs "
+                                         "again elsewhere (the same on every node and worker)."),
 ) -> None:
     """Serve the HTTP API (ours at /api/v1, A1111's at /sdapi/v1), the web UI at / and API docs at /docs."""
     import uvicorn
@@ -70,7 +77,10 @@ def serve(
                                 vaes=vaes, allow_pickle=allow_pickle, models_dir=folder, allow_paths=allow_paths,
                                 skip_broken=not model,  # the folder's broken files are listed; a named one stops
                                 watermark=watermark, sign_key=load_signing_key(sign_key) if sign_key else None,
-                                device=device)
+                                device=device, queue=queue, wait_timeout=wait_timeout, lease=lease)
+        if queue is not None and (watermark or sign_key):
+            typer.echo("warning: with --queue the workers make the images: give --watermark / --sign-key to "
+                       "`imagine worker`", err=True)
         for path, error in server_app.state.service.store.broken.items():
             typer.echo(f"warning: not serving {path}: {error}", err=True)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
@@ -78,7 +88,8 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach this machine can use the server"
                    + ("" if api_auth else " (consider --api-auth USER:PASS)"), err=True)
-    typer.echo(f"imagine serving on http://{host}:{port} (web UI at /, API docs at /docs)")
+    typer.echo(f"imagine serving on http://{host}:{port} (web UI at /, API docs at /docs)"
+               + (f"; jobs go to {_redacted(queue)}" if queue else ""))
     uvicorn.run(server_app, host=host, port=port, log_level="warning")
 
 
@@ -87,3 +98,117 @@ def _shipped_models() -> list:
     from imagine.weights import FAST_MODEL
 
     return [default_model()] + ([FAST_MODEL] if (FAST_MODEL / "diffusion.json").exists() else [])
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password (for logs)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
+
+
+def _served(model: list[str] | None, models_dir: Path | None, allow_pickle: bool) -> tuple[Path, list, list]:
+    from imagine.io import models_dir as md
+
+    folder = models_dir if models_dir is not None else md.default_models_dir()
+    listed = [e.path for e in md.entries(folder, "checkpoints")
+              if allow_pickle or e.path.is_dir() or e.path.suffix == ".safetensors"]
+    paths = [md.resolve(m, folder) for m in model] if model else listed or _shipped_models()
+    vaes = [e.path for e in md.entries(folder, "vae") if e.path.is_dir() or e.path.suffix == ".safetensors"]
+    return folder, paths, vaes
+
+
+@app.command(rich_help_panel=SERVE)
+def worker(
+    queue: str = typer.Option(..., "--queue", envvar="IMAGINE_QUEUE", help="redis://HOST:PORT/DB: the queue "
+                                                                           "`imagine serve --queue` feeds."),
+    model: list[str] = typer.Option(None, help="A model this worker can run (as serve takes them); repeat for "
+                                               "several (default: the models folder's checkpoints, else the "
+                                               "shipped model). Jobs for other models go to other workers."),
+    models_dir: Path | None = typer.Option(None, help="A1111-style models folder: checkpoints, VAE/, Lora/, "
+                                                      "ControlNet/, embeddings/ (default: ./models)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also run .ckpt pickles (read weights only)."),
+    allow_paths: bool = typer.Option(False, "--allow-paths", help="Let requests name files by path on this "
+                                                                 "machine (as serve --allow-paths)."),
+    device: str = typer.Option("auto", "--device", help="Where the models run: auto, cpu, cuda, cuda:N or mps "
+                                                         "(one worker per GPU)."),
+    out: Path | None = typer.Option(None, help="Also save every PNG here (the results always go to the queue, "
+                                               "where every API node reads them)."),
+    name: str | None = typer.Option(None, help="This worker's name in `imagine status` (default: host.pid)."),
+    lease: float = typer.Option(30, help="Seconds after this worker's last heartbeat before its job runs again "
+                                         "elsewhere (as serve --lease)."),
+    watermark: bool = typer.Option(False, "--watermark", help="Write Stable Diffusion's invisible watermark into "
+                                                              "every image made (256 x 256 pixels or more)."),
+    sign_key: Path | None = typer.Option(None, "--sign-key", help="Sign every image's record with this Ed25519 "
+                                                                 "private key."),
+    burst: bool = typer.Option(False, "--burst", help="Stop when the queue is empty (batch runs, tests)."),
+) -> None:
+    """Run jobs from a Redis queue (`imagine serve --queue`): one job at a time on one device; a worker never
+    listens on a port. Stop with Ctrl-C or SIGTERM: the running job finishes first."""
+    from imagine.io.checkpoint import CheckpointError
+    from imagine.io.provenance import load_signing_key
+    from imagine.server.cluster import Cluster, connect, run_worker
+    from imagine.server.models import ModelStore
+    from imagine.server.service import Limits, Service
+
+    try:
+        folder, paths, vaes = _served(model, models_dir, allow_pickle)
+        store = ModelStore(paths, vaes, allow_pickle, folder, skip_broken=not model, device=device)
+        for path, error in store.broken.items():
+            typer.echo(f"warning: not running {path}: {error}", err=True)
+        unbounded = 1 << 62  # the API nodes hold the limits; a worker runs what they let through
+        limits = Limits(max_pixels=unbounded, max_steps=unbounded, max_batch=unbounded, max_request_bytes=unbounded,
+                        max_input_pixels=unbounded, max_kept_bytes=0)
+        service = Service(store, out, limits, 1, allow_paths, watermark=watermark,
+                          sign_key=load_signing_key(sign_key) if sign_key else None)
+        cluster = Cluster(connect(queue), lease)
+    except (ValueError, CheckpointError, FileNotFoundError) as err:
+        fail(str(err))
+    typer.echo(f"imagine worker on {store.device}: models {', '.join(store.names())}; queue {_redacted(queue)}")
+    run_worker(cluster, service, name=name, burst=burst)
+
+
+@app.command(rich_help_panel=SERVE)
+def status(
+    queue: str = typer.Option(..., "--queue", envvar="IMAGINE_QUEUE", help="redis://HOST:PORT/DB"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """The workers (device, models they can load and hold, their job), the jobs queued and running per model,
+    and the recent failures of a Redis queue."""
+    import json
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from imagine.server.cluster import Cluster, RedisJobs, connect, describe
+
+    try:
+        jobs = RedisJobs.__new__(RedisJobs)  # a reader: it writes no configuration and sweeps nothing
+        jobs.cluster = Cluster(connect(queue))
+        jobs.redis = jobs.cluster.redis
+        info = describe(jobs)
+    except ValueError as err:
+        fail(str(err))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    console = Console()
+    now = time.time()
+    table = Table(title=f"workers ({len(info['workers'])} live)")
+    for column in ("name", "device", "can load", "holds", "job", "done", "seen"):
+        table.add_column(column)
+    for w in info["workers"]:
+        table.add_row(w["name"], w["device"], ", ".join(w["models"]), ", ".join(w["held"]), w["job"] or "idle",
+                      str(w["jobs_done"]), f"{now - w['seen']:.0f} s ago")
+    console.print(table)
+    jobs_table = Table(title="jobs")
+    for column in ("model", "queued", "running"):
+        jobs_table.add_column(column)
+    for model, counts in sorted(info["models"].items()):
+        jobs_table.add_row(model, str(counts["queued"]), str(counts["running"]))
+    console.print(jobs_table)
+    console.print(f"finished jobs kept: {info['jobs']['finished']} ({info['kept_bytes'] / 2**20:.1f} MiB)")
+    for f in info["failures"][:10]:
+        console.print(f"[red]failed[/red] {f['id']} ({f.get('model')}), {now - f['time']:.0f} s ago: {f['error']}")

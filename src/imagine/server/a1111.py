@@ -365,6 +365,8 @@ def router(service: Service) -> APIRouter:
         job = await run_in_threadpool(service.submit, request, kind, save=body.save_images)
         while not job.done:
             await asyncio.sleep(0.02)
+            if service.remote:  # a snapshot: read again from Redis
+                job = await run_in_threadpool(service.queue.get, job.id) or job
         if job.status == "failed":
             raise RequestError(f"generation failed: {job.error}", 422 if job.bad_request else 500)
         return job, [*warnings, *job.warnings]
@@ -557,8 +559,11 @@ def router(service: Service) -> APIRouter:
     def embeddings() -> dict[str, dict]:
         """The models folder's embeddings/, as A1111 lists them: those that fit the current model's text
         encoder are "loaded" (used where their name is written in a prompt), the others "skipped"."""
-        _, encoder = service.store.get(service.store.current)
-        loaded, skipped = listing(service.store.models_dir, encoder)
+        if service.remote:  # this node loads no model: every file is listed, none checked against an encoder
+            loaded, skipped = listing(service.store.models_dir, None)
+        else:
+            _, encoder = service.store.get(service.store.current)
+            loaded, skipped = listing(service.store.models_dir, encoder)
         return {"loaded": loaded, "skipped": skipped}
 
     @api.post("/refresh-embeddings")

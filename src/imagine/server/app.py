@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
+import redis
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +25,7 @@ from imagine.io.ip_adapter_files import peek
 from imagine.io.models_dir import SECTIONS, find
 from imagine.pipelines.upscale import LATENT, upscaler_names
 from imagine.server import a1111
+from imagine.server.cluster import DEFAULT_LEASE, Cluster, RedisJobs, connect, describe
 from imagine.server.jobs import Job, QueueFull
 from imagine.server.models import ModelStore
 from imagine.server.schemas import (
@@ -113,7 +115,8 @@ class AsciiJSONResponse(JSONResponse):
 def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), limits: Limits = Limits(),
                max_queue: int = 16, api_auth: str | None = None, vaes: list[Path] = (),
                allow_pickle: bool = False, models_dir: Path | None = None, allow_paths: bool = False,
-               skip_broken: bool = False, watermark: bool = False, sign_key=None, device: str = "cpu") -> FastAPI:
+               skip_broken: bool = False, watermark: bool = False, sign_key=None, device: str = "cpu",
+               queue: str | None = None, wait_timeout: float = 600.0, lease: float | None = None) -> FastAPI:
     """models: imagine or diffusers folders or SD single files, looked up by name afterwards (the first
     is current); vaes: separate VAEs a request may pick. out_dir: where images are saved (None: kept in
     memory only). api_auth: "USER:PASS" for basic auth on every route. allow_paths: requests may name
@@ -121,23 +124,31 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     folder only, and no error says anything about a path outside it). skip_broken: models that cannot be
     read are listed as broken (GET /api/v1/models) and the rest served. watermark: every image carries the
     invisible watermark; sign_key: an Ed25519 private key that signs every image's record; device: where the
-    models run ("auto", "cpu", "cuda:1", ...)."""
+    models run ("auto", "cpu", "cuda:1", ...). queue: a Redis URL: this node loads no model and puts jobs on
+    that queue for ``imagine worker`` processes (server/cluster.py); a job no live worker can serve fails after
+    wait_timeout seconds."""
     auth = None
     if api_auth is not None:
         user, sep, password = api_auth.partition(":")
         if not sep or not user or not password:
             raise ValueError("--api-auth takes USER:PASS")
         auth = (user, password)
-    service = Service(ModelStore(models, vaes, allow_pickle, models_dir, skip_broken, device), out_dir, limits,
-                      max_queue,
-                      allow_paths, watermark=watermark, sign_key=sign_key)
+    store = ModelStore(models, vaes, allow_pickle, models_dir, skip_broken, device if queue is None else "cpu")
+    jobs = None
+    if queue is not None:
+        jobs = RedisJobs(Cluster(connect(queue), lease or DEFAULT_LEASE), max_queue, limits.max_kept_bytes,
+                         wait_timeout, sweep_every=min(2.0, (lease or DEFAULT_LEASE) / 4), models=store.names())
+    service = Service(store, out_dir, limits, max_queue, allow_paths, watermark=watermark, sign_key=sign_key,
+                      queue=jobs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await run_in_threadpool(service.recover)  # jobs from before a restart: failed or queued again
+        service.local.start()
         service.queue.start()
         yield
         service.queue.stop()
+        service.local.stop()
 
     app = FastAPI(title="imagine", version=__version__, lifespan=lifespan,
                   description="Text-to-image serving: a job API (queue, progress events, cancel) and "
@@ -155,6 +166,12 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError):
         return AsciiJSONResponse({"detail": str(exc)}, exc.status)
+
+    if queue is not None:
+        @app.exception_handler(redis.exceptions.RedisError)
+        async def unreachable(request: Request, exc: Exception):
+            return JSONResponse({"detail": f"the job queue's Redis server did not answer ({type(exc).__name__}: "
+                                           f"{exc}); try again in a moment"}, 503, {"Retry-After": "5"})
 
     @app.exception_handler(QueueFull)
     async def full(request: Request, exc: QueueFull):
@@ -174,7 +191,8 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
                            parameters=im.parameters, info=im.record) for i, im in enumerate(job.images)]
         return JobOut(id=job.id, kind=job.kind, model=job.model, status=job.status, progress=job.progress,
                       step=job.step, total=job.total, eta_seconds=job.eta(), error=job.error,
-                      warnings=job.warnings, images=images, request=job.request)
+                      warnings=job.warnings, images=images, request=job.request,
+                      message=getattr(job, "message", None), worker=getattr(job, "worker", None))
 
     @app.post("/api/v1/jobs", response_model=JobCreated, status_code=202, tags=["jobs"])
     def create_job(body: JobRequest, request: Request) -> JobCreated:
@@ -232,8 +250,11 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
         job = job_or_404(job_id)
 
         async def stream():
+            nonlocal job
             seen, preview = -1, None
             while True:
+                job = (await run_in_threadpool(service.queue.get, job_id) if service.remote else
+                       service.queue.get(job_id)) or job  # a snapshot from Redis, or the live job itself
                 if job.version != seen:
                     seen = job.version
                     if job.done:
@@ -242,7 +263,7 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
                         return
                     data = {"status": job.status, "progress": job.progress, "step": job.step, "total": job.total,
                             "eta_seconds": job.eta()}
-                    if job.preview is not None and job.preview is not preview:
+                    if job.preview is not None and job.preview != preview:
                         preview = job.preview
                         data["preview"] = png_base64(preview)
                     yield f"event: progress\ndata: {json.dumps(data)}\n\n"
@@ -312,9 +333,23 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
 
     @app.get("/api/v1/status", tags=["server"])
     def server_status() -> dict:
+        kept = service.queue.kept_bytes() if service.remote else service.queue.store.kept_bytes()
         return {"version": __version__, "jobs": service.queue.counts(), "max_queue": service.queue.max_queue,
-                "limits": service.limits.__dict__, "kept_bytes": service.queue.store.kept_bytes(),
-                "models_loaded": service.store.loads}
+                "limits": service.limits.__dict__, "kept_bytes": kept, "models_loaded": service.store.loads,
+                "queue": "redis" if service.remote else "embedded"}
+
+    @app.get("/api/v1/cluster", tags=["server"])
+    def cluster_status() -> dict:
+        """With a Redis queue: the live workers (device, the models each can load and holds, its job), the jobs
+        queued and running per model, and the recent failures. Embedded: this process is the one worker."""
+        if not service.remote:
+            current = service.queue.current
+            return {"queue": "embedded", "workers": [{"name": "embedded", "device": str(service.store.device),
+                                                      "models": service.store.names(),
+                                                      "held": sorted({k[0] for k in service.store._loaded}),
+                                                      "job": current.id if current else None}],
+                    "jobs": service.queue.counts(), "failures": []}
+        return describe(service.queue)
 
     app.include_router(a1111.router(service))
     app.include_router(a1111.controlnet_router(service))

@@ -177,6 +177,9 @@ class JobOut(BaseModel):
                                                                    "(words the model never saw in a caption)")
     images: list[ImageOut]
     request: dict[str, Any]
+    message: str | None = Field(None, description="why a queued job waits (with a Redis queue: no live worker "
+                                                  "serves its model) or was queued again (its worker stopped)")
+    worker: str | None = Field(None, description="with a Redis queue: the worker that runs (or ran) it")
 
 
 # ---- AUTOMATIC1111 (stable-diffusion-webui modules/api/models.py). Fields we do not model are kept (extra

@@ -124,7 +124,9 @@ def describe_validation(errors: list[dict]) -> str:
 
 class Service:
     def __init__(self, store: ModelStore, out_dir: Path | None, limits: Limits, max_queue: int,
-                 allow_paths: bool = False, watermark: bool = False, sign_key=None):
+                 allow_paths: bool = False, watermark: bool = False, sign_key=None, queue=None):
+        """``queue``: a cluster.RedisJobs when this node only takes requests (``serve --queue``): jobs go to
+        Redis, workers elsewhere check them against the model and run them; no model is loaded here."""
         self.store, self.out_dir, self.limits = store, out_dir, limits
         # provenance, the server's to decide (not the client's): every image watermarked, every record signed
         self.watermark, self.sign_key = watermark, sign_key
@@ -132,8 +134,12 @@ class Service:
         # folder only, unless the server was started to take paths too
         self.allow_paths = allow_paths
         self.merge_lock = threading.Lock()
-        jobs = JobStore(out_dir / "jobs.sqlite" if out_dir is not None else None, limits.max_kept_bytes)
-        self.queue = JobQueue(self.run, jobs, max_queue=max_queue, cancelled_error=g.Cancelled)
+        self.remote = queue is not None
+        # heavy work that is no generation (an upscale, a preprocessor's preview) runs here, queued one at a time
+        jobs = JobStore(out_dir / "jobs.sqlite" if out_dir is not None and not self.remote else None,
+                        limits.max_kept_bytes)
+        self.local = JobQueue(self.run, jobs, max_queue=max_queue, cancelled_error=g.Cancelled)
+        self.queue = queue if self.remote else self.local
         self.options: dict[str, Any] = dict(A1111_OPTIONS)
 
     # -- building jobs
@@ -184,6 +190,8 @@ class Service:
         if w * h > lim.max_pixels:  # the server's limit first: it is what this client can change
             raise RequestError(f"width x height = {w}x{h} is {w * h} pixels, over the limit max_pixels="
                                f"{lim.max_pixels}")
+        if self.remote:  # the worker that runs it checks the rest against the loaded model
+            return self._remote_job(kind, request, settings, entry, init, save, job_id, created)
         try:
             model, _ = self.store.get(entry.name, vae, request.get("text_encoders"))
         except ValueError as err:  # a part the model does not take, a file that is no part of it
@@ -219,6 +227,34 @@ class Service:
                 record[key] = [{k: v for k, v in unit.items() if k != "image"} for unit in request[key]]
         job = Job(kind=kind, request={**record, "seed": seed}, model=entry.name, inputs={"request": checked},
                   save=save, warnings=list(checked.warnings))
+        if job_id is not None:
+            job.id = job_id
+        if created is not None:
+            job.created = created
+        return job
+
+    def _remote_job(self, kind: str, request: dict[str, Any], settings: Settings, entry, init, save: bool,
+                    job_id: str | None, created: float | None) -> Job:
+        """An API node's job (``serve --queue``): checked here against the limits and what the model's spec
+        says (its size, the hires pass's, every image and unit decodable); the worker checks it against the
+        loaded model (a LoRA, a ControlNet it cannot find fails the job there, as a bad request)."""
+        if settings.refiner:
+            try:
+                settings = replace(settings, refiner=self.store.lookup(settings.refiner).name)
+            except KeyError as err:
+                raise RequestError(f"refiner: {err.args[0]}", 404) from None
+        self._control_units(request.get("controls") or [], init)  # each image decodes, each unit is valid
+        self._image_prompt_units(request.get("image_prompts") or [])
+        w, h = settings.width or entry.spec.image_size, settings.height or entry.spec.image_size
+        if settings.hires_scale > 1:
+            w, h = round(w * settings.hires_scale), round(h * settings.hires_scale)
+        if w * h > self.limits.max_pixels:
+            raise RequestError(f"{w}x{h} is {w * h} pixels, over the limit max_pixels={self.limits.max_pixels}")
+        record = {k: v for k, v in request.items() if k not in ("init_image", "mask", "controls", "image_prompts")}
+        for key in ("controls", "image_prompts"):
+            if request.get(key):
+                record[key] = [{k: v for k, v in unit.items() if k != "image"} for unit in request[key]]
+        job = Job(kind=kind, request={**record, "seed": settings.seed}, model=entry.name, save=save)
         if job_id is not None:
             job.id = job_id
         if created is not None:
@@ -266,7 +302,9 @@ class Service:
     def recover(self) -> None:
         """At start-up, from the job store: a job that was running when the last process died is marked
         failed with the reason; queued jobs are queued again, in their order (or failed with the reason
-        their request no longer passes, e.g. a model no longer served)."""
+        their request no longer passes, e.g. a model no longer served). With a Redis queue, Redis keeps them."""
+        if self.remote:
+            return
         self.queue.store.fail_interrupted()
         for row in self.queue.store.queued():
             payload = row["payload"] or {}
@@ -291,7 +329,7 @@ class Service:
         bound holds for every request: ``work(job)`` runs on the worker; this waits for it (call it off the
         event loop) and raises RequestError when it failed."""
         job = Job(kind=kind, request=request, model=label, inputs={"work": work}, save=False)
-        self.queue.submit(job, {})
+        self.local.submit(job, {})
         while not job.done:
             time.sleep(0.02)
         if job.status != "done":
