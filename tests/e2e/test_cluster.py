@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -252,9 +251,30 @@ def test_status_shows_the_workers_and_failures(cluster):
     assert any("orphan" in (f.get("model") or "") for f in info["failures"])
     table = CliRunner().invoke(app, ["status", "--queue", cluster.redis.url])
     assert "w3" in table.output and "shapes-lcm" in table.output
-    # a worker listens on no port
+    # a worker listens on no port: none of its sockets is in the kernel's table of listening ones
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if Path(table).exists():
+            listening |= {line.split()[9] for line in Path(table).read_text().splitlines()[1:]
+                          if line.split()[3] == "0A"}
     for w in info["workers"]:
-        pid = w["pid"]
-        listening = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout \
-            if shutil.which("ss") else ""
-        assert f"pid={pid}," not in listening
+        fds = Path(f"/proc/{w['pid']}/fd")
+        sockets = {os.readlink(fd)[8:-1] for fd in fds.iterdir() if os.readlink(fd).startswith("socket:[")}
+        assert sockets and not sockets & listening, (w["name"], sockets & listening)
+    node = cluster.procs["a"].pid  # ... while an API node does
+    assert {os.readlink(fd)[8:-1] for fd in Path(f"/proc/{node}/fd").iterdir()
+            if os.readlink(fd).startswith("socket:[")} & listening
+
+
+def test_the_web_uis_cluster_page_shows_the_workers(cluster):
+    from playwright.sync_api import expect
+
+    from tests.e2e.test_webui import _page
+
+    with _page(str(cluster.nodes["a"].base_url)) as (page, errors):
+        page.click("#tabs button[data-tab=cluster]")
+        expect(page.locator("#cluster-queue")).to_contain_text("a Redis queue")
+        expect(page.locator("#cluster-workers")).to_contain_text("w3")
+        expect(page.locator("#cluster-workers")).to_contain_text("shapes-lcm")
+        expect(page.locator("#cluster-failures")).to_contain_text("orphan")
+        assert not errors

@@ -406,3 +406,18 @@ def test_an_edit_by_inversion_through_the_job_api(client):
     assert r.status_code == 422 and "ask for n = 1" in r.text, r.text
     r = client.post("/api/v1/jobs", json={k: v for k, v in body.items() if k != "init_image"})
     assert r.status_code == 422 and "edit needs an init image" in r.text, r.text
+
+
+def test_the_embedded_server_is_its_own_one_worker(client):
+    """GET /api/v1/cluster (the web UI's cluster page) without a Redis queue: this process, its device and models."""
+    info = client.get("/api/v1/cluster").json()
+    assert info["queue"] == "embedded" and len(info["workers"]) == 1
+    assert info["workers"][0]["device"] == "cpu" and info["workers"][0]["models"]
+    assert client.get("/api/v1/status").json()["queue"] == "embedded"
+
+
+def test_a_queue_url_that_is_no_redis_stops_the_start_with_the_reason(models, tmp_path):
+    with pytest.raises(ValueError, match="takes a Redis URL"):
+        create_app(models[:1], out_dir=tmp_path, queue="http://localhost:1")
+    with pytest.raises(ValueError, match="cannot reach the queue's Redis server"):
+        create_app(models[:1], out_dir=tmp_path, queue="redis://127.0.0.1:1/0")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from imagine.server.cluster import LIVE, RETRIES, Cluster, RedisJobs, job_key, queue_name
+from imagine.server.cluster import LIVE, RETRIES, Cluster, RedisJobs, held_first, job_key, queue_name
 from imagine.server.jobs import ImageResult, Job, QueueFull
 from tests.redis_server import RedisServer, needs_redis
 
@@ -122,3 +122,15 @@ def test_the_sweeper_says_why_a_job_waits_and_fails_it(jobs):
     assert jobs.redis.zscore(LIVE, job.id) is None and jobs.cluster.queue("nobody").count == 0
     assert jobs.cluster.failures()[0]["id"] == job.id
     assert queue_name("nobody") == "imagine.model.nobody" and job_key(job.id).startswith("imagine:job:")
+
+
+def test_a_worker_takes_jobs_for_the_models_it_holds_first(jobs):
+    older = submit(jobs, model="a")  # waiting longer
+    newer = submit(jobs, model="b")
+    queues = [jobs.cluster.queue("a"), jobs.cluster.queue("b")]
+    first = held_first(queues, {"b"})
+    assert [q.name for q in first] == ["imagine.model.b", "imagine.model.a"]
+    taken = queues[0].dequeue_any(first, None, connection=jobs.redis, serializer=queues[0].serializer)[0]
+    assert taken.id == newer.id  # the held model's job, though the other waited longer
+    assert queues[0].dequeue_any(held_first(queues, set()), None, connection=jobs.redis,
+                                 serializer=queues[0].serializer)[0].id == older.id

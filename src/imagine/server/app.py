@@ -262,7 +262,8 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
                         yield f"event: {job.status}\ndata: {json.dumps(out)}\n\n"
                         return
                     data = {"status": job.status, "progress": job.progress, "step": job.step, "total": job.total,
-                            "eta_seconds": job.eta()}
+                            "eta_seconds": job.eta(), "message": getattr(job, "message", None),
+                            "worker": getattr(job, "worker", None)}
                     if job.preview is not None and job.preview != preview:
                         preview = job.preview
                         data["preview"] = png_base64(preview)

@@ -482,6 +482,13 @@ def abandoned(job, connection, exc_type, exc_value, traceback) -> None:
                        "run again (it may be what kills them: check its size against the workers' memory)")
 
 
+def held_first(queues: list, held) -> list:
+    """The order a worker listens in (RQ takes from the first non-empty queue): the queues of the models it
+    holds first, so a model loaded stays busy while others wait for a worker that holds theirs or is free."""
+    names = {queue_name(m) for m in held}
+    return [q for q in queues if q.name in names] + [q for q in queues if q.name not in names]
+
+
 def run_worker(cluster: Cluster, service, *, name: str | None = None, burst: bool = False) -> None:
     """The worker loop: RQ's SimpleWorker (jobs run in this process, so loaded models stay) listening on the
     queues of the models this worker can load, those it holds first; a registration renewed every lease / 4
@@ -497,9 +504,8 @@ def run_worker(cluster: Cluster, service, *, name: str | None = None, burst: boo
         def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
             return max(2, round(lease))  # the lease: renewed every lease / 4 s while the job runs
 
-        def reorder_queues(self, reference_queue) -> None:
-            held = [q for q in self._ordered_queues if q.name in {queue_name(m) for m in ctx.held}]
-            self._ordered_queues = held + [q for q in self._ordered_queues if q not in held]
+        def reorder_queues(self, reference_queue) -> None:  # after each job taken: what it holds first
+            self._ordered_queues = held_first(self._ordered_queues, ctx.held)
 
         def execute_job(self, job, queue):
             stop = threading.Event()

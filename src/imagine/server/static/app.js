@@ -17,6 +17,7 @@ function showTab(tab) {
   $("models").hidden = tab !== "models";
   $("merger").hidden = tab !== "merger";
   $("extras").hidden = tab !== "extras";
+  $("cluster").hidden = tab !== "cluster";
   if (generating) {
     mode = tab;
     document.querySelectorAll(".only-txt2img, .only-img2img, .only-inpaint, .only-edit").forEach((el) => {
@@ -26,7 +27,13 @@ function showTab(tab) {
   if (tab === "extras") loadUpscalers().catch((err) => showError(err.message));
   if (tab === "models") loadModels();
   if (tab === "merger") loadMerger().catch((err) => showError(err.message));
+  clearInterval(clusterTimer);
+  if (tab === "cluster") {
+    loadCluster().catch((err) => showError(err.message));
+    clusterTimer = setInterval(() => loadCluster().catch(() => {}), 2000);
+  }
 }
+let clusterTimer = null;
 document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
 
 // ---- helpers
@@ -315,8 +322,9 @@ function follow(id) {
   events.addEventListener("progress", (e) => {
     const d = JSON.parse(e.data);
     $("progress").value = d.progress;
-    $("status-text").textContent = d.status === "queued" ? "queued" :
-      `step ${d.step} of ${d.total}` + (d.eta_seconds != null ? ` (about ${Math.ceil(d.eta_seconds)} s left)` : "");
+    $("status-text").textContent = d.status === "queued" ? (d.message ? "queued, " + d.message : "queued") :
+      `step ${d.step} of ${d.total}` + (d.eta_seconds != null ? ` (about ${Math.ceil(d.eta_seconds)} s left)` : "")
+      + (d.worker ? ` on ${d.worker}` : "");
     if (d.preview) {
       $("preview").src = "data:image/png;base64," + d.preview;
       $("preview").hidden = false;
@@ -552,6 +560,44 @@ async function loadModels() {
     });
     li.append(use, document.createTextNode(` ${m.title}  (${m.filename})`));
     list.appendChild(li);
+  }
+}
+
+// ---- cluster: the workers behind this server, its queue and the recent failures (GET /api/v1/cluster)
+function cells(row, values) {
+  const tr = document.createElement("tr");
+  for (const v of values) {
+    const td = document.createElement(row);
+    td.textContent = v;
+    tr.appendChild(td);
+  }
+  return tr;
+}
+
+async function loadCluster() {
+  const info = await api("GET", "/api/v1/cluster");
+  const now = Date.now() / 1000;
+  $("cluster-queue").textContent = info.queue === "redis"
+    ? `a Redis queue: ${info.jobs.queued} queued, ${info.jobs.running} running, ${info.jobs.finished} finished jobs kept`
+      + ` (a worker's job runs again elsewhere ${info.lease_seconds} s after it stops answering)`
+    : `embedded: this server runs its jobs itself (${info.jobs.queued} queued, ${info.jobs.running} running)`;
+  const workers = $("cluster-workers");
+  workers.innerHTML = "";
+  workers.appendChild(cells("th", ["worker", "device", "can load", "holds", "job", "done", "seen"]));
+  for (const w of info.workers) {
+    workers.appendChild(cells("td", [w.name, w.device, w.models.join(", "), w.held.join(", "), w.job || "idle",
+      w.jobs_done ?? "", w.seen ? `${Math.max(0, Math.round(now - w.seen))} s ago` : ""]));
+  }
+  const models = $("cluster-models");
+  models.innerHTML = "";
+  models.appendChild(cells("th", ["model", "queued", "running"]));
+  for (const [name, c] of Object.entries(info.models || {})) models.appendChild(cells("td", [name, c.queued, c.running]));
+  const failures = $("cluster-failures");
+  failures.innerHTML = "";
+  for (const f of info.failures) {
+    const li = document.createElement("li");
+    li.textContent = `${f.id} (${f.model}), ${Math.round(now - f.time)} s ago: ${f.error}`;
+    failures.appendChild(li);
   }
 }
 
