@@ -46,6 +46,7 @@ def test_a_job_ends_once(jobs):
     assert jobs.cluster.start(job.id, "w1")
     assert jobs.cluster.finish(job.id, "done", images=[image(100)])
     assert not jobs.cluster.finish(job.id, "done", images=[image(300), image(300)])  # a second run's result
+    assert jobs.cluster.stats() == {"finished_twice": 1}  # dropped, and counted
     out = jobs.get(job.id)
     assert out.status == "done" and len(out.images) == 1 and len(out.images[0].png) == 100
     assert jobs.kept_bytes() == 100 and jobs.counts() == {"queued": 0, "running": 0, "finished": 1}

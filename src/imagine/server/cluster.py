@@ -101,7 +101,10 @@ return 1
 _FINISH = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return -1 end
-if st == 'done' or st == 'failed' or st == 'cancelled' then return 0 end
+if st == 'done' or st == 'failed' or st == 'cancelled' then
+  if ARGV[2] == 'done' and st == 'done' then redis.call('HINCRBY', ARGV[8] .. 'stats', 'finished_twice', 1) end
+  return 0
+end
 local progress = '0'
 if ARGV[2] == 'done' then progress = '1' end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'error', ARGV[3], 'bad_request', ARGV[4], 'finished', ARGV[5],
@@ -225,6 +228,10 @@ class Cluster:
                         "job": h.get("job") or None, "jobs_done": int(h.get("jobs_done", 0)),
                         "since": float(h.get("since", 0)), "seen": float(h.get("seen", 0))})
         return out
+
+    def stats(self) -> dict[str, int]:
+        """Counters: finished_twice (a job run to the end by two workers, the second result dropped)."""
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(PREFIX + "stats").items()}
 
     def failures(self, n: int = 20) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.redis.lrange(FAILURES, 0, n - 1)]
@@ -580,4 +587,4 @@ def describe(jobs: RedisJobs) -> dict[str, Any]:
             counts[state["status"]] += 1
     return {"queue": "redis", "lease_seconds": jobs.cluster.lease, "workers": jobs.cluster.workers(),
             "jobs": jobs.counts(), "models": per_model, "kept_bytes": jobs.kept_bytes(),
-            "failures": jobs.cluster.failures()}
+            "failures": jobs.cluster.failures(), "stats": jobs.cluster.stats()}
