@@ -92,7 +92,7 @@ class Rig:
         for proc in self.workers.values():
             if proc.poll() is None:
                 proc.kill()
-        subprocess.run(["pkill", "-f", f"--queue {self.url}"], check=False)
+        subprocess.run(["pkill", "-f", "--", f"--queue {self.url}"], check=False)
         self.redis_proc.kill()
 
 
