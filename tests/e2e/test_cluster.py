@@ -138,8 +138,11 @@ def test_a_job_submitted_to_one_node_is_read_from_the_other(cluster):
     # the events stream of a job on another node: progress, then done
     job_id = job(a, prompt="a green triangle", steps=10, seed=2)
     with b.stream("GET", f"/api/v1/jobs/{job_id}/events") as r:
-        events = [line.split(": ", 1)[1] for line in r.iter_lines() if line.startswith("event: ")]
+        lines = list(r.iter_lines())
+    events = [line.split(": ", 1)[1] for line in lines if line.startswith("event: ")]
     assert events[-1] == "done" and "progress" in events
+    data = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert any(d.get("preview") for d in data[:-1])  # the worker's previews reach the other node
 
 
 def test_the_limits_and_auth_stay_at_the_nodes(cluster):
