@@ -77,13 +77,16 @@ def test_what_fits_does_fit():
         g.check_memory(model, 100_000, 100_000, 2, available=4 * 2**30)
     side = int(str(err.value).split("at most about ")[1].split("x")[0])
     g.check_memory(model, side, side, 2, available=4 * 2**30)  # no error
-    # tiles bound the sampling, not the decoding (the latent is decoded whole): for the shipped model, whose VAE
-    # decoder is what peaks, they do not let a larger image through, and a refusal does not suggest them
+    # sampling tiles bound the sampling, VAE tiles the decoding: with both, a larger image fits (the images
+    # themselves still have to); a refusal because the images cannot be held does not suggest --tile
     from imagine.pipelines.memory import decode_bytes, largest_side, sampling_bytes
 
     assert sampling_bytes(model, 4096, 4096, 2, 512) < sampling_bytes(model, 4096, 4096, 2) / 10
     assert decode_bytes(model, 4096, 4096, 2) > sampling_bytes(model, 4096, 4096, 2)
-    assert largest_side(model, 2, 512, 4 * 2**30) == side
+    assert decode_bytes(model, 4096, 4096, 2, vae_tile=512) < decode_bytes(model, 4096, 4096, 2) / 5
+    bigger = largest_side(model, 2, 512, 4 * 2**30)
+    assert bigger > side
+    g.check_memory(model, bigger, bigger, 2, tile=512, available=4 * 2**30)  # fits, in VAE tiles
     with pytest.raises(ValueError, match=r"\(decoding\).*at most about") as err:
         g.check_memory(model, 100_000, 100_000, 1, tile=512, available=4 * 2**30)
     assert "--tile" not in str(err.value)
@@ -176,3 +179,44 @@ def test_vae_slicing_decodes_the_same_pixels(monkeypatch):
     assert torch.equal(g.decode(model, z), whole)
     one = g.decode(model, z[:1])
     assert torch.equal(one, whole[:1])
+
+
+def test_vae_tiling_is_picked_when_decoding_whole_would_not_fit_and_recorded(tmp_path, monkeypatch):
+    """Memory for sampling 256 x 256 but not for the VAE decoding it whole: the plan picks VAE tiling (the
+    largest tile that fits) and says so; the image is made, warns, records "VAE tile", and --from repeats the
+    tiles on a machine with memory to spare (the same pixels); the tiled pixels stay close to a whole decode."""
+    import numpy as np
+    from PIL import Image
+
+    from imagine.io.model_folder import load_model_folder
+    from imagine.pipelines import memory
+    from imagine.weights import DEFAULT_MODEL
+
+    model = load_model_folder(DEFAULT_MODEL)
+    need = max(memory.sampling_bytes(model, 256, 256, 1), memory.decode_bytes(model, 256, 256, 1, 2, 128))
+    free = int(need / memory.HEADROOM * 1.01)
+    assert memory.decode_bytes(model, 256, 256, 1, 2) > memory.HEADROOM * free  # whole: does not fit
+    plan = memory.plan(model, 256, 256, 1, available=free)
+    assert plan.fits and plan.picked and plan.vae_tile in memory.VAE_TILES and plan.vae_tile < 256
+    assert "VAE tiling, as the whole would not fit" in "\n".join(plan.lines())
+    assert memory.plan(model, 256, 256, 1, available=8 * 2**30).vae_tile is None  # room: whole
+
+    monkeypatch.setattr(g, "available_memory", lambda: free)
+    args = ("generate", "a red circle", "--width", "256", "--height", "256", "--steps", "3")
+    shown = _invoke(*args, "--plan")
+    assert "VAE tiling" in shown.stdout and "fits" in shown.stdout, shown.stdout
+    tiled = _invoke(*args, "--out", str(tmp_path / "tiled"))
+    assert tiled.exit_code == 0, tiled.output
+    assert "VAE tiles" in tiled.stderr
+    png = next((tmp_path / "tiled").glob("*.png"))
+    assert f"VAE tile: {plan.vae_tile}" in Image.open(png).text["parameters"]
+    monkeypatch.setattr(g, "available_memory", lambda: 8 * 2**30)
+    again = _invoke("generate", "--from", str(png), "--out", str(tmp_path / "again"))
+    assert again.exit_code == 0, again.output
+    pixels = np.asarray(Image.open(png)).astype(float)
+    assert np.array_equal(np.asarray(Image.open(next((tmp_path / "again").glob("*.png")))), pixels)
+    whole = _invoke(*args, "--out", str(tmp_path / "whole"))
+    assert whole.exit_code == 0 and "VAE tile" not in Image.open(next((tmp_path / "whole").glob("*.png"))).text[
+        "parameters"]
+    mse = ((np.asarray(Image.open(next((tmp_path / "whole").glob("*.png")))) - pixels) ** 2).mean()
+    assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 25  # PSNR: a tiled decode is close to a whole one

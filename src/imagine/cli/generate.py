@@ -57,6 +57,8 @@ _OPTS = dict(
                                        "dynamically quantized)."),
     tile=typer.Option(None, help="Sample in overlapping tiles of this many pixels a side (default: whole images): "
                                  "for sizes whose activations would not fit in memory; seams are feathered away."),
+    vae_tile=typer.Option(None, help="Decode with the VAE in overlapping tiles of this many pixels a side (default: "
+                                     "whole, or tiles when the whole would not fit in memory: said and recorded)."),
     fast=typer.Option(False, "--fast", help="Use the shipped latent consistency model (4 steps, LCM sampler): an "
                                             "image in a fraction of a second on a CPU."),
     negative=typer.Option("", "--negative", help="Negative prompt."),
@@ -443,7 +445,7 @@ def _from_image(image: Path, model: str | None, out: Path, **options) -> None:
                  f"{record['model'].get('unet_sha256_10')})")
     vae = record["model"].get("vae")
     modules = record["model"].get("modules") or []  # a transformer file's separate parts, by file
-    weights = "bf16" if record.get("weights_dtype") == "bfloat16" else "fp32"
+    weights = {"bfloat16": "bf16", "float8_e4m3fn": "fp8"}.get(record.get("weights_dtype"), "fp32")
     # LoRAs given as options come back by file; those in the prompt's tags are found again by name
     loras = [(lo["path"], lo["weight"]) for lo in record.get("loras", []) if lo.get("source") == "option"]
     # embeddings given as options come back by file; those found by name in the prompt are found again
@@ -473,6 +475,7 @@ def generate(
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
     text_encoder: list[str] = _OPTS["text_encoder"],
     backend: Backend = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int | None = _OPTS["tile"],
+    vae_tile: int | None = _OPTS["vae_tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -485,8 +488,10 @@ def generate(
     refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
     precision: Precision = typer.Option(Precision.fp32, help="fp32, or bf16 autocast for the network (faster on CPUs "
                                                             "with bf16)."),
-    weights_dtype: str = typer.Option("fp32", help="What the UNet holds: fp32, or bf16 (half the memory and "
-                                      "faster under --precision bf16; its pixels differ from fp32 weights)."),
+    weights_dtype: str = typer.Option("fp32", help="What the UNet holds: fp32, bf16 (half the memory and faster "
+                                      "under --precision bf16; its pixels differ from fp32 weights) or fp8 (scaled "
+                                      "e4m3fn, a quarter of the memory, computed in bf16: with --precision bf16). "
+                                      "A .gguf model's packed weights stay packed."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet: about a minute first, then "
                                  "faster steps; pays off for many images in one process."),
     rerank: int = typer.Option(1, help="Make K candidates per image and keep the one the CLIP scorer likes best."),
@@ -529,7 +534,7 @@ def generate(
     settings = _settings(prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height,
                          precision=precision, compile=compile, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta,
                          distilled_cfg_scale=distilled_cfg, resolution_binning=resolution_binning,
-                         backend=backend, sr_noise_level=noise_level, tile=tile, watermark=watermark,
+                         backend=backend, sr_noise_level=noise_level, tile=tile, vae_tile=vae_tile, watermark=watermark,
                          refiner=refiner, refiner_switch_at=refiner_switch_at, **upscale)
     _run("txt2img", _model_option(model, fast), settings, out, rerank=rerank, clip=clip, vae=vae, size=size,
          sign_key=sign_key,
@@ -584,6 +589,7 @@ def img2img(
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
     text_encoder: list[str] = _OPTS["text_encoder"],
     backend: Backend = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int | None = _OPTS["tile"],
+    vae_tile: int | None = _OPTS["vae_tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -602,7 +608,7 @@ def img2img(
         prompt, negative, steps, sampler, schedule, cfg, rescale, seed, n, width, height, strength=strength,
         resize_mode=resize_mode, clip_skip=clip_skip, noise_seed_delta=noise_seed_delta, backend=backend,
         distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight, image_cfg_scale=image_cfg,
-        tile=tile, watermark=watermark,
+        tile=tile, vae_tile=vae_tile, watermark=watermark,
         refiner=refiner, refiner_switch_at=refiner_switch_at), out, init=image, sign_key=sign_key, vae=vae,
          text_encoder=text_encoder,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
@@ -635,6 +641,7 @@ def inpaint(
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
     text_encoder: list[str] = _OPTS["text_encoder"],
     backend: Backend = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int | None = _OPTS["tile"],
+    vae_tile: int | None = _OPTS["vae_tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -654,7 +661,7 @@ def inpaint(
         inpaint_padding=only_masked_padding, mask_invert=invert_mask, resize_mode=resize_mode, clip_skip=clip_skip,
         distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight, outpaint_left=left,
         outpaint_right=right, outpaint_up=up, outpaint_down=down,
-        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile, watermark=watermark,
+        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile, vae_tile=vae_tile, watermark=watermark,
         refiner=refiner, refiner_switch_at=refiner_switch_at), out, init=image,
          sign_key=sign_key, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
@@ -685,6 +692,7 @@ def outpaint(
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"], vae: str | None = _OPTS["vae"],
     text_encoder: list[str] = _OPTS["text_encoder"],
     backend: Backend = _OPTS["backend"], fast: bool = _OPTS["fast"], tile: int | None = _OPTS["tile"],
+    vae_tile: int | None = _OPTS["vae_tile"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
     lora: list[str] = _OPTS["lora"], embedding: list[str] = _OPTS["embedding"],
     lora_strict: str = _OPTS["lora_strict"],  # parsed to a bool
@@ -706,7 +714,7 @@ def outpaint(
         mask_blur=mask_blur, inpaint_fill=masked_content, outpaint_left=left, outpaint_right=right,
         outpaint_up=up, outpaint_down=down, resize_mode=resize_mode, clip_skip=clip_skip,
         distilled_cfg_scale=distilled_cfg, inpainting_mask_weight=mask_weight,
-        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile, watermark=watermark,
+        noise_seed_delta=noise_seed_delta, backend=backend, tile=tile, vae_tile=vae_tile, watermark=watermark,
         refiner=refiner, refiner_switch_at=refiner_switch_at), out, init=image,
          sign_key=sign_key, mask=mask, vae=vae,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,

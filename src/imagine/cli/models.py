@@ -15,6 +15,7 @@ from imagine.cli.app import GENERATE, MODELS, app, fail
 class ConvertTo(str, Enum):
     diffusers = "diffusers"
     single_file = "single-file"
+    gguf = "gguf"
 
 
 @app.command(rich_help_panel=GENERATE)
@@ -96,13 +97,18 @@ def export_onnx_cmd(
 def convert(
     source: Path = typer.Argument(..., help="A Stable Diffusion checkpoint: .safetensors file or diffusers folder."),
     out: Path = typer.Argument(..., help="Where the converted model goes (must not exist)."),
-    to: ConvertTo = typer.Option(None, help="diffusers (a pipeline folder) or single-file (one .safetensors); "
-                                            "default: the other one of what SOURCE is."),
+    to: ConvertTo = typer.Option(None, help="diffusers (a pipeline folder), single-file (one .safetensors) or "
+                                            "gguf (one .gguf, the denoiser quantized); default: the other one of "
+                                            "diffusers and single-file."),
     dtype: str | None = typer.Option(None, help="Save weights as fp16, bf16 or fp32 (default: as they are)."),
+    quant: str = typer.Option("Q8_0", help="With --to gguf: the denoiser's block type: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 "
+                                           "or F16 (K-quants are read, not written)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .ckpt pickle (weights only)."),
 ) -> None:
     """Convert between a diffusers pipeline folder and an original-layout single file (A1111, ComfyUI), in
-    either direction; a round trip gives back the same tensors bit for bit."""
+    either direction (a round trip gives back the same tensors bit for bit), or to GGUF (--to gguf --quant
+    Q8_0: the single-file layout with the denoiser's matrices block-quantized, as ComfyUI-GGUF and Forge run
+    them; imagine runs it with --model OUT.gguf)."""
     from imagine.io import stable_diffusion as sd
     from imagine.io.checkpoint import CheckpointError
 
@@ -114,6 +120,9 @@ def convert(
         model = sd.load_any(source, allow_pickle=allow_pickle)
         if target == "diffusers":
             sd.save_diffusers_pipeline(model, out, dtype)
+        elif target == "gguf":
+            counts = sd.save_gguf(model, out, quant.upper())
+            typer.echo("tensors: " + ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())))
         else:
             sd.save_single_file(model, out, dtype)
     except (ValueError, CheckpointError, FileNotFoundError) as err:

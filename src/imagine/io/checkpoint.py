@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from imagine import __version__
+from imagine.nn.compact import BLOCKS, FP8, Packed, attach, packable, to_fp8
 
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # read only with allow_pickle, and then weights_only
@@ -45,6 +47,8 @@ ALIGNMENT = 64
 def aligned(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` itself when its data is 64-byte aligned, else a copy in memory that is: the same weights
     give the same pixels whichever file (and offset in it) they came from."""
+    if isinstance(tensor, Packed):  # compact weights are kept as their bytes
+        return tensor
     return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
 
 
@@ -187,12 +191,80 @@ class Ref:
 Weights = dict[str, Ref]
 
 
+# --- GGUF (the ggml project's format), read with its own package; io/gguf_files.py writes it ---------------
+
+ORIG_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF: the shape of a tensor it stored reshaped
+PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _field_value(field):
+    """A GGUF key-value's value (strings decoded, single numbers unwrapped, arrays as lists)."""
+    import gguf  # late: 0.2 s of imports (PyYAML among them), for GGUF files only
+
+    values = [field.parts[i] for i in field.data]
+    kind = field.types[0] if field.types else None
+    if kind == gguf.GGUFValueType.STRING:
+        return bytes(values[0]).decode("utf-8", "replace")
+    if kind == gguf.GGUFValueType.ARRAY:
+        inner = field.types[-1]
+        if inner == gguf.GGUFValueType.STRING:
+            return [bytes(v).decode("utf-8", "replace") for v in values]
+        return [v.tolist()[0] if hasattr(v, "tolist") else v for v in values]
+    value = values[0]
+    return value.tolist()[0] if hasattr(value, "tolist") and len(value) == 1 else value
+
+
+def open_gguf(path: Path) -> tuple[Weights, dict[str, str]]:
+    """A GGUF file's tensors by key (packed ones as Packed) and its metadata as strings; a file that is no
+    GGUF, or holds a tensor type imagine cannot compute with, is refused naming it."""
+    import gguf  # late: as above
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as err:
+        raise CheckpointError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); it may be "
+                              "truncated or corrupt: re-download or re-convert it") from None
+    metadata: dict[str, str] = {}
+    for name, field in reader.fields.items():
+        try:
+            value = _field_value(field)
+        except (IndexError, ValueError, UnicodeDecodeError):
+            continue
+        metadata[name] = value if isinstance(value, str) else str(value)
+    refs: Weights = {}
+    for t in reader.tensors:
+        qtype = t.tensor_type.name
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if ORIG_SHAPE + t.name in metadata:
+            shape = tuple(int(x) for x in metadata[ORIG_SHAPE + t.name].strip("[]() ").split(",") if x.strip())
+        if qtype in PLAIN:
+            def read(t=t, shape=shape, qtype=qtype) -> torch.Tensor:
+                data = np.array(t.data)  # a copy: the memory map is let go
+                if qtype == "BF16":  # numpy has no bfloat16: its bits, viewed
+                    return torch.from_numpy(data.view(np.uint16)).view(torch.bfloat16).reshape(shape)
+                return torch.from_numpy(data).reshape(shape)
+        elif qtype in BLOCKS:
+            def read(t=t, shape=shape, qtype=qtype) -> Packed:
+                data = torch.from_numpy(np.array(t.data, dtype=np.uint8))
+                return Packed(data.reshape(shape[0], -1), qtype, shape)
+        else:
+            raise CheckpointError(f"{path}: tensor {t.name} is stored as {qtype}, a type imagine does not compute "
+                                  f"with; it reads F32, F16, BF16 and {', '.join(BLOCKS)}")
+        if t.name in refs:
+            raise CheckpointError(f"{path} holds tensor {t.name} twice")
+        refs[t.name] = Ref(shape, read)
+    return refs, metadata
+
+
 def open_weights(path: Path, allow_pickle: bool = False) -> tuple[Weights, dict[str, str]]:
     """A checkpoint's tensors by key, memory-mapped (safetensors), and its metadata. Pickles (.ckpt, .pt,
     .bin) are refused unless ``allow_pickle``, and even then read with torch.load(weights_only=True)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
+    if path.suffix == ".gguf":
+        return open_gguf(path)
     if path.suffix != ".safetensors":
         if path.suffix not in PICKLE_SUFFIXES:
             raise CheckpointError(f"{path.name} is not a checkpoint imagine reads: weights come as .safetensors "
@@ -267,16 +339,26 @@ def build_and_fill(factory: Callable[[], nn.Module], weights: Weights, source: s
     """``factory()`` built without memory (on the meta device), then every parameter and persistent buffer
     read from ``weights`` one tensor at a time and cast to ``dtype``: peak memory is the model plus one
     tensor, never a second copy of the checkpoint. Keys and shapes are checked first, strictly.
+    Compact weights (nn/compact.py) stay compact: a GGUF file's packed tensors as they are, and with ``dtype``
+    float8_e4m3fn every large matrix stored in scaled fp8; both computed in bf16 (GGUF's in ``dtype``).
     ``restore`` recreates the factory's non-persistent buffers (not in any checkpoint) on the CPU."""
     with torch.device("meta"):
         model = factory()
     own = model.state_dict()
     check_keys({k: tuple(v.shape) for k, v in own.items()}, {k: r.shape for k, r in weights.items()}, source)
+    fp8 = dtype == torch.float8_e4m3fn  # fp8 storage: the large weights in e4m3fn, the rest and the compute bf16
+    compute = torch.bfloat16 if fp8 else dtype
     for key in own:
         prefix, _, name = key.rpartition(".")
         module = model.get_submodule(prefix)
         tensor = weights[key].raw()  # one copy at most: owned() makes it, aligned
-        tensor = owned(tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        if isinstance(tensor, Packed) and name not in module._parameters:
+            tensor = tensor.dequantize(compute)  # a buffer is never compact
+        if isinstance(tensor, Packed) or (fp8 and name in module._parameters and packable(tensor, FP8)):
+            packed = to_fp8(tensor) if not isinstance(tensor, Packed) else tensor
+            attach(module, name, Packed(owned(packed.data), packed.qtype, packed.shape, packed.scale), compute)
+            continue
+        tensor = owned(tensor.to(compute) if tensor.is_floating_point() else tensor)
         if name in module._parameters:
             module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
         else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from imagine.io.checkpoint import CheckpointError, Ref, Weights, aligned
+from imagine.nn.compact import Packed
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,18 @@ class Src:
 KeyMap = dict[str, Src]  # our key -> where it lives in the foreign layout
 
 
-def _ours(t: torch.Tensor, src: Src) -> torch.Tensor:
+def _ours(t: torch.Tensor | Packed, src: Src) -> torch.Tensor | Packed:
+    if isinstance(t, Packed):  # a compact weight (GGUF): its rows cut and swapped as stored, never expanded
+        if src.transpose or src.conv1x1:
+            t = t.dequantize(torch.float32)
+        else:
+            if src.part is not None:
+                t = t.chunk(src.count, src.part)
+            if src.rows is not None:
+                t = t.rows(*src.rows)
+            if src.swap:
+                t = t.swap()
+            return t.contiguous()
     if src.part is not None:
         t = t.chunk(src.count, dim=0)[src.part]
     if src.rows is not None:

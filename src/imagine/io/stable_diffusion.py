@@ -52,6 +52,7 @@ from imagine.io.checkpoint import (
     open_weights,
     read_json,
 )
+from imagine.io.gguf_files import write_gguf
 from imagine.io.ldm_keys import clip_map, open_clip_map, read_mapped, unet_map, vae_map, write_mapped
 from imagine.io.model_folder import SPEC_NAME, DiffusionModel, DiffusionSpec, load_model_folder, save_model_folder
 from imagine.io.networks import _config_of, diffusers_config, load_unet, load_vae
@@ -68,6 +69,7 @@ from imagine.models.text_encoders import (
     T5TextEncoder,
     transformers_locked,
 )
+from imagine.nn.compact import plain_state
 
 Arch = Literal["sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux", "pixart-alpha", "pixart-sigma"]
 ARCH_LABELS = {f.name: f.label for f in PIPELINE_FAMILIES}
@@ -103,10 +105,10 @@ def kind_of(path: Path) -> Literal["imagine", "diffusers", "single-file"]:
     if not path.exists():
         raise CheckpointError(f"no model at {path}")
     if path.is_file():
-        if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        if path.suffix in (".safetensors", ".gguf", ".ckpt", ".pt", ".pth", ".bin"):
             return "single-file"
-        raise CheckpointError(f"{path} is not a checkpoint: expected a .safetensors (or, with --allow-pickle, "
-                              ".ckpt) file, an imagine model folder or a diffusers pipeline folder")
+        raise CheckpointError(f"{path} is not a checkpoint: expected a .safetensors or .gguf (or, with "
+                              "--allow-pickle, .ckpt) file, an imagine model folder or a diffusers pipeline folder")
     if (path / SPEC_NAME).exists():
         return "imagine"
     if (path / "model_index.json").exists():
@@ -502,7 +504,7 @@ def _t5_tokenizer(folder: Path):
 def _sd3_file_state(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """An SD3 model's tensors in the single-file layout, and imagine's configs for its metadata."""
     state = sd3_files.transformer_map(model.unet.config)
-    out = write_mapped(model.unet.state_dict(), state)
+    out = write_mapped(plain_state(model.unet), state)
     with torch.device("meta"):
         vae_keys = list(AutoencoderKL(model.vae.config).state_dict())
     out.update(write_mapped(model.vae.state_dict(), vae_map(vae_keys, model.vae.config)))
@@ -656,7 +658,7 @@ def _flux_file_state(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], di
     ``model.diffusion_model.``, CLIP-L and T5 under ``text_encoders.*.transformer.``, the VAE under ``vae.``; with
     imagine's configs in the metadata."""
     out = {"model.diffusion_model." + k: v for k, v in
-           write_mapped(model.unet.state_dict(), flux_files.transformer_map(model.unet.config)).items()}
+           write_mapped(plain_state(model.unet), flux_files.transformer_map(model.unet.config)).items()}
     with torch.device("meta"):
         vae_keys = list(AutoencoderKL(model.vae.config).state_dict())
     out.update({flux_files.VAE + k: v for k, v in
@@ -793,7 +795,7 @@ def _text_models(model: DiffusionModel) -> list:
 
 def single_file_state(model: DiffusionModel) -> dict[str, torch.Tensor]:
     """The model in the original single-file layout (what A1111 and ComfyUI load)."""
-    unet, vae = model.unet.state_dict(), model.vae.state_dict()
+    unet, vae = plain_state(model.unet), model.vae.state_dict()
     out = {**write_mapped(unet, unet_map(unet, model.unet.config)), **write_mapped(vae, vae_map(vae, model.vae.config))}
     texts = [_canonical(m) for m in _text_models(model)]
     for slot, text in zip(model.family.text_encoders, texts, strict=True):  # each in its own layout
@@ -831,6 +833,33 @@ def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None)
             "format": "pt"}
     atomic_save_safetensors(_cast(single_file_state(model), dtype), out, meta)
     return out
+
+
+def save_gguf(model: DiffusionModel, out: Path, quant: str = "Q8_0") -> dict[str, int]:
+    """The single-file layout (save_single_file's tensors and keys) in a GGUF file, the denoiser's large
+    matrices in ``quant`` (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0; F16 keeps them half precision), everything else in
+    F16 (vectors F32); imagine's configs in its metadata. Returns how many tensors went to each type."""
+    if model.arch is None or model.text_encoder is None:
+        raise CheckpointError("only the Stable Diffusion families (SD 1.x, 2.x, SDXL, SD3, Flux.1) have a "
+                              "single-file layout to write as GGUF; an imagine model folder stays a folder")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"{out}: a GGUF file is written as .gguf")
+    if model.arch in ("sd3", "flux"):
+        state, meta = (_sd3_file_state if model.arch == "sd3" else _flux_file_state)(model)
+    else:
+        _check_writable(model)
+        state = single_file_state(model)
+        meta = {"imagine": json.dumps({"unet": _config_of(model.unet), "vae": _config_of(model.vae),
+                                       "prediction": model.spec.prediction,
+                                       "text": [json.loads(m.config.to_json_string()) for m in _text_models(model)],
+                                       "clip_skip": model.text_encoder.clip_skip}),
+                "modelspec.architecture": model.family.modelspec,
+                "modelspec.prediction_type": {v: k for k, v in PREDICTIONS.items()}[model.spec.prediction]}
+    denoiser = {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    rest = {k: v for k, v in state.items() if k not in denoiser}
+    arch = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}.get(model.arch, model.arch)
+    return write_gguf(denoiser, out, arch, quant, {k: v for k, v in meta.items() if k != "format"}, rest=rest)
 
 
 def save_diffusers_pipeline(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:

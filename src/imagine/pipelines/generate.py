@@ -29,10 +29,11 @@ from imagine.guidance import ClassifierFreeGuidance, ImageTextGuidance
 from imagine.io.model_folder import DiffusionModel
 from imagine.io.onnx import MANIFEST, default_onnx_folder, export_onnx, load_onnx
 from imagine.io.png import environment, file_hash
+from imagine.nn import compact
 from imagine.nn.embeddings import guidance_embedding
 from imagine.pipelines import memory
 from imagine.pipelines.settings import Settings
-from imagine.pipelines.tiled import TiledDenoiser
+from imagine.pipelines.tiled import TiledDenoiser, tiled_decode
 from imagine.samplers import SAMPLERS, check_schedule, resolve
 
 
@@ -74,13 +75,25 @@ def available_memory() -> int | None:
     return memory.available_bytes(torch.device("cpu"))
 
 
+def weights_dtype(net: torch.nn.Module) -> str:
+    """What a denoiser's weights are stored as, for the record: float32, bfloat16, float8_e4m3fn (scaled fp8)
+    or "gguf Q8_0" (a GGUF file's block types)."""
+    kinds = compact.describe(net)
+    if compact.FP8 in kinds:
+        return "float8_e4m3fn"
+    if kinds:
+        return "gguf " + "+".join(sorted(kinds))
+    return str(next(p.dtype for p in net.parameters() if p.is_floating_point())).replace("torch.", "")
+
+
 def check_memory(model: DiffusionModel, width: int, height: int, n: int, tile: int | None = None,
-                 available: int | None = None) -> None:
+                 available: int | None = None, vae_tile: int | None = None) -> memory.MemoryPlan:
     """Refuse, before anything is allocated, a request whose peak (sampling or decoding, pipelines/memory.py)
-    would not fit in the memory its device has free, saying what would fit."""
+    would not fit in the memory its device has free, saying what would fit; the plan, with the VAE tile it
+    picked when decoding whole would not fit."""
     if available is None and module_device(model.unet).type == "cpu":
         available = available_memory()
-    memory.check(model, width, height, n, tile, available)
+    return memory.check(model, width, height, n, tile, available, vae_tile)
 
 
 def output_size(model: DiffusionModel, s: Settings) -> tuple[int, int]:
@@ -134,9 +147,10 @@ class _TwoRowFloor:
         return x0[:1], v[:1]
 
 
-def decode(model: DiffusionModel, latent: torch.Tensor, runtime=None) -> torch.Tensor:
+def decode(model: DiffusionModel, latent: torch.Tensor, runtime=None, vae_tile: int | None = None) -> torch.Tensor:
     """Latents (N, c, h, w) -> images (N, C, H, W), in one batch of at least two rows (see _TwoRowFloor);
-    ``runtime``: ONNX Runtime sessions (onnx_runtime) whose decoder runs instead."""
+    ``runtime``: ONNX Runtime sessions (onnx_runtime) whose decoder runs instead; ``vae_tile``: decode in
+    overlapping tiles of this many pixels a side (VAE tiling, when the whole would not fit)."""
     if model.vae is None:
         return latent.float().cpu()
     device = module_device(model.vae)
@@ -146,13 +160,16 @@ def decode(model: DiffusionModel, latent: torch.Tensor, runtime=None) -> torch.T
     # as many rows at a time as memory allows (VAE slicing: a row decodes the same in any batch of two or more);
     # the images come back to the CPU, whatever device decoded them (PNGs, pastes and previews are made there)
     f = model.latent_factor
-    rows = memory.decode_rows(model, z.shape[-1] * f, z.shape[-2] * f, len(z), memory.available_bytes(device))
+    rows = memory.decode_rows(model, z.shape[-1] * f, z.shape[-2] * f, len(z), memory.available_bytes(device),
+                              vae_tile)
     parts = []
     for start in range(0, len(z), rows):
         part = z[start: start + rows]
         if len(part) == 1:
             part = torch.cat([part, part]) if len(z) == 1 else z[start - 1: start + 1]  # two rows, as the batch
-        parts.append(model.vae.decode(part)[-min(len(part), len(z) - start):].float().cpu())
+        pixels = tiled_decode(model.vae.decode, part, max(1, vae_tile // f), f) if vae_tile else \
+            model.vae.decode(part)
+        parts.append(pixels[-min(len(part), len(z) - start):].float().cpu())
     return torch.cat(parts)[: len(z)]
 
 
@@ -223,7 +240,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
            cancel: Callable[[], bool] | None = None, precision: str = "fp32", backend: str = "torch",
            compile: bool = False, noise_seed_delta: int = 0, attachments: Sequence[Attachment] = (),
            tile: int | None = None, resize_to: tuple[int, int] | None = None, image_cond: dict | None = None,
-           image_cfg_scale: float = 1.0, refiner: Refining | None = None) -> torch.Tensor:
+           image_cfg_scale: float = 1.0, refiner: Refining | None = None,
+           vae_tile: int | None = None) -> torch.Tensor:
     """The one sampling loop of every pipeline: one image per seed, (N, C, H, W) in [-1, 1].
 
     cond / uncond: the UNet's conditioning kwargs (text states or class labels), uncond for guidance.
@@ -234,7 +252,8 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
     attachments: what acts on the network at each step (adapters/: ControlNets, T2I-Adapters, image prompts),
     any number and kind; cond and uncond carry their per-row inputs (Attachment.inputs).
     tile: evaluate the network on overlapping tiles of this many latent (or pixel) positions a side.
-    refiner: a second model that takes the steps below its switch level (A1111's Refiner)."""
+    refiner: a second model that takes the steps below its switch level (A1111's Refiner).
+    vae_tile: decode in overlapping tiles of this many pixels a side (tiled.tiled_decode)."""
     name, implied = resolve(sampler)
     schedule = check_schedule(schedule) if schedule is not None else implied
     spec, f = model.spec, model.latent_factor
@@ -307,7 +326,7 @@ def sample(model: DiffusionModel, seeds: list[int], *, steps: int, sampler: str,
         latent = info.fn(denoiser, x, sigmas, cond=cond, generator=generators, callback=report, signal=plan.signal,
                          **options)
     with torch.no_grad():
-        images = decode(model, latent.float(), runtime)
+        images = decode(model, latent.float(), runtime, vae_tile)
     if resize_to is not None:  # PixArt's buckets: to the size asked, before the clamp (as its pipelines do)
         images = resize_and_crop(images, *resize_to)
     return images.clamp(-1, 1)
@@ -347,7 +366,7 @@ def _sample(model: DiffusionModel, s: Settings, text_encoder, *, init_latent: to
                     backend=s.backend, compile=s.compile, noise_seed_delta=s.noise_seed_delta,
                     attachments=attachments, tile=s.tile // f if s.tile else None,
                     resize_to=out_size if binned is not None else None, image_cond=image_cond,
-                    image_cfg_scale=s.image_cfg_scale, refiner=refining)
+                    image_cfg_scale=s.image_cfg_scale, refiner=refining, vae_tile=s.vae_tile)
 
 
 def check_refiner(model: DiffusionModel, refiner: DiffusionModel) -> None:
@@ -725,6 +744,8 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
         fields["Refiner switch at"] = f"{s.refiner_switch_at:g}"
     if s.tile:
         fields["Tile size"] = s.tile
+    if s.vae_tile:
+        fields["VAE tile"] = s.vae_tile
     if s.watermark:
         fields["Watermark"] = "invisible-watermark dwtDct"
     if kind in ("img2img", "inpaint", "edit") and s.resize_mode != "just_resize":
@@ -759,7 +780,7 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
                   "modules": [str(m.resolve()) for m in model.module_paths],
                   "text_encoder": getattr(text_encoder, "identity", None), "spec": asdict(model.spec)},
         "sampler": {"name": name, "schedule": schedule, "spacing": "trailing"},
-        "precision": s.precision, "weights_dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
+        "precision": s.precision, "weights_dtype": weights_dtype(model.unet),
         "device": str(next(model.unet.parameters()).device), "versions": environment(), **(extra or {}),
     }
     if refined is not None:

@@ -244,7 +244,7 @@ def edit(model: DiffusionModel, s: Settings, image: Image.Image, text_encoder, *
             if mask is not None:  # the rest of the image: its own inverted latents, step by step
                 x = mask * x + (1 - mask) * latents[k - 1]
             report("edit", x0)
-        images = decode(model, x).clamp(-1, 1)
+        images = decode(model, x, vae_tile=s.vae_tile).clamp(-1, 1)
     if mask is None:
         return images
     original = _image_tensor(fit_image(image, size, s.resize_mode), size, model.spec.image_channels)

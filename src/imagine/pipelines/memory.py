@@ -4,9 +4,10 @@ anything is allocated and shown by ``--plan`` without running.
 The stages of a text-to-image request, beyond the networks' weights (resident from loading on):
 - sampling: the denoiser's widest activations at one step (both branches of guidance; bounded by the tile when
   sampling in tiles) and the sampler's state (the sample, its estimates and history);
-- decode: the VAE decoder's activations over the whole image (tiles do not bound it: the latent is decoded
-  whole) and the images it makes; when a batch does not fit, the VAE decodes a few images at a time (VAE
-  slicing), which gives the same pixels.
+- decode: the VAE decoder's activations over the whole image (sampling tiles do not bound it) and the images
+  it makes; when a batch does not fit, the VAE decodes a few images at a time (VAE slicing), which gives the
+  same pixels; when even two images do not fit, it decodes in overlapping tiles (VAE tiling, the largest tile
+  that fits: the pixels differ slightly from a whole decode, so the tile is recorded and --from repeats it).
 The peak is the larger of the two. The coefficients are fitted on measured peaks of the shipped model and SD
 1.5 at several sizes (benchmarks/memory_plan.py, docs/benchmarks/memory_plan.md); a request that would not fit
 in 90% of the memory the device has free is refused with the figures and the largest size that fits.
@@ -57,24 +58,43 @@ def sampling_bytes(model: DiffusionModel, width: int, height: int, n: int, tile:
     return step + state
 
 
-def decode_bytes(model: DiffusionModel, width: int, height: int, n: int, rows: int | None = None) -> int:
-    """The VAE decoder's activations over whole images, ``rows`` at a time (all n by default; a lone image is
-    decoded beside a copy of itself, generate.decode), and the n images (float and uint8 copies)."""
+def decode_bytes(model: DiffusionModel, width: int, height: int, n: int, rows: int | None = None,
+                 vae_tile: int | None = None) -> int:
+    """The VAE decoder's activations over whole images (over one tile of ``vae_tile`` pixels a side when tiled),
+    ``rows`` at a time (all n by default; a lone image is decoded beside a copy of itself, generate.decode), and
+    the n images (float and uint8 copies; when tiled, the blended sum and its weights too)."""
     rows = max(2, min(n, rows or n))
+    w, h = (min(width, vae_tile), min(height, vae_tile)) if vae_tile else (width, height)
     # about 8 live copies of the decoder's full-resolution width (fitted on the measured peaks)
-    vae = rows * 4 * 8 * model.vae.config.block_out_channels[0] * width * height if model.vae is not None else 0
-    return vae + n * 3 * width * height * (4 * 3 + 1) + 2 * OVERHEAD
+    vae = rows * 4 * 8 * model.vae.config.block_out_channels[0] * w * h if model.vae is not None else 0
+    images = n * 3 * width * height * (4 * 3 + 1) + (rows * 3 * width * height * 4 * 2 if vae_tile else 0)
+    return vae + images + 2 * OVERHEAD
 
 
-def decode_rows(model: DiffusionModel, width: int, height: int, n: int, available: int | None) -> int:
+def decode_rows(model: DiffusionModel, width: int, height: int, n: int, available: int | None,
+                vae_tile: int | None = None) -> int:
     """How many images the VAE decodes at a time: all of them when they fit, else the most that do (VAE
     slicing: the same pixels, as every batch of two rows or more computes a row the same), at least two."""
     if available is None or n <= 2:
         return n
     for rows in range(n, 2, -1):
-        if decode_bytes(model, width, height, n, rows) <= HEADROOM * available:
+        if decode_bytes(model, width, height, n, rows, vae_tile) <= HEADROOM * available:
             return rows
     return 2
+
+
+VAE_TILES = (1024, 768, 512, 384, 256, 192, 128)  # the sizes the plan tries, largest (fewest seams) first
+
+
+def vae_tile_for(model: DiffusionModel, width: int, height: int, n: int, available: int | None) -> int | None:
+    """None when the VAE can decode the images whole (sliced to two rows at least), else the largest tile
+    side that fits (None again when none does: the plan then refuses)."""
+    if available is None or model.vae is None or decode_bytes(model, width, height, n, 2) <= HEADROOM * available:
+        return None
+    for tile in VAE_TILES:
+        if tile < max(width, height) and decode_bytes(model, width, height, n, 2, tile) <= HEADROOM * available:
+            return tile
+    return None
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -103,6 +123,8 @@ class MemoryPlan:
     decode: int  # at ``rows`` images a time
     available: int | None  # free on the device now, beyond the weights
     rows: int = 0  # images the VAE decodes at a time (VAE slicing below n)
+    vae_tile: int | None = None  # VAE tiling: decoded in tiles of this many pixels a side
+    picked: bool = False  # the plan chose the VAE tile (the request did not)
 
     @property
     def peak(self) -> int:
@@ -123,39 +145,51 @@ class MemoryPlan:
         return [f"memory plan for {size} on {self.device}{f', in {self.tile} px tiles' if self.tile else ''}:",
                 f"  weights (resident)  {self.weights / GB:8.2f} GB",
                 f"  sampling            {self.sampling / GB:8.2f} GB  (one step's activations, the sampler's state)",
-                f"  decoding            {self.decode / GB:8.2f} GB  (the VAE over the whole image, the images"
+                f"  decoding            {self.decode / GB:8.2f} GB  ("
+                + (f"the VAE over {self.vae_tile} px tiles: VAE tiling" + (", as the whole would not fit"
+                                                                           if self.picked else "")
+                   if self.vae_tile else "the VAE over the whole image") + ", the images"
                 + (f"; {self.rows} images at a time: VAE slicing" if self.rows < self.n else "") + ")",
                 f"  peak beyond weights {self.peak / GB:8.2f} GB  ({self.binding}); {free}",
                 f"  {'fits' if self.fits else 'does not fit'} ({HEADROOM:.0%} of the free memory may be used)"]
 
 
 def plan(model: DiffusionModel, width: int, height: int, n: int, tile: int | None = None,
-         available: int | None = None, text_encoder=None) -> MemoryPlan:
+         available: int | None = None, text_encoder=None, vae_tile: int | None = None) -> MemoryPlan:
+    """The plan; when decoding whole would not fit (and the request named no VAE tile), VAE tiling at the
+    largest tile that fits."""
     device = module_device(model.unet)
     free = available_bytes(device) if available is None else available
-    rows = decode_rows(model, width, height, n, free)
+    picked = False
+    if vae_tile is None:
+        vae_tile = vae_tile_for(model, width, height, n, free)
+        picked = vae_tile is not None
+    rows = decode_rows(model, width, height, n, free, vae_tile)
     return MemoryPlan(width, height, n, tile, str(device), weights_bytes(model, text_encoder),
-                      sampling_bytes(model, width, height, n, tile), decode_bytes(model, width, height, n, rows), free,
-                      rows)
+                      sampling_bytes(model, width, height, n, tile),
+                      decode_bytes(model, width, height, n, rows, vae_tile), free, rows, vae_tile, picked)
 
 
 def largest_side(model: DiffusionModel, n: int, tile: int | None, available: int) -> int:
-    """The largest square side (a multiple of the latent factor) whose plan fits in ``available``."""
+    """The largest square side (a multiple of the latent factor) whose plan fits in ``available``, decoding in
+    the smallest VAE tiles where need be."""
     f = model.latent_factor
     low, high = 0, 1 << 20
     while high - low > 1:
         mid = (low + high) // 2
         s = mid * f
-        fits = max(sampling_bytes(model, s, s, n, tile), decode_bytes(model, s, s, n, 2)) <= HEADROOM * available
+        decoding = decode_bytes(model, s, s, n, 2, VAE_TILES[-1] if s > VAE_TILES[-1] and model.vae else None)
+        fits = max(sampling_bytes(model, s, s, n, tile), decoding) <= HEADROOM * available
         low, high = (mid, high) if fits else (low, mid)
     return max(f, low * f)
 
 
 def check(model: DiffusionModel, width: int, height: int, n: int, tile: int | None = None,
-          available: int | None = None) -> MemoryPlan:
-    """The plan, or a refusal (ValueError) before anything is allocated: the figures, the largest size that
-    fits, and tiles when sampling is what does not fit (tiles bound the sampling, not the decoding)."""
-    p = plan(model, width, height, n, tile, available)
+          available: int | None = None, vae_tile: int | None = None) -> MemoryPlan:
+    """The plan (with VAE tiling picked when decoding whole would not fit), or a refusal (ValueError) before
+    anything is allocated: the figures, the largest size that fits, and tiles when sampling is what does not
+    fit (--tile bounds the sampling, VAE tiles the decoding)."""
+    p = plan(model, width, height, n, tile, available, vae_tile=vae_tile)
     if p.fits:
         return p
     side = largest_side(model, n, tile, p.available)
@@ -163,5 +197,5 @@ def check(model: DiffusionModel, width: int, height: int, n: int, tile: int | No
     if p.binding == "sampling" and not tile:
         hint = "; or sample in tiles (--tile 512, the APIs' tile) to bound memory"
     raise ValueError(f"{width}x{height}{f' x {n} images' if n > 1 else ''} would need about {p.peak / GB:.1f} GB "
-                     f"for its activations ({p.binding}), and this machine has {p.available / GB:.1f} GB free: at "
-                     f"most about {side}x{side} fits{hint}")
+                     f"for its activations ({p.binding}{f', in {p.vae_tile} px VAE tiles' if p.vae_tile else ''}), "
+                     f"and this machine has {p.available / GB:.1f} GB free: at most about {side}x{side} fits{hint}")

@@ -32,6 +32,7 @@ from imagine.io.provenance import add_watermark, can_watermark, sign
 from imagine.io.stable_diffusion import load_any
 from imagine.models.clip import CLIPScorer
 from imagine.models.text_encoders import load_text_encoder
+from imagine.nn.compact import compute_dtypes
 from imagine.pipelines import generate as g
 from imagine.pipelines.inversion import check_edit, edit
 from imagine.pipelines.memory import MemoryPlan
@@ -107,16 +108,17 @@ class Request:
             raise ValueError(f"rerank takes K >= 1 candidates per image, got {self.rerank}")
         if self.rerank > 1 and self.kind != "txt2img":
             raise ValueError("rerank works with txt2img only")
-        if s.precision == "fp32" and next(model.unet.parameters()).dtype != torch.float32:
-            raise ValueError("this model was loaded with bf16 weights, which run under bf16 autocast only: "
-                             "ask for precision bf16, or load it in fp32")
+        if s.precision == "fp32" and compute_dtypes(model.unet) - {torch.float32}:
+            raise ValueError("this model was loaded with bf16 or fp8 weights, which run under bf16 autocast only: "
+                             "ask for precision bf16 (--precision bf16), or load it in fp32")
         if s.steps > model.spec.num_train_timesteps:
             raise ValueError(f"steps ({s.steps}) cannot exceed the model's {model.spec.num_train_timesteps} "
                              "training timesteps")
         s = self._sized(model, s)
         size = g.output_size(model, s)
         binned = g.sampling_size(model, s, *size) if self.kind == "txt2img" else None
-        g.check_memory(model, *(binned or size), s.n, s.tile)  # a PixArt bucket may be larger than asked
+        planned = [g.check_memory(model, *(binned or size), s.n, s.tile, vae_tile=s.vae_tile)]  # a PixArt bucket
+        # may be larger than asked
         final = hires_size(model, s) if s.hires_scale > 1 and self.kind == "txt2img" else size
         if s.watermark and not can_watermark(*final):
             raise ValueError(f"the invisible watermark needs images of at least 256 x 256 pixels (its DWT-DCT blocks); "
@@ -142,7 +144,7 @@ class Request:
                                  "the units, then upscale the image (imagine upscale) or img2img it")
             upscaler = resolve_upscaler(s.hires_upscaler, self.models_dir, model, confined=self.confined)
 
-            g.check_memory(model, *hires_size(model, s), s.n, s.tile)
+            planned.append(g.check_memory(model, *hires_size(model, s), s.n, s.tile, vae_tile=s.vae_tile))
         texts = [s.prompt, s.negative_prompt]
         loras = self._resolve_loras()
         if s.backend != "torch" and (loras or controls or prompts):
@@ -155,8 +157,14 @@ class Request:
             model.family.check_attachment(unit.kind, unit.label, unit.made_for)
         if self.kind == "edit":
             check_edit(model, s, None, attached)
-        return replace(self, settings=s, attached=attached, resolved_upscaler=upscaler,
-                       warnings=vocabulary_warnings(model, s.prompt, s.negative_prompt, loras, embeddings))
+        warnings = vocabulary_warnings(model, s.prompt, s.negative_prompt, loras, embeddings)
+        picked = [p.vae_tile for p in planned if p.picked]
+        if picked:  # VAE tiling, as decoding whole would not fit: recorded, so --from decodes the same way
+            s = replace(s, vae_tile=min(picked))
+            warnings = [*warnings, f"decoding in {s.vae_tile} px VAE tiles: the whole image would not fit in the "
+                                   "memory free now (the pixels differ slightly from a whole decode; the PNG records "
+                                   "the tile, so --from repeats it)"]
+        return replace(self, settings=s, attached=attached, resolved_upscaler=upscaler, warnings=warnings)
 
     def _sized(self, model: DiffusionModel, s: Settings) -> Settings:
         """The settings with the output size filled in from the init image (grown by outpainting borders)."""
@@ -174,9 +182,10 @@ class Request:
         size = g.output_size(model, s)
         binned = g.sampling_size(model, s, *size) if self.kind == "txt2img" else None
         free = g.available_memory() if module_device(model.unet).type == "cpu" else None
-        plans = [memory_plan(model, *(binned or size), s.n, s.tile, free, text_encoder)]
+        plans = [memory_plan(model, *(binned or size), s.n, s.tile, free, text_encoder, vae_tile=s.vae_tile)]
         if self.kind == "txt2img" and s.hires_scale > 1:
-            plans.append(memory_plan(model, *hires_size(model, s), s.n, s.tile, free, text_encoder))
+            plans.append(memory_plan(model, *hires_size(model, s), s.n, s.tile, free, text_encoder,
+                                     vae_tile=s.vae_tile))
         return plans
 
     def _resolve_loras(self) -> tuple[LoraUse, ...]:
@@ -301,6 +310,10 @@ def _finish(request: Request, model: DiffusionModel, s: Settings, pixels, index:
     return Generated(pixels, s.seed + index, parameters, record)
 
 
+# what --weights-dtype names: the denoiser's storage (the VAE and text encoders stay fp32)
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
 def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pickle: bool = False,
                     weights_dtype: str = "fp32", modules: Sequence[Path | str] = (),
                     device: str | torch.device | None = "cpu") -> tuple[DiffusionModel, object]:
@@ -308,13 +321,14 @@ def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pi
     pipeline folder or a single-file checkpoint; ``vae`` replaces its VAE; ``modules``: an SD3 or Flux transformer
     file's separate text encoder (and VAE) files. With
     weights_dtype "bf16" the UNet holds bf16 weights (half the memory, no per-step casts under bf16
-    autocast; its norms round differently, so pixels differ from fp32 weights); such a model runs bf16
-    requests only. ``device``: where its networks run (devices.resolve_device: "auto", "cpu", "cuda:1", ...)."""
+    autocast; its norms round differently, so pixels differ from fp32 weights); "fp8" its large matrices in
+    scaled fp8 e4m3fn (a quarter of fp32's memory), dequantized layer by layer to bf16 as it computes (nn/compact.py);
+    such models run bf16 requests only. A GGUF file's quantized weights stay packed whatever weights_dtype.
+    ``device``: where its networks run (devices.resolve_device: "auto", "cpu", "cuda:1", ...)."""
     device = resolve_device(device)
-    if weights_dtype not in ("fp32", "bf16"):
-        raise ValueError(f"weights dtype {weights_dtype!r} unknown; choose fp32 or bf16")
-    model = load_any(path, vae=vae, allow_pickle=allow_pickle, modules=modules,
-                     dtype=torch.bfloat16 if weights_dtype == "bf16" else torch.float32)
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weights dtype {weights_dtype!r} unknown; choose {', '.join(WEIGHT_DTYPES)}")
+    model = load_any(path, vae=vae, allow_pickle=allow_pickle, modules=modules, dtype=WEIGHT_DTYPES[weights_dtype])
     if model.spec.text_encoder is None:
         raise ValueError(f"{path} is not a text-to-image model (it has no text encoder); use `imagine sample` "
                          "for class-conditional or unconditional models")

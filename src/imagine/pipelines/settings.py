@@ -163,6 +163,10 @@ class Settings:
     tile: int | None = setting(None, "Sample in overlapping tiles of this many pixels a side (default: whole "
                                      "images): for sizes whose activations would not fit in memory.", ge=32,
                                  kinds=SAMPLED)
+    vae_tile: int | None = setting(None, "Decode with the VAE in overlapping tiles of this many pixels a side "
+                                         "(default: whole images, or tiles when decoding them whole would not fit "
+                                         "in memory: the plan picks the size, and the record keeps it).", ge=64,
+                                     kinds=SAMPLED)
 
     @classmethod
     def from_record(cls, record: dict) -> Settings:
@@ -171,7 +175,7 @@ class Settings:
         Earlier records wrote "not given" as 0 for hires_steps and tile; that is None now."""
         data = {k: v for k, v in record.items() if k != "batched"}
         data.setdefault("resolution_binning", False)  # records before it: generated at the size asked
-        for name in ("hires_steps", "tile"):
+        for name in ("hires_steps", "tile", "vae_tile"):
             if data.get(name) == 0:
                 data[name] = None
         return cls(**data)
@@ -239,6 +243,8 @@ class Settings:
                              f"{self.hires_steps!r}")
         if self.tile is not None and (not isinstance(self.tile, int) or self.tile < 32):
             raise ValueError(f"tile must be at least 32 pixels (or none: no tiling), got {self.tile!r}")
+        if self.vae_tile is not None and (not isinstance(self.vae_tile, int) or self.vae_tile < 64):
+            raise ValueError(f"vae_tile must be at least 64 pixels (or none: decode whole), got {self.vae_tile!r}")
         if self.sr_noise_level is not None and (not isinstance(self.sr_noise_level, int) or self.sr_noise_level < 0):
             raise ValueError(f"the SR noise level must be an integer >= 0, got {self.sr_noise_level!r}")
 

@@ -72,3 +72,29 @@ class TiledDenoiser:
     def denoise_with_variance(self, x, sigma, cond=None):
         raise ValueError("tiled sampling does not cover DDPM with a learned variance; use another sampler or "
                          "no tiles")
+
+
+def tiled_decode(decode, z: torch.Tensor, tile: int, factor: int) -> torch.Tensor:
+    """A VAE's ``decode`` over overlapping latent tiles of ``tile`` positions a side (a quarter overlapping),
+    each tile's pixels feathered into its neighbours' (the ramps above), so the decoder's activations are one
+    tile's whatever the image's size (diffusers' enable_vae_tiling and A1111's Tiled VAE do the same). The
+    decoder's group norms and middle attention see one tile at a time, so the pixels differ slightly from a
+    whole decode; an image that fits in one tile is decoded exactly as without tiling."""
+    h, w = z.shape[-2:]
+    if h <= tile and w <= tile:
+        return decode(z)
+    overlap = tile // 4
+    out = total = None
+    for top in tile_origins(h, tile, overlap):
+        for left in tile_origins(w, tile, overlap):
+            th, tw = min(tile, h), min(tile, w)
+            pixels = decode(z[..., top: top + th, left: left + tw]).float()
+            if out is None:
+                out = torch.zeros((*pixels.shape[:2], h * factor, w * factor), dtype=torch.float32,
+                                  device=pixels.device)
+                total = torch.zeros((h * factor, w * factor), dtype=torch.float32, device=pixels.device)
+            weight = torch.outer(_ramp(th * factor, overlap * factor, top > 0, top + th < h),
+                                 _ramp(tw * factor, overlap * factor, left > 0, left + tw < w)).to(pixels.device)
+            out[..., top * factor: (top + th) * factor, left * factor: (left + tw) * factor] += pixels * weight
+            total[top * factor: (top + th) * factor, left * factor: (left + tw) * factor] += weight
+    return out / total

@@ -323,9 +323,10 @@ def router(service: Service) -> APIRouter:
         try:
             clip_skip, ensd = int(options["CLIP_stop_at_last_layers"]), int(options["eta_noise_seed_delta"])
             tile = int(override.get("imagine_tile") or 0) or None  # 0: whole images
+            vae_tile = int(override.get("imagine_vae_tile") or 0) or None  # 0: whole, or as the plan picks
         except (TypeError, ValueError):
-            raise RequestError("CLIP_stop_at_last_layers, eta_noise_seed_delta and imagine_tile must be "
-                               "integers") from None
+            raise RequestError("CLIP_stop_at_last_layers, eta_noise_seed_delta, imagine_tile and imagine_vae_tile "
+                               "must be integers") from None
         request = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
                    "sampler": sampler, "schedule": _scheduler(body.scheduler), "cfg_scale": body.cfg_scale,
                    "distilled_cfg_scale": body.distilled_cfg_scale,
@@ -336,7 +337,7 @@ def router(service: Service) -> APIRouter:
                    "text_encoders": list(options["forge_additional_modules"] or []) or None,
                    **({"inpainting_mask_weight": options["inpainting_mask_weight"]} if kind != "txt2img" else {}),
                    "clip_skip": clip_skip if clip_skip > 1 else None, "noise_seed_delta": ensd,
-                   "backend": override.get("imagine_backend", "torch"), "tile": tile}
+                   "backend": override.get("imagine_backend", "torch"), "tile": tile, "vae_tile": vae_tile}
         request.update(refiner_request(body))
         if kind == "txt2img":
             request.update(hires_request(body))

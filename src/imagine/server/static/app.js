@@ -239,7 +239,7 @@ function requestBody() {
     n: number("n"), width: number("width"),
     height: number("height"), clip_skip: $("clip_skip").disabled ? null : number("clip_skip"),
     noise_seed_delta: number("noise_seed_delta") || 0,
-    backend: $("backend").value, tile: number("tile") || null,
+    backend: $("backend").value, tile: number("tile") || null, vae_tile: number("vae_tile") || null,
     vae: $("vae").value === "Automatic" ? null : $("vae").value,
     text_encoders: pickedTextEncoders(),
   };
@@ -443,6 +443,7 @@ $("send-to-txt2img").addEventListener("click", () => {
     if (upscaler) $("hires_upscaler").value = upscaler;
   }
   $("tile").value = p["Tile size"] || "";
+  $("vae_tile").value = p["VAE tile"] || "";
   showTab("txt2img");
 });
 
