@@ -78,3 +78,38 @@ def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on ``device`` when enabled; no autocast context at all otherwise (a device torch has no
     autocast for, such as meta, then runs as it is)."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def text_modules(encoder) -> list[torch.nn.Module]:
+    """A text encoder's transformers (CLIPs, T5, MiniLM), whatever its kind."""
+    found = [m for m in getattr(encoder, "models", None) or [] if isinstance(m, torch.nn.Module)]
+    for name in ("model", "t5"):
+        part = getattr(encoder, name, None)
+        part = getattr(part, "model", part) if name == "t5" else part
+        if isinstance(part, torch.nn.Module) and all(part is not m for m in found):
+            found.append(part)
+    return found
+
+
+@contextlib.contextmanager
+def placed(modules, tensors, device: torch.device):
+    """Training on ``device``: the modules moved there (their parameters keep their identity, so an optimizer
+    holding them follows) and any other trained tensor (LoRA factors, textual-inversion vectors) moved in
+    place; all back to the CPU at the end, whatever happens, so what is saved afterwards is on the CPU."""
+    modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+    if device.type == "cpu":
+        yield
+        return
+    try:
+        for module in modules:
+            module.to(device)
+        for tensor in tensors:
+            if tensor.device != device:
+                tensor.data = tensor.data.to(device)
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
+        for tensor in tensors:
+            if tensor.device.type != "cpu":
+                tensor.data = tensor.data.to("cpu")

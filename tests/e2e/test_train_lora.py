@@ -47,7 +47,8 @@ def test_train_lora_cli_writes_a_file_generate_uses(tiny_t2i_dir, tmp_path):
     out = tmp_path / "style.safetensors"
     run = _run([sys.executable, "-m", "imagine", "train-lora", "--model", str(tiny_t2i_dir), "--data",
                           "builtin:shapes", "--out", str(out), "--steps", "3", "--batch-size", "2", "--rank", "2",
-                          "--sample-prompt", "a red circle"], capture_output=True, text=True, timeout=300)
+                          "--sample-prompt", "a red circle", "--device", "cpu"], capture_output=True, text=True,
+               timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     root = tmp_path / "style-training"
     assert out.exists() and (root / "loss.png").exists() and (root / "samples" / "step_0000003.png").exists()
@@ -60,6 +61,12 @@ def test_train_lora_cli_writes_a_file_generate_uses(tiny_t2i_dir, tmp_path):
                           "builtin:shapes", "--out", str(tmp_path / "x.safetensors"), "--targets", "every"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "LoRA targets 'every' unknown" in bad.stderr
+    if not torch.cuda.is_available():  # a device that is not there: one line, before any work
+        gpu = _run([sys.executable, "-m", "imagine", "train-lora", "--model", str(tiny_t2i_dir), "--data",
+                    "builtin:shapes", "--out", str(tmp_path / "g.safetensors"), "--device", "cuda"],
+                   capture_output=True, text=True, timeout=300)
+        assert gpu.returncode == 2 and "no CUDA GPU" in gpu.stderr and "Traceback" not in gpu.stderr
+        assert not (tmp_path / "g.safetensors").exists()
 
 
 def test_text_encoder_lora_trains_through_the_encoder(tmp_path):

@@ -33,3 +33,22 @@ def test_to_device_moves_nested_conditioning():
     moved = to_device(cond, torch.device("meta"))
     assert moved["a"].is_meta and moved["b"][0].is_meta and moved["b"][1] == 3 and moved["c"] is None
     assert module_device(torch.nn.Identity()) == torch.device("cpu")
+
+
+def test_a_runs_device_auto_takes_this_processs_gpu_or_the_cpu(monkeypatch):
+    from imagine.train.loop import training_device
+
+    assert training_device(None) == training_device("auto") == torch.device("cpu")  # no GPU here
+    assert training_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_device("auto") == torch.device("cuda", 1)  # under torchrun: this rank's GPU
+
+
+def test_placed_on_the_cpu_moves_nothing():
+    from imagine.devices import placed
+
+    layer, extra = torch.nn.Linear(2, 2), torch.zeros(3, requires_grad=True)
+    before = layer.weight
+    with placed([layer], [extra], torch.device("cpu")):
+        assert layer.weight is before and extra.device.type == "cpu"

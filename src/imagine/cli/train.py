@@ -51,6 +51,8 @@ def train(
     sample_every: int | None = typer.Option(None, help="Write a sample grid every N steps (0: never)."),
     seed: int | None = typer.Option(None, help="Seed of every random draw of the run."),
     vae: Path | None = typer.Option(None, help="A VAE folder (from train-vae, or diffusers'): train in its latents."),
+    device: str = typer.Option("auto", "--device", help="Where it trains: auto (a CUDA GPU, then Apple's MPS, then "
+                                                         "the CPU), cpu, cuda, cuda:N or mps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     init: Path | None = typer.Option(None, help="Start from this trained model folder (a full fine-tune): its "
                                                 "network, weights, noise schedule and VAE; the preset and flags "
@@ -85,7 +87,7 @@ def train(
             cfg = replace(cfg, min_snr_gamma=None)
         train_model(cfg, data, out, channels=channels, vae=vae, resume=resume, hooks=hooks,
                     vae_hooks=[] if rank else [vae_progress], log=typer.echo if rank == 0 else lambda _: None,
-                    init=init)
+                    init=init, device=device)
     except (ValueError, DataError, FileNotFoundError, FloatingPointError, CheckpointError) as err:
         fail(str(err))
     finally:
@@ -121,6 +123,8 @@ def train_sr_command(
     native: float | None = typer.Option(None, help="Share of pairs whose input is the scene drawn small by the "
                                         "renderer (builtin:shapes), not the target degraded."),
     resume: bool = typer.Option(False, "--resume", help="Go on from the last checkpoint (finished stages are kept)."),
+    device: str = typer.Option("auto", "--device", help="Where it trains: auto (a CUDA GPU, then Apple's MPS, then "
+                                                         "the CPU), cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Train super-resolution diffusion stages (Imagen): text-conditioned, on the low-resolution image with
     noise-conditioning augmentation, Efficient U-Net, in pixels."""
@@ -140,7 +144,7 @@ def train_sr_command(
                                  default_noise_level=noise_level, precision=precision, seed=seed,
                                  checkpoint_every=checkpoint_every, sample_every=sample_every, sr_native=native)
         folders = train_sr(cfg, data, out, pairs, resume=resume, hooks=[progress, sample_grid_hook()],
-                           log=typer.echo)
+                           log=typer.echo, device=device)
     except (ValueError, DataError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         fail(str(err))
     finally:
@@ -163,6 +167,8 @@ def train_vae_command(
     image_size: int | None = typer.Option(None, help="Images are resized and center-cropped to this."),
     channels: int = typer.Option(3, help="Image channels for folder data: 3 or 1."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    device: str = typer.Option("auto", "--device", help="Where it trains: auto (a CUDA GPU, then Apple's MPS, then "
+                                                         "the CPU), cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Train the KL autoencoder that latent diffusion runs in (reconstruction + KL)."""
     from imagine.data.images import DataError, load_dataset
@@ -173,7 +179,7 @@ def train_vae_command(
     try:
         cfg = vae_preset(preset).with_overrides(steps=steps, batch_size=batch_size, lr=lr, image_size=image_size)
         dataset = load_dataset(data, cfg.image_size, channels)
-        train_vae(cfg, dataset, out, resume=resume, hooks=(hook,))
+        train_vae(cfg, dataset, out, resume=resume, hooks=(hook,), device=device)
     except (ValueError, DataError, FileNotFoundError) as err:
         fail(str(err))
     finally:
@@ -188,6 +194,8 @@ def train_clip_command(
     preset: str = typer.Option("shapes-clip", help="shapes-clip (the shipped scorer) or tiny (seconds)."),
     steps: int | None = typer.Option(None, help="Training steps."),
     seed: int | None = typer.Option(None, help="Seed of the scenes and the run."),
+    device: str = typer.Option("auto", "--device", help="Where it trains: auto (a CUDA GPU, then Apple's MPS, then "
+                                                         "the CPU), cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Train the CLIP-style scorer on builtin:shapes and report its zero-shot retrieval on held-out scenes."""
     from dataclasses import replace
@@ -207,7 +215,11 @@ def train_clip_command(
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    metrics = train_clip(cfg, out, default_text_encoder(), progress)
+    try:
+        metrics = train_clip(cfg, out, default_text_encoder(), progress, device=device)
+    except ValueError as err:
+        bar.close()
+        fail(str(err))
     bar.close()
     typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
     typer.echo(f"CLIP model written to {out}")
@@ -221,6 +233,9 @@ _ADAPTER = dict(
     flip=typer.Option(False, "--flip/--no-flip", help="Random horizontal flips."),
     precision=typer.Option("fp32", help="fp32, or bf16 autocast."),
     checkpoint_every=typer.Option(100, help="Save the training state every N steps."),
+    device=typer.Option("auto", "--device", help="Where it trains: auto (a CUDA GPU, then Apple's MPS, then the "
+                                                 "CPU), cpu, cuda, cuda:N or mps. The random draws are the CPU's "
+                                                 "on any device."),
 )
 
 
@@ -258,6 +273,7 @@ def train_lora(
     seed: int = _ADAPTER["seed"],
     flip: bool = _ADAPTER["flip"],
     precision: str = _ADAPTER["precision"],
+    device: str = _ADAPTER["device"],
     checkpoint_every: int = _ADAPTER["checkpoint_every"],
     sample_every: int = typer.Option(0, help="Write a sample grid every N steps (0: only at the end when "
                                              "--sample-prompt is given)."),
@@ -282,7 +298,7 @@ def train_lora(
         loaded, encoder = load_text_model(md.resolve(model, folder))
         dataset = load_dataset(data, loaded.spec.image_size, loaded.spec.image_channels, captions=True)
         hooks = [progress, lora_sample_hook(list(sample_prompt or []), sample_every or steps)]
-        path = run(loaded, encoder, dataset, cfg, out, resume=resume, hooks=tuple(hooks))
+        path = run(loaded, encoder, dataset, cfg, out, resume=resume, hooks=tuple(hooks), device=device)
     except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
         progress(None, None)
         fail(str(err))
@@ -319,6 +335,7 @@ def dreambooth(
     sample_every: int = typer.Option(0, help="Write a sample grid every N steps (0: at the end)."),
     models_dir: Path | None = typer.Option(None, help="A1111-style models folder (default: ./models)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT-training/."),
+    device: str = _ADAPTER["device"],
 ) -> None:
     """DreamBooth (Ruiz et al. 2023) as a LoRA: teach the model a subject from a few images under a rare word,
     with the prior-preservation loss on the base model's own images of the class."""
@@ -358,7 +375,8 @@ def dreambooth(
         prompts = list(sample_prompt or [instance_prompt, *list(class_prompt or [])[:1]])
         hooks = (progress, lora_sample_hook(prompts, sample_every or steps))
         train = train_full if full else train_lora
-        path = train(loaded, encoder, instances, cfg, out, resume=resume, hooks=hooks, prior=prior)
+        path = train(loaded, encoder, instances, cfg, out, resume=resume, hooks=hooks, prior=prior,
+                     device=device)
     except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
         progress(None, None)
         fail(str(err))
@@ -384,6 +402,7 @@ def textual_inversion(
     seed: int = _ADAPTER["seed"],
     flip: bool = _ADAPTER["flip"],
     precision: str = _ADAPTER["precision"],
+    device: str = _ADAPTER["device"],
     checkpoint_every: int = _ADAPTER["checkpoint_every"],
     sample_prompt: list[str] = typer.Option(None, "--sample-prompt", help="A prompt for the sample grids; repeat "
                                                                           "(default: the template)."),
@@ -411,7 +430,8 @@ def textual_inversion(
                                captions="{caption}" in template)
         prompts = list(sample_prompt or [template.format(token=token, caption="")])
         hooks = (progress, lora_sample_hook(prompts, sample_every or steps))
-        path = train_textual_inversion(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks)
+        path = train_textual_inversion(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks,
+                                       device=device)
     except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
         progress(None, None)
         fail(str(err))
@@ -420,7 +440,8 @@ def textual_inversion(
 
 
 def _train_control(kind: str, model, condition, data, out, steps, batch_size, lr, caption_dropout, seed,
-                   precision, checkpoint_every, sample_every, models_dir, resume, num_res_blocks=2) -> None:
+                   precision, checkpoint_every, sample_every, models_dir, resume, num_res_blocks=2,
+                   device: str = "auto") -> None:
     from imagine.data.images import DataError, load_dataset
     from imagine.io import models_dir as md
     from imagine.io.checkpoint import CheckpointError
@@ -437,7 +458,7 @@ def _train_control(kind: str, model, condition, data, out, steps, batch_size, lr
         size = loaded.spec.image_size
         dataset = load_dataset(data, size, loaded.spec.image_channels, captions=True)
         hooks = (progress, control_sample_hook(held_out_items(data, size), sample_every or steps))
-        path = train_control(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks)
+        path = train_control(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks, device=device)
     except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
         progress(None, None)
         fail(str(err))
@@ -477,13 +498,14 @@ def train_controlnet(
     lr: float = typer.Option(1e-4, help="AdamW learning rate."),
     caption_dropout: float = _CONTROL["caption_dropout"], seed: int = _ADAPTER["seed"],
     precision: str = _ADAPTER["precision"], checkpoint_every: int = _ADAPTER["checkpoint_every"],
+    device: str = _ADAPTER["device"],
     sample_every: int = _CONTROL["sample_every"], models_dir: Path | None = _CONTROL["models_dir"],
     resume: bool = _CONTROL["resume"],
 ) -> None:
     """Train a ControlNet (Zhang et al. 2023): a copy of the model's encoder that reads a condition map,
     joined to the frozen UNet through zero convolutions (so it starts as the base model)."""
     _train_control("controlnet", model, condition, data, out, steps, batch_size, lr, caption_dropout, seed, precision,
-                   checkpoint_every, sample_every, models_dir, resume)
+                   checkpoint_every, sample_every, models_dir, resume, device=device)
 
 
 @app.command("train-adapter", rich_help_panel=TRAIN)
@@ -496,12 +518,13 @@ def train_adapter(
     num_res_blocks: int = typer.Option(2, help="Residual blocks per level."),
     caption_dropout: float = _CONTROL["caption_dropout"], seed: int = _ADAPTER["seed"],
     precision: str = _ADAPTER["precision"], checkpoint_every: int = _ADAPTER["checkpoint_every"],
+    device: str = _ADAPTER["device"],
     sample_every: int = _CONTROL["sample_every"], models_dir: Path | None = _CONTROL["models_dir"],
     resume: bool = _CONTROL["resume"],
 ) -> None:
     """Train a T2I-Adapter (Mou et al. 2023): a small network whose features join the frozen UNet's encoder."""
     _train_control("t2i_adapter", model, condition, data, out, steps, batch_size, lr, caption_dropout, seed,
-                   precision, checkpoint_every, sample_every, models_dir, resume, num_res_blocks)
+                   precision, checkpoint_every, sample_every, models_dir, resume, num_res_blocks, device=device)
 
 
 @app.command("train-ip-adapter", rich_help_panel=TRAIN)
@@ -521,6 +544,7 @@ def train_ip_adapter_cmd(
     rerender: float = typer.Option(0.75, help="builtin:shapes: the reference is the scene re-rendered (same "
                                               "objects, new places) this often, else the image itself."),
     seed: int = _ADAPTER["seed"], precision: str = _ADAPTER["precision"],
+    device: str = _ADAPTER["device"],
     checkpoint_every: int = _ADAPTER["checkpoint_every"], sample_every: int = _CONTROL["sample_every"],
     models_dir: Path | None = _CONTROL["models_dir"], resume: bool = _CONTROL["resume"],
 ) -> None:
@@ -543,7 +567,7 @@ def train_ip_adapter_cmd(
         size = loaded.spec.image_size
         dataset = load_dataset(data, size, loaded.spec.image_channels, captions=True)
         hooks = (progress, ip_sample_hook(held_out_items(data, size), sample_every or steps))
-        path = train_ip_adapter(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks)
+        path = train_ip_adapter(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks, device=device)
     except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
         progress(None, None)
         fail(str(err))
@@ -570,6 +594,7 @@ def distill_lcm_cmd(
                                                 "T / N timesteps (the paper: 50)."),
     ema_decay: float = typer.Option(0.95, help="Decay of the target network's EMA."),
     seed: int = _ADAPTER["seed"], precision: str = _ADAPTER["precision"],
+    device: str = _ADAPTER["device"],
     checkpoint_every: int = typer.Option(250, help="Save the training state every N steps."),
     sample_every: int = _CONTROL["sample_every"],
     models_dir: Path | None = _CONTROL["models_dir"], resume: bool = _CONTROL["resume"],
@@ -592,7 +617,7 @@ def distill_lcm_cmd(
         dataset = load_dataset(data, loaded.spec.image_size, loaded.spec.image_channels, captions=True)
         prompts = [caption for _, caption in held_out_items(data, loaded.spec.image_size, count=2)]
         hooks = (progress, lcm_sample_hook(prompts, sample_every or steps))
-        path = distill_lcm(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks)
+        path = distill_lcm(loaded, encoder, dataset, cfg, out, resume=resume, hooks=hooks, device=device)
     except (ValueError, CheckpointError, FileNotFoundError, DataError) as err:
         progress(None, None)
         fail(str(err))

@@ -22,7 +22,7 @@ from imagine.adapters.embeddings import resolve_embeddings
 from imagine.adapters.image_prompt import resolve_prompts
 from imagine.adapters.lora import LoraUse
 from imagine.data.vocabulary import caption_vocabulary, unknown_words
-from imagine.devices import module_device, resolve_device
+from imagine.devices import module_device, resolve_device, text_modules
 from imagine.io.lora_keys import lora_metadata
 from imagine.io.model_folder import DiffusionModel
 from imagine.io.models_dir import resolve
@@ -340,20 +340,9 @@ def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pi
         model.unet.to(device)
         if model.vae is not None:
             model.vae.to(device)
-        for part in _text_modules(encoder):
+        for part in text_modules(encoder):
             part.to(device)
     return model, encoder
-
-
-def _text_modules(encoder) -> list[torch.nn.Module]:
-    """A text encoder's transformers (CLIPs, T5, MiniLM), whatever its kind."""
-    found = [m for m in getattr(encoder, "models", None) or [] if isinstance(m, torch.nn.Module)]
-    for name in ("model", "t5"):
-        part = getattr(encoder, name, None)
-        part = getattr(part, "model", part) if name == "t5" else part
-        if isinstance(part, torch.nn.Module) and all(part is not m for m in found):
-            found.append(part)
-    return found
 
 
 def load_scorer(path: Path | str | None = None):

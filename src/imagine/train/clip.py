@@ -18,6 +18,7 @@ import torch
 from imagine.data.shapes import COLORS, SHAPES, ShapesDataset, make_scene
 from imagine.io.networks import save_clip
 from imagine.models.clip import CLIPConfig, ShapesCLIP, contrastive_loss
+from imagine.train.loop import training_device
 
 HELD_OUT_START = 50_000_000  # scene indices of the evaluation set; training uses 0 .. pool - 1
 
@@ -100,9 +101,12 @@ def zero_shot(model: ShapesCLIP, text_encoder, size: int, n: int = 1000, seed: i
             "candidates": size, "classes": len(labels)}
 
 
-def train_clip(cfg: CLIPTrainConfig, out: Path, text_encoder, progress: Callable[[int, float], None] | None = None
-               ) -> dict:
-    """Train, evaluate on held-out scenes, and write ``out`` (config.json, model.safetensors, eval.json)."""
+def train_clip(cfg: CLIPTrainConfig, out: Path, text_encoder, progress: Callable[[int, float], None] | None = None,
+               device: str | None = None) -> dict:
+    """Train, evaluate on held-out scenes, and write ``out`` (config.json, model.safetensors, eval.json);
+    ``device`` as loop.training_device takes it (the text states are computed once, beforehand, where the text
+    encoder is; the batches are drawn on the CPU)."""
+    device = training_device(device)
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     size = cfg.model.image_size
@@ -111,6 +115,8 @@ def train_clip(cfg: CLIPTrainConfig, out: Path, text_encoder, progress: Callable
     ds = ShapesDataset(size, seed=cfg.seed)
     images, captions = _render(ds, range(cfg.pool))
     pooled, ids = _pooled(text_encoder, captions)
+    model.to(device)
+    images, pooled = images.to(device), pooled.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (
         1 + np.cos(np.pi * min(1.0, s / cfg.steps))))
@@ -118,7 +124,8 @@ def train_clip(cfg: CLIPTrainConfig, out: Path, text_encoder, progress: Callable
     log = []
     for step in range(cfg.steps):
         idx = torch.randperm(cfg.pool, generator=g)[: cfg.batch_size]
-        batch_ids = ids[idx]
+        batch_ids = ids[idx].to(device)
+        idx = idx.to(device)
         logits = model.logit_scale.exp().clamp(max=100) * (
             model.encode_image(to_unit(images[idx])) @ model.encode_pooled_text(pooled[batch_ids]).T)
         loss = contrastive_loss(logits, batch_ids[:, None] == batch_ids[None, :])
@@ -129,7 +136,7 @@ def train_clip(cfg: CLIPTrainConfig, out: Path, text_encoder, progress: Callable
         log.append(loss.item())
         if progress is not None:
             progress(step + 1, log[-1])
-    model.eval()
+    model.eval().to("cpu")
     metrics = zero_shot(model, text_encoder, size, cfg.held_out, cfg.seed)
     metrics.update(train_seconds=time.perf_counter() - started, final_loss=float(np.mean(log[-20:])),
                    config={**asdict(cfg), "model": asdict(model_cfg)})

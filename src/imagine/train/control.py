@@ -79,7 +79,7 @@ def new_network(model, kind: str, seed: int = 0, num_res_blocks: int = 2) -> tor
 
 
 def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path | str, *, resume: bool = False,
-                  hooks: tuple[Hook, ...] = ()) -> Path:
+                  hooks: tuple[Hook, ...] = (), device: str | torch.device = "cpu") -> Path:
     """Train a control network for ``model`` on ``data`` (captioned images at the model's size) and write it
     to the folder ``out`` in diffusers' layout (it loads in diffusers too). Checkpoints, the log and sample
     grids (condition | outputs) go to OUT-training/ beside it."""
@@ -97,7 +97,7 @@ def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path 
     transformer = model.family.network != "unet"
 
     def control(images, x_t, t, cond, indices=None):
-        maps = conditions(images, cfg.condition)
+        maps = conditions(images, cfg.condition).to(x_t.device)  # preprocessors run on the CPU
         if transformer:  # the MMDiT's ControlNet reads the condition's latents
             with torch.no_grad():
                 latents = model.vae.to_latent(model.vae.encode(maps * 2 - 1).mean) if model.vae is not None \
@@ -113,7 +113,7 @@ def train_control(model, text_encoder, data, cfg: ControlTrainConfig, out: Path 
 
     fit(model, text_encoder, data, cfg, root, params, text_grad=False, resume=resume, hooks=hooks,
         must_match={"condition": cfg.condition, "kind": cfg.kind}, control=control,
-        context={"control": net, "condition": cfg.condition, "kind": cfg.kind})
+        context={"control": net, "condition": cfg.condition, "kind": cfg.kind}, device=device, modules=(net,))
     net.eval().requires_grad_(False)
     if out.exists():  # a resumed run finishing again: the new weights replace the old folder
         shutil.rmtree(out)

@@ -80,7 +80,7 @@ def references(data, images: torch.Tensor, indices, cfg: IPAdapterTrainConfig, t
 
 
 def train_ip_adapter(model, text_encoder, data, cfg: IPAdapterTrainConfig, out: Path | str, *, resume: bool = False,
-                     hooks: tuple[Hook, ...] = ()) -> Path:
+                     hooks: tuple[Hook, ...] = (), device: str | torch.device = "cpu") -> Path:
     """Train an IP-Adapter for ``model`` on ``data`` and write it to ``out`` (.safetensors, the original
     layout, which diffusers loads). Checkpoints, the log and sample grids go to OUT-training/ beside it."""
     out = Path(out)
@@ -97,16 +97,16 @@ def train_ip_adapter(model, text_encoder, data, cfg: IPAdapterTrainConfig, out: 
 
     def control(images, x_t, t, cond, indices=None):
         refs = references(data, images, indices, cfg, t)
-        with torch.no_grad():
-            embeds = encoder.embed(refs)
+        with torch.no_grad():  # the frozen image encoder stays on the CPU; its embeddings go to the UNet's device
+            embeds = encoder.embed(refs).to(x_t.device)
         keep = torch.tensor([random.Random(f"ip-drop:{cfg.seed}:{int(i)}:{int(s)}").random() >= cfg.image_dropout
-                             for i, s in zip(indices, t, strict=True)], dtype=embeds.dtype)
+                             for i, s in zip(indices, t, strict=True)], dtype=embeds.dtype, device=embeds.device)
         tokens = adapter.tokens(embeds * keep[:, None])
         return {"attention_streams": adapter.streams(model.unet, tokens, 1.0)}
 
     fit(model, text_encoder, data, cfg, root, params, text_grad=False, resume=resume, hooks=hooks,
         must_match={"image_encoder": cfg.image_encoder}, control=control,
-        context={"ip_adapter": adapter, "image_encoder": encoder.name})
+        context={"ip_adapter": adapter, "image_encoder": encoder.name}, device=device, modules=(adapter,))
     adapter.eval().requires_grad_(False)
     info = {"training": asdict(cfg), **base_record(model)}
     return save_ip_adapter(adapter, out, encoder.name, info)

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from imagine.adapters.lora import attach, create
+from imagine.devices import autocast, placed, resolve_device, text_modules
 from imagine.diffusion.consistency import consistency_schedule
 from imagine.diffusion.schedules import lcm_grid
 from imagine.io.lora_keys import save_lora
@@ -98,12 +99,15 @@ def _draws(seed: int, counter: int, grid_size: int, shape: tuple[int, ...], cfg:
 
 
 def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | str, *, resume: bool = False,
-                hooks: tuple[Hook, ...] = ()) -> Path:
+                hooks: tuple[Hook, ...] = (), device: str | torch.device = "cpu") -> Path:
     """Distil ``model`` (a loaded text-to-image DiffusionModel, the teacher) on ``data`` (captioned images at
     its size) into a latent consistency model folder at ``out`` (UNet with a guidance input, the teacher's VAE,
     a diffusion.json that selects the lcm sampler at 4 steps), or with ``cfg.lora_rank`` into an LCM-LoRA
-    file (.safetensors, kohya's layout). Checkpoints, log and sample grids go to OUT-training/."""
+    file (.safetensors, kohya's layout). Checkpoints, log and sample grids go to OUT-training/. ``device``: where
+    it trains (the draws stay the CPU's, so a run is the same on any device); everything is back on the CPU
+    when it returns."""
     out = Path(out)
+    device = resolve_device(device)
     spec, teacher, vae = model.spec, model.unet, model.vae
     if spec.text_encoder is None or text_encoder is None:
         raise ValueError("LCM distillation needs a text-to-image teacher and its text encoder")
@@ -141,6 +145,28 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
     must_match = {"lora_rank": cfg.lora_rank, "original_steps": cfg.original_steps}
     handle = attach({"unet": teacher}, [(lora, 1.0)]) if cfg.lora_rank else None
+    networks = [teacher, vae, *text_modules(text_encoder), *((lora,) if cfg.lora_rank else (student, target))]
+    with placed(networks, list(params.values()), device):
+        _distill(model, text_encoder, data, cfg, root, params, optimizer, must_match, resume, hooks, handle,
+                 lora if cfg.lora_rank else None, student, target, ema, schedule, grid, k, device)
+    if cfg.lora_rank:
+        record = {**asdict(cfg), **base_record(model), "lcm": True}
+        save_lora(lora, out, "kohya", ldm_names_for=teacher if model.family.kohya_unet_names == "ldm" else None,
+                  metadata={"imagine_lora": json.dumps(record)})
+        return out
+    lcm = _as_model(model, target, cfg)
+    # the student learns only what the teacher draws for the data's captions
+    words = data.vocabulary() if hasattr(data, "vocabulary") else None
+    vocabulary = words | model.vocabulary if words is not None and model.vocabulary is not None else None
+    save_model_folder(DiffusionModel(lcm.unet.eval(), model.vae, lcm.spec, out, vocabulary=vocabulary), out,
+                      replace=True)
+    return out
+
+
+def _distill(model, text_encoder, data, cfg, root, params, optimizer, must_match, resume, hooks, handle, lora,
+             student, target, ema, schedule, grid, k, device):
+    """distill_lcm's loop, on ``device``."""
+    spec, teacher, vae = model.spec, model.unet, model.vae
     try:
         start = _load_state(root, params, optimizer, must_match) if resume else 0
         log_path = root / "log.jsonl"
@@ -168,8 +194,8 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
         def f_of(network, x_t, s, cond, w_emb):
             """The consistency function of ``network`` at x_s, integer grid timesteps s (B,)."""
             extra = {"timestep_cond": w_emb} if w_emb is not None else {}
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                output = network(x_t, schedule.network_t(s), **cond, **extra).float()
+            with autocast(device, cfg.precision == "bf16"):
+                output = network(x_t, schedule.network_t(s).to(device), **cond, **extra).float()
             return schedule.f(output, x_t, s)
 
         # the hooks draw with the target as it stands (updated in place); LCM-LoRA: the model, LoRA attached
@@ -183,26 +209,26 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
             images, _, captions = data.batch(idx, torch.zeros(len(idx), dtype=torch.bool))
             if captions is None:
                 raise ValueError(f"{data.source} has no captions: give each image a .txt (or a metadata.jsonl)")
-            x0 = posterior_latents(vae, images, cfg.seed + 1, counters, shape)
+            x0 = posterior_latents(vae, images, cfg.seed + 1, counters, shape).to(device)
             with torch.no_grad():
                 t = grid[torch.tensor([n for n, _, _ in draws])]
                 t_prev = schedule.previous(t, k)
                 scale = torch.tensor([s for _, s, _ in draws])
-                noise = torch.stack([z for _, _, z in draws])
+                noise = torch.stack([z for _, _, z in draws]).to(device)  # drawn on the CPU, as on any device
                 x_t = schedule.noisy(x0, noise, t)
                 cond, uncond = conditioning(list(captions))
-                w_emb = None if cfg.lora_rank else guidance_embedding(scale - 1, cfg.w_embed_dim)
+                w_emb = None if cfg.lora_rank else guidance_embedding(scale - 1, cfg.w_embed_dim).to(device)
                 # one DDIM step of the teacher under CFG: x0 and eps at cfg scale, then to t_prev
                 if handle is not None:
                     handle.detach()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    both = teacher(torch.cat([x_t, x_t]), schedule.network_t(torch.cat([t, t])),
+                with autocast(device, cfg.precision == "bf16"):
+                    both = teacher(torch.cat([x_t, x_t]), schedule.network_t(torch.cat([t, t])).to(device),
                                    **{key: torch.cat([uncond[key], cond[key]]) for key in cond}).float()
                 if handle is not None:
                     handle = attach({"unet": teacher}, [(lora, 1.0)])
                 x0_both, eps_both = schedule.x0_eps(both, torch.cat([x_t, x_t]), torch.cat([t, t]))
                 (x0_u, x0_c), (eps_u, eps_c) = x0_both.chunk(2), eps_both.chunk(2)
-                g = (scale - 1).reshape(-1, 1, 1, 1)
+                g = (scale - 1).reshape(-1, 1, 1, 1).to(device)
                 x0_hat, eps_hat = x0_c + g * (x0_c - x0_u), eps_c + g * (eps_c - eps_u)
                 x_prev = schedule.step(x0_hat, eps_hat, t_prev)
                 target_f = f_of(target, x_prev, t_prev, cond, w_emb)
@@ -231,17 +257,6 @@ def distill_lcm(model, text_encoder, data, cfg: LCMDistillConfig, out: Path | st
     finally:
         if handle is not None:
             handle.detach()
-    if cfg.lora_rank:
-        record = {**asdict(cfg), **base_record(model), "lcm": True}
-        save_lora(lora, out, "kohya", ldm_names_for=teacher if model.family.kohya_unet_names == "ldm" else None,
-                  metadata={"imagine_lora": json.dumps(record)})
-        return out
-    lcm = _as_model(model, target, cfg)
-    # the student learns only what the teacher draws for the data's captions
-    words = data.vocabulary() if hasattr(data, "vocabulary") else None
-    vocabulary = words | model.vocabulary if words is not None and model.vocabulary is not None else None
-    save_model_folder(DiffusionModel(lcm.unet.eval(), vae, lcm.spec, out, vocabulary=vocabulary), out, replace=True)
-    return out
 
 
 def _as_model(teacher_model, unet: torch.nn.Module, cfg: LCMDistillConfig):

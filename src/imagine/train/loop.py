@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from imagine.data.images import ImageDataset
+from imagine.devices import resolve_device
 from imagine.diffusion.objectives import objective
 from imagine.diffusion.superres import augment, degrade, upsample
 from imagine.families import of_network
@@ -60,6 +61,16 @@ def _distributed() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def training_device(name: str | None) -> torch.device:
+    """A run's device: "auto" (or None) is this process's CUDA GPU (cuda:LOCAL_RANK under torchrun) when there is
+    one, else the CPU; a bare "cuda" is cuda:LOCAL_RANK too; anything else as devices.resolve_device says."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if name in (None, "auto"):
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    device = resolve_device(name)
+    return torch.device("cuda", local) if device.type == "cuda" and str(name) == "cuda" else device
 
 
 def _sample_generator(seed: int, counter: int) -> torch.Generator:
@@ -238,8 +249,11 @@ def training_vocabulary(data, init: DiffusionModel | None) -> tuple[frozenset[st
 
 def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool = False,
           latents: tuple[torch.Tensor, torch.Tensor] | None = None, vae=None, vae_dir: Path | None = None,
-          text_encoder=None, hooks: tuple[Hook, ...] = (), init: DiffusionModel | None = None) -> Path:
+          text_encoder=None, hooks: tuple[Hook, ...] = (), init: DiffusionModel | None = None,
+          device: str | None = None) -> Path:
     """Train a diffusion UNet on ``data`` and write a model folder to ``out``; returns ``out``.
+    device: where it trains; None or "auto" takes this process's CUDA GPU when there is one (cuda:LOCAL_RANK
+    under torchrun), else the CPU; "cuda" alone means cuda:LOCAL_RANK too (devices.resolve_device names the rest).
 
     data: anything with ``batch(indices, flips) -> (images, labels or None, captions or None)``, ``len``,
     ``channels``, ``class_names`` and ``infinite`` (read in order, never permuted: builtin:shapes).
@@ -264,8 +278,8 @@ def train(cfg: TrainConfig, data: ImageDataset, out: Path | str, *, resume: bool
     if cfg.class_conditional and data.num_classes < 2:
         raise ValueError(f"class-conditional training needs classes; {data.source} has none (for a folder, "
                          "put each class in a sub-folder and pass --classes)")
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = training_device(device)
+    cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     if latents is not None:
         item_shape = tuple(latents[0].shape[1:])

@@ -20,6 +20,7 @@ from PIL import Image, PngImagePlugin
 
 from imagine.adapters.lora import attach, create, forget_text_cache, parts_of
 from imagine.data.images import ImageDataset
+from imagine.devices import autocast, placed, resolve_device, text_modules
 from imagine.diffusion.objectives import objective
 from imagine.io.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from imagine.io.lora_keys import save_lora
@@ -69,9 +70,9 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def _save_state(root: Path, step: int, params: dict[str, torch.Tensor], optimizer, meta: dict[str, Any]) -> Path:
-    tensors = {k: v.detach().contiguous() for k, v in params.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
     optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
-    tensors.update(optim_tensors)
+    tensors.update({k: v.detach().cpu() for k, v in optim_tensors.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     path = root / f"step_{step:07d}.safetensors"
     atomic_save_safetensors(tensors, path, {"state": json.dumps({"step": step, "optimizer": optim_meta, **meta})})
@@ -104,7 +105,8 @@ def _load_state(root: Path, params: dict[str, torch.Tensor], optimizer, must_mat
 
 def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: dict[str, torch.Tensor], *,
         text_grad: bool, must_match: dict[str, Any], resume: bool = False, hooks: tuple[Hook, ...] = (),
-        prior=None, prompt=None, context: dict[str, Any] | None = None, control=None) -> None:
+        prior=None, prompt=None, context: dict[str, Any] | None = None, control=None,
+        device: str | torch.device = "cpu", modules: tuple = ()) -> None:
     """The adapter training loop: optimize ``params`` (name -> leaf tensor; the model stays frozen) with the
     model's own diffusion loss on ``data``, checkpointing to ``root`` (resumable exactly). The caller has
     attached what ``params`` belong to. text_grad: gradients flow through the text encoder (its LoRA, or
@@ -114,12 +116,25 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
     for the class prompt. Each step then adds ``cfg.prior_weight`` x the same loss on as many class images,
     so the model keeps drawing the class as it did while it learns the subject.
 
-    control: (images (B, C, H, W) in [-1, 1], x_t, t, cond, indices=the items' indices) -> UNet inputs to add
-    or replace (a ControlNet's or T2I-Adapter's residuals from each image's condition; an IP-Adapter's context
-    pair from each item's reference image)."""
+    control: (images (B, C, H, W) in [-1, 1], on the CPU, x_t, t, cond, indices=the items' indices) -> UNet
+    inputs to add or replace (a ControlNet's or T2I-Adapter's residuals from each image's condition; an
+    IP-Adapter's context pair from each item's reference image).
+
+    device: where it trains (devices.resolve_device); the model, its text encoder, ``modules`` (a ControlNet, an
+    image encoder) and ``params`` go there for the run and come back to the CPU after it. The draws (noise,
+    timesteps, flips) are made on the CPU as ever, so a run is the same draw for draw on any device."""
+    device = resolve_device(device)
+    everything = [model.unet, model.vae, *text_modules(text_encoder), *modules]
+    with placed(everything, list(params.values()), device):
+        _fit(model, text_encoder, data, cfg, root, params, text_grad, must_match, resume, hooks, prior, prompt,
+             context, control, device)
+
+
+def _fit(model, text_encoder, data, cfg, root, params, text_grad, must_match, resume, hooks, prior, prompt, context,
+         control, device: torch.device) -> None:
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
     spec, unet, vae = model.spec, model.unet, model.vae
-    alphas_cumprod = spec.alphas_cumprod().float()
+    alphas_cumprod = spec.alphas_cumprod().float().to(device)
     goal = objective(spec.prediction, alphas_cumprod, learned_variance=spec.learned_variance)  # VP or flow
     start = _load_state(root, params, optimizer, must_match) if resume else 0
     log_path = root / "log.jsonl"
@@ -147,15 +162,15 @@ def fit(model, text_encoder, data, cfg: AdapterTrainConfig, root: Path, params: 
             raise ValueError(f"{dataset.source} has no captions: give each image a .txt (or a metadata.jsonl)")
         if own_prompts and prompt is not None:
             captions = [prompt(c) for c in captions]
-        x0 = posterior_latents(vae, images, seed + 1, counters, item_shape)
-        noise_t, t_t = torch.stack(noise), goal.timesteps(t, "cpu")
+        x0 = posterior_latents(vae, images, seed + 1, counters, item_shape).to(device)
+        noise_t, t_t = torch.stack(noise).to(device), goal.timesteps(t, device)
         x_t, network_t = goal.noisy(x0, noise_t, t_t)
         prompts = ["" if drop else cap for drop, cap in zip(prompts_drop, captions, strict=True)]
         text = text_encoder.encode(prompts, grad=text_grad)
         cond = {"encoder_hidden_states": text.context, "encoder_attention_mask": text.mask}
         # what the family takes besides the text states (SDXL: pooled text and size ids; MMDiT: pooled text)
         cond.update(model.family.conditioning(text.pooled, size, size, text.context, text.mask))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with autocast(device, cfg.precision == "bf16"):
             if control is not None:
                 cond.update(control(images, x_t, network_t, cond, indices=idx))
             output = unet(x_t, network_t, **cond)
@@ -192,7 +207,7 @@ def base_record(model) -> dict[str, Any]:
 
 
 def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str, *, resume: bool = False,
-               hooks: tuple[Hook, ...] = (), prior=None) -> Path:
+               hooks: tuple[Hook, ...] = (), prior=None, device: str | torch.device = "cpu") -> Path:
     """Train a LoRA for ``model`` (a loaded DiffusionModel with its text encoder) on ``data`` (captioned
     images at the model's size) and write it to ``out`` (.safetensors, kohya's layout). Checkpoints,
     the log and sample grids go to OUT-training/ beside it. prior: DreamBooth's class data (see ``fit``)."""
@@ -212,7 +227,7 @@ def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str,
     try:
         fit(model, text_encoder, data, cfg, root, params, text_grad=cfg.text_encoder, resume=resume, hooks=hooks,
             prior=prior, must_match={"rank": cfg.rank, "targets": cfg.targets, "algo": cfg.algo},
-            context={"lora": lora})
+            context={"lora": lora}, device=device, modules=(lora,))
     finally:
         handle.detach()
     metadata = {"imagine_lora": json.dumps({**asdict(cfg), **base_record(model)})}
@@ -222,7 +237,7 @@ def train_lora(model, text_encoder, data, cfg: LoraTrainConfig, out: Path | str,
 
 
 def train_full(model, text_encoder, data, cfg: AdapterTrainConfig, out: Path | str, *, resume: bool = False,
-               hooks: tuple[Hook, ...] = (), prior=None) -> Path:
+               hooks: tuple[Hook, ...] = (), prior=None, device: str | torch.device = "cpu") -> Path:
     """DreamBooth as the paper does it: fine-tune every UNet weight (the text encoder stays frozen), with
     the prior-preservation loss when ``prior`` is given (see ``fit``), and write the whole model to ``out``
     (a .safetensors single file, or a folder of the base's kind). The model is changed in place."""
@@ -237,7 +252,7 @@ def train_full(model, text_encoder, data, cfg: AdapterTrainConfig, out: Path | s
     params = {f"unet.{k}": p for k, p in model.unet.named_parameters()}
     try:
         fit(model, text_encoder, data, cfg, root, params, text_grad=False, resume=resume, hooks=hooks, prior=prior,
-            must_match={"full": True}, context={})
+            must_match={"full": True}, context={}, device=device)
     finally:
         model.unet.requires_grad_(False).eval()
     return save_like(model, model.path, out)

@@ -20,7 +20,8 @@ from imagine.train.loop import train
 from imagine.train.vae import encode_dataset, train_vae, vae_preset
 
 
-def ensure_vae(cfg: TrainConfig, dataset, out: Path, hooks: Sequence = (), log: Callable[[str], None] = print) -> Path:
+def ensure_vae(cfg: TrainConfig, dataset, out: Path, hooks: Sequence = (), log: Callable[[str], None] = print,
+               device: str | None = None) -> Path:
     """A latent preset with no VAE given: train one into OUT/vae_training, resuming a run that was cut
     short or that the preset now trains further (e.g. a decoder stage added after it finished)."""
     folder = Path(out) / "vae_training"
@@ -33,7 +34,7 @@ def ensure_vae(cfg: TrainConfig, dataset, out: Path, hooks: Sequence = (), log: 
         return folder
     log(f"no --vae given: training one first ({cfg.vae_preset}, {total} steps"
         f"{f', from step {done}' if done else ''}) in {folder}")
-    train_vae(vcfg, dataset, folder, resume=last is not None, hooks=tuple(hooks))
+    train_vae(vcfg, dataset, folder, resume=last is not None, hooks=tuple(hooks), device=device)
     return folder
 
 
@@ -52,10 +53,11 @@ def fine_tune_config(cfg: TrainConfig, spec) -> TrainConfig:
 
 def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, vae: Path | None = None,
                 resume: bool = False, hooks: Sequence = (), vae_hooks: Sequence = (),
-                log: Callable[[str], None] = print, init: Path | None = None) -> None:
+                log: Callable[[str], None] = print, init: Path | None = None, device: str | None = None) -> None:
     """Train a diffusion model on ``data`` (a folder, builtin:digits or builtin:shapes) into ``out``: in
     pixels, or in the latents of ``vae`` (trained first when the preset names one and none is given).
-    ``init``: an imagine model folder to start from (a full fine-tune; its VAE too unless ``vae`` is given)."""
+    ``init``: an imagine model folder to start from (a full fine-tune; its VAE too unless ``vae`` is given).
+    ``device``: where both train (loop.training_device: "auto" takes this process's GPU when there is one)."""
     base = None
     if resume and init is None:  # a fine-tune resumed goes on from the model it started from
         last = latest_checkpoint(Path(out) / "checkpoints")
@@ -81,7 +83,7 @@ def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, va
     if cfg.text_conditional:
         text_encoder = load_text_encoder(cfg.text_encoder)
     if vae is None and cfg.vae_preset is not None:
-        vae = ensure_vae(cfg, dataset, out, vae_hooks, log)
+        vae = ensure_vae(cfg, dataset, out, vae_hooks, log, device)
     latents, autoencoder = None, None
     if vae is not None:
         autoencoder = load_vae(vae)
@@ -97,7 +99,8 @@ def train_model(cfg: TrainConfig, data: str, out: Path, *, channels: int = 3, va
         raise ValueError(f"--init {init} knows the classes {list(base.spec.class_names)}, the data has "
                          f"{list(dataset.class_names)}: fine-tune on data with the same classes")
     train(cfg, dataset, out, resume=resume, latents=latents, vae_dir=vae, text_encoder=text_encoder,
-          vae=autoencoder if (vae is not None and latents is None) else None, hooks=tuple(hooks), init=base)
+          vae=autoencoder if (vae is not None and latents is None) else None, hooks=tuple(hooks), init=base,
+          device=device)
 
 
 
@@ -116,7 +119,7 @@ def sr_stage_sizes(start: int, end: int, stages: Sequence[int] | None = None) ->
 
 
 def train_sr(cfg: TrainConfig, data: str, out: Path, pairs: list[tuple[int, int]], *, resume: bool = False,
-             hooks: Sequence = (), log: Callable[[str], None] = print) -> list[Path]:
+             hooks: Sequence = (), log: Callable[[str], None] = print, device: str | None = None) -> list[Path]:
     """Train one super-resolution stage per (from, to) pair, in order, on ``data`` rendered at each stage's
     target size: OUT itself for one stage, else OUT/stage-FROM-TO per stage and OUT/cascade.json naming them
     in order (``--sr OUT`` then runs the whole cascade). On --resume a finished stage is kept and the first
@@ -133,7 +136,7 @@ def train_sr(cfg: TrainConfig, data: str, out: Path, pairs: list[tuple[int, int]
             continue
         again = resume and latest_checkpoint(folder / "checkpoints") is not None
         log(f"stage {a} -> {b} ({b // a}x){' from its last checkpoint' if again else ''}: {folder}")
-        train_model(stage_cfg, data, folder, resume=again, hooks=hooks, log=log)
+        train_model(stage_cfg, data, folder, resume=again, hooks=hooks, log=log, device=device)
     if len(pairs) > 1:
         manifest = {"stages": [f.name for f in folders], "sizes": [list(p) for p in pairs]}
         atomic_write_bytes(out / CASCADE, json.dumps(manifest, indent=2).encode())

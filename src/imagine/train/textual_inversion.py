@@ -52,7 +52,8 @@ def initial_vectors(text_encoder, init_word: str, count: int) -> dict[str, torch
 
 
 def train_textual_inversion(model, text_encoder, data, cfg: TextualInversionConfig, out: Path | str, *,
-                            resume: bool = False, hooks: tuple[Hook, ...] = ()) -> Path:
+                            resume: bool = False, hooks: tuple[Hook, ...] = (),
+                            device: str | torch.device = "cpu") -> Path:
     """Learn ``cfg.vectors`` vectors for ``cfg.token`` on ``data`` (images at the model's size; captions
     only when the template writes {caption}) and write them to ``out`` as an A1111 embedding (.safetensors).
     Checkpoints, the log and sample grids go to OUT-training/ beside it."""
@@ -83,7 +84,7 @@ def train_textual_inversion(model, text_encoder, data, cfg: TextualInversionConf
     with using(text_encoder, [embedding]):
         fit(model, text_encoder, data, cfg, root, {f"embedding.{k}": v for k, v in vectors.items()},
             text_grad=True, resume=resume, hooks=hooks, prompt=prompt,
-            must_match={"token": cfg.token, "vectors": cfg.vectors}, context={"embedding": embedding})
+            must_match={"token": cfg.token, "vectors": cfg.vectors}, context={"embedding": embedding}, device=device)
     embedding.step = cfg.steps
     save_embedding(embedding, out, info={**asdict(cfg), **base})
     return out

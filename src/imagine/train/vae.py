@@ -23,7 +23,7 @@ from imagine.data.images import ImageDataset
 from imagine.io.networks import save_vae
 from imagine.models import AutoencoderKL, VAEConfig
 from imagine.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
-from imagine.train.loop import DataOrder, StepInfo, _truncate_log
+from imagine.train.loop import DataOrder, StepInfo, _truncate_log, training_device
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,15 @@ def vae_preset(name: str) -> VAETrainConfig:
 
 
 def train_vae(cfg: VAETrainConfig, data: ImageDataset, out: Path | str, *, resume: bool = False,
-              hooks: tuple = ()) -> Path:
+              hooks: tuple = (), device: str | None = None) -> Path:
+    """Train an AutoencoderKL on ``data`` into ``out`` (resumable); ``device`` as loop.training_device takes it
+    (its posterior's noise is drawn by CPU generators on any device)."""
     out = Path(out)
+    device = training_device(device)
     torch.manual_seed(cfg.seed)
     vae_cfg = VAEConfig.from_dict({**cfg.vae, "in_channels": data.channels,
                                    "out_channels": data.channels, "sample_size": cfg.image_size})
-    vae = AutoencoderKL(vae_cfg)
+    vae = AutoencoderKL(vae_cfg).to(device)
     total = cfg.steps + cfg.decoder_steps
     ckpt = latest_checkpoint(out / "checkpoints") if resume else None
     if resume and ckpt is None:
@@ -104,6 +107,7 @@ def train_vae(cfg: VAETrainConfig, data: ImageDataset, out: Path | str, *, resum
         first = step * cfg.batch_size
         idx = [position(c) for c in range(first, first + cfg.batch_size)]
         x, _, _ = data.batch(idx)
+        x = x.to(device)
         with torch.set_grad_enabled(step < cfg.steps):
             posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)))
@@ -130,7 +134,8 @@ def train_vae(cfg: VAETrainConfig, data: ImageDataset, out: Path | str, *, resum
     vae.eval()
     with torch.no_grad():  # the scaling factor from (up to) the first 2048 items
         sample = range(min(len(data), 2048))
-        latents = torch.cat([vae.encode(data.batch(list(sample[i:i + 64]))[0]).mean for i in range(0, len(sample), 64)])
+        latents = torch.cat([vae.encode(data.batch(list(sample[i:i + 64]))[0].to(device)).mean.cpu()
+                             for i in range(0, len(sample), 64)])
     scaled = replace(vae.config, scaling_factor=float(1.0 / latents.std()), shift_factor=float(latents.mean()))
     final = AutoencoderKL(scaled)
     final.load_state_dict(vae.state_dict())
