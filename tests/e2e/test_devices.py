@@ -31,7 +31,7 @@ def test_every_request_kind_keeps_to_the_networks_device(meta_model, monkeypatch
 
     seen = []
 
-    def decode(model, latent, runtime=None):  # meta computes no pixels: check where the latent is, then stand in
+    def decode(model, latent, runtime=None, vae_tile=None):  # meta computes no pixels: where is the latent? stand in
         seen.append(latent.device.type)
         return torch.zeros(latent.shape[0], 3, latent.shape[2] * 2, latent.shape[3] * 2)
 
@@ -66,7 +66,8 @@ def test_a_lora_made_on_the_cpu_follows_the_network(meta_model, tiny_t2i_dir, mo
     assert all(p.device.type == "cpu" for layer in lora.layers.values() for p in layer.parameters())
     attached = attach({"unet": meta_model.unet}, [(lora, 0.8)])
     seen = []
-    monkeypatch.setattr(g, "decode", lambda model, latent, runtime=None: seen.append(latent.device.type) or
+    monkeypatch.setattr(g, "decode", lambda model, latent, runtime=None, vae_tile=None: seen.append(
+                        latent.device.type) or
                         torch.zeros(latent.shape[0], 3, 16, 16))
     s = g.Settings(prompt="a red circle", steps=2, cfg_scale=3.0, seed=1, width=16, height=16, sampler="euler")
     try:
@@ -88,7 +89,8 @@ def test_a_super_resolution_stage_runs_beside_its_network(monkeypatch):
     stage = load_model_folder(sr_stage_folders(SR_MODEL)[0])  # its own copy: the cached stages stay on the CPU
     stage.unet.to("meta")
     seen = []
-    monkeypatch.setattr(g, "decode", lambda model, latent, runtime=None: seen.append(latent.device.type) or
+    monkeypatch.setattr(g, "decode", lambda model, latent, runtime=None, vae_tile=None: seen.append(
+                        latent.device.type) or
                         torch.zeros(latent.shape[0], 3, *latent.shape[-2:]))
     s = replace(stage_settings(stage, g.Settings(prompt="a red circle", seed=3)), steps=2)
     out = sr_stage(stage, torch.zeros(1, 3, 16, 16), s, default_text_encoder())

@@ -32,7 +32,8 @@ from imagine.io.provenance import add_watermark, can_watermark, sign
 from imagine.io.stable_diffusion import load_any
 from imagine.models.clip import CLIPScorer
 from imagine.models.text_encoders import load_text_encoder
-from imagine.nn.compact import compute_dtypes
+from imagine.nn.compact import FP8, compute_dtypes
+from imagine.nn.compact import describe as describe_compact
 from imagine.pipelines import generate as g
 from imagine.pipelines.inversion import check_edit, edit
 from imagine.pipelines.memory import MemoryPlan
@@ -109,8 +110,9 @@ class Request:
         if self.rerank > 1 and self.kind != "txt2img":
             raise ValueError("rerank works with txt2img only")
         if s.precision == "fp32" and compute_dtypes(model.unet) - {torch.float32}:
-            raise ValueError("this model was loaded with bf16 or fp8 weights, which run under bf16 autocast only: "
-                             "ask for precision bf16 (--precision bf16), or load it in fp32")
+            kind = "fp8" if FP8 in describe_compact(model.unet) else "bf16"
+            raise ValueError(f"this model was loaded with {kind} weights, which run under bf16 autocast only: ask "
+                             "for precision bf16 (--precision bf16), or load it in fp32")
         if s.steps > model.spec.num_train_timesteps:
             raise ValueError(f"steps ({s.steps}) cannot exceed the model's {model.spec.num_train_timesteps} "
                              "training timesteps")
