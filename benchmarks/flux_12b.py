@@ -3,7 +3,7 @@
 device and stored in scaled fp8 e4m3fn as each is read (io/checkpoint.build_and_fill with the fp8 dtype; what
 `--weights-dtype fp8` does to a real file), then denoising steps at 512 x 512 (1024 image tokens beside 512
 T5 tokens, Flux [dev]'s defaults) and 256 x 256, computed in bf16 layer by layer. Its bf16 weights alone would
-be 23.8 GB, more than this machine has free; fp32, 47.6 GB.
+be 22.2 GiB, more than this machine has free; fp32, 44.3 GiB.
 
     python benchmarks/flux_12b.py   # writes docs/benchmarks/flux_12b.{json,md}; about ten minutes here
 
