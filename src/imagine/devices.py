@@ -13,6 +13,7 @@ import contextlib
 import torch
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
+EXECUTION_DEVICE = "_imagine_execution_device"  # set on a network under offload (pipelines/offload.py)
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -66,7 +67,11 @@ def to_device(value, device: torch.device):
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
-    """Where a module's weights are (the CPU for one without any)."""
+    """Where a module computes: its weights' device (the CPU for one without any), or, under offload, the device
+    its weights are brought to when it runs."""
+    placed_at = getattr(module, EXECUTION_DEVICE, None)
+    if placed_at is not None:
+        return placed_at
     for tensor in module.parameters():
         return tensor.device
     for tensor in module.buffers():

@@ -39,3 +39,19 @@ def test_edits_and_inpainting_run_on_cuda(tiny_t2i_dir):
     assert g.img2img(model, s, init, encoder).shape == (1, 3, 16, 16)
     out = edit(model, replace(s, source_prompt="a blue circle", null_text=True, strength=1.0), init, encoder)
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_offload_and_compact_weights_on_cuda(tiny_t2i_dir):
+    """Model and sequential offload give the resident run's pixels and hold less on the GPU; fp8 weights run."""
+    from imagine.pipelines.request import Request, load_text_model, run
+    from imagine.pipelines.settings import Settings
+
+    s = Settings(prompt="a red circle", steps=3, cfg_scale=3.0, seed=1, width=16, height=16, precision="bf16")
+    want = run(Request("txt2img", s), *load_text_model(tiny_t2i_dir, device="cuda", offload="none"))[0].pixels
+    for mode in ("model", "sequential"):
+        model, encoder = load_text_model(tiny_t2i_dir, device="cuda", offload=mode)
+        assert next(model.unet.parameters()).device.type == "cpu"  # home between runs
+        got = run(Request("txt2img", s).check(model), model, encoder)[0]
+        assert np.array_equal(got.pixels, want) and got.record["device"].startswith("cuda")
+    model, encoder = load_text_model(tiny_t2i_dir, device="cuda", weights_dtype="fp8")
+    assert run(Request("txt2img", s).check(model), model, encoder)[0].pixels.shape == want.shape

@@ -91,3 +91,17 @@ def test_a_compact_layer_computes_with_its_dequantized_weight_and_holds_its_byte
     assert (out.float() - expected).norm() / expected.norm() < 0.05
     attach(model[0], "weight", packed)  # attaching again replaces, it does not stack
     assert len(model[0].parametrizations["weight"]) == 1
+
+
+def test_a_file_stored_in_fp8_is_kept_as_it_is():
+    """Flux's and SD3's fp8 checkpoints (e4m3fn tensors): with fp8 storage their bytes are kept unscaled, and
+    loaded in fp32 they are widened exactly."""
+    from imagine.io.checkpoint import Ref, build_and_fill
+
+    w = (torch.randn(64, 64) * 0.5).to(torch.float8_e4m3fn)
+    weights = {"weight": Ref((64, 64), lambda: w), "bias": Ref((64,), lambda: torch.zeros(64))}
+    layer = build_and_fill(lambda: nn.Linear(64, 64), weights, "an fp8 file", torch.float8_e4m3fn)
+    packed = packed_of(layer, "weight")
+    assert packed.scale == 1.0 and torch.equal(packed.data.view(torch.uint8), w.view(torch.uint8))
+    plain = build_and_fill(lambda: nn.Linear(64, 64), weights, "an fp8 file", torch.float32)
+    assert torch.equal(plain.weight, w.float())

@@ -124,6 +124,10 @@ _OPTS = dict(
                                                            "MODEL a name in models/ipadapter or a path (default: "
                                                            "the first of TYPE that fits); SCALE the image's "
                                                            "weight (default 1). Repeat for several."),
+    offload=typer.Option("auto", "--offload", help="On a GPU: auto (keep every network on it when they fit beside "
+                                                   "the work, else bring each there only to run: model, or one layer "
+                                                   "at a time: sequential), none, model or sequential. The pixels "
+                                                   "are the same."),
     device=typer.Option("auto", "--device", help="Where the networks run: auto (a CUDA GPU, then Apple's MPS, then "
                                                  "the CPU), cpu, cuda, cuda:N or mps. The starting noise is drawn "
                                                  "on the CPU, so a seed gives the same image on any device."),
@@ -183,7 +187,7 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
          expect_model: dict | None = None, text_encoder: list[str] | None = None,
          inversion_file: Path | None = None, save_inversion: Path | None = None,
          sign_key: Path | None = None, refiner_path: Path | None = None, device: str = "auto",
-         plan: bool = False) -> list[Path]:
+         plan: bool = False, offload: str = "auto") -> list[Path]:
     """Generate, img2img and inpaint: build the one Request, run it with a progress bar, write the PNGs.
     size: txt2img's final longer side, reached by the SR upscaler in the settings (the scale is set from the
     model's size here). expect_model: --from's record of the model; other weights are refused, named."""
@@ -200,7 +204,8 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         vae_path = md.resolve(vae, models_dir, "vae") if vae is not None else None
         modules = [md.resolve(m, models_dir, "text_encoders") for m in text_encoder or ()]
         loaded, encoder = r.load_text_model(path, vae=vae_path, allow_pickle=allow_pickle,
-                                            weights_dtype=weights_dtype, modules=modules, device=device)
+                                            weights_dtype=weights_dtype, modules=modules, device=device,
+                                            offload=offload)
         settings = settings.with_model_defaults(loaded.spec, settings.steps, settings.sampler, settings.cfg_scale)
         if expect_model and expect_model.get("unet_sha256_10") and loaded.weights_file.exists():
             from imagine.io.png import file_hash
@@ -227,7 +232,8 @@ def _run(kind: str, model: str | Path | None, settings, out: Path, init: Path | 
         refiner = None
         if settings.refiner:  # A1111's refiner: loaded as any model is (--from: the file the image names)
             where = refiner_path or md.resolve(settings.refiner, models_dir)
-            refiner = r.load_text_model(where, allow_pickle=allow_pickle, weights_dtype=weights_dtype, device=device)
+            refiner = r.load_text_model(where, allow_pickle=allow_pickle, weights_dtype=weights_dtype, device=device,
+                                        offload=offload)
             if expect_model and (expect_model.get("refiner") or {}).get("unet_sha256_10") \
                     and refiner[0].weights_file.exists():
                 from imagine.io.png import file_hash
@@ -510,7 +516,7 @@ def generate(
     hires_steps: int | None = typer.Option(None, help="Steps of the hires pass (default: as many as the first)."),
     noise_level: int | None = typer.Option(None, help="SR stages' noise-augmentation level (default: each "
                                                       "stage's own; higher invents more detail)."),
-    device: str = _OPTS["device"], plan: bool = _OPTS["plan"],
+    device: str = _OPTS["device"], offload: str = _OPTS["offload"], plan: bool = _OPTS["plan"],
 ) -> None:
     """Text to image. With --from IMAGE, regenerate an image from the settings it carries."""
     if from_image is not None:
@@ -541,7 +547,7 @@ def generate(
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, weights_dtype=weights_dtype,
          lora=lora,
          embedding=embedding, lora_strict=lora_strict, controls=_units(control, adapter, control_mode),
-         image_prompts=_prompts(image_prompt), device=device, plan=plan)
+         image_prompts=_prompts(image_prompt), device=device, plan=plan, offload=offload)
 
 
 @app.command(rich_help_panel=GENERATE)
@@ -560,7 +566,7 @@ def variations(
     width: int | None = _OPTS["width"], height: int | None = _OPTS["height"],
     model: str | None = _OPTS["model"], out: Path = _OPTS["out"],
     allow_pickle: bool = _OPTS["allow_pickle"], models_dir: Path | None = _OPTS["models_dir"],
-    device: str = _OPTS["device"],
+    device: str = _OPTS["device"], offload: str = _OPTS["offload"],
 ) -> None:
     """Variations of an image (as DALL-E 2's): its embedding, through the IP-Adapter, drawn anew. Each PNG
     records the image prompt, so --from reproduces it."""
@@ -573,7 +579,7 @@ def variations(
     except ValueError as err:
         fail(str(err))
     _run("txt2img", model, _settings(prompt, negative, steps, sampler, schedule, cfg, 0.0, seed, n, width, height),
-         out, allow_pickle=allow_pickle, models_dir=models_dir, image_prompts=[unit], device=device)
+         out, allow_pickle=allow_pickle, models_dir=models_dir, image_prompts=[unit], device=device, offload=offload)
 
 
 @app.command(rich_help_panel=EDIT)
@@ -600,7 +606,7 @@ def img2img(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
     refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
-    device: str = _OPTS["device"], plan: bool = _OPTS["plan"],
+    device: str = _OPTS["device"], offload: str = _OPTS["offload"], plan: bool = _OPTS["plan"],
 ) -> None:
     """Image to image (SDEdit): noise the image to `strength` and denoise toward the prompt. With an instruct
     model (InstructPix2Pix) the prompt is an instruction ("make it blue") and --image-cfg keeps to the image."""
@@ -613,7 +619,7 @@ def img2img(
          text_encoder=text_encoder,
          allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding, lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt),
-         device=device, plan=plan)
+         device=device, plan=plan, offload=offload)
 
 
 @app.command(rich_help_panel=EDIT)
@@ -651,7 +657,7 @@ def inpaint(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
     refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
-    device: str = _OPTS["device"], plan: bool = _OPTS["plan"],
+    device: str = _OPTS["device"], offload: str = _OPTS["offload"], plan: bool = _OPTS["plan"],
 ) -> None:
     """Inpainting: regenerate the masked region, keep the rest (a plain model by blending its latents, an
     inpainting checkpoint through its own mask and masked-image input)."""
@@ -667,7 +673,7 @@ def inpaint(
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt),
-         device=device, plan=plan)
+         device=device, plan=plan, offload=offload)
 
 
 @app.command(rich_help_panel=EDIT)
@@ -702,7 +708,7 @@ def outpaint(
     control_mode: str = _OPTS["control_mode"], image_prompt: list[str] = _OPTS["image_prompt"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
     refiner: str | None = _OPTS["refiner"], refiner_switch_at: float = _OPTS["refiner_switch_at"],
-    device: str = _OPTS["device"], plan: bool = _OPTS["plan"],
+    device: str = _OPTS["device"], offload: str = _OPTS["offload"], plan: bool = _OPTS["plan"],
 ) -> None:
     """Outpainting: grow the canvas by the borders given and draw them to continue the image (a plain model
     or an inpainting checkpoint), blending the seam; the image's own pixels are kept. The PNG records the
@@ -720,7 +726,7 @@ def outpaint(
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
          lora_strict=lora_strict,
          controls=_units(control, adapter, control_mode), image_prompts=_prompts(image_prompt),
-         device=device, plan=plan)
+         device=device, plan=plan, offload=offload)
 
 
 def _edit_options(prompt, source, null_text, edit_mask, strength, resize_mode, negative, steps, cfg, rescale, seed,
@@ -762,7 +768,7 @@ def edit(
     clip_skip: int | None = _OPTS["clip_skip"], distilled_cfg: float = _OPTS["distilled_cfg"],
     inversion: Path | None = _EDIT["inversion"],
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
-    device: str = _OPTS["device"], plan: bool = _OPTS["plan"],
+    device: str = _OPTS["device"], offload: str = _OPTS["offload"], plan: bool = _OPTS["plan"],
 ) -> None:
     """Edit a real image by inversion: DDIM run backwards under --from-prompt finds its noise, and sampling from
     it under --to-prompt edits it ("a red circle" -> "a blue circle"); DiffEdit's mask keeps the rest. The seed
@@ -771,7 +777,7 @@ def edit(
                              cfg, rescale, seed, width, height, clip_skip, distilled_cfg, watermark)
     _run("edit", model, settings, out, init=image, vae=vae, sign_key=sign_key,
          text_encoder=text_encoder, allow_pickle=allow_pickle, models_dir=models_dir, lora=lora, embedding=embedding,
-         lora_strict=lora_strict, inversion_file=inversion, device=device, plan=plan)
+         lora_strict=lora_strict, inversion_file=inversion, device=device, plan=plan, offload=offload)
 
 
 @app.command(rich_help_panel=EDIT)
@@ -790,7 +796,7 @@ def invert(
     save_to: Path | None = typer.Option(None, "--save", help="Write the inversion (its latents and null-text "
                                                             "states, .safetensors) for imagine edit --inversion."),
     watermark: bool = _OPTS["watermark"], sign_key: Path | None = _OPTS["sign_key"],
-    device: str = _OPTS["device"],
+    device: str = _OPTS["device"], offload: str = _OPTS["offload"],
 ) -> None:
     """DDIM inversion: find the noise that makes IMAGE under --prompt, and show how well it comes back (the
     reconstruction is written as a PNG and its PSNR against the image printed). --null-text makes it come back

@@ -39,6 +39,9 @@ def serve(
                                                 "the oldest jobs are forgotten beyond it."),
     device: str = typer.Option("auto", "--device", help="Where the models run: auto (a CUDA GPU, then Apple's MPS, "
                                                          "then the CPU), cpu, cuda, cuda:N or mps."),
+    offload: str = typer.Option("auto", "--offload", help="On a GPU: auto (every network on it when they fit, else "
+                                                         "each brought there only to run), none, model or "
+                                                         "sequential."),
     watermark: bool = typer.Option(False, "--watermark", help="Write Stable Diffusion's invisible watermark into "
                                                               "every image made (256 x 256 pixels or more)."),
     sign_key: Path | None = typer.Option(None, "--sign-key", help="Sign every image's record with this Ed25519 "
@@ -77,7 +80,8 @@ def serve(
                                 vaes=vaes, allow_pickle=allow_pickle, models_dir=folder, allow_paths=allow_paths,
                                 skip_broken=not model,  # the folder's broken files are listed; a named one stops
                                 watermark=watermark, sign_key=load_signing_key(sign_key) if sign_key else None,
-                                device=device, queue=queue, wait_timeout=wait_timeout, lease=lease)
+                                device=device, queue=queue, wait_timeout=wait_timeout, lease=lease,
+                                offload=offload)
         if queue is not None and (watermark or sign_key):
             typer.echo("warning: with --queue the workers make the images: give --watermark / --sign-key to "
                        "`imagine worker`", err=True)
@@ -133,6 +137,9 @@ def worker(
                                                                  "machine (as serve --allow-paths)."),
     device: str = typer.Option("auto", "--device", help="Where the models run: auto, cpu, cuda, cuda:N or mps "
                                                          "(one worker per GPU)."),
+    offload: str = typer.Option("auto", "--offload", help="On a GPU: auto (every network on it when they fit, else "
+                                                         "each brought there only to run), none, model or "
+                                                         "sequential."),
     out: Path | None = typer.Option(None, help="Also save every PNG here (the results always go to the queue, "
                                                "where every API node reads them)."),
     name: str | None = typer.Option(None, help="This worker's name in `imagine status` (default: host.pid)."),
@@ -154,7 +161,7 @@ def worker(
 
     try:
         folder, paths, vaes = _served(model, models_dir, allow_pickle)
-        store = ModelStore(paths, vaes, allow_pickle, folder, skip_broken=not model, device=device)
+        store = ModelStore(paths, vaes, allow_pickle, folder, skip_broken=not model, device=device, offload=offload)
         for path, error in store.broken.items():
             typer.echo(f"warning: not running {path}: {error}", err=True)
         unbounded = 1 << 62  # the API nodes hold the limits; a worker runs what they let through

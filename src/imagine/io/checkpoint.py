@@ -355,7 +355,12 @@ def build_and_fill(factory: Callable[[], nn.Module], weights: Weights, source: s
         if isinstance(tensor, Packed) and name not in module._parameters:
             tensor = tensor.dequantize(compute)  # a buffer is never compact
         if isinstance(tensor, Packed) or (fp8 and name in module._parameters and packable(tensor, FP8)):
-            packed = to_fp8(tensor) if not isinstance(tensor, Packed) else tensor
+            if isinstance(tensor, Packed):
+                packed = tensor
+            elif tensor.dtype == torch.float8_e4m3fn:  # a file stored in e4m3fn (Flux's, SD3's fp8): kept as it is
+                packed = Packed(tensor, FP8, tuple(tensor.shape))
+            else:
+                packed = to_fp8(tensor)
             attach(module, name, Packed(owned(packed.data), packed.qtype, packed.shape, packed.scale), compute)
             continue
         tensor = owned(tensor.to(compute) if tensor.is_floating_point() else tensor)

@@ -98,6 +98,7 @@ class DiffusionModel:
     module_paths: list[Path] = field(default_factory=list)
     # the words its training captions held (None: not recorded, as for Stable Diffusion checkpoints)
     vocabulary: frozenset[str] | None = None
+    offload: object | None = None  # pipelines/offload.Offload when its networks come to the device only to run
 
     @property
     def name(self) -> str:

@@ -32,6 +32,7 @@ import torch
 from tokenizers import Tokenizer
 
 from imagine.a1111 import BREAK, parse_prompt_attention
+from imagine.devices import module_device
 
 # every transformers load, one at a time: its lazy imports are not safe to run twice side by side, and a
 # server loads from its request threads and its worker at once (re-entrant: a load may start another)
@@ -165,7 +166,7 @@ class _ChunkedEncoder:
     def _forward(self, model, ids: torch.Tensor, table: list, key: str, **kwargs):
         """Run ``model`` on ``ids``; negative ids are embedding vectors (``table[-id - 1]`` = (embedding,
         k)), put in place of the token embeddings' output, so gradients reach them (textual inversion)."""
-        ids = ids.to(getattr(model, "device", ids.device))  # the transformer's device (its states come back there)
+        ids = ids.to(module_device(model))  # the transformer's device (its states come back there)
         if not (ids < 0).any():
             return model(input_ids=ids, **kwargs)
         where = (ids < 0).nonzero().tolist()
@@ -388,7 +389,7 @@ class MiniLMTextEncoder(_ChunkedEncoder):
             tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             if len(tokens) <= CHUNK:
                 todo.append((prompt, tokens))
-        t, device = self.tokenizer, self.model.device
+        t, device = self.tokenizer, module_device(self.model)
         for start in range(0, len(todo), batch):
             part = todo[start: start + batch]
             ids = self._ids([Chunk(tuple(tokens), ()) for _, tokens in part], t, t.cls_token_id, t.sep_token_id)

@@ -781,7 +781,7 @@ def describe(model: DiffusionModel, s: Settings, kind: str, index: int, text_enc
                   "text_encoder": getattr(text_encoder, "identity", None), "spec": asdict(model.spec)},
         "sampler": {"name": name, "schedule": schedule, "spacing": "trailing"},
         "precision": s.precision, "weights_dtype": weights_dtype(model.unet),
-        "device": str(next(model.unet.parameters()).device), "versions": environment(), **(extra or {}),
+        "device": str(module_device(model.unet)), "versions": environment(), **(extra or {}),
     }
     if refined is not None:
         record["refiner"] = refined

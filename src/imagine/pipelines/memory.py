@@ -21,6 +21,7 @@ import torch
 
 from imagine.devices import module_device
 from imagine.io.model_folder import DiffusionModel
+from imagine.pipelines.offload import largest_layer_bytes, network_bytes
 
 GB = 2**30
 HEADROOM = 0.9  # of the free memory a plan may use
@@ -125,10 +126,12 @@ class MemoryPlan:
     rows: int = 0  # images the VAE decodes at a time (VAE slicing below n)
     vae_tile: int | None = None  # VAE tiling: decoded in tiles of this many pixels a side
     picked: bool = False  # the plan chose the VAE tile (the request did not)
+    offload: str = "none"  # model or sequential: networks brought to the device only to run (pipelines/offload.py)
+    resident: int = 0  # under offload: the weights on the device while the peak runs (the largest network or layer)
 
     @property
     def peak(self) -> int:
-        return max(self.sampling, self.decode)
+        return max(self.sampling, self.decode) + self.resident
 
     @property
     def fits(self) -> bool:
@@ -150,6 +153,10 @@ class MemoryPlan:
                                                                            if self.picked else "")
                    if self.vae_tile else "the VAE over the whole image") + ", the images"
                 + (f"; {self.rows} images at a time: VAE slicing" if self.rows < self.n else "") + ")",
+                *([f"  offload             {self.resident / GB:8.2f} GB  ({self.offload} offload: "
+                   + ("each network on the device only while it runs; the largest counted in the peak)"
+                      if self.offload == "model" else "one layer's weights on the device at a time)")]
+                  if self.offload != "none" else []),
                 f"  peak beyond weights {self.peak / GB:8.2f} GB  ({self.binding}); {free}",
                 f"  {'fits' if self.fits else 'does not fit'} ({HEADROOM:.0%} of the free memory may be used)"]
 
@@ -165,9 +172,30 @@ def plan(model: DiffusionModel, width: int, height: int, n: int, tile: int | Non
         vae_tile = vae_tile_for(model, width, height, n, free)
         picked = vae_tile is not None
     rows = decode_rows(model, width, height, n, free, vae_tile)
+    offload = getattr(model, "offload", None)
+    mode, resident = "none", 0
+    if offload is not None:
+        mode = offload.mode
+        resident = max(map(network_bytes, offload.networks)) if mode == "model" else \
+            max(map(largest_layer_bytes, offload.networks))
     return MemoryPlan(width, height, n, tile, str(device), weights_bytes(model, text_encoder),
                       sampling_bytes(model, width, height, n, tile),
-                      decode_bytes(model, width, height, n, rows, vae_tile), free, rows, vae_tile, picked)
+                      decode_bytes(model, width, height, n, rows, vae_tile), free, rows, vae_tile, picked, mode,
+                      resident)
+
+
+def offload_choice(networks: list[torch.nn.Module], activations: int, free: int | None) -> str:
+    """What a model loaded onto a device should do with its networks: "none" when all of them fit beside the
+    work (``activations``: a request's peak at the model's own size), "model" when the largest does, else
+    "sequential" (one layer at a time). Unknown free memory: none."""
+    if free is None:
+        return "none"
+    sizes = [network_bytes(n) for n in networks]
+    if sum(sizes) + activations <= HEADROOM * free:
+        return "none"
+    if max(sizes) + activations <= HEADROOM * free:
+        return "model"
+    return "sequential"
 
 
 def largest_side(model: DiffusionModel, n: int, tile: int | None, available: int) -> int:

@@ -35,9 +35,12 @@ from imagine.models.text_encoders import load_text_encoder
 from imagine.nn.compact import FP8, compute_dtypes
 from imagine.nn.compact import describe as describe_compact
 from imagine.pipelines import generate as g
+from imagine.pipelines import memory
 from imagine.pipelines.inversion import check_edit, edit
 from imagine.pipelines.memory import MemoryPlan
 from imagine.pipelines.memory import plan as memory_plan
+from imagine.pipelines.offload import MODES as OFFLOAD_MODES
+from imagine.pipelines.offload import Offload
 from imagine.pipelines.output import Generated
 from imagine.pipelines.rerank import txt2img_reranked
 from imagine.pipelines.settings import Settings
@@ -318,7 +321,7 @@ WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.flo
 
 def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pickle: bool = False,
                     weights_dtype: str = "fp32", modules: Sequence[Path | str] = (),
-                    device: str | torch.device | None = "cpu") -> tuple[DiffusionModel, object]:
+                    device: str | torch.device | None = "cpu", offload: str = "auto") -> tuple[DiffusionModel, object]:
     """A text-to-image model and its text encoder, ready for ``run``: an imagine model folder, a diffusers
     pipeline folder or a single-file checkpoint; ``vae`` replaces its VAE; ``modules``: an SD3 or Flux transformer
     file's separate text encoder (and VAE) files. With
@@ -326,7 +329,12 @@ def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pi
     autocast; its norms round differently, so pixels differ from fp32 weights); "fp8" its large matrices in
     scaled fp8 e4m3fn (a quarter of fp32's memory), dequantized layer by layer to bf16 as it computes (nn/compact.py);
     such models run bf16 requests only. A GGUF file's quantized weights stay packed whatever weights_dtype.
-    ``device``: where its networks run (devices.resolve_device: "auto", "cpu", "cuda:1", ...)."""
+    ``device``: where its networks run (devices.resolve_device: "auto", "cpu", "cuda:1", ...). ``offload`` (a GPU's
+    concern: on the CPU everything is in memory already): "auto" keeps every network on the device when they fit
+    beside a request at the model's own size and otherwise brings each there only to run ("model", or one layer
+    at a time: "sequential"; pipelines/offload.py, memory.offload_choice); the pixels are the same."""
+    if offload not in ("auto", *OFFLOAD_MODES):
+        raise ValueError(f"offload {offload!r} unknown; choose auto, {', '.join(OFFLOAD_MODES)}")
     device = resolve_device(device)
     if weights_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weights dtype {weights_dtype!r} unknown; choose {', '.join(WEIGHT_DTYPES)}")
@@ -338,12 +346,22 @@ def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pi
     if model.vae is not None:
         model.vae.eval()
     encoder = model.text_encoder if model.text_encoder is not None else load_text_encoder(model.spec.text_encoder)
-    if device.type != "cpu":  # the denoiser, the VAE and the text encoder's transformers all on the device
-        model.unet.to(device)
-        if model.vae is not None:
-            model.vae.to(device)
-        for part in text_modules(encoder):
+    networks = [model.unet, *([model.vae] if model.vae is not None else []), *text_modules(encoder)]
+    if device.type == "cpu":
+        if offload in ("model", "sequential"):
+            raise ValueError(f"--offload {offload} brings networks to a GPU only while they run; on the CPU they are "
+                             "all in memory already: leave --offload at auto (or give --device cuda)")
+        return model, encoder
+    mode = offload
+    if offload == "auto":
+        s = model.spec.image_size
+        activations = max(memory.sampling_bytes(model, s, s, 1), memory.decode_bytes(model, s, s, 1))
+        mode = memory.offload_choice(networks, activations, memory.available_bytes(device))
+    if mode == "none":  # the denoiser, the VAE and the text encoder's transformers all on the device
+        for part in networks:
             part.to(device)
+    else:
+        model.offload = Offload(networks, device, mode)
     return model, encoder
 
 

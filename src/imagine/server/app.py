@@ -116,7 +116,8 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
                max_queue: int = 16, api_auth: str | None = None, vaes: list[Path] = (),
                allow_pickle: bool = False, models_dir: Path | None = None, allow_paths: bool = False,
                skip_broken: bool = False, watermark: bool = False, sign_key=None, device: str = "cpu",
-               queue: str | None = None, wait_timeout: float = 600.0, lease: float | None = None) -> FastAPI:
+               queue: str | None = None, wait_timeout: float = 600.0, lease: float | None = None,
+               offload: str = "auto") -> FastAPI:
     """models: imagine or diffusers folders or SD single files, looked up by name afterwards (the first
     is current); vaes: separate VAEs a request may pick. out_dir: where images are saved (None: kept in
     memory only). api_auth: "USER:PASS" for basic auth on every route. allow_paths: requests may name
@@ -133,7 +134,8 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
         if not sep or not user or not password:
             raise ValueError("--api-auth takes USER:PASS")
         auth = (user, password)
-    store = ModelStore(models, vaes, allow_pickle, models_dir, skip_broken, device if queue is None else "cpu")
+    store = ModelStore(models, vaes, allow_pickle, models_dir, skip_broken, device if queue is None else "cpu",
+                       offload if queue is None else "auto")
     jobs = None
     if queue is not None:
         jobs = RedisJobs(Cluster(connect(queue), lease or DEFAULT_LEASE), max_queue, limits.max_kept_bytes,

@@ -36,11 +36,13 @@ class ModelStore:
     """Text-to-image model folders by name. The first is current until a client switches."""
 
     def __init__(self, folders: list[Path], vaes: list[Path] = (), allow_pickle: bool = False,
-                 models_dir: Path | None = None, skip_broken: bool = False, device: str = "cpu"):
+                 models_dir: Path | None = None, skip_broken: bool = False, device: str = "cpu",
+                 offload: str = "auto"):
         """``skip_broken``: a model that cannot be read (a truncated file in the models folder) is listed in
         ``broken`` with the reason and the rest are served; otherwise it stops the start, as a model the
         user named should. ``device``: where the models run (devices.resolve_device)."""
         self.device = resolve_device(device)  # an absent device stops the start, with the reason
+        self.offload = offload  # on a GPU: auto, none, model or sequential (request.load_text_model)
         if not folders:
             raise ValueError("no model to serve: pass --model PATH (an imagine or diffusers folder, or a "
                              "Stable Diffusion .safetensors) or --models-dir DIR")
@@ -144,7 +146,8 @@ class ModelStore:
         with self._lock:
             if key not in self._loaded:
                 self._loaded[key] = load_text_model(entry.path, vae=self.vaes[vae] if vae else None,
-                                                    allow_pickle=self.allow_pickle, modules=parts, device=self.device)
+                                                    allow_pickle=self.allow_pickle, modules=parts, device=self.device,
+                                                    offload=self.offload)
                 self.loads += 1
             return self._loaded[key]
 
