@@ -19,7 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {"shipped": [(256, 1), (512, 1), (512, 4), (1024, 1)], "sd15": [(512, 1), (768, 1), (512, 2)],
-         "sd15-vae-tiles": [(1024, 1, None), (1024, 1, 512)]}  # VAE tiling against a whole decode
+         "sd15-vae-tiles": [(1024, 1, None), (1024, 1, 512)],  # VAE tiling against a whole decode
+         "sdxl": [(1024, 1, 512)],  # SDXL's UNet in bf16 weights (fp32 would not fit beside the work), VAE tiles
+         "pixart": [(512, 1, None)]}  # PixArt-alpha's transformer (28 blocks, width 1152)
 
 CHILD = r'''
 import json, sys, threading, time
@@ -42,15 +44,31 @@ else:
     from imagine.io.model_folder import DiffusionModel, DiffusionSpec
     from imagine.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(UNetConfig(sample_size=64, cross_attention_dim=768, attention_head_dim=8)).eval()
+    if which == "sdxl":
+        unet = UNet2DConditionModel(UNetConfig(
+            sample_size=128, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)).eval().to(torch.bfloat16)
+    elif which == "pixart":
+        from imagine.models.pixart import PixArtConfig, PixArtTransformer2DModel
+        unet = PixArtTransformer2DModel(PixArtConfig(sample_size=64, caption_channels=4096)).eval()
+    else:
+        unet = UNet2DConditionModel(UNetConfig(sample_size=64, cross_attention_dim=768, attention_head_dim=8)).eval()
     vae = AutoencoderKL(VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                                   scaling_factor=0.18215)).eval()
     spec = DiffusionSpec(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, image_size=512, latent=True,
                          text_encoder="minilm")
-    model = DiffusionModel(unet, vae, spec, Path("sd15-random"), arch="sd1")
-    width = 768
-context = torch.randn(n, 77, width)
-cond = {"encoder_hidden_states": context, "encoder_attention_mask": torch.ones(n, 77, dtype=torch.bool)}
+    arch = {"sdxl": "sdxl", "pixart": "pixart-alpha"}.get(which, "sd1")
+    model = DiffusionModel(unet, vae, spec, Path(f"{which}-random"), arch=arch)
+    width = {"sdxl": 2048, "pixart": 4096}.get(which, 768)
+tokens = 120 if which == "pixart" else 77
+context = torch.randn(n, tokens, width)
+cond = {"encoder_hidden_states": context, "encoder_attention_mask": torch.ones(n, tokens, dtype=torch.bool)}
+if which == "sdxl":
+    cond.update(text_embeds=torch.randn(n, 1280), time_ids=torch.tensor([[size, size, 0, 0, size, size]] * n).float())
 uncond = {k: v.clone() for k, v in cond.items()}
 plan = memory.plan(model, size, size, n, available=None, vae_tile=vae_tile)
 peaks = {"sampling": 0, "decode": 0}
@@ -69,7 +87,8 @@ def callback(info):
         stage[0] = "decode"
 with torch.no_grad():
     g.sample(model, list(range(n)), steps=1, sampler="euler", schedule=None, cond=cond, uncond=uncond, cfg_scale=5.0,
-             latent_hw=(size // model.latent_factor,) * 2, callback=callback, vae_tile=vae_tile)
+             latent_hw=(size // model.latent_factor,) * 2, callback=callback, vae_tile=vae_tile,
+             precision="bf16" if which == "sdxl" else "fp32")
 done.set()
 thread.join()
 print(json.dumps({"base": base, "sampling": peaks["sampling"] - base, "decode": peaks["decode"] - base,
@@ -133,7 +152,8 @@ def markdown(rows: list[dict]) -> list[str]:
            f"the measured peak in every row, and each stage within {max(abs(s - 1) for s in stages):.0%} (the "
            "largest miss is the smallest stage, over-estimated). Decoding whole, the VAE is the peak everywhere here: "
            "sampling tiles do not lower it; VAE slicing (a few images at a time) does for batches, and VAE tiling "
-           "(the sd15-vae-tiles rows) for one large image. SDXL and the transformer families are not measured yet."]
+           "(the sd15-vae-tiles rows) for one large image. SDXL's UNet holds bf16 weights (fp32 would not fit beside "
+           "the work here) and decodes in 512 px VAE tiles; PixArt-alpha is the transformer family's row."]
     return md
 
 

@@ -72,6 +72,8 @@ def module_device(module: torch.nn.Module) -> torch.device:
     placed_at = getattr(module, EXECUTION_DEVICE, None)
     if placed_at is not None:
         return placed_at
+    if not isinstance(module, torch.nn.Module):  # a runtime's session standing in for one (ONNX Runtime's)
+        return torch.device(getattr(module, "device", "cpu"))
     for tensor in module.parameters():
         return tensor.device
     for tensor in module.buffers():

@@ -25,7 +25,7 @@ from tests.redis_server import RedisServer, free_port, needs_redis, wait_for
 
 pytestmark = needs_redis
 LEASE = 3
-WAIT = 6  # seconds a job waits for a worker that serves its model
+WAIT = 4  # seconds a job waits for a worker that serves its model
 
 
 class Cluster:

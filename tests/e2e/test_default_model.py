@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from safetensors import safe_open
 
@@ -108,6 +109,7 @@ def test_shipped_clip_scorer_retrieval_floor():
     assert image_to_text >= 0.85 and text_to_image >= 0.85, (image_to_text, text_to_image)
 
 
+@pytest.mark.slow  # over 10 s here: `pytest -m slow` runs it (CI's suite stays under 10 minutes)
 def test_inpainting_draws_the_asked_object_inside_the_mask():
     """The shipped model, 12 of benchmarks/inpaint_eval.py's cases (a scene with one object, the other half
     masked, "a COLOR SHAPE" asked): at its defaults (latent-noise masked content) the object is drawn inside

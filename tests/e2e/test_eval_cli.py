@@ -80,6 +80,7 @@ def test_eval_fid_of_a_folder_against_itself_is_zero(tmp_path, scenes):
     assert json.loads(out.read_text())["fid"] == pytest.approx(0, abs=1e-3)
 
 
+@pytest.mark.slow  # over 10 s here: `pytest -m slow` runs it (CI's suite stays under 10 minutes)
 def test_eval_fid_inception_from_a_local_weight_file(tmp_path, scenes):
     torch.manual_seed(0)
     weights = tmp_path / "pt_inception-test.pth"

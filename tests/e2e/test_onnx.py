@@ -25,6 +25,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("onnx-cache")
 
 
+@pytest.mark.slow  # over 10 s here: `pytest -m slow` runs it (CI's suite stays under 10 minutes)
 def test_export_matches_eager_torch_and_stays_batch_invariant(tiny_t2i_dir, cache, monkeypatch):
     from imagine.io.onnx import default_onnx_folder, export_onnx, load_onnx
     from imagine.pipelines.generate import Settings, txt2img

@@ -238,6 +238,7 @@ def test_upscale_command_keeps_the_parameters_and_redoes_itself(sr_dir, tmp_path
     assert run.returncode != 0 and "has changed" in run.stderr
 
 
+@pytest.mark.slow  # over 10 s here: `pytest -m slow` runs it (CI's suite stays under 10 minutes)
 def test_shipped_stage_upscales_and_its_tiles_leave_no_seam():
     """The shipped 4x stage upscales a scene it never saw to near the truth (how it compares with Lanczos is
     benchmarks/sr_quality.py's business), and tiles that cut the output up give nearly the same picture

@@ -90,6 +90,7 @@ def test_resume_with_more_steps_trains_on(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+@pytest.mark.slow  # over 10 s here: `pytest -m slow` runs it (CI's suite stays under 10 minutes)
 def test_two_process_gloo_ddp_matches_one_process(tmp_path):
     """Each sample's draws depend on its global index, not its process: two processes with half the batch
     each follow the single-process run up to float summation order."""

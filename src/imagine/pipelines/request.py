@@ -346,12 +346,13 @@ def load_text_model(path: Path | str, *, vae: Path | str | None = None, allow_pi
     if model.vae is not None:
         model.vae.eval()
     encoder = model.text_encoder if model.text_encoder is not None else load_text_encoder(model.spec.text_encoder)
-    networks = [model.unet, *([model.vae] if model.vae is not None else []), *text_modules(encoder)]
     if device.type == "cpu":
         if offload in ("model", "sequential"):
             raise ValueError(f"--offload {offload} brings networks to a GPU only while they run; on the CPU they are "
                              "all in memory already: leave --offload at auto (or give --device cuda)")
         return model, encoder
+    # (a lazy text encoder loads its transformer here, off the CPU path: an ONNX run never imports transformers)
+    networks = [model.unet, *([model.vae] if model.vae is not None else []), *text_modules(encoder)]
     mode = offload
     if offload == "auto":
         s = model.spec.image_size

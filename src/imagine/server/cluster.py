@@ -438,7 +438,8 @@ def execute(job_id: str, kind: str, payload: dict[str, Any], save: bool, created
         except (RequestError, KeyError, ValueError) as err:
             cluster.finish(job_id, "failed", error=str(err), bad_request=True)
             return
-        ctx.held.add(job.model)  # make_job loaded it
+        ctx.held.add(job.model)  # make_job loaded it: said now, so the job's end finds it said
+        ctx.changed()
         remote = RemoteJob(**{f: getattr(job, f) for f in ("kind", "request", "model", "inputs", "save", "id",
                                                             "warnings", "created")})
         remote.cluster = cluster
