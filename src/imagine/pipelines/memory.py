@@ -21,6 +21,7 @@ import torch
 
 from imagine.devices import module_device
 from imagine.io.model_folder import DiffusionModel
+from imagine.nn.compact import compute_dtypes
 from imagine.pipelines.offload import largest_layer_bytes, network_bytes
 
 GB = 2**30
@@ -49,11 +50,15 @@ def sampling_bytes(model: DiffusionModel, width: int, height: int, n: int, tile:
     per_position = net.block_out_channels[0] if hasattr(net, "block_out_channels") else \
         net.inner_dim * 4 // net.patch_size**2  # attention and the 4x MLP, per token
     # live copies at the first level: 20 for convolutions alone, 34 where a transformer block (its attention and
-    # GEGLU feed-forward) runs there too (SD 1.x); fitted on benchmarks/memory_plan.py's measured peaks
-    blocks = getattr(net, "down_block_types", ("CrossAttnDownBlock2D",))
-    copies = 34 if "CrossAttn" in blocks[0] else 20
+    # GEGLU feed-forward) runs there too (SD 1.x); for a transformer over patches, 6 of its 4x-wide MLP per token
+    # (PixArt-alpha at 512); fitted on benchmarks/memory_plan.py's measured peaks
+    if hasattr(net, "block_out_channels"):
+        copies = 34 if "CrossAttn" in net.down_block_types[0] else 20
+    else:
+        copies = 6
     w, h = (min(width, tile), min(height, tile)) if tile else (width, height)
-    step = 2 * n * 4 * copies * per_position * (w // f) * (h // f) + OVERHEAD
+    elem = 2 if compute_dtypes(model.unet) == {torch.bfloat16} else 4  # bf16 weights: bf16 activations
+    step = 2 * n * elem * copies * per_position * (w // f) * (h // f) + OVERHEAD
     channels = model.vae.config.latent_channels if model.vae is not None else model.spec.image_channels
     state = 8 * n * 4 * channels * (width // f) * (height // f)  # the sample, noise, estimates, history
     return step + state
