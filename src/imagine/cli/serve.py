@@ -8,6 +8,9 @@ import typer
 
 from imagine.cli.app import SERVE, app, default_model, fail
 
+OFFLOAD = typer.Option("auto", "--offload", help="On a GPU: auto (every network on it when they fit, else each "
+                                                 "brought there only to run), none, model or sequential.")
+
 
 @app.command(rich_help_panel=SERVE)
 def serve(
@@ -39,9 +42,7 @@ def serve(
                                                 "the oldest jobs are forgotten beyond it."),
     device: str = typer.Option("auto", "--device", help="Where the models run: auto (a CUDA GPU, then Apple's MPS, "
                                                          "then the CPU), cpu, cuda, cuda:N or mps."),
-    offload: str = typer.Option("auto", "--offload", help="On a GPU: auto (every network on it when they fit, else "
-                                                         "each brought there only to run), none, model or "
-                                                         "sequential."),
+    offload: str = OFFLOAD,
     watermark: bool = typer.Option(False, "--watermark", help="Write Stable Diffusion's invisible watermark into "
                                                               "every image made (256 x 256 pixels or more)."),
     sign_key: Path | None = typer.Option(None, "--sign-key", help="Sign every image's record with this Ed25519 "
@@ -137,9 +138,7 @@ def worker(
                                                                  "machine (as serve --allow-paths)."),
     device: str = typer.Option("auto", "--device", help="Where the models run: auto, cpu, cuda, cuda:N or mps "
                                                          "(one worker per GPU)."),
-    offload: str = typer.Option("auto", "--offload", help="On a GPU: auto (every network on it when they fit, else "
-                                                         "each brought there only to run), none, model or "
-                                                         "sequential."),
+    offload: str = OFFLOAD,
     out: Path | None = typer.Option(None, help="Also save every PNG here (the results always go to the queue, "
                                                "where every API node reads them)."),
     name: str | None = typer.Option(None, help="This worker's name in `imagine status` (default: host.pid)."),

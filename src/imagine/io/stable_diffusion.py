@@ -811,18 +811,11 @@ def _check_writable(model: DiffusionModel) -> None:
                               "diffusers)")
 
 
-def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:
-    """One .safetensors in the original layout, with imagine's configs and modelspec in its metadata."""
-    if model.arch is None or model.text_encoder is None:
-        raise CheckpointError("only Stable Diffusion models (SD 1.x, 2.x, SDXL) have a single-file layout; an "
-                              "imagine model folder stays a folder")
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"{out}: a single-file checkpoint is written as .safetensors")
+def _single_file_payload(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A Stable Diffusion model's tensors in the original single-file layout and the metadata that goes with
+    them (imagine's configs, modelspec): what save_single_file and save_gguf write."""
     if model.arch in ("sd3", "flux"):
-        state, meta = (_sd3_file_state if model.arch == "sd3" else _flux_file_state)(model)
-        atomic_save_safetensors(_cast(state, dtype), out, meta)
-        return out
+        return (_sd3_file_state if model.arch == "sd3" else _flux_file_state)(model)
     _check_writable(model)
     text = [json.loads(m.config.to_json_string()) for m in _text_models(model)]
     meta = {"imagine": json.dumps({"unet": _config_of(model.unet), "vae": _config_of(model.vae),
@@ -831,7 +824,19 @@ def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None)
             "modelspec.architecture": model.family.modelspec,
             "modelspec.prediction_type": {v: k for k, v in PREDICTIONS.items()}[model.spec.prediction],
             "format": "pt"}
-    atomic_save_safetensors(_cast(single_file_state(model), dtype), out, meta)
+    return single_file_state(model), meta
+
+
+def save_single_file(model: DiffusionModel, out: Path, dtype: str | None = None) -> Path:
+    """One .safetensors in the original layout, with imagine's configs and modelspec in its metadata."""
+    if model.arch is None or model.text_encoder is None:
+        raise CheckpointError("only Stable Diffusion models (SD 1.x, 2.x, SDXL) have a single-file layout; an "
+                              "imagine model folder stays a folder")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: a single-file checkpoint is written as .safetensors")
+    state, meta = _single_file_payload(model)
+    atomic_save_safetensors(_cast(state, dtype), out, meta)
     return out
 
 
@@ -845,17 +850,7 @@ def save_gguf(model: DiffusionModel, out: Path, quant: str = "Q8_0") -> dict[str
     out = Path(out)
     if out.suffix != ".gguf":
         raise ValueError(f"{out}: a GGUF file is written as .gguf")
-    if model.arch in ("sd3", "flux"):
-        state, meta = (_sd3_file_state if model.arch == "sd3" else _flux_file_state)(model)
-    else:
-        _check_writable(model)
-        state = single_file_state(model)
-        meta = {"imagine": json.dumps({"unet": _config_of(model.unet), "vae": _config_of(model.vae),
-                                       "prediction": model.spec.prediction,
-                                       "text": [json.loads(m.config.to_json_string()) for m in _text_models(model)],
-                                       "clip_skip": model.text_encoder.clip_skip}),
-                "modelspec.architecture": model.family.modelspec,
-                "modelspec.prediction_type": {v: k for k, v in PREDICTIONS.items()}[model.spec.prediction]}
+    state, meta = _single_file_payload(model)
     denoiser = {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
     rest = {k: v for k, v in state.items() if k not in denoiser}
     arch = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}.get(model.arch, model.arch)
