@@ -51,9 +51,10 @@ class Cluster:
                                             stderr=subprocess.STDOUT)
         self.nodes[name] = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, auth=auth)
 
-    def worker(self, name: str, *models: str):
+    def worker(self, name: str, *models: str, preload: bool = False):
         args = [sys.executable, "-m", "imagine", "worker", "--queue", self.redis.url, "--name", name,
-                "--lease", str(LEASE), "--device", "cpu", *[a for m in models for a in ("--model", m)]]
+                "--lease", str(LEASE), "--device", "cpu", *[a for m in models for a in ("--model", m)],
+                *(["--preload"] if preload else [])]
         self.procs[name] = subprocess.Popen(args, env=self.env(), stdout=open(self.tmp / f"{name}.log", "w"),
                                             stderr=subprocess.STDOUT)
 
@@ -87,7 +88,7 @@ def cluster(tmp_path_factory):
     c.node("b", auth=("ann", "secret"))
     c.worker("w1", str(DEFAULT_MODEL))
     c.worker("w2", str(DEFAULT_MODEL))
-    c.worker("w3", str(FAST_MODEL))
+    c.worker("w3", str(FAST_MODEL), preload=True)
     try:
         wait_for(lambda: c.ready("a") and c.ready("b"), 90, "two API nodes")
         wait_for(lambda: len(c.workers()) == 3, 90, "three workers")
@@ -130,10 +131,10 @@ def test_a_job_submitted_to_one_node_is_read_from_the_other(cluster):
     png_a = a.get(f"/api/v1/jobs/{job_id}/images/1.png").content
     png_b = b.get(f"/api/v1/jobs/{job_id}/images/1.png").content
     assert png_a == png_b and png_a.startswith(b"\x89PNG")
-    # the routing: the default model's jobs go to w1 or w2, the LCM's to w3 alone
+    # the routing: the default model's jobs go to w1 or w2, the LCM's to w3 alone (which loaded it at start)
+    assert cluster.workers()["w3"]["held"] == ["shapes-lcm"]
     lcm = finished(a, job(b, prompt="a blue square", model="shapes-lcm", steps=4, seed=1))
-    assert lcm["status"] == "done"
-    assert "shapes-lcm" in cluster.workers()["w3"]["held"]
+    assert lcm["status"] == "done" and lcm["worker"] == "w3"
     assert any("shapes-default" in w["held"] for name, w in cluster.workers().items() if name != "w3")
     # the events stream of a job on another node: progress, then done
     job_id = job(a, prompt="a green triangle", steps=10, seed=2)

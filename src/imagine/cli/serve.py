@@ -149,6 +149,8 @@ def worker(
     sign_key: Path | None = typer.Option(None, "--sign-key", help="Sign every image's record with this Ed25519 "
                                                                  "private key."),
     burst: bool = typer.Option(False, "--burst", help="Stop when the queue is empty (batch runs, tests)."),
+    preload: bool = typer.Option(False, "--preload", help="Load every model before taking jobs (a restarted "
+                                                          "worker is ready at once; it says it holds them)."),
 ) -> None:
     """Run jobs from a Redis queue (`imagine serve --queue`): one job at a time on one device; a worker never
     listens on a port. Stop with Ctrl-C or SIGTERM: the running job finishes first."""
@@ -172,7 +174,15 @@ def worker(
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     typer.echo(f"imagine worker on {store.device}: models {', '.join(store.names())}; queue {_redacted(queue)}")
-    run_worker(cluster, service, name=name, burst=burst)
+    held = set()
+    if preload:
+        for loaded in store.names():
+            try:
+                store.get(loaded)
+            except (ValueError, CheckpointError, FileNotFoundError) as err:
+                fail(f"--preload {loaded}: {err}")
+            held.add(loaded)
+    run_worker(cluster, service, name=name, burst=burst, held=held)
 
 
 @app.command(rich_help_panel=SERVE)

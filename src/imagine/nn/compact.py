@@ -123,19 +123,23 @@ def _dq_q4_1(b: torch.Tensor) -> torch.Tensor:
     return _f16(b[:, :2])[:, None] * _nibbles(b[:, 4:]).float() + _f16(b[:, 2:4])[:, None]
 
 
+def _bits(b: torch.Tensor) -> torch.Tensor:
+    """Bytes (..., k) -> their bits (..., k, 8), least significant first, as uint8 on the bytes' device."""
+    return (b[..., None] >> torch.arange(8, dtype=torch.uint8, device=b.device)) & 1
+
+
 def _high_bits(qh: torch.Tensor) -> torch.Tensor:
-    """Q5's 32 high bits (4 bytes, little endian) -> (blocks, 32) of 0 or 16."""
-    bits = (qh.long()[:, :, None] >> torch.arange(8)) & 1  # (blocks, 4, 8): bit j of byte i is value 8i + j
-    return bits.reshape(len(qh), 32) << 4
+    """Q5's 32 high bits (4 bytes, little endian) -> (blocks, 32) of 0 or 16 (uint8)."""
+    return _bits(qh).reshape(len(qh), 32) << 4  # bit j of byte i is value 8i + j
 
 
 def _dq_q5_0(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 6:]).long() | _high_bits(b[:, 2:6])
+    q = _nibbles(b[:, 6:]) | _high_bits(b[:, 2:6])
     return _f16(b[:, :2])[:, None] * (q.float() - 16)
 
 
 def _dq_q5_1(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 8:]).long() | _high_bits(b[:, 4:8])
+    q = _nibbles(b[:, 8:]) | _high_bits(b[:, 4:8])
     return _f16(b[:, :2])[:, None] * q.float() + _f16(b[:, 2:4])[:, None]
 
 
@@ -158,10 +162,10 @@ def _dq_q4_k(b: torch.Tensor) -> torch.Tensor:
 def _dq_q5_k(b: torch.Tensor) -> torch.Tensor:
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, m = _scales_k4(b[:, 4:16])
-    qh = b[:, 16:48].long()  # bit 2j of byte l: value l of sub-block 2j, bit 2j+1: of sub-block 2j+1
+    qh = b[:, 16:48]  # bit s of byte l: value l of sub-block s
     qs = b[:, 48:].reshape(-1, 4, 32)
-    low = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32).long()
-    high = ((qh[:, None, :] >> torch.arange(8)[None, :, None]) & 1) << 4
+    low = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)
+    high = _bits(qh).transpose(1, 2) << 4  # (blocks, 8 sub-blocks, 32)
     q = (low | high).float()
     return (d[:, None, None] * sc[:, :, None] * q - dmin[:, None, None] * m[:, :, None]).reshape(-1, 256)
 

@@ -497,14 +497,16 @@ def held_first(queues: list, held) -> list:
     return [q for q in queues if q.name in names] + [q for q in queues if q.name not in names]
 
 
-def run_worker(cluster: Cluster, service, *, name: str | None = None, burst: bool = False) -> None:
+def run_worker(cluster: Cluster, service, *, name: str | None = None, burst: bool = False,
+               held: set[str] = frozenset()) -> None:
     """The worker loop: RQ's SimpleWorker (jobs run in this process, so loaded models stay) listening on the
     queues of the models this worker can load, those it holds first; a registration renewed every lease / 4
-    s; returns when stopped (SIGINT/SIGTERM: the running job finishes first) or, with ``burst``, when idle."""
+    s; returns when stopped (SIGINT/SIGTERM: the running job finishes first) or, with ``burst``, when idle.
+    ``held``: the models this worker has loaded before its first job (it takes their jobs first)."""
 
     global _CONTEXT
     name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:4]}"
-    ctx = _CONTEXT = WorkerContext(service, cluster, name)
+    ctx = _CONTEXT = WorkerContext(service, cluster, name, set(held))  # held: models loaded already (--preload)
     models = service.store.names()
     lease = cluster.lease
 
