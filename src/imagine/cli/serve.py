@@ -198,13 +198,10 @@ def status(
     from rich.console import Console
     from rich.table import Table
 
-    from imagine.server.cluster import Cluster, RedisJobs, connect, describe
+    from imagine.server.cluster import Cluster, connect, describe
 
     try:
-        jobs = RedisJobs.__new__(RedisJobs)  # a reader: it writes no configuration and sweeps nothing
-        jobs.cluster = Cluster(connect(queue))
-        jobs.redis = jobs.cluster.redis
-        info = describe(jobs)
+        info = describe(Cluster(connect(queue)))  # a reader: it writes no configuration and sweeps nothing
     except ValueError as err:
         fail(str(err))
     if as_json:

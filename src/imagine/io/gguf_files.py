@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from imagine.io.checkpoint import ORIG_SHAPE, open_gguf  # noqa: F401  (the reader: beside the other formats)
+from imagine.io.checkpoint import ORIG_SHAPE
 from imagine.nn.compact import WRITABLE, packable, quantize
 
 

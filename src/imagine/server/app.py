@@ -194,7 +194,7 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
         return JobOut(id=job.id, kind=job.kind, model=job.model, status=job.status, progress=job.progress,
                       step=job.step, total=job.total, eta_seconds=job.eta(), error=job.error,
                       warnings=job.warnings, images=images, request=job.request,
-                      message=getattr(job, "message", None), worker=getattr(job, "worker", None))
+                      message=job.message, worker=job.worker)
 
     @app.post("/api/v1/jobs", response_model=JobCreated, status_code=202, tags=["jobs"])
     def create_job(body: JobRequest, request: Request) -> JobCreated:
@@ -264,8 +264,7 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
                         yield f"event: {job.status}\ndata: {json.dumps(out)}\n\n"
                         return
                     data = {"status": job.status, "progress": job.progress, "step": job.step, "total": job.total,
-                            "eta_seconds": job.eta(), "message": getattr(job, "message", None),
-                            "worker": getattr(job, "worker", None)}
+                            "eta_seconds": job.eta(), "message": job.message, "worker": job.worker}
                     if job.preview is not None and job.preview != preview:
                         preview = job.preview
                         data["preview"] = png_base64(preview)
@@ -349,10 +348,11 @@ def create_app(models: list[Path], *, out_dir: Path | None = Path("outputs"), li
             current = service.queue.current
             return {"queue": "embedded", "workers": [{"name": "embedded", "device": str(service.store.device),
                                                       "models": service.store.names(),
-                                                      "held": sorted({k[0] for k in service.store._loaded}),
+                                                      "held": [n for n in service.store.names()
+                                                               if service.store.is_loaded(n)],
                                                       "job": current.id if current else None}],
                     "jobs": service.queue.counts(), "failures": []}
-        return describe(service.queue)
+        return describe(service.queue.cluster)
 
     app.include_router(a1111.router(service))
     app.include_router(a1111.controlnet_router(service))

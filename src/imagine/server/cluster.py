@@ -167,9 +167,7 @@ class Cluster:
                   save=h.get("save") == "1", created=float(h["created"]),
                   started=float(h["started"]) if h.get("started") else None,
                   finished=float(h["finished"]) if h.get("finished") else None, version=int(h.get("version") or 0),
-                  preview=preview)
-        job.message = h.get("message") or None  # why a queued job waits (no live worker serves its model)
-        job.worker = h.get("worker") or None
+                  preview=preview, message=h.get("message") or None, worker=h.get("worker") or None)
         if h.get("cancel") == "1":
             job.cancel_event.set()
         if images:
@@ -229,6 +227,19 @@ class Cluster:
                         "since": float(h.get("since", 0)), "seen": float(h.get("seen", 0))})
         return out
 
+    def counts(self) -> dict[str, int]:
+        """Jobs queued and running (their hashes' status), and finished jobs kept."""
+        ids = [i.decode() for i in self.redis.zrange(LIVE, 0, -1)]
+        with self.redis.pipeline() as pipe:
+            for i in ids:
+                pipe.hget(job_key(i), "status")
+            statuses = [s.decode() if s else None for s in pipe.execute()]
+        return {"queued": statuses.count("queued"), "running": statuses.count("running"),
+                "finished": self.redis.zcard(FINISHED)}
+
+    def kept_bytes(self) -> int:
+        return int(self.redis.get(KEPT) or 0)
+
     def stats(self) -> dict[str, int]:
         """Counters: finished_twice (a job run to the end by two workers, the second result dropped)."""
         return {k.decode(): int(v) for k, v in self.redis.hgetall(PREFIX + "stats").items()}
@@ -271,7 +282,7 @@ class RedisJobs:
 
         waiting = self.counts()["queued"]
         if waiting >= self.max_queue:
-            raise QueueFull(self.max_queue, max(1, 5 * (waiting + 1)))
+            raise QueueFull(self.max_queue, self.retry_after(waiting))
         serving = [w for w in self.cluster.workers() if job.model in w["models"]]
         message = "" if serving else self._no_worker(job.model)
         with self.redis.pipeline() as pipe:
@@ -308,17 +319,10 @@ class RedisJobs:
         job.cancel_event.set()
 
     def counts(self) -> dict[str, int]:
-        ids = [i.decode() for i in self.redis.zrange(LIVE, 0, -1)]
-        with self.redis.pipeline() as pipe:
-            for i in ids:
-                pipe.hget(job_key(i), "status")
-            statuses = [s.decode() if s else None for s in pipe.execute()]
-        counts = {"queued": statuses.count("queued"), "running": statuses.count("running"),
-                  "finished": self.redis.zcard(FINISHED)}
-        return counts
+        return self.cluster.counts()
 
     def kept_bytes(self) -> int:
-        return int(self.redis.get(KEPT) or 0)
+        return self.cluster.kept_bytes()
 
     def retry_after(self, waiting: int) -> int:
         return max(1, 5 * (waiting + 1))
@@ -580,14 +584,14 @@ def run_worker(cluster: Cluster, service, *, name: str | None = None, burst: boo
         reg.join(timeout=5)
 
 
-def describe(jobs: RedisJobs) -> dict[str, Any]:
+def describe(cluster: Cluster) -> dict[str, Any]:
     """What ``imagine status --queue`` and the web UI's cluster page show: workers, jobs per model, failures."""
     per_model: dict[str, dict[str, int]] = {}
-    for raw in jobs.redis.zrange(LIVE, 0, -1):
-        state = jobs.cluster.state(raw.decode())
+    for raw in cluster.redis.zrange(LIVE, 0, -1):
+        state = cluster.state(raw.decode())
         if state and state.get("status") in ("queued", "running"):
             counts = per_model.setdefault(state["model"], {"queued": 0, "running": 0})
             counts[state["status"]] += 1
-    return {"queue": "redis", "lease_seconds": jobs.cluster.lease, "workers": jobs.cluster.workers(),
-            "jobs": jobs.counts(), "models": per_model, "kept_bytes": jobs.kept_bytes(),
-            "failures": jobs.cluster.failures(), "stats": jobs.cluster.stats()}
+    return {"queue": "redis", "lease_seconds": cluster.lease, "workers": cluster.workers(),
+            "jobs": cluster.counts(), "models": per_model, "kept_bytes": cluster.kept_bytes(),
+            "failures": cluster.failures(), "stats": cluster.stats()}

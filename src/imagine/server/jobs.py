@@ -54,6 +54,8 @@ class Job:
     started: float | None = None
     finished: float | None = None
     version: int = 0
+    message: str | None = None  # why a queued job waits, or was queued again (a Redis queue's; server/cluster.py)
+    worker: str | None = None  # the worker that runs or ran it (a Redis queue's)
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def update(self, **changes: Any) -> None:
